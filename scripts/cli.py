@@ -1,0 +1,43 @@
+"""`vlkit`: the one host CLI every make target calls.
+
+Each area registers its own subcommands; this module only wires them together, importing lazily so
+that `vlkit plan` never pays for what `vlkit up` needs.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand area -> module exposing register(subparsers)
+AREAS = (
+    "scripts.planner.cli",   # plan
+    "scripts.doctor.cli",    # doctor, health
+    "wsl.cli",               # wsl config, wsl restart
+    "scripts.stack.cli",     # up, down, logs, status, build, download, caption, clean
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlkit", description="Serve Qwen3-VL on one consumer NVIDIA GPU.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in AREAS:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""The service's settings: the one source of truth for every knob of the 8gb profile.
+
+Read from environment variables prefixed ``VLKIT_`` (e.g. ``VLKIT_MAX_PIXELS``), from an env file
+given in ``VLKIT_ENV_FILE``, and from CLI flags (``python -m service --max-pixels ...``), in that
+order of precedence: flags over environment over defaults. The host planner writes the same names
+into the compose env file, so this module must stay importable without torch.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "VLKIT_"
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=os.environ.get("VLKIT_ENV_FILE"),
+        extra="ignore",
+    )
+
+    model: str = Field("Qwen/Qwen3-VL-2B-Instruct", description="local path or hub id (resolved from the local Hugging Face cache)")
+    served_model_name: Optional[str] = Field(None, description="name clients pass as `model`; defaults to --model")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="auto: bf16 on GPU (fp16 where bf16 is unsupported), float32 on CPU")
+    quantization: Literal["none", "nf4"] = Field("none", description="nf4: 4-bit bitsandbytes weights (CUDA only), so the 4B model fits 8 GB")
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    host: str = Field("127.0.0.1", description="bind address; 127.0.0.1 unless you mean to expose it")
+    port: int = Field(8000, ge=1, le=65535)
+    max_model_len: int = Field(4096, ge=64, description="max context: prompt (text + image tokens) + new tokens")
+    max_pixels: int = Field(1003520, ge=3136, description="images larger than this are resized down (default 1280x784; ~1000 image tokens for Qwen3-VL)")
+    min_pixels: int = Field(65536, ge=1024)
+    max_images_per_request: int = Field(4, ge=0)
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="per image, encoded")
+    max_image_source_pixels: int = Field(50_000_000, ge=1, description="decompression-bomb guard on the decoded size, before resizing")
+    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_tokens_default: int = Field(512, ge=1, description="new tokens when the request sets no max_tokens")
+    max_batch_size: int = Field(8, ge=1)
+    max_queue: int = Field(64, ge=1, description="requests waiting beyond the running batch; more get 429")
+    memory_budget_gib: float = Field(6.0, gt=0, description="the whole process on the GPU (as NVML sees it) stays under this")
+    api_key: Optional[str] = Field(None, description="when set, requests need `Authorization: Bearer <key>`")
+    allow_remote_urls: bool = Field(False, description="fetch http(s) image URLs (off: refused with 400)")
+    allowed_media_dir: Optional[Path] = Field(None, description="file:// images only from under this directory")
+    warmup: bool = Field(True, description="run one request at start-up before /health/ready says ready")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, v: object) -> object:
+        return None if v in ("", None) else v
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
