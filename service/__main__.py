@@ -1,0 +1,103 @@
+"""Start the service: ``python -m service --model PATH_OR_ID [--host 127.0.0.1] [--port 8000] ...``.
+
+Every ServiceSettings field is a flag (``max_pixels`` -> ``--max-pixels``), so the settings class
+stays the one source of truth; a flag overrides the matching ``VLKIT_*`` environment variable.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import types
+import typing
+from pathlib import Path
+
+from service.settings import ServiceSettings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m service",
+        description="OpenAI-compatible Qwen3-VL service (vlkit's 8gb profile). "
+                    "Flags override VLKIT_* environment variables.",
+        argument_default=argparse.SUPPRESS,
+    )
+    for name, field in ServiceSettings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = field.default
+        help_text = (field.description or "") + (f" (default: {default})" if default is not None else "")
+        help_text = help_text.replace("%", "%%")
+        kind, choices = _flag_type(field.annotation)
+        if kind is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, type=kind, choices=choices, help=help_text)
+    return parser
+
+
+def _flag_type(annotation) -> tuple[type, list | None]:
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return type(args[0]), list(args)
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return _flag_type(args[0])
+    if annotation in (bool, int, float):
+        return annotation, None
+    return (Path if annotation is Path else str), None
+
+
+def settings_table() -> str:
+    """The Markdown table of every setting (docs/SERVICE.md carries it; a test keeps the two equal)."""
+    from service.settings import ENV_PREFIX
+
+    rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
+    for name, field in ServiceSettings.model_fields.items():
+        default = "" if field.default is None else f"`{field.default}`"
+        meaning = (field.description or "").replace("|", "/")
+        rows.append(f"| `--{name.replace('_', '-')}` | `{ENV_PREFIX}{name.upper()}` | {default} | {meaning} |")
+    return "\n".join(rows) + "\n"
+
+
+def settings_from_args(argv: list[str] | None = None) -> ServiceSettings:
+    overrides = vars(build_parser().parse_args(argv))
+    return ServiceSettings(**overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = settings_from_args(argv)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from service.errors import ModelUnavailable
+    from service.loading import resolve_model_path
+
+    try:
+        resolve_model_path(settings.model)  # fail fast, before binding the port
+    except ModelUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    import uvicorn
+
+    from service.api import create_app
+
+    failed: list[BaseException] = []
+    server: uvicorn.Server | None = None
+
+    def on_load_failure(exc: BaseException) -> None:
+        failed.append(exc)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(settings, on_load_failure=on_load_failure)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=30)
+    server = uvicorn.Server(config)
+    server.run()
+    if failed:
+        print(f"error: {failed[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,206 @@
+"""One decode step of Qwen3-VL's text decoder over a SlotKVCache, for all slots at once.
+
+Written out over the loaded model's own weights (norms, projections, MLP, rotary module, lm_head),
+so it computes what ``Qwen3VLTextModel`` computes, with static shapes and no host synchronisation:
+the step can be captured in a CUDA graph. It is also written for few kernels per layer (decode is
+bound by launches, not FLOPs): q and k are normalised and rotated as one tensor, the attention
+reads K/V in place (grouped query heads as query rows, no repeat), the mask is built once a step.
+
+Positions: after a prefill, Qwen3-VL's text positions are ``cache length + rope_delta`` and the
+three mrope components (t, h, w) are equal, so the model's rotary module (fed [3, B, 1] equal ids)
+gives the plain rotary of that position. Decode tokens are text: DeepStack (visual features added
+to the first layers) only concerns image positions, which all sit in the prefill.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from service.decode.cache import SlotKVCache
+
+# The decoder this step reproduces; other architectures keep transformers' own decode.
+SUPPORTED_TEXT_MODELS = ("Qwen3VLTextModel",)
+
+
+def text_model_of(model: Any) -> Any:
+    """The text decoder (``Qwen3VLTextModel``) inside a ``Qwen3VLForConditionalGeneration``."""
+    inner = getattr(model, "model", model)
+    return getattr(inner, "language_model", inner)
+
+
+def fuse_linear_weights(linears: list[nn.Module]) -> torch.Tensor | None:
+    """Concatenate bias-free ``nn.Linear`` weights into one tensor and make each module's weight a
+    view of it (same values, same total memory), so one matmul computes all of them.
+    None (and nothing changed) when the modules are of another kind (e.g. 4-bit) or have biases."""
+    if not all(type(m) is nn.Linear and m.bias is None for m in linears):
+        return None
+    weights = [m.weight.detach() for m in linears]
+    rows, cols = sum(w.shape[0] for w in weights), weights[0].shape[1]
+    # Already views of one tensor (fused by an earlier decoder)? Then use it as is. Adjacent but
+    # separate allocations (the caching allocator places them so) must not pass: same storage only.
+    storage = weights[0].untyped_storage().data_ptr()
+    expected = weights[0].data_ptr()
+    for w in weights:
+        if (w.untyped_storage().data_ptr() != storage or w.data_ptr() != expected
+                or not w.is_contiguous()):
+            break
+        expected += w.numel() * w.element_size()
+    else:
+        return weights[0].as_strided((rows, cols), (cols, 1))
+    fused = torch.cat(weights)
+    offset = 0
+    for m in linears:
+        rows = m.weight.shape[0]
+        m.weight.data = fused[offset:offset + rows]  # the old storage is freed here
+        offset += rows
+    return fused
+
+
+# The elementwise chains of a layer, as functions so that torch.compile can fuse each into one kernel.
+
+def add_rms_norm(hidden: torch.Tensor, update: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream after adding ``update``, and its RMS norm (the next block's input)."""
+    hidden = hidden + update
+    return hidden, F.rms_norm(hidden, hidden.shape[-1:], weight, eps)
+
+
+def qk_norm_rotary(qk: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
+                   eps: float) -> torch.Tensor:
+    """q_norm / k_norm (normalise, cast, then scale, as transformers rounds them) and the rotary
+    embedding of q and k heads side by side ``[B, heads, D]``. ``rotate_half(x) * sin`` is
+    ``roll(x, D/2) * signed_sin`` (sin with its first half negated)."""
+    qk = F.rms_norm(qk, qk.shape[-1:], eps=eps) * weight
+    return torch.addcmul(qk * cos, torch.roll(qk, qk.shape[-1] // 2, dims=-1), signed_sin)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+class Qwen3VLDecoder:
+    """Decode steps of a loaded Qwen3-VL model over the slots of a :class:`SlotKVCache`.
+
+    ``fuse_projections`` concatenates each layer's q/k/v and gate/up weights (in place, no extra
+    memory once done) so a layer runs 4 matmuls instead of 7; transformers' forward is unaffected.
+    ``compile_backend`` (e.g. ``"inductor"``, CUDA) compiles the elementwise chains above with
+    torch.compile, one fused kernel each; compilation happens at the first steps (the warm-up).
+    """
+
+    def __init__(self, model: Any, cache: SlotKVCache, *, fuse_projections: bool = False,
+                 compile_backend: str | None = None) -> None:
+        if not self.supports(model):
+            raise ValueError(f"{type(model).__name__} is not a Qwen3-VL (dense) model")
+        text = text_model_of(model)
+        config = text.config
+        if config.hidden_act != "silu":
+            raise ValueError(f"the MLP activation {config.hidden_act!r} is not SiLU")
+        self.cache = cache
+        self.embed_tokens = text.embed_tokens
+        self.layers = list(text.layers)
+        self.norm = text.norm
+        self.rotary_emb = text.rotary_emb
+        self.lm_head = model.get_output_embeddings()
+        self.head_dim = self.layers[0].self_attn.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.scaling = self.layers[0].self_attn.scaling
+        self.vocab_size = self.lm_head.weight.shape[0]
+        if len(self.layers) != cache.num_layers or self.num_kv_heads != cache.num_kv_heads \
+                or self.head_dim != cache.head_dim:
+            raise ValueError("the cache was sized for another model")
+        # Per layer: the q_norm weight over q's heads and the k_norm weight over k's, as one tensor,
+        # so q and k are normalised (and rotated) together.
+        self.qk_norm_weights = [
+            torch.cat([layer.self_attn.q_norm.weight.detach().expand(self.num_heads, -1),
+                       layer.self_attn.k_norm.weight.detach().expand(self.num_kv_heads, -1)])
+            for layer in self.layers]
+        self.qkv_weights: list[torch.Tensor | None] = [None] * len(self.layers)
+        self.gate_up_weights: list[torch.Tensor | None] = [None] * len(self.layers)
+        if fuse_projections:
+            for i, layer in enumerate(self.layers):
+                attn, mlp = layer.self_attn, layer.mlp
+                self.qkv_weights[i] = fuse_linear_weights([attn.q_proj, attn.k_proj, attn.v_proj])
+                self.gate_up_weights[i] = fuse_linear_weights([mlp.gate_proj, mlp.up_proj])
+        self.fused = any(w is not None for w in self.qkv_weights)
+        self._add_rms_norm, self._qk_norm_rotary, self._silu_mul = add_rms_norm, qk_norm_rotary, silu_mul
+        if compile_backend:
+            compiled = [torch.compile(f, backend=compile_backend, fullgraph=True)
+                        for f in (add_rms_norm, qk_norm_rotary, silu_mul)]
+            self._add_rms_norm, self._qk_norm_rotary, self._silu_mul = compiled
+        # Index constants (made once: nothing inside the step is built from host data).
+        self._arange = torch.arange(cache.max_len + 1, device=cache.device)
+
+    @staticmethod
+    def supports(model: Any) -> bool:
+        text = text_model_of(model)
+        return type(text).__name__ in SUPPORTED_TEXT_MODELS and callable(getattr(model, "get_output_embeddings", None))
+
+    def _qk_v(self, index: int, layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k heads side by side ``[B, H + Hkv, D]``, and v ``[B, Hkv, D]``."""
+        rows, attn = hidden.shape[0], layer.self_attn
+        qk_heads = self.num_heads + self.num_kv_heads
+        if self.qkv_weights[index] is not None:
+            qkv = F.linear(hidden, self.qkv_weights[index])
+            qk, v = qkv[:, :qk_heads * self.head_dim], qkv[:, qk_heads * self.head_dim:]
+        else:
+            qk, v = torch.cat([attn.q_proj(hidden), attn.k_proj(hidden)], dim=-1), attn.v_proj(hidden)
+        return qk.reshape(rows, qk_heads, self.head_dim), v.reshape(rows, self.num_kv_heads, self.head_dim)
+
+    def _mlp(self, index: int, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        mlp = layer.mlp
+        if self.gate_up_weights[index] is None:
+            gate, up = mlp.gate_proj(hidden), mlp.up_proj(hidden)
+        else:
+            gate, up = F.linear(hidden, self.gate_up_weights[index]).chunk(2, dim=-1)
+        return mlp.down_proj(self._silu_mul(gate, up))
+
+    @torch.no_grad()
+    def step(self, input_ids: torch.Tensor, positions: torch.Tensor, active: torch.Tensor,
+             context_len: int | None = None) -> torch.Tensor:
+        """Logits (float32, ``[B, vocab]``) of the next token for slots ``0..B-1``.
+
+        ``input_ids``, ``positions`` (rotary positions) and ``active`` (bool) are device tensors of
+        ``B <= num_slots`` rows; row i is slot i. For an active row, the token's K/V are written at
+        index ``lengths_dev[i]`` of its slot, it attends to ``0..lengths_dev[i]``, and
+        ``lengths_dev[i]`` advances by one. Inactive rows compute garbage that is ignored, write to
+        the scratch column and keep their length. ``context_len`` (default: the whole slot) bounds the
+        keys read; it must exceed every active row's length. Static shapes, no host sync.
+        """
+        cache = self.cache
+        rows, heads, kv_heads, dim = input_ids.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        context_len = cache.max_len if context_len is None else context_len
+        lengths = cache.lengths_dev[:rows]
+        write_at = torch.where(active, lengths, cache.max_len)  # max_len: the scratch column
+        row_index = self._arange[:rows]
+        hidden = self.embed_tokens(input_ids)  # [B, hidden]: the residual stream
+        # Each row attends to its own prefix and this step's token: an additive mask [B, 1, 1, Lb].
+        attend = self._arange[:context_len][None, :] <= lengths[:, None]
+        mask = torch.where(attend, 0.0, float("-inf")).to(hidden.dtype)[:, None, None, :]
+        cos, sin = self.rotary_emb(hidden, positions.view(1, rows, 1).expand(3, rows, 1))  # t = h = w; [B, 1, D]
+        signed_sin = torch.cat([-sin[..., :dim // 2], sin[..., dim // 2:]], dim=-1)
+        first = self.layers[0].input_layernorm
+        normed = F.rms_norm(hidden, hidden.shape[-1:], first.weight, first.variance_epsilon)
+        for index, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            qk, value = self._qk_v(index, layer, normed)
+            qk = self._qk_norm_rotary(qk, self.qk_norm_weights[index], cos, signed_sin, attn.q_norm.variance_epsilon)
+            keys, values = cache.keys[index], cache.values[index]
+            keys[row_index, :, write_at] = qk[:, heads:]
+            values[row_index, :, write_at] = value
+            # GQA without copying K/V: the query heads of one KV head act as query rows of one
+            # position (head h uses kv head h // groups, as transformers' repeat_kv).
+            out = F.scaled_dot_product_attention(
+                qk[:, :heads].reshape(rows, kv_heads, heads // kv_heads, dim),
+                keys[:rows, :, :context_len], values[:rows, :, :context_len], attn_mask=mask, scale=self.scaling)
+            post = layer.post_attention_layernorm
+            hidden, normed = self._add_rms_norm(hidden, attn.o_proj(out.reshape(rows, heads * dim)), post.weight,
+                                                post.variance_epsilon)
+            following = self.layers[index + 1].input_layernorm if index + 1 < len(self.layers) else self.norm
+            hidden, normed = self._add_rms_norm(hidden, self._mlp(index, layer, normed), following.weight,
+                                                following.variance_epsilon)
+        cache.lengths_dev[:rows] += active.to(cache.lengths_dev.dtype)
+        return self.lm_head(normed).float()

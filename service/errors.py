@@ -1,0 +1,62 @@
+"""Errors a request can end with, each carrying its HTTP status and vLLM's error type name.
+
+The engine raises these too (it knows nothing of HTTP, only that e.g. out-of-memory is "try again
+later": 503). The API turns them into OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+"""
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    status: int = 500
+    type: str = "InternalServerError"
+    kind: str = "internal"  # metrics label: one word per cause
+
+    def __init__(self, message: str, *, param: str | None = None, kind: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if kind:
+            self.kind = kind
+
+    def to_dict(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
+
+
+class InvalidRequest(ServiceError):
+    status, type, kind = 400, "BadRequestError", "invalid_request"
+
+
+class Unauthorized(ServiceError):
+    status, type, kind = 401, "AuthenticationError", "unauthorized"
+
+
+class ModelNotFound(ServiceError):
+    status, type, kind = 404, "NotFoundError", "model_not_found"
+
+
+class PayloadTooLarge(ServiceError):
+    status, type, kind = 413, "RequestEntityTooLargeError", "too_large"
+
+
+class QueueFull(ServiceError):
+    status, type, kind = 429, "RateLimitError", "queue_full"
+
+
+class OutOfMemory(ServiceError):
+    status, type, kind = 503, "ServiceUnavailableError", "out_of_memory"
+
+
+class Unavailable(ServiceError):
+    """Not ready yet, or shutting down."""
+
+    status, type, kind = 503, "ServiceUnavailableError", "unavailable"
+
+
+class Cancelled(ServiceError):
+    """The client went away (nginx's 499); ends the request's event stream, is not counted as an error."""
+
+    status, type, kind = 499, "ClientClosedRequest", "cancelled"
+
+
+class ModelUnavailable(RuntimeError):
+    """The model cannot be loaded (start-up error, not a request error): the message says what to do."""

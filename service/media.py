@@ -1,0 +1,144 @@
+"""Image inputs: fetch the bytes (data: URL, allowed local file, optional http(s)) and decode safely.
+
+Checks come before work: encoded size before base64 decoding, pixel count from the header before
+decoding pixels (decompression bombs: a 20000x20000 PNG is refused after reading ~30 bytes), then
+EXIF orientation, conversion to 8-bit RGB (palette, alpha, CMYK, 16-bit), and a resize so the image
+has at most `max_pixels` (aspect kept; the processor then rounds to its patch grid itself).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+import re
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from service.errors import InvalidRequest, PayloadTooLarge
+from service.settings import ServiceSettings
+
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
+# The pixel guard is ours (`max_image_source_pixels`, checked from the header before decoding), so
+# PIL's fixed process-wide one would only make the limit and the message inconsistent.
+Image.MAX_IMAGE_PIXELS = None
+_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,", re.I)
+
+
+def fetch_image_bytes(url: str, settings: ServiceSettings) -> bytes:
+    """The encoded bytes behind an image_url (blocking: run it in a worker thread)."""
+    url = url.strip()
+    if url[:5].lower() == "data:":
+        return _from_data_url(url, settings)
+    scheme = urlparse(url).scheme.lower()
+    if scheme in ("http", "https"):
+        if not settings.allow_remote_urls:
+            raise InvalidRequest(
+                "Remote image URLs are disabled on this server; send the image as a data: URL "
+                "(base64), or start the service with VLKIT_ALLOW_REMOTE_URLS=true.", param="image_url", kind="remote_url")
+        return _from_remote(url, settings)
+    if scheme in ("file", ""):
+        return _from_local_file(unquote(urlparse(url).path) if scheme == "file" else url, settings)
+    raise InvalidRequest(f"Unsupported image URL scheme {scheme!r}: use data:, file:// or http(s)://",
+                         param="image_url", kind="bad_image")
+
+
+def _from_data_url(url: str, settings: ServiceSettings) -> bytes:
+    match = _DATA_URL.match(url[:512])
+    if not match or not match.group("b64"):
+        raise InvalidRequest("Malformed data URL: expected data:image/<type>;base64,<data>", param="image_url",
+                             kind="bad_image")
+    mime = (match.group("mime") or "").lower()
+    if mime and not mime.startswith("image/"):
+        raise InvalidRequest(f"The data URL holds {mime!r}, not an image", param="image_url", kind="bad_image")
+    payload = url[match.end():]
+    if len(payload) * 3 // 4 > settings.max_image_bytes:
+        raise PayloadTooLarge(f"Image is over {settings.max_image_bytes} bytes (encoded)", param="image_url")
+    try:
+        return base64.b64decode(payload, validate=False)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest("The data URL's base64 payload does not decode", param="image_url",
+                             kind="bad_image") from None
+
+
+def _from_local_file(path_text: str, settings: ServiceSettings) -> bytes:
+    if settings.allowed_media_dir is None:
+        raise InvalidRequest("Local image files are disabled on this server (no allowed media directory is set; "
+                             "VLKIT_ALLOWED_MEDIA_DIR)", param="image_url", kind="local_file")
+    root = Path(settings.allowed_media_dir).expanduser().resolve()
+    path = Path(path_text).expanduser()
+    path = (path if path.is_absolute() else root / path).resolve()  # resolve() follows symlinks out, too
+    if not path.is_relative_to(root):
+        raise InvalidRequest(f"Image file {path_text!r} is outside the allowed media directory", param="image_url",
+                             kind="local_file")
+    if not path.is_file():
+        raise InvalidRequest(f"Image file {path_text!r} does not exist", param="image_url", kind="local_file")
+    if path.stat().st_size > settings.max_image_bytes:
+        raise PayloadTooLarge(f"Image is over {settings.max_image_bytes} bytes", param="image_url")
+    return path.read_bytes()
+
+
+def _from_remote(url: str, settings: ServiceSettings) -> bytes:
+    import httpx
+
+    try:
+        with httpx.stream("GET", url, timeout=10.0, follow_redirects=True) as response:
+            response.raise_for_status()
+            data = bytearray()
+            for chunk in response.iter_bytes():
+                data += chunk
+                if len(data) > settings.max_image_bytes:
+                    raise PayloadTooLarge(f"Image is over {settings.max_image_bytes} bytes", param="image_url")
+            return bytes(data)
+    except httpx.HTTPError as exc:
+        raise InvalidRequest(f"Cannot fetch the image URL: {exc}", param="image_url", kind="bad_image") from None
+
+
+def decode_image(data: bytes, settings: ServiceSettings) -> Image.Image:
+    """Validated, upright, 8-bit RGB, at most `max_pixels`."""
+    if len(data) > settings.max_image_bytes:
+        raise PayloadTooLarge(f"Image is over {settings.max_image_bytes} bytes", param="image_url")
+    try:
+        image = Image.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise InvalidRequest(f"The data is not an image in a supported format ({', '.join(FORMATS)})",
+                             param="image_url", kind="bad_image") from None
+    width, height = image.size
+    if width * height > settings.max_image_source_pixels:
+        raise PayloadTooLarge(
+            f"Image is {width}x{height} = {width * height} pixels; the limit is {settings.max_image_source_pixels}",
+            param="image_url")
+    try:
+        if image.format == "JPEG" and width * height > settings.max_pixels:
+            image.draft("RGB", _fit(width, height, settings.max_pixels))  # decode at a smaller scale: cheaper
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        image = to_rgb(image)
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise InvalidRequest(f"The image cannot be decoded: {exc}", param="image_url", kind="bad_image") from None
+    if image.width * image.height > settings.max_pixels:
+        image = image.resize(_fit(image.width, image.height, settings.max_pixels), Image.Resampling.BICUBIC)
+    return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB; transparency composited on white; 16-bit scaled (not clipped)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+        image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _fit(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    scale = math.sqrt(max_pixels / (width * height))
+    return max(1, int(width * scale)), max(1, int(height * scale))

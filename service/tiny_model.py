@@ -1,0 +1,227 @@
+"""Write a randomly initialised Qwen3-VL checkpoint with a working processor, fully offline.
+
+    python -m service.tiny_model OUT_DIR                 # tiny (~0.3 M parameters): tests, CI
+    python -m service.tiny_model OUT_DIR --shape 2b      # real Qwen3-VL-2B architecture, random weights
+
+The tokenizer is a byte-level BPE trained here with the `tokenizers` library on the few KB of text
+below, wrapped as a Qwen2Tokenizer carrying Qwen's special tokens and Qwen3-VL's chat template; the
+image processor is Qwen3-VL's (patch 16, merge 2). Real-size shapes put the special tokens at Qwen's
+ids (``<|image_pad|>`` = 151655 ...), so tools that assume them (vLLM) accept the checkpoint too.
+Deterministic: the same seed writes the same files.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from service.model_shapes import (
+    QWEN_PLAIN_ADDED_TOKENS,
+    QWEN_SPECIAL_BASE_ID,
+    QWEN_SPECIAL_TOKENS,
+    QWEN_VOCAB_SIZE,
+    shape as model_shape,
+)
+
+CHAT_TEMPLATE_PATH = Path(__file__).with_name("qwen3_vl_chat_template.jinja")
+
+_CORPUS = """\
+A small camera sits on the window sill and looks at the street. Every morning it takes a picture of the
+bakery across the road, the red bicycle leaning on the lamp post, and the people waiting for the tram.
+The model reads the picture and writes a short caption: two cats on a wall, a dog under a bench, a
+woman carrying flowers, a child with a yellow kite. Some days it rains and the colours are grey and blue;
+other days the sun is low and everything looks orange and gold.
+Describe the image. What is in this picture? How many people can you see? Read the text on the sign.
+The answer should be short and clear. Count the objects from left to right, then top to bottom.
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 12 16 20 32 64 100 128 256 512 1024 2048 4096 8192.
+Punctuation and symbols: . , ; : ! ? ' " ( ) [ ] { } < > / \\ | - _ + = * & % $ # @ ~ ^
+The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.
+A graphics card with eight gigabytes of memory can hold a small vision language model, its cache
+and one or two images at a time, if the service is careful with every buffer it allocates.
+Requests arrive over HTTP, wait in a queue, and run together in a batch; each token is streamed back
+as soon as it is ready. When a client goes away, its place in the batch is freed at once.
+Le chat dort sur la chaise. Der Hund schlaeft unter dem Tisch. El sol brilla sobre el mar.
+def caption(image): return model.generate(image, max_tokens=64)  # a line of code, for variety
+{"role": "user", "content": [{"type": "image_url"}, {"type": "text", "text": "What is this?"}]}
+"""
+
+
+def build_tokenizer(*, qwen_ids: bool, vocab_size: int = 512):
+    """A Qwen2Tokenizer whose BPE is trained on `_CORPUS`.
+
+    qwen_ids: pad the vocabulary with unreachable filler entries so the special tokens land at
+    Qwen's ids (151643 on); otherwise they follow the trained vocabulary directly.
+    """
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import AddedToken
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX, Qwen2Tokenizer
+
+    # Train with the exact pre-tokenizer Qwen2Tokenizer uses, so merges apply as trained.
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    bpe.train_from_iterator(_CORPUS.splitlines(keepends=True), trainer)
+    state = json.loads(bpe.to_str())["model"]
+    vocab: dict[str, int] = dict(state["vocab"])
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in state["merges"]]
+    if qwen_ids:
+        # No merge produces these multi-character entries, so the BPE never emits them.
+        for i in range(len(vocab), QWEN_SPECIAL_BASE_ID):
+            vocab[f"<|filler_{i}|>"] = i
+    base = len(vocab)
+    # Added tokens get fixed ids by sitting in the vocabulary first, in Qwen's order.
+    for offset, token in enumerate(QWEN_SPECIAL_TOKENS + QWEN_PLAIN_ADDED_TOKENS):
+        vocab[token] = base + offset
+
+    tok = Qwen2Tokenizer(
+        vocab=vocab, merges=merges,
+        unk_token=None, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        extra_special_tokens=list(QWEN_SPECIAL_TOKENS),
+        model_max_length=262144,
+        clean_up_tokenization_spaces=False,
+        split_special_tokens=False,
+    )
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in QWEN_PLAIN_ADDED_TOKENS])
+    tok.chat_template = CHAT_TEMPLATE_PATH.read_text(encoding="utf-8")
+    for offset, token in enumerate(QWEN_SPECIAL_TOKENS):
+        assert tok.convert_tokens_to_ids(token) == base + offset, token
+    return tok
+
+
+def build_image_processor():
+    """Qwen3-VL's image processor settings (the PIL backend works with or without torchvision)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(
+        size={"shortest_edge": 65536, "longest_edge": 16777216},
+        patch_size=16, temporal_patch_size=2, merge_size=2,
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    )
+
+
+# Written as the published checkpoints have it, so that with torchvision installed AutoProcessor
+# builds the whole Qwen3VLProcessor (video included), as it does for a real download.
+_VIDEO_PREPROCESSOR_CONFIG = {
+    "size": {"longest_edge": 25165824, "shortest_edge": 4096},
+    "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
+    "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+    "processor_class": "Qwen3VLProcessor",
+    "video_processor_type": "Qwen3VLVideoProcessor",
+}
+
+
+def build_config(shape: str = "tiny", tokenizer=None):
+    """A Qwen3VLConfig of `shape` whose token ids are `tokenizer`'s."""
+    from transformers import Qwen3VLConfig
+
+    spec = model_shape(shape)
+    tok = tokenizer if tokenizer is not None else build_tokenizer(qwen_ids=shape != "tiny")
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    text = spec["text_config"]
+    if shape == "tiny":
+        text["vocab_size"] = -(-len(tok) // 64) * 64  # round up: tidy matmuls
+    else:
+        text["vocab_size"] = QWEN_VOCAB_SIZE
+    text.update(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=None)
+    return Qwen3VLConfig(
+        text_config=text, vision_config=spec["vision_config"],
+        tie_word_embeddings=spec["tie_word_embeddings"],
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+
+
+def build_model(config, *, seed: int = 0, dtype=None, device: str | None = None):
+    """A randomly initialised Qwen3VLForConditionalGeneration (weights created on `device`)."""
+    import torch
+    from transformers import Qwen3VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    with torch.device(device or "cpu"):
+        model = Qwen3VLForConditionalGeneration._from_config(config, dtype=dtype or torch.float32)
+    return model.eval()
+
+
+def generation_config(tokenizer):
+    """Qwen3-VL Instruct's published sampling defaults; eos = <|im_end|> and <|endoftext|>."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")],
+        do_sample=True, temperature=0.7, top_p=0.8, top_k=20,
+    )
+
+
+def write_processor(out_dir: str | Path, tokenizer) -> None:
+    """Tokenizer, image processor, video processor config and chat template files."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out)
+    image_processor = build_image_processor()
+    image_processor.save_pretrained(out)
+    # Point AutoProcessor at Qwen3VLProcessor and keep the published class name.
+    pre = json.loads((out / "preprocessor_config.json").read_text())
+    pre.update(processor_class="Qwen3VLProcessor", image_processor_type="Qwen2VLImageProcessorFast")
+    (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2, sort_keys=True) + "\n")
+    (out / "video_preprocessor_config.json").write_text(json.dumps(_VIDEO_PREPROCESSOR_CONFIG, indent=2) + "\n")
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE_PATH.read_text(encoding="utf-8"), encoding="utf-8")
+    (out / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen3VLProcessor"}, indent=2) + "\n")
+
+
+def build_checkpoint(out_dir: str | Path, *, shape: str = "tiny", seed: int = 0, dtype=None,
+                     device: str | None = None) -> Path:
+    """Write config, random weights (safetensors), generation config and processor to `out_dir`.
+
+    Tiny: float32 on the CPU. Real sizes: bfloat16; `device="cuda"` initialises the weights there (fast).
+    """
+    import torch
+
+    out = Path(out_dir)
+    tok = build_tokenizer(qwen_ids=shape != "tiny")
+    config = build_config(shape, tok)
+    if shape == "tiny":
+        dtype = dtype or torch.float32
+    model = build_model(config, seed=seed, dtype=dtype or torch.bfloat16, device=device)
+    if shape == "tiny":
+        _quiet_control_tokens(model, tok)
+    model.generation_config = generation_config(tok)
+    model.save_pretrained(out)
+    write_processor(out, tok)
+    return out
+
+
+def _quiet_control_tokens(model, tokenizer) -> None:
+    """Zero the output rows of added tokens in the tiny model.
+
+    Random weights otherwise often pick <|im_end|> early; with these rows at zero their logit is 0
+    while ordinary tokens spread wide, so tests see long outputs and end by length or stop string.
+    """
+    import torch
+
+    ids = sorted(tokenizer.get_added_vocab().values())
+    with torch.no_grad():
+        model.lm_head.weight[ids] = 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service.tiny_model", description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--shape", default="tiny", help="tiny (default), 2b, 4b or 8b: architecture to build")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="where to initialise the weights (e.g. cuda; default cpu)")
+    args = parser.parse_args(argv)
+    out = build_checkpoint(args.out_dir, shape=args.shape, seed=args.seed, device=args.device)
+    print(f"wrote a random-weight Qwen3-VL ({args.shape}) to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

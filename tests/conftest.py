@@ -1,0 +1,123 @@
+"""Shared fixtures: a tiny random Qwen3-VL built offline once, and the real server on 127.0.0.1.
+
+Nothing here reaches the network: HF_HUB_OFFLINE is set for the whole session, the checkpoint is
+written by `service.tiny_model`, and the server is the real uvicorn + FastAPI app + engine.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+API_KEY = "test-key"
+SERVED_NAME = "tiny-qwen3-vl"
+
+
+def png_data_url(width: int = 96, height: int = 64, color=(200, 30, 30), fmt: str = "PNG") -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buf, fmt)
+    mime = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp", "GIF": "gif"}[fmt]
+    return f"data:image/{mime};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from service.tiny_model import build_checkpoint
+
+    return build_checkpoint(tmp_path_factory.mktemp("tiny-qwen3-vl"))
+
+
+@pytest.fixture(scope="session")
+def media_dir(tmp_path_factory) -> Path:
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("media")
+    Image.new("RGB", (80, 60), (20, 40, 200)).save(root / "blue.png")
+    return root
+
+
+@dataclass
+class RunningServer:
+    base_url: str
+    settings: object
+    app: object
+
+    @property
+    def engine(self):
+        return self.app.state.service.engine
+
+    @property
+    def metrics(self):
+        return self.app.state.service.metrics
+
+    def client(self, **kwargs):
+        from openai import OpenAI
+
+        kwargs.setdefault("api_key", API_KEY)
+        kwargs.setdefault("max_retries", 0)
+        kwargs.setdefault("timeout", 60)
+        return OpenAI(base_url=self.base_url + "/v1", **kwargs)
+
+
+def start_server(settings) -> tuple[RunningServer, callable]:
+    """The real app under uvicorn in a thread; returns once /health/ready says ready."""
+    import httpx
+    import uvicorn
+
+    from service.api import create_app
+
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    base = f"http://{settings.host}:{settings.port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(base + "/health/ready", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    else:
+        server.should_exit = True
+        raise RuntimeError(f"server did not become ready: {app.state.service.load_error}")
+
+    def stop() -> None:
+        server.should_exit = True
+        thread.join(30)
+
+    return RunningServer(base, settings, app), stop
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model_dir, media_dir) -> RunningServer:
+    from service.settings import ServiceSettings
+
+    settings = ServiceSettings(
+        model=str(tiny_model_dir), served_model_name=SERVED_NAME, host="127.0.0.1", port=free_port(),
+        max_model_len=512, min_pixels=3136, max_pixels=64 * 64 * 4, max_images_per_request=3,
+        max_image_bytes=2 * 1024 * 1024, max_request_bytes=8 * 1024 * 1024, max_tokens_default=32,
+        max_batch_size=8, max_queue=8, api_key=API_KEY, allowed_media_dir=media_dir,
+    )
+    running, stop = start_server(settings)
+    yield running
+    stop()

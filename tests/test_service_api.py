@@ -1,0 +1,371 @@
+"""The real server (uvicorn on 127.0.0.1, tiny random Qwen3-VL) driven by the official openai SDK."""
+from __future__ import annotations
+
+import base64
+import struct
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+
+from tests.conftest import API_KEY, SERVED_NAME, png_data_url
+
+
+def ask(client, content, **kwargs):
+    kwargs.setdefault("model", SERVED_NAME)
+    kwargs.setdefault("max_tokens", 8)
+    kwargs.setdefault("temperature", 0)
+    return client.chat.completions.create(messages=[{"role": "user", "content": content}], **kwargs)
+
+
+def image_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def assert_still_serves(server) -> None:
+    """After any bad request: a normal request gets a normal answer."""
+    reply = ask(server.client(), [image_part(png_data_url()), {"type": "text", "text": "still there?"}])
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.completion_tokens >= 1
+
+
+def metric(server, name: str, labels: str = "") -> float:
+    text = httpx.get(server.base_url + "/metrics").text
+    for line in text.splitlines():
+        if line.startswith(name + labels + " ") or (not labels and line.startswith(name + " ")):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid 1-bit PNG of width x height, all black: tiny on disk, huge when decoded."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = b"\x00" + b"\x00" * ((width + 7) // 8)
+    compressor = zlib.compressobj(9)
+    body = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+
+
+# ---- answers ---------------------------------------------------------------------------------------
+
+
+def test_text_only(server):
+    reply = ask(server.client(), "Say something about the weather.", max_tokens=12)
+    assert reply.model == SERVED_NAME
+    assert reply.object == "chat.completion"
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 12
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + 12
+
+
+def test_one_image_adds_image_tokens(server):
+    client = server.client()
+    text_only = ask(client, [{"type": "text", "text": "Describe the image."}])
+    with_image = ask(client, [image_part(png_data_url(128, 96)), {"type": "text", "text": "Describe the image."}])
+    # 128x96 is resized to a 128x96 patch grid of 16 px, merged 2x2: 4*3 = 12 image tokens + start/end.
+    assert with_image.usage.prompt_tokens - text_only.usage.prompt_tokens == 12 + 2
+    assert with_image.choices[0].message.content is not None
+
+
+def test_two_images_in_every_supported_format(server):
+    client = server.client()
+    parts = [image_part(png_data_url(64, 64, (10, 200, 10), "JPEG")), image_part(png_data_url(64, 64, fmt="WEBP")),
+             {"type": "text", "text": "Compare the two pictures."}]
+    two = ask(client, parts)
+    one = ask(client, parts[1:])
+    assert two.usage.prompt_tokens - one.usage.prompt_tokens == 4 + 2  # 64x64 -> 2x2 merged tokens
+    gif = ask(client, [image_part(png_data_url(64, 64, fmt="GIF")), {"type": "text", "text": "gif"}])
+    assert gif.usage.prompt_tokens > 0
+
+
+def test_local_file_under_allowed_dir(server, media_dir):
+    reply = ask(server.client(), [image_part(f"file://{media_dir / 'blue.png'}"), {"type": "text", "text": "color?"}])
+    plain = ask(server.client(), [image_part(str(media_dir / "blue.png")), {"type": "text", "text": "color?"}])
+    assert reply.usage.prompt_tokens == plain.usage.prompt_tokens
+    assert reply.choices[0].message.content == plain.choices[0].message.content
+
+
+def test_stream_equals_non_stream_and_reports_usage(server):
+    client = server.client()
+    content = [image_part(png_data_url()), {"type": "text", "text": "Stream this."}]
+    full = ask(client, content, max_tokens=20)
+    chunks = list(ask(client, content, max_tokens=20, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert text == full.choices[0].message.content
+    assert finish == [full.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+
+
+def test_stream_ends_with_done_marker(server):
+    body = {"model": SERVED_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", server.base_url + "/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as response:
+        lines = [line for line in response.iter_lines() if line]
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert lines[-1] == "data: [DONE]"
+    assert all(line.startswith("data: ") for line in lines)
+
+
+def test_max_tokens_and_max_completion_tokens_give_length(server):
+    client = server.client()
+    a = ask(client, "count", max_tokens=5)
+    b = client.chat.completions.create(model=SERVED_NAME, messages=[{"role": "user", "content": "count"}],
+                                       max_completion_tokens=5, temperature=0)
+    assert a.choices[0].finish_reason == b.choices[0].finish_reason == "length"
+    assert a.usage.completion_tokens == b.usage.completion_tokens == 5
+    assert a.choices[0].message.content == b.choices[0].message.content
+
+
+def test_stop_string_cuts_the_answer(server):
+    client = server.client()
+    full = ask(client, "Tell me a story.", max_tokens=32).choices[0].message.content
+    stop = next(full[i:i + 2] for i in range(3, len(full) - 2) if full[i:i + 2].strip() and "\ufffd" not in full[i:i + 2])
+    expected = full[:full.index(stop)]
+    reply = ask(client, "Tell me a story.", max_tokens=32, stop=[stop, "never-appears-xyz"])
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.choices[0].message.content == expected
+    streamed = ask(client, "Tell me a story.", max_tokens=32, stop=stop, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected
+
+
+def test_seeded_sampling_is_reproducible(server):
+    client = server.client()
+    a = ask(client, "Pick words.", temperature=1.0, top_p=0.9, seed=1234, max_tokens=16)
+    b = ask(client, "Pick words.", temperature=1.0, top_p=0.9, seed=1234, max_tokens=16)
+    assert a.choices[0].message.content == b.choices[0].message.content
+
+
+def test_eight_concurrent_requests_are_batched(server):
+    client = server.client()
+    steps_before = metric(server, "vlkit_batch_size_count")
+    single_steps_before = metric(server, "vlkit_batch_size_bucket", '{le="1.0"}')
+    prompts = [f"Request number {i}: describe." for i in range(8)]
+    alone = [ask(client, [image_part(png_data_url(64 + 16 * i, 64)), {"type": "text", "text": p}], max_tokens=24)
+             for i, p in enumerate(prompts)]
+
+    def one(i):
+        return ask(client, [image_part(png_data_url(64 + 16 * i, 64)), {"type": "text", "text": prompts[i]}],
+                   max_tokens=24)
+
+    server.engine.max_batch_seen = 0
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(one, range(8)))
+    assert [r.choices[0].message.content for r in together] == [r.choices[0].message.content for r in alone]
+    assert server.engine.max_batch_seen >= 2
+    steps = metric(server, "vlkit_batch_size_count") - steps_before
+    single_steps = metric(server, "vlkit_batch_size_bucket", '{le="1.0"}') - single_steps_before
+    assert steps - single_steps > 0  # some decode steps ran several requests at once
+
+
+def test_models_and_health(server):
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == [SERVED_NAME]
+    assert httpx.get(server.base_url + "/health").status_code == 200
+    ready = httpx.get(server.base_url + "/health/ready")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+
+
+def test_metrics_count_tokens_and_latency(server):
+    before = metric(server, "vlkit_generation_tokens_total")
+    ttft_before = metric(server, "vlkit_time_to_first_token_seconds_count")
+    ask(server.client(), "metrics please", max_tokens=6)
+    assert metric(server, "vlkit_generation_tokens_total") - before == 6
+    assert metric(server, "vlkit_time_to_first_token_seconds_count") - ttft_before == 1
+    text = httpx.get(server.base_url + "/metrics").text
+    for name in ("vlkit_prompt_tokens_total", "vlkit_request_latency_seconds_bucket", "vlkit_queue_depth",
+                 "vlkit_requests_total", "vlkit_ready 1.0"):
+        assert name in text
+
+
+# ---- errors: each one is answered in OpenAI's shape, and the server keeps serving ------------------
+
+
+def raw_post(server, body: bytes | dict, key: str | None = API_KEY) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if isinstance(body, dict):
+        return httpx.post(server.base_url + "/v1/chat/completions", json=body, headers=headers, timeout=60)
+    return httpx.post(server.base_url + "/v1/chat/completions", content=body,
+                      headers={**headers, "Content-Type": "application/json"}, timeout=60)
+
+
+def assert_error(response: httpx.Response, status: int, *words: str) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == status
+    for word in words:
+        assert word.lower() in error["message"].lower(), error["message"]
+    return error
+
+
+def user(content, **extra) -> dict:
+    return {"model": SERVED_NAME, "messages": [{"role": "user", "content": content}], "max_tokens": 4, **extra}
+
+
+BAD_REQUESTS = {
+    "malformed json": (b'{"model": "x", "messages": [', 400, ["not valid JSON"]),
+    "no messages": ({"model": SERVED_NAME, "messages": []}, 400, ["messages"]),
+    "n above one": (user("hi", n=2), 400, ["n=1"]),
+    "unknown part type": (user([{"type": "video_url", "video_url": {"url": "x"}}]), 400, ["video_url"]),
+    "non-image data url": (user([image_part("data:text/plain;base64," + base64.b64encode(b"hello").decode())]),
+                           400, ["not an image"]),
+    "garbage image bytes": (user([image_part("data:image/png;base64," + base64.b64encode(b"\x89PNG nope").decode())]),
+                            400, ["not an image"]),
+    "remote url refused": (user([image_part("https://example.com/cat.png")]), 400, ["remote image URLs are disabled"]),
+    "file outside allowed dir": (user([image_part("file:///etc/hostname")]), 400, ["outside the allowed"]),
+    "path escaping allowed dir": (user([image_part("../../../etc/hostname")]), 400, ["outside the allowed"]),
+    "too many images": (user([image_part(png_data_url())] * 4), 400, ["at most 3 image"]),
+    "temperature out of range": (user("hi", temperature=7), 400, ["temperature"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS), ids=list(BAD_REQUESTS))
+def test_bad_request_is_400_and_server_keeps_serving(server, case):
+    body, status, words = BAD_REQUESTS[case]
+    assert_error(raw_post(server, body), status, *words)
+    assert_still_serves(server)
+
+
+def test_unknown_model_is_404_like_vllm(server):
+    with pytest.raises(openai.NotFoundError) as info:
+        ask(server.client(), "hi", model="no-such-model")
+    assert info.value.body["message"] == "The model `no-such-model` does not exist."
+    assert info.value.body["type"] == "NotFoundError"
+    assert_still_serves(server)
+
+
+def test_prompt_longer_than_context_names_both_lengths(server):
+    long_text = "The quick brown fox jumps over the lazy dog. " * 120
+    with pytest.raises(openai.BadRequestError) as info:
+        ask(server.client(), long_text)
+    message = info.value.body["message"]
+    assert "maximum context length is 512 tokens" in message
+    prompt_tokens = int(message.split("your request has ")[1].split()[0])
+    assert prompt_tokens > 512
+    with pytest.raises(openai.BadRequestError) as info:
+        ask(server.client(), "short", max_tokens=600)
+    assert "512" in info.value.body["message"] and "600 in the completion" in info.value.body["message"]
+    assert_still_serves(server)
+
+
+def test_huge_image_is_refused_cheaply_with_413(server):
+    bomb = bomb_png(20000, 20000)
+    assert len(bomb) < 200_000  # the file is small; 400 million pixels when decoded
+    started = time.monotonic()
+    response = raw_post(server, user([image_part("data:image/png;base64," + base64.b64encode(bomb).decode())]))
+    assert_error(response, 413, "20000x20000")
+    assert time.monotonic() - started < 10  # refused from the header, not after decoding 400 MP
+    assert_still_serves(server)
+
+
+def test_image_over_byte_limit_and_request_over_size_are_413(server):
+    big = base64.b64encode(b"\x00" * (3 * 1024 * 1024)).decode()
+    assert_error(raw_post(server, user([image_part("data:image/png;base64," + big)])), 413, "bytes")
+    huge_body = b'{"pad": "' + b"x" * (9 * 1024 * 1024) + b'"}'
+    assert_error(raw_post(server, huge_body), 413, "limit")
+    assert_still_serves(server)
+
+
+def test_api_key_is_required_but_health_is_open(server):
+    with pytest.raises(openai.AuthenticationError):
+        ask(server.client(api_key="wrong"), "hi")
+    assert_error(raw_post(server, user("hi"), key=None), 401, "api key")
+    assert httpx.get(server.base_url + "/v1/models").status_code == 401
+    assert httpx.get(server.base_url + "/health").status_code == 200
+    assert httpx.get(server.base_url + "/metrics").status_code == 200
+    assert_still_serves(server)
+
+
+def test_full_queue_is_429_and_all_queued_requests_finish(server):
+    limit = server.settings.max_queue
+    client = server.client()
+    with ThreadPoolExecutor(limit) as pool:
+        with server.engine.paused():
+            futures = [pool.submit(ask, client, f"queued {i}", max_tokens=4) for i in range(limit)]
+            deadline = time.monotonic() + 30
+            while server.engine.queue_depth < limit and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert metric(server, "vlkit_queue_depth") == limit
+            with pytest.raises(openai.RateLimitError) as info:
+                ask(client, "one too many")
+            assert "queue is full" in info.value.body["message"]
+        replies = [f.result(timeout=60) for f in futures]
+    assert all(r.usage.completion_tokens == 4 for r in replies)
+    assert server.engine.queue_depth == 0
+    assert_still_serves(server)
+
+
+def test_out_of_memory_is_503_then_next_request_works(server):
+    errors_before = metric(server, "vlkit_request_errors_total", '{kind="out_of_memory"}')
+    server.engine.fail_next_forward(torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)"))
+    with pytest.raises(openai.InternalServerError) as info:
+        ask(server.client(), "this one meets the OOM")
+    assert info.value.status_code == 503
+    assert "out of memory" in info.value.body["message"]
+    assert metric(server, "vlkit_request_errors_total", '{kind="out_of_memory"}') == errors_before + 1
+    assert_still_serves(server)
+
+
+def test_out_of_memory_mid_stream_sends_error_then_done(server):
+    client = server.client()
+    stream = ask(client, "stream into an OOM", max_tokens=40, stream=True)
+    first = next(iter(stream))
+    assert first.choices[0].delta.role == "assistant"
+    server.engine.fail_next_forward(torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)"))
+    with pytest.raises(openai.APIError) as info:
+        for _ in stream:
+            pass
+    assert "out of memory" in str(info.value.message).lower()
+    assert_still_serves(server)
+
+
+def test_client_disconnect_mid_stream_frees_the_slot(server):
+    body = user("a long answer please", max_tokens=400, stream=True)
+    cancelled_before = metric(server, "vlkit_requests_total", '{finish_reason="cancelled"}')
+    with httpx.stream("POST", server.base_url + "/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as response:
+        data = (line for line in response.iter_lines() if line.startswith("data: "))
+        next(data), next(data), next(data)  # role chunk, then text: the request is running
+        assert server.engine.running == 1
+    # The connection is closed here, long before 400 tokens.
+    deadline = time.monotonic() + 10
+    while (server.engine.running or server.engine.queue_depth) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.engine.running == 0 and server.engine.queue_depth == 0
+    assert metric(server, "vlkit_running_requests") == 0
+    assert metric(server, "vlkit_requests_total", '{finish_reason="cancelled"}') == cancelled_before + 1
+    assert_still_serves(server)
+
+
+def test_client_disconnect_without_stream_frees_the_slot(server):
+    body = user("a long answer please", max_tokens=480)
+    with server.engine.paused():  # keeps it queued until the client is gone
+        done = threading.Event()
+
+        def post():
+            try:
+                httpx.post(server.base_url + "/v1/chat/completions", json=body,
+                           headers={"Authorization": f"Bearer {API_KEY}"}, timeout=0.5)
+            except httpx.TimeoutException:
+                pass
+            done.set()
+
+        threading.Thread(target=post).start()
+        assert done.wait(10)
+        deadline = time.monotonic() + 10
+        while server.engine.queue_depth and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.engine.queue_depth == 0
+    assert_still_serves(server)

@@ -1,0 +1,102 @@
+"""`python -m service`: flags from ServiceSettings, clear start-up errors, a real start and graceful stop."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from service.__main__ import build_parser, settings_from_args
+from service.settings import ServiceSettings
+from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_service(args: list[str], env: dict | None = None, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.Popen([sys.executable, "-m", "service", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_every_setting_has_a_flag():
+    flags = {a.dest for a in build_parser()._actions if a.dest != "help"}
+    assert flags == set(ServiceSettings.model_fields)
+
+
+def test_flags_override_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("VLKIT_PORT", "9001")
+    monkeypatch.setenv("VLKIT_MAX_PIXELS", "500000")
+    settings = settings_from_args(["--port", "9002", "--no-warmup", "--allowed-media-dir", str(tmp_path)])
+    assert settings.port == 9002  # flag beats env
+    assert settings.max_pixels == 500000  # env beats default
+    assert settings.warmup is False and settings.allowed_media_dir == tmp_path
+    assert settings.host == "127.0.0.1"
+
+
+def test_model_missing_from_cache_says_how_to_download(tmp_path):
+    proc = run_service(["--model", "Qwen/Qwen3-VL-2B-Instruct"], env={"HF_HUB_CACHE": str(tmp_path)})
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "not in the local Hugging Face cache" in out
+    assert "make download MODEL=Qwen/Qwen3-VL-2B-Instruct" in out
+
+
+def test_model_path_that_is_no_checkpoint_is_refused(tmp_path):
+    proc = run_service(["--model", str(tmp_path)])
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "no config.json" in out
+
+
+def test_starts_answers_and_stops_gracefully(tiny_model_dir):
+    port = free_port()
+    proc = run_service(["--model", str(tiny_model_dir), "--port", str(port), "--served-model-name", "tiny",
+                        "--max-model-len", "256", "--log-level", "info"])
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(base + "/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.1)
+        from openai import OpenAI
+
+        reply = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0).chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3, temperature=0)
+        assert reply.usage.completion_tokens == 3
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    # uvicorn shuts down (lifespan included: the engine stops), then re-raises the signal it caught.
+    assert proc.returncode in (0, -signal.SIGTERM), out
+    assert "Application shutdown complete" in out
+
+
+def test_service_doc_lists_every_setting():
+    from service.__main__ import settings_table
+
+    assert settings_table() in (REPO / "docs" / "SERVICE.md").read_text(encoding="utf-8")
+
+
+def test_hub_id_resolves_from_the_local_cache_offline(tiny_model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    import huggingface_hub.constants
+
+    from service.loading import resolve_model_path
+
+    commit = "0" * 40
+    repo = tmp_path / "models--vlkit--tiny-qwen3-vl"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert resolve_model_path("vlkit/tiny-qwen3-vl") == repo / "snapshots" / commit

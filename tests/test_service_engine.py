@@ -1,0 +1,199 @@
+"""The engine driven directly (no HTTP): batching invariants, cancellation, OOM, context limits."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from service.detokenizer import IncrementalDetokenizer
+from service.engine import Engine
+from service.errors import Cancelled, InvalidRequest, OutOfMemory
+from service.sampling import SamplingParams, sample
+from service.settings import ServiceSettings
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    settings = ServiceSettings(model=str(tiny_model_dir), max_model_len=256, min_pixels=3136, max_pixels=16384,
+                               max_batch_size=4, max_queue=16, max_tokens_default=400)
+    eng = Engine.load(settings)
+    eng.start()
+    eng.warmup()
+    yield eng
+    eng.stop()
+
+
+def request(engine, text, images=(), **kwargs):
+    kwargs.setdefault("max_tokens", 24)
+    kwargs.setdefault("temperature", 0.0)
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+    return engine.prepare([{"role": "user", "content": content}], list(images), **kwargs)
+
+
+def gradient(width, height):
+    return Image.linear_gradient("L").resize((width, height)).convert("RGB")
+
+
+PROMPTS = [
+    ("hello", ()),
+    ("Describe the image in detail, please.", (gradient(96, 64),)),
+    ("Compare these two.", (gradient(64, 64), Image.new("RGB", (128, 64), (9, 99, 199)))),
+    ("A much longer text prompt, so that the rows of the batch have quite different lengths to pad.", ()),
+]
+
+
+def test_greedy_output_is_the_same_alone_and_in_a_batch(engine):
+    alone = [engine.generate(request(engine, t, i)).token_ids for t, i in PROMPTS]
+    with engine.paused():  # all four are admitted in one prefill
+        handles = [engine.submit(request(engine, t, i)) for t, i in PROMPTS]
+    for h in handles:
+        list(h)
+    assert [h.token_ids for h in handles] == alone
+    assert all(len(ids) == 24 for ids in alone)
+
+
+def test_requests_joining_a_running_batch_get_the_same_output(engine):
+    alone = [engine.generate(request(engine, t, i, max_tokens=40)).token_ids for t, i in PROMPTS]
+    engine.max_batch_seen = 0
+    handles = []
+    for text, images in PROMPTS:  # each one joins while the earlier ones are mid-generation
+        handles.append(engine.submit(request(engine, text, images, max_tokens=40)))
+        while handles[-1].first_token_at is None:
+            time.sleep(0.001)
+    for h in handles:
+        list(h)
+    assert [h.token_ids for h in handles] == alone
+    assert engine.max_batch_seen >= 2
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch(engine):
+    def sampled():
+        return request(engine, "random words", temperature=1.0, top_p=0.95, top_k=50, seed=7)
+
+    alone = engine.generate(sampled()).token_ids
+    with engine.paused():
+        handles = [engine.submit(sampled())] + [engine.submit(request(engine, t, i)) for t, i in PROMPTS[:3]]
+    for h in handles:
+        list(h)
+    assert handles[0].token_ids == alone
+    other_seed = engine.generate(request(engine, "random words", temperature=1.0, seed=8)).token_ids
+    assert other_seed != alone
+
+
+def test_cancel_frees_the_slot_and_others_continue(engine):
+    expected = engine.generate(request(engine, "keep going", max_tokens=60)).token_ids
+    with engine.paused():
+        doomed = engine.submit(request(engine, "cancel me", max_tokens=200))
+        kept = engine.submit(request(engine, "keep going", max_tokens=60))
+    while len(doomed.token_ids) < 3:
+        time.sleep(0.001)
+    doomed.cancel()
+    events = list(doomed)
+    assert isinstance(events[-1].error, Cancelled)
+    assert len(doomed.token_ids) < 200
+    list(kept)
+    assert kept.token_ids == expected
+    deadline = time.monotonic() + 5
+    while engine.running and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert engine.running == 0 and engine.queue_depth == 0
+
+
+def test_cancel_while_queued_leaves_the_queue_at_once(engine):
+    with engine.paused():
+        handle = engine.submit(request(engine, "never runs"))
+        assert engine.queue_depth == 1
+        handle.cancel()
+        assert engine.queue_depth == 0
+        assert isinstance(list(handle)[-1].error, Cancelled)
+
+
+def test_out_of_memory_fails_that_batch_only_and_the_engine_goes_on(engine):
+    with engine.paused():
+        a = engine.submit(request(engine, "a"))
+        b = engine.submit(request(engine, "b", (gradient(64, 64),)))
+        engine.fail_next_forward(torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)"))
+    for handle in (a, b):
+        error = list(handle)[-1].error
+        assert isinstance(error, OutOfMemory) and error.status == 503
+    after = engine.generate(request(engine, "a"))
+    assert after.finish_reason == "length" and after.completion_tokens == 24
+
+
+def test_memory_budget_makes_requests_wait_instead_of_failing(engine):
+    budget = engine.memory
+    saved = dict(vars(budget))
+    requests = [request(engine, f"row {i} " + "pad " * 12) for i in range(4)]
+    row = max(r.prompt_tokens for r in requests) + 24
+    try:
+        # A budget with room for the KV cache of two of these rows, not three (the tiny model's
+        # prefill activations would dominate the estimate, so they are left out here).
+        budget.enabled, budget.base_bytes, budget._act_bytes_per_token = True, 0, 0
+        budget.limit_bytes = 2 * row * budget.kv_bytes_per_token + 2 * budget._logit_bytes
+        engine.max_batch_seen = 0
+        with engine.paused():
+            handles = [engine.submit(r) for r in requests]
+        results = [list(h)[-1] for h in handles]
+    finally:
+        vars(budget).update(saved)
+    assert all(r.error is None and r.completion_tokens == 24 for r in results)
+    assert engine.max_batch_seen == 2
+
+
+def test_generation_stops_at_the_context_limit(engine):
+    req = request(engine, "fill the context", max_tokens=None)
+    result = engine.generate(req)
+    assert result.finish_reason == "length"
+    assert result.prompt_tokens + result.completion_tokens == engine.max_model_len
+
+
+def test_prompt_too_long_names_both_lengths(engine):
+    with pytest.raises(InvalidRequest) as info:
+        request(engine, "word " * 400)
+    assert "maximum context length is 256 tokens" in info.value.message
+    assert int(info.value.message.split("your request has ")[1].split()[0]) > 256
+    with pytest.raises(InvalidRequest, match=r"\d+ in the messages, 300 in the completion"):
+        request(engine, "short", max_tokens=300)
+
+
+def test_too_many_images_is_refused_before_processing(engine):
+    with pytest.raises(InvalidRequest, match="At most 4 image"):
+        request(engine, "five", [gradient(32, 32)] * 5)
+
+
+# ---- pieces ------------------------------------------------------------------------------------------
+
+
+def test_detokenizer_holds_back_a_partial_stop_string(engine):
+    tok = engine.tokenizer
+    ids = tok("The quick brown fox jumps over the lazy dog.")["input_ids"]
+    detok = IncrementalDetokenizer(tok, stop=("lazy dog",))
+    released = "".join(detok.add(i) for i in ids)
+    assert detok.stopped
+    assert released == "The quick brown fox jumps over the "
+    detok = IncrementalDetokenizer(tok, stop=("lazy cat",))
+    released = "".join(detok.add(i) for i in ids) + detok.flush()
+    assert not detok.stopped and released == "The quick brown fox jumps over the lazy dog."
+
+
+def test_detokenizer_never_splits_a_character(engine):
+    tok = engine.tokenizer
+    text = "caf\u00e9 \u732b \U0001F431 ok"
+    pieces = []
+    detok = IncrementalDetokenizer(tok)
+    for i in tok(text)["input_ids"]:
+        pieces.append(detok.add(i))
+    pieces.append(detok.flush())
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_sampling_filters_reduce_to_greedy():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    greedy = logits.argmax(-1)
+    params = [SamplingParams(8, temperature=0.9, top_k=1), SamplingParams(8, temperature=1.5, top_p=1e-6),
+              SamplingParams(8, temperature=0.0)]
+    for _ in range(5):
+        assert torch.equal(sample(logits, params, [None, None, None]), greedy)
