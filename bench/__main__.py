@@ -1,0 +1,5 @@
+import sys
+
+from bench.decode_bench import main
+
+sys.exit(main())
