@@ -1,0 +1,111 @@
+"""`vlkit plan`: print the plan (a budget table and the flags), or --json. Exit 0 fits, 2 does not."""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+
+from .sizes import parse_size
+
+EXIT_FITS, EXIT_ERROR, EXIT_DOES_NOT_FIT = 0, 1, 2
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def register(subparsers) -> None:
+    from service.settings import ServiceSettings
+
+    p = subparsers.add_parser(
+        "plan", help="compute the vLLM / service settings that fit the GPU",
+        description="Plan the memory of a Qwen3-VL deployment: a budget table and the settings. "
+                    "Exit 0 when the plan fits, 2 when it cannot (the refusal names the next step).")
+    p.add_argument("--model", default=ServiceSettings.model_fields["model"].default,
+                   help="hub id or local directory (default: %(default)s)")
+    p.add_argument("--profile", choices=("8gb", "16gb", "auto"), default="auto",
+                   help="16gb: vLLM; 8gb: vlkit's transformers service; auto: 16gb when vLLM fits a useful context")
+    p.add_argument("--gpu-memory", type=_size, metavar="SIZE",
+                   help="plan for a card of this size instead of this machine's (8GiB, 8GB, 8192MiB, 16G)")
+    p.add_argument("--gpus", type=_positive, default=1, metavar="N", help="GPUs to use (tensor parallel)")
+    p.add_argument("--context", type=_positive, metavar="TOKENS", help="wanted context (prompt + answer)")
+    p.add_argument("--gpu-memory-utilization", type=_fraction, metavar="F",
+                   help="evaluate this vLLM setting (vLLM's defaults for the rest) instead of choosing one")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import UnknownModelError, plan_for
+
+    try:
+        plan = plan_for(model=args.model, profile=args.profile, gpu_memory_bytes=args.gpu_memory,
+                        gpu_count=args.gpus, context=args.context,
+                        gpu_memory_utilization=args.gpu_memory_utilization)
+    except (UnknownModelError, ValueError) as e:
+        print(f"vlkit plan: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        render(plan)
+    return EXIT_FITS if plan.fits else EXIT_DOES_NOT_FIT
+
+
+def command_line(plan) -> str:
+    if plan.profile == "16gb":
+        return shlex.join(["vllm", "serve", plan.model, *plan.vllm_args])
+    return "\n".join(f"{k}={shlex.quote(v)}" for k, v in plan.service_env.items())
+
+
+def render(plan, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    title = (f"{plan.model} · profile {plan.profile} · vLLM {plan.vllm_version}" if plan.profile == "16gb"
+             else f"{plan.model} · profile 8gb (vlkit service)")
+    table = Table(title=title, title_justify="left")
+    table.add_column("budget")
+    table.add_column("GiB", justify="right")
+    table.add_column("note", overflow="fold")
+    for row in plan.budget:
+        value = f"{row.gib:.2f}" if "sequences" not in row.name else f"{row.gib:g}x"
+        style = "red" if row.gib < 0 else None
+        table.add_row(row.name, value, row.note, style=style)
+    console.print(table)
+    for note in plan.notes:
+        console.print(f"[dim]{note}[/dim]")
+    if plan.fits:
+        console.print(f"[green]fits[/green]: context {plan.context} tokens, KV cache {plan.kv_cache_tokens} "
+                      f"tokens, needs {plan.required_free_bytes / 1024**3:.2f} GiB free at start")
+        console.print(command_line(plan), markup=False, highlight=False, soft_wrap=True)
+    else:
+        if plan.evaluated:
+            console.print(command_line(plan), markup=False, highlight=False, soft_wrap=True)
+        console.print("[red]does not fit[/red]: ", end="")
+        console.print(plan.refusal or "", markup=False, highlight=False)

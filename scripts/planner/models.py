@@ -1,0 +1,261 @@
+"""Model shapes the planner needs: layers, KV heads, weights, the vision tower.
+
+Built in: the published Qwen3-VL 2B/4B/8B Instruct and Thinking checkpoints and their -FP8 twins
+(the architecture figures come from ``service.model_shapes``, the one copy of those configs in the
+repo). Any other Qwen3-VL checkpoint is read from a local directory (config.json, weight bytes from
+the safetensors index or headers) or from the local Hugging Face cache, offline.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from service.model_shapes import SHAPES
+
+GIB = 1024**3
+
+# Qwen3-VL's image processor default (preprocessor_config.json "size.longest_edge"): 4096x4096.
+QWEN3_VL_PROCESSOR_MAX_PIXELS = 16_777_216
+SUPPORTED_MODEL_TYPES = ("qwen3_vl",)
+# safetensors dtype name -> bytes per element
+_ST_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
+                   "I16": 2, "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+class UnknownModelError(ValueError):
+    """The model is neither built in, nor a local directory, nor in the local Hugging Face cache."""
+
+
+class VisionShape(BaseModel):
+    depth: int
+    hidden: int
+    intermediate: int
+    heads: int
+    patch: int
+    temporal_patch: int
+    merge: int
+    out_hidden: int
+    deepstack: int           # number of deepstack mergers (each one more output slice)
+    in_channels: int = 3
+    num_position_embeddings: int = 2304
+
+    @property
+    def params(self) -> int:
+        d, i = self.hidden, self.intermediate
+        block = (d * 3 * d + 3 * d) + (d * d + d) + (d * i + i) + (i * d + d) + 4 * d
+        merged = d * self.merge**2
+        merger = 2 * merged + (merged * merged + merged) + (merged * self.out_hidden + self.out_hidden)
+        patch_embed = self.in_channels * self.temporal_patch * self.patch**2 * d + d
+        return self.depth * block + (1 + self.deepstack) * merger + patch_embed + self.num_position_embeddings * d
+
+
+class TextShape(BaseModel):
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied_embeddings: bool
+    max_position: int
+
+    @property
+    def linear_params(self) -> int:
+        """Parameters of the decoder layers' linear projections (what FP8 / nf4 quantize)."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        attn = self.hidden * q + 2 * self.hidden * kv + q * self.hidden
+        mlp = 3 * self.hidden * self.intermediate
+        return self.layers * (attn + mlp)
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+
+    @property
+    def norm_params(self) -> int:
+        return self.layers * (2 * self.hidden + 2 * self.head_dim) + self.hidden
+
+
+class ModelSpec(BaseModel):
+    id: str
+    source: str                     # "built-in", or the directory the config was read from
+    text: TextShape
+    vision: VisionShape
+    quantization: str = "none"      # "none" | "fp8" (checkpoint format)
+    weight_bytes: int               # on the GPU as vLLM loads it (bf16, or fp8 linears for -FP8)
+    processor_max_pixels: int = QWEN3_VL_PROCESSOR_MAX_PIXELS
+
+    @property
+    def bf16_weight_bytes(self) -> int:
+        return 2 * (self.text.linear_params + self.text.embedding_params + self.text.norm_params
+                    + self.vision.params)
+
+    def nf4_weight_bytes(self) -> int:
+        """bitsandbytes nf4 with double quantization (~4.13 bits a weight) on the decoder linears;
+        embeddings, lm_head and the vision tower stay bf16 (the service skips them)."""
+        return int(self.text.linear_params * 4.127 / 8) + 2 * (
+            self.text.embedding_params + self.text.norm_params + self.vision.params)
+
+    def kv_bytes_per_token(self, dtype_bytes: int = 2, tp: int = 1) -> int:
+        kv_heads = max(1, self.text.kv_heads // tp)
+        return 2 * self.text.layers * kv_heads * self.text.head_dim * dtype_bytes
+
+    @property
+    def fp8_checkpoint(self) -> bool:
+        return self.quantization == "fp8"
+
+
+def _shape_from_config(cfg: dict) -> tuple[TextShape, VisionShape]:
+    text, vis = cfg.get("text_config") or {}, cfg.get("vision_config") or {}
+    try:
+        heads = text["num_attention_heads"]
+        t = TextShape(
+            hidden=text["hidden_size"], intermediate=text["intermediate_size"],
+            layers=text["num_hidden_layers"], heads=heads,
+            kv_heads=text.get("num_key_value_heads") or heads,
+            head_dim=text.get("head_dim") or text["hidden_size"] // heads,
+            vocab=text.get("vocab_size", 151936),
+            tied_embeddings=bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+            max_position=text.get("max_position_embeddings", 262144),
+        )
+        v = VisionShape(
+            depth=vis["depth"], hidden=vis["hidden_size"], intermediate=vis["intermediate_size"],
+            heads=vis["num_heads"], patch=vis.get("patch_size", 16),
+            temporal_patch=vis.get("temporal_patch_size", 2), merge=vis.get("spatial_merge_size", 2),
+            out_hidden=vis.get("out_hidden_size", text["hidden_size"]),
+            deepstack=len(vis.get("deepstack_visual_indexes") or []),
+            in_channels=vis.get("in_channels", 3),
+            num_position_embeddings=vis.get("num_position_embeddings", 2304),
+        )
+    except KeyError as e:
+        raise UnknownModelError(f"config.json lacks {e.args[0]!r}: not a Qwen3-VL config") from None
+    return t, v
+
+
+def _fp8_weight_bytes(t: TextShape, v: VisionShape) -> int:
+    """Qwen's -FP8 checkpoints: decoder linears in FP8 with one fp32 scale per 128x128 block;
+    embeddings, lm_head, norms and the vision tower stay bf16."""
+    return t.linear_params + t.linear_params // (128 * 128) * 4 + 2 * (
+        t.embedding_params + t.norm_params + v.params)
+
+
+def _builtin_specs() -> dict[str, ModelSpec]:
+    specs: dict[str, ModelSpec] = {}
+    for size in ("2B", "4B", "8B"):
+        t, v = _shape_from_config(SHAPES[size.lower()])
+        for variant in ("Instruct", "Thinking"):
+            for fp8 in (False, True):
+                mid = f"Qwen/Qwen3-VL-{size}-{variant}" + ("-FP8" if fp8 else "")
+                spec = ModelSpec(id=mid, source="built-in", text=t, vision=v,
+                                 quantization="fp8" if fp8 else "none", weight_bytes=0)
+                spec.weight_bytes = _fp8_weight_bytes(t, v) if fp8 else spec.bf16_weight_bytes
+                specs[mid.lower()] = spec
+    return specs
+
+
+BUILTIN: dict[str, ModelSpec] = _builtin_specs()
+BUILTIN_IDS: tuple[str, ...] = tuple(s.id for s in BUILTIN.values())
+
+
+def _safetensors_bytes(directory: Path) -> int | None:
+    """Bytes of all tensors: the index's total_size, else the sum over each file's header."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        total = (json.loads(index.read_text(encoding="utf-8")).get("metadata") or {}).get("total_size")
+        if total:
+            return int(total)
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        with f.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = meta["data_offsets"]
+            total += end - start
+    return total
+
+
+def spec_from_dir(directory: Path, model_id: str | None = None) -> ModelSpec:
+    cfg_path = directory / "config.json"
+    if not cfg_path.is_file():
+        raise UnknownModelError(f"{directory} has no config.json")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UnknownModelError(f"{cfg_path} is not readable JSON: {e}") from None
+    if cfg.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        raise UnknownModelError(
+            f"{directory}: model_type {cfg.get('model_type')!r} is not supported; vlkit plans "
+            f"Qwen3-VL checkpoints (model_type {', '.join(SUPPORTED_MODEL_TYPES)})")
+    t, v = _shape_from_config(cfg)
+    qcfg = cfg.get("quantization_config") or {}
+    fp8 = str(qcfg.get("quant_method", "")).lower() == "fp8"
+    spec = ModelSpec(id=model_id or str(directory), source=str(directory), text=t, vision=v,
+                     quantization="fp8" if fp8 else "none", weight_bytes=0)
+    # Real bytes on disk when the weights are there (they load 1:1 for bf16 and fp8 checkpoints).
+    on_disk = _safetensors_bytes(directory)
+    spec.weight_bytes = on_disk or (_fp8_weight_bytes(t, v) if fp8 else spec.bf16_weight_bytes)
+    pre = directory / "preprocessor_config.json"
+    if pre.is_file():
+        try:
+            size = json.loads(pre.read_text(encoding="utf-8")).get("size") or {}
+            if size.get("longest_edge"):
+                spec.processor_max_pixels = int(size["longest_edge"])
+        except (OSError, json.JSONDecodeError, ValueError):
+            pass
+    return spec
+
+
+def _from_hf_cache(repo_id: str) -> Path | None:
+    """The snapshot directory of a cached repo, without touching the network."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - a host dependency
+        return None
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # invalid repo id etc.
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def resolve_model(id_or_path: str) -> ModelSpec:
+    """A model's spec from a local directory, the built-in table or the local Hugging Face cache."""
+    path = Path(id_or_path).expanduser()
+    if path.is_dir():
+        return spec_from_dir(path)
+    builtin = BUILTIN.get(id_or_path.strip().lower())
+    if builtin is not None:
+        return builtin.model_copy(deep=True)
+    if id_or_path.count("/") == 1 and not path.exists():
+        cached = _from_hf_cache(id_or_path)
+        if cached is not None:
+            return spec_from_dir(cached, model_id=id_or_path)
+    raise UnknownModelError(
+        f"unknown model {id_or_path!r}: not a local directory with a config.json, not in the local "
+        f"Hugging Face cache, and not built in. Built in: {', '.join(BUILTIN_IDS)}")
+
+
+def variants_to_try(spec: ModelSpec) -> list[str]:
+    """Smaller or FP8 built-in alternatives, best first (for a refusal's next step)."""
+    name = spec.id.split("/")[-1]
+    sizes = ["8B", "4B", "2B"]
+    variant = "Thinking" if "Thinking" in name else "Instruct"
+    size = next((s for s in sizes if f"-{s}-" in name + "-"), None)
+    if size is None:
+        return [f"Qwen/Qwen3-VL-{s}-{variant}-FP8" for s in sizes[1:]]
+    out = []
+    if not spec.fp8_checkpoint:
+        out.append(f"Qwen/Qwen3-VL-{size}-{variant}-FP8")
+    for s in sizes[sizes.index(size) + 1:]:
+        out += [f"Qwen/Qwen3-VL-{s}-{variant}-FP8", f"Qwen/Qwen3-VL-{s}-{variant}"]
+    return out

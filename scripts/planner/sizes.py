@@ -1,0 +1,21 @@
+"""Memory sizes as people write them: 8GiB, 8GB, 8192MiB, 16G, 7.5 (GiB)."""
+from __future__ import annotations
+
+import re
+
+# Cards are sold in binary units ("8 GB" = 8 GiB of VRAM), so G/GB/GiB all mean 2**30.
+_UNITS = {"": 2**30, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
+          "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.I)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '8GiB', '8GB', '8192MiB', '16G' or a bare number of GiB."""
+    m = _SIZE.match(str(text))
+    unit = m.group(2).lower() if m else None
+    if not m or unit not in _UNITS:
+        raise ValueError(f"not a memory size: {text!r} (examples: 8GiB, 8GB, 8192MiB, 16G)")
+    value = int(float(m.group(1)) * _UNITS[unit])
+    if value < 2**30 // 2:
+        raise ValueError(f"{text!r} is under 0.5 GiB: not a GPU's memory")
+    return value

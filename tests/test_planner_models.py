@@ -1,0 +1,136 @@
+"""Model specs: the built-in table, local checkpoints and the offline Hugging Face cache."""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from scripts.planner.models import BUILTIN_IDS, UnknownModelError, resolve_model, variants_to_try
+from service.model_shapes import shape
+
+GIB = 1024**3
+
+
+def test_builtin_table_has_every_published_checkpoint():
+    expected = {f"Qwen/Qwen3-VL-{s}-{v}{q}" for s in ("2B", "4B", "8B")
+                for v in ("Instruct", "Thinking") for q in ("", "-FP8")}
+    assert set(BUILTIN_IDS) == expected
+
+
+@pytest.mark.parametrize("model, measured_gib", [
+    # Measured on the GPU machine: random-weight models built from Qwen3VLConfig (notes/gpu-machine.md).
+    ("Qwen/Qwen3-VL-2B-Instruct", 3.96),
+    ("Qwen/Qwen3-VL-4B-Instruct", 8.27),
+])
+def test_bf16_weight_bytes_match_the_measured_models(model, measured_gib):
+    assert resolve_model(model).weight_bytes / GIB == pytest.approx(measured_gib, abs=0.01)
+
+
+def test_fp8_variants_hold_fewer_bytes_and_keep_the_shapes():
+    for size in ("2B", "4B", "8B"):
+        bf16, fp8 = resolve_model(f"Qwen/Qwen3-VL-{size}-Instruct"), resolve_model(f"Qwen/Qwen3-VL-{size}-Instruct-FP8")
+        assert fp8.fp8_checkpoint and not bf16.fp8_checkpoint
+        assert 0.5 * bf16.weight_bytes < fp8.weight_bytes < 0.7 * bf16.weight_bytes
+        assert fp8.text == bf16.text and fp8.vision == bf16.vision
+
+
+def test_kv_bytes_per_token_follow_the_config():
+    spec = resolve_model("Qwen/Qwen3-VL-4B-Instruct")
+    # K and V x 36 layers x 8 KV heads x 128 dims x 2 bytes
+    assert spec.kv_bytes_per_token() == 2 * 36 * 8 * 128 * 2
+    assert spec.kv_bytes_per_token(1) == spec.kv_bytes_per_token() // 2
+    assert spec.kv_bytes_per_token(2, tp=2) == spec.kv_bytes_per_token() // 2
+
+
+def test_lookup_ignores_case_and_returns_a_copy():
+    a = resolve_model("qwen/qwen3-vl-2b-instruct")
+    a.weight_bytes = 1
+    assert resolve_model("Qwen/Qwen3-VL-2B-Instruct").weight_bytes > GIB
+
+
+def _write_safetensors(path: Path, tensors: dict[str, tuple[str, list[int]]]) -> int:
+    """A real safetensors file (header + zero data); returns the data bytes."""
+    sizes = {"BF16": 2, "F8_E4M3": 1, "F32": 4}
+    header, offset = {}, 0
+    for name, (dtype, shp) in tensors.items():
+        n = sizes[dtype]
+        for d in shp:
+            n *= d
+        header[name] = {"dtype": dtype, "shape": shp, "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * offset)
+    return offset
+
+
+def _checkpoint(directory: Path, cfg: dict) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps({"model_type": "qwen3_vl", **cfg}))
+    return directory
+
+
+def test_local_directory_reads_config_and_safetensors_headers(tmp_path):
+    d = _checkpoint(tmp_path / "ckpt", shape("tiny"))
+    data = _write_safetensors(d / "model.safetensors", {"a": ("BF16", [64, 128]), "b": ("F32", [10])})
+    (d / "preprocessor_config.json").write_text(json.dumps({"size": {"longest_edge": 1003520, "shortest_edge": 65536}}))
+    spec = resolve_model(str(d))
+    assert spec.weight_bytes == data == 64 * 128 * 2 + 40
+    assert spec.text.layers == 2 and spec.text.kv_heads == 2 and spec.text.head_dim == 16
+    assert spec.vision.depth == 2 and spec.vision.deepstack == 1
+    assert spec.processor_max_pixels == 1003520
+
+
+def test_local_directory_prefers_the_index_total(tmp_path):
+    d = _checkpoint(tmp_path / "ckpt", shape("4b"))
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 5 * GIB}, "weight_map": {}}))
+    assert resolve_model(str(d)).weight_bytes == 5 * GIB
+
+
+def test_local_fp8_directory_without_weights_estimates_fp8_bytes(tmp_path):
+    d = _checkpoint(tmp_path / "ckpt", {**shape("4b"), "quantization_config": {"quant_method": "fp8"}})
+    spec = resolve_model(str(d))
+    assert spec.fp8_checkpoint
+    assert spec.weight_bytes == resolve_model("Qwen/Qwen3-VL-4B-Instruct-FP8").weight_bytes
+
+
+def test_hf_cache_is_read_offline(tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    snap = cache / "models--someone--my-qwen3-vl" / "snapshots" / "0123abcd"
+    _checkpoint(snap, shape("2b"))
+    (cache / "models--someone--my-qwen3-vl" / "refs").mkdir(parents=True)
+    (cache / "models--someone--my-qwen3-vl" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    spec = resolve_model("someone/my-qwen3-vl")
+    assert spec.id == "someone/my-qwen3-vl" and spec.text.layers == 28
+
+
+@pytest.mark.parametrize("bad", ["Qwen/Qwen3-VL-5B-Instruct", "nobody/nothing", "", "../../etc"])
+def test_unknown_model_is_a_clear_error(bad):
+    with pytest.raises(UnknownModelError, match="unknown model|not supported|config.json"):
+        resolve_model(bad)
+
+
+def test_other_architectures_are_refused(tmp_path):
+    d = tmp_path / "llama"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 4096}))
+    with pytest.raises(UnknownModelError, match="model_type 'llama' is not supported"):
+        resolve_model(str(d))
+
+
+def test_malformed_config_is_a_clear_error(tmp_path):
+    d = tmp_path / "broken"
+    d.mkdir()
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(UnknownModelError, match="not readable JSON"):
+        resolve_model(str(d))
+
+
+def test_alternatives_are_fp8_then_smaller():
+    assert variants_to_try(resolve_model("Qwen/Qwen3-VL-8B-Instruct"))[:3] == [
+        "Qwen/Qwen3-VL-8B-Instruct-FP8", "Qwen/Qwen3-VL-4B-Instruct-FP8", "Qwen/Qwen3-VL-4B-Instruct"]
+    assert variants_to_try(resolve_model("Qwen/Qwen3-VL-2B-Thinking-FP8")) == []

@@ -1,0 +1,231 @@
+"""The planner's choices: the seeds' failure, card sizes for every built-in model, refusals, the CLI."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from scripts.gpu import GpuInfo, parse_gpu_query_csv
+from scripts.planner import Plan, plan_for
+from scripts.planner.models import BUILTIN_IDS
+from scripts.planner.sizes import parse_size
+from service.settings import ServiceSettings
+
+GIB = 1024**3
+CARDS_GB = (6, 8, 12, 16, 24)
+SEEDS_MODEL = "Qwen/Qwen3-VL-4B-Instruct-FP8"
+H100_CSV = Path(__file__).parent / "data" / "nvidia-smi" / "h100-linux" / "query-gpu-header.csv"
+
+
+def _row(plan: Plan, name: str) -> float:
+    return next(r.gib for r in plan.budget if r.name.strip() == name)
+
+
+def _flag(plan: Plan, flag: str) -> str | None:
+    args = plan.vllm_args
+    return args[args.index(flag) + 1] if flag in args else None
+
+
+# ------------------------------------------------------------------------------ the seeds' case
+def test_seeds_setting_is_predicted_to_fail_like_vllm_did():
+    """8 GB card, 4B-FP8, --gpu-memory-utilization 0.80 --max-model-len 4096: vLLM said
+    'No available memory for the cache blocks', 'Available KV cache memory: -3.79 GiB'."""
+    plan = plan_for(model=SEEDS_MODEL, gpu_memory_bytes=8 * GIB, gpu_memory_utilization=0.80, context=4096)
+    assert plan.evaluated and not plan.fits
+    kv = _row(plan, "KV cache")
+    assert -6.0 < kv < -1.0, kv                     # negative, of the order vLLM reported
+    assert plan.refusal.startswith("No available memory for the cache blocks")
+    assert "max_pixels" in plan.refusal            # the lever is the dummy image, not the context
+    assert plan.vllm_args == ["--gpu-memory-utilization", "0.8", "--max-model-len", "4096"]
+    # The user's hand-made fix (0.70, 2048) fails the same way: the context was never the problem.
+    hand = plan_for(model=SEEDS_MODEL, gpu_memory_bytes=8 * GIB, gpu_memory_utilization=0.70, context=2048)
+    assert not hand.fits and _row(hand, "KV cache") < kv
+
+
+def test_seeds_card_gets_a_plan_that_fits():
+    plan = plan_for(model=SEEDS_MODEL, gpu_memory_bytes=8 * GIB, context=4096)
+    assert plan.fits and plan.profile == "16gb" and plan.context == 4096
+    assert plan.kv_cache_tokens >= 4096
+    assert int(_flag(plan, "--max-model-len")) == 4096
+    assert json.loads(_flag(plan, "--mm-processor-kwargs"))["max_pixels"] <= ServiceSettings().max_pixels
+    assert json.loads(_flag(plan, "--limit-mm-per-prompt"))["video"] == 0
+    assert plan.required_free_bytes <= 8 * GIB - 800 * 1024**2  # what the desktop leaves
+    # The refusal of the evaluated setting points at this plan.
+    evaluated = plan_for(model=SEEDS_MODEL, gpu_memory_bytes=8 * GIB, gpu_memory_utilization=0.80, context=4096)
+    assert " ".join(plan.vllm_args) in evaluated.refusal
+
+
+# --------------------------------------------------------------------- every model, every card
+GRID = [(m, g) for m in BUILTIN_IDS for g in CARDS_GB]
+
+
+@pytest.mark.parametrize("model, gb", GRID)
+@pytest.mark.parametrize("profile", ["16gb", "8gb", "auto"])
+def test_a_plan_never_exceeds_the_card(model, gb, profile):
+    total = gb * GIB
+    plan = plan_for(model=model, profile=profile, gpu_memory_bytes=total)
+    if not plan.fits:
+        assert plan.refusal and "Next step" in plan.refusal or "next step" in plan.refusal.lower()
+        assert not plan.vllm_args and not plan.service_env
+        return
+    assert plan.required_free_bytes <= total
+    assert plan.refusal is None and plan.context >= 16
+    assert plan.kv_cache_tokens >= plan.context     # fits => the KV cache holds the context
+    if plan.profile == "16gb":
+        util = float(_flag(plan, "--gpu-memory-utilization"))
+        share = _row(plan, "vLLM's share")
+        parts = ["weights", "activations (profiling peak)", "encoder cache", "non-torch", "CUDA graphs", "KV cache"]
+        assert sum(_row(plan, p) for p in parts) == pytest.approx(share, abs=0.05)
+        assert util * total + 512 * 1024**2 <= total - 800 * 1024**2   # vLLM + its context fit the free memory
+        assert _row(plan, "KV cache") > _row(plan, "margin (inside KV cache)")
+        assert int(_flag(plan, "--max-model-len")) == plan.context
+    else:
+        env = plan.service_env
+        assert float(env["VLKIT_MEMORY_BUDGET_GIB"]) * GIB <= total
+        assert int(env["VLKIT_MAX_MODEL_LEN"]) == plan.context
+        assert _row(plan, "more KV cache for the batch") >= 0
+
+
+@pytest.mark.parametrize("model", BUILTIN_IDS)
+@pytest.mark.parametrize("profile", ["16gb", "8gb", "auto"])
+def test_more_memory_never_gives_a_smaller_context(model, profile):
+    contexts = []
+    for gb in CARDS_GB + (32, 48):
+        plan = plan_for(model=model, profile=profile, gpu_memory_bytes=gb * GIB)
+        contexts.append(plan.context if plan.fits else 0)
+    assert contexts == sorted(contexts), contexts
+
+
+@pytest.mark.parametrize("gb", CARDS_GB)
+def test_an_8gb_plan_is_valid_service_settings(gb, monkeypatch):
+    plan = plan_for(model="Qwen/Qwen3-VL-2B-Instruct", profile="8gb", gpu_memory_bytes=gb * GIB)
+    assert plan.fits
+    for key in list(os.environ):
+        if key.startswith("VLKIT_"):
+            monkeypatch.delenv(key)
+    for key, value in plan.service_env.items():
+        monkeypatch.setenv(key, value)
+    settings = ServiceSettings()                   # the service's own validation accepts every value
+    assert settings.max_model_len == plan.context
+    assert settings.quantization == plan.service_env["VLKIT_QUANTIZATION"]
+    assert settings.memory_budget_gib * GIB <= gb * GIB
+
+
+def test_small_cards_step_down_in_the_documented_order():
+    big = plan_for(model=SEEDS_MODEL, gpu_memory_bytes=16 * GIB)
+    small = plan_for(model=SEEDS_MODEL, gpu_memory_bytes=8 * GIB)
+    assert _flag(big, "--kv-cache-dtype") == "auto" and "--enforce-eager" not in big.vllm_args
+    assert _flag(small, "--kv-cache-dtype") == "fp8"          # fp8 KV cache before eager or smaller images
+    assert big.context > small.context
+
+
+def test_8b_bf16_on_a_16gb_card_goes_to_the_service_with_nf4():
+    plan = plan_for(model="Qwen/Qwen3-VL-8B-Instruct", gpu_memory_bytes=16 * GIB)
+    assert plan.fits and plan.profile == "8gb" and plan.service_env["VLKIT_QUANTIZATION"] == "nf4"
+
+
+def test_a_refusal_names_computed_next_steps():
+    plan = plan_for(model="Qwen/Qwen3-VL-8B-Instruct", profile="16gb", gpu_memory_bytes=8 * GIB)
+    assert not plan.fits
+    assert "No available memory for the cache blocks" in plan.refusal
+    assert "--model Qwen/Qwen3-VL-4B-Instruct-FP8" in plan.refusal   # the smaller FP8 model that fits
+    too_long = plan_for(model=SEEDS_MODEL, profile="16gb", gpu_memory_bytes=8 * GIB, context=200_000)
+    assert not too_long.fits and too_long.context < 200_000
+    assert f"--context {too_long.context}" in too_long.refusal
+    shorter = plan_for(model=SEEDS_MODEL, profile="16gb", gpu_memory_bytes=8 * GIB, context=too_long.context)
+    assert shorter.fits                                            # the named step works
+
+
+def test_fp8_checkpoints_point_the_8gb_profile_to_the_bf16_one():
+    plan = plan_for(model=SEEDS_MODEL, profile="8gb", gpu_memory_bytes=8 * GIB)
+    assert not plan.fits and "--model Qwen/Qwen3-VL-4B-Instruct --profile 8gb" in plan.refusal
+
+
+def test_wanted_context_is_exact_when_it_fits():
+    plan = plan_for(model="Qwen/Qwen3-VL-2B-Instruct", gpu_memory_bytes=24 * GIB, context=5000)
+    assert plan.fits and plan.context == 5000 and _flag(plan, "--max-model-len") == "5000"
+
+
+def test_several_gpus_plan_tensor_parallel():
+    one = plan_for(model="Qwen/Qwen3-VL-8B-Instruct", profile="16gb", gpu_memory_bytes=12 * GIB)
+    two = plan_for(model="Qwen/Qwen3-VL-8B-Instruct", profile="16gb", gpu_memory_bytes=12 * GIB, gpu_count=2)
+    assert not one.fits and two.fits
+    assert _flag(two, "--tensor-parallel-size") == "2"
+    with pytest.raises(ValueError, match="divides"):
+        plan_for(model="Qwen/Qwen3-VL-8B-Instruct", gpu_memory_bytes=12 * GIB, gpu_count=3)
+
+
+def test_measured_gpu_from_a_real_nvidia_smi_recording():
+    gpus = parse_gpu_query_csv(H100_CSV.read_text())
+    plan = plan_for(model="Qwen/Qwen3-VL-8B-Instruct", gpus=gpus)
+    assert plan.fits and plan.profile == "16gb" and plan.gpu_free_bytes == gpus[0].free_bytes
+    assert _row(plan, "other processes") == pytest.approx((gpus[0].total_bytes - gpus[0].free_bytes) / GIB, abs=0.01)
+    # vLLM's defaults on an 80 GiB card (1024 sequences, 8192 batched tokens) are what gets evaluated.
+    evaluated = plan_for(model="Qwen/Qwen3-VL-8B-Instruct", gpus=gpus, gpu_memory_utilization=0.9, context=8192)
+    assert evaluated.fits and "1024 sequences" in evaluated.notes[0]
+
+
+def test_memory_held_by_other_processes_lowers_the_utilization():
+    def gpu(free_gib: float) -> GpuInfo:
+        return GpuInfo(index=0, name="NVIDIA GeForce RTX 4060 Ti", uuid=None, total_bytes=16 * GIB,
+                       free_bytes=int(free_gib * GIB), used_bytes=int((16 - free_gib) * GIB),
+                       driver_version="580.88", cuda_driver_version="13.0", compute_capability=(8, 9))
+    idle = plan_for(model=SEEDS_MODEL, gpus=[gpu(15.2)])
+    busy = plan_for(model=SEEDS_MODEL, gpus=[gpu(11.0)])
+    assert float(_flag(busy, "--gpu-memory-utilization")) < float(_flag(idle, "--gpu-memory-utilization"))
+    assert busy.required_free_bytes <= 11.0 * GIB
+    # Asking for more than is free fails vLLM's start-up check, with its words.
+    greedy = plan_for(model=SEEDS_MODEL, gpus=[gpu(11.0)], gpu_memory_utilization=0.9, context=4096)
+    assert not greedy.fits and greedy.refusal.startswith("Free memory on device")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("8GiB", 8 * GIB), ("8GB", 8 * GIB), ("8192MiB", 8 * GIB), ("16G", 16 * GIB), ("7.5", int(7.5 * GIB)),
+    (" 12 gib ", 12 * GIB)])
+def test_sizes(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["eight", "8XB", "-8GB", "", "100MiB"])
+def test_bad_sizes_are_refused(bad):
+    with pytest.raises(ValueError):
+        parse_size(bad)
+
+
+# ----------------------------------------------------------------------------------------- CLI
+def _cli(argv, capsys):
+    from scripts.cli import main
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_exit_codes_and_json(capsys):
+    code, out, _ = _cli(["plan", "--gpu-memory", "8GiB", "--model", SEEDS_MODEL,
+                         "--gpu-memory-utilization", "0.80", "--context", "4096", "--json"], capsys)
+    data = json.loads(out)
+    assert code == 2 and data["fits"] is False and data["evaluated"] is True
+    assert any(r["name"].strip() == "KV cache" and r["gib"] < 0 for r in data["budget"])
+    code, out, _ = _cli(["plan", "--gpu-memory", "16GB", "--model", SEEDS_MODEL, "--json"], capsys)
+    data = json.loads(out)
+    assert code == 0 and data["fits"] and data["profile"] == "16gb" and data["vllm_args"]
+
+
+def test_cli_table_shows_the_budget_and_the_command(capsys):
+    code, out, _ = _cli(["plan", "--gpu-memory", "16GiB", "--model", SEEDS_MODEL, "--profile", "16gb"], capsys)
+    assert code == 0
+    for word in ("weights", "activations", "CUDA graphs", "encoder cache", "KV cache", "concurrent sequences",
+                 "vllm serve Qwen/Qwen3-VL-4B-Instruct-FP8 --gpu-memory-utilization"):
+        assert word in out
+
+
+def test_cli_bad_input_is_a_clear_error(capsys):
+    code, _, err = _cli(["plan", "--gpu-memory", "8GiB", "--model", "nobody/nothing"], capsys)
+    assert code == 1 and "unknown model 'nobody/nothing'" in err
+    code, _, err = _cli(["plan", "--gpu-memory", "8GiB", "--profile", "8gb", "--gpu-memory-utilization", "0.8"], capsys)
+    assert code == 1 and "vLLM setting" in err
+    with pytest.raises(SystemExit) as e:
+        _cli(["plan", "--gpu-memory", "lots"], capsys)
+    assert e.value.code == 2
