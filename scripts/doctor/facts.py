@@ -1,0 +1,217 @@
+"""Gather what the checks need, concurrently and with short timeouts, so `vlkit doctor` stays
+under 3 seconds. Everything that touches the system lives here; the checks are pure functions
+of the Facts this returns."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from scripts.gpu import GpuProbe, probe
+from wsl import wslconfig
+from wsl.host import HostRam, Platform, detect_platform, host_ram, interop_enabled, systemd_running, windows_userprofile
+
+QUICK_TIMEOUT_S = 2.5
+
+
+@dataclass
+class Options:
+    profile: str = "auto"  # "auto" | "8gb" | "16gb"
+    model: str | None = None
+    gpu_container: bool = False
+    wslconfig: Path | None = None
+
+
+@dataclass
+class CommandResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def first_error(self) -> str:
+        text = (self.stderr or self.stdout).strip()
+        return text.splitlines()[-1] if text else f"exit status {self.returncode}"
+
+
+@dataclass
+class Facts:
+    platform: Platform
+    systemd: bool
+    gpu: GpuProbe
+    ldconfig: str | None = None  # `ldconfig -p`
+    docker_path: str | None = None
+    docker_info: CommandResult | None = None  # `docker info --format '{{json .}}'`
+    interop: bool = False
+    wslconfig_path: Path | None = None
+    wslconfig: wslconfig.WslConfig | None = None
+    wslconfig_error: str | None = None
+    host_ram: HostRam | None = None
+    hf_cache: Path | None = None
+    disk_free: dict[str, int] = field(default_factory=dict)  # path -> free bytes
+    port: int = 8000
+    port_free: bool | None = None
+    models: dict[str, str] = field(default_factory=dict)  # profile -> model id
+    model_cached: dict[str, bool] = field(default_factory=dict)  # model id -> in the HF cache
+    plans: dict[str, object] = field(default_factory=dict)  # profile -> Plan, or an error str
+    gpu_container: object | None = None  # docker.ContainerResult
+
+
+def run(cmd: list[str], timeout: float = QUICK_TIMEOUT_S) -> CommandResult:
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        return CommandResult(p.returncode, p.stdout, p.stderr)
+    except subprocess.TimeoutExpired:
+        return CommandResult(124, "", f"`{' '.join(cmd[:3])}` did not answer within {timeout:.0f} s")
+    except OSError as exc:
+        return CommandResult(127, "", f"cannot run {cmd[0]}: {exc.strerror}")
+
+
+def _ldconfig() -> str | None:
+    exe = shutil.which("ldconfig") or ("/sbin/ldconfig" if os.path.exists("/sbin/ldconfig") else None)
+    if exe is None:
+        return None
+    r = run([exe, "-p"])
+    return r.stdout if r.returncode == 0 else None
+
+
+def _docker_info(docker: str | None) -> CommandResult | None:
+    return run([docker, "info", "--format", "{{json .}}"]) if docker else None
+
+
+def _wslconfig(platform: Platform, given: Path | None) -> tuple[Path | None, wslconfig.WslConfig | None, str | None]:
+    path = given
+    if path is None:
+        if not platform.is_wsl:
+            return None, None, None
+        folder = windows_userprofile(timeout=QUICK_TIMEOUT_S)
+        if folder is None:
+            return None, None, "cannot find the Windows profile folder (interop off?)"
+        path = folder / ".wslconfig"
+    try:
+        return path, wslconfig.load(path), None
+    except wslconfig.WslConfigError as exc:
+        return path, None, str(exc)
+
+
+def _port_free(port: int) -> bool:
+    """Can the API bind 127.0.0.1:port? (What Docker will need to publish it.)"""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def hf_cache_dir() -> Path:
+    """The hub cache compose mounts: VLKIT_HF_CACHE, else huggingface_hub's own (HF_HUB_CACHE/HF_HOME)."""
+    if os.environ.get("VLKIT_HF_CACHE"):
+        return Path(os.environ["VLKIT_HF_CACHE"])
+    from huggingface_hub import constants
+    return Path(constants.HF_HUB_CACHE)
+
+
+def model_in_cache(model: str, cache: Path) -> bool:
+    """A local folder with config.json, or a hub id whose snapshot in the cache has config.json."""
+    if os.path.isdir(model):
+        return os.path.isfile(os.path.join(model, "config.json"))
+    from huggingface_hub import try_to_load_from_cache
+    try:
+        found = try_to_load_from_cache(model, "config.json", cache_dir=str(cache))
+    except Exception:  # an invalid repo id
+        return False
+    return isinstance(found, str)
+
+
+def _disk_free(paths: list[Path]) -> dict[str, int]:
+    out = {}
+    for p in paths:
+        probe_path = p
+        while not probe_path.exists() and probe_path != probe_path.parent:
+            probe_path = probe_path.parent  # the cache may not exist yet: measure where it will be
+        try:
+            out[str(p)] = shutil.disk_usage(probe_path).free
+        except OSError:
+            pass
+    return out
+
+
+def default_models(options: Options) -> dict[str, str]:
+    """The model each profile would serve: --model, else the planner's default, else VLKIT_MODEL /
+    the service settings' default (one source of truth for the model name)."""
+    if options.model:
+        return {"8gb": options.model, "16gb": options.model}
+    try:
+        from scripts.planner import models as planner_models
+        default = getattr(planner_models, "default_model", None)
+        if callable(default):
+            return {p: default(p) for p in ("8gb", "16gb")}
+    except ImportError:
+        pass
+    from service.settings import ServiceSettings
+    model = ServiceSettings().model
+    return {"8gb": model, "16gb": model}
+
+
+def _plans(gpu: GpuProbe, models: dict[str, str]) -> dict[str, object]:
+    if not gpu.gpus:
+        return {}
+    try:
+        from scripts.planner import plan_for
+    except ImportError as exc:
+        return {p: f"planner not available ({exc})" for p in models}
+    out: dict[str, object] = {}
+    for profile, model in models.items():
+        try:
+            out[profile] = plan_for(model=model, profile=profile, gpus=gpu.gpus)
+        except Exception as exc:  # an unknown model etc.: reported, not fatal to the doctor
+            out[profile] = f"{type(exc).__name__}: {exc}"
+    return out
+
+
+def collect(options: Options) -> Facts:
+    from scripts.doctor import docker as docker_checks  # the container check's cache lives there
+
+    platform = detect_platform()
+    docker = shutil.which("docker")
+    models = default_models(options)
+    try:
+        from service.settings import ServiceSettings
+        port = ServiceSettings().port
+    except Exception:  # a malformed VLKIT_* variable: the port check reports the default
+        port = 8000
+    cache = hf_cache_dir()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        f_gpu = pool.submit(probe, QUICK_TIMEOUT_S)
+        f_ld = pool.submit(_ldconfig)
+        f_docker = pool.submit(_docker_info, docker)
+        f_wslcfg = pool.submit(_wslconfig, platform, options.wslconfig)
+        f_ram = pool.submit(host_ram, QUICK_TIMEOUT_S)
+        f_interop = pool.submit(interop_enabled) if platform.is_wsl else None
+        f_port = pool.submit(_port_free, port)
+        f_cached = {m: pool.submit(model_in_cache, m, cache) for m in set(models.values())}
+        gpu = f_gpu.result()
+        f_plans = pool.submit(_plans, gpu, models)
+        docker_info = f_docker.result()
+        root = docker_checks.docker_root_dir(docker_info)
+        f_disk = pool.submit(_disk_free, [cache] + ([Path(root)] if root else []))
+        wsl_path, wsl_cfg, wsl_err = f_wslcfg.result()
+        facts = Facts(
+            platform=platform, systemd=systemd_running(), gpu=gpu, ldconfig=f_ld.result(),
+            docker_path=docker, docker_info=docker_info,
+            interop=f_interop.result() if f_interop else False,
+            wslconfig_path=wsl_path, wslconfig=wsl_cfg, wslconfig_error=wsl_err,
+            host_ram=f_ram.result(), hf_cache=cache, disk_free=f_disk.result(),
+            port=port, port_free=f_port.result(), models=models,
+            model_cached={m: f.result() for m, f in f_cached.items()}, plans=f_plans.result(),
+        )
+    facts.gpu_container = docker_checks.container_gpu_result(facts, run_now=options.gpu_container)
+    return facts
+
+

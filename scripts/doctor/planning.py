@@ -1,0 +1,30 @@
+"""The planner's verdict for each profile on this GPU: which one fits, with what context."""
+from __future__ import annotations
+
+from scripts.doctor.model import Check, fail, ok, warn
+
+
+def plan_checks(facts, profile: str) -> list[Check]:
+    if not facts.gpu.gpus:
+        return [warn(f"plan-{p}", "not planned: no GPU", None) for p in ("8gb", "16gb")]
+    out = []
+    fitting = []
+    for p in ("8gb", "16gb"):
+        plan = facts.plans.get(p)
+        model = facts.models.get(p, "?")
+        if plan is None or isinstance(plan, str):
+            out.append(warn(f"plan-{p}", f"{model}: {plan or 'not planned'}", None))
+            continue
+        if plan.fits:
+            fitting.append(p)
+            out.append(ok(f"plan-{p}", f"{plan.model} fits, context {plan.context} tokens"))
+        else:
+            chosen = profile == p
+            row = fail if chosen else warn
+            kwargs = {"blocking": True} if chosen else {}
+            out.append(row(f"plan-{p}", f"{plan.model} does not fit: {plan.refusal or 'over budget'}",
+                           f"`vlkit plan --profile {p}` shows the budget", **kwargs))
+    if profile == "auto" and not fitting and all(not isinstance(facts.plans.get(p), str) and facts.plans.get(p)
+                                                 for p in ("8gb", "16gb")):
+        out.append(fail("plan", "no profile fits this GPU", "`vlkit plan` shows the next step"))
+    return out

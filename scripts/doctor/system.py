@@ -1,0 +1,77 @@
+"""Platform checks: WSL2 / WSL1 / Linux, kernel, systemd, and the Windows .wslconfig."""
+from __future__ import annotations
+
+from scripts.doctor.model import Check, fail, gib, ok, warn
+from wsl import wslconfig
+from wsl.host import kernel_version
+
+# NVIDIA's CUDA on WSL guide: GPU compute needs a WSL2 kernel of 5.10.43.3 or later.
+MIN_WSL_KERNEL = (5, 10, 43, 3)
+
+
+def platform_checks(facts) -> list[Check]:
+    p = facts.platform
+    out: list[Check] = []
+    if p.kind == "wsl1":
+        out.append(fail("platform", f"WSL 1 ({p.kernel}): no GPU access",
+                        "convert this distro in PowerShell: `wsl --set-version <distro> 2` (list them with `wsl -l -v`)"))
+    elif p.kind == "wsl2":
+        out.append(ok("platform", "WSL 2"))
+    else:
+        out.append(ok("platform", "native Linux"))
+
+    version = kernel_version(p.kernel)
+    if p.kind == "wsl2" and version and version < MIN_WSL_KERNEL:
+        out.append(fail("kernel", f"{p.kernel}: older than 5.10.43.3, no CUDA in WSL",
+                        "update WSL in PowerShell: `wsl --update`, then `wsl --shutdown`"))
+    else:
+        out.append(ok("kernel", p.kernel or "unknown"))
+
+    if facts.systemd:
+        out.append(ok("systemd", "running"))
+    elif p.is_wsl:
+        out.append(warn("systemd", "not running: Docker Engine inside WSL will not start by itself",
+                        "add `[boot]` `systemd=true` to /etc/wsl.conf, then `make wsl-restart` "
+                        "(not needed with Docker Desktop)"))
+    else:
+        out.append(warn("systemd", "not PID 1 (a container?): services such as docker are started by hand",
+                        "start the Docker daemon yourself (`sudo dockerd &` or your init system)"))
+    return out
+
+
+def wslconfig_check(facts, profile: str) -> Check:
+    name = "wslconfig"
+    if not facts.platform.is_wsl and facts.wslconfig_path is None:
+        return ok(name, "not WSL: no .wslconfig involved")
+    if facts.wslconfig_error:
+        where = f"{facts.wslconfig_path}: " if facts.wslconfig_path else ""
+        return warn(name, f"{where}{facts.wslconfig_error}",
+                    "fix the file by hand, or pass `--wslconfig PATH`; `vlkit wsl config --dry-run` shows what we would write")
+    cfg = facts.wslconfig
+    if cfg is None:
+        return warn(name, "the Windows profile folder is out of reach, so .wslconfig was not read",
+                    "`vlkit doctor --wslconfig /mnt/c/Users/<you>/.wslconfig`")
+    profile = profile if profile in wslconfig.PROFILE_MIN_VM_GIB else "8gb"
+    rec = wslconfig.recommend(facts.host_ram.bytes, profile) if facts.host_ram and facts.host_ram.is_windows_total else None
+    want = f"recommended memory={rec.memory} swap={rec.swap}" if rec else "recommended: see `vlkit wsl config --dry-run`"
+    fix = "`make wsl-config` (vlkit wsl config), then `make wsl-restart`"
+    need = wslconfig.PROFILE_MIN_VM_GIB[profile] * wslconfig.GIB
+    if not cfg.exists:
+        # WSL's defaults: half the host RAM, swap a quarter of that
+        found = f"{cfg.path} not found: WSL uses half the host RAM"
+        return warn(name, f"{found}; {want}", fix)
+    memory = wslconfig.get(cfg, "memory")
+    swap = wslconfig.get(cfg, "swap")
+    processors = wslconfig.get(cfg, "processors")
+    shown = f"[wsl2] memory={memory or 'default'} swap={swap or 'default'} processors={processors or 'default'}"
+    try:
+        mem_bytes = wslconfig.parse_size(memory) if memory else None
+    except ValueError:
+        return warn(name, f"{cfg.path}: memory={memory!r} is not a size WSL understands", fix)
+    if mem_bytes is not None and mem_bytes < need:
+        return warn(name, f"{shown}: under the {gib(need)} the {profile} profile needs; {want}", fix)
+    if processors and processors.isdigit() and int(processors) < 2:
+        return warn(name, f"{shown}: one processor makes loading and image decoding slow; {want}", fix)
+    if swap is not None and swap.strip() in ("0", "0GB", "0MB"):
+        return warn(name, f"{shown}: no swap, so a loading peak ends in the OOM killer; {want}", fix)
+    return ok(name, f"{shown} ({want})")

@@ -1,0 +1,214 @@
+"""The doctor's checks judged from recorded facts (WSL2 + an 8 GB card, Docker states), and the doctor
+run for real on this machine (not WSL, no GPU)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from types import SimpleNamespace
+
+import pytest
+
+from scripts import gpu
+from scripts.doctor import docker, driver, planning, system
+from scripts.doctor.facts import CommandResult, Facts, Options
+from scripts.doctor.run import judge, ready
+from tests.doctor_helpers import DATA, PUBLIC, h100_smi, read, run_cli
+from wsl import wslconfig
+from wsl.host import HostRam, Platform
+
+MIB = 2 ** 20
+WSL2 = Platform("wsl2", "5.15.167.4-microsoft-standard-WSL2", "")
+INFO_UP = CommandResult(0, read(DATA / "docker" / "info-engine-debian.json"), "")
+INFO_DOWN = CommandResult(1, read(DATA / "docker" / "info-daemon-down.json"), read(DATA / "docker" / "info-daemon-down.stderr"))
+
+
+def wsl_rtx3070() -> gpu.GpuProbe:
+    """The WSL2 RTX 3070 of a published `nvidia-smi` (2880 MiB of 8192 MiB in use)."""
+    driver_version, cuda = gpu.parse_smi_header(read(PUBLIC / "wsl2-rtx3070-nvidia-smi.txt"))
+    info = gpu.GpuInfo(0, "NVIDIA GeForce RTX 3070", None, 8192 * MIB, (8192 - 2880) * MIB, 2880 * MIB,
+                       driver_version, cuda, (8, 6), [gpu.GpuProcess(41, "/Xwayland", None)])
+    return gpu.GpuProbe([info], "nvidia-smi", "/usr/lib/wsl/lib/nvidia-smi")
+
+
+def facts(**kw) -> Facts:
+    base = dict(platform=WSL2, systemd=True, gpu=wsl_rtx3070(), ldconfig=read(PUBLIC / "wsl2-ldconfig-libcuda.txt"),
+                docker_path=shutil.which("docker") or "/usr/bin/docker", docker_info=INFO_UP, interop=True,
+                host_ram=HostRam(32 * 2 ** 30, "Windows (Win32_ComputerSystem)"), hf_cache=None,
+                disk_free={"/home/u/.cache/huggingface/hub": 200 * 2 ** 30}, port_free=True,
+                models={"8gb": "Qwen/Qwen3-VL-2B-Instruct", "16gb": "Qwen/Qwen3-VL-2B-Instruct"},
+                model_cached={"Qwen/Qwen3-VL-2B-Instruct": True})
+    base.update(kw)
+    return Facts(**base)
+
+
+def by_name(checks):
+    return {c.name: c for c in checks}
+
+
+def test_old_windows_driver_blocks_with_the_driver_to_install():
+    c = driver.driver_check(facts(), "8gb")
+    assert c.status == "fail" and c.blocking
+    assert "526.98, CUDA up to 12.0" in c.found and "needs CUDA 13.0" in c.found
+    assert "Windows NVIDIA driver to 580.88 or newer" in c.fix
+
+
+def test_recent_driver_passes(monkeypatch, tmp_path):
+    h100_smi(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    f = facts(platform=Platform("linux", "6.8.0", ""), gpu=gpu.probe())
+    c = driver.driver_check(f, "auto")
+    assert c.status == "ok" and "580.159.04, CUDA up to 13.0" in c.found
+    g = driver.gpu_check(f, "auto")
+    assert g.status == "ok" and "NVIDIA H100 80GB HBM3: 79.6 GiB total, 79.2 GiB free, compute 9.0" in g.found
+
+
+def test_vram_held_by_others_is_a_warning_with_names():
+    c = driver.vram_check(facts())
+    assert c.status == "warn" and "2.8 GiB of 8.0 GiB in use" in c.found
+    assert "Xwayland (pid 41)" in c.found and "WSL does not report per-process sizes" in c.found
+    assert "make wsl-restart" in c.fix
+
+
+def test_wsl_libcuda_real_listing_ok_and_shadowed_fails():
+    assert driver.wsl_libcuda_check(facts()).status == "ok"
+    shadowed = read(PUBLIC / "wsl2-ldconfig-libcuda.txt") + \
+        "        libcuda.so.1 (libc6,x86-64) => /usr/lib/x86_64-linux-gnu/libcuda.so.1\n"
+    c = driver.wsl_libcuda_check(facts(ldconfig=shadowed))
+    assert c.status == "fail" and "/usr/lib/x86_64-linux-gnu/libcuda.so.1" in c.found
+    assert driver.wsl_libcuda_check(facts(platform=Platform("linux", "6.8", ""))) is None
+
+
+def test_docker_engine_without_nvidia_runtime():
+    checks = by_name(docker.checks(facts()))
+    assert checks["docker"].status == "ok" and "(inside WSL)" in checks["docker"].found
+    assert checks["compose"].status == "ok" and "v2.40.3" in checks["compose"].found
+    gpu_rt = checks["docker-gpu"]
+    assert gpu_rt.status == "fail" and gpu_rt.blocking and "nvidia-ctk runtime configure" in gpu_rt.fix
+
+
+def test_docker_daemon_down():
+    checks = by_name(docker.checks(facts(docker_info=INFO_DOWN, systemd=True)))
+    assert checks["docker"].status == "fail"
+    assert "Cannot connect to the Docker daemon" in checks["docker"].found
+    assert "systemctl enable --now docker" in checks["docker"].fix
+    assert checks["compose"].status == "ok"  # the CLI plugin is there even with the daemon down
+    assert "docker-gpu" not in checks
+
+
+def test_docker_desktop_has_gpu_support():
+    info = json.loads(INFO_UP.stdout)
+    info["OperatingSystem"] = "Docker Desktop"
+    assert docker.is_docker_desktop(info)
+    assert docker.gpu_runtime(info) == "Docker Desktop (built-in GPU support)"
+    assert docker.gpu_runtime({**json.loads(INFO_UP.stdout), "Runtimes": {"nvidia": {}, "runc": {}}}) == "nvidia runtime"
+
+
+@pytest.mark.parametrize("name", ["docker-run-gpus-no-runtime.txt", "compose-up-no-nvidia-driver.txt"])
+def test_real_gpu_run_errors_are_explained(name):
+    found, fix = docker.explain_gpu_run_error(read(PUBLIC / name))
+    assert "could not select device driver" in found
+    assert "nvidia-container-toolkit" in fix
+
+
+def test_wslconfig_check_states(tmp_path):
+    path = tmp_path / ".wslconfig"
+    small = facts(wslconfig_path=path, wslconfig=wslconfig.load(path))
+    c = system.wslconfig_check(small, "8gb")
+    assert c.status == "warn" and "not found" in c.found and "memory=24GB swap=8GB" in c.found
+    path.write_text("[wsl2]\nmemory=4GB\n")
+    c = system.wslconfig_check(facts(wslconfig_path=path, wslconfig=wslconfig.load(path)), "16gb")
+    assert c.status == "warn" and "under the 12.0 GiB the 16gb profile needs" in c.found
+    assert "make wsl-config" in c.fix
+    path.write_text("[wsl2]\nmemory=24GB\nswap=8GB\n")
+    assert system.wslconfig_check(facts(wslconfig_path=path, wslconfig=wslconfig.load(path)), "16gb").status == "ok"
+    c = system.wslconfig_check(facts(wslconfig_path=path, wslconfig=None, wslconfig_error="line 2 is not ..."), "8gb")
+    assert c.status == "warn" and "line 2" in c.found
+
+
+def test_platform_checks_wsl1_and_systemd():
+    wsl1 = Platform("wsl1", "4.4.0-18985-Microsoft", read(PUBLIC / "proc-version-wsl1-18985.txt"))
+    rows = by_name(system.platform_checks(facts(platform=wsl1, systemd=False)))
+    assert rows["platform"].status == "fail" and rows["platform"].blocking and "--set-version" in rows["platform"].fix
+    assert rows["systemd"].status == "warn" and "systemd=true" in rows["systemd"].fix
+    old = Platform("wsl2", "5.4.72-microsoft-standard-WSL2", "")
+    assert by_name(system.platform_checks(facts(platform=old)))["kernel"].status == "fail"
+
+
+def test_plan_verdicts():
+    fits = SimpleNamespace(fits=True, model="Qwen/Qwen3-VL-2B-Instruct", context=8192, refusal=None)
+    no = SimpleNamespace(fits=False, model="Qwen/Qwen3-VL-8B-Instruct", context=0, refusal="needs 17.2 GiB, 7.9 GiB free")
+    rows = by_name(planning.plan_checks(facts(plans={"8gb": fits, "16gb": no}), "8gb"))
+    assert rows["plan-8gb"].status == "ok" and "context 8192" in rows["plan-8gb"].found
+    assert rows["plan-16gb"].status == "warn" and not rows["plan-16gb"].blocking
+    rows = by_name(planning.plan_checks(facts(plans={"8gb": fits, "16gb": no}), "16gb"))
+    assert rows["plan-16gb"].status == "fail" and rows["plan-16gb"].blocking
+    rows = by_name(planning.plan_checks(facts(plans={"8gb": no, "16gb": no}), "auto"))
+    assert rows["plan"].blocking
+
+
+def test_whole_judgement_wsl_machine_is_not_ready_for_the_right_reasons():
+    checks = judge(facts(), Options(profile="8gb"))
+    assert not ready(checks)
+    assert sorted(c.name for c in checks if c.blocking) == ["docker-gpu", "driver"]
+
+
+def test_doctor_on_this_machine_json(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    code = run_cli(["doctor", "--json"])
+    rows = json.loads(capsys.readouterr().out)
+    assert code == 1
+    assert all(set(r) == {"name", "status", "found", "fix", "blocking"} for r in rows)
+    assert all(r["status"] in ("ok", "warn", "fail") for r in rows)
+    got = {r["name"]: r for r in rows}
+    assert got["platform"]["status"] == "ok" and got["platform"]["found"] == "native Linux"
+    assert got["wslconfig"]["status"] == "ok" and "not WSL" in got["wslconfig"]["found"]
+    assert got["driver"]["status"] == "fail" and got["driver"]["blocking"]
+    assert "nvidia-smi not found" in got["driver"]["found"] and "ubuntu-drivers" in got["driver"]["fix"]
+    assert got["gpu"]["status"] == "fail" and got["gpu"]["blocking"]
+    assert "wsl-libcuda" not in got and "vram" not in got
+    assert {"docker", "disk", "model-cache", "port", "plan-8gb", "plan-16gb"} <= set(got)
+
+
+def test_doctor_on_this_machine_human(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert run_cli(["doctor"]) == 1
+    out = capsys.readouterr().out
+    assert "Not ready" in out and "driver" in out and "FAIL" in out
+
+
+def test_recorded_local_gpu_run_error_is_explained():
+    found, fix = docker.explain_gpu_run_error(read(DATA / "docker" / "run-gpus-no-runtime.stderr"))
+    assert found.startswith("Docker has no NVIDIA GPU driver") and "nvidia-ctk" in fix
+
+
+def _local_image() -> str | None:
+    import subprocess
+    if not shutil.which("docker"):
+        return None
+    r = subprocess.run(["docker", "images", "--format", "{{.Repository}}:{{.Tag}}"], capture_output=True, text=True, timeout=10)
+    names = [n for n in r.stdout.split() if "<none>" not in n] if r.returncode == 0 else []
+    return names[0] if names else None
+
+
+def test_gpu_container_check_against_the_real_engine(monkeypatch, tmp_path):
+    """With a real Docker engine and no NVIDIA runtime, `docker run --gpus all` fails the way users see it;
+    the result is cached and reused by the next, quick doctor run."""
+    image = _local_image()
+    if image is None:
+        pytest.skip("no Docker engine with a local image here")
+    from scripts.doctor.facts import run
+    live = run([shutil.which("docker"), "info", "--format", "{{json .}}"])
+    if live.returncode != 0:
+        pytest.skip("Docker daemon not reachable")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(docker, "_candidate_images", lambda: [image])
+    f = facts(platform=Platform("linux", "6.8", ""), docker_info=live, docker_path=shutil.which("docker"))
+    if "nvidia" in (json.loads(live.stdout).get("Runtimes") or {}):
+        pytest.skip("this engine has an NVIDIA runtime")
+    result = docker.container_gpu_result(f, run_now=True)
+    assert result.status == "fail" and "could not select device driver" in result.found
+    cached = docker.container_gpu_result(f, run_now=False)
+    assert cached.cached and cached.found == result.found
+    row = by_name(docker.checks(facts(docker_info=live, gpu_container=cached)))["gpu-in-container"]
+    assert row.status == "fail" and row.found.endswith("(cached)")

@@ -1,0 +1,128 @@
+"""`vlkit wsl config` and `vlkit wsl restart` (make wsl-config / make wsl-restart).
+
+The command line of `wsl config` is a contract other tools script against:
+    vlkit wsl config [--wslconfig PATH] [--memory 12GB] [--swap 8GB] [--processors N] [--dry-run] [--yes]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from wsl import wslconfig
+from wsl.host import detect_platform, host_ram, meminfo_total_bytes, windows_userprofile
+
+
+def register(subparsers) -> None:
+    wsl_parser = subparsers.add_parser("wsl", help="WSL2: .wslconfig and restart")
+    sub = wsl_parser.add_subparsers(dest="wsl_command", metavar="WSL_COMMAND")
+    wsl_parser.set_defaults(func=lambda args: (wsl_parser.print_help(), 2)[1])
+
+    config = sub.add_parser("config", help="set [wsl2] memory/swap/processors in the Windows .wslconfig",
+                            description="Apply the recommended [wsl2] values (or yours) to .wslconfig: "
+                                        "backup first, atomic write, same encoding and line endings.")
+    config.add_argument("--wslconfig", type=Path, help="the file to edit (default: %%USERPROFILE%%\\.wslconfig found through interop)")
+    config.add_argument("--memory", help="WSL VM memory, e.g. 12GB (default: recommended for this PC)")
+    config.add_argument("--swap", help="swap size, e.g. 8GB (default: recommended)")
+    config.add_argument("--processors", type=int, help="logical processors for WSL (default: leave as is)")
+    config.add_argument("--profile", choices=("8gb", "16gb"), default="8gb", help="the profile to size for (default 8gb)")
+    config.add_argument("--dry-run", action="store_true", help="show the change as a diff; write nothing")
+    config.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    config.set_defaults(func=config_command)
+
+    restart = sub.add_parser("restart", help="list GPU consumers, then `wsl --shutdown` (ends this session)")
+    restart.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    restart.set_defaults(func=restart_command)
+
+
+def _err(message: str) -> int:
+    print(f"vlkit wsl config: {message}", file=sys.stderr)
+    return 1
+
+
+def _host_ram_bytes(existing_memory: str | None) -> tuple[int | None, str]:
+    ram = host_ram()
+    if ram is not None and ram.is_windows_total:
+        return ram.bytes, ram.source
+    vm = meminfo_total_bytes()
+    if detect_platform().is_wsl and existing_memory is None and vm:
+        # Without a memory= line WSL gives the VM half the host RAM.
+        return 2 * vm, "estimated as 2 x the WSL VM's MemTotal (WSL's default limit is half the host RAM)"
+    if not detect_platform().is_wsl and vm:
+        return vm, "/proc/meminfo of this machine"
+    return None, "unknown"
+
+
+def config_command(args: argparse.Namespace) -> int:
+    path = args.wslconfig
+    if path is None:
+        if not detect_platform().is_wsl:
+            return _err("not running inside WSL; pass --wslconfig PATH to edit a file anyway")
+        profile_dir = windows_userprofile()
+        if profile_dir is None:
+            return _err("cannot find your Windows profile folder (interop off?); pass "
+                        "--wslconfig /mnt/c/Users/<you>/.wslconfig")
+        path = profile_dir / ".wslconfig"
+    try:
+        current = wslconfig.load(path)
+    except wslconfig.WslConfigError as exc:
+        return _err(f"{path}: {exc}. The file was not changed.")
+
+    values: dict[str, str] = {}
+    try:
+        for key in ("memory", "swap"):
+            given = getattr(args, key)
+            if given is not None:
+                wslconfig.parse_size(given)  # validate before touching anything
+                values[key] = given.strip()
+    except ValueError as exc:
+        return _err(str(exc))
+    if args.processors is not None:
+        if args.processors < 1:
+            return _err("--processors must be at least 1")
+        values["processors"] = str(args.processors)
+
+    if "memory" not in values or "swap" not in values:
+        ram, source = _host_ram_bytes(wslconfig.get(current, "memory"))
+        if ram is None:
+            return _err("cannot tell this PC's RAM; pass --memory and --swap")
+        rec = wslconfig.recommend(ram, args.profile)
+        print(f"Recommended for the {args.profile} profile: {rec.rule}")
+        print(f"  (host RAM from {source})")
+        if rec.warning:
+            print(f"  warning: {rec.warning}")
+        values.setdefault("memory", rec.memory)
+        values.setdefault("swap", rec.swap)
+
+    try:
+        preview = wslconfig.apply(path, values, dry_run=True)
+    except (wslconfig.WslConfigError, OSError) as exc:
+        return _err(f"{path}: {exc}. The file was not changed.")
+    if not preview.changed:
+        print(f"{path}: already has {', '.join(f'{k}={v}' for k, v in values.items())}; nothing to change.")
+        return 0
+    print(preview.diff, end="")
+    if args.dry_run:
+        print("Dry run: nothing was written.")
+        return 0
+    if not args.yes:
+        if not sys.stdin.isatty():
+            return _err("not changing .wslconfig without confirmation and there is no terminal to ask on; "
+                        "add --yes (or --dry-run to only look)")
+        answer = input(f"Write these changes to {path}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("Nothing changed.")
+            return 0
+    try:
+        result = wslconfig.apply(path, values)
+    except (wslconfig.WslConfigError, OSError) as exc:
+        return _err(f"{path}: {exc}. The file was not changed.")
+    if result.backup:
+        print(f"Backup: {result.backup}")
+    print(f"Wrote {path}. It takes effect after WSL restarts: `make wsl-restart` (or `wsl --shutdown` in PowerShell).")
+    return 0
+
+
+def restart_command(args: argparse.Namespace) -> int:
+    from wsl.restart import restart
+    return restart(yes=args.yes)
