@@ -100,3 +100,18 @@ def test_probe_reports_a_driver_that_does_not_answer(monkeypatch, tmp_path):
     result = gpu.probe()
     assert result.gpus == []
     assert "couldn't communicate with the NVIDIA driver" in result.error
+
+
+BUSY = H100.parent / "h100-busy"
+
+
+def test_real_process_row_of_a_busy_h100_in_every_view():
+    """Recorded on the GPU machine while a torch process (pid 437) held a 2 GiB tensor."""
+    [card] = gpu.parse_gpu_query_csv(read(BUSY / "busy-query-gpu.csv"))
+    assert card.name == "NVIDIA H100 80GB HBM3" and card.total_bytes == 81559 * 2**20
+    assert card.used_bytes >= 2 * 2**30
+    [(uuid, proc)] = gpu.parse_compute_apps_csv(read(BUSY / "busy-query-apps.csv"))
+    assert uuid == card.uuid
+    assert (proc.pid, proc.name, proc.used_bytes) == (437, "python3", 2566 * 2**20)
+    [(index, table_proc)] = gpu.parse_smi_processes(read(BUSY / "busy-nvidia-smi.txt"))
+    assert index == 0 and table_proc.pid == 437 and table_proc.used_bytes == 2566 * 2**20
