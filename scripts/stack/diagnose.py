@@ -1,0 +1,95 @@
+"""Turn a failed start's output (container logs, docker's own error) into the cause and the fix.
+
+Patterns are the messages the real tools print (vLLM, PyTorch, the NVIDIA Container Toolkit, Docker,
+Docker Desktop on WSL2); each maps to what to do next, in the user's terms.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from scripts import images
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    cause: str
+    fix: str
+
+
+@dataclass(frozen=True)
+class _Rule:
+    pattern: re.Pattern[str]
+    cause: str
+    fix: str
+
+
+def _rule(regex: str, cause: str, fix: str) -> _Rule:
+    return _Rule(re.compile(regex, re.IGNORECASE), cause, fix)
+
+
+_RULES: tuple[_Rule, ...] = (
+    _rule(r"No available memory for the cache blocks|Available KV cache memory: -|"
+          r"KV cache memory .*(negative|insufficient)|is larger than the available KV cache memory",
+          "vLLM found no room for its KV cache: weights + profiling activations + CUDA graphs used "
+          "everything --gpu-memory-utilization allows. The plan assumed more free VRAM than there was "
+          "at start-up (another program holds GPU memory, or the card is smaller than planned).",
+          "Close other GPU programs (browsers, games, other containers; `nvidia-smi` lists them), then run "
+          "`make up` again: the plan is recomputed from the memory free now. Or `make plan` to see the "
+          "budget, and `make up PROFILE=8gb` for the service that needs no KV cache reservation."),
+    _rule(r"CUDA out of memory|torch\.OutOfMemoryError|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED|"
+          r"cudaErrorMemoryAllocation",
+          "The GPU ran out of memory while the model was loading or warming up.",
+          "Free GPU memory (close other GPU programs; under WSL2 the Windows desktop uses VRAM too), then "
+          "`make up` again; or pick a smaller model / shorter context: `make plan MODEL=...` shows what fits."),
+    _rule(r"could not select device driver .*capabilities: \[\[gpu\]\]|could not select device driver",
+          "Docker has no GPU runtime: the NVIDIA Container Toolkit is missing (Docker Engine) or Docker "
+          "Desktop's WSL2 integration is off.",
+          "Docker Desktop: Settings > Resources > WSL integration: enable your distro, and use the WSL2 "
+          "backend. Docker Engine inside WSL/Linux: install nvidia-container-toolkit, run "
+          "`sudo nvidia-ctk runtime configure --runtime=docker` and restart Docker. Check with "
+          "`make doctor`."),
+    _rule(r"unsatisfied condition: cuda>=|CUDA driver version is insufficient for CUDA runtime version|"
+          r"cudaErrorInsufficientDriver|The NVIDIA driver on your system is too old",
+          "The NVIDIA driver is older than the CUDA this image needs "
+          f"(8gb: CUDA {images.SERVICE_CUDA}, 16gb: CUDA {images.VLLM_CUDA}).",
+          f"Update the NVIDIA driver to {images.MIN_DRIVER[images.SERVICE_CUDA]['linux']} or newer "
+          f"(Windows/WSL2: install {images.MIN_DRIVER[images.SERVICE_CUDA]['windows']} or newer on Windows; "
+          "do not install a driver inside WSL), then `wsl --shutdown` and `make up`."),
+    _rule(r"libcuda\.so[.0-9]*: cannot open shared object file|/usr/lib/wsl/lib|"
+          r"Found no NVIDIA driver on your system|failed to initialize NVML: (Driver Not Loaded|"
+          r"Unknown Error)|nvidia-container-cli: initialization error",
+          "The container cannot reach the NVIDIA driver. Under WSL2 the driver lives in Windows and is "
+          "exposed through /usr/lib/wsl/lib; it is not mounted into the container.",
+          "WSL2: do not install a Linux NVIDIA driver in the distro; use Docker Desktop (WSL2 backend) or "
+          "nvidia-container-toolkit >= 1.14 in the distro, check `nvidia-smi` works in WSL, then "
+          "`wsl --shutdown` (wsl/ has `make wsl-restart`) and `make up`. `make doctor` checks each step."),
+    _rule(r"no kernel image is available for execution on the device|sm_\d+ is not compatible",
+          "This GPU is older than the image's CUDA build supports (Turing / RTX 20xx or newer needed).",
+          "Use a Turing-or-newer NVIDIA GPU; `make doctor` shows the card's compute capability."),
+    _rule(r"Cannot connect to the Docker daemon|docker daemon is not running|error during connect",
+          "Docker is not running.",
+          "Start Docker Desktop (Windows) or the Docker service (`sudo service docker start`), then retry."),
+    _rule(r"port is already allocated|address already in use|bind: address already in use",
+          "The port is taken by another program.",
+          "Pick another one: `make up PORT=8001` (or stop what uses it; `make down` if it is vlkit)."),
+    _rule(r"LocalEntryNotFoundError|outgoing traffic has been disabled|HF_HUB_OFFLINE|"
+          r"We couldn't connect to 'https://huggingface.co'|Cannot find an appropriate cached snapshot",
+          "The model is not (completely) in the Hugging Face cache the containers read.",
+          "Download it first: `make download MODEL=<id>` (it resumes partial downloads), then `make up`."),
+    _rule(r"error while mounting volume|failed to mount local volume|no such file or directory.*hf-cache",
+          "Docker could not mount the Hugging Face cache directory.",
+          "`make clean` removes the stale volume definition; check that $HF_HUB_CACHE (default "
+          "~/.cache/huggingface/hub) exists and is inside the WSL filesystem, then `make up`."),
+)
+
+
+def diagnose(text: str) -> list[Diagnosis]:
+    """Every known cause found in `text` (logs or error output), most specific first, no duplicates."""
+    found: list[Diagnosis] = []
+    for rule in _RULES:
+        if rule.pattern.search(text):
+            d = Diagnosis(rule.cause, rule.fix)
+            if d not in found:
+                found.append(d)
+    return found

@@ -1,0 +1,166 @@
+"""The Docker engine calls vlkit needs: build, image and container state, logs, the cache volume."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from scripts import images
+from scripts.stack.compose import PROJECT, ROOT, compose_cmd, run
+
+SOURCE_LABEL = "org.vlkit.source-hash"
+# What the 8gb image is built from: a change here means the image is stale.
+_SOURCE_PATHS = ("pyproject.toml", "README.md", "service", "scripts", "wsl", "docker/Dockerfile.8gb")
+
+
+class DockerError(RuntimeError):
+    """Docker is missing or failed; the message says what to do."""
+
+
+def require_docker() -> None:
+    if not shutil.which("docker"):
+        raise DockerError("docker is not installed. Install Docker Desktop (WSL2 backend) or Docker Engine, "
+                          "then `make doctor`.")
+    res = run(["docker", "compose", "version"], capture=True)
+    if res.returncode != 0:
+        raise DockerError("`docker compose` (v2) is missing: update Docker Desktop, or install the "
+                          "docker-compose-plugin package.")
+
+
+@dataclass
+class BuildOptions:
+    """Build arguments; the defaults are what users build (scripts/images.py). CI overrides them
+    through VLKIT_BUILD_* variables because no registry or CUDA index is reachable there."""
+
+    base_image: str = images.SERVICE_BASE_IMAGE
+    torch_index_url: str = images.TORCH_INDEX_URL
+    torch_packages: str = f"torch=={images.TORCH_VERSION} torchvision=={images.TORCHVISION_VERSION}"
+    vllm_image: str = images.VLLM_IMAGE
+    network: str | None = None   # e.g. "host" where the daemon has no bridge network (CI)
+
+    @classmethod
+    def from_env(cls) -> "BuildOptions":
+        o = cls()
+        e = os.environ
+        o.base_image = e.get("VLKIT_BUILD_BASE_IMAGE", o.base_image)
+        o.torch_index_url = e.get("VLKIT_BUILD_TORCH_INDEX_URL", o.torch_index_url)
+        o.torch_packages = e.get("VLKIT_BUILD_TORCH_PACKAGES", o.torch_packages)
+        o.vllm_image = e.get("VLKIT_BUILD_VLLM_IMAGE", o.vllm_image)
+        o.network = e.get("VLKIT_BUILD_NETWORK") or None
+        return o
+
+
+def source_hash(root: Path = ROOT) -> str:
+    """Hash of everything the 8gb image is built from (ignoring caches), to rebuild only when stale."""
+    h = hashlib.sha256()
+    for rel in _SOURCE_PATHS:
+        p = root / rel
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else ([p] if p.exists() else [])
+        for f in files:
+            if "__pycache__" in f.parts or f.suffix in (".pyc", ".tmp"):
+                continue
+            h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def build_cmd(profile: str, opts: BuildOptions, *, tag: str | None = None, root: Path = ROOT) -> list[str]:
+    tag = tag or images.image_for(profile)  # type: ignore[arg-type]
+    cmd = ["docker", "build", "-f", str(root / "docker" / f"Dockerfile.{profile}"), "-t", tag]
+    if opts.network:
+        cmd += ["--network", opts.network]
+    if profile == "8gb":
+        cmd += ["--build-arg", f"BASE_IMAGE={opts.base_image}",
+                "--build-arg", f"TORCH_INDEX_URL={opts.torch_index_url}",
+                "--build-arg", f"TORCH_PACKAGES={opts.torch_packages}",
+                "--label", f"{SOURCE_LABEL}={source_hash(root)}"]
+    else:
+        cmd += ["--build-arg", f"VLLM_IMAGE={opts.vllm_image}"]
+    return cmd + [str(root)]
+
+
+def image_label(tag: str, label: str) -> str | None:
+    """The label's value; None when the image is missing (or has no such label: "")."""
+    res = run(["docker", "image", "inspect", "-f", "{{json .Config.Labels}}", tag], capture=True)
+    if res.returncode != 0:
+        return None
+    labels = json.loads(res.stdout.strip() or "null") or {}
+    return labels.get(label, "")
+
+
+def image_exists(tag: str) -> bool:
+    return run(["docker", "image", "inspect", tag], capture=True).returncode == 0
+
+
+def needs_build(profile: str) -> str | None:
+    """Why the profile's image must be built, or None when it is there and current."""
+    tag = images.image_for(profile)  # type: ignore[arg-type]
+    if profile == "16gb":
+        return None if image_exists(tag) else f"{tag} is not built yet"
+    label = image_label(tag, SOURCE_LABEL)
+    if label is None:
+        return f"{tag} is not built yet"
+    if label != source_hash():
+        return f"{tag} is older than the source"
+    return None
+
+
+def container_id(service: str) -> str | None:
+    res = run(compose_cmd(None, "ps", "-a", "-q", service), capture=True)
+    cid = res.stdout.strip().splitlines()
+    return cid[0] if res.returncode == 0 and cid else None
+
+
+@dataclass
+class ContainerState:
+    status: str             # created | running | restarting | exited | dead
+    health: str | None      # starting | healthy | unhealthy | None (no healthcheck)
+    exit_code: int
+    restarts: int
+    error: str
+
+
+def container_state(cid: str) -> ContainerState | None:
+    res = run(["docker", "inspect", "-f", "{{json .State}}|{{.RestartCount}}", cid], capture=True)
+    if res.returncode != 0:
+        return None
+    state_json, _, restarts = res.stdout.strip().rpartition("|")
+    s = json.loads(state_json)
+    health = (s.get("Health") or {}).get("Status")
+    return ContainerState(s.get("Status", "?"), health, int(s.get("ExitCode") or 0),
+                          int(restarts or 0), s.get("Error") or "")
+
+
+def logs_tail(cid: str, lines: int = 40) -> str:
+    res = run(["docker", "logs", "--tail", str(lines), cid], capture=True)
+    return (res.stdout or "") + (res.stderr or "")
+
+
+def published_port(service: str) -> int | None:
+    """The host port of a running vlkit service (for status/caption, which take no --port)."""
+    res = run(compose_cmd(None, "ps", "--format", "json", service), capture=True)
+    if res.returncode != 0 or not res.stdout.strip():
+        return None
+    text = res.stdout.strip()
+    rows = json.loads(text) if text.startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
+    for row in rows:
+        for pub in row.get("Publishers") or []:
+            if pub.get("TargetPort") == 8000 and pub.get("PublishedPort"):
+                return int(pub["PublishedPort"])
+    return None
+
+
+def ensure_cache_volume(host_dir: Path) -> None:
+    """The shared cache volume is a bind to the host's hub cache; if it was made for another
+    directory (HF_HUB_CACHE changed), recreate it. It holds no data of its own."""
+    name = f"{PROJECT}_hf-cache"
+    host_dir.mkdir(parents=True, exist_ok=True)
+    res = run(["docker", "volume", "inspect", "-f", "{{json .Options}}", name], capture=True)
+    if res.returncode != 0:
+        return
+    opts = json.loads(res.stdout.strip() or "null") or {}
+    if opts.get("device") and Path(opts["device"]) != host_dir:
+        run(compose_cmd(None, "down"), capture=True)
+        run(["docker", "volume", "rm", name], capture=True)

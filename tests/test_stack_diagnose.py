@@ -1,0 +1,46 @@
+"""Failure output -> cause and fix. The inputs are the messages the real tools print (the vLLM lines
+are the ones in the user's notes in shared/seeds; the Docker line is what this machine's engine
+answers to a GPU request)."""
+from __future__ import annotations
+
+import pytest
+
+from scripts import images
+from scripts.stack.diagnose import diagnose
+
+VLLM_KV = ("ERROR 11-02 14:03:11 [core.py:708] ValueError: No available memory for the cache blocks. "
+           "Try increasing `gpu_memory_utilization` when initializing the engine.\n"
+           "INFO 11-02 14:03:10 [gpu_worker.py:276] Available KV cache memory: -3.79 GiB")
+TORCH_OOM = ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1.17 GiB. GPU 0 has a total "
+             "capacity of 7.96 GiB of which 312.00 MiB is free.")
+NO_GPU_RUNTIME = ('Error response from daemon: could not select device driver "nvidia" with capabilities: '
+                  "[[gpu]]")
+OLD_DRIVER = ("nvidia-container-cli: requirement error: unsatisfied condition: cuda>=13.0, please update "
+              "your driver to a newer version, or use an earlier cuda container: unknown")
+WSL_LIBCUDA = ("ImportError: libcuda.so.1: cannot open shared object file: No such file or directory")
+RUNTIME_DRIVER = "RuntimeError: CUDA driver version is insufficient for CUDA runtime version"
+
+
+@pytest.mark.parametrize("text, words", [
+    (VLLM_KV, ["KV cache", "Close other GPU programs"]),
+    (TORCH_OOM, ["out of memory", "smaller model"]),
+    (NO_GPU_RUNTIME, ["NVIDIA Container Toolkit", "WSL integration"]),
+    (OLD_DRIVER, ["driver", images.MIN_DRIVER[images.SERVICE_CUDA]["windows"]]),
+    (RUNTIME_DRIVER, ["driver is older"]),
+    (WSL_LIBCUDA, ["/usr/lib/wsl/lib", "wsl --shutdown"]),
+])
+def test_known_failures_name_their_fix(text, words):
+    found = diagnose("some unrelated line\n" + text + "\nanother line")
+    assert found, text
+    joined = " ".join(d.cause + " " + d.fix for d in found[:1])
+    for word in words:
+        assert word in joined
+
+
+def test_the_seeds_negative_kv_cache_is_not_mistaken_for_an_oom():
+    (first, *_) = diagnose(VLLM_KV)
+    assert "KV cache" in first.cause and "out of memory" not in first.cause
+
+
+def test_unknown_output_gives_no_made_up_cause():
+    assert diagnose("INFO: Uvicorn running on http://0.0.0.0:8000\nall good") == []

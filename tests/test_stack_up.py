@@ -1,0 +1,100 @@
+"""`vlkit up` without Docker: the dry run resolves to the planner's command, refusals stop early,
+the generated files are what compose reads."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from scripts.stack import compose as cp
+from tests.docker_helpers import ROOT
+
+GIB = 1024 ** 3
+FP8_4B = "Qwen/Qwen3-VL-4B-Instruct-FP8"
+
+
+def _env(tmp_path) -> dict[str, str]:
+    return {**os.environ, "VLKIT_ENV_FILE": str(tmp_path / "vlkit.env"),
+            "VLKIT_OVERRIDE_FILE": str(tmp_path / "vlkit.compose.yaml"), "VLKIT_PROJECT": "vlkit-test"}
+
+
+def _make_up(tmp_path, *make_vars: str) -> subprocess.CompletedProcess:
+    if not shutil.which("make"):
+        pytest.skip("make is not installed")
+    return subprocess.run(["make", "-s", "--no-print-directory", "-C", str(ROOT), "up", *make_vars],
+                          capture_output=True, text=True, env=_env(tmp_path))
+
+
+def test_make_up_16gb_dry_run_resolves_to_the_planned_vllm_command(tmp_path):
+    from scripts.planner import plan_for
+
+    plan = plan_for(model=FP8_4B, profile="16gb", gpu_memory_bytes=16 * GIB)
+    assert plan.fits and plan.profile == "16gb"
+    res = _make_up(tmp_path, "PROFILE=16gb", f"MODEL={FP8_4B}", "GPU_MEMORY=16GiB", "ARGS=--dry-run --json")
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = json.loads(res.stdout)
+    assert out["profile"] == "16gb"
+    assert out["container_command"] == ["vllm", "serve", FP8_4B, "--host", "0.0.0.0", "--port", "8000",
+                                        "--served-model-name", FP8_4B, *plan.vllm_args]
+    assert out["override"]["services"]["vllm-16gb"]["command"] == out["container_command"][2:]
+    compose = out["compose"]
+    assert compose[:2] == ["docker", "compose"] and compose[-4:] == ["up", "-d", "--no-build", "vllm-16gb"]
+    assert compose[compose.index("--profile") + 1] == "16gb"
+    assert str(tmp_path / "vlkit.compose.yaml") in compose  # the override carrying the planned command
+    # A dry run writes nothing and starts nothing.
+    assert not (tmp_path / "vlkit.env").exists() and not (tmp_path / "vlkit.compose.yaml").exists()
+
+
+def test_text_dry_run_prints_the_compose_and_container_commands(tmp_path):
+    from scripts.planner import plan_for
+
+    plan = plan_for(model=FP8_4B, profile="16gb", gpu_memory_bytes=16 * GIB)
+    res = _make_up(tmp_path, "PROFILE=16gb", f"MODEL={FP8_4B}", "GPU_MEMORY=16GiB", "ARGS=--dry-run")
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = {l.split(":", 1)[0]: l.split(":", 1)[1].strip() for l in res.stdout.splitlines() if ":" in l}
+    assert shlex.split(lines["container command"])[-len(plan.vllm_args):] == plan.vllm_args
+    compose = shlex.split(lines["compose"])
+    assert compose[:2] == ["docker", "compose"] and "up" in compose
+
+
+def test_up_refuses_a_plan_that_does_not_fit_before_touching_docker(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "scripts", "up", "--profile", "16gb", "--model",
+                          "Qwen/Qwen3-VL-8B-Instruct", "--gpu-memory", "4GiB"],
+                         capture_output=True, text=True, env=_env(tmp_path), cwd=ROOT)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "does not fit" in res.stderr and "next step" in res.stderr
+    assert not (tmp_path / "vlkit.env").exists()
+
+
+def test_cpu_mode_is_refused_for_vllm(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "scripts", "up", "--profile", "16gb", "--cpu", "--dry-run"],
+                         capture_output=True, text=True, env=_env(tmp_path), cwd=ROOT)
+    assert res.returncode == 2 and "needs a GPU" in res.stderr
+
+
+def test_env_file_is_written_whole_and_rejects_multiline_values(tmp_path):
+    launch = cp.Launch(profile="8gb", model="Qwen/Qwen3-VL-2B-Instruct",
+                       service_env={"VLKIT_MAX_PIXELS": "401408", "VLKIT_DTYPE": "bfloat16"})
+    text = cp.render_env_file(launch.env_file_values(), "header line")
+    target = tmp_path / "vlkit.env"
+    cp.write_atomic(target, text)
+    lines = target.read_text().splitlines()
+    assert lines[0] == "# header line"
+    assert "VLKIT_MAX_PIXELS=401408" in lines and "VLKIT_MODEL=Qwen/Qwen3-VL-2B-Instruct" in lines
+    assert [p.name for p in tmp_path.iterdir()] == ["vlkit.env"]  # no temporary left behind
+    with pytest.raises(ValueError):
+        cp.render_env_file({"VLKIT_API_KEY": "a\nVLKIT_HOST=0.0.0.0"}, "h")
+
+
+def test_served_name_of_a_local_model_is_its_directory_name(tmp_path):
+    model = tmp_path / "Qwen3-VL-2B-Instruct"
+    model.mkdir()
+    launch = cp.Launch(profile="16gb", model=str(model), vllm_args=["--max-model-len", "4096"])
+    assert launch.vllm_command_args()[:1] == ["/models/Qwen3-VL-2B-Instruct"]
+    assert launch.served_model_name == "Qwen3-VL-2B-Instruct"
+    assert launch.vllm_command_args()[-2:] == ["--max-model-len", "4096"]
