@@ -34,6 +34,13 @@ if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
 else
     echo "up to date"
 fi
+# vLLM's own argument parser checks the flags the planner emits: the pinned vLLM without its
+# dependency tree (that would replace the CPU torch with a CUDA build), plus what its parser imports.
+VLLM_VERSION="$(python3 -c 'import re; print(re.search(r"VLLM_VERSION\s*=\s*\"([^\"]+)\"", open("scripts/images.py").read()).group(1))')"
+if [[ "$("$VENV/bin/python" -c 'from importlib import metadata as m; print(m.version("vllm"))' 2>/dev/null)" != "$VLLM_VERSION" ]]; then
+    "$VENV/bin/pip" install -q --no-deps "vllm==$VLLM_VERSION"
+    "$VENV/bin/pip" install -q -r tests/requirements-vllm.txt
+fi
 
 # --- 2. Docker engine + compose v2 --------------------------------------------------------------------
 step "docker engine"
