@@ -28,7 +28,7 @@ def model_cache_check(facts) -> Check:
     found = f"cache {facts.hf_cache}: " + ", ".join(
         f"{m} {'present' if facts.model_cached.get(m) else 'not downloaded'}" for m in models)
     if missing:
-        return warn("model-cache", found, f"`make up` downloads it first, or now: `vlkit download --model {missing[0]}`")
+        return warn("model-cache", found, f"`make up` downloads it first, or now: `make download MODEL={missing[0]}`")
     return ok("model-cache", found)
 
 

@@ -6,16 +6,9 @@ import json
 import shlex
 import sys
 
-from .sizes import parse_size
+from .sizes import memory_arg
 
 EXIT_FITS, EXIT_ERROR, EXIT_DOES_NOT_FIT = 0, 1, 2
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _fraction(text: str) -> float:
@@ -49,7 +42,7 @@ def register(subparsers) -> None:
                    help="hub id or local directory (default: %(default)s)")
     p.add_argument("--profile", choices=("8gb", "16gb", "auto"), default="auto",
                    help="16gb: vLLM; 8gb: vlkit's transformers service; auto: 16gb when vLLM fits a useful context")
-    p.add_argument("--gpu-memory", type=_size, metavar="SIZE",
+    p.add_argument("--gpu-memory", type=memory_arg, metavar="SIZE",
                    help="plan for a card of this size instead of this machine's (8GiB, 8GB, 8192MiB, 16G)")
     p.add_argument("--gpus", type=_positive, default=1, metavar="N", help="GPUs to use (tensor parallel)")
     p.add_argument("--context", type=_positive, metavar="TOKENS", help="wanted context (prompt + answer)")

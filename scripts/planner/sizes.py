@@ -1,6 +1,7 @@
 """Memory sizes as people write them: 8GiB, 8GB, 8192MiB, 16G, 7.5 (GiB)."""
 from __future__ import annotations
 
+import argparse
 import re
 
 # Cards are sold in binary units ("8 GB" = 8 GiB of VRAM), so G/GB/GiB all mean 2**30.
@@ -19,3 +20,11 @@ def parse_size(text: str) -> int:
     if value < 2**30 // 2:
         raise ValueError(f"{text!r} is under 0.5 GiB: not a GPU's memory")
     return value
+
+
+def memory_arg(text: str) -> int:
+    """parse_size as an argparse type (`--gpu-memory`), so every command reads sizes alike."""
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from scripts import images
+from scripts.planner.sizes import memory_arg
 from scripts.stack import compose as cp
 from scripts.stack import docker as dk
 from scripts.stack.client import ServiceError, caption, examples, probe
@@ -35,15 +36,6 @@ def _console():
 
 def _err(msg: str) -> None:
     print(f"vlkit: {msg}", file=sys.stderr)
-
-
-def parse_bytes(text: str) -> int:
-    """'8GiB', '16GB', '7.5G', '8192MiB' or a plain number of bytes -> bytes (binary units)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*", text, re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 8GiB, 16GB)")
-    scale = {"": 1, "k": 1024, "m": 1024 ** 2, "g": GIB, "t": 1024 ** 4}[m.group(2).lower()]
-    return int(float(m.group(1)) * scale)
 
 
 def default_model() -> str:
@@ -351,7 +343,7 @@ def _add_plan_inputs(p: argparse.ArgumentParser) -> None:
                    help="8gb: our transformers service; 16gb: vLLM; auto: pick from the card's VRAM")
     p.add_argument("--model", help="hub id or local directory (default: the service's default model)")
     p.add_argument("--context", type=int, help="wanted context length in tokens")
-    p.add_argument("--gpu-memory", type=parse_bytes, help="plan for a card of this size (e.g. 16GiB)")
+    p.add_argument("--gpu-memory", type=memory_arg, help="plan for a card of this size (e.g. 16GiB)")
     p.add_argument("--gpu-memory-utilization", type=float, help="16gb: use this instead of the planned value")
 
 
