@@ -1,9 +1,13 @@
-"""Decode speed of a real-size random-weight Qwen3-VL: transformers' eager decode vs service.decode.
+"""Decode speed of a real-size random-weight Qwen3-VL: transformers' eager decode vs service.decode,
+and the service's own engine.
 
 For each model size: device copy bandwidth and the weight bytes one decode step reads (the roofline),
 then for the issue's request (one 1280x704 image + 40 text tokens, 128 new tokens):
 time to first token, decode tok/s of ``model.generate`` (baseline), of our step run eagerly and of
-our step replayed from CUDA graphs, aggregate tok/s at batch 1/4/8, peak memory. One table at the end.
+our step replayed from CUDA graphs (each optimisation added in turn), aggregate tok/s at batch 1/4/8,
+peak memory; then the service's engine in a fresh process (bench/engine_bench.py): time to ready,
+TTFT, decode and aggregate tok/s at 1/4/8 concurrent requests, peak process memory (NVML) against
+the budget. One table at the end.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import argparse
 import gc
 import os
 import platform
+import shlex
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,9 +23,11 @@ from pathlib import Path
 import torch
 import transformers
 
+from bench.engine_bench import engine_rows
 from bench.measure import GIB, Memory, clock, copy_bandwidth, text_weight_bytes, weight_bytes
 from bench.workload import Workload, build_inputs, build_model
 from service.decode import DecodeRunner, Qwen3VLDecoder, SlotKVCache, prefill
+from service.decode.attention import triton_available
 
 
 def say(message: str) -> None:
@@ -101,6 +108,7 @@ class LiveRow(dict):
     def __init__(self, size: str):
         super().__init__()
         self.size = size
+        self.roofline: float | None = None
 
     def __setitem__(self, key: str, value: str) -> None:
         super().__setitem__(key, value)
@@ -108,9 +116,9 @@ class LiveRow(dict):
 
 
 def bench_model(size: str, args, device: torch.device, dtype: torch.dtype, workload: Workload,
-                bandwidth: float) -> dict[str, str]:
+                bandwidth: float) -> "LiveRow":
     """All figures for one model size (a column of the table)."""
-    row: dict[str, str] = LiveRow(size)
+    row = LiveRow(size)
     memory = Memory(device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -121,7 +129,7 @@ def bench_model(size: str, args, device: torch.device, dtype: torch.dtype, workl
     row["model build (random weights)"] = f"{build_s:.1f} s"
     row["weights on device"] = f"{weights / GIB:.2f} GiB"
     row["text weights read per decode step"] = f"{per_step / 1e9:.2f} GB"
-    roofline = bandwidth * 1e9 / per_step
+    roofline = row.roofline = bandwidth * 1e9 / per_step
     row["device copy bandwidth (read+write)"] = f"{bandwidth:.0f} GB/s"
     row["roofline decode (bandwidth / bytes per step)"] = f"{roofline:.0f} tok/s"
     say(f"{size}: weights {weights / GIB:.2f} GiB, {per_step / 1e9:.2f} GB/step, copy {bandwidth:.0f} GB/s "
@@ -133,7 +141,7 @@ def bench_model(size: str, args, device: torch.device, dtype: torch.dtype, workl
     slots = max(args.batches)
     cache = SlotKVCache(model.config, slots, args.max_len, dtype=dtype, device=device)
     row["KV cache (slots x max context)"] = f"{cache.nbytes / GIB:.2f} GiB ({slots} x {args.max_len})"
-    runner = DecodeRunner(Qwen3VLDecoder(model, cache))
+    runner = DecodeRunner(Qwen3VLDecoder(model, cache, attention="sdpa"))
 
     say(f"{size}: our decode step, eager")
     our_decode(model, runner, single, 8, device)  # warm-up
@@ -143,11 +151,15 @@ def bench_model(size: str, args, device: torch.device, dtype: torch.dtype, workl
     row[f"agreement with transformers ({str(dtype).removeprefix('torch.')}, greedy)"] = agreement(model, runner, single, 8)
 
     # Variants, each adding to the previous one (fusing mutates the model's weight layout in place).
-    variants = [("CUDA graphs", {})] if device.type == "cuda" and not args.no_graphs else []
+    variants = [("CUDA graphs", {"attention": "sdpa"})] if device.type == "cuda" and not args.no_graphs else []
     if not args.no_fuse:
-        variants.append(("fused projections", {"fuse_projections": True}))
+        variants.append(("fused projections", {"fuse_projections": True, "attention": "sdpa"}))
+    compiled = {"fuse_projections": not args.no_fuse, "compile_backend": "inductor"}
     if device.type == "cuda" and not args.no_compile:
-        variants.append(("fused + compiled", {"fuse_projections": not args.no_fuse, "compile_backend": "inductor"}))
+        variants.append(("fused + compiled", {**compiled, "attention": "sdpa"}))
+    if device.type == "cuda" and triton_available():
+        variants.append(("+ split-KV attention", {**compiled, "attention": "triton"} if not args.no_compile
+                         else {"fuse_projections": not args.no_fuse, "attention": "triton"}))
     label = "eager"
     for name, options in variants:
         try:
@@ -258,6 +270,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-fuse", action="store_true", help="do not measure fused q/k/v and gate/up weights")
     parser.add_argument("--no-compile", action="store_true", help="do not measure torch.compile'd elementwise kernels")
     parser.add_argument("--copy-gib", type=float, default=1.0, help="size of the bandwidth test tensor")
+    parser.add_argument("--no-engine", action="store_true", help="skip the service engine's figures")
+    parser.add_argument("--engine-concurrency", default=None, help="concurrent requests for the engine (default 1,4,8)")
+    parser.add_argument("--engine-args", action="append", default=None, metavar="FLAGS",
+                        help="service flags for the engine, e.g. '--memory-budget-gib 6'; repeat for several "
+                             "configurations (labelled A, B, ... in the table)")
+    parser.add_argument("--engine-starts", type=int, default=None,
+                        help="engine starts (default 2: a cold then a warm compile cache; smoke: 1)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/vlkit-smoke"),
+                        help="random-weight checkpoints for the engine (shared with python -m service.smoke)")
     parser.add_argument("--out", default=None, help="also write the table here (default: $OUT/bench.md if $OUT is set)")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -268,6 +289,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if 1 not in args.batches:
         args.batches.insert(0, 1)
     args.max_len = args.max_len or (256 if args.smoke else 2048)
+    args.engine_concurrency = [int(n) for n in (args.engine_concurrency or ("1,2" if args.smoke else "1,4,8")).split(",")]
+    args.engine_starts = args.engine_starts or (1 if args.smoke else 2)
     args.hf_batch = 2 if args.smoke and args.hf_batch == 8 else args.hf_batch
     args.copy_gib = 0.125 if args.smoke else args.copy_gib
     return args
@@ -286,7 +309,20 @@ def main(argv: list[str] | None = None) -> int:
     say(f"device-to-device copy: {bandwidth:.0f} GB/s")
     results = {}
     for size in args.models.split(","):
-        results[size] = bench_model(size.strip(), args, device, dtype, workload, bandwidth)
+        size = size.strip()
+        row = results[size] = bench_model(size, args, device, dtype, workload, bandwidth)
+        if not args.no_engine:
+            configs = args.engine_args or [""]
+            for index, flags in enumerate(configs):
+                label = "engine" if len(configs) == 1 else f"engine {chr(ord('A') + index)}"
+                starts = args.engine_starts
+                say(f"{size}: the service's engine, in a fresh process ({starts} start(s)), flags: {flags or '-'}")
+                try:
+                    for metric, value in engine_rows(size, args, workload, row.roofline, args.workdir,
+                                                     shlex.split(flags), starts, label):
+                        row[metric] = value
+                except Exception as exc:  # noqa: BLE001 - the decode figures above still stand
+                    row[label] = f"failed: {type(exc).__name__}: {exc}"
     report = f"Decode benchmark ({environment(device)})\n\n{table(results)}\n"
     print("\n" + report, flush=True)
     out = args.out or (os.path.join(os.environ["OUT"], "bench.md") if os.environ.get("OUT") else None)

@@ -1,13 +1,16 @@
-"""The running batch on the device: one KV cache for all rows, left padded to a common length.
+"""The running batch on the device: its rows' KV cache, positions and decode step.
 
-Rows join between decode steps (their prompts are prefilled as a group, then the two caches are
-left padded to the same length and concatenated) and leave between steps (index-select, then the
-leading all-padding columns are cut). Positions are explicit per row, so padding never shifts a
-row's rotary positions; for Qwen-VL's 3D "mrope" each row keeps its own rope delta (the offset
-between its text position and its mrope position after the images).
+Rows join between decode steps (their prompts are prefilled together as one left-padded forward,
+then join the running rows) and leave between steps. Positions are explicit per row, so padding
+never shifts a row's rotary positions; for Qwen-VL's 3D "mrope" each row keeps its own rope delta
+(the offset between its text position and its mrope position after the images).
 
-Everything that touches the KV cache lives here: a static cache with CUDA graphs (issue 6) replaces
-this class's storage and `decode`, not the scheduler.
+Everything that touches the KV cache lives here, behind one small interface the scheduler uses
+(`prefill`, `decode`, `merge`, `keep`, `release`, `lengths`), in two kinds:
+
+- SlotBatch: Qwen3-VL models. Rows live in slots of a static KV cache (service.decode) and each
+  decode step is our own step, replayed from CUDA graphs on CUDA. The fast path.
+- KVBatch: any other model transformers loads: its own forward over a growing DynamicCache.
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ from typing import Callable
 
 import torch
 from transformers import DynamicCache
+
+from service.decode import DecodeRunner
 
 Forward = Callable[..., object]
 
@@ -72,8 +77,41 @@ class RopeLayout:
         return torch.cat([text[None], mrope], dim=0)
 
 
+def padded_forward(forward: Forward, layout: RopeLayout, device: torch.device, text_config,
+                   prompts: list[Prompt], pad_id: int):
+    """Run the prompts as one left-padded forward with a fresh cache; return (output, attention mask [n, T])."""
+    n, width = len(prompts), max(p.length for p in prompts)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    text_pos = torch.zeros((n, width), dtype=torch.long)
+    mrope = torch.zeros((3, n, width), dtype=torch.long)
+    token_extras = {k: torch.zeros((n, width), dtype=v.dtype) for k, v in prompts[0].token_extras.items()}
+    for i, p in enumerate(prompts):
+        start = width - p.length
+        input_ids[i, start:] = p.input_ids
+        mask[i, start:] = 1
+        text_pos[i, start:] = torch.arange(p.length)
+        mrope[:, i, start:] = p.mrope_positions if p.mrope_positions is not None else torch.arange(p.length)
+        for k, v in p.token_extras.items():
+            token_extras.setdefault(k, torch.zeros((n, width), dtype=v.dtype))[i, start:] = v
+    extras: dict[str, torch.Tensor] = {}
+    for key in {k for p in prompts for k in p.extras}:
+        parts = [p.extras[key] for p in prompts if key in p.extras]
+        extras[key] = torch.cat(parts, dim=0)
+    kwargs = {k: v.to(device) for k, v in {**extras, **token_extras}.items()}
+    out = forward(
+        input_ids=input_ids.to(device), attention_mask=mask.to(device),
+        position_ids=layout.position_ids(text_pos, mrope).to(device),
+        past_key_values=DynamicCache(config=text_config), use_cache=True, logits_to_keep=1, **kwargs,
+    )
+    return out, mask
+
+
 class KVBatch:
-    """Rows' KV cache, attention mask and next positions; rows keep their order."""
+    """Rows' KV cache, attention mask and next positions; rows keep their order.
+
+    transformers' own forward decodes (any architecture it loads); the cache grows each step.
+    """
 
     def __init__(self, forward: Forward, layout: RopeLayout, device: torch.device, cache: DynamicCache,
                  mask: torch.Tensor, next_pos: torch.Tensor, rope_delta: torch.Tensor):
@@ -97,38 +135,19 @@ class KVBatch:
     def prefill(cls, forward: Forward, layout: RopeLayout, device: torch.device, text_config,
                 prompts: list[Prompt], pad_id: int) -> tuple["KVBatch", torch.Tensor]:
         """Run the prompts as one left-padded forward; return their batch and last-token logits [n, V]."""
-        n, width = len(prompts), max(p.length for p in prompts)
-        input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
-        text_pos = torch.zeros((n, width), dtype=torch.long)
-        mrope = torch.zeros((3, n, width), dtype=torch.long)
-        token_extras = {k: torch.zeros((n, width), dtype=v.dtype) for k, v in prompts[0].token_extras.items()}
-        for i, p in enumerate(prompts):
-            start = width - p.length
-            input_ids[i, start:] = p.input_ids
-            mask[i, start:] = 1
-            text_pos[i, start:] = torch.arange(p.length)
-            mrope[:, i, start:] = p.mrope_positions if p.mrope_positions is not None else torch.arange(p.length)
-            for k, v in p.token_extras.items():
-                token_extras.setdefault(k, torch.zeros((n, width), dtype=v.dtype))[i, start:] = v
-        extras: dict[str, torch.Tensor] = {}
-        for key in {k for p in prompts for k in p.extras}:
-            parts = [p.extras[key] for p in prompts if key in p.extras]
-            extras[key] = torch.cat(parts, dim=0)
-        kwargs = {k: v.to(device) for k, v in {**extras, **token_extras}.items()}
-        cache = DynamicCache(config=text_config)
-        out = forward(
-            input_ids=input_ids.to(device), attention_mask=mask.to(device),
-            position_ids=layout.position_ids(text_pos, mrope).to(device),
-            past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs,
-        )
-        batch = cls(forward, layout, device, cache, mask.to(device),
+        out, mask = padded_forward(forward, layout, device, text_config, prompts, pad_id)
+        batch = cls(forward, layout, device, out.past_key_values, mask.to(device),
                     torch.tensor([p.length for p in prompts], device=device),
                     torch.tensor([p.rope_delta for p in prompts], device=device))
         return batch, out.logits[:, -1]
 
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+    def lengths(self) -> list[int]:
+        """Tokens each row holds (its prompt and what it has been fed since)."""
+        return self.next_pos.tolist()
+
+    def decode(self, tokens: list[int] | torch.Tensor) -> torch.Tensor:
         """Feed one token per row [B]; return next-token logits [B, V]."""
+        tokens = torch.as_tensor(tokens, device=self.device)
         b = self.size
         self.mask = torch.cat([self.mask, self.mask.new_ones((b, 1))], dim=1)
         text = self.next_pos[:, None]
@@ -163,6 +182,65 @@ class KVBatch:
             layer.values = layer.values.index_select(0, index)[:, :, cut:]
         self.next_pos = self.next_pos.index_select(0, index)
         self.rope_delta = self.rope_delta.index_select(0, index)
+
+    def release(self) -> None:
+        """Drop every row (the cache is freed with the object)."""
+
+
+class SlotBatch:
+    """Rows held in the slots of a static KV cache, decoded by a DecodeRunner (CUDA graphs on CUDA).
+
+    The prompt is prefilled by transformers' forward as for KVBatch; each row's K/V are then copied
+    into a free slot, and the prefill's cache is dropped. Joining and leaving only move slot numbers.
+    """
+
+    def __init__(self, runner: DecodeRunner, slots: list[int]):
+        self.runner = runner
+        self.slots = slots
+
+    @property
+    def size(self) -> int:
+        return len(self.slots)
+
+    @classmethod
+    def prefill(cls, runner: DecodeRunner, forward: Forward, layout: RopeLayout, device: torch.device, text_config,
+                prompts: list[Prompt], pad_id: int) -> tuple["SlotBatch", torch.Tensor]:
+        """Prefill the prompts into free slots (the caller checked there are enough)."""
+        cache = runner.cache
+        if cache.free_slots < len(prompts):
+            raise RuntimeError(f"{len(prompts)} prompts for {cache.free_slots} free slots")
+        slots = [cache.allocate() for _ in prompts]
+        batch = cls(runner, slots)
+        try:
+            out, _ = padded_forward(forward, layout, device, text_config, prompts, pad_id)
+            for row, (slot, prompt) in enumerate(zip(slots, prompts)):
+                cache.load_prefill(slot, out.past_key_values, prompt.length, row=row, rope_delta=prompt.rope_delta)
+        except BaseException:
+            batch.release()
+            raise
+        return batch, out.logits[:, -1]
+
+    def lengths(self) -> list[int]:
+        return [self.runner.cache.lengths[s] for s in self.slots]
+
+    def decode(self, tokens: list[int] | torch.Tensor) -> torch.Tensor:
+        """Feed one token per row [B] (host ints travel in the runner's one staging copy); return logits [B, V]."""
+        return self.runner.decode(self.slots, tokens)
+
+    def merge(self, other: "SlotBatch") -> None:
+        self.slots += other.slots
+        other.slots = []
+
+    def keep(self, rows: list[int]) -> None:
+        kept = [self.slots[i] for i in rows]
+        for slot in set(self.slots) - set(kept):
+            self.runner.cache.free(slot)
+        self.slots = kept
+
+    def release(self) -> None:
+        for slot in self.slots:
+            self.runner.cache.free(slot)
+        self.slots = []
 
 
 def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:

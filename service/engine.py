@@ -12,6 +12,11 @@ the memory budget allows (their prompts are prefilled together and join the runn
 decode step for every row, sample per row, stream text, retire finished rows. A cancelled request
 (client gone) leaves at the next step boundary. Out-of-memory fails only the requests of the step
 that hit it (503), frees the cache and the loop goes on. No HTTP here.
+
+Decoding (service/batch.py): Qwen3-VL models decode from a static slot KV cache with our own step,
+replayed from CUDA graphs on CUDA; the cache is sized at start-up from the memory budget after
+measuring a prefill of the largest admissible request (service/memory.py), so admission is "a slot
+is free". Other models decode through transformers' forward with an estimated budget.
 """
 from __future__ import annotations
 
@@ -20,24 +25,50 @@ import contextlib
 import gc
 import logging
 import queue
+import sys
 import threading
 import time
+import os
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from service.batch import KVBatch, Prompt, RopeLayout
+from service.batch import KVBatch, Prompt, RopeLayout, SlotBatch, padded_forward
+from service.decode import DecodeRunner, Qwen3VLDecoder, SlotKVCache
+from service.decode.qwen3_step import fuse_linear_weights, text_model_of
 from service.detokenizer import IncrementalDetokenizer
-from service.errors import Cancelled, InvalidRequest, OutOfMemory, QueueFull, ServiceError, Unavailable
+from service.errors import (Cancelled, InvalidRequest, ModelUnavailable, OutOfMemory, QueueFull, ServiceError,
+                            Unavailable)
 from service.loading import LoadedModel, image_kwargs, load
-from service.memory import MemoryBudget
+from service.memory import GIB, MemoryBudget, ProcessMemory, SlotPlan, plan_slots
 from service.metrics import ServiceMetrics
 from service.sampling import SamplingParams, make_generator, sample
 from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
+
+SWITCH_INTERVAL_S = 0.0005
+DEFAULT_COMPILE_CACHE = Path.home() / ".cache" / "vlkit" / "compile"
+
+
+def configure_torch(settings: ServiceSettings) -> Path:
+    """Environment torch reads lazily; call before the process first touches CUDA.
+
+    - The allocator grows expandable segments instead of fixed blocks, so prefills of changing
+      sizes do not fragment the memory the budget counts (the user's own setting wins).
+    - TorchInductor and Triton keep compiled kernels in one directory that survives restarts
+      (a volume in the container), so start-up after the first only loads them.
+    """
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    root = Path(settings.compile_cache_dir or os.environ.get("VLKIT_COMPILE_CACHE_DIR") or DEFAULT_COMPILE_CACHE)
+    if settings.compile_cache_dir is not None or "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
+    if settings.compile_cache_dir is not None or "TRITON_CACHE_DIR" not in os.environ:
+        os.environ["TRITON_CACHE_DIR"] = str(root / "triton")
+    return root
 
 
 @dataclass
@@ -116,9 +147,19 @@ class RequestHandle:
                 return
 
     async def __aiter__(self):
+        """Events as they come; when the reader has fallen behind, the text of all the events waiting
+        is merged into one (fewer, larger chunks under load: the event loop keeps up)."""
         assert self._loop is not None, "submitted without a loop: use `for`"
         while True:
             event = await self._queue.get()
+            while not event.last and not self._queue.empty():
+                following = self._queue.get_nowait()
+                if following.error is not None:
+                    yield event
+                    event = following
+                    break
+                event = Event(text=event.text + following.text, finish_reason=following.finish_reason,
+                              prompt_tokens=following.prompt_tokens, completion_tokens=following.completion_tokens)
             yield event
             if event.last:
                 return
@@ -134,10 +175,35 @@ class _Row:
     generated: int = 0
     last_token: int = 0
     finish_reason: str | None = None
+    retired: bool = False  # left the batch (finished, cancelled, failed): a step still in flight skips it
+
+
+class _Step:
+    """A decode step launched on the device: its rows, their sampled tokens, and a host copy on the way."""
+
+    def __init__(self, rows: list[_Row], tokens: torch.Tensor, device: torch.device):
+        self.rows = rows
+        self.tokens = tokens
+        if device.type == "cuda":
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        else:
+            self._host, self._copied = tokens, None
+
+    def host_tokens(self) -> list[int]:
+        if self._copied is not None:
+            self._copied.synchronize()
+        return self._host.tolist()
 
 
 class Engine:
-    def __init__(self, settings: ServiceSettings, loaded: LoadedModel, metrics: ServiceMetrics | None = None):
+    def __init__(self, settings: ServiceSettings, loaded: LoadedModel, metrics: ServiceMetrics | None = None, *,
+                 process_memory: ProcessMemory | None = None, static_cache: bool | None = None):
+        """static_cache: decode from a slot cache with our own step (default: when the model is a
+        Qwen3-VL); False keeps transformers' forward. process_memory: made before the model touched
+        the GPU (Engine.load does this), so that NVML figures can be told apart from other processes."""
         self.settings = settings
         self.model = loaded.model
         self.processor = loaded.processor
@@ -155,11 +221,22 @@ class Engine:
         self._defaults = self._sampling_defaults()
         self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.memory = MemoryBudget(self.model, self.device, self.dtype, settings.memory_budget_gib)
+        self.process_memory = process_memory
+        self.runner: DecodeRunner | None = None
+        self.plan: SlotPlan | None = None
+        self.startup_seconds: dict[str, float] = {}
+        self._prefill_limits: tuple[int, int] | None = None  # (padded tokens, image patches) of one prefill
+        self._reserved_ceiling: int | None = None
+        if static_cache is None:
+            static_cache = Qwen3VLDecoder.supports(self.model)
+        if static_cache:
+            self._setup_static_decoding()
 
         self._cv = threading.Condition()
         self._waiting: list[tuple[GenerationRequest, RequestHandle]] = []
         self._rows: list[_Row] = []
-        self._batch: KVBatch | None = None
+        self._batch: KVBatch | SlotBatch | None = None
+        self._inflight: _Step | None = None  # the decode step launched last, its tokens not read yet
         self._paused = False
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -170,9 +247,140 @@ class Engine:
     # ---- lifecycle -------------------------------------------------------------------------
     @classmethod
     def load(cls, settings: ServiceSettings, metrics: ServiceMetrics | None = None) -> "Engine":
-        return cls(settings, load(settings), metrics)
+        configure_torch(settings)
+        process_memory = ProcessMemory() if settings.device != "cpu" else None
+        started = time.perf_counter()
+        loaded = load(settings)
+        engine = cls(settings, loaded, metrics, process_memory=process_memory)
+        engine.startup_seconds = {"load": time.perf_counter() - started - sum(engine.startup_seconds.values()),
+                                  **engine.startup_seconds}
+        return engine
+
+    # ---- the static slot cache: sizing, graphs ------------------------------------------------
+    def _setup_static_decoding(self) -> None:
+        """Size the slot KV cache from the budget, build the decode step, compile and capture it."""
+        settings, on_cuda = self.settings, self.device.type == "cuda"
+        started = time.perf_counter()
+        if on_cuda:  # q/k/v and gate/up as one matmul each: in place, before memory is measured
+            for layer in text_model_of(self.model).layers:
+                fuse_linear_weights([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
+                fuse_linear_weights([layer.mlp.gate_proj, layer.mlp.up_proj])
+        slots = settings.max_batch_size
+        if on_cuda:
+            slots = self._plan_memory()
+        cache = SlotKVCache(self.model.config, slots, self.max_model_len, dtype=self.dtype, device=self.device)
+        decoder = Qwen3VLDecoder(self.model, cache, fuse_projections=on_cuda,
+                                 compile_backend="inductor" if on_cuda and settings.compile else None)
+        # The Triton attention ends blocks past each row's length at once: coarse context buckets
+        # (fewer graphs to capture) cost little there.
+        step = 512 if decoder.attention == "triton" else 256
+        self.runner = DecodeRunner(decoder, batch_sizes=(1, 2, 4, 8, 16, 32), context_step=step)
+        self.startup_seconds["memory plan"] = time.perf_counter() - started
+        if on_cuda:
+            started = time.perf_counter()
+            if settings.cuda_graphs:
+                self.runner.capture()  # its warm-up runs compile each batch size first
+                if self.runner.capture_error:
+                    log.warning("decoding without CUDA graphs: %s", self.runner.capture_error)
+            else:
+                self.runner.warm_up()
+            torch.cuda.synchronize(self.device)
+            self.startup_seconds["compile + graphs"] = time.perf_counter() - started
+            self._reserved_ceiling = torch.cuda.memory_reserved(self.device) + self.plan.prefill_peak
+            used = self.process_memory.used() if self.process_memory else 0
+            log.info("%s; process now %.2f GiB (NVML), %d decode graphs", self.plan.describe(), used / GIB,
+                     len(self.runner.graphs))
+
+    def _plan_memory(self) -> int:
+        """Measure the largest request's prefill, then fit as many KV slots as the budget allows."""
+        settings = self.settings
+        prompt = self._largest_prompt()
+        patches = int(prompt.extras["pixel_values"].shape[0]) if "pixel_values" in prompt.extras else 0
+        self._prefill_limits = (prompt.length, patches)
+        try:
+            peak = self._prefill_peak([prompt])
+            # The same budget spent as a batch of short prompts (one image each): a different shape.
+            one = self._largest_prompt(images=1, text_tokens=0)
+            one_patches = int(one.extras["pixel_values"].shape[0]) if "pixel_values" in one.extras else 0
+            rows = min(settings.max_batch_size, prompt.length // one.length,
+                       patches // one_patches if one_patches else settings.max_batch_size)
+            if rows > 1:
+                peak = max(peak, self._prefill_peak([one] * rows))
+        except torch.cuda.OutOfMemoryError:
+            raise ModelUnavailable(
+                f"the largest request this configuration admits ({prompt.length} tokens with "
+                f"{self._count_images(prompt)} image(s) of up to {settings.max_pixels} pixels) does not fit the GPU: "
+                "lower --max-model-len, --max-pixels or --max-images-per-request, or use --quantization nf4") from None
+        resident = self._process_used()
+        slot_bytes = SlotKVCache.bytes_per_token(self.model.config, self.dtype) * (self.max_model_len + 1)
+        self.plan = plan_slots(budget_bytes=int(settings.memory_budget_gib * GIB), resident_bytes=resident,
+                               prefill_peak_bytes=peak, slot_bytes=slot_bytes, max_slots=settings.max_batch_size)
+        if self.plan.slots < 1:
+            raise ModelUnavailable(
+                f"--memory-budget-gib {settings.memory_budget_gib} leaves no room for one sequence of "
+                f"--max-model-len {self.max_model_len} tokens ({slot_bytes / GIB:.2f} GiB of KV cache): "
+                f"{self.plan.describe()}. Lower --max-model-len, --max-pixels or --max-images-per-request, "
+                "use --quantization nf4, or raise the budget if the card has room")
+        return self.plan.slots
+
+    def _process_used(self) -> int:
+        """This process's GPU memory (NVML where it tells; else torch's share plus a typical context)."""
+        if self.process_memory is not None:
+            return self.process_memory.used()
+        return torch.cuda.memory_reserved(self.device) + 600 * 1024**2
+
+    def _prefill_peak(self, prompts: list[Prompt]) -> int:
+        """Bytes a prefill of these prompts adds at its peak: torch's peak, or what NVML saw grow."""
+        gc.collect()
+        torch.cuda.empty_cache()
+        allocated, reserved = torch.cuda.memory_allocated(self.device), torch.cuda.memory_reserved(self.device)
+        used = self._process_used()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        with torch.no_grad():
+            out, _ = padded_forward(self.model, self.layout, self.device, self._text_config, prompts, self._pad_id)
+        del out
+        torch.cuda.synchronize(self.device)
+        peak = max(torch.cuda.max_memory_allocated(self.device) - allocated,
+                   torch.cuda.max_memory_reserved(self.device) - reserved, self._process_used() - used)
+        gc.collect()
+        torch.cuda.empty_cache()
+        log.info("prefill of %d prompt(s) x %d tokens: peak %.2f GiB", len(prompts), max(p.length for p in prompts),
+                 peak / GIB)
+        return peak
+
+    def _largest_prompt(self, images: int | None = None, text_tokens: int | None = None) -> Prompt:
+        """A prompt the size of the largest request `prepare` admits: the most images of max_pixels
+        that fit the context, then text up to max_model_len - 1 tokens (or `images` / `text_tokens`)."""
+        settings = self.settings
+        count = settings.max_images_per_request if images is None else min(images, settings.max_images_per_request)
+        images: list = []
+        if count > 0 and hasattr(self.processor, "image_processor"):
+            from PIL import Image
+
+            side = int(settings.max_pixels ** 0.5)
+            images = [Image.new("RGB", (side, side), (127, 127, 127))] * count
+        while True:
+            content = [{"type": "image"} for _ in images] + [{"type": "text", "text": "x"}]
+            prompt = self._build_prompt([{"role": "user", "content": content}], images)
+            if prompt.length < self.max_model_len or not images:
+                break
+            images = images[:-1]
+        extra = max(0, self.max_model_len - 1 - prompt.length) if text_tokens is None else text_tokens
+        input_ids = torch.cat([prompt.input_ids, prompt.input_ids[-1:].repeat(extra)])
+        token_extras = {k: torch.cat([v, v.new_zeros(extra)]) for k, v in prompt.token_extras.items()}
+        mrope, delta = self.layout.prompt_positions(input_ids, prompt.extras, token_extras)
+        return Prompt(input_ids=input_ids, extras=prompt.extras, token_extras=token_extras,
+                      mrope_positions=mrope, rope_delta=delta)
+
+    def _count_images(self, prompt: Prompt) -> int:
+        grid = prompt.extras.get("image_grid_thw")
+        return 0 if grid is None else int(grid.shape[0])
 
     def start(self) -> None:
+        # The scheduler thread waits for the device with the GIL released and must get it back at
+        # once: with Python's default 5 ms switch interval, a busy HTTP thread (streaming many
+        # chunks) would hold each decode step back by up to a whole step.
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="vlkit-engine", daemon=True)
             self._thread.start()
@@ -222,7 +430,7 @@ class Engine:
                 self._cv.notify_all()
 
     def fail_next_forward(self, exc: BaseException) -> None:
-        """Make the next model forward raise `exc` (drives the out-of-memory path without a GPU in tests)."""
+        """Make the next prefill or decode step raise `exc` (drives the out-of-memory path without a GPU in tests)."""
         self._fault = exc
 
     @property
@@ -247,14 +455,8 @@ class Engine:
             raise InvalidRequest(
                 f"At most {self.settings.max_images_per_request} image(s) may be provided in one request; got {len(images)}.",
                 param="messages", kind="too_many_images")
-        try:
-            text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            inputs = self.processor(text=[text], images=images or None, return_tensors="pt",
-                                    **(self._image_kwargs if images else {}))
-        except (ValueError, TypeError, KeyError) as exc:
-            raise InvalidRequest(f"cannot build the prompt: {exc}", param="messages") from exc
-        input_ids = inputs["input_ids"][0]
-        length = int(input_ids.shape[0])
+        prompt = self._build_prompt(messages, images)
+        length = prompt.length
         if length >= self.max_model_len:
             raise InvalidRequest(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, your request has "
@@ -269,12 +471,6 @@ class Engine:
                 f"{length + max_tokens} tokens ({length} in the messages, {max_tokens} in the completion). "
                 "Please reduce the length of the messages or completion.",
                 param="max_tokens", kind="prompt_too_long")
-        token_keys = {k for k, v in inputs.items() if k not in ("input_ids", "attention_mask")
-                      and isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape == inputs["input_ids"].shape}
-        token_extras = {k: inputs[k][0] for k in token_keys}
-        extras = {k: v for k, v in inputs.items() if k not in token_keys | {"input_ids", "attention_mask"}
-                  and isinstance(v, torch.Tensor)}
-        mrope, delta = self.layout.prompt_positions(input_ids, extras, token_extras)
         d = self._defaults
         params = SamplingParams(
             max_tokens=max_tokens,
@@ -283,9 +479,25 @@ class Engine:
             top_k=d["top_k"] if top_k is None else top_k,
             seed=seed, stop=tuple(stop or ()), ignore_eos=ignore_eos,
         )
-        prompt = Prompt(input_ids=input_ids, extras=extras, token_extras=token_extras,
-                        mrope_positions=mrope, rope_delta=delta)
         return GenerationRequest(prompt=prompt, params=params)
+
+    def _build_prompt(self, messages: list[dict], images: list) -> Prompt:
+        """Chat template + processor + positions (CPU); InvalidRequest when the processor refuses."""
+        try:
+            text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            inputs = self.processor(text=[text], images=images or None, return_tensors="pt",
+                                    **(self._image_kwargs if images else {}))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise InvalidRequest(f"cannot build the prompt: {exc}", param="messages") from exc
+        input_ids = inputs["input_ids"][0]
+        token_keys = {k for k, v in inputs.items() if k not in ("input_ids", "attention_mask")
+                      and isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape == inputs["input_ids"].shape}
+        token_extras = {k: inputs[k][0] for k in token_keys}
+        extras = {k: v for k, v in inputs.items() if k not in token_keys | {"input_ids", "attention_mask"}
+                  and isinstance(v, torch.Tensor)}
+        mrope, delta = self.layout.prompt_positions(input_ids, extras, token_extras)
+        return Prompt(input_ids=input_ids, extras=extras, token_extras=token_extras,
+                      mrope_positions=mrope, rope_delta=delta)
 
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None,
                arrived: float | None = None) -> RequestHandle:
@@ -323,16 +535,21 @@ class Engine:
         torch.set_grad_enabled(False)
         while True:
             with self._cv:
-                while not self._rows and not (self._waiting and not self._paused) and not self._stopping:
+                while not self._rows and self._inflight is None and not (self._waiting and not self._paused) \
+                        and not self._stopping:
                     self._cv.wait()
-                if self._stopping and not self._rows:
+                if self._stopping and not self._rows and self._inflight is None:
                     return
             try:
                 self._drop_cancelled()
                 if not self._paused:
                     self._admit()
+                # Pipelined: launch this step, then read the previous step's tokens while it runs.
+                previous, self._inflight = self._inflight, None
                 if self._rows:
-                    self._decode_step()
+                    self._inflight = self._launch_step(previous)
+                if previous is not None:
+                    self._collect_step(previous)
             except BaseException as exc:  # noqa: BLE001 - the loop must survive anything a request causes
                 log.exception("engine step failed")
                 self._fail_all(exc)
@@ -349,10 +566,13 @@ class Engine:
             self._cv.notify_all()
 
     def _model_forward(self, **kwargs):
+        self._raise_fault()
+        return self.model(**kwargs)
+
+    def _raise_fault(self) -> None:
         if self._fault is not None:
             fault, self._fault = self._fault, None
             raise fault
-        return self.model(**kwargs)
 
     def _drop_cancelled(self) -> None:
         gone = [i for i, row in enumerate(self._rows) if row.handle.cancelled]
@@ -364,35 +584,50 @@ class Engine:
 
     def _admit(self) -> None:
         free = self.settings.max_batch_size - len(self._rows)
+        if self.runner is not None:
+            free = min(free, self.runner.cache.free_slots)
         if free <= 0:
             return
-        running = [(int(p), row.params.max_tokens - row.generated)
-                   for p, row in zip(self._batch.next_pos.tolist() if self._batch else [], self._rows)]
+        running = [(n, row.params.max_tokens - row.generated)
+                   for n, row in zip(self._batch.lengths() if self._batch else [], self._rows)]
         taken: list[tuple[GenerationRequest, RequestHandle]] = []
         with self._cv:
             while self._waiting and len(taken) < free:
                 request, handle = self._waiting[0]
-                new = [(r.prompt_tokens, r.params.max_tokens) for r, _ in taken + [(request, handle)]]
-                if (running or taken) and not self.memory.fits(running, new):
+                group = [r for r, _ in taken] + [request]
+                if taken and not self._fits_one_prefill(group):
+                    break  # the rest is prefilled at the next step
+                if self.runner is None and (running or taken) and not self.memory.fits(
+                        running, [(r.prompt_tokens, r.params.max_tokens) for r in group]):
                     break  # waits for memory; an empty batch always takes the head so nothing starves
                 taken.append(self._waiting.pop(0))
             self.metrics.queue_depth.set(len(self._waiting))
         if not taken:
             return
+        batch = None
         try:
-            batch, logits = KVBatch.prefill(self._model_forward, self.layout, self.device, self._text_config,
-                                            [r.prompt for r, _ in taken], self._pad_id)
+            prompts = [r.prompt for r, _ in taken]
+            if self.runner is not None:
+                batch, logits = SlotBatch.prefill(self.runner, self._model_forward, self.layout, self.device,
+                                                  self._text_config, prompts, self._pad_id)
+            else:
+                batch, logits = KVBatch.prefill(self._model_forward, self.layout, self.device, self._text_config,
+                                                prompts, self._pad_id)
+            self._trim_allocator()
             rows = [self._new_row(r, h) for r, h in taken]
             for r, _ in taken:
                 self.metrics.prompt_tokens.inc(r.prompt_tokens)
             tokens = sample(logits, [row.params for row in rows], [row.generator for row in rows]).tolist()
         except BaseException as exc:  # noqa: BLE001
+            if batch is not None:
+                batch.release()
             self._fail([h for _, h in taken], exc)
             return
         for row, token in zip(rows, tokens):
             self._accept(row, token)
         finished = {i for i, row in enumerate(rows) if row.finish_reason is not None}
         if len(finished) == len(rows):
+            batch.release()
             return
         if finished:
             batch.keep([i for i in range(len(rows)) if i not in finished])
@@ -404,25 +639,58 @@ class Engine:
         self._rows.extend(rows)
         self.metrics.running.set(len(self._rows))
 
+    def _fits_one_prefill(self, group: list[GenerationRequest]) -> bool:
+        """Whether these prompts, padded to the longest, stay within the prefill measured at start-up."""
+        if self._prefill_limits is None:
+            return True
+        tokens, patches = self._prefill_limits
+        width = max(r.prompt_tokens for r in group)
+        pixels = sum(int(r.prompt.extras["pixel_values"].shape[0]) for r in group if "pixel_values" in r.prompt.extras)
+        return width * len(group) <= tokens and pixels <= patches
+
+    def _trim_allocator(self) -> None:
+        """Hand cached blocks back when prefills of changing shapes have grown the allocator's share."""
+        if self._reserved_ceiling is not None and torch.cuda.memory_reserved(self.device) > self._reserved_ceiling:
+            torch.cuda.empty_cache()
+
     def _new_row(self, request: GenerationRequest, handle: RequestHandle) -> _Row:
         return _Row(handle=handle, params=request.params,
                     detok=IncrementalDetokenizer(self.tokenizer, request.params.stop),
                     generator=make_generator(request.params, self.device), prompt_tokens=request.prompt_tokens)
 
-    def _decode_step(self) -> None:
-        rows = self._rows
+    def _launch_step(self, previous: "_Step | None") -> "_Step":
+        """Queue one decode step and its sampling on the device; nothing here waits for the device.
+
+        Each row's input is its last token: on the host (just prefilled, or read already), or still
+        on the device as the previous step's output (not read yet). A row that the previous step
+        finished is decoded once more here; that token is dropped when the step is collected.
+        """
+        rows = list(self._rows)
         self.max_batch_seen = max(self.max_batch_seen, len(rows))
         self.metrics.batch_size.observe(len(rows))
-        tokens_in = torch.tensor([row.last_token for row in rows], device=self.device)
-        try:
-            logits = self._batch.decode(tokens_in)
-            tokens = sample(logits, [row.params for row in rows], [row.generator for row in rows]).tolist()
-        except BaseException as exc:  # noqa: BLE001
-            self._fail_all(exc)
-            return
-        for row, token in zip(rows, tokens):
-            self._accept(row, token)
-        done = {i for i, row in enumerate(rows) if row.finish_reason is not None}
+        where = {id(row): i for i, row in enumerate(previous.rows)} if previous is not None else {}
+        pending = [where.get(id(row)) for row in rows]
+        if all(i is None for i in pending):
+            tokens_in: list[int] | torch.Tensor = [row.last_token for row in rows]
+        elif pending == list(range(len(previous.rows))):
+            tokens_in = previous.tokens
+        else:  # rows that joined since (host tokens) follow the continuing rows (device tokens)
+            carried = [i for i in pending if i is not None]
+            joined = [row.last_token for row, i in zip(rows, pending) if i is None]
+            assert pending == carried + [None] * len(joined), "joined rows come last"
+            tokens_in = torch.cat([previous.tokens[torch.tensor(carried, device=self.device)],
+                                   torch.tensor(joined, device=self.device, dtype=previous.tokens.dtype)])
+        self._raise_fault()
+        logits = self._batch.decode(tokens_in)
+        tokens = sample(logits, [row.params for row in rows], [row.generator for row in rows])
+        return _Step(rows, tokens, self.device)
+
+    def _collect_step(self, step: "_Step") -> None:
+        """Read a launched step's tokens (waiting for it if need be), stream them, retire finished rows."""
+        for row, token in zip(step.rows, step.host_tokens()):
+            if not row.retired:
+                self._accept(row, token)
+        done = {i for i, row in enumerate(self._rows) if row.finish_reason is not None}
         if done:
             self._retire(done)
 
@@ -456,16 +724,24 @@ class Engine:
         self.metrics.latency.observe(time.monotonic() - handle.arrived)
 
     def _retire(self, indices: set[int]) -> None:
+        for i in indices:
+            self._rows[i].retired = True
         keep = [i for i in range(len(self._rows)) if i not in indices]
         self._rows = [self._rows[i] for i in keep]
         if not keep:
+            self._batch.release()
             self._batch = None
         else:
             self._batch.keep(keep)
         self.metrics.running.set(len(self._rows))
 
     def _fail_all(self, exc: BaseException) -> None:
-        rows, self._rows, self._batch = self._rows, [], None
+        rows, self._rows, batch, self._batch = self._rows, [], self._batch, None
+        self._inflight = None
+        for row in rows:
+            row.retired = True
+        if batch is not None:
+            batch.release()
         self.metrics.running.set(0)
         self._fail([row.handle for row in rows], exc)
 

@@ -1,22 +1,120 @@
-"""Admission by memory: does one more request fit the GPU budget?
+"""GPU memory: what the process uses as NVML sees it, and how the budget is shared out.
 
-The budget (``memory_budget_gib``) is for the whole process as NVML sees it. Torch sees its own
-allocations only, so the CUDA context (not visible to torch) is taken off the top. A request
-reserves the KV cache of its whole life (prompt + max_tokens, padded to the batch's longest), and
-its prefill needs activations for a moment; both are estimates from the model's shapes. A request
-that does not fit waits in the queue. On the CPU there is no budget (system RAM is not the limit
-this protects).
+The budget (``memory_budget_gib``) is for the whole process as NVML sees it: weights, the CUDA
+context and library workspaces (outside torch's allocator), the KV cache, CUDA graph pools and the
+activations of a prefill.
+
+Qwen3-VL (static slot cache): everything is sized at start-up from measurements. After the weights
+load, a prefill of the largest admissible request (``max_images_per_request`` images of
+``max_pixels`` plus text up to ``max_model_len``) is run once and its activation peak measured; the
+KV cache then gets what remains (:func:`plan_slots`), as whole slots of ``max_model_len`` tokens.
+At run time a prefill group never exceeds that measured request (the engine splits larger groups),
+and a request without a free slot waits in the queue.
+
+Other models (growing DynamicCache): :class:`MemoryBudget` estimates each admission from the model's
+shapes. On the CPU there is no budget (system RAM is not the limit this protects).
 """
 from __future__ import annotations
 
+import logging
+import os
+from dataclasses import dataclass
+
 import torch
 
+log = logging.getLogger(__name__)
+
 GIB = 1024**3
-CUDA_CONTEXT_BYTES = 600 * 1024**2  # CUDA context + cuBLAS workspaces, outside torch's allocator (typical)
+MIB = 1024**2
+CUDA_CONTEXT_BYTES = 600 * MIB  # CUDA context + cuBLAS workspaces, outside torch's allocator (typical)
 ACTIVATION_FACTOR = 6  # bytes of live activations per (token x hidden x element) during prefill, generous
+# Kept free beyond the measured figures: the decode graphs' pool (a few MiB of activations and
+# logits for up to max_batch rows), kernels loaded later, the allocator's rounding.
+HEADROOM_BYTES = 256 * MIB
+
+
+class ProcessMemory:
+    """Bytes this process holds on one GPU, as NVML counts them.
+
+    NVML's per-process figure where the driver gives one (Linux); otherwise (WSL2, or a container
+    that hides PIDs) the device's used memory above what it used when this object was made, which
+    must therefore be made before the process touches the GPU.
+    """
+
+    def __init__(self, device_index: int = 0):
+        self._nvml = None
+        self._handle = None
+        self.baseline = 0
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            index = _nvml_index(device_index)
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            self._nvml = pynvml
+            self.baseline = pynvml.nvmlDeviceGetMemoryInfo(self._handle).used
+        except Exception:  # noqa: BLE001 - no NVML (CPU machine, old driver): torch's figures + an estimate
+            self._nvml = None
+
+    def used(self) -> int:
+        if self._nvml is not None:
+            try:
+                for proc in self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle):
+                    if proc.pid == os.getpid() and proc.usedGpuMemory:
+                        return int(proc.usedGpuMemory)
+                return max(0, self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used - self.baseline)
+            except self._nvml.NVMLError:
+                pass
+        return (torch.cuda.memory_reserved() + CUDA_CONTEXT_BYTES) if torch.cuda.is_initialized() else 0
+
+
+def _nvml_index(device_index: int) -> int:
+    """NVML numbers GPUs by PCI order; CUDA_VISIBLE_DEVICES may renumber them for torch."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+    if visible != [""] and device_index < len(visible) and visible[device_index].strip().isdigit():
+        return int(visible[device_index])
+    return device_index
+
+
+@dataclass
+class SlotPlan:
+    """How the budget is shared out (bytes), for the start-up log and the benchmark."""
+
+    budget: int
+    resident: int  # weights, CUDA context, workspaces: measured after loading and the warm-up prefill
+    prefill_peak: int  # activations of the largest admissible request, measured
+    headroom: int
+    slot_bytes: int  # one slot of max_model_len tokens
+    slots: int
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.slots * self.slot_bytes
+
+    def describe(self) -> str:
+        return (f"memory budget {self.budget / GIB:.2f} GiB = resident {self.resident / GIB:.2f} (weights, CUDA "
+                f"context) + prefill reserve {self.prefill_peak / GIB:.2f} + headroom {self.headroom / GIB:.2f} + "
+                f"KV cache {self.kv_bytes / GIB:.2f} ({self.slots} slot(s) x {self.slot_bytes / MIB:.0f} MiB); "
+                f"unused {(self.budget - self.resident - self.prefill_peak - self.headroom - self.kv_bytes) / GIB:.2f}")
+
+
+def plan_slots(*, budget_bytes: int, resident_bytes: int, prefill_peak_bytes: int, slot_bytes: int,
+               max_slots: int, headroom_bytes: int = HEADROOM_BYTES) -> SlotPlan:
+    """As many KV slots as fit beside what is resident and the prefill reserve (at most max_slots)."""
+    free = budget_bytes - resident_bytes - prefill_peak_bytes - headroom_bytes
+    slots = max(0, min(max_slots, free // slot_bytes))
+    return SlotPlan(budget_bytes, resident_bytes, prefill_peak_bytes, headroom_bytes, slot_bytes, slots)
 
 
 class MemoryBudget:
+    """Admission estimate for the growing-cache path: does one more request fit the GPU budget?
+
+    Torch sees its own allocations only, so the CUDA context (not visible to torch) is taken off the
+    top. A request reserves the KV cache of its whole life (prompt + max_tokens, padded to the
+    batch's longest), and its prefill needs activations for a moment; both are estimates from the
+    model's shapes. A request that does not fit waits in the queue.
+    """
+
     def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype, budget_gib: float):
         text = model.config.get_text_config()
         elem = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else 2

@@ -89,6 +89,19 @@ def _one(client, model: str, url: str, max_tokens: int) -> dict:
             "prompt": usage.prompt_tokens, "decode": (usage.completion_tokens - 1) / max(end - first, 1e-9)}
 
 
+def _server_ttft(base: str) -> tuple[float, float]:
+    """(sum, count) of the server's time-to-first-token histogram: arrival of the request to its first
+    token, without the client's encoding and the upload of the image."""
+    import httpx
+
+    values = {}
+    for line in httpx.get(base + "/metrics", timeout=5).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("vlkit_time_to_first_token_seconds_sum", "vlkit_time_to_first_token_seconds_count"):
+            values[name.rsplit("_", 1)[1]] = float(value)
+    return values.get("sum", 0.0), values.get("count", 0.0)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service.smoke", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="2b")
@@ -137,7 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         url = _image_url()
         _one(client, "smoke", url, 8)  # first request after warm-up: excluded from the figures
         memory.reset()
+        before = _server_ttft(base)
         single = _one(client, "smoke", url, args.max_tokens)
+        after = _server_ttft(base)
+        server_ttft = (after[0] - before[0]) / max(after[1] - before[1], 1)
         peak_single = memory.peak - memory.baseline
         memory.reset()
         t = time.perf_counter()
@@ -157,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'start to /health/ready (load + warm-up)':44s} {ready_s:.1f} s")
     print(f"{'1 request: time to first token':44s} {single['ttft']:.3f} s")
     print(f"{'1 request: decode':44s} {single['decode']:.1f} tok/s")
+    print(f"{'1 request: TTFT in the server (arrival to 1st token)':44s} {server_ttft:.3f} s")
     print(f"{'1 request: peak GPU memory (NVML, process)':44s} {peak_single / gib:.2f} GiB")
     print(f"{f'{args.concurrency} concurrent: mean time to first token':44s} "
           f"{sum(r['ttft'] for r in many) / len(many):.3f} s")

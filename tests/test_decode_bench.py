@@ -6,7 +6,8 @@ from bench.decode_bench import main
 
 def test_bench_smoke_run_writes_one_table(tmp_path, capsys):
     out = tmp_path / "bench.md"
-    assert main(["--smoke", "--new-tokens", "4", "--hf-batch", "1", "--out", str(out)]) == 0
+    assert main(["--smoke", "--new-tokens", "4", "--hf-batch", "1", "--out", str(out),
+                 "--workdir", str(tmp_path / "work")]) == 0
     table = out.read_text(encoding="utf-8")
     assert table in capsys.readouterr().out
     rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| ")}
@@ -16,6 +17,11 @@ def test_bench_smoke_run_writes_one_table(tmp_path, capsys):
         assert metric in rows, metric
     assert "| yes |" in rows["tokens of ours fused projections == ours eager"]
     assert rows["agreement with transformers (float32, greedy)"].count("8 steps, max abs diff") == 1
+    # The service's own engine, started in a fresh process with the tiny checkpoint.
+    for metric in ("engine: time to ready (process start to warmed up)", "engine, 1 request: TTFT / decode",
+                   "engine, 2 concurrent: median TTFT / per-stream decode / aggregate"):
+        assert metric in rows and "failed" not in rows[metric], metric
+    assert "engine" not in rows
 
 
 def test_engine_mode_times_every_concurrent_stream():

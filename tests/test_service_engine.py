@@ -8,21 +8,47 @@ import torch
 from PIL import Image
 
 from service.detokenizer import IncrementalDetokenizer
+from service.decode import DecodeRunner, Qwen3VLDecoder, SlotKVCache
 from service.engine import Engine
+from service.loading import load
+from service.memory import GIB, plan_slots
 from service.errors import Cancelled, InvalidRequest, OutOfMemory
 from service.sampling import SamplingParams, sample
 from service.settings import ServiceSettings
 
 
+def engine_settings(model_dir, **overrides) -> ServiceSettings:
+    options = dict(model=str(model_dir), max_model_len=256, min_pixels=3136, max_pixels=16384, max_batch_size=4,
+                   max_queue=16, max_tokens_default=400)
+    return ServiceSettings(**{**options, **overrides})
+
+
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    settings = ServiceSettings(model=str(tiny_model_dir), max_model_len=256, min_pixels=3136, max_pixels=16384,
-                               max_batch_size=4, max_queue=16, max_tokens_default=400)
-    eng = Engine.load(settings)
+    """The default engine: Qwen3-VL decodes from the slot cache with service.decode's step."""
+    eng = Engine.load(engine_settings(tiny_model_dir))
+    assert eng.runner is not None and eng.runner.cache.num_slots == 4
     eng.start()
     eng.warmup()
     yield eng
     eng.stop()
+
+
+@pytest.fixture(scope="module")
+def hf_engine(tiny_model_dir):
+    """The same scheduler over transformers' forward and a growing cache (models the step does not cover)."""
+    settings = engine_settings(tiny_model_dir)
+    eng = Engine(settings, load(settings), static_cache=False)
+    assert eng.runner is None
+    eng.start()
+    eng.warmup()
+    yield eng
+    eng.stop()
+
+
+@pytest.fixture
+def request_fixture(request):
+    return request.getfixturevalue
 
 
 def request(engine, text, images=(), **kwargs):
@@ -44,7 +70,9 @@ PROMPTS = [
 ]
 
 
-def test_greedy_output_is_the_same_alone_and_in_a_batch(engine):
+@pytest.mark.parametrize("which", ["engine", "hf_engine"])
+def test_greedy_output_is_the_same_alone_and_in_a_batch(which, request_fixture):
+    engine = request_fixture(which)
     alone = [engine.generate(request(engine, t, i)).token_ids for t, i in PROMPTS]
     with engine.paused():  # all four are admitted in one prefill
         handles = [engine.submit(request(engine, t, i)) for t, i in PROMPTS]
@@ -54,7 +82,9 @@ def test_greedy_output_is_the_same_alone_and_in_a_batch(engine):
     assert all(len(ids) == 24 for ids in alone)
 
 
-def test_requests_joining_a_running_batch_get_the_same_output(engine):
+@pytest.mark.parametrize("which", ["engine", "hf_engine"])
+def test_requests_joining_a_running_batch_get_the_same_output(which, request_fixture):
+    engine = request_fixture(which)
     alone = [engine.generate(request(engine, t, i, max_tokens=40)).token_ids for t, i in PROMPTS]
     engine.max_batch_seen = 0
     handles = []
@@ -122,7 +152,8 @@ def test_out_of_memory_fails_that_batch_only_and_the_engine_goes_on(engine):
     assert after.finish_reason == "length" and after.completion_tokens == 24
 
 
-def test_memory_budget_makes_requests_wait_instead_of_failing(engine):
+def test_memory_budget_makes_requests_wait_instead_of_failing(hf_engine):
+    engine = hf_engine
     budget = engine.memory
     saved = dict(vars(budget))
     requests = [request(engine, f"row {i} " + "pad " * 12) for i in range(4)]
@@ -140,6 +171,39 @@ def test_memory_budget_makes_requests_wait_instead_of_failing(engine):
         vars(budget).update(saved)
     assert all(r.error is None and r.completion_tokens == 24 for r in results)
     assert engine.max_batch_seen == 2
+
+
+def test_requests_wait_for_a_free_slot_and_get_the_same_output(engine):
+    """The budget buys a number of KV slots: with two slots, four requests run two at a time."""
+    requests = [request(engine, f"row {i} " + "pad " * i, max_tokens=12 + 4 * i) for i in range(4)]
+    alone = [engine.generate(r).token_ids for r in requests]
+    runner = engine.runner
+    small = SlotKVCache(engine.model.config, 2, engine.max_model_len, dtype=engine.dtype, device=engine.device)
+    try:
+        with engine.paused():
+            engine.runner = DecodeRunner(Qwen3VLDecoder(engine.model, small), context_step=64)
+            engine.max_batch_seen = 0
+            handles = [engine.submit(r) for r in requests]
+            assert engine.queue_depth == 4
+        results = [list(h)[-1] for h in handles]
+    finally:
+        engine.runner = runner
+    assert all(r.error is None for r in results)
+    assert [h.token_ids for h in handles] == alone
+    assert engine.max_batch_seen == 2 and small.free_slots == 2
+
+
+def test_the_budget_is_shared_out_in_whole_slots():
+    slot = 448 * 1024**2  # Qwen3-VL-2B: 4096 tokens of bf16 K/V
+    plan = plan_slots(budget_bytes=6 * GIB, resident_bytes=int(4.6 * GIB), prefill_peak_bytes=GIB // 4,
+                      slot_bytes=slot, max_slots=8, headroom_bytes=GIB // 8)
+    assert plan.slots == 2 and plan.kv_bytes == 2 * slot
+    assert plan.resident + plan.prefill_peak + plan.headroom + plan.kv_bytes <= plan.budget
+    assert plan_slots(budget_bytes=6 * GIB, resident_bytes=int(5.8 * GIB), prefill_peak_bytes=GIB // 4,
+                      slot_bytes=slot, max_slots=8).slots == 0
+    assert plan_slots(budget_bytes=80 * GIB, resident_bytes=4 * GIB, prefill_peak_bytes=GIB,
+                      slot_bytes=slot, max_slots=8).slots == 8
+    assert "2 slot(s)" in plan.describe()
 
 
 def test_generation_stops_at_the_context_limit(engine):
@@ -197,3 +261,18 @@ def test_sampling_filters_reduce_to_greedy():
               SamplingParams(8, temperature=0.0)]
     for _ in range(5):
         assert torch.equal(sample(logits, params, [None, None, None]), greedy)
+
+
+def test_a_reader_that_fell_behind_gets_the_waiting_text_merged(engine):
+    import asyncio
+
+    from service.engine import Event, RequestHandle
+
+    async def read():
+        handle = RequestHandle(request(engine, "x"), loop=asyncio.get_running_loop())
+        for event in (Event(text="a"), Event(text="b"), Event(text="c", finish_reason="stop", completion_tokens=3)):
+            handle._queue.put_nowait(event)
+        return [event async for event in handle]
+
+    events = asyncio.run(read())
+    assert [(e.text, e.finish_reason, e.completion_tokens) for e in events] == [("abc", "stop", 3)]

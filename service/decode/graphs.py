@@ -88,6 +88,13 @@ class DecodeRunner:
             log.info("captured %d decode graphs (batch %s x context %s) in %.1f s", len(self.graphs),
                      self.batch_sizes, self.context_sizes, self.capture_seconds)
 
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """Run each batch size once with every row inactive (compiles what is compiled), without graphs."""
+        self._inputs.zero_()
+        for rows in self.batch_sizes:
+            self._run(rows, self.context_sizes[0])
+
     def _capture_all(self) -> None:
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream()

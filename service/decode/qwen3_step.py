@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from service.decode.attention import decode_attention_triton, triton_available
 from service.decode.cache import SlotKVCache
 
 # The decoder this step reproduces; other architectures keep transformers' own decode.
@@ -88,10 +89,12 @@ class Qwen3VLDecoder:
     memory once done) so a layer runs 4 matmuls instead of 7; transformers' forward is unaffected.
     ``compile_backend`` (e.g. ``"inductor"``, CUDA) compiles the elementwise chains above with
     torch.compile, one fused kernel each; compilation happens at the first steps (the warm-up).
+    ``attention``: ``"triton"`` (split-KV kernels of ``service.decode.attention``, CUDA), ``"sdpa"``
+    (index writes + ``scaled_dot_product_attention``), or ``"auto"``: triton on CUDA when installed.
     """
 
     def __init__(self, model: Any, cache: SlotKVCache, *, fuse_projections: bool = False,
-                 compile_backend: str | None = None) -> None:
+                 compile_backend: str | None = None, attention: str = "auto") -> None:
         if not self.supports(model):
             raise ValueError(f"{type(model).__name__} is not a Qwen3-VL (dense) model")
         text = text_model_of(model)
@@ -131,6 +134,11 @@ class Qwen3VLDecoder:
             compiled = [torch.compile(f, backend=compile_backend, fullgraph=True)
                         for f in (add_rms_norm, qk_norm_rotary, silu_mul)]
             self._add_rms_norm, self._qk_norm_rotary, self._silu_mul = compiled
+        if attention == "auto":
+            attention = "triton" if cache.device.type == "cuda" and triton_available() else "sdpa"
+        if attention not in ("sdpa", "triton") or (attention == "triton" and not triton_available()):
+            raise ValueError(f"attention {attention!r}: 'sdpa', or 'triton' where Triton is installed")
+        self.attention = attention
         # Index constants (made once: nothing inside the step is built from host data).
         self._arange = torch.arange(cache.max_len + 1, device=cache.device)
 
@@ -177,9 +185,10 @@ class Qwen3VLDecoder:
         write_at = torch.where(active, lengths, cache.max_len)  # max_len: the scratch column
         row_index = self._arange[:rows]
         hidden = self.embed_tokens(input_ids)  # [B, hidden]: the residual stream
-        # Each row attends to its own prefix and this step's token: an additive mask [B, 1, 1, Lb].
-        attend = self._arange[:context_len][None, :] <= lengths[:, None]
-        mask = torch.where(attend, 0.0, float("-inf")).to(hidden.dtype)[:, None, None, :]
+        if self.attention == "sdpa":
+            # Each row attends to its own prefix and this step's token: an additive mask [B, 1, 1, Lb].
+            attend = self._arange[:context_len][None, :] <= lengths[:, None]
+            mask = torch.where(attend, 0.0, float("-inf")).to(hidden.dtype)[:, None, None, :]
         cos, sin = self.rotary_emb(hidden, positions.view(1, rows, 1).expand(3, rows, 1))  # t = h = w; [B, 1, D]
         signed_sin = torch.cat([-sin[..., :dim // 2], sin[..., dim // 2:]], dim=-1)
         first = self.layers[0].input_layernorm
@@ -189,13 +198,18 @@ class Qwen3VLDecoder:
             qk, value = self._qk_v(index, layer, normed)
             qk = self._qk_norm_rotary(qk, self.qk_norm_weights[index], cos, signed_sin, attn.q_norm.variance_epsilon)
             keys, values = cache.keys[index], cache.values[index]
-            keys[row_index, :, write_at] = qk[:, heads:]
-            values[row_index, :, write_at] = value
             # GQA without copying K/V: the query heads of one KV head act as query rows of one
             # position (head h uses kv head h // groups, as transformers' repeat_kv).
-            out = F.scaled_dot_product_attention(
-                qk[:, :heads].reshape(rows, kv_heads, heads // kv_heads, dim),
-                keys[:rows, :, :context_len], values[:rows, :, :context_len], attn_mask=mask, scale=self.scaling)
+            query = qk[:, :heads].reshape(rows, kv_heads, heads // kv_heads, dim)
+            if self.attention == "triton":
+                out = decode_attention_triton(query, qk[:, heads:], value, keys, values, lengths, write_at,
+                                              context_len, self.scaling)
+            else:
+                keys[row_index, :, write_at] = qk[:, heads:]
+                values[row_index, :, write_at] = value
+                out = F.scaled_dot_product_attention(query, keys[:rows, :, :context_len],
+                                                     values[:rows, :, :context_len], attn_mask=mask,
+                                                     scale=self.scaling)
             post = layer.post_attention_layernorm
             hidden, normed = self._add_rms_norm(hidden, attn.o_proj(out.reshape(rows, heads * dim)), post.weight,
                                                 post.variance_epsilon)
