@@ -50,9 +50,14 @@ def test_both_profiles_mount_the_one_shared_cache_volume(tmp_path):
     mounts = {}
     for profile in ("8gb", "16gb"):
         cfg = compose_config(profile, env=env)
-        (vol,) = [v for v in cfg["services"][cp.SERVICES[profile]]["volumes"] if v["type"] == "volume"]
+        volumes = [v for v in cfg["services"][cp.SERVICES[profile]]["volumes"] if v["type"] == "volume"]
+        (vol,) = [v for v in volumes if v["target"].startswith("/cache/huggingface")]
         mounts[profile] = (vol["source"], vol["target"])
         assert cfg["volumes"][vol["source"]]["driver_opts"]["device"] == str(tmp_path)
+        if profile == "8gb":  # compiled kernels persist across restarts, on a volume of their own
+            (compiled,) = [v for v in volumes if v is not vol]
+            assert compiled["target"] == "/cache/vlkit-compile"
+            assert compiled["source"] in cfg["volumes"] and compiled["source"] != vol["source"]
     assert mounts["8gb"] == mounts["16gb"] == ("hf-cache", "/cache/huggingface/hub")
 
 
