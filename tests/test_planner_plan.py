@@ -85,7 +85,10 @@ def test_a_plan_never_exceeds_the_card(model, gb, profile):
         env = plan.service_env
         assert float(env["VLKIT_MEMORY_BUDGET_GIB"]) * GIB <= total
         assert int(env["VLKIT_MAX_MODEL_LEN"]) == plan.context
-        assert _row(plan, "more KV cache for the batch") >= 0
+        assert _row(plan, "unused") >= 0
+        assert _row(plan, "KV cache") > 0 and plan.concurrent_sequences == int(env["VLKIT_MAX_BATCH_SIZE"])
+        parts = ["weights", "CUDA context", "prefill reserve", "headroom", "KV cache", "unused"]
+        assert sum(_row(plan, p) for p in parts) == pytest.approx(float(env["VLKIT_MEMORY_BUDGET_GIB"]), abs=0.05)
 
 
 @pytest.mark.parametrize("model", BUILTIN_IDS)
@@ -229,3 +232,12 @@ def test_cli_bad_input_is_a_clear_error(capsys):
     with pytest.raises(SystemExit) as e:
         _cli(["plan", "--gpu-memory", "lots"], capsys)
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("card_gib, profile", [(6, "8gb"), (8, "8gb"), (11, "8gb"), (12, "16gb"), (16, "16gb"), (24, "16gb")])
+def test_auto_gives_8gb_class_cards_the_service_and_larger_ones_vllm(card_gib, profile):
+    plan = plan_for(model="Qwen/Qwen3-VL-2B-Instruct", profile="auto", gpu_memory_bytes=card_gib * GIB)
+    assert plan.fits and plan.profile == profile
+    # auto never changes what the chosen profile alone would plan
+    alone = plan_for(model="Qwen/Qwen3-VL-2B-Instruct", profile=profile, gpu_memory_bytes=card_gib * GIB)
+    assert (plan.context, plan.vllm_args, plan.service_env) == (alone.context, alone.vllm_args, alone.service_env)

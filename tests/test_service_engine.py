@@ -223,8 +223,9 @@ def test_prompt_too_long_names_both_lengths(engine):
 
 
 def test_too_many_images_is_refused_before_processing(engine):
-    with pytest.raises(InvalidRequest, match="At most 4 image"):
-        request(engine, "five", [gradient(32, 32)] * 5)
+    limit = engine.settings.max_images_per_request  # the default: one image over it is refused
+    with pytest.raises(InvalidRequest, match=f"At most {limit} image.*got {limit + 1}"):
+        request(engine, "one too many", [gradient(32, 32)] * (limit + 1))
 
 
 # ---- pieces ------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 16gb profile: vLLM with --gpu-memory-utilization from the free memory, then the largest context
 the predicted KV cache holds after a margin. When it does not reach the wanted context, the
 planner steps down, in this order: fp8 KV cache, eager mode (no CUDA graphs), smaller images.
-8gb profile: vlkit's transformers service; bf16, then nf4 weights; smaller batches, then images.
+8gb profile: vlkit's transformers service, sized as the service sizes itself (service_memory.py): a
+context of 4096 with a batch of two, else 2048 (then one slot); bf16, then nf4 weights; then smaller images.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pydantic import BaseModel, Field
 from service.settings import ENV_PREFIX, ServiceSettings
 
 from .models import ModelSpec, resolve_model, variants_to_try
-from .service_memory import ServiceKnobs, predict_service
+from .service_memory import SLOT_EXTRA_TOKENS, ServiceBudget, ServiceKnobs, images_that_fit, predict_service
 from .vllm_memory import (
     CUDA_CONTEXT_BYTES, DEFAULT_IMAGE_LIMIT, DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS,
     LARGE_GPU_BYTES, LARGE_MAX_NUM_BATCHED_TOKENS, LARGE_MAX_NUM_SEQS, VllmBudget, VllmKnobs,
@@ -36,13 +37,15 @@ UTIL_CAP = 0.95
 DEFAULT_CONTEXT = 8192             # the context the planner aims for when none is asked for
 CONTEXT_CAP = 32768                # more only when asked for (--context)
 PROMPT_TOKENS = 256                # the text of a prompt beside its image
-SERVICE_BATCH_STEPS = (8, 4, 2, 1)
+SERVICE_CONTEXTS = (4096, 2048)   # 8gb, no --context: 4096 with a batch of two, else 2048
+SERVICE_MAX_BATCH = 8              # slots beyond this go unused: the batch is a latency trade too
+SERVICE_MAX_IMAGES = 4             # images per request (both profiles), fewer where the context is short
 _DEFAULTS = ServiceSettings.model_fields
 DEFAULT_MAX_PIXELS = _DEFAULTS["max_pixels"].default            # ~1000 image tokens
 PIXEL_STEPS = tuple(p for p in (DEFAULT_MAX_PIXELS, 802_816, 602_112, 401_408, 200_704)
                     if p <= DEFAULT_MAX_PIXELS)
 ANSWER_TOKENS = _DEFAULTS["max_tokens_default"].default
-IMAGE_LIMIT = _DEFAULTS["max_images_per_request"].default
+IMAGE_LIMIT = SERVICE_MAX_IMAGES
 
 
 class BudgetRow(BaseModel):
@@ -282,6 +285,24 @@ def _env_name(field: str) -> str:
     return f"{ENV_PREFIX}{field.upper()}"
 
 
+def _service_budget_bytes(card: Card) -> tuple[float, int]:
+    """VLKIT_MEMORY_BUDGET_GIB (free less the start slack, down to 0.1 GiB) and the bytes the service
+    reads from it (``int(memory_budget_gib * GIB)``)."""
+    gib = max(0.0, math.floor((card.free - START_SLACK_BYTES) / GIB * 10) / 10)
+    return gib, int(gib * GIB)
+
+
+def _service_steps(spec: ModelSpec, contexts: tuple[int, ...]):
+    """(min slots, knobs) in order of preference: a batch of two before one (and one only at the
+    shortest context); the longer context; bf16 before nf4; full-size images before smaller ones."""
+    for min_slots, ctxs in ((2, contexts), (1, contexts[-1:])):
+        for ctx in ctxs:
+            for quant in ("none", "nf4"):
+                for px in PIXEL_STEPS:
+                    images = images_that_fit(spec, px, SERVICE_MAX_IMAGES, ctx)
+                    yield min_slots, ServiceKnobs(quant, px, images, SERVICE_MAX_BATCH, ctx)
+
+
 def _plan_service(spec: ModelSpec, card: Card, wanted: int | None, *, suggest: bool = True) -> Plan:
     base = Plan(fits=False, profile="8gb", model=spec.id, context=wanted or 0, gpu=card.label,
                 gpu_total_bytes=card.total, gpu_free_bytes=card.free, gpu_count=card.count,
@@ -296,94 +317,88 @@ def _plan_service(spec: ModelSpec, card: Card, wanted: int | None, *, suggest: b
                              (f" (fits: {_weights_word(alt)} weights, "
                               f"context {alt.context})." if alt.fits else " (does not fit either)."))
         return base
-    budget_bytes = card.free - START_SLACK_BYTES
-    target = wanted or DEFAULT_CONTEXT
-    best = fallback = None
-    steps = [(quant, px) for quant in ("none", "nf4") for px in PIXEL_STEPS]
-    for step, (quant, px) in enumerate(steps):
-        # One full-context sequence must fit (the service admits the rest by their real length);
-        # the batch is then as many typical requests (one image, a prompt, an answer) as fit.
-        fixed = predict_service(spec, ServiceKnobs(quant, px, IMAGE_LIMIT, 1, 0))
-        per_ctx_token = fixed.kv_bytes_per_token + _decoder_token_bytes(spec)
-        cap = min(max(0, (budget_bytes - fixed.total) // per_ctx_token), spec.text.max_position)
-        ctx = target if wanted and cap >= target else _round_context(min(cap, CONTEXT_CAP))
-        if step and ctx >= target:
-            ctx = target  # stepped down to reach it: the target, not more (see _try_vllm)
-        typical = min_useful_context(spec, px)
-        sb = predict_service(spec, ServiceKnobs(quant, px, IMAGE_LIMIT, 1, max(ctx, 64)))
-        spare = budget_bytes - sb.total
-        batch = max(1, min(SERVICE_BATCH_STEPS[0], 1 + spare // (typical * sb.kv_bytes_per_token)))
-        sb = predict_service(spec, ServiceKnobs(quant, px, IMAGE_LIMIT, int(batch), max(ctx, 64)))
-        sb.kv = ctx * sb.kv_bytes_per_token  # the guaranteed sequence; the batch shares the rest
-        ok = ctx >= typical and sb.total <= budget_bytes
-        if ok and ctx >= target:
-            return _service_plan(base, spec, card, sb, ctx, budget_bytes)
-        if ok and not wanted and (fallback is None or ctx > fallback[1]):
-            fallback = (sb, ctx)
-        if best is None or (ctx, -sb.total) > (best[1], -best[0].total):
-            best = (sb, ctx)  # the closest attempt: most context, then least memory
-    if fallback is not None:
-        return _service_plan(base, spec, card, fallback[0], fallback[1], budget_bytes)
-    sb, ctx = best
-    plan = _service_plan(base, spec, card, sb, ctx, budget_bytes)
-    plan.fits, plan.service_env = False, {}
-    need = min_useful_context(spec, PIXEL_STEPS[-1])
-    weights = "nf4" if sb.knobs.quantization == "nf4" else "bf16"
-    why = (f"the service needs {sb.total / GIB:.2f} GiB with the smallest images ({weights} weights "
-           f"{sb.weights / GIB:.2f} GiB) but {budget_bytes / GIB:.2f} GiB is free" if ctx < need
-           else f"the largest context that fits is {ctx} tokens, less than the {target} asked for")
-    plan.refusal = f"{why}. " + (_next_steps(spec, card, wanted, ctx, tried="8gb") if suggest else "")
+    budget_gib, budget = _service_budget_bytes(card)
+    contexts = (wanted,) if wanted else SERVICE_CONTEXTS
+    for min_slots, knobs in _service_steps(spec, contexts):
+        if knobs.max_model_len < min_useful_context(spec, knobs.max_pixels):
+            continue
+        sb = predict_service(spec, knobs, budget)
+        if sb.slots >= min_slots:
+            return _service_plan(base, spec, card, sb, budget_gib)
+    # Nothing fits: show the cheapest attempt (nf4, the smallest images) and the context it would hold.
+    px = PIXEL_STEPS[-1]
+    target = wanted or SERVICE_CONTEXTS[-1]
+    sb = predict_service(spec, ServiceKnobs("nf4", px, images_that_fit(spec, px, SERVICE_MAX_IMAGES, target),
+                                            SERVICE_MAX_BATCH, target), budget)
+    best = _largest_service_context(spec, budget, px, below=target)
+    plan = _service_plan(base, spec, card, sb, budget_gib)
+    plan.fits, plan.service_env, plan.context = False, {}, best
+    need = min_useful_context(spec, px)
+    one = sb.resident + sb.prefill_reserve + sb.headroom + sb.slot_bytes
+    why = (f"the service needs {one / GIB:.2f} GiB for one {target}-token sequence (nf4 weights "
+           f"{sb.weights / GIB:.2f} GiB, prefill reserve {sb.prefill_reserve / GIB:.2f} GiB) but its budget is "
+           f"{budget / GIB:.2f} GiB")
+    if wanted and best >= need:
+        why = f"the largest context that fits is {best} tokens, less than the {wanted} asked for"
+    plan.refusal = f"{why}. " + (_next_steps(spec, card, wanted, best, tried="8gb") if suggest else "")
     return plan
+
+
+def _largest_service_context(spec: ModelSpec, budget: int, max_pixels: int, *, below: int) -> int:
+    """The longest context (a multiple of 256) below `below` with one slot, nf4 weights (0 if none)."""
+    ctx = _round_context(below - 1)
+    while ctx >= 256:
+        knobs = ServiceKnobs("nf4", max_pixels, images_that_fit(spec, max_pixels, SERVICE_MAX_IMAGES, ctx), 1, ctx)
+        if predict_service(spec, knobs, budget).fits:
+            return ctx
+        ctx -= 256
+    return 0
 
 
 def _weights_word(plan: Plan) -> str:
     return "nf4" if plan.service_env.get(_env_name("quantization")) == "nf4" else "bf16"
 
 
-def _decoder_token_bytes(spec: ModelSpec) -> int:
-    from .vllm_memory import decoder_bytes_per_token
-    return decoder_bytes_per_token(spec)
-
-
-def _service_plan(base: Plan, spec: ModelSpec, card: Card, sb, ctx: int, budget_bytes: int) -> Plan:
+def _service_plan(base: Plan, spec: ModelSpec, card: Card, sb: ServiceBudget, budget_gib: float) -> Plan:
     g = lambda n: round(n / GIB, 2)  # noqa: E731
     k = sb.knobs
+    ctx = k.max_model_len
     plan = base.model_copy(deep=True)
     plan.fits, plan.context, plan.refusal = True, ctx, None
-    budget_gib = math.floor(budget_bytes / GIB * 10) / 10
     plan.service_env = {
         _env_name("model"): spec.id,
         _env_name("dtype"): "auto",
         _env_name("quantization"): k.quantization,
         _env_name("max_pixels"): str(k.max_pixels),
-        _env_name("max_images_per_request"): str(k.max_images),
-        _env_name("max_batch_size"): str(k.max_batch_size),
+        _env_name("max_images_per_request"): str(sb.images),
+        _env_name("max_batch_size"): str(max(1, sb.slots)),
         _env_name("max_model_len"): str(ctx),
         _env_name("memory_budget_gib"): f"{budget_gib:.1f}",
     }
     plan.required_free_bytes = sb.total + START_SLACK_BYTES
-    room = budget_bytes - (sb.total - sb.kv)
-    plan.kv_cache_tokens = max(0, int(room // sb.kv_bytes_per_token))
-    plan.concurrent_sequences = round(plan.kv_cache_tokens / max(ctx, 1), 2)
+    plan.kv_cache_tokens = sb.slots * (ctx + SLOT_EXTRA_TOKENS)
+    plan.concurrent_sequences = float(sb.slots)
+    weights = "nf4 (bitsandbytes)" if k.quantization == "nf4" else "bf16"
     plan.budget = [
         BudgetRow(name="GPU memory", gib=g(card.total), note=card.label),
         BudgetRow(name="other processes", gib=g(card.total - card.free),
                   note="measured (NVML)" if card.measured else "assumed: a desktop's share"),
         BudgetRow(name="service budget", gib=budget_gib, note="VLKIT_MEMORY_BUDGET_GIB: the whole process"),
-        BudgetRow(name="  weights", gib=g(sb.weights), note=f"{'nf4 (bitsandbytes)' if k.quantization == 'nf4' else 'bf16'}"),
-        BudgetRow(name="  vision activations", gib=g(sb.vision),
-                  note=f"{k.max_images} image(s) x {max_image_tokens(k.max_pixels, spec)} tokens (max_pixels {k.max_pixels})"),
-        BudgetRow(name="  prefill activations", gib=g(sb.prefill), note=f"one {ctx}-token prefill + logits"),
+        BudgetRow(name="  weights", gib=g(sb.weights), note=weights),
+        BudgetRow(name="  CUDA context", gib=g(sb.cuda_context), note="+ cuBLAS/attention workspaces (measured)"),
+        BudgetRow(name="  prefill reserve", gib=g(sb.prefill_reserve),
+                  note=(f"largest request: {sb.images} image(s) x {sb.image_tokens} tokens (max_pixels "
+                        f"{k.max_pixels}) + text to {ctx - 1} tokens; vision {g(sb.vision_peak)}, "
+                        f"decoder {g(sb.decoder_peak)}")),
+        BudgetRow(name="  headroom", gib=g(sb.headroom), note="decode graphs' pool, allocator rounding"),
         BudgetRow(name="  KV cache", gib=g(sb.kv),
-                  note=f"one full {ctx}-token sequence, bf16, {sb.kv_bytes_per_token // 1024} KiB/token"),
-        BudgetRow(name="  CUDA context", gib=g(sb.cuda_context), note="+ cuBLAS workspaces"),
-        BudgetRow(name="  allocator slack", gib=g(sb.slack), note="fragmentation"),
-        BudgetRow(name="  more KV cache for the batch", gib=g(budget_bytes - sb.total),
-                  note=f"{plan.kv_cache_tokens} tokens in all; batch of {k.max_batch_size} typical requests"),
+                  note=f"{sb.slots} slot(s) x {sb.slot_bytes / MIB:.0f} MiB ({ctx + SLOT_EXTRA_TOKENS} tokens, bf16, "
+                       f"{sb.kv_bytes_per_token // 1024} KiB/token)"),
+        BudgetRow(name="  unused", gib=g(sb.budget - sb.total), note="less than one more slot, or over the batch cap"),
         BudgetRow(name="concurrent sequences", gib=plan.concurrent_sequences,
                   note=f"full {ctx}-token sequences (a count, not GiB)"),
     ]
-    plan.notes.append(f"chosen: {'nf4' if k.quantization == 'nf4' else 'bf16'} weights, batch {k.max_batch_size}, "
+    plan.notes.append(f"chosen: {'nf4' if k.quantization == 'nf4' else 'bf16'} weights, batch {sb.slots}, "
                       f"max_pixels {k.max_pixels}")
     return plan
 
@@ -466,6 +481,12 @@ def gib_str(n: int) -> str:
 
 
 # ------------------------------------------------------------------------------------- entry
+# `auto` on an 8 GB-class card (6, 8, 10, 11 GB) picks vlkit's service even where the vLLM model
+# predicts a fit: there vLLM's margin is thin, its estimate is the least certain part (not yet checked
+# against vLLM on a GPU), and a wrong guess is the seeds' failed start. From 12 GiB on, vLLM when it fits.
+AUTO_VLLM_MIN_TOTAL = 12 * GIB
+
+
 def plan_for(*, model: str, profile: Literal["8gb", "16gb", "auto"] = "auto", gpus=None,
              gpu_memory_bytes: int | None = None, gpu_count: int = 1, context: int | None = None,
              gpu_memory_utilization: float | None = None) -> Plan:
@@ -490,10 +511,14 @@ def plan_for(*, model: str, profile: Literal["8gb", "16gb", "auto"] = "auto", gp
     if profile == "8gb":
         return _plan_service(spec, card, context)
     p16 = _plan_vllm(spec, card, context, suggest=False)
+    p8 = _plan_service(spec, card, context, suggest=False)
+    if card.total < AUTO_VLLM_MIN_TOTAL and p8.fits:
+        p8.notes.append(f"auto: a card under {AUTO_VLLM_MIN_TOTAL // GIB} GiB gets vlkit's service "
+                        f"(--profile 16gb to try vLLM: {'predicted to fit' if p16.fits else 'predicted not to fit'})")
+        return p8
     if p16.fits:
         p16.notes.append("auto: vLLM (16gb profile) fits with a useful context")
         return p16
-    p8 = _plan_service(spec, card, context, suggest=False)
     if p8.fits:
         p8.notes.append("auto: vLLM does not fit this card with a useful context; vlkit's service does")
         return p8
