@@ -63,8 +63,8 @@ caption: $(HOST_STAMP) ## send IMG=<path> through the API and print the answer
 	@test -n "$(IMG)" || { echo "usage: make caption IMG=photo.jpg"; exit 2; }
 	$(VLKIT) caption "$(IMG)" $(call opt,--port,$(PORT)) $(ARGS)
 
-bench: $(HOST_STAMP) ## benchmark the running service (python -m bench)
-	$(VENV)/bin/python -m bench $(ARGS)
+bench: $(HOST_STAMP) ## measure decode speed and memory on this GPU (python -m bench, in the 8gb image)
+	$(VLKIT) bench $(ARGS)
 
 wsl-config: $(HOST_STAMP) ## set WSL2's memory/swap in .wslconfig for the profile (backup + atomic)
 	$(VLKIT) wsl config $(call opt,--profile,$(filter-out auto,$(PROFILE))) $(ARGS)

@@ -330,10 +330,25 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    if importlib.util.find_spec("bench") is None:
-        _err("the benchmark (bench/) is not in this checkout.")
+    """The benchmark needs torch and a GPU: run it here when this Python has torch (a service venv),
+    else inside the 8gb image on the GPU (built first if it is missing or stale)."""
+    if importlib.util.find_spec("torch") is not None:
+        return subprocess.call([sys.executable, "-m", "bench", *args.bench_args])
+    try:
+        dk.require_docker()
+    except dk.DockerError as e:
+        _err(f"{e} (the benchmark runs in the 8gb image; or install the service: pip install -e '.[service]')")
         return 1
-    return subprocess.call([sys.executable, "-m", "bench", *args.bench_args])
+    why = dk.needs_build("8gb")
+    if why:
+        print(f"building: {why}", flush=True)
+        rc = cmd_build(argparse.Namespace(profile="8gb", model=None))
+        if rc:
+            return rc
+    cmd = ["docker", "run", "--rm", "--gpus", "all", "--workdir", "/opt/vlkit", "--entrypoint", "python3",
+           "-e", "PYTHONUNBUFFERED=1", images.SERVICE_IMAGE, "-m", "bench", *args.bench_args]
+    print(f"$ {cp.quote(cmd)}", flush=True)
+    return cp.run(cmd).returncode
 
 
 # --- registration ----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from scripts.stack.compose import PROJECT, ROOT, compose_cmd, run
 
 SOURCE_LABEL = "org.vlkit.source-hash"
 # What the 8gb image is built from: a change here means the image is stale.
-_SOURCE_PATHS = ("pyproject.toml", "README.md", "service", "scripts", "wsl", "docker/Dockerfile.8gb")
+_SOURCE_PATHS = ("pyproject.toml", "README.md", "service", "scripts", "wsl", "bench", "docker/Dockerfile.8gb")
 
 
 class DockerError(RuntimeError):
