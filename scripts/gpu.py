@@ -305,6 +305,15 @@ def _process_name(pynvml, pid: int) -> str:
         return "?"
 
 
+def _optional(future) -> subprocess.CompletedProcess:
+    """The result of a query that only adds detail (CUDA version, processes): when it times out or
+    cannot run, the GPUs already read still count."""
+    try:
+        return future.result()
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return subprocess.CompletedProcess([], 1, "", str(exc))
+
+
 def _probe_nvidia_smi(smi: str, timeout: float) -> GpuProbe:
     def query_gpus(fields):
         return _run([smi, f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"], timeout)
@@ -322,8 +331,8 @@ def _probe_nvidia_smi(smi: str, timeout: float) -> GpuProbe:
         if proc.returncode != 0:
             return GpuProbe([], None, smi, f"nvidia-smi: {_smi_error(proc)}")
         gpus = parse_gpu_query_csv(proc.stdout, fields)
-        table = f_table.result()
-        apps = f_apps.result()
+        table = _optional(f_table)
+        apps = _optional(f_apps)
     _, cuda = parse_smi_header(table.stdout) if table.returncode == 0 else (None, None)
     by_uuid = {g.uuid: g for g in gpus}
     by_index = {g.index: g for g in gpus}

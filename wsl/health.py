@@ -103,8 +103,8 @@ def parse_fb_memory(q_text: str) -> list[tuple[int, int]]:
         fb = gpu.get("FB Memory Usage")
         if not isinstance(fb, dict):
             continue
-        total = re.match(r"(\d+)", fb.get("Total", ""))
-        free = re.match(r"(\d+)", fb.get("Free", ""))
+        total = re.match(r"(\d+)", str(fb.get("Total", "")))
+        free = re.match(r"(\d+)", str(fb.get("Free", "")))
         if total and free:
             out.append((int(total.group(1)) * MIB, int(free.group(1)) * MIB))
     return out

@@ -144,7 +144,7 @@ def _cache_put(key: str, value) -> None:
 
 def windows_userprofile(timeout: float = 5.0, use_cache: bool = True) -> Path | None:
     """The Windows profile folder (where .wslconfig lives) as a WSL path, or None without interop."""
-    if use_cache and (cached := _cache_get("userprofile")):
+    if use_cache and isinstance(cached := _cache_get("userprofile"), str) and cached:
         return Path(cached)
     win = None
     if shutil.which("wslvar"):  # from wslu, present on Ubuntu
@@ -186,8 +186,9 @@ class HostRam:
 def host_ram(timeout: float = 15.0, use_cache: bool = True, allow_interop: bool = True) -> HostRam | None:
     """The Windows host's physical RAM via interop (PowerShell CIM, then wmic); else the WSL VM's
     own MemTotal, which is the .wslconfig limit (default: half the host RAM), not the host total."""
-    if use_cache and (cached := _cache_get("host_ram_bytes")):
-        return HostRam(int(cached), "Windows (Win32_ComputerSystem, cached)")
+    # a cache file edited or half-written by hand must not stop the doctor: only a positive int counts
+    if use_cache and isinstance(cached := _cache_get("host_ram_bytes"), int) and cached > 0:
+        return HostRam(cached, "Windows (Win32_ComputerSystem, cached)")
     if allow_interop and detect_platform().is_wsl and interop_enabled():
         value = None
         if ps := windows_exe("powershell.exe"):

@@ -39,7 +39,11 @@ class WslConfigError(Exception):
 # --------------------------------------------------------------------------- sizes
 
 def parse_size(text: str) -> int:
-    """'12GB' / '8192MB' / '12g' -> bytes (WSL reads these units as powers of 1024)."""
+    """'12GB' / '8192MB' / '12g' -> bytes (WSL reads these units as powers of 1024).
+
+    Not scripts.planner.sizes.parse_size on purpose: that one reads a bare number as GiB and accepts
+    KiB/MiB/GiB, while WSL reads a bare number as bytes and knows no *iB spelling, so accepting
+    '12GiB' here would write a value WSL ignores."""
     m = _SIZE_RE.match(text or "")
     if not m:
         raise ValueError(f"not a size: {text!r} (use e.g. 12GB or 8192MB)")

@@ -43,8 +43,10 @@ def compose_version(info_text: str) -> str | None:
         data = json.loads(info_text)
     except ValueError:
         return None
-    for plugin in (data.get("ClientInfo") or {}).get("Plugins") or []:
-        if plugin.get("Name") == "compose" and not plugin.get("Err"):
+    client = data.get("ClientInfo") if isinstance(data, dict) else None
+    plugins = client.get("Plugins") if isinstance(client, dict) else None
+    for plugin in plugins if isinstance(plugins, list) else []:
+        if isinstance(plugin, dict) and plugin.get("Name") == "compose" and not plugin.get("Err"):
             return plugin.get("Version") or "?"
     return None
 

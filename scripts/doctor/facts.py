@@ -3,7 +3,6 @@ under 3 seconds. Everything that touches the system lives here; the checks are p
 of the Facts this returns."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -55,6 +54,7 @@ class Facts:
     hf_cache: Path | None = None
     disk_free: dict[str, int] = field(default_factory=dict)  # path -> free bytes
     port: int = 8000
+    settings_error: str | None = None  # a malformed VLKIT_* variable in this shell
     port_free: bool | None = None
     models: dict[str, str] = field(default_factory=dict)  # profile -> model id
     model_cached: dict[str, bool] = field(default_factory=dict)  # model id -> in the HF cache
@@ -143,20 +143,26 @@ def _disk_free(paths: list[Path]) -> dict[str, int]:
 
 
 def default_models(options: Options) -> dict[str, str]:
-    """The model each profile would serve: --model, else the planner's default, else VLKIT_MODEL /
-    the service settings' default (one source of truth for the model name)."""
+    """The model each profile would serve: --model, else VLKIT_MODEL / the service settings' default
+    (one source of truth for the model name)."""
     if options.model:
         return {"8gb": options.model, "16gb": options.model}
-    try:
-        from scripts.planner import models as planner_models
-        default = getattr(planner_models, "default_model", None)
-        if callable(default):
-            return {p: default(p) for p in ("8gb", "16gb")}
-    except ImportError:
-        pass
-    from service.settings import ServiceSettings
-    model = ServiceSettings().model
+    model = service_settings()[0].model
     return {"8gb": model, "16gb": model}
+
+
+def service_settings():
+    """(ServiceSettings from the environment, None) or, when a VLKIT_* variable is malformed, (the
+    defaults with VLKIT_MODEL kept, what is wrong): the doctor reports it instead of crashing."""
+    from pydantic import ValidationError
+    from service.settings import ENV_PREFIX, ServiceSettings
+
+    try:
+        return ServiceSettings(), None
+    except ValidationError as exc:
+        why = "; ".join(f"{ENV_PREFIX}{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+        model = os.environ.get(f"{ENV_PREFIX}MODEL") or ServiceSettings.model_fields["model"].default
+        return ServiceSettings.model_construct(model=model), why
 
 
 def _plans(gpu: GpuProbe, models: dict[str, str]) -> dict[str, object]:
@@ -181,11 +187,7 @@ def collect(options: Options) -> Facts:
     platform = detect_platform()
     docker = shutil.which("docker")
     models = default_models(options)
-    try:
-        from service.settings import ServiceSettings
-        port = ServiceSettings().port
-    except Exception:  # a malformed VLKIT_* variable: the port check reports the default
-        port = 8000
+    settings, settings_error = service_settings()  # malformed VLKIT_*: defaults, and the error reported
     cache = hf_cache_dir()
     with ThreadPoolExecutor(max_workers=8) as pool:
         f_gpu = pool.submit(probe, QUICK_TIMEOUT_S)
@@ -194,7 +196,7 @@ def collect(options: Options) -> Facts:
         f_wslcfg = pool.submit(_wslconfig, platform, options.wslconfig)
         f_ram = pool.submit(host_ram, QUICK_TIMEOUT_S)
         f_interop = pool.submit(interop_enabled) if platform.is_wsl else None
-        f_port = pool.submit(_port_free, port)
+        f_port = pool.submit(_port_free, settings.port)
         f_cached = {m: pool.submit(model_in_cache, m, cache) for m in set(models.values())}
         gpu = f_gpu.result()
         f_plans = pool.submit(_plans, gpu, models)
@@ -208,7 +210,7 @@ def collect(options: Options) -> Facts:
             interop=f_interop.result() if f_interop else False,
             wslconfig_path=wsl_path, wslconfig=wsl_cfg, wslconfig_error=wsl_err,
             host_ram=f_ram.result(), hf_cache=cache, disk_free=f_disk.result(),
-            port=port, port_free=f_port.result(), models=models,
+            port=settings.port, port_free=f_port.result(), models=models, settings_error=settings_error,
             model_cached={m: f.result() for m, f in f_cached.items()}, plans=f_plans.result(),
         )
     facts.gpu_container = docker_checks.container_gpu_result(facts, run_now=options.gpu_container)

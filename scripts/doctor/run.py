@@ -19,6 +19,7 @@ def judge(facts: Facts, options: Options) -> list[Check]:
         storage.disk_check(facts),
         storage.model_cache_check(facts),
         storage.port_check(facts),
+        system.settings_check(facts),
         *planning.plan_checks(facts, options.profile),
     ]
     return [r for r in rows if r is not None]

@@ -15,7 +15,7 @@ def disk_check(facts) -> Check:
     where = ", ".join(f"{gib(free)} free at {path}" for path, free in facts.disk_free.items())
     if tight[1] < DISK_FAIL_BYTES:
         return fail("disk", where, f"free space at {tight[0]}: `docker system prune` or delete old models "
-                    "(`huggingface-cli delete-cache`)")
+                    "(`hf cache rm model/<id>`)")
     if tight[1] < DISK_WARN_BYTES:
         return warn("disk", where + f"; images and models want about {gib(DISK_WARN_BYTES)}",
                     "`docker system prune`, or set VLKIT_HF_CACHE to a larger disk")

@@ -39,6 +39,21 @@ def platform_checks(facts) -> list[Check]:
     return out
 
 
+def _size_or_none(text: str) -> int | None:
+    try:
+        return wslconfig.parse_size(text)
+    except ValueError:
+        return None
+
+
+def settings_check(facts) -> Check | None:
+    """VLKIT_* variables in this shell that ServiceSettings rejects (only shown when there are some)."""
+    if not facts.settings_error:
+        return None
+    return warn("settings", f"malformed VLKIT_* variable(s), defaults used: {facts.settings_error}",
+                "fix or unset them (`unset VLKIT_...`); service/settings.py lists the valid values")
+
+
 def wslconfig_check(facts, profile: str) -> Check:
     name = "wslconfig"
     if not facts.platform.is_wsl and facts.wslconfig_path is None:
@@ -72,6 +87,6 @@ def wslconfig_check(facts, profile: str) -> Check:
         return warn(name, f"{shown}: under the {gib(need)} the {profile} profile needs; {want}", fix)
     if processors and processors.isdigit() and int(processors) < 2:
         return warn(name, f"{shown}: one processor makes loading and image decoding slow; {want}", fix)
-    if swap is not None and swap.strip() in ("0", "0GB", "0MB"):
+    if swap is not None and _size_or_none(swap) == 0:
         return warn(name, f"{shown}: no swap, so a loading peak ends in the OOM killer; {want}", fix)
     return ok(name, f"{shown} ({want})")

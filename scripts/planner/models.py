@@ -202,7 +202,10 @@ def spec_from_dir(directory: Path, model_id: str | None = None) -> ModelSpec:
     spec = ModelSpec(id=model_id or str(directory), source=str(directory), text=t, vision=v,
                      quantization="fp8" if fp8 else "none", weight_bytes=0)
     # Real bytes on disk when the weights are there (they load 1:1 for bf16 and fp8 checkpoints).
-    on_disk = _safetensors_bytes(directory)
+    try:
+        on_disk = _safetensors_bytes(directory)
+    except (OSError, ValueError, KeyError, TypeError, struct.error):  # a truncated or odd file
+        on_disk = None
     spec.weight_bytes = on_disk or (_fp8_weight_bytes(t, v) if fp8 else spec.bf16_weight_bytes)
     pre = directory / "preprocessor_config.json"
     if pre.is_file():
@@ -210,7 +213,7 @@ def spec_from_dir(directory: Path, model_id: str | None = None) -> ModelSpec:
             size = json.loads(pre.read_text(encoding="utf-8")).get("size") or {}
             if size.get("longest_edge"):
                 spec.processor_max_pixels = int(size["longest_edge"])
-        except (OSError, json.JSONDecodeError, ValueError):
+        except (OSError, ValueError, AttributeError, TypeError):  # not the layout we know: keep the default
             pass
     return spec
 

@@ -109,7 +109,10 @@ def _card(gpus, gpu_memory_bytes: int | None, gpu_count: int) -> Card:
         raise ValueError("no NVIDIA GPU found: plan for a card with --gpu-memory (e.g. --gpu-memory 8GiB)")
     if gpu_count > len(gpus):
         raise ValueError(f"--gpus {gpu_count}, but {len(gpus)} GPU(s) found")
-    used = sorted(gpus, key=lambda g: g.free_bytes, reverse=True)[:gpu_count]
+    # The first N by index: compose reserves `count: N` GPUs, which Docker takes from index 0 (the
+    # health gate and the doctor look at GPU 0 too), so planning for the emptiest card would plan
+    # for a GPU the container does not get.
+    used = sorted(gpus, key=lambda g: g.index)[:gpu_count]
     # Tensor parallel ranks are equal: the smallest card and the least free memory bound them all.
     total, free = min(g.total_bytes for g in used), min(g.free_bytes for g in used)
     names = ", ".join(sorted({g.name for g in used}))

@@ -101,10 +101,6 @@ class VllmBudget:
     def non_kv(self) -> int:
         return self.weights + self.non_torch + self.activations + self.cuda_graphs
 
-    @property
-    def concurrency(self) -> float:
-        return self.kv_tokens / self.knobs.max_model_len if self.knobs.max_model_len else 0.0
-
 
 def vision_bytes_per_patch(spec: ModelSpec) -> int:
     """Live bytes per vision patch at the tower's peak (bf16 activations).
@@ -155,8 +151,8 @@ def predict(spec: ModelSpec, knobs: VllmKnobs, *, total: int, free: int) -> Vllm
 
     graphs = 0
     if not knobs.enforce_eager:
-        n = len(capture_sizes(knobs.max_num_seqs, knobs.max_num_batched_tokens))
-        largest = capture_sizes(knobs.max_num_seqs, knobs.max_num_batched_tokens)[-1]
+        sizes = capture_sizes(knobs.max_num_seqs, knobs.max_num_batched_tokens)
+        n, largest = len(sizes), sizes[-1]
         # FULL_AND_PIECEWISE: two modes, each a first capture plus a small per-size cost.
         graphs = 2 * (GRAPH_BASE_BYTES + (n - 1) * GRAPH_PER_CAPTURE_BYTES) \
             + largest * decoder_bytes_per_token(spec) // tp
