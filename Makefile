@@ -26,8 +26,10 @@ help: ## list the targets (this text)
 	@grep -E '^[a-z][a-z0-9-]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z0-9-]+):.*## (.*)/  \1\t\2/' | expand -t 16
 
 # The host CLI's small venv (no torch): made on first use, refreshed when pyproject.toml changes.
+# Tested on pip, not python: a venv made without python3-venv has python but no pip; rerunning
+# `python3 -m venv` over it (once python3-venv is installed) completes it.
 $(HOST_STAMP): pyproject.toml
-	@test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	@test -x $(VENV)/bin/pip || python3 -m venv $(VENV) || { echo "vlkit: cannot make $(VENV): install python3-venv (sudo apt-get install python3-venv), then retry"; exit 1; }
 	@$(VENV)/bin/pip install -q -e .
 	@touch $@
 

@@ -26,12 +26,11 @@ fi
 mirror="${mirror:-http://deb.debian.org/debian}"
 
 rootfs="$(mktemp -d /var/tmp/vlkit-base.XXXXXX)"
-trap 'rm -rf "$rootfs"' EXIT
+trap 'rm -rf "$rootfs" "$rootfs.log"' EXIT
 
 echo "debootstrap $SUITE from $mirror ..."
 debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
     "$SUITE" "$rootfs" "$mirror" >"$rootfs.log" 2>&1 || { tail -n 30 "$rootfs.log"; exit 1; }
-rm -f "$rootfs.log"
 
 # Trust what the host trusts. A copy under /usr/local/share/ca-certificates keeps it in the bundle
 # even if a later `update-ca-certificates` regenerates /etc/ssl/certs/ca-certificates.crt.

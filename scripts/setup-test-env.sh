@@ -44,7 +44,9 @@ fi
 
 # --- 2. Docker engine + compose v2 --------------------------------------------------------------------
 step "docker engine"
-if ! command -v dockerd >/dev/null 2>&1; then
+# Not when an engine already answers: Docker Desktop's WSL integration has no dockerd in the distro,
+# and Debian's docker.io would replace the docker CLI it links there.
+if ! command -v dockerd >/dev/null 2>&1 && ! docker info >/dev/null 2>&1; then
     $SUDO apt-get update -q
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends docker.io debootstrap
 fi

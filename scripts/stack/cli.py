@@ -10,6 +10,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -81,6 +82,16 @@ def _gate(plan) -> bool:
     return False
 
 
+def _docker_ok(extra: str = "") -> bool:
+    """require_docker(), reported as one line (with `extra` appended) instead of a traceback."""
+    try:
+        dk.require_docker()
+    except dk.DockerError as e:
+        _err(f"{e}{extra}")
+        return False
+    return True
+
+
 def _env_header(launch: cp.Launch, plan) -> str:
     return (f"Written by `vlkit up` from the plan ({launch.profile} profile, {launch.model}); "
             "regenerated on every start.\nEdit the plan's inputs (`make up MODEL=... CONTEXT=...`), not this file.")
@@ -149,10 +160,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         return _print_dry_run(args, launch)
     if not args.cpu and not args.skip_gate and not _gate(plan):
         return 3
-    try:
-        dk.require_docker()
-    except dk.DockerError as e:
-        _err(str(e))
+    if not _docker_ok():
         return 1
     if not launch.local_model_dir and not args.no_download:
         from scripts.stack.download import DownloadError, download
@@ -174,7 +182,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     env = launch.interpolation_env()
     cp.write_atomic(cp.ENV_FILE, cp.render_env_file(launch.env_file_values(), _env_header(launch, plan)))
     cp.write_atomic(cp.OVERRIDE_FILE, launch.override_text())
-    dk.ensure_cache_volume(Path(env["VLKIT_HF_CACHE"]))
+    Path(env["VLKIT_HF_CACHE"]).mkdir(parents=True, exist_ok=True)  # bind source: the host's hub cache
     cp.run(cp.compose_cmd(None, "rm", "--stop", "--force", *launch.other_services()), env=env, capture=True)
     res = cp.run(launch.compose_up(), env=env, capture=True)
     if res.returncode != 0:
@@ -222,10 +230,7 @@ def _print_dry_run(args: argparse.Namespace, launch: cp.Launch) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    try:
-        dk.require_docker()
-    except dk.DockerError as e:
-        _err(str(e))
+    if not _docker_ok():
         return 1
     profiles = ["8gb", "16gb"] if args.profile == "all" else [args.profile]
     if args.profile == "auto":
@@ -251,10 +256,14 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
+    if not _docker_ok():
+        return 1
     return cp.run(cp.compose_cmd(None, "down", "--remove-orphans")).returncode
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
+    if not _docker_ok():
+        return 1
     cmd = cp.compose_cmd(None, "logs", "--tail", str(args.tail))
     if not args.no_follow:
         cmd.append("--follow")
@@ -265,6 +274,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if not _docker_ok():
+        return 1
     res = cp.run(cp.compose_cmd(None, "ps", "-a"), capture=True)
     if res.returncode != 0:
         _err((res.stderr or res.stdout).strip())
@@ -298,8 +309,9 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def cmd_caption(args: argparse.Namespace) -> int:
     port = args.port
-    for service in cp.SERVICES.values():
-        port = port or dk.published_port(service)
+    if shutil.which("docker"):  # the running service's port; without Docker, the default one
+        for service in cp.SERVICES.values():
+            port = port or dk.published_port(service)
     port = port or cp.DEFAULT_PORT
     try:
         print(caption(f"http://127.0.0.1:{port}", Path(args.image), prompt=args.prompt,
@@ -311,12 +323,12 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
+    if not _docker_ok():
+        return 1
     cp.run(cp.compose_cmd(None, "down", "--remove-orphans"))
     for tag in (images.SERVICE_IMAGE, images.VLLM_SERVICE_IMAGE):
         if dk.image_exists(tag):
             cp.run(["docker", "image", "rm", tag])
-    # The volume is only a bind to the host cache: removing it deletes no model.
-    cp.run(["docker", "volume", "rm", f"{cp.PROJECT}_hf-cache"], capture=True)
     for path in (cp.ENV_FILE, cp.OVERRIDE_FILE):
         path.unlink(missing_ok=True)
     if args.model:
@@ -334,10 +346,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else inside the 8gb image on the GPU (built first if it is missing or stale)."""
     if importlib.util.find_spec("torch") is not None:
         return subprocess.call([sys.executable, "-m", "bench", *args.bench_args])
-    try:
-        dk.require_docker()
-    except dk.DockerError as e:
-        _err(f"{e} (the benchmark runs in the 8gb image; or install the service: pip install -e '.[service]')")
+    if not _docker_ok(" (the benchmark runs in the 8gb image; or install the service: pip install -e '.[service]')"):
         return 1
     why = dk.needs_build("8gb")
     if why:
@@ -364,7 +373,9 @@ def _add_plan_inputs(p: argparse.ArgumentParser) -> None:
 def register(subparsers) -> None:
     up = subparsers.add_parser("up", help="plan, build if needed, start and wait until the API is ready")
     _add_plan_inputs(up)
-    up.add_argument("--port", type=int, default=int(os.environ.get("VLKIT_PORT", cp.DEFAULT_PORT)),
+    # A string default: argparse converts it only when `up` runs, so a bad VLKIT_PORT is a clear error
+    # there instead of a crash of every command.
+    up.add_argument("--port", type=int, default=os.environ.get("VLKIT_PORT", str(cp.DEFAULT_PORT)),
                     help="host port, bound to 127.0.0.1 (default 8000)")
     up.add_argument("--dry-run", action="store_true", help="print the compose and container commands; start nothing")
     up.add_argument("--json", action="store_true", help="with --dry-run: machine-readable")
@@ -405,6 +416,9 @@ def register(subparsers) -> None:
     clean.add_argument("--model", help="also remove this model from the Hugging Face cache")
     clean.set_defaults(func=cmd_clean)
 
-    bench = subparsers.add_parser("bench", help="run the benchmark (python -m bench)")
+    # Every argument, options included, goes to `python -m bench` (`vlkit bench --models 2b`,
+    # `vlkit bench -h` for its help): with '+' as this parser's option prefix none is its own.
+    bench = subparsers.add_parser("bench", help="run the benchmark (python -m bench)", prefix_chars="+",
+                                  add_help=False)
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from scripts import images
 from scripts.stack.compose import PROJECT, ROOT, compose_cmd, run
 
 SOURCE_LABEL = "org.vlkit.source-hash"
+MIN_COMPOSE = (2, 24)   # env_file `required: false` and `!reset` (the CPU override) arrived in 2.24
 # What the 8gb image is built from: a change here means the image is stale.
 _SOURCE_PATHS = ("pyproject.toml", "README.md", "service", "scripts", "wsl", "bench", "docker/Dockerfile.8gb")
 
@@ -21,13 +23,31 @@ class DockerError(RuntimeError):
 
 
 def require_docker() -> None:
-    if not shutil.which("docker"):
+    """Docker CLI, compose v2 new enough for compose.yaml, and a daemon that answers; else why + fix."""
+    docker = shutil.which("docker")
+    if not docker:
         raise DockerError("docker is not installed. Install Docker Desktop (WSL2 backend) or Docker Engine, "
                           "then `make doctor`.")
-    res = run(["docker", "compose", "version"], capture=True)
+    res = run(["docker", "compose", "version", "--short"], capture=True)
     if res.returncode != 0:
         raise DockerError("`docker compose` (v2) is missing: update Docker Desktop, or install the "
                           "docker-compose-plugin package.")
+    version = tuple(int(p) for p in re.findall(r"\d+", res.stdout)[:2])
+    if version and version < MIN_COMPOSE:
+        raise DockerError(f"docker compose {res.stdout.strip()} is too old: compose.yaml needs "
+                          f"{'.'.join(map(str, MIN_COMPOSE))} or newer (optional env_file, !reset). "
+                          "Update Docker Desktop, or the docker-compose-plugin package.")
+    # Otherwise a stopped daemon surfaces later as a failed build or an unexplained compose error.
+    res = run(["docker", "info", "--format", "{{.ServerVersion}}"], capture=True)
+    if res.returncode != 0:
+        from scripts.doctor.docker import explain_daemon_error
+        from wsl.host import systemd_running
+
+        error = (res.stderr or res.stdout).strip().splitlines()
+        real = os.path.realpath(docker)
+        fix = explain_daemon_error("\n".join(error), "docker-desktop" in real or real.startswith("/mnt/"),
+                                   systemd_running())
+        raise DockerError(f"the Docker daemon does not answer ({error[-1] if error else 'no output'}). Fix: {fix}.")
 
 
 @dataclass
@@ -150,17 +170,3 @@ def published_port(service: str) -> int | None:
             if pub.get("TargetPort") == 8000 and pub.get("PublishedPort"):
                 return int(pub["PublishedPort"])
     return None
-
-
-def ensure_cache_volume(host_dir: Path) -> None:
-    """The shared cache volume is a bind to the host's hub cache; if it was made for another
-    directory (HF_HUB_CACHE changed), recreate it. It holds no data of its own."""
-    name = f"{PROJECT}_hf-cache"
-    host_dir.mkdir(parents=True, exist_ok=True)
-    res = run(["docker", "volume", "inspect", "-f", "{{json .Options}}", name], capture=True)
-    if res.returncode != 0:
-        return
-    opts = json.loads(res.stdout.strip() or "null") or {}
-    if opts.get("device") and Path(opts["device"]) != host_dir:
-        run(compose_cmd(None, "down"), capture=True)
-        run(["docker", "volume", "rm", name], capture=True)
