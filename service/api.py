@@ -50,6 +50,9 @@ from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 _DISCONNECT_POLL_S = 0.2
+# Images decoded at once, over all requests: a decode can take ~1 GB at max_image_source_pixels, and
+# it runs before the queue limit applies, so a burst of large images must not decode all at once.
+_CONCURRENT_IMAGE_DECODES = 4
 
 
 class ServiceState:
@@ -77,13 +80,8 @@ def create_app(settings: ServiceSettings, engine: Engine | None = None, *,
     def load_in_background() -> None:
         try:
             loaded = Engine.load(settings, metrics)
-            loaded.start()
-            state.engine = loaded
-            if settings.warmup:
-                loaded.warmup()
-            else:
-                loaded.ready = True
-                metrics.ready.set(1)
+            state.engine = loaded  # not ready yet: requests get 503 until the warm-up has passed
+            _start_and_warm(loaded, settings)
             log.info("ready: %s (max context %d)", settings.model_name, loaded.max_model_len)
         except BaseException as exc:  # noqa: BLE001 - reported on /health/ready and to the launcher
             state.load_error = f"The model failed to load: {exc}"
@@ -103,6 +101,13 @@ def create_app(settings: ServiceSettings, engine: Engine | None = None, *,
 
     app = FastAPI(title="vlkit service", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.service = state
+    image_slots = asyncio.Semaphore(_CONCURRENT_IMAGE_DECODES)
+
+    async def load_image(url: str):
+        data = await asyncio.to_thread(fetch_image_bytes, url, settings)
+        async with image_slots:
+            return await asyncio.to_thread(decode_image, data, settings)
+
     _install_error_handlers(app, metrics)
 
     async def require_key(request: Request) -> None:
@@ -154,7 +159,7 @@ def create_app(settings: ServiceSettings, engine: Engine | None = None, *,
             raise InvalidRequest(
                 f"At most {settings.max_images_per_request} image(s) may be provided in one request; got {len(urls)}.",
                 param="messages", kind="too_many_images")
-        images = await asyncio.gather(*(asyncio.to_thread(_load_image, url, settings) for url in urls))
+        images = await asyncio.gather(*(load_image(url) for url in urls))
         generation = await asyncio.to_thread(
             engine.prepare, messages, list(images), max_tokens=chat.max_new_tokens, temperature=chat.temperature,
             top_p=chat.top_p, top_k=max(chat.top_k, 0) if chat.top_k is not None else None, seed=chat.seed,
@@ -175,6 +180,7 @@ def _start_and_warm(engine: Engine, settings: ServiceSettings) -> None:
         engine.warmup()
     else:
         engine.ready = True
+        engine.metrics.ready.set(1)
 
 
 def _install_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
@@ -264,10 +270,6 @@ def _to_chat_messages(chat: ChatCompletionRequest) -> tuple[list[dict], list[str
                 urls.append(part.image_url.url)
         messages.append({"role": role, "content": parts})
     return messages, urls
-
-
-def _load_image(url: str, settings: ServiceSettings):
-    return decode_image(fetch_image_bytes(url, settings), settings)
 
 
 async def _complete(request: Request, handle: RequestHandle, generation: GenerationRequest, model: str):

@@ -586,10 +586,12 @@ class Engine:
         free = self.settings.max_batch_size - len(self._rows)
         if self.runner is not None:
             free = min(free, self.runner.cache.free_slots)
-        if free <= 0:
+        if free <= 0 or not self._waiting:  # a racy peek is enough: one queued now joins at the next step
             return
-        running = [(n, row.params.max_tokens - row.generated)
-                   for n, row in zip(self._batch.lengths() if self._batch else [], self._rows)]
+        running: list[tuple[int, int]] = []
+        if self.runner is None and self._batch is not None:  # the growing-cache budget (lengths(): a device read)
+            running = [(n, row.params.max_tokens - row.generated)
+                       for n, row in zip(self._batch.lengths(), self._rows)]
         taken: list[tuple[GenerationRequest, RequestHandle]] = []
         with self._cv:
             while self._waiting and len(taken) < free:

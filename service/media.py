@@ -127,7 +127,7 @@ def decode_image(data: bytes, settings: ServiceSettings) -> Image.Image:
 def to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB; transparency composited on white; 16-bit scaled (not clipped)."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
+        array = np.asarray(image, dtype=np.float32)  # exact for 16-bit values, half float64's memory
         top = 65535.0 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
         image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
     if image.mode == "P":

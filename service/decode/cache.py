@@ -8,7 +8,7 @@ writes the K/V of inactive rows there, so a static-shape step never touches a se
 from __future__ import annotations
 
 import heapq
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -108,10 +108,6 @@ class SlotKVCache:
     def _set_length(self, slot: int, length: int) -> None:
         self.lengths[slot] = length
         self.lengths_dev[slot] = length
-
-    def positions(self, slots: Sequence[int]) -> list[int]:
-        """The rotary position of each slot's next token: its length plus its rope delta."""
-        return [self.lengths[s] + self.rope_deltas[s] for s in slots]
 
     # ---- filling from a prefill
 
