@@ -59,6 +59,9 @@ def test_both_profiles_mount_the_one_shared_cache_volume(tmp_path):
             (compiled,) = [v for v in volumes if v is not cache]
             assert compiled["type"] == "volume" and compiled["target"] == "/cache/vlkit-compile"
             assert compiled["source"] in cfg["volumes"]
+        else:  # vLLM's torch.compile cache too
+            (compiled,) = [v for v in volumes if v is not cache]
+            assert compiled["type"] == "volume" and compiled["target"] == "/cache/vllm"
     assert mounts["8gb"] == mounts["16gb"] == ("bind", str(tmp_path))
 
 

@@ -15,7 +15,11 @@ from scripts.stack.compose import PROJECT, ROOT, compose_cmd, run
 SOURCE_LABEL = "org.vlkit.source-hash"
 MIN_COMPOSE = (2, 24)   # env_file `required: false` and `!reset` (the CPU override) arrived in 2.24
 # What the 8gb image is built from: a change here means the image is stale.
-_SOURCE_PATHS = ("pyproject.toml", "README.md", "service", "scripts", "wsl", "bench", "docker/Dockerfile.8gb")
+# What each image is built from: a change to any of these makes `vlkit up` rebuild it.
+_SOURCE_PATHS = {
+    "8gb": ("pyproject.toml", "README.md", "service", "scripts", "wsl", "bench", "docker/Dockerfile.8gb"),
+    "16gb": ("docker/Dockerfile.16gb",),
+}
 
 
 class DockerError(RuntimeError):
@@ -73,10 +77,10 @@ class BuildOptions:
         return o
 
 
-def source_hash(root: Path = ROOT) -> str:
-    """Hash of everything the 8gb image is built from (ignoring caches), to rebuild only when stale."""
+def source_hash(root: Path = ROOT, profile: str = "8gb") -> str:
+    """Hash of everything the profile's image is built from (ignoring caches), to rebuild only when stale."""
     h = hashlib.sha256()
-    for rel in _SOURCE_PATHS:
+    for rel in _SOURCE_PATHS[profile]:
         p = root / rel
         files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else ([p] if p.exists() else [])
         for f in files:
@@ -94,11 +98,10 @@ def build_cmd(profile: str, opts: BuildOptions, *, tag: str | None = None, root:
     if profile == "8gb":
         cmd += ["--build-arg", f"BASE_IMAGE={opts.base_image}",
                 "--build-arg", f"TORCH_INDEX_URL={opts.torch_index_url}",
-                "--build-arg", f"TORCH_PACKAGES={opts.torch_packages}",
-                "--label", f"{SOURCE_LABEL}={source_hash(root)}"]
+                "--build-arg", f"TORCH_PACKAGES={opts.torch_packages}"]
     else:
         cmd += ["--build-arg", f"VLLM_IMAGE={opts.vllm_image}"]
-    return cmd + [str(root)]
+    return cmd + ["--label", f"{SOURCE_LABEL}={source_hash(root, profile)}", str(root)]
 
 
 def image_label(tag: str, label: str) -> str | None:
@@ -117,12 +120,10 @@ def image_exists(tag: str) -> bool:
 def needs_build(profile: str) -> str | None:
     """Why the profile's image must be built, or None when it is there and current."""
     tag = images.image_for(profile)  # type: ignore[arg-type]
-    if profile == "16gb":
-        return None if image_exists(tag) else f"{tag} is not built yet"
     label = image_label(tag, SOURCE_LABEL)
     if label is None:
         return f"{tag} is not built yet"
-    if label != source_hash():
+    if label != source_hash(profile=profile):
         return f"{tag} is older than the source"
     return None
 
