@@ -23,6 +23,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from service.readiness import wait_ready
+
 PROMPT = ("Describe this picture for a visually impaired reader: the main objects, their colours and "
           "positions, any text you can read, and what is probably happening. Keep it to one short paragraph.")
 
@@ -133,18 +135,9 @@ def main(argv: list[str] | None = None) -> int:
                              "smoke", "--port", str(port), *service_args], stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
-        import httpx
-
         base = f"http://127.0.0.1:{port}"
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"the service exited with {proc.returncode}; see {log.name}")
-            try:
-                if httpx.get(base + "/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        if not wait_ready(base, float("inf"), alive=lambda: proc.poll() is None):
+            raise SystemExit(f"the service exited with {proc.returncode}; see {log.name}")
         ready_s = time.perf_counter() - started
         client = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=600)
         url = _image_url()

@@ -10,7 +10,6 @@ import io
 import os
 import socket
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,25 +78,17 @@ class RunningServer:
 
 def start_server(settings) -> tuple[RunningServer, callable]:
     """The real app under uvicorn in a thread; returns once /health/ready says ready."""
-    import httpx
     import uvicorn
 
     from service.api import create_app
+    from service.readiness import wait_ready
 
     app = create_app(settings)
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
     base = f"http://{settings.host}:{settings.port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(base + "/health/ready", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    else:
+    if not wait_ready(base, 60, poll=0.05):
         server.should_exit = True
         raise RuntimeError(f"server did not become ready: {app.state.service.load_error}")
 

@@ -5,12 +5,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 
 from service.__main__ import build_parser, settings_from_args
+from service.readiness import wait_ready
 from service.settings import ServiceSettings
 from tests.conftest import free_port
 
@@ -58,15 +57,7 @@ def test_starts_answers_and_stops_gracefully(tiny_model_dir):
                         "--max-model-len", "256", "--log-level", "info"])
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(base + "/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, proc.stdout.read()
-            time.sleep(0.1)
+        assert wait_ready(base, 120, alive=lambda: proc.poll() is None), proc.stdout.read()
         from openai import OpenAI
 
         reply = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0).chat.completions.create(
