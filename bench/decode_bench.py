@@ -26,7 +26,7 @@ import transformers
 from bench.engine_bench import engine_rows
 from bench.measure import GIB, Memory, clock, copy_bandwidth, text_weight_bytes, weight_bytes
 from bench.workload import Workload, build_inputs, build_model
-from service.decode import DecodeRunner, Qwen3VLDecoder, SlotKVCache, prefill
+from service.decode import DecodeRunner, Qwen3VLDecoder, PagedKVCache, prefill
 from service.decode.attention import triton_available
 
 
@@ -139,7 +139,7 @@ def bench_model(size: str, args, device: torch.device, dtype: torch.dtype, workl
     prompt_len = single["input_ids"].shape[1]
     row["prompt tokens (image + text) / new tokens"] = f"{prompt_len} / {workload.new_tokens}"
     slots = max(args.batches)
-    cache = SlotKVCache(model.config, slots, args.max_len, dtype=dtype, device=device)
+    cache = PagedKVCache(model.config, slots, args.max_len, dtype=dtype, device=device)
     row["KV cache (slots x max context)"] = f"{cache.nbytes / GIB:.2f} GiB ({slots} x {args.max_len})"
     runner = DecodeRunner(Qwen3VLDecoder(model, cache, attention="sdpa"))
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from bench.measure import copy_bandwidth
 from bench.workload import Workload, build_inputs, build_model
-from service.decode import DecodeRunner, Qwen3VLDecoder, SlotKVCache, prefill
+from service.decode import DecodeRunner, Qwen3VLDecoder, PagedKVCache, prefill
 
 
 def say(message: str) -> None:
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     model, _ = build_model(args.model, "cuda", torch.bfloat16)
     workload = Workload()
     inputs = build_inputs(model, workload, 1)
-    cache = SlotKVCache(model.config, 8, args.max_len, dtype=torch.bfloat16, device=device)
+    cache = PagedKVCache(model.config, 8, args.max_len, dtype=torch.bfloat16, device=device)
     decoder = Qwen3VLDecoder(model, cache, fuse_projections=True, compile_backend=args.compile or None)
     runner = DecodeRunner(decoder)
     text = model.model.language_model.config

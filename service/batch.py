@@ -1,16 +1,18 @@
 """The running batch on the device: its rows' KV cache, positions and decode step.
 
-Rows join between decode steps (their prompts are prefilled together as one left-padded forward,
-then join the running rows) and leave between steps. Positions are explicit per row, so padding
-never shifts a row's rotary positions; for Qwen-VL's 3D "mrope" each row keeps its own rope delta
-(the offset between its text position and its mrope position after the images).
+Rows join between decode steps (their prompts are prefilled, then join the running rows) and
+leave between steps. Positions are explicit per row, so padding never shifts a row's rotary
+positions; for Qwen-VL's 3D "mrope" each row keeps its own rope delta (the offset between its text
+position and its mrope position after the images).
 
 Everything that touches the KV cache lives here, behind one small interface the scheduler uses
 (`prefill`, `decode`, `merge`, `keep`, `release`, `lengths`), in two kinds:
 
-- SlotBatch: Qwen3-VL models. Rows live in slots of a static KV cache (service.decode) and each
-  decode step is our own step, replayed from CUDA graphs on CUDA. The fast path.
-- KVBatch: any other model transformers loads: its own forward over a growing DynamicCache.
+- SlotBatch: Qwen3-VL models. Rows live in slots of a paged KV cache (service.decode); prompts are
+  prefilled one by one by our own prefill, and each decode step is our own step, replayed from
+  CUDA graphs on CUDA. The fast path.
+- KVBatch: any other model transformers loads: its own forward over a growing DynamicCache, the
+  prompts prefilled together as one left-padded forward.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import torch
 from transformers import DynamicCache
 
 from service.decode import DecodeRunner
+from service.decode.qwen3_prefill import Qwen3VLPrefill
 
 Forward = Callable[..., object]
 
@@ -188,10 +191,11 @@ class KVBatch:
 
 
 class SlotBatch:
-    """Rows held in the slots of a static KV cache, decoded by a DecodeRunner (CUDA graphs on CUDA).
+    """Rows held in the slots of a paged KV cache, decoded by a DecodeRunner (CUDA graphs on CUDA).
 
-    The prompt is prefilled by transformers' forward as for KVBatch; each row's K/V are then copied
-    into a free slot, and the prefill's cache is dropped. Joining and leaving only move slot numbers.
+    Each prompt is prefilled on its own by service.decode's Qwen3-VL prefill, straight into the
+    blocks its slot reserved (image by image, then the text in chunks: the activation peak is that
+    of one image and one chunk). Joining and leaving only move slot numbers.
     """
 
     def __init__(self, runner: DecodeRunner, slots: list[int]):
@@ -203,22 +207,28 @@ class SlotBatch:
         return len(self.slots)
 
     @classmethod
-    def prefill(cls, runner: DecodeRunner, forward: Forward, layout: RopeLayout, device: torch.device, text_config,
-                prompts: list[Prompt], pad_id: int) -> tuple["SlotBatch", torch.Tensor]:
-        """Prefill the prompts into free slots (the caller checked there are enough)."""
+    def prefill(cls, runner: DecodeRunner, model, prompts: list[Prompt],
+                reserve: list[int] | None = None) -> tuple["SlotBatch", torch.Tensor]:
+        """Prefill the prompts into free slots, each reserving ``reserve[i]`` tokens (its prompt and
+        the tokens it may generate; default: the whole context); return the batch and the logits
+        ``[n, vocab]`` after each prompt. The caller checked that they fit."""
         cache = runner.cache
-        if cache.free_slots < len(prompts):
-            raise RuntimeError(f"{len(prompts)} prompts for {cache.free_slots} free slots")
-        slots = [cache.allocate() for _ in prompts]
-        batch = cls(runner, slots)
+        prefiller = Qwen3VLPrefill(model, runner.decoder)
+        reserve = reserve or [cache.max_len] * len(prompts)
+        batch = cls(runner, [])
+        logits = []
         try:
-            out, _ = padded_forward(forward, layout, device, text_config, prompts, pad_id)
-            for row, (slot, prompt) in enumerate(zip(slots, prompts)):
-                cache.load_prefill(slot, out.past_key_values, prompt.length, row=row, rope_delta=prompt.rope_delta)
+            for prompt, tokens in zip(prompts, reserve):
+                slot = cache.allocate(tokens)
+                if slot is None:
+                    raise RuntimeError(f"no room in the KV cache for {len(prompts)} prompts")
+                batch.slots.append(slot)
+                logits.append(prefiller.prefill(slot, prompt.input_ids, prompt.mrope_positions, prompt.rope_delta,
+                                                prompt.extras.get("pixel_values"), prompt.extras.get("image_grid_thw")))
         except BaseException:
             batch.release()
             raise
-        return batch, out.logits[:, -1]
+        return batch, torch.stack(logits)
 
     def lengths(self) -> list[int]:
         return [self.runner.cache.lengths[s] for s in self.slots]

@@ -13,10 +13,11 @@ decode step for every row, sample per row, stream text, retire finished rows. A 
 (client gone) leaves at the next step boundary. Out-of-memory fails only the requests of the step
 that hit it (503), frees the cache and the loop goes on. No HTTP here.
 
-Decoding (service/batch.py): Qwen3-VL models decode from a static slot KV cache with our own step,
+Decoding (service/batch.py): Qwen3-VL models decode from a paged KV cache with our own step,
 replayed from CUDA graphs on CUDA; the cache is sized at start-up from the memory budget after
 measuring a prefill of the largest admissible request (service/memory.py), so admission is "a slot
-is free". Other models decode through transformers' forward with an estimated budget.
+and the blocks for prompt + max_tokens are free". Other models decode through transformers' forward
+with an estimated budget.
 """
 from __future__ import annotations
 
@@ -37,13 +38,14 @@ from typing import Iterator
 import torch
 
 from service.batch import KVBatch, Prompt, RopeLayout, SlotBatch, padded_forward
-from service.decode import DecodeRunner, Qwen3VLDecoder, SlotKVCache
+from service.decode import BLOCK_SIZE, DecodeRunner, PagedKVCache, Qwen3VLDecoder
+from service.decode.qwen3_prefill import Qwen3VLPrefill
 from service.decode.qwen3_step import fuse_linear_weights, text_model_of
 from service.detokenizer import IncrementalDetokenizer
 from service.errors import (Cancelled, InvalidRequest, ModelUnavailable, OutOfMemory, QueueFull, ServiceError,
                             Unavailable)
 from service.loading import LoadedModel, image_kwargs, load
-from service.memory import GIB, MemoryBudget, ProcessMemory, SlotPlan, plan_slots
+from service.memory import GIB, KVPlan, MemoryBudget, ProcessMemory, plan_kv_blocks
 from service.metrics import ServiceMetrics
 from service.sampling import SamplingParams, make_generator, sample
 from service.settings import ServiceSettings
@@ -201,7 +203,7 @@ class _Step:
 class Engine:
     def __init__(self, settings: ServiceSettings, loaded: LoadedModel, metrics: ServiceMetrics | None = None, *,
                  process_memory: ProcessMemory | None = None, static_cache: bool | None = None):
-        """static_cache: decode from a slot cache with our own step (default: when the model is a
+        """static_cache: decode from the paged cache with our own step (default: when the model is a
         Qwen3-VL); False keeps transformers' forward. process_memory: made before the model touched
         the GPU (Engine.load does this), so that NVML figures can be told apart from other processes."""
         self.settings = settings
@@ -223,9 +225,8 @@ class Engine:
         self.memory = MemoryBudget(self.model, self.device, self.dtype, settings.memory_budget_gib)
         self.process_memory = process_memory
         self.runner: DecodeRunner | None = None
-        self.plan: SlotPlan | None = None
+        self.plan: KVPlan | None = None
         self.startup_seconds: dict[str, float] = {}
-        self._prefill_limits: tuple[int, int] | None = None  # (padded tokens, image patches) of one prefill
         self._reserved_ceiling: int | None = None
         if static_cache is None:
             static_cache = Qwen3VLDecoder.supports(self.model)
@@ -256,19 +257,20 @@ class Engine:
                                   **engine.startup_seconds}
         return engine
 
-    # ---- the static slot cache: sizing, graphs ------------------------------------------------
+    # ---- the paged KV cache: sizing, graphs ----------------------------------------------------
     def _setup_static_decoding(self) -> None:
-        """Size the slot KV cache from the budget, build the decode step, compile and capture it."""
+        """Size the paged KV cache from the budget, build the decode step, compile and capture it."""
         settings, on_cuda = self.settings, self.device.type == "cuda"
         started = time.perf_counter()
         if on_cuda:  # q/k/v and gate/up as one matmul each: in place, before memory is measured
             for layer in text_model_of(self.model).layers:
                 fuse_linear_weights([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
                 fuse_linear_weights([layer.mlp.gate_proj, layer.mlp.up_proj])
-        slots = settings.max_batch_size
+        blocks = None  # CPU: room for max_batch_size sequences of max_model_len (system RAM is not budgeted)
         if on_cuda:
-            slots = self._plan_memory()
-        cache = SlotKVCache(self.model.config, slots, self.max_model_len, dtype=self.dtype, device=self.device)
+            blocks = self._plan_memory()
+        cache = PagedKVCache(self.model.config, settings.max_batch_size, self.max_model_len, blocks,
+                             dtype=self.dtype, device=self.device)
         decoder = Qwen3VLDecoder(self.model, cache, fuse_projections=on_cuda,
                                  compile_backend="inductor" if on_cuda and settings.compile else None)
         # The Triton attention ends blocks past each row's length at once: coarse context buckets
@@ -292,36 +294,32 @@ class Engine:
                      len(self.runner.graphs))
 
     def _plan_memory(self) -> int:
-        """Measure the largest request's prefill, then fit as many KV slots as the budget allows."""
+        """Measure the largest request's prefill, then fit as many KV blocks as the budget allows.
+
+        The prefill runs image by image and chunk by chunk, so the largest request (the most images
+        of max_pixels, text up to max_model_len) bounds the activations of every prefill."""
         settings = self.settings
         prompt = self._largest_prompt()
-        patches = int(prompt.extras["pixel_values"].shape[0]) if "pixel_values" in prompt.extras else 0
-        self._prefill_limits = (prompt.length, patches)
         try:
-            peak = self._prefill_peak([prompt])
-            # The same budget spent as a batch of short prompts (one image each): a different shape.
-            one = self._largest_prompt(images=1, text_tokens=0)
-            one_patches = int(one.extras["pixel_values"].shape[0]) if "pixel_values" in one.extras else 0
-            rows = min(settings.max_batch_size, prompt.length // one.length,
-                       patches // one_patches if one_patches else settings.max_batch_size)
-            if rows > 1:
-                peak = max(peak, self._prefill_peak([one] * rows))
+            peak = self._prefill_peak(prompt)
         except torch.cuda.OutOfMemoryError:
             raise ModelUnavailable(
                 f"the largest request this configuration admits ({prompt.length} tokens with "
                 f"{self._count_images(prompt)} image(s) of up to {settings.max_pixels} pixels) does not fit the GPU: "
                 "lower --max-model-len, --max-pixels or --max-images-per-request, or use --quantization nf4") from None
         resident = self._process_used()
-        slot_bytes = SlotKVCache.bytes_per_token(self.model.config, self.dtype) * (self.max_model_len + 1)
-        self.plan = plan_slots(budget_bytes=int(settings.memory_budget_gib * GIB), resident_bytes=resident,
-                               prefill_peak_bytes=peak, slot_bytes=slot_bytes, max_slots=settings.max_batch_size)
-        if self.plan.slots < 1:
+        block_bytes = PagedKVCache.bytes_per_token(self.model.config, self.dtype) * BLOCK_SIZE
+        self.plan = plan_kv_blocks(budget_bytes=int(settings.memory_budget_gib * GIB), resident_bytes=resident,
+                                   prefill_peak_bytes=peak, block_bytes=block_bytes, block_size=BLOCK_SIZE,
+                                   max_len=self.max_model_len, max_sequences=settings.max_batch_size)
+        if self.plan.full_sequences < 1:
+            need = (-(-self.max_model_len // BLOCK_SIZE) + 1) * block_bytes
             raise ModelUnavailable(
                 f"--memory-budget-gib {settings.memory_budget_gib} leaves no room for one sequence of "
-                f"--max-model-len {self.max_model_len} tokens ({slot_bytes / GIB:.2f} GiB of KV cache): "
+                f"--max-model-len {self.max_model_len} tokens ({need / GIB:.2f} GiB of KV cache): "
                 f"{self.plan.describe()}. Lower --max-model-len, --max-pixels or --max-images-per-request, "
                 "use --quantization nf4, or raise the budget if the card has room")
-        return self.plan.slots
+        return self.plan.blocks
 
     def _process_used(self) -> int:
         """This process's GPU memory (NVML where it tells; else torch's share plus a typical context)."""
@@ -329,30 +327,42 @@ class Engine:
             return self.process_memory.used()
         return torch.cuda.memory_reserved(self.device) + 600 * 1024**2
 
-    def _prefill_peak(self, prompts: list[Prompt]) -> int:
-        """Bytes a prefill of these prompts adds at its peak: torch's peak, or what NVML saw grow."""
+    def _prefill_peak(self, prompt: Prompt) -> int:
+        """Bytes the prefill of this prompt adds at its peak (torch's peak, or what NVML saw grow),
+        beyond the K/V it writes: it runs into a pool of its own, made before measuring."""
+        pool = PagedKVCache(self.model.config, 1, self.max_model_len, dtype=self.dtype, device=self.device)
+        decoder = Qwen3VLDecoder(self.model, pool, fuse_projections=self.device.type == "cuda")
+        slot = pool.allocate(prompt.length)
+        prefiller = Qwen3VLPrefill(self.model, decoder)
+
+        def run() -> None:
+            prefiller.prefill(slot, prompt.input_ids, prompt.mrope_positions, prompt.rope_delta,
+                              prompt.extras.get("pixel_values"), prompt.extras.get("image_grid_thw"))
+            torch.cuda.synchronize(self.device)
+
+        # Once first: kernels and library workspaces loaded at their first use stay resident (they
+        # are counted there); the second run shows what a prefill itself adds.
+        run()
         gc.collect()
         torch.cuda.empty_cache()
         allocated, reserved = torch.cuda.memory_allocated(self.device), torch.cuda.memory_reserved(self.device)
         used = self._process_used()
         torch.cuda.reset_peak_memory_stats(self.device)
-        with torch.no_grad():
-            out, _ = padded_forward(self.model, self.layout, self.device, self._text_config, prompts, self._pad_id)
-        del out
-        torch.cuda.synchronize(self.device)
+        run()
         peak = max(torch.cuda.max_memory_allocated(self.device) - allocated,
                    torch.cuda.max_memory_reserved(self.device) - reserved, self._process_used() - used)
+        del pool, decoder, prefiller
         gc.collect()
         torch.cuda.empty_cache()
-        log.info("prefill of %d prompt(s) x %d tokens: peak %.2f GiB", len(prompts), max(p.length for p in prompts),
+        log.info("prefill of %d tokens with %d image(s): peak %.2f GiB", prompt.length, self._count_images(prompt),
                  peak / GIB)
         return peak
 
-    def _largest_prompt(self, images: int | None = None, text_tokens: int | None = None) -> Prompt:
+    def _largest_prompt(self) -> Prompt:
         """A prompt the size of the largest request `prepare` admits: the most images of max_pixels
-        that fit the context, then text up to max_model_len - 1 tokens (or `images` / `text_tokens`)."""
+        that fit the context, then text up to max_model_len - 1 tokens."""
         settings = self.settings
-        count = settings.max_images_per_request if images is None else min(images, settings.max_images_per_request)
+        count = settings.max_images_per_request
         images: list = []
         if count > 0 and hasattr(self.processor, "image_processor"):
             from PIL import Image
@@ -365,7 +375,7 @@ class Engine:
             if prompt.length < self.max_model_len or not images:
                 break
             images = images[:-1]
-        extra = max(0, self.max_model_len - 1 - prompt.length) if text_tokens is None else text_tokens
+        extra = max(0, self.max_model_len - 1 - prompt.length)
         input_ids = torch.cat([prompt.input_ids, prompt.input_ids[-1:].repeat(extra)])
         token_extras = {k: torch.cat([v, v.new_zeros(extra)]) for k, v in prompt.token_extras.items()}
         mrope, delta = self.layout.prompt_positions(input_ids, prompt.extras, token_extras)
@@ -584,10 +594,12 @@ class Engine:
 
     def _admit(self) -> None:
         free = self.settings.max_batch_size - len(self._rows)
-        if self.runner is not None:
-            free = min(free, self.runner.cache.free_slots)
+        cache = self.runner.cache if self.runner is not None else None
+        if cache is not None:
+            free = min(free, cache.free_slots)
         if free <= 0 or not self._waiting:  # a racy peek is enough: one queued now joins at the next step
             return
+        blocks_left = cache.free_blocks if cache is not None else 0
         running: list[tuple[int, int]] = []
         if self.runner is None and self._batch is not None:  # the growing-cache budget (lengths(): a device read)
             running = [(n, row.params.max_tokens - row.generated)
@@ -597,8 +609,11 @@ class Engine:
             while self._waiting and len(taken) < free:
                 request, handle = self._waiting[0]
                 group = [r for r, _ in taken] + [request]
-                if taken and not self._fits_one_prefill(group):
-                    break  # the rest is prefilled at the next step
+                if cache is not None:
+                    need = cache.blocks_needed(self._reserve(request))
+                    if need > blocks_left:
+                        break  # waits (in order) until running requests hand their blocks back
+                    blocks_left -= need
                 if self.runner is None and (running or taken) and not self.memory.fits(
                         running, [(r.prompt_tokens, r.params.max_tokens) for r in group]):
                     break  # waits for memory; an empty batch always takes the head so nothing starves
@@ -610,8 +625,9 @@ class Engine:
         try:
             prompts = [r.prompt for r, _ in taken]
             if self.runner is not None:
-                batch, logits = SlotBatch.prefill(self.runner, self._model_forward, self.layout, self.device,
-                                                  self._text_config, prompts, self._pad_id)
+                self._raise_fault()
+                batch, logits = SlotBatch.prefill(self.runner, self.model, prompts,
+                                                  reserve=[self._reserve(r) for r, _ in taken])
             else:
                 batch, logits = KVBatch.prefill(self._model_forward, self.layout, self.device, self._text_config,
                                                 prompts, self._pad_id)
@@ -641,14 +657,12 @@ class Engine:
         self._rows.extend(rows)
         self.metrics.running.set(len(self._rows))
 
-    def _fits_one_prefill(self, group: list[GenerationRequest]) -> bool:
-        """Whether these prompts, padded to the longest, stay within the prefill measured at start-up."""
-        if self._prefill_limits is None:
-            return True
-        tokens, patches = self._prefill_limits
-        width = max(r.prompt_tokens for r in group)
-        pixels = sum(int(r.prompt.extras["pixel_values"].shape[0]) for r in group if "pixel_values" in r.prompt.extras)
-        return width * len(group) <= tokens and pixels <= patches
+    @staticmethod
+    def _reserve(request: GenerationRequest) -> int:
+        """KV tokens a request may fill: its prompt and every token it may generate (prepare keeps
+        that within max_model_len). The last token is fed once more by the step already in flight
+        when the row ends: it lands at position prompt + max_tokens - 1, inside the reservation."""
+        return request.prompt_tokens + request.params.max_tokens
 
     def _trim_allocator(self) -> None:
         """Hand cached blocks back when prefills of changing shapes have grown the allocator's share."""

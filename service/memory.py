@@ -4,12 +4,13 @@ The budget (``memory_budget_gib``) is for the whole process as NVML sees it: wei
 context and library workspaces (outside torch's allocator), the KV cache, CUDA graph pools and the
 activations of a prefill.
 
-Qwen3-VL (static slot cache): everything is sized at start-up from measurements. After the weights
+Qwen3-VL (paged cache): everything is sized at start-up from measurements. After the weights
 load, a prefill of the largest admissible request (``max_images_per_request`` images of
-``max_pixels`` plus text up to ``max_model_len``) is run once and its activation peak measured; the
-KV cache then gets what remains (:func:`plan_slots`), as whole slots of ``max_model_len`` tokens.
-At run time a prefill group never exceeds that measured request (the engine splits larger groups),
-and a request without a free slot waits in the queue.
+``max_pixels`` plus text up to ``max_model_len``) is run once and its activation peak measured (the
+prefill writes K/V straight into the cache's blocks, so that peak holds no copy of them); the KV
+cache then gets what remains (:func:`plan_kv_blocks`), as blocks of 64 tokens. At run time a
+prefill group never exceeds that measured request (the engine splits larger groups), and a request
+whose prompt and max_tokens do not fit the free blocks waits in the queue.
 
 Other models (growing DynamicCache): :class:`MemoryBudget` estimates each admission from the model's
 shapes. On the CPU there is no budget (system RAM is not the limit this protects).
@@ -77,33 +78,48 @@ def _nvml_index(device_index: int) -> int:
 
 
 @dataclass
-class SlotPlan:
+class KVPlan:
     """How the budget is shared out (bytes), for the start-up log and the benchmark."""
 
     budget: int
     resident: int  # weights, CUDA context, workspaces: measured after loading and the warm-up prefill
     prefill_peak: int  # activations of the largest admissible request, measured
     headroom: int
-    slot_bytes: int  # one slot of max_model_len tokens
-    slots: int
+    block_bytes: int  # one block of block_size tokens, every layer's K and V
+    block_size: int
+    blocks: int  # usable blocks (the pool holds one more: the scratch block)
+    max_len: int
 
     @property
     def kv_bytes(self) -> int:
-        return self.slots * self.slot_bytes
+        return (self.blocks + 1) * self.block_bytes
+
+    @property
+    def tokens(self) -> int:
+        return self.blocks * self.block_size
+
+    @property
+    def full_sequences(self) -> int:
+        """Sequences of max_len tokens the cache holds at once (shorter ones: more)."""
+        return self.blocks // -(-self.max_len // self.block_size)
 
     def describe(self) -> str:
         return (f"memory budget {self.budget / GIB:.2f} GiB = resident {self.resident / GIB:.2f} (weights, CUDA "
                 f"context) + prefill reserve {self.prefill_peak / GIB:.2f} + headroom {self.headroom / GIB:.2f} + "
-                f"KV cache {self.kv_bytes / GIB:.2f} ({self.slots} slot(s) x {self.slot_bytes / MIB:.0f} MiB); "
+                f"KV cache {self.kv_bytes / GIB:.2f} ({self.tokens} tokens in {self.blocks} blocks of {self.block_size}; "
+                f"{self.full_sequences} sequence(s) of {self.max_len}); "
                 f"unused {(self.budget - self.resident - self.prefill_peak - self.headroom - self.kv_bytes) / GIB:.2f}")
 
 
-def plan_slots(*, budget_bytes: int, resident_bytes: int, prefill_peak_bytes: int, slot_bytes: int,
-               max_slots: int, headroom_bytes: int = HEADROOM_BYTES) -> SlotPlan:
-    """As many KV slots as fit beside what is resident and the prefill reserve (at most max_slots)."""
+def plan_kv_blocks(*, budget_bytes: int, resident_bytes: int, prefill_peak_bytes: int, block_bytes: int,
+                   block_size: int, max_len: int, max_sequences: int, headroom_bytes: int = HEADROOM_BYTES) -> KVPlan:
+    """As many KV blocks as fit beside what is resident and the prefill reserve (one of them scratch),
+    at most enough for ``max_sequences`` sequences of ``max_len`` tokens."""
     free = budget_bytes - resident_bytes - prefill_peak_bytes - headroom_bytes
-    slots = max(0, min(max_slots, free // slot_bytes))
-    return SlotPlan(budget_bytes, resident_bytes, prefill_peak_bytes, headroom_bytes, slot_bytes, slots)
+    per_sequence = -(-max_len // block_size)
+    blocks = max(0, min(max_sequences * per_sequence, free // block_bytes - 1))
+    return KVPlan(budget_bytes, resident_bytes, prefill_peak_bytes, headroom_bytes, block_bytes, block_size, blocks,
+                  max_len)
 
 
 class MemoryBudget:

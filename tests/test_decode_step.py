@@ -1,8 +1,10 @@
 """The fast decode path (service.decode) against transformers' own Qwen3-VL decoding.
 
-A tiny random Qwen3-VL in float32: our prefill + slot cache + explicit decode step must give the
+A tiny random Qwen3-VL in float32: our prefill + paged cache + explicit decode step must give the
 logits of ``model.generate`` (greedy, DynamicCache) to 1e-4 at every step, and the same tokens,
-for text and image prompts, batches of different lengths, and slots that are freed and reused.
+for text and image prompts, batches of different lengths, slots that are freed and reused, and
+sequences whose blocks lie scattered in the pool. Blocks are 8 tokens here (64 in the service), so
+every sequence spans several.
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import pytest
 import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-from service.decode import DecodeRunner, Qwen3VLDecoder, SlotKVCache, context_buckets, prefill
+from service.decode import DecodeRunner, PagedKVCache, Qwen3VLDecoder, context_buckets, prefill
 
 IMAGE, VIDEO, VISION_START, VISION_END = 250, 251, 248, 249
 PATCH_DIM = 3 * 2 * 16 * 16  # channels * temporal_patch * patch * patch
@@ -76,18 +78,20 @@ def hf_greedy(model, steps: int, inputs: dict) -> tuple[torch.Tensor, torch.Tens
     return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits).float()
 
 
-def make_runner(model, slots: int = 4, max_len: int = 64, **decoder_options) -> DecodeRunner:
-    cache = SlotKVCache(model.config, slots, max_len, dtype=torch.float32, device="cpu")
+def make_runner(model, slots: int = 4, max_len: int = 64, num_blocks: int | None = None,
+                **decoder_options) -> DecodeRunner:
+    cache = PagedKVCache(model.config, slots, max_len, num_blocks, dtype=torch.float32, device="cpu", block_size=8)
     return DecodeRunner(Qwen3VLDecoder(model, cache, **decoder_options), context_step=8)
 
 
-def our_greedy(model, runner: DecodeRunner, steps: int, inputs: dict,
-               device_tokens: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Our prefill + slot cache + decode steps: tokens [B, steps], logits [steps, B, vocab], the slots.
-    ``device_tokens``: feed each step the previous step's argmax as a tensor (no host round trip)."""
+def our_greedy(model, runner: DecodeRunner, steps: int, inputs: dict, device_tokens: bool = False,
+               reserve: int | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Our prefill + paged cache + decode steps: tokens [B, steps], logits [steps, B, vocab], the slots.
+    ``device_tokens``: feed each step the previous step's argmax as a tensor (no host round trip).
+    ``reserve``: tokens each slot reserves (default: the whole context)."""
     cache = runner.cache
     pf = prefill(model, **inputs)
-    slots = [cache.allocate() for _ in pf.lengths]
+    slots = [cache.allocate(reserve) for _ in pf.lengths]
     for row, slot in enumerate(slots):
         cache.load_prefill(slot, pf.past_key_values, pf.lengths[row], row=row, rope_delta=pf.rope_deltas[row])
     logits = [pf.logits]
@@ -146,7 +150,7 @@ def test_fused_projections_decode_the_same_and_leave_the_model_intact(model):
     assert attn.k_proj.weight.data_ptr() == qkv[64:96].data_ptr()  # a view: no second copy of the weights
     for name, weight in fused_model.state_dict().items():
         assert torch.equal(weight, model.state_dict()[name]), name
-    again = Qwen3VLDecoder(fused_model, SlotKVCache(fused_model.config, 1, 8, dtype=torch.float32, device="cpu"),
+    again = Qwen3VLDecoder(fused_model, PagedKVCache(fused_model.config, 1, 8, dtype=torch.float32, device="cpu"),
                            fuse_projections=True)
     assert again.qkv_weights[1].data_ptr() == qkv.data_ptr() and torch.equal(again.qkv_weights[1], qkv)
     ids, pixels = image_prompt(3, 4, (1, 4, 4), seed=8)
@@ -238,12 +242,13 @@ def test_a_lone_sequence_in_a_high_slot_decodes_over_inactive_rows(model):
     assert (torch.stack(logits) - ref_logits[:, 0]).abs().max() < TOLERANCE
 
 
-def test_decoding_up_to_the_slot_length_then_refusing(model):
-    runner = make_runner(model, slots=1, max_len=24)
+def test_decoding_up_to_the_reservation_then_refusing(model):
+    runner = make_runner(model, slots=1, max_len=64)
     cache = runner.cache
     inputs = batch_inputs([text_prompt(20, seed=30)])
     pf = prefill(model, **inputs)
-    slot = cache.allocate()
+    slot = cache.allocate(22)  # 3 blocks of 8: room for 24 tokens
+    assert cache.capacity[slot] == 24 and cache.free_blocks == 8 - 3
     cache.load_prefill(slot, pf.past_key_values, pf.lengths[0])
     token = int(pf.logits.argmax())
     for _ in range(4):  # lengths 20..23 decode; the slot is then full (24 tokens)
@@ -269,19 +274,56 @@ def test_bad_slots_are_refused_and_change_nothing(model):
     with pytest.raises(ValueError, match="already free"):
         cache.free(slot)
     assert cache.lengths == [0, 0] and cache.lengths_dev.tolist() == [0, 0] and cache.free_slots == 2
+    assert cache.free_blocks == cache.num_blocks
+
+
+def test_blocks_are_reserved_per_request_and_handed_back():
+    config = tiny_config()
+    cache = PagedKVCache(config, 3, 64, 10, dtype=torch.float32, device="cpu", block_size=8)
+    assert cache.max_blocks == 8 and cache.keys[0].shape == (2, (10 + 1) * 8, 16)  # + the scratch block
+    a = cache.allocate(17)  # 3 blocks
+    b = cache.allocate(40)  # 5 blocks
+    assert (a, b) == (0, 1) and cache.free_blocks == 2
+    assert not cache.can_allocate(17) and cache.allocate(17) is None  # a slot is free, blocks are not
+    assert cache.allocate(16) == 2 and cache.allocate(1) is None  # now no slot either
+    assert cache.block_table[a].tolist() == [0, 1, 2] + [10] * 5  # unused entries: the scratch block
+    cache.free(a)
+    c = cache.allocate(64)
+    assert c is None  # 8 blocks wanted, 3 free
+    cache.free(b)
+    c = cache.allocate(64)
+    assert c == 0 and sorted(cache.block_table[c].tolist()) == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert cache.positions(c, 10).tolist() == [*range(8), 8, 9]
+    with pytest.raises(ValueError, match="does not fit"):
+        cache.positions(2, 17)  # slot 2 reserved 16 tokens
+
+
+def test_sequences_in_scattered_blocks_decode_like_transformers(model):
+    """Slots that were taken and freed in turn leave the free blocks out of order: each sequence's
+    blocks then lie apart in the pool, and decoding must still read exactly its own tokens."""
+    runner = make_runner(model, slots=6, max_len=64, num_blocks=20)
+    cache = runner.cache
+    taken = [cache.allocate(tokens) for tokens in (8, 16, 8, 16)]  # blocks 0 | 1 2 | 3 | 4 5
+    cache.free(taken[0])
+    cache.free(taken[2])  # free blocks: 0, 3, 6..19
+    inputs = batch_inputs([text_prompt(n, seed=60 + n) for n in (13, 5, 21)])
+    ours = our_greedy(model, runner, 12, inputs, reserve=34)
+    tables = [cache.block_table[s].tolist() for s in ours[2]]
+    assert tables[0][:5] == [0, 3, 6, 7, 8]
+    assert_same_decoding(ours, hf_greedy(model, 12, inputs))
 
 
 def test_kv_cache_is_sized_from_a_byte_budget():
     config = Qwen3VLConfig(text_config=dict(hidden_size=2048, num_hidden_layers=28, num_attention_heads=16,
                                             num_key_value_heads=8, head_dim=128, intermediate_size=6144))
-    per_token = SlotKVCache.bytes_per_token(config, torch.bfloat16)
+    per_token = PagedKVCache.bytes_per_token(config, torch.bfloat16)
     assert per_token == 2 * 28 * 8 * 128 * 2  # K and V, 28 layers, 8 KV heads of 128, bf16
-    assert SlotKVCache.slots_for_budget(config, 1.0, 2047, dtype=torch.bfloat16) == 2**30 // (per_token * 2048)
-    with pytest.raises(ValueError, match="lower the max context"):
-        SlotKVCache.from_budget(config, 0.1, 4096, dtype=torch.bfloat16, device="meta")
-    cache = SlotKVCache.from_budget(config, 4.0, 1023, dtype=torch.bfloat16, device="meta", max_slots=8)
-    assert cache.num_slots == 8 and cache.keys[0].shape == (8, 8, 1024, 128)
-    assert cache.nbytes == 8 * 1024 * per_token
+    assert PagedKVCache.blocks_for_budget(config, 2**30, dtype=torch.bfloat16) == 2**30 // (per_token * 64) - 1
+    with pytest.raises(ValueError, match="hold no sequence"):
+        PagedKVCache(config, 4, 4096, 63, dtype=torch.bfloat16, device="meta")
+    cache = PagedKVCache(config, 8, 1023, 100, dtype=torch.bfloat16, device="meta")
+    assert cache.num_slots == 8 and cache.max_blocks == 16 and cache.keys[0].shape == (8, 101 * 64, 128)
+    assert cache.nbytes == 101 * 64 * per_token
 
 
 def test_context_buckets_cover_every_length_with_little_waste():
@@ -300,7 +342,7 @@ def test_cuda_graphs_decode_like_transformers_on_the_gpu(model, options):
     gpu_model.load_state_dict(model.state_dict())
     gpu_model.cuda()
     inputs = {k: v.cuda() for k, v in batch_inputs([text_prompt(n, seed=n) for n in (5, 12)]).items()}
-    cache = SlotKVCache(gpu_model.config, 4, 64, dtype=torch.float32, device="cuda")
+    cache = PagedKVCache(gpu_model.config, 4, 256, dtype=torch.float32, device="cuda")  # blocks of 64
     runner = DecodeRunner(Qwen3VLDecoder(gpu_model, cache, **options), context_step=8)
     for slot in our_greedy(gpu_model, runner, 3, inputs)[2]:  # compiles outside the capture
         cache.free(slot)
@@ -310,3 +352,62 @@ def test_cuda_graphs_decode_like_transformers_on_the_gpu(model, options):
     reference = hf_greedy(gpu_model, 12, inputs)
     assert torch.equal(ours[0], reference[0])
     assert (ours[1] - reference[1]).abs().max().item() < 1e-3  # TF32 / kernel choices differ on the GPU
+
+
+def two_image_prompt(seed: int) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int]]]:
+    first, first_pixels = image_prompt(3, 2, (1, 4, 6), seed=seed)
+    second, second_pixels = image_prompt(1, 4, (1, 6, 4), seed=seed + 10)
+    return torch.cat([first, second]), torch.cat([first_pixels, second_pixels]), [(1, 4, 6), (1, 6, 4)]
+
+
+@pytest.mark.parametrize("chunk", [5, 1024])
+@pytest.mark.parametrize("kind", ["text", "two images"])
+def test_our_prefill_writes_the_kv_and_logits_of_transformers(model, kind, chunk):
+    """Image by image, chunk by chunk (5 tokens: chunks that cut through the images) straight into
+    scattered blocks: the same K/V and logits as transformers' forward, then the same decoding."""
+    from service.decode.prefill import prefill_position_ids
+    from service.decode.qwen3_prefill import Qwen3VLPrefill
+
+    if kind == "text":
+        ids, pixels, grids = text_prompt(23, seed=80), None, None
+        inputs = batch_inputs([ids])
+    else:
+        ids, pixels, grids = two_image_prompt(seed=81)
+        inputs = batch_inputs([ids], [(pixels[:24], grids[0]), (pixels[24:], grids[1])])
+    reference = prefill(model, **inputs)
+    runner = make_runner(model, slots=3, max_len=64, num_blocks=24)
+    cache = runner.cache
+    hole = cache.allocate(8)
+    cache.allocate(8)
+    cache.free(hole)  # blocks 0 free, 1 taken: the prompt gets blocks 0, 2, 3, 4, 5
+    grid = torch.tensor(grids) if grids else None
+    positions, deltas = prefill_position_ids(model, ids[None], None, (ids == IMAGE).int()[None], grid)
+    slot = cache.allocate(40)
+    assert cache.block_table[slot][:5].tolist() == [0, 2, 3, 4, 5]
+    logits = Qwen3VLPrefill(model, runner.decoder, chunk=chunk).prefill(
+        slot, ids, positions[1:, 0], int(deltas[0]), pixels, grid)
+    assert (logits - reference.logits[0]).abs().max() < TOLERANCE
+    assert cache.lengths[slot] == len(ids) and cache.rope_deltas[slot] == int(deltas[0])
+    where = cache.positions(slot, len(ids))
+    for layer in range(cache.num_layers):
+        keys, values = reference.past_key_values.layers[layer].keys[0], reference.past_key_values.layers[layer].values[0]
+        assert (cache.keys[layer][:, where] - keys).abs().max() < TOLERANCE
+        assert (cache.values[layer][:, where] - values).abs().max() < TOLERANCE
+    tokens = [int(logits.argmax())]
+    steps = [logits]
+    for _ in range(7):
+        steps.append(runner.decode([slot], [tokens[-1]])[0].clone())
+        tokens.append(int(steps[-1].argmax()))
+    ref_tokens, ref_logits = hf_greedy(model, 8, inputs)
+    assert tokens == ref_tokens[0].tolist()
+    assert (torch.stack(steps) - ref_logits[:, 0]).abs().max() < TOLERANCE
+
+
+def test_our_prefill_refuses_a_prompt_beyond_the_reservation(model):
+    from service.decode.qwen3_prefill import Qwen3VLPrefill
+
+    runner = make_runner(model, slots=1, max_len=64)
+    slot = runner.cache.allocate(16)
+    with pytest.raises(ValueError, match="does not fit"):
+        Qwen3VLPrefill(model, runner.decoder).prefill(slot, text_prompt(17, seed=1))
+    assert runner.cache.lengths[slot] == 0

@@ -8,10 +8,10 @@ import torch
 from PIL import Image
 
 from service.detokenizer import IncrementalDetokenizer
-from service.decode import DecodeRunner, Qwen3VLDecoder, SlotKVCache
+from service.decode import DecodeRunner, PagedKVCache, Qwen3VLDecoder
 from service.engine import Engine
 from service.loading import load
-from service.memory import GIB, plan_slots
+from service.memory import GIB, MIB, plan_kv_blocks
 from service.errors import Cancelled, InvalidRequest, OutOfMemory
 from service.sampling import SamplingParams, sample
 from service.settings import ServiceSettings
@@ -25,7 +25,7 @@ def engine_settings(model_dir, **overrides) -> ServiceSettings:
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    """The default engine: Qwen3-VL decodes from the slot cache with service.decode's step."""
+    """The default engine: Qwen3-VL decodes from the paged cache with service.decode's step."""
     eng = Engine.load(engine_settings(tiny_model_dir))
     assert eng.runner is not None and eng.runner.cache.num_slots == 4
     eng.start()
@@ -173,40 +173,65 @@ def test_memory_budget_makes_requests_wait_instead_of_failing(hf_engine):
     assert engine.max_batch_seen == 2
 
 
-def test_requests_wait_for_a_free_slot_and_get_the_same_output(engine):
-    """The budget buys a number of KV slots: with two slots, four requests run two at a time."""
-    requests = [request(engine, f"row {i} " + "pad " * i, max_tokens=12 + 4 * i) for i in range(4)]
-    alone = [engine.generate(r).token_ids for r in requests]
+def _with_cache(engine, cache: PagedKVCache, requests: list) -> list:
+    """Run `requests` submitted together on `engine` decoding from `cache`; their handles."""
     runner = engine.runner
-    small = SlotKVCache(engine.model.config, 2, engine.max_model_len, dtype=engine.dtype, device=engine.device)
     try:
         with engine.paused():
-            engine.runner = DecodeRunner(Qwen3VLDecoder(engine.model, small), context_step=64)
+            engine.runner = DecodeRunner(Qwen3VLDecoder(engine.model, cache), context_step=64)
             engine.max_batch_seen = 0
             handles = [engine.submit(r) for r in requests]
-            assert engine.queue_depth == 4
-        results = [list(h)[-1] for h in handles]
+            assert engine.queue_depth == len(requests)
+        for h in handles:
+            list(h)
     finally:
         engine.runner = runner
-    assert all(r.error is None for r in results)
-    assert [h.token_ids for h in handles] == alone
     deadline = time.monotonic() + 5  # the last slot is freed just after its final event is delivered
-    while small.free_slots < 2 and time.monotonic() < deadline:
+    while (cache.free_slots < cache.num_slots or cache.free_blocks < cache.num_blocks) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert engine.max_batch_seen == 2 and small.free_slots == 2
+    assert cache.free_slots == cache.num_slots and cache.free_blocks == cache.num_blocks  # all handed back
+    return handles
 
 
-def test_the_budget_is_shared_out_in_whole_slots():
-    slot = 448 * 1024**2  # Qwen3-VL-2B: 4096 tokens of bf16 K/V
-    plan = plan_slots(budget_bytes=6 * GIB, resident_bytes=int(4.6 * GIB), prefill_peak_bytes=GIB // 4,
-                      slot_bytes=slot, max_slots=8, headroom_bytes=GIB // 8)
-    assert plan.slots == 2 and plan.kv_bytes == 2 * slot
+def test_requests_wait_for_a_free_slot_and_get_the_same_output(engine):
+    """With two slots, four requests run two at a time, in order, with the outputs they get alone."""
+    requests = [request(engine, f"row {i} " + "pad " * i, max_tokens=12 + 4 * i) for i in range(4)]
+    alone = [engine.generate(r).token_ids for r in requests]
+    small = PagedKVCache(engine.model.config, 2, engine.max_model_len, dtype=engine.dtype, device=engine.device)
+    handles = _with_cache(engine, small, requests)
+    assert [h.token_ids for h in handles] == alone
+    assert engine.max_batch_seen == 2
+
+
+def test_requests_reserve_blocks_for_their_length_not_the_whole_context(engine):
+    """A pool the size of one full-length sequence holds several short requests at once; a request
+    that needs more blocks than are free waits for them (in order) and then gets its own output."""
+    short = [request(engine, f"short {i}", max_tokens=8) for i in range(3)]
+    assert all(r.prompt_tokens + 8 <= 64 for r in short)  # one 64-token block each
+    long = request(engine, "a long answer", max_tokens=engine.max_model_len - 40)
+    alone = [engine.generate(r).token_ids for r in (*short, long)]
+    blocks = -(-engine.max_model_len // 64)  # one max_model_len sequence
+    pool = PagedKVCache(engine.model.config, 4, engine.max_model_len, blocks, dtype=engine.dtype, device=engine.device)
+    handles = _with_cache(engine, pool, [*short, long])
+    assert [h.token_ids for h in handles] == alone
+    assert engine.max_batch_seen == 3  # the three short ones together; the long one after them
+
+
+def test_the_budget_is_shared_out_in_blocks():
+    block = 64 * 112 * 1024  # Qwen3-VL-2B: 64 tokens of bf16 K/V, 7 MiB
+    plan = plan_kv_blocks(budget_bytes=6 * GIB, resident_bytes=int(4.6 * GIB), prefill_peak_bytes=GIB // 4,
+                          block_bytes=block, block_size=64, max_len=2048, max_sequences=8, headroom_bytes=GIB // 8)
+    assert plan.blocks == 148  # 1.025 GiB left = 149.9 blocks of 7 MiB; one of 149 is the scratch block
+    assert plan.tokens == 148 * 64 and plan.full_sequences == 4  # 2048 tokens = 32 blocks
     assert plan.resident + plan.prefill_peak + plan.headroom + plan.kv_bytes <= plan.budget
-    assert plan_slots(budget_bytes=6 * GIB, resident_bytes=int(5.8 * GIB), prefill_peak_bytes=GIB // 4,
-                      slot_bytes=slot, max_slots=8).slots == 0
-    assert plan_slots(budget_bytes=80 * GIB, resident_bytes=4 * GIB, prefill_peak_bytes=GIB,
-                      slot_bytes=slot, max_slots=8).slots == 8
-    assert "2 slot(s)" in plan.describe()
+    none = plan_kv_blocks(budget_bytes=6 * GIB, resident_bytes=int(5.8 * GIB), prefill_peak_bytes=GIB // 4,
+                          block_bytes=block, block_size=64, max_len=2048, max_sequences=8)
+    assert none.blocks == 0 and none.full_sequences == 0
+    big = plan_kv_blocks(budget_bytes=80 * GIB, resident_bytes=4 * GIB, prefill_peak_bytes=GIB, block_bytes=block,
+                         block_size=64, max_len=2048, max_sequences=8)
+    assert big.blocks == 8 * 32 and big.full_sequences == 8  # no more than max_sequences can use
+    assert "9472 tokens in 148 blocks of 64; 4 sequence(s) of 2048" in plan.describe()
+    assert MIB * 7 == block
 
 
 def test_generation_stops_at_the_context_limit(engine):

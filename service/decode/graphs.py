@@ -128,8 +128,8 @@ class DecodeRunner:
         for i, slot in enumerate(slots):
             if not 0 <= slot < width or cache.lengths[slot] == 0 or active[slot]:
                 raise ValueError(f"slot {slot} holds no sequence, or appears twice")
-            if cache.lengths[slot] >= cache.max_len:
-                raise ValueError(f"slot {slot} is full ({cache.max_len} tokens)")
+            if cache.lengths[slot] >= cache.capacity[slot]:
+                raise ValueError(f"slot {slot} is full ({cache.capacity[slot]} tokens reserved)")
             positions[slot], active[slot], order[i] = cache.lengths[slot] + cache.rope_deltas[slot], 1, slot
             if not on_device:
                 ids[slot] = token_ids[i]

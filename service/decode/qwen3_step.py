@@ -1,4 +1,4 @@
-"""One decode step of Qwen3-VL's text decoder over a SlotKVCache, for all slots at once.
+"""One decode step of Qwen3-VL's text decoder over a PagedKVCache, for all slots at once.
 
 Written out over the loaded model's own weights (norms, projections, MLP, rotary module, lm_head),
 so it computes what ``Qwen3VLTextModel`` computes, with static shapes and no host synchronisation:
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.decode.attention import decode_attention_triton, triton_available
-from service.decode.cache import SlotKVCache
+from service.decode.cache import PagedKVCache
 
 # The decoder this step reproduces; other architectures keep transformers' own decode.
 SUPPORTED_TEXT_MODELS = ("Qwen3VLTextModel",)
@@ -83,7 +83,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 class Qwen3VLDecoder:
-    """Decode steps of a loaded Qwen3-VL model over the slots of a :class:`SlotKVCache`.
+    """Decode steps of a loaded Qwen3-VL model over the slots of a :class:`PagedKVCache`.
 
     ``fuse_projections`` concatenates each layer's q/k/v and gate/up weights (in place, no extra
     memory once done) so a layer runs 4 matmuls instead of 7; transformers' forward is unaffected.
@@ -93,7 +93,7 @@ class Qwen3VLDecoder:
     (index writes + ``scaled_dot_product_attention``), or ``"auto"``: triton on CUDA when installed.
     """
 
-    def __init__(self, model: Any, cache: SlotKVCache, *, fuse_projections: bool = False,
+    def __init__(self, model: Any, cache: PagedKVCache, *, fuse_projections: bool = False,
                  compile_backend: str | None = None, attention: str = "auto") -> None:
         if not self.supports(model):
             raise ValueError(f"{type(model).__name__} is not a Qwen3-VL (dense) model")
@@ -140,7 +140,7 @@ class Qwen3VLDecoder:
             raise ValueError(f"attention {attention!r}: 'sdpa', or 'triton' where Triton is installed")
         self.attention = attention
         # Index constants (made once: nothing inside the step is built from host data).
-        self._arange = torch.arange(cache.max_len + 1, device=cache.device)
+        self._arange = torch.arange(max(cache.max_blocks * cache.block_size, cache.block_size), device=cache.device)
 
     @staticmethod
     def supports(model: Any) -> bool:
@@ -158,13 +158,14 @@ class Qwen3VLDecoder:
             qk, v = torch.cat([attn.q_proj(hidden), attn.k_proj(hidden)], dim=-1), attn.v_proj(hidden)
         return qk.reshape(rows, qk_heads, self.head_dim), v.reshape(rows, self.num_kv_heads, self.head_dim)
 
-    def _mlp(self, index: int, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, index: int, layer: nn.Module, hidden: torch.Tensor, activation=None) -> torch.Tensor:
+        """activation: silu(gate) * up; default the step's (compiled for its small shapes on CUDA)."""
         mlp = layer.mlp
         if self.gate_up_weights[index] is None:
             gate, up = mlp.gate_proj(hidden), mlp.up_proj(hidden)
         else:
             gate, up = F.linear(hidden, self.gate_up_weights[index]).chunk(2, dim=-1)
-        return mlp.down_proj(self._silu_mul(gate, up))
+        return mlp.down_proj((activation or self._silu_mul)(gate, up))
 
     @torch.no_grad()
     def step(self, input_ids: torch.Tensor, positions: torch.Tensor, active: torch.Tensor,
@@ -173,22 +174,30 @@ class Qwen3VLDecoder:
 
         ``input_ids``, ``positions`` (rotary positions) and ``active`` (bool) are device tensors of
         ``B <= num_slots`` rows; row i is slot i. For an active row, the token's K/V are written at
-        index ``lengths_dev[i]`` of its slot, it attends to ``0..lengths_dev[i]``, and
-        ``lengths_dev[i]`` advances by one. Inactive rows compute garbage that is ignored, write to
-        the scratch column and keep their length. ``context_len`` (default: the whole slot) bounds the
-        keys read; it must exceed every active row's length. Static shapes, no host sync.
+        position ``lengths_dev[i]`` of its slot (through its block table), it attends to
+        ``0..lengths_dev[i]``, and ``lengths_dev[i]`` advances by one. Inactive rows compute garbage
+        that is ignored, write to the scratch block and keep their length. ``context_len`` (default:
+        the longest sequence) bounds the keys read; it must exceed every active row's length.
+        Static shapes, no host sync.
         """
         cache = self.cache
         rows, heads, kv_heads, dim = input_ids.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         context_len = cache.max_len if context_len is None else context_len
         lengths = cache.lengths_dev[:rows]
-        write_at = torch.where(active, lengths, cache.max_len)  # max_len: the scratch column
-        row_index = self._arange[:rows]
-        hidden = self.embed_tokens(input_ids)  # [B, hidden]: the residual stream
+        table = cache.block_table[:rows]
+        size = cache.block_size
+        column = (lengths // size).clamp(max=cache.max_blocks - 1)[:, None]
+        physical = table.gather(1, column)[:, 0].long() * size + lengths % size
+        write_at = torch.where(active, physical, cache.scratch_block * size)  # inactive rows: scratch
         if self.attention == "sdpa":
-            # Each row attends to its own prefix and this step's token: an additive mask [B, 1, 1, Lb].
-            attend = self._arange[:context_len][None, :] <= lengths[:, None]
-            mask = torch.where(attend, 0.0, float("-inf")).to(hidden.dtype)[:, None, None, :]
+            # Each row's keys gathered from its blocks, [Hkv, B, Lb, D] views of the pools; each row
+            # attends to its own prefix and this step's token: an additive mask [B, 1, 1, Lb].
+            blocks = -(-context_len // size)
+            gather = (table[:, :blocks].long()[:, :, None] * size + self._arange[:size]).reshape(-1)
+            span = blocks * size
+            attend = self._arange[:span][None, :] <= lengths[:, None]
+            mask = torch.where(attend, 0.0, float("-inf")).to(self.embed_tokens.weight.dtype)[:, None, None, :]
+        hidden = self.embed_tokens(input_ids)  # [B, hidden]: the residual stream
         cos, sin = self.rotary_emb(hidden, positions.view(1, rows, 1).expand(3, rows, 1))  # t = h = w; [B, 1, D]
         signed_sin = torch.cat([-sin[..., :dim // 2], sin[..., dim // 2:]], dim=-1)
         first = self.layers[0].input_layernorm
@@ -202,14 +211,14 @@ class Qwen3VLDecoder:
             # position (head h uses kv head h // groups, as transformers' repeat_kv).
             query = qk[:, :heads].reshape(rows, kv_heads, heads // kv_heads, dim)
             if self.attention == "triton":
-                out = decode_attention_triton(query, qk[:, heads:], value, keys, values, lengths, write_at,
-                                              context_len, self.scaling)
+                out = decode_attention_triton(query, qk[:, heads:], value, keys, values, table, lengths, write_at,
+                                              context_len, self.scaling, block_size=size)
             else:
-                keys[row_index, :, write_at] = qk[:, heads:]
-                values[row_index, :, write_at] = value
-                out = F.scaled_dot_product_attention(query, keys[:rows, :, :context_len],
-                                                     values[:rows, :, :context_len], attn_mask=mask,
-                                                     scale=self.scaling)
+                keys[:, write_at] = qk[:, heads:].transpose(0, 1)
+                values[:, write_at] = value.transpose(0, 1)
+                row_keys = keys[:, gather].view(kv_heads, rows, span, dim).transpose(0, 1)
+                row_values = values[:, gather].view(kv_heads, rows, span, dim).transpose(0, 1)
+                out = F.scaled_dot_product_attention(query, row_keys, row_values, attn_mask=mask, scale=self.scaling)
             post = layer.post_attention_layernorm
             hidden, normed = self._add_rms_norm(hidden, attn.o_proj(out.reshape(rows, heads * dim)), post.weight,
                                                 post.variance_epsilon)
