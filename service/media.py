@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import numpy as np
+import pybase64
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.errors import InvalidRequest, PayloadTooLarge
@@ -58,6 +59,12 @@ def _from_data_url(url: str, settings: ServiceSettings) -> bytes:
     if len(payload) * 3 // 4 > settings.max_image_bytes:
         raise PayloadTooLarge(f"Image is over {settings.max_image_bytes} bytes (encoded)", param="image_url")
     try:
+        # pybase64 (SIMD): ~1 ms for a 3.6 MB payload where the standard library holds the GIL ~10 ms,
+        # stalling the engine's scheduler thread and the event loop.
+        return pybase64.b64decode(payload, validate=False)
+    except (binascii.Error, ValueError):
+        pass
+    try:  # what it refuses, the standard library may still read (e.g. data after the padding)
         return base64.b64decode(payload, validate=False)
     except (binascii.Error, ValueError):
         raise InvalidRequest("The data URL's base64 payload does not decode", param="image_url",

@@ -4,9 +4,10 @@
 
 Builds the checkpoint (once; weights initialised on the GPU), starts ``python -m service`` on
 127.0.0.1, and drives it with the official openai SDK: one 1280x704 image (880 image tokens) plus
-~40 text tokens, 128 new tokens, greedy, ``ignore_eos`` - first alone, then 8 at once. Prints time to
-ready, time-to-first-token, decode tokens/s and peak GPU memory (NVML: the device's used memory
-above what it used before the server started). Needs a CUDA GPU, and openai + fastapi + uvicorn.
+~40 text tokens, 128 new tokens, greedy, ``ignore_eos`` - first alone (5 requests one after another:
+median (min-max)), then 8 at once. Prints time to ready, time-to-first-token, decode tokens/s and peak
+GPU memory (NVML: the device's used memory above what it used before the server started). Needs a
+CUDA GPU, and openai + fastapi + uvicorn.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import io
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -25,6 +27,7 @@ from pathlib import Path
 
 from service.readiness import wait_ready
 
+SINGLE_RUNS = 5
 PROMPT = ("Describe this picture for a visually impaired reader: the main objects, their colours and "
           "positions, any text you can read, and what is probably happening. Keep it to one short paragraph.")
 
@@ -104,6 +107,11 @@ def _server_ttft(base: str) -> tuple[float, float]:
     return values.get("sum", 0.0), values.get("count", 0.0)
 
 
+def _spread(values: list[float], fmt: str) -> str:
+    """median (min-max)"""
+    return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service.smoke", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="2b")
@@ -143,10 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         url = _image_url()
         _one(client, "smoke", url, 8)  # first request after warm-up: excluded from the figures
         memory.reset()
-        before = _server_ttft(base)
-        single = _one(client, "smoke", url, args.max_tokens)
-        after = _server_ttft(base)
-        server_ttft = (after[0] - before[0]) / max(after[1] - before[1], 1)
+        singles, server_ttfts = [], []
+        for _ in range(SINGLE_RUNS):
+            before = _server_ttft(base)
+            singles.append(_one(client, "smoke", url, args.max_tokens))
+            after = _server_ttft(base)
+            server_ttfts.append((after[0] - before[0]) / max(after[1] - before[1], 1))
         peak_single = memory.peak - memory.baseline
         memory.reset()
         t = time.perf_counter()
@@ -161,17 +171,18 @@ def main(argv: list[str] | None = None) -> int:
 
     gib = 1024**3
     total = sum(r["tokens"] for r in many)
-    print(f"\nQwen3-VL {args.shape} (random weights), prompt {single['prompt']} tokens, {args.max_tokens} new tokens")
-    print(f"{'figure':44s} value")
-    print(f"{'start to /health/ready (load + warm-up)':44s} {ready_s:.1f} s")
-    print(f"{'1 request: time to first token':44s} {single['ttft']:.3f} s")
-    print(f"{'1 request: decode':44s} {single['decode']:.1f} tok/s")
-    print(f"{'1 request: TTFT in the server (arrival to 1st token)':44s} {server_ttft:.3f} s")
-    print(f"{'1 request: peak GPU memory (NVML, process)':44s} {peak_single / gib:.2f} GiB")
-    print(f"{f'{args.concurrency} concurrent: mean time to first token':44s} "
+    print(f"\nQwen3-VL {args.shape} (random weights), prompt {singles[0]['prompt']} tokens, "
+          f"{args.max_tokens} new tokens")
+    print(f"{'figure':52s} value")
+    print(f"{'start to /health/ready (load + warm-up)':52s} {ready_s:.1f} s")
+    print(f"{'1 request: time to first token':52s} {_spread([r['ttft'] for r in singles], '.3f')} s")
+    print(f"{'1 request: decode':52s} {_spread([r['decode'] for r in singles], '.1f')} tok/s")
+    print(f"{'1 request: TTFT in the server (arrival to 1st token)':52s} {_spread(server_ttfts, '.3f')} s")
+    print(f"{'1 request: peak GPU memory (NVML, process)':52s} {peak_single / gib:.2f} GiB")
+    print(f"{f'{args.concurrency} concurrent: mean time to first token':52s} "
           f"{sum(r['ttft'] for r in many) / len(many):.3f} s")
-    print(f"{f'{args.concurrency} concurrent: aggregate tokens/s':44s} {total / wall:.1f} tok/s")
-    print(f"{f'{args.concurrency} concurrent: peak GPU memory':44s} {peak_many / gib:.2f} GiB")
+    print(f"{f'{args.concurrency} concurrent: aggregate tokens/s':52s} {total / wall:.1f} tok/s")
+    print(f"{f'{args.concurrency} concurrent: peak GPU memory':52s} {peak_many / gib:.2f} GiB")
     return 0
 
 

@@ -1,0 +1,102 @@
+"""The streamed chunks: _stream renders content chunks from a frame rendered once, and the bytes must
+be those of the pydantic ChatCompletionChunk it stands for (no server needed here)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import types
+
+import pytest
+
+from service.api import _ChunkFrame, _stream
+from service.engine import Event
+from service.errors import OutOfMemory
+from service.metrics import ServiceMetrics
+from service.protocol import ChatCompletionChunk, ChunkChoice, Delta, Usage
+
+TEXTS = ["", " word", "caf\u00e9 \u00fcber \u4e2d\u6587", "\U0001F600\U0001F468\u200d\U0001F469", 'say "hi"',
+         "back\\slash", "line\nbreak\r\n", "tab\there", "\x00\x01\x1f\x7f", "</script>", "\u2028\u2029\ufeff",
+         "\ufffd", "{\"json\": [1, 2]}", "/ slash"]
+
+
+def pydantic_sse(id: str, created: int, model: str, text: str, finish_reason: str | None) -> bytes:
+    body = ChatCompletionChunk(id=id, created=created, model=model,
+                               choices=[ChunkChoice(delta=Delta(content=text), finish_reason=finish_reason)])
+    return f"data: {body.model_dump_json()}\n\n".encode()
+
+
+@pytest.mark.parametrize("model", ["tiny-qwen3-vl", 'odd "name" \u00e9\\', "Qwen/Qwen3-VL-2B-Instruct"])
+@pytest.mark.parametrize("finish_reason", [None, "stop", "length"])
+def test_frame_bytes_equal_pydantic(model, finish_reason):
+    frame = _ChunkFrame("chatcmpl-0123abcd", 1700000000, model)
+    for text in TEXTS + [chr(c) for c in range(0x00, 0x800)]:
+        assert frame.render(text, finish_reason) == pydantic_sse("chatcmpl-0123abcd", 1700000000, model, text,
+                                                                 finish_reason), repr(text)
+
+
+class FakeHandle:
+    def __init__(self, events):
+        self.events = events
+        self.cancelled = False
+
+    def cancel(self):
+        self.cancelled = True
+
+    async def __aiter__(self):
+        for event in self.events:
+            yield event
+
+
+def run_stream(events, include_usage=True) -> list[bytes]:
+    async def collect():
+        generation = types.SimpleNamespace(id="chatcmpl-42")
+        return [c async for c in _stream(FakeHandle(events), generation, "m", include_usage, ServiceMetrics())]
+
+    return asyncio.run(collect())
+
+
+def parse(chunks: list[bytes]) -> list:
+    out = []
+    for chunk in chunks:
+        text = chunk.decode()
+        assert text.startswith("data: ") and text.endswith("\n\n")
+        body = text[len("data: "):-2]
+        out.append(body if body == "[DONE]" else json.loads(body))
+    return out
+
+
+def test_stream_matches_the_pydantic_chunks():
+    events = [Event(text=t, prompt_tokens=7, completion_tokens=i + 1) for i, t in enumerate(TEXTS[1:6])]
+    events.append(Event(text="end", finish_reason="stop", prompt_tokens=7, completion_tokens=6))
+    parsed = parse(run_stream(events))
+    created = parsed[0]["created"]
+
+    def expected(**kwargs) -> dict:
+        chunk = ChatCompletionChunk(id="chatcmpl-42", created=created, model="m", **kwargs)
+        return json.loads(chunk.model_dump_json())
+
+    assert parsed[0] == expected(choices=[ChunkChoice(delta=Delta(role="assistant", content=""))])
+    assert len(parsed) == len(events) + 3
+    for got, event in zip(parsed[1:-2], events):
+        choice = ChunkChoice(delta=Delta(content=event.text), finish_reason=event.finish_reason)
+        assert got == expected(choices=[choice])
+    assert parsed[-2] == expected(choices=[], usage=Usage(prompt_tokens=7, completion_tokens=6, total_tokens=13))
+    assert parsed[-1] == "[DONE]"
+
+
+def test_stream_without_usage_and_empty_events_skipped():
+    events = [Event(text="", prompt_tokens=1, completion_tokens=1),
+              Event(text="a", prompt_tokens=1, completion_tokens=2),
+              Event(text="", finish_reason="length", prompt_tokens=1, completion_tokens=3)]
+    parsed = parse(run_stream(events, include_usage=False))
+    assert [p["choices"][0]["delta"] for p in parsed[:-1]] == [
+        {"role": "assistant", "content": ""}, {"role": None, "content": "a"}, {"role": None, "content": ""}]
+    assert parsed[-2]["choices"][0]["finish_reason"] == "length"
+    assert parsed[-1] == "[DONE]"
+
+
+def test_stream_error_event_ends_with_the_error_body():
+    error = OutOfMemory("no room")
+    parsed = parse(run_stream([Event(text="a", prompt_tokens=1, completion_tokens=1), Event(error=error)]))
+    assert parsed[-2] == error.to_dict()
+    assert parsed[-1] == "[DONE]"
