@@ -86,7 +86,9 @@ def test_a_plan_never_exceeds_the_card(model, gb, profile):
         assert float(env["VLKIT_MEMORY_BUDGET_GIB"]) * GIB <= total
         assert int(env["VLKIT_MAX_MODEL_LEN"]) == plan.context
         assert _row(plan, "unused") >= 0
-        assert _row(plan, "KV cache") > 0 and plan.concurrent_sequences == int(env["VLKIT_MAX_BATCH_SIZE"])
+        assert _row(plan, "KV cache") > 0 and plan.concurrent_sequences >= 1     # one full sequence: it starts
+        assert plan.kv_cache_tokens >= plan.concurrent_sequences * plan.context
+        assert 1 <= int(env["VLKIT_MAX_BATCH_SIZE"]) <= 8   # short requests share the blocks up to this
         parts = ["weights", "CUDA context", "prefill reserve", "headroom", "KV cache", "unused"]
         assert sum(_row(plan, p) for p in parts) == pytest.approx(float(env["VLKIT_MEMORY_BUDGET_GIB"]), abs=0.05)
 

@@ -4,7 +4,8 @@
 the predicted KV cache holds after a margin. When it does not reach the wanted context, the
 planner steps down, in this order: fp8 KV cache, eager mode (no CUDA graphs), smaller images.
 8gb profile: vlkit's transformers service, sized as the service sizes itself (service_memory.py): a
-context of 4096 with a batch of two, else 2048 (then one slot); bf16, then nf4 weights; then smaller images.
+context of 4096 with KV blocks for two full-length sequences, else 2048 (then one); bf16, then nf4
+weights; then smaller images.
 """
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from pydantic import BaseModel, Field
 from service.settings import ENV_PREFIX, ServiceSettings
 
 from .models import ModelSpec, resolve_model, variants_to_try
-from .service_memory import SLOT_EXTRA_TOKENS, ServiceBudget, ServiceKnobs, images_that_fit, predict_service
+from .service_memory import (
+    BLOCK_SIZE, PREFILL_CHUNK, ServiceBudget, ServiceKnobs, blocks_for, images_that_fit, predict_service,
+)
 from .vllm_memory import (
     CUDA_CONTEXT_BYTES, DEFAULT_IMAGE_LIMIT, DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS,
     LARGE_GPU_BYTES, LARGE_MAX_NUM_BATCHED_TOKENS, LARGE_MAX_NUM_SEQS, VllmBudget, VllmKnobs,
@@ -37,8 +40,11 @@ UTIL_CAP = 0.95
 DEFAULT_CONTEXT = 8192             # the context the planner aims for when none is asked for
 CONTEXT_CAP = 32768                # more only when asked for (--context)
 PROMPT_TOKENS = 256                # the text of a prompt beside its image
-SERVICE_CONTEXTS = (4096, 2048)   # 8gb, no --context: 4096 with a batch of two, else 2048
-SERVICE_MAX_BATCH = 8              # slots beyond this go unused: the batch is a latency trade too
+SERVICE_CONTEXTS = (4096, 2048)   # 8gb, no --context: 4096 with two full sequences, else 2048
+# VLKIT_MAX_BATCH_SIZE: requests decoded at once. Short requests share the KV blocks (the engine admits
+# by blocks), so the cap is the latency trade, not the full-length sequences that fit; the KV cache
+# holds at most this many full-length sequences (blocks beyond go unused).
+SERVICE_MAX_BATCH = 8
 SERVICE_MAX_IMAGES = 4             # images per request (both profiles), fewer where the context is short
 _DEFAULTS = ServiceSettings.model_fields
 DEFAULT_MAX_PIXELS = _DEFAULTS["max_pixels"].default            # ~1000 image tokens
@@ -296,14 +302,15 @@ def _service_budget_bytes(card: Card) -> tuple[float, int]:
 
 
 def _service_steps(spec: ModelSpec, contexts: tuple[int, ...]):
-    """(min slots, knobs) in order of preference: a batch of two before one (and one only at the
-    shortest context); the longer context; bf16 before nf4; full-size images before smaller ones."""
-    for min_slots, ctxs in ((2, contexts), (1, contexts[-1:])):
+    """(min full-length sequences, knobs) in order of preference: KV blocks for two sequences of the
+    context before one (and one only at the shortest context); the longer context; bf16 before nf4;
+    full-size images before smaller ones."""
+    for min_sequences, ctxs in ((2, contexts), (1, contexts[-1:])):
         for ctx in ctxs:
             for quant in ("none", "nf4"):
                 for px in PIXEL_STEPS:
                     images = images_that_fit(spec, px, SERVICE_MAX_IMAGES, ctx)
-                    yield min_slots, ServiceKnobs(quant, px, images, SERVICE_MAX_BATCH, ctx)
+                    yield min_sequences, ServiceKnobs(quant, px, images, SERVICE_MAX_BATCH, ctx)
 
 
 def _plan_service(spec: ModelSpec, card: Card, wanted: int | None, *, suggest: bool = True) -> Plan:
@@ -322,11 +329,11 @@ def _plan_service(spec: ModelSpec, card: Card, wanted: int | None, *, suggest: b
         return base
     budget_gib, budget = _service_budget_bytes(card)
     contexts = (wanted,) if wanted else SERVICE_CONTEXTS
-    for min_slots, knobs in _service_steps(spec, contexts):
+    for min_sequences, knobs in _service_steps(spec, contexts):
         if knobs.max_model_len < min_useful_context(spec, knobs.max_pixels):
             continue
         sb = predict_service(spec, knobs, budget)
-        if sb.slots >= min_slots:
+        if sb.sequences >= min_sequences:
             return _service_plan(base, spec, card, sb, budget_gib)
     # Nothing fits: show the cheapest attempt (nf4, the smallest images) and the context it would hold.
     px = PIXEL_STEPS[-1]
@@ -337,10 +344,12 @@ def _plan_service(spec: ModelSpec, card: Card, wanted: int | None, *, suggest: b
     plan = _service_plan(base, spec, card, sb, budget_gib)
     plan.fits, plan.service_env, plan.context = False, {}, best
     need = min_useful_context(spec, px)
-    one = sb.resident + sb.prefill_reserve + sb.headroom + sb.slot_bytes
+    blocks = blocks_for(target)
+    one = sb.resident + sb.prefill_reserve + sb.headroom + (blocks + 1) * sb.block_bytes
     why = (f"the service needs {one / GIB:.2f} GiB for one {target}-token sequence (nf4 weights "
-           f"{sb.weights / GIB:.2f} GiB, prefill reserve {sb.prefill_reserve / GIB:.2f} GiB) but its budget is "
-           f"{budget / GIB:.2f} GiB")
+           f"{sb.weights / GIB:.2f} GiB, prefill reserve {sb.prefill_reserve / GIB:.2f} GiB, KV cache "
+           f"{(blocks + 1) * sb.block_bytes / GIB:.2f} GiB: {blocks} blocks of {BLOCK_SIZE} tokens + the scratch "
+           f"block) but its budget is {budget / GIB:.2f} GiB")
     if wanted and best >= need:
         why = f"the largest context that fits is {best} tokens, less than the {wanted} asked for"
     plan.refusal = f"{why}. " + (_next_steps(spec, card, wanted, best, tried="8gb") if suggest else "")
@@ -348,7 +357,8 @@ def _plan_service(spec: ModelSpec, card: Card, wanted: int | None, *, suggest: b
 
 
 def _largest_service_context(spec: ModelSpec, budget: int, max_pixels: int, *, below: int) -> int:
-    """The longest context (a multiple of 256) below `below` with one slot, nf4 weights (0 if none)."""
+    """The longest context (a multiple of 256) below `below` whose KV blocks hold one full sequence,
+    nf4 weights (0 if none)."""
     ctx = _round_context(below - 1)
     while ctx >= 256:
         knobs = ServiceKnobs("nf4", max_pixels, images_that_fit(spec, max_pixels, SERVICE_MAX_IMAGES, ctx), 1, ctx)
@@ -374,13 +384,13 @@ def _service_plan(base: Plan, spec: ModelSpec, card: Card, sb: ServiceBudget, bu
         _env_name("quantization"): k.quantization,
         _env_name("max_pixels"): str(k.max_pixels),
         _env_name("max_images_per_request"): str(sb.images),
-        _env_name("max_batch_size"): str(max(1, sb.slots)),
+        _env_name("max_batch_size"): str(k.max_batch_size),
         _env_name("max_model_len"): str(ctx),
         _env_name("memory_budget_gib"): f"{budget_gib:.1f}",
     }
     plan.required_free_bytes = sb.total + START_SLACK_BYTES
-    plan.kv_cache_tokens = sb.slots * (ctx + SLOT_EXTRA_TOKENS)
-    plan.concurrent_sequences = float(sb.slots)
+    plan.kv_cache_tokens = sb.tokens
+    plan.concurrent_sequences = float(sb.sequences)
     weights = "nf4 (bitsandbytes)" if k.quantization == "nf4" else "bf16"
     plan.budget = [
         BudgetRow(name="GPU memory", gib=g(card.total), note=card.label),
@@ -390,19 +400,23 @@ def _service_plan(base: Plan, spec: ModelSpec, card: Card, sb: ServiceBudget, bu
         BudgetRow(name="  weights", gib=g(sb.weights), note=weights),
         BudgetRow(name="  CUDA context", gib=g(sb.cuda_context), note="+ cuBLAS/attention workspaces (measured)"),
         BudgetRow(name="  prefill reserve", gib=g(sb.prefill_reserve),
-                  note=(f"largest request: {sb.images} image(s) x {sb.image_tokens} tokens (max_pixels "
-                        f"{k.max_pixels}) + text to {ctx - 1} tokens; vision {g(sb.vision_peak)}, "
-                        f"decoder {g(sb.decoder_peak)}")),
+                  note=(f"largest request: {sb.images} image(s) of {sb.image_tokens} tokens one at a time, text in "
+                        f"{PREFILL_CHUNK}-token chunks to {ctx - 1} tokens: images held {sb.images_held / GIB:.2f} + "
+                        f"max(vision {sb.vision_peak / GIB:.2f}, decoder {sb.decoder_peak / GIB:.2f}) + "
+                        f"{sb.prefill_fixed / MIB:.0f} MiB")),
         BudgetRow(name="  headroom", gib=g(sb.headroom), note="decode graphs' pool, allocator rounding"),
         BudgetRow(name="  KV cache", gib=g(sb.kv),
-                  note=f"{sb.slots} slot(s) x {sb.slot_bytes / MIB:.0f} MiB ({ctx + SLOT_EXTRA_TOKENS} tokens, bf16, "
-                       f"{sb.kv_bytes_per_token // 1024} KiB/token)"),
-        BudgetRow(name="  unused", gib=g(sb.budget - sb.total), note="less than one more slot, or over the batch cap"),
+                  note=f"{sb.tokens} tokens in {sb.blocks} blocks of {BLOCK_SIZE} + 1 scratch ({sb.sequences} full "
+                       f"{ctx}-token sequences), bf16, {sb.kv_bytes_per_token // 1024} KiB/token"),
+        BudgetRow(name="  unused", gib=g(sb.budget - sb.total),
+                  note=f"less than one more block ({sb.block_bytes / MIB:.0f} MiB), or beyond {k.max_batch_size} "
+                       "full sequences (the batch cap)"),
         BudgetRow(name="concurrent sequences", gib=plan.concurrent_sequences,
-                  note=f"full {ctx}-token sequences (a count, not GiB)"),
+                  note=f"full {ctx}-token sequences (a count, not GiB); shorter requests share the blocks, "
+                       f"up to {k.max_batch_size} at once"),
     ]
-    plan.notes.append(f"chosen: {'nf4' if k.quantization == 'nf4' else 'bf16'} weights, batch {sb.slots}, "
-                      f"max_pixels {k.max_pixels}")
+    plan.notes.append(f"chosen: {'nf4' if k.quantization == 'nf4' else 'bf16'} weights, batch up to "
+                      f"{k.max_batch_size} ({sb.sequences} full-length), max_pixels {k.max_pixels}")
     return plan
 
 
