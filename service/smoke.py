@@ -32,15 +32,17 @@ PROMPT = ("Describe this picture for a visually impaired reader: the main object
           "positions, any text you can read, and what is probably happening. Keep it to one short paragraph.")
 
 
-def _image_url(width: int = 1280, height: int = 704) -> str:
+def _image_url(image_format: str = "png", width: int = 1280, height: int = 704) -> str:
+    """A data URL of random pixels: PNG (incompressible, 3.6 MB of base64: the worst case) or JPEG
+    (quality 90, as a camera or a browser would send it)."""
     import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    Image.fromarray(pixels).save(buf, image_format.upper(), **({"quality": 90} if image_format == "jpeg" else {}))
+    return f"data:image/{image_format};base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 class _PeakMemory:
@@ -118,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/vlkit-smoke"))
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--image-format", choices=("png", "jpeg"), default="png",
+                        help="how the image travels: png (random pixels: 3.6 MB of base64) or jpeg")
     args, service_args = parser.parse_known_args(argv)
 
     checkpoint = args.workdir / f"qwen3-vl-{args.shape}-random"
@@ -148,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"the service exited with {proc.returncode}; see {log.name}")
         ready_s = time.perf_counter() - started
         client = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=600)
-        url = _image_url()
+        url = _image_url(args.image_format)
         _one(client, "smoke", url, 8)  # first request after warm-up: excluded from the figures
         memory.reset()
         singles, server_ttfts = [], []
@@ -172,12 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     gib = 1024**3
     total = sum(r["tokens"] for r in many)
     print(f"\nQwen3-VL {args.shape} (random weights), prompt {singles[0]['prompt']} tokens, "
-          f"{args.max_tokens} new tokens")
+          f"{args.max_tokens} new tokens, image as {args.image_format} ({len(url) / 1e6:.1f} MB data URL)")
     print(f"{'figure':52s} value")
     print(f"{'start to /health/ready (load + warm-up)':52s} {ready_s:.1f} s")
     print(f"{'1 request: time to first token':52s} {_spread([r['ttft'] for r in singles], '.3f')} s")
     print(f"{'1 request: decode':52s} {_spread([r['decode'] for r in singles], '.1f')} tok/s")
     print(f"{'1 request: TTFT in the server (arrival to 1st token)':52s} {_spread(server_ttfts, '.3f')} s")
+    print(f"{'1 request: end to end (all tokens over the whole time)':52s} "
+          f"{_spread([r['tokens'] / r['end'] for r in singles], '.1f')} tok/s")
     print(f"{'1 request: peak GPU memory (NVML, process)':52s} {peak_single / gib:.2f} GiB")
     print(f"{f'{args.concurrency} concurrent: mean time to first token':52s} "
           f"{sum(r['ttft'] for r in many) / len(many):.3f} s")
