@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from transformers import DynamicCache
 
-from service.decode import DecodeRunner
+from service.decode import BLOCK_SIZE, DecodeRunner
 from service.decode.qwen3_prefill import Qwen3VLPrefill
 
 Forward = Callable[..., object]
@@ -37,6 +37,13 @@ class Prompt:
     token_extras: dict[str, torch.Tensor] = field(default_factory=dict)  # per-token [L] outputs: mm_token_type_ids
     mrope_positions: torch.Tensor | None = None  # [3, L] for Qwen-VL models, else None
     rope_delta: int = 0
+    block_hashes: list[bytes] = field(default_factory=list)  # per full KV block, for the prefix cache
+
+    @property
+    def shareable_hashes(self) -> list[bytes]:
+        """The block hashes a prefill may take from the cache: at least its last token is computed
+        (its logits give the first new token)."""
+        return self.block_hashes[:(self.length - 1) // BLOCK_SIZE]
 
     @property
     def length(self) -> int:
@@ -211,7 +218,10 @@ class SlotBatch:
                 reserve: list[int] | None = None) -> tuple["SlotBatch", torch.Tensor]:
         """Prefill the prompts into free slots, each reserving ``reserve[i]`` tokens (its prompt and
         the tokens it may generate; default: the whole context); return the batch and the logits
-        ``[n, vocab]`` after each prompt. The caller checked that they fit."""
+        ``[n, vocab]`` after each prompt. Leading blocks found in the prefix cache are shared, not
+        computed; each prompt's own full blocks are registered there once written. Prompts are taken
+        in order while they fit (the caller checked, but a cached block it counted on may have been
+        evicted by the fresh blocks of an earlier one): the batch may hold fewer rows than prompts."""
         cache = runner.cache
         prefiller = Qwen3VLPrefill(model, runner.decoder)
         reserve = reserve or [cache.max_len] * len(prompts)
@@ -219,15 +229,18 @@ class SlotBatch:
         logits = []
         try:
             for prompt, tokens in zip(prompts, reserve):
-                slot = cache.allocate(tokens)
+                slot = cache.allocate(tokens, prompt.shareable_hashes)
                 if slot is None:
-                    raise RuntimeError(f"no room in the KV cache for {len(prompts)} prompts")
+                    break
                 batch.slots.append(slot)
                 logits.append(prefiller.prefill(slot, prompt.input_ids, prompt.mrope_positions, prompt.rope_delta,
                                                 prompt.extras.get("pixel_values"), prompt.extras.get("image_grid_thw")))
+                cache.register_prefix(slot, prompt.block_hashes)
         except BaseException:
             batch.release()
             raise
+        if not logits:
+            raise RuntimeError(f"no room in the KV cache for {len(prompts)} prompts")
         return batch, torch.stack(logits)
 
     def lengths(self) -> list[int]:

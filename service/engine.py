@@ -39,6 +39,7 @@ import torch
 
 from service.batch import KVBatch, Prompt, RopeLayout, SlotBatch, padded_forward
 from service.decode import BLOCK_SIZE, DecodeRunner, PagedKVCache, Qwen3VLDecoder
+from service.decode.cache import image_digest, prompt_block_hashes
 from service.decode.qwen3_prefill import Qwen3VLPrefill
 from service.decode.qwen3_step import fuse_linear_weights, text_model_of
 from service.detokenizer import IncrementalDetokenizer
@@ -466,6 +467,9 @@ class Engine:
                 f"At most {self.settings.max_images_per_request} image(s) may be provided in one request; got {len(images)}.",
                 param="messages", kind="too_many_images")
         prompt = self._build_prompt(messages, images)
+        if self.runner is not None:  # the paged cache shares blocks of prompts that start the same way
+            prompt.block_hashes = prompt_block_hashes(prompt.input_ids, self.model.config.image_token_id,
+                                                      [image_digest(image) for image in images])
         length = prompt.length
         if length >= self.max_model_len:
             raise InvalidRequest(
@@ -600,6 +604,7 @@ class Engine:
         if free <= 0 or not self._waiting:  # a racy peek is enough: one queued now joins at the next step
             return
         blocks_left = cache.free_blocks if cache is not None else 0
+        registered_soon: set[bytes] = set()
         running: list[tuple[int, int]] = []
         if self.runner is None and self._batch is not None:  # the growing-cache budget (lengths(): a device read)
             running = [(n, row.params.max_tokens - row.generated)
@@ -610,10 +615,12 @@ class Engine:
                 request, handle = self._waiting[0]
                 group = [r for r, _ in taken] + [request]
                 if cache is not None:
-                    need = cache.blocks_needed(self._reserve(request))
+                    need = cache.allocation_cost(self._reserve(request), request.prompt.shareable_hashes,
+                                                 registered_soon)
                     if need > blocks_left:
                         break  # waits (in order) until running requests hand their blocks back
                     blocks_left -= need
+                    registered_soon |= set(request.prompt.block_hashes)  # its prefill registers them
                 if self.runner is None and (running or taken) and not self.memory.fits(
                         running, [(r.prompt_tokens, r.params.max_tokens) for r in group]):
                     break  # waits for memory; an empty batch always takes the head so nothing starves
@@ -628,6 +635,12 @@ class Engine:
                 self._raise_fault()
                 batch, logits = SlotBatch.prefill(self.runner, self.model, prompts,
                                                   reserve=[self._reserve(r) for r, _ in taken])
+                self.metrics.prefix_cache_hits.inc(sum(self.runner.cache.cached_tokens[s] for s in batch.slots))
+                if batch.size < len(taken):  # a cached block they counted on went to an earlier one
+                    with self._cv:
+                        self._waiting[0:0] = taken[batch.size:]  # first in line again
+                        self.metrics.queue_depth.set(len(self._waiting))
+                    taken = taken[:batch.size]
             else:
                 batch, logits = KVBatch.prefill(self._model_forward, self.layout, self.device, self._text_config,
                                                 prompts, self._pad_id)

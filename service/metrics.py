@@ -17,6 +17,8 @@ class ServiceMetrics:
         self.running = Gauge("vlkit_running_requests", "Requests in the running batch", registry=r)
         self.prompt_tokens = Counter("vlkit_prompt_tokens", "Prompt tokens processed (text + image)", registry=r)
         self.generation_tokens = Counter("vlkit_generation_tokens", "Tokens generated", registry=r)
+        self.prefix_cache_hits = Counter("vlkit_prefix_cache_hit_tokens",
+                                         "Prompt tokens taken from the prefix cache instead of computed", registry=r)
         self.ttft = Histogram("vlkit_time_to_first_token_seconds", "Time from arrival to first token",
                               buckets=_LATENCY_BUCKETS, registry=r)
         self.latency = Histogram("vlkit_request_latency_seconds", "Time from arrival to the last token",

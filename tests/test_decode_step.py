@@ -411,3 +411,95 @@ def test_our_prefill_refuses_a_prompt_beyond_the_reservation(model):
     with pytest.raises(ValueError, match="does not fit"):
         Qwen3VLPrefill(model, runner.decoder).prefill(slot, text_prompt(17, seed=1))
     assert runner.cache.lengths[slot] == 0
+
+
+def test_prefix_blocks_are_shared_counted_and_evicted_last_used_first():
+    cache = PagedKVCache(tiny_config(), 4, 48, 6, dtype=torch.float32, device="cpu", block_size=8)
+    h = [bytes([i]) * 16 for i in range(4)]
+    a = cache.allocate(24, h[:2])  # 3 blocks, nothing cached yet
+    assert cache.cached_tokens[a] == 0 and cache.free_blocks == 3
+    cache.register_prefix(a, h[:3])
+    b = cache.allocate(20, h[:2])  # the first two blocks shared, one fresh
+    assert cache.cached_tokens[b] == 16 and cache.block_table[b][:2].tolist() == cache.block_table[a][:2].tolist()
+    assert cache.free_blocks == 2
+    assert cache.allocation_cost(24, h[:3]) == 0 and cache.allocation_cost(24, [h[0], b"x" * 16]) == 2
+    assert cache.allocation_cost(16, [b"y" * 16], pending={b"y" * 16}) == 1  # registered by then: one block
+    cache.free(a)  # block 2 (a's third) is cached and unused; blocks 0, 1 still used by b
+    assert cache.free_blocks == 3
+    cache.free(b)
+    assert cache.free_blocks == 6
+    c = cache.allocate(24, h[:3])  # all three found again, none of them computed
+    assert cache.cached_tokens[c] == 24 and cache.free_blocks == 3
+    cache.free(c)
+    d = cache.allocate(48)  # 6 fresh blocks: the 3 empty ones first, then the cached ones (evicted)
+    assert d is not None and cache.free_blocks == 0
+    cache.free(d)
+    e = cache.allocate(24, h[:3])
+    assert cache.cached_tokens[e] == 0  # gone from the cache
+
+
+def test_different_images_behind_the_same_token_ids_get_different_hashes():
+    from service.decode.cache import prompt_block_hashes
+
+    ids, _ = image_prompt(10, 20, (1, 8, 8), seed=90)  # 16 image tokens from position 11
+    same = prompt_block_hashes(ids, IMAGE, [b"a" * 16], block_size=8)
+    assert same == prompt_block_hashes(ids, IMAGE, [b"a" * 16], block_size=8) and len(same) == len(ids) // 8
+    other = prompt_block_hashes(ids, IMAGE, [b"b" * 16], block_size=8)
+    assert other[0] == same[0]  # the block before the image: the same tokens
+    assert all(x != y for x, y in zip(same[1:], other[1:]))  # from the image on: different
+    with pytest.raises(ValueError, match="runs of image tokens"):
+        prompt_block_hashes(ids, IMAGE, [], block_size=8)
+
+
+@pytest.mark.parametrize("kind", ["text", "image", "cached image, then another"])
+def test_a_prompt_that_starts_like_a_cached_one_decodes_like_transformers(model, kind):
+    """The second prompt shares the first one's leading blocks (the same tokens, or the same image
+    and text before it) and computes only the rest: logits, K/V and decoding as transformers'. An
+    image whose tokens are all cached is not encoded again; one cut by the cache boundary is."""
+    from service.decode.cache import prompt_block_hashes
+    from service.decode.prefill import prefill_position_ids
+    from service.decode.qwen3_prefill import Qwen3VLPrefill
+
+    second_image = None
+    if kind == "text":
+        head, pixels, grids = text_prompt(21, seed=91), None, None
+    elif kind == "image":  # the image's tokens straddle the cached block boundary
+        head, pixels = image_prompt(2, 3, (1, 4, 6), seed=92)
+        grids = [(1, 4, 6)]
+    else:  # 16 tokens (2 blocks) with the first image inside them; the second image comes after
+        head, pixels = image_prompt(1, 9, (1, 4, 4), seed=95)
+        second_image, second_pixels = image_prompt(0, 1, (1, 4, 6), seed=96)
+        pixels, grids = torch.cat([pixels, second_pixels]), [(1, 4, 4), (1, 4, 6)]
+    runner = make_runner(model, slots=3, max_len=64, num_blocks=24)
+    cache = runner.cache
+    prefiller = Qwen3VLPrefill(model, runner.decoder, chunk=5)
+    grid = torch.tensor(grids) if grids else None
+    digests = [bytes([i]) * 16 for i in range(len(grids or []))]
+    results = []
+    for tail_seed in (93, 94):
+        ids = torch.cat([head, text_prompt(6, seed=tail_seed)] + ([second_image] if second_image is not None else []))
+        positions, deltas = prefill_position_ids(model, ids[None], None, (ids == IMAGE).int()[None], grid)
+        hashes = prompt_block_hashes(ids, IMAGE, digests, block_size=8)
+        slot = cache.allocate(len(ids) + 8, hashes[:(len(ids) - 1) // 8])
+        logits = prefiller.prefill(slot, ids, positions[1:, 0], int(deltas[0]), pixels, grid)
+        cache.register_prefix(slot, hashes)
+        results.append((ids, slot, logits))
+    (_, first, _), (ids, second, logits) = results
+    assert cache.cached_tokens[first] == 0 and cache.cached_tokens[second] == len(head) // 8 * 8 > 0
+    images = []
+    if grids:  # the patches of each image, in order
+        sizes = [t * h * w for t, h, w in grids]
+        images = list(zip(torch.split(pixels, sizes), grids))
+    inputs = batch_inputs([ids], images)
+    reference = prefill(model, **inputs)
+    assert (logits - reference.logits[0]).abs().max() < TOLERANCE
+    where = cache.positions(second, len(ids))
+    for layer in range(cache.num_layers):
+        assert (cache.keys[layer][:, where] - reference.past_key_values.layers[layer].keys[0]).abs().max() < TOLERANCE
+    tokens, steps = [int(logits.argmax())], [logits]
+    for _ in range(5):
+        steps.append(runner.decode([second], [tokens[-1]])[0].clone())
+        tokens.append(int(steps[-1].argmax()))
+    ref_tokens, ref_logits = hf_greedy(model, 6, inputs)
+    assert tokens == ref_tokens[0].tolist()
+    assert (torch.stack(steps) - ref_logits[:, 0]).abs().max() < TOLERANCE

@@ -305,3 +305,35 @@ def test_a_reader_that_fell_behind_gets_the_waiting_text_merged(engine):
 
     events = asyncio.run(read())
     assert [(e.text, e.finish_reason, e.completion_tokens) for e in events] == [("abc", "stop", 3)]
+
+
+def _hits(engine) -> float:
+    return engine.metrics.prefix_cache_hits._value.get()
+
+
+def test_a_repeated_prompt_is_taken_from_the_prefix_cache_with_the_same_output(engine):
+    image = Image.new("RGB", (96, 64), (200, 30, 30))
+    long_question = "Describe what you see in great detail, " * 5
+    first = request(engine, long_question + "first.", images=[image], max_tokens=8)
+    assert first.prompt_tokens > 64
+    before = _hits(engine)
+    alone = engine.generate(first).token_ids
+    again = engine.generate(first).token_ids  # the same request: its full blocks come from the cache
+    assert again == alone and _hits(engine) - before >= 64
+    other_image = request(engine, long_question + "first.", images=[Image.new("RGB", (96, 64), (30, 30, 200))],
+                          max_tokens=8)
+    before = _hits(engine)
+    engine.generate(other_image)
+    assert _hits(engine) == before  # the same token ids, another image: nothing shared
+    follow_up = request(engine, long_question + "second.", images=[image], max_tokens=8)
+    before = _hits(engine)
+    result = engine.generate(follow_up).token_ids
+    assert _hits(engine) - before >= 64  # the same image and text before it: shared
+    with engine.paused():  # the same result with nothing in the cache: a fresh engine would not differ
+        runner = engine.runner
+        fresh = PagedKVCache(engine.model.config, 2, engine.max_model_len, dtype=engine.dtype, device=engine.device)
+        engine.runner = DecodeRunner(Qwen3VLDecoder(engine.model, fresh), context_step=64)
+    try:
+        assert engine.generate(follow_up).token_ids == result
+    finally:
+        engine.runner = runner

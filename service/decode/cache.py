@@ -11,11 +11,19 @@ reserved when it was admitted: enough for its prompt and all the tokens it may g
 running sequence never runs out of room (no preemption) and requests reserve what they can use,
 not the whole context. The block table ``[slots, max_blocks]`` (int32, on the device) maps a
 slot's logical block ``j`` (positions ``j*B .. j*B+B-1``) to a block of the pool.
+
+Prefix caching: a block filled by a prompt is registered under a hash of everything up to its end
+(token ids and the images' contents, :func:`prompt_block_hashes`). A later prompt that starts the
+same way (the same image with another question, the next turn of a chat) takes those blocks
+read-only instead of computing them again; blocks are reference-counted, and a registered block that
+nobody uses stays cached until a fresh block is needed (least recently used first).
 """
 from __future__ import annotations
 
+import hashlib
 import heapq
-from typing import Any
+from collections import OrderedDict
+from typing import Any, Collection, Sequence
 
 import torch
 
@@ -35,6 +43,35 @@ def _head_dim(text_config: Any) -> int:
 
 def blocks_for(tokens: int, block_size: int = BLOCK_SIZE) -> int:
     return -(-tokens // block_size)
+
+
+def image_digest(image: Any) -> bytes:
+    """What identifies an image's pixels (a PIL image: mode, size and bytes)."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{image.mode}:{image.size}".encode())
+    digest.update(image.tobytes())
+    return digest.digest()
+
+
+def prompt_block_hashes(input_ids: torch.Tensor, image_token_id: int | None, image_digests: Sequence[bytes],
+                        block_size: int = BLOCK_SIZE) -> list[bytes]:
+    """One hash per full block of the prompt, each covering everything up to the block's end: its
+    token ids and the digest of every image whose tokens start by then (image tokens share one id,
+    so the ids alone would not tell two images apart). Host work, for any thread."""
+    ids = input_ids.tolist()
+    starts = [i for i, t in enumerate(ids) if t == image_token_id and (i == 0 or ids[i - 1] != image_token_id)]
+    if len(starts) != len(image_digests):
+        raise ValueError(f"{len(starts)} runs of image tokens for {len(image_digests)} images")
+    hashes, previous, seen = [], b"", 0
+    for end in range(block_size, len(ids) + 1, block_size):
+        digest = hashlib.blake2b(previous, digest_size=16)
+        digest.update(input_ids[end - block_size:end].numpy().tobytes())
+        while seen < len(starts) and starts[seen] < end:
+            digest.update(image_digests[seen])
+            seen += 1
+        previous = digest.digest()
+        hashes.append(previous)
+    return hashes
 
 
 class PagedKVCache:
@@ -72,9 +109,14 @@ class PagedKVCache:
         self.capacity = [0] * num_slots  # tokens a slot's blocks hold
         self.rope_deltas = [0] * num_slots
         self.lengths_dev = torch.zeros(num_slots, dtype=torch.long, device=self.device)
+        self.cached_tokens = [0] * num_slots  # leading tokens a slot found in the prefix cache
         self._blocks: list[list[int]] = [[] for _ in range(num_slots)]
         self._free = list(range(num_slots))  # heaps: the lowest first keeps batches compact
-        self._free_blocks = list(range(num_blocks))
+        self._free_blocks = list(range(num_blocks))  # blocks holding nothing anyone may want
+        self._refs = [0] * num_blocks  # slots using each block
+        self._block_of: dict[bytes, int] = {}  # prefix hash -> the block holding those tokens
+        self._hash_of: dict[int, bytes] = {}
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks nobody uses, oldest first
 
     # ---- sizing
 
@@ -103,24 +145,59 @@ class PagedKVCache:
 
     @property
     def free_blocks(self) -> int:
-        return len(self._free_blocks)
+        """Blocks a fresh allocation may take: empty ones and cached ones nobody uses."""
+        return len(self._free_blocks) + len(self._evictable)
 
     def blocks_needed(self, tokens: int) -> int:
         return blocks_for(max(1, min(tokens, self.max_len)), self.block_size)
 
-    def can_allocate(self, tokens: int) -> bool:
-        return bool(self._free) and self.blocks_needed(tokens) <= len(self._free_blocks)
+    def _cached_prefix(self, hashes: Sequence[bytes], limit: int) -> list[int]:
+        blocks = []
+        for h in hashes[:limit]:
+            block = self._block_of.get(h)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
 
-    def allocate(self, tokens: int | None = None) -> int | None:
+    def allocation_cost(self, tokens: int, hashes: Sequence[bytes] = (), pending: Collection[bytes] = ()) -> int:
+        """How many of :attr:`free_blocks` an allocation of ``tokens`` with these prefix hashes would
+        use. ``pending``: hashes that allocations made before it (in the same admission) will have
+        registered by then, so they cost nothing here."""
+        need = self.blocks_needed(tokens)
+        cost = need
+        for h in hashes[:need]:
+            block = self._block_of.get(h)
+            if block is None and h not in pending:
+                break
+            cost -= block is None or self._refs[block] > 0  # a hit on an unused cached block takes it
+        return cost
+
+    def can_allocate(self, tokens: int, hashes: Sequence[bytes] = ()) -> bool:
+        return bool(self._free) and self.allocation_cost(tokens, hashes) <= self.free_blocks
+
+    def allocate(self, tokens: int | None = None, hashes: Sequence[bytes] = ()) -> int | None:
         """The lowest free slot (now empty) with blocks for ``tokens`` (default: ``max_len``) reserved,
-        or None when no slot or not enough blocks are free."""
+        or None when no slot or not enough blocks are free. ``hashes``: the prompt's leading block
+        hashes that may be shared (:func:`prompt_block_hashes`, at most those before its last token);
+        the cached ones come first in the slot, read-only, and ``cached_tokens[slot]`` says how many
+        tokens they hold."""
         tokens = self.max_len if tokens is None else tokens
-        if not self.can_allocate(tokens):
+        if not self.can_allocate(tokens, hashes):
             return None
+        need = self.blocks_needed(tokens)
+        shared = self._cached_prefix(hashes, need)
+        for block in shared:
+            self._refs[block] += 1
+            self._evictable.pop(block, None)
+        fresh = [self._take_block() for _ in range(need - len(shared))]
+        for block in fresh:
+            self._refs[block] = 1
         slot = heapq.heappop(self._free)
-        blocks = [heapq.heappop(self._free_blocks) for _ in range(self.blocks_needed(tokens))]
+        blocks = shared + fresh
         self._blocks[slot] = blocks
         self.capacity[slot] = min(self.max_len, len(blocks) * self.block_size)
+        self.cached_tokens[slot] = len(shared) * self.block_size
         row = torch.full((self.max_blocks,), self.scratch_block, dtype=torch.int32)
         row[:len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
         self.block_table[slot].copy_(row)
@@ -128,15 +205,37 @@ class PagedKVCache:
         self.rope_deltas[slot] = 0
         return slot
 
+    def _take_block(self) -> int:
+        if self._free_blocks:
+            return heapq.heappop(self._free_blocks)
+        block, _ = self._evictable.popitem(last=False)  # the cached block unused the longest
+        del self._block_of[self._hash_of.pop(block)]
+        return block
+
+    def register_prefix(self, slot: int, hashes: Sequence[bytes]) -> None:
+        """The slot's first ``len(hashes)`` blocks now hold the prompt those hashes describe: later
+        prompts that start the same way may share them (call once its prefill wrote them)."""
+        for block, h in zip(self._blocks[slot], hashes):
+            if h not in self._block_of and block not in self._hash_of:
+                self._block_of[h] = block
+                self._hash_of[block] = h
+
     def free(self, slot: int) -> None:
         if slot in self._free:
             raise ValueError(f"slot {slot} is already free")
         for block in self._blocks[slot]:
-            heapq.heappush(self._free_blocks, block)
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                if block in self._hash_of:
+                    self._evictable[block] = None  # kept for a prompt that starts the same way
+                else:
+                    heapq.heappush(self._free_blocks, block)
         self._blocks[slot] = []
         self.capacity[slot] = 0
+        self.cached_tokens[slot] = 0
         # The table row keeps pointing at the old blocks until the slot is taken again: a step
-        # still in flight for it finishes in stream order before anyone else writes them.
+        # still in flight for it finishes in stream order before anyone else writes them (and it
+        # writes past the prompt, never into a block that may be shared).
         self._set_length(slot, 0)
         self.rope_deltas[slot] = 0
         heapq.heappush(self._free, slot)

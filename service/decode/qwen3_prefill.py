@@ -44,16 +44,19 @@ class Qwen3VLPrefill:
         self.visual = model.model.visual
         self.image_token_id = model.config.image_token_id
 
-    def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
+                      skip: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Image features ``[tokens, hidden]`` and DeepStack features (one such tensor per DeepStack
-        layer), one image at a time. ``grid_thw`` is the processor's ``[images, 3]`` on the host."""
+        layer), one image at a time, for the images after the first ``skip``. ``grid_thw`` is the
+        processor's ``[images, 3]`` on the host; ``pixel_values`` holds the patches of all of them."""
         embeds, deepstack = [], []
         start = 0
         for index, (t, h, w) in enumerate(grid_thw.tolist()):
             patches = t * h * w
-            image, features = self._encode_image(pixel_values[start:start + patches], grid_thw[index:index + 1])
-            embeds.append(image)
-            deepstack.append(features)
+            if index >= skip:
+                image, features = self._encode_image(pixel_values[start:start + patches], grid_thw[index:index + 1])
+                embeds.append(image)
+                deepstack.append(features)
             start += patches
         return torch.cat(embeds), [torch.cat(layer) for layer in zip(*deepstack)]
 
@@ -95,30 +98,42 @@ class Qwen3VLPrefill:
         """Write the prompt's K/V into ``slot`` (allocated, with room for it) and return the logits
         after its last token. ``input_ids`` ``[T]`` and ``mrope_positions`` ``[3, T]`` (None: text
         positions 0..T-1) and ``image_grid_thw`` are host tensors; ``pixel_values`` (the processor's
-        patches of every image, in order) may be on either side."""
+        patches of every image, in order) may be on either side. The slot's first
+        ``cache.cached_tokens[slot]`` tokens came from the prefix cache: they are not computed again,
+        nor are the images whose tokens all lie among them."""
         cache, decoder = self.cache, self.decoder
         device = cache.device
         length = int(input_ids.shape[0])
         physical = cache.positions(slot, length).to(device, non_blocking=True)  # checks the reservation
+        cached = cache.cached_tokens[slot]
+        if not 0 <= cached < length:
+            raise ValueError(f"{cached} cached tokens leave nothing to compute of a {length}-token prompt")
         if mrope_positions is None:
             mrope_positions = torch.arange(length).expand(3, length)
         is_image = input_ids == self.image_token_id
         before = torch.cumsum(is_image, 0) - is_image.long()  # image tokens before each position (host)
         images = deepstack = None
-        if pixel_values is not None and image_grid_thw is not None and bool(is_image.any()):
+        skipped_tokens = 0
+        if pixel_values is not None and image_grid_thw is not None and bool(is_image[cached:].any()):
+            # Images whose tokens all come before `cached` are skipped (their tokens are cached).
+            per_image = (image_grid_thw.prod(-1) // self.visual.spatial_merge_size ** 2).tolist()
+            skip = 0
+            while skip < len(per_image) and skipped_tokens + per_image[skip] <= int(before[cached]):
+                skipped_tokens += per_image[skip]
+                skip += 1
             pixels = pixel_values.to(device, self.visual.patch_embed.proj.weight.dtype, non_blocking=True)
-            images, deepstack = self.encode_images(pixels, image_grid_thw)
+            images, deepstack = self.encode_images(pixels, image_grid_thw, skip)
         ids_dev = input_ids.to(device, non_blocking=True)
         mrope_dev = mrope_positions.to(device, non_blocking=True)
         logits = None
-        for start in range(0, length, self.chunk):
+        for start in range(cached, length, self.chunk):
             end = min(length, start + self.chunk)
             hidden = decoder.embed_tokens(ids_dev[start:end])
             image_rows = None
             if images is not None and bool(is_image[start:end].any()):
                 # Index lists made on the host: boolean masks on the device would make it wait.
                 at = is_image[start:end].nonzero()[:, 0].to(device, non_blocking=True)
-                first = int(before[start])
+                first = int(before[start]) - skipped_tokens
                 image_rows = (at, first, first + int(at.shape[0]))
                 hidden.index_copy_(0, at, images[first:image_rows[2]].to(hidden.dtype))
             normed = self._layers(hidden, mrope_dev[:, start:end], physical, start, end, image_rows, deepstack)
