@@ -72,18 +72,20 @@ def engine_rows(size: str, args, workload, roofline: float | None, workdir: Path
             ("engine: memory plan", last["plan"] or "none (CPU)"),
             ("engine: prompt tokens / new tokens", f"{last['prompt_tokens']} / {args.new_tokens}"),
             ("engine: prepare one request (chat template + image processor, CPU)", f"{last['prepare_s'] * 1e3:.0f} ms")]
-    single = None
-    for point in last["points"]:
-        n = point["concurrency"]
-        if n == 1:
-            single = point["aggregate_tok_s"]
-            share = f" ({point['decode_tok_s'] / roofline:.0%} of roofline)" if roofline else ""
-            rows.append(("engine, 1 request: TTFT / decode", f"{point['ttft_s']:.3f} s / {point['decode_tok_s']:.0f} tok/s{share}"))
-        else:
-            times = f" ({point['aggregate_tok_s'] / single:.1f}x 1 request)" if single else ""
-            rows.append((f"engine, {n} concurrent: median TTFT / per-stream decode / aggregate",
-                         f"{point['ttft_s']:.3f} s / {point['decode_tok_s']:.0f} / "
-                         f"{point['aggregate_tok_s']:.0f} tok/s{times}"))
+    for kind, points in (("different images", last["distinct_points"]), ("the same request", last["points"])):
+        single = None
+        for point in points:
+            n = point["concurrency"]
+            if n == 1:
+                single = point["aggregate_tok_s"]
+                share = f" ({point['decode_tok_s'] / roofline:.0%} of roofline)" if roofline else ""
+                rows.append((f"engine, {kind}, 1 request: TTFT / decode",
+                             f"{point['ttft_s']:.3f} s / {point['decode_tok_s']:.0f} tok/s{share}"))
+            else:
+                times = f" ({point['aggregate_tok_s'] / single:.1f}x 1 request)" if single else ""
+                rows.append((f"engine, {kind}, {n} concurrent: median TTFT / per-stream decode / aggregate",
+                             f"{point['ttft_s']:.3f} s / {point['decode_tok_s']:.0f} / "
+                             f"{point['aggregate_tok_s']:.0f} tok/s{times}"))
     budget = last["budget_gib"]
     rows.append(("engine: peak process memory (NVML), whole run",
                  f"{last['peak_bytes'] / GIB:.2f} GiB (budget {budget:.1f} GiB)" if last["plan"] else "n/a (CPU)"))
@@ -143,7 +145,10 @@ def child(argv: list[str] | None = None) -> int:
     ready_at = time.time()
 
     width, height = (int(v) for v in args.image.split("x"))
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8))
+    def random_image(seed: int):
+        return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+    image = random_image(0)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
     request = engine.prepare(messages, [image], max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
     prepared = time.perf_counter()
@@ -151,9 +156,9 @@ def child(argv: list[str] | None = None) -> int:
         engine.prepare(messages, [image], max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
     prepare_s = (time.perf_counter() - prepared) / 3
 
-    def open_stream(_index: int):
+    def stream(req):
         """One item per generated token, as engine_mode expects."""
-        handle = engine.submit(request)
+        handle = engine.submit(req)
         seen = 0
         for event in handle:
             if event.error is not None:
@@ -162,12 +167,20 @@ def child(argv: list[str] | None = None) -> int:
                 yield
             seen = len(handle.token_ids)
 
-    list(open_stream(0))  # the first full-length request after warm-up: not counted
-    points = []
-    for n in concurrency:
+    def point(n: int, open_stream) -> dict:
         r = measure_streams(open_stream, n)
-        points.append({"concurrency": n, "ttft_s": r.median_ttft_s, "decode_tok_s": r.decode_tok_s_per_stream,
-                       "aggregate_tok_s": r.aggregate_tok_s, "tokens": sum(x.tokens for x in r.results)})
+        return {"concurrency": n, "ttft_s": r.median_ttft_s, "decode_tok_s": r.decode_tok_s_per_stream,
+                "aggregate_tok_s": r.aggregate_tok_s, "tokens": sum(x.tokens for x in r.results)}
+
+    list(stream(request))  # the first full-length request after warm-up: not counted
+    # Every request with its own image (prepared beforehand, as the same request is): nothing shared.
+    distinct_points = []
+    for n in concurrency:
+        own = [engine.prepare(messages, [random_image(1000 * n + i)], max_tokens=args.new_tokens, temperature=0.0,
+                              ignore_eos=True) for i in range(n)]
+        distinct_points.append(point(n, lambda i, own=own: stream(own[i])))
+    # The same request n times: after the first, its prompt blocks come from the prefix cache.
+    points = [point(n, lambda _i: stream(request)) for n in concurrency]
     peak = sampler.stop()
     runner = engine.runner
     result = {
@@ -175,7 +188,8 @@ def child(argv: list[str] | None = None) -> int:
         "budget_gib": settings.memory_budget_gib, "plan": engine.plan.describe() if engine.plan else None,
         "graphs": len(runner.graphs) if runner else 0,
         "attention": runner.decoder.attention if runner else "transformers",
-        "prompt_tokens": request.prompt_tokens, "points": points, "prepare_s": prepare_s,
+        "prompt_tokens": request.prompt_tokens, "points": points, "distinct_points": distinct_points,
+        "prepare_s": prepare_s,
     }
     engine.stop()
     print(json.dumps(result), flush=True)

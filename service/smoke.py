@@ -5,7 +5,8 @@
 Builds the checkpoint (once; weights initialised on the GPU), starts ``python -m service`` on
 127.0.0.1, and drives it with the official openai SDK: one 1280x704 image (880 image tokens) plus
 ~40 text tokens, 128 new tokens, greedy, ``ignore_eos`` - first alone (5 requests one after another:
-median (min-max)), then 8 at once. Prints time to ready, time-to-first-token, decode tokens/s and peak
+median (min-max)), then 8 at once. Every request carries its own image, so nothing comes from the
+prefix cache (``--same-image``: one image for all, the cached case). Prints time to ready, time-to-first-token, decode tokens/s and peak
 GPU memory (NVML: the device's used memory above what it used before the server started). Needs a
 CUDA GPU, and openai + fastapi + uvicorn.
 """
@@ -32,13 +33,13 @@ PROMPT = ("Describe this picture for a visually impaired reader: the main object
           "positions, any text you can read, and what is probably happening. Keep it to one short paragraph.")
 
 
-def _image_url(image_format: str = "png", width: int = 1280, height: int = 704) -> str:
+def _image_url(image_format: str = "png", seed: int = 0, width: int = 1280, height: int = 704) -> str:
     """A data URL of random pixels: PNG (incompressible, 3.6 MB of base64: the worst case) or JPEG
     (quality 90, as a camera or a browser would send it)."""
     import numpy as np
     from PIL import Image
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, image_format.upper(), **({"quality": 90} if image_format == "jpeg" else {}))
@@ -122,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--image-format", choices=("png", "jpeg"), default="png",
                         help="how the image travels: png (random pixels: 3.6 MB of base64) or jpeg")
+    parser.add_argument("--same-image", action="store_true",
+                        help="every request with the same image (after the first, its prompt comes from the prefix cache)")
     args, service_args = parser.parse_known_args(argv)
 
     checkpoint = args.workdir / f"qwen3-vl-{args.shape}-random"
@@ -152,20 +155,25 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"the service exited with {proc.returncode}; see {log.name}")
         ready_s = time.perf_counter() - started
         client = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=600)
-        url = _image_url(args.image_format)
+        # Each request its own image (made before timing), so the prefix cache has nothing to give:
+        # every figure includes the vision tower and the whole prefill. --same-image: one for all.
+        count = 1 + SINGLE_RUNS + args.concurrency
+        urls = [_image_url(args.image_format, 0 if args.same_image else seed) for seed in range(count)]
+        url = urls[0]
         _one(client, "smoke", url, 8)  # first request after warm-up: excluded from the figures
         memory.reset()
         singles, server_ttfts = [], []
         for _ in range(SINGLE_RUNS):
             before = _server_ttft(base)
-            singles.append(_one(client, "smoke", url, args.max_tokens))
+            singles.append(_one(client, "smoke", urls[1 + len(singles)], args.max_tokens))
             after = _server_ttft(base)
             server_ttfts.append((after[0] - before[0]) / max(after[1] - before[1], 1))
         peak_single = memory.peak - memory.baseline
         memory.reset()
         t = time.perf_counter()
         with ThreadPoolExecutor(args.concurrency) as pool:
-            many = list(pool.map(lambda _: _one(client, "smoke", url, args.max_tokens), range(args.concurrency)))
+            many = list(pool.map(lambda i: _one(client, "smoke", urls[1 + SINGLE_RUNS + i], args.max_tokens),
+                                 range(args.concurrency)))
         wall = time.perf_counter() - t
         peak_many = memory.peak - memory.baseline
     finally:
@@ -176,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     gib = 1024**3
     total = sum(r["tokens"] for r in many)
     print(f"\nQwen3-VL {args.shape} (random weights), prompt {singles[0]['prompt']} tokens, "
-          f"{args.max_tokens} new tokens, image as {args.image_format} ({len(url) / 1e6:.1f} MB data URL)")
+          f"{args.max_tokens} new tokens, image as {args.image_format} ({len(url) / 1e6:.1f} MB data URL), "
+          f"{'the same image in every request' if args.same_image else 'a different image in every request'}")
     print(f"{'figure':52s} value")
     print(f"{'start to /health/ready (load + warm-up)':52s} {ready_s:.1f} s")
     print(f"{'1 request: time to first token':52s} {_spread([r['ttft'] for r in singles], '.3f')} s")
