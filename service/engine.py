@@ -64,8 +64,12 @@ def configure_torch(settings: ServiceSettings) -> Path:
       sizes do not fragment the memory the budget counts (the user's own setting wins).
     - TorchInductor and Triton keep compiled kernels in one directory that survives restarts
       (a volume in the container), so start-up after the first only loads them.
+    - Attention (prefill, vision tower) never goes to cuDNN's SDPA: it builds a plan for every new
+      shape, and prompt lengths and image sizes change with every request; flash and memory-
+      efficient attention are ready-made kernels.
     """
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    torch.backends.cuda.enable_cudnn_sdp(False)
     root = Path(settings.compile_cache_dir or os.environ.get("VLKIT_COMPILE_CACHE_DIR") or DEFAULT_COMPILE_CACHE)
     if settings.compile_cache_dir is not None or "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
