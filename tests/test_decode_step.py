@@ -447,8 +447,7 @@ def test_different_images_behind_the_same_token_ids_get_different_hashes():
     other = prompt_block_hashes(ids, IMAGE, [b"b" * 16], block_size=8)
     assert other[0] == same[0]  # the block before the image: the same tokens
     assert all(x != y for x, y in zip(same[1:], other[1:]))  # from the image on: different
-    with pytest.raises(ValueError, match="runs of image tokens"):
-        prompt_block_hashes(ids, IMAGE, [], block_size=8)
+    assert prompt_block_hashes(ids, IMAGE, [], block_size=8) == []  # placeholder tokens without an image
 
 
 @pytest.mark.parametrize("kind", ["text", "image", "cached image, then another"])

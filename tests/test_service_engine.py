@@ -337,3 +337,11 @@ def test_a_repeated_prompt_is_taken_from_the_prefix_cache_with_the_same_output(e
         assert engine.generate(follow_up).token_ids == result
     finally:
         engine.runner = runner
+
+
+def test_a_text_that_spells_the_image_placeholder_is_served_without_caching(engine):
+    pad = engine.tokenizer.convert_ids_to_tokens(engine.model.config.image_token_id)
+    req = request(engine, f"what is {pad}{pad} here, " * 10, max_tokens=4)
+    assert req.prompt_tokens > 64 and req.prompt.block_hashes == []  # image tokens with no image: not shared
+    result = engine.generate(req)
+    assert result.completion_tokens == 4 and result.finish_reason == "length"
