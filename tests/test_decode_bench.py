@@ -18,8 +18,11 @@ def test_bench_smoke_run_writes_one_table(tmp_path, capsys):
     assert "| yes |" in rows["tokens of ours fused projections == ours eager"]
     assert rows["agreement with transformers (float32, greedy)"].count("8 steps, max abs diff") == 1
     # The service's own engine, started in a fresh process with the tiny checkpoint.
-    for metric in ("engine: time to ready (process start to warmed up)", "engine, 1 request: TTFT / decode",
-                   "engine, 2 concurrent: median TTFT / per-stream decode / aggregate"):
+    for metric in ("engine: time to ready (process start to warmed up)",
+                   "engine, different images, 1 request: TTFT / decode",
+                   "engine, different images, 2 concurrent: median TTFT / per-stream decode / aggregate",
+                   "engine, the same request, 1 request: TTFT / decode",
+                   "engine, the same request, 2 concurrent: median TTFT / per-stream decode / aggregate"):
         assert metric in rows and "failed" not in rows[metric], metric
     assert "engine" not in rows
 
