@@ -354,6 +354,25 @@ def test_cuda_graphs_decode_like_transformers_on_the_gpu(model, options):
     assert (ours[1] - reference[1]).abs().max().item() < 1e-3  # TF32 / kernel choices differ on the GPU
 
 
+def assert_slot_matches(model, runner: DecodeRunner, slot: int, logits: torch.Tensor, reference, inputs: dict,
+                        steps: int) -> None:
+    """A prefilled slot holds transformers' K/V (``reference``: its prefill of ``inputs``) and decodes
+    ``steps`` greedy tokens with its logits, from our prefill's ``logits``."""
+    cache = runner.cache
+    where = cache.positions(slot, cache.lengths[slot])
+    for layer in range(cache.num_layers):
+        ref = reference.past_key_values.layers[layer]
+        assert (cache.keys[layer][:, where] - ref.keys[0]).abs().max() < TOLERANCE
+        assert (cache.values[layer][:, where] - ref.values[0]).abs().max() < TOLERANCE
+    tokens, ours = [int(logits.argmax())], [logits]
+    for _ in range(steps - 1):
+        ours.append(runner.decode([slot], [tokens[-1]])[0].clone())
+        tokens.append(int(ours[-1].argmax()))
+    ref_tokens, ref_logits = hf_greedy(model, steps, inputs)
+    assert tokens == ref_tokens[0].tolist()
+    assert (torch.stack(ours) - ref_logits[:, 0]).abs().max() < TOLERANCE
+
+
 def two_image_prompt(seed: int) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int]]]:
     first, first_pixels = image_prompt(3, 2, (1, 4, 6), seed=seed)
     second, second_pixels = image_prompt(1, 4, (1, 6, 4), seed=seed + 10)
@@ -388,19 +407,7 @@ def test_our_prefill_writes_the_kv_and_logits_of_transformers(model, kind, chunk
         slot, ids, positions[1:, 0], int(deltas[0]), pixels, grid)
     assert (logits - reference.logits[0]).abs().max() < TOLERANCE
     assert cache.lengths[slot] == len(ids) and cache.rope_deltas[slot] == int(deltas[0])
-    where = cache.positions(slot, len(ids))
-    for layer in range(cache.num_layers):
-        keys, values = reference.past_key_values.layers[layer].keys[0], reference.past_key_values.layers[layer].values[0]
-        assert (cache.keys[layer][:, where] - keys).abs().max() < TOLERANCE
-        assert (cache.values[layer][:, where] - values).abs().max() < TOLERANCE
-    tokens = [int(logits.argmax())]
-    steps = [logits]
-    for _ in range(7):
-        steps.append(runner.decode([slot], [tokens[-1]])[0].clone())
-        tokens.append(int(steps[-1].argmax()))
-    ref_tokens, ref_logits = hf_greedy(model, 8, inputs)
-    assert tokens == ref_tokens[0].tolist()
-    assert (torch.stack(steps) - ref_logits[:, 0]).abs().max() < TOLERANCE
+    assert_slot_matches(model, runner, slot, logits, reference, inputs, steps=8)
 
 
 def test_our_prefill_refuses_a_prompt_beyond_the_reservation(model):
@@ -492,13 +499,4 @@ def test_a_prompt_that_starts_like_a_cached_one_decodes_like_transformers(model,
     inputs = batch_inputs([ids], images)
     reference = prefill(model, **inputs)
     assert (logits - reference.logits[0]).abs().max() < TOLERANCE
-    where = cache.positions(second, len(ids))
-    for layer in range(cache.num_layers):
-        assert (cache.keys[layer][:, where] - reference.past_key_values.layers[layer].keys[0]).abs().max() < TOLERANCE
-    tokens, steps = [int(logits.argmax())], [logits]
-    for _ in range(5):
-        steps.append(runner.decode([second], [tokens[-1]])[0].clone())
-        tokens.append(int(steps[-1].argmax()))
-    ref_tokens, ref_logits = hf_greedy(model, 6, inputs)
-    assert tokens == ref_tokens[0].tolist()
-    assert (torch.stack(steps) - ref_logits[:, 0]).abs().max() < TOLERANCE
+    assert_slot_matches(model, runner, second, logits, reference, inputs, steps=6)
