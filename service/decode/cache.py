@@ -79,9 +79,10 @@ def prompt_block_hashes(input_ids: torch.Tensor, image_token_id: int | None, ima
 class PagedKVCache:
     """K/V pools of ``num_blocks`` blocks shared by up to ``num_slots`` sequences of at most ``max_len`` tokens.
 
-    Host bookkeeping (``lengths``, ``capacity``, ``rope_deltas``, block lists, free lists) is the
-    truth the scheduler reads; ``lengths_dev`` and ``block_table`` mirror it on the device for the
-    decode step (which advances ``lengths_dev`` itself).
+    Host bookkeeping (``lengths``, ``capacity``, ``rope_deltas``, ``cached_tokens``, block lists and
+    reference counts, free lists, the prefix cache's hash map) is the truth the scheduler reads;
+    ``lengths_dev`` and ``block_table`` mirror it on the device for the decode step (which advances
+    ``lengths_dev`` itself).
     """
 
     def __init__(self, config: Any, num_slots: int, max_len: int, num_blocks: int | None = None, *,
