@@ -167,8 +167,7 @@ def create_app(settings: ServiceSettings, engine: Engine | None = None, *,
         handle = engine.submit(generation, asyncio.get_running_loop(), arrived)
         if chat.stream:
             include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-            return StreamingResponse(_stream(handle, generation, settings.model_name, include_usage, metrics),
-                                     media_type="text/event-stream")
+            return _EngineStream(handle, _stream(handle, generation, settings.model_name, include_usage, metrics))
         return await _complete(request, handle, generation, settings.model_name)
 
     return app
@@ -324,6 +323,22 @@ class _ChunkFrame:
 
 def _sse(body: ChatCompletionChunk) -> bytes:
     return f"data: {body.model_dump_json()}\n\n".encode()
+
+
+class _EngineStream(StreamingResponse):
+    """An SSE response that cancels its request however the response ends. The generator's own
+    `finally` runs only once it has started; a client gone before the first chunk (the server
+    cancels the response while it sends the headers) would otherwise leave the request running."""
+
+    def __init__(self, handle: RequestHandle, content):
+        super().__init__(content, media_type="text/event-stream")
+        self._handle = handle
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._handle.cancel()  # a no-op once the request finished
 
 
 async def _stream(handle: RequestHandle, generation: GenerationRequest, model: str, include_usage: bool,

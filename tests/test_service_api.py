@@ -349,6 +349,35 @@ def test_client_disconnect_mid_stream_frees_the_slot(server):
     assert_still_serves(server)
 
 
+def test_a_client_gone_before_its_stream_starts_is_cancelled(server):
+    """The disconnect arrives before the first chunk (the app is driven over ASGI directly, as uvicorn
+    does, with a client that is gone once its body is read): the queued request leaves the queue
+    instead of generating 400 tokens for nobody."""
+    import asyncio
+    import json
+
+    body = json.dumps(user("a long answer please", max_tokens=400, stream=True)).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                         (b"authorization", f"Bearer {API_KEY}".encode())]}
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        await asyncio.sleep(0)  # a real server may suspend here (the socket): the stream is cancelled before it begins
+
+    cancelled_before = metric(server, "vlkit_requests_total", '{finish_reason="cancelled"}')
+    with server.engine.paused():  # queued, not started: only a cancellation takes it out
+        asyncio.run(server.app(scope, receive, send))
+        assert server.engine.queue_depth == 0 and server.engine.running == 0
+    assert metric(server, "vlkit_requests_total", '{finish_reason="cancelled"}') == cancelled_before + 1
+    assert_still_serves(server)
+
+
 def test_client_disconnect_without_stream_frees_the_slot(server):
     body = user("a long answer please", max_tokens=480)
     with server.engine.paused():  # keeps it queued until the client is gone
