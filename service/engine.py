@@ -37,9 +37,9 @@ from typing import Iterator
 
 import torch
 
-from service.batch import KVBatch, Prompt, RopeLayout, SlotBatch, padded_forward
+from service.batch import KVBatch, Prompt, RopeLayout, SlotBatch
 from service.decode import BLOCK_SIZE, DecodeRunner, PagedKVCache, Qwen3VLDecoder
-from service.decode.cache import image_digest, prompt_block_hashes
+from service.decode.cache import blocks_for, image_digest, prompt_block_hashes
 from service.decode.qwen3_prefill import Qwen3VLPrefill
 from service.decode.qwen3_step import fuse_linear_weights, text_model_of
 from service.detokenizer import IncrementalDetokenizer
@@ -318,7 +318,7 @@ class Engine:
                                    prefill_peak_bytes=peak, block_bytes=block_bytes, block_size=BLOCK_SIZE,
                                    max_len=self.max_model_len, max_sequences=settings.max_batch_size)
         if self.plan.full_sequences < 1:
-            need = (-(-self.max_model_len // BLOCK_SIZE) + 1) * block_bytes
+            need = (blocks_for(self.max_model_len) + 1) * block_bytes  # + the scratch block
             raise ModelUnavailable(
                 f"--memory-budget-gib {settings.memory_budget_gib} leaves no room for one sequence of "
                 f"--max-model-len {self.max_model_len} tokens ({need / GIB:.2f} GiB of KV cache): "

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from service.decode.cache import blocks_for
+
 log = logging.getLogger(__name__)
 
 GIB = 1024**3
@@ -101,7 +103,7 @@ class KVPlan:
     @property
     def full_sequences(self) -> int:
         """Sequences of max_len tokens the cache holds at once (shorter ones: more)."""
-        return self.blocks // -(-self.max_len // self.block_size)
+        return self.blocks // blocks_for(self.max_len, self.block_size)
 
     def describe(self) -> str:
         return (f"memory budget {self.budget / GIB:.2f} GiB = resident {self.resident / GIB:.2f} (weights, CUDA "
@@ -116,7 +118,7 @@ def plan_kv_blocks(*, budget_bytes: int, resident_bytes: int, prefill_peak_bytes
     """As many KV blocks as fit beside what is resident and the prefill reserve (one of them scratch),
     at most enough for ``max_sequences`` sequences of ``max_len`` tokens."""
     free = budget_bytes - resident_bytes - prefill_peak_bytes - headroom_bytes
-    per_sequence = -(-max_len // block_size)
+    per_sequence = blocks_for(max_len, block_size)
     blocks = max(0, min(max_sequences * per_sequence, free // block_bytes - 1))
     return KVPlan(budget_bytes, resident_bytes, prefill_peak_bytes, headroom_bytes, block_bytes, block_size, blocks,
                   max_len)

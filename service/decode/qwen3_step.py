@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.decode.attention import decode_attention_triton, triton_available
-from service.decode.cache import PagedKVCache
+from service.decode.cache import PagedKVCache, blocks_for
 
 # The decoder this step reproduces; other architectures keep transformers' own decode.
 SUPPORTED_TEXT_MODELS = ("Qwen3VLTextModel",)
@@ -192,7 +192,7 @@ class Qwen3VLDecoder:
         if self.attention == "sdpa":
             # Each row's keys gathered from its blocks, [Hkv, B, Lb, D] views of the pools; each row
             # attends to its own prefix and this step's token: an additive mask [B, 1, 1, Lb].
-            blocks = -(-context_len // size)
+            blocks = blocks_for(context_len, size)
             gather = (table[:, :blocks].long()[:, :, None] * size + self._arange[:size]).reshape(-1)
             span = blocks * size
             attend = self._arange[:span][None, :] <= lengths[:, None]
