@@ -16,6 +16,8 @@ VENV := .venv
 VLKIT := $(VENV)/bin/vlkit
 HOST_STAMP := $(VENV)/.vlkit-host
 
+export VLKIT_VIA_MAKE := 1
+
 opt = $(if $(2),$(1) $(2))
 PLAN_FLAGS = --profile $(PROFILE) $(call opt,--model,$(MODEL)) $(call opt,--context,$(CONTEXT)) $(call opt,--gpu-memory,$(GPU_MEMORY))
 
