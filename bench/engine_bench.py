@@ -141,7 +141,6 @@ def child(argv: list[str] | None = None) -> int:
 
     engine = Engine.load(settings)
     engine.start()
-    engine.warmup()
     ready_at = time.time()
 
     width, height = (int(v) for v in args.image.split("x"))

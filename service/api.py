@@ -174,12 +174,7 @@ def create_app(settings: ServiceSettings, engine: Engine | None = None, *,
 
 
 def _start_and_warm(engine: Engine, settings: ServiceSettings) -> None:
-    engine.start()
-    if settings.warmup:
-        engine.warmup()
-    else:
-        engine.ready = True
-        engine.metrics.ready.set(1)
+    engine.start(warmup=settings.warmup)
 
 
 def _install_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:

@@ -1,7 +1,7 @@
 """The model engine: one scheduler thread owns the model and runs a continuous batch.
 
     engine = Engine.load(settings)             # or Engine(settings, loaded) with a model built elsewhere
-    engine.start(); engine.warmup()
+    engine.start()                             # scheduler thread + one warm-up request: ready
     req = engine.prepare(messages, images, max_tokens=64, temperature=0)   # CPU work, any thread
     handle = engine.submit(req)                 # bounded queue: QueueFull when it is full
     for event in handle: ...                    # text deltas, then one event with finish_reason
@@ -391,7 +391,9 @@ class Engine:
         grid = prompt.extras.get("image_grid_thw")
         return 0 if grid is None else int(grid.shape[0])
 
-    def start(self) -> None:
+    def start(self, warmup: bool = True) -> None:
+        """Start the scheduler thread; then (warmup) run one short request through the whole path.
+        The engine is ready (``ready``, the ready gauge) once this returns."""
         # The scheduler thread waits for the device with the GIL released and must get it back at
         # once: with Python's default 5 ms switch interval, a busy HTTP thread (streaming many
         # chunks) would hold each decode step back by up to a whole step.
@@ -399,6 +401,10 @@ class Engine:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="vlkit-engine", daemon=True)
             self._thread.start()
+        if warmup:
+            self.warmup()
+        self.ready = True
+        self.metrics.ready.set(1)
 
     def warmup(self) -> None:
         """One short request through the whole path (image included when the model takes images)."""
@@ -466,10 +472,7 @@ class Engine:
         CPU only (chat template, image processor, positions): call it from any thread.
         Raises InvalidRequest for too many images or a prompt that does not fit the context.
         """
-        if len(images) > self.settings.max_images_per_request:
-            raise InvalidRequest(
-                f"At most {self.settings.max_images_per_request} image(s) may be provided in one request; got {len(images)}.",
-                param="messages", kind="too_many_images")
+        self.check_image_count(len(images))
         prompt = self._build_prompt(messages, images)
         if self.runner is not None:  # the paged cache shares blocks of prompts that start the same way
             prompt.block_hashes = prompt_block_hashes(prompt.input_ids, self.model.config.image_token_id,
@@ -498,6 +501,14 @@ class Engine:
             seed=seed, stop=tuple(stop or ()), ignore_eos=ignore_eos,
         )
         return GenerationRequest(prompt=prompt, params=params)
+
+    def check_image_count(self, count: int) -> None:
+        """InvalidRequest when a request brings more images than the settings admit (callers check
+        before decoding them; prepare checks again)."""
+        if count > self.settings.max_images_per_request:
+            raise InvalidRequest(
+                f"At most {self.settings.max_images_per_request} image(s) may be provided in one request; got {count}.",
+                param="messages", kind="too_many_images")
 
     def _build_prompt(self, messages: list[dict], images: list) -> Prompt:
         """Chat template + processor + positions (CPU); InvalidRequest when the processor refuses."""

@@ -29,7 +29,6 @@ def engine(tiny_model_dir):
     eng = Engine.load(engine_settings(tiny_model_dir))
     assert eng.runner is not None and eng.runner.cache.num_slots == 4
     eng.start()
-    eng.warmup()
     yield eng
     eng.stop()
 
@@ -41,7 +40,6 @@ def hf_engine(tiny_model_dir):
     eng = Engine(settings, load(settings), static_cache=False)
     assert eng.runner is None
     eng.start()
-    eng.warmup()
     yield eng
     eng.stop()
 
