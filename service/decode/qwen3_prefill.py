@@ -26,15 +26,14 @@ import torch.nn.functional as F
 from transformers.models.qwen3_vl import modeling_qwen3_vl as qwen3_vl
 
 from service.decode.qwen3_step import Qwen3VLDecoder, add_rms_norm, qk_norm_rotary, silu_mul
-
-DEFAULT_CHUNK = 1024  # tokens of one decoder pass: bounds the prefill's activations
+from service.sizing import PREFILL_CHUNK
 
 
 class Qwen3VLPrefill:
     """``prefill(slot, ...)`` fills an allocated slot of the decoder's cache with a prompt and returns
     the next-token logits (float32 ``[vocab]``)."""
 
-    def __init__(self, model: Any, decoder: Qwen3VLDecoder, chunk: int = DEFAULT_CHUNK):
+    def __init__(self, model: Any, decoder: Qwen3VLDecoder, chunk: int = PREFILL_CHUNK):
         if chunk < 1:
             raise ValueError("the prefill chunk needs at least one token")
         self.model = model
