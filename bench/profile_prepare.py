@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint")
     args = parser.parse_args(argv)
     from service.engine import Engine
-    from service.loading import load_processor
+    from service.engine.loading import load_processor
     from service.media import decode_image
     from service.settings import ServiceSettings
 
