@@ -34,12 +34,12 @@ def _knobs_of(plan) -> tuple[ServiceKnobs, int]:
 
 # ------------------------------------------------------------------ the copies match the service
 def test_constants_mirror_the_service():
-    memory = pytest.importorskip("service.memory")
+    memory = pytest.importorskip("service.sizing")
     cache = pytest.importorskip("service.decode.cache")
     assert HEADROOM_BYTES == memory.HEADROOM_BYTES
     assert memory.plan_kv_blocks.__kwdefaults__["headroom_bytes"] == HEADROOM_BYTES
     prefill = pytest.importorskip("service.decode.qwen3_prefill")
-    assert PREFILL_CHUNK == prefill.DEFAULT_CHUNK
+    assert PREFILL_CHUNK == prefill.PREFILL_CHUNK
     assert BLOCK_SIZE == cache.BLOCK_SIZE
     assert kv_blocks_that_fit.__kwdefaults__["block_size"] == cache.BLOCK_SIZE
     for tokens in (1, 63, 64, 65, 2048, 4095, 4096, 4097):
@@ -55,7 +55,7 @@ BLOCK_2B = 64 * 114_688   # 7 MiB: a block of Qwen3-VL-2B's bf16 K/V
     (5.25, 4.0, 0.5, BLOCK_2B, 2048, 1), (4.0, 4.0, 0.5, BLOCK_2B, 2048, 8), (7.0, 2.01, 0.83, BLOCK_2B, 4000, 8),
     (6.0, 4.74, 0.41, 2 * BLOCK_2B, 2048, 2)])
 def test_the_block_rule_is_the_services(budget_gib, resident_gib, reserve_gib, block_bytes, max_len, max_sequences):
-    memory = pytest.importorskip("service.memory")
+    memory = pytest.importorskip("service.sizing")
     args = dict(budget_bytes=int(budget_gib * GIB), resident_bytes=int(resident_gib * GIB),
                 prefill_peak_bytes=int(reserve_gib * GIB), block_bytes=block_bytes, block_size=BLOCK_SIZE,
                 max_len=max_len, max_sequences=max_sequences)
@@ -69,7 +69,7 @@ def test_the_block_rule_is_the_services(budget_gib, resident_gib, reserve_gib, b
 @pytest.mark.parametrize("spare", [0, -1, BLOCK_2B - 1, BLOCK_2B])
 def test_one_full_sequence_is_the_start_up_threshold(spare):
     """Service and planner agree at the edge: ceil(max_len / 64) blocks + the scratch block."""
-    memory = pytest.importorskip("service.memory")
+    memory = pytest.importorskip("service.sizing")
     resident, reserve = 2 * GIB, GIB // 2
     budget = resident + reserve + HEADROOM_BYTES + (64 + 1) * BLOCK_2B + spare
     plan = memory.plan_kv_blocks(budget_bytes=budget, resident_bytes=resident, prefill_peak_bytes=reserve,
@@ -110,7 +110,7 @@ def test_each_image_adds_its_tokens_and_two_wrappers(tiny_model_dir):
     from PIL import Image
 
     from scripts.planner.service_memory import IMAGE_WRAPPER_TOKENS
-    from service.loading import load_processor
+    from service.engine.loading import load_processor
     processor = load_processor(tiny_model_dir)
     pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     lengths = []
