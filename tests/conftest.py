@@ -17,6 +17,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# `make test` exports VLKIT_VIA_MAKE=1 (the Makefile does for every command): messages would name
+# make variables. Tests read them as a direct `vlkit` user does unless a test sets it itself.
+os.environ.pop("VLKIT_VIA_MAKE", None)
 
 API_KEY = "test-key"
 SERVED_NAME = "tiny-qwen3-vl"

@@ -67,23 +67,68 @@ def _refused(plan: Plan, refusal: str) -> Plan:
     return plan.model_copy(update={"refusal": refusal}, deep=True)
 
 
-def _noted(plan: Plan, note: str) -> Plan:
-    return plan.model_copy(update={"notes": [*plan.notes, note]}, deep=True)
-
-
 # ------------------------------------------------------------------------------------ auto
+ENGINES = {"16gb": "vLLM", "8gb": "vlkit's service"}
+
+
 def _auto(o: Options) -> Plan:
+    """The profile auto picks, with one line that says why: the profile names read like card sizes,
+    so a pick that does not match the card's size (16gb on an 8 GiB card) must explain itself."""
     p16, p8 = o.vllm.plan, o.service.plan
+    size = f"{o.card.total / GIB:.0f} GiB"
+    card = f"this {size} card" if o.card.count == 1 else f"these {o.card.count} x {size} cards"
     if o.card.total < AUTO_VLLM_MIN_TOTAL and p8.fits:
-        return _noted(p8, f"auto: a card under {AUTO_VLLM_MIN_TOTAL // GIB} GiB gets vlkit's service "
-                          f"(--profile 16gb to try vLLM: {'predicted to fit' if p16.fits else 'predicted not to fit'})")
-    if p16.fits:
-        return _noted(p16, "auto: vLLM (16gb profile) fits with a useful context")
-    if p8.fits:
-        return _noted(p8, "auto: vLLM does not fit this card with a useful context; vlkit's service does")
-    refusal = (f"vLLM (16gb): {_vllm_refusal(o)} "
-               f"vlkit's service (8gb) does not fit either: {_service_refusal(o, steps=False).strip()}")
-    return _noted(_refused(p16, refusal), "auto: neither profile fits")
+        chosen = p8
+        because = (f"on a card under {AUTO_VLLM_MIN_TOTAL // GIB} GiB ({size}) vLLM's margin is thin" +
+                   (f" ({setting('profile', '16gb')} tries vLLM: predicted to fit)" if p16.fits
+                    else " (and vLLM does not fit)"))
+    elif p16.fits:
+        chosen = p16
+        because = (f"vlkit's service {_service_shortfall(o)}" if not p8.fits and o.card.total < AUTO_VLLM_MIN_TOTAL
+                   else f"vLLM fits {_short(o.spec)} on {card} with a context of {p16.context} tokens")
+    elif p8.fits:
+        chosen = p8
+        because = _vllm_shortfall(o, card)
+    else:
+        refusal = (f"vLLM (16gb): {_vllm_refusal(o)} "
+                   f"vlkit's service (8gb) does not fit either: {_service_refusal(o, steps=False).strip()}")
+        reason = (f"auto: neither profile fits: {_vllm_shortfall(o, card)}, and vlkit's service "
+                  f"{_service_shortfall(o)}; the profile names are engines, not card sizes")
+        return _with_reason(_refused(p16, refusal), reason)
+    reason = (f"auto: the {chosen.profile} profile ({ENGINES[chosen.profile]}) because {because}; "
+              "the profile names are engines, not card sizes")
+    return _with_reason(chosen, reason)
+
+
+def _with_reason(plan: Plan, reason: str) -> Plan:
+    return plan.model_copy(update={"auto_reason": reason, "notes": [reason, *plan.notes]}, deep=True)
+
+
+def _short(spec: ModelSpec) -> str:
+    return spec.id.rstrip("/").split("/")[-1]
+
+
+def _vllm_shortfall(o: Options, card: str) -> str:
+    """Why vLLM's best attempt does not fit, in a clause."""
+    b, ctx = o.vllm.budget, o.vllm.plan.context
+    where = f"{_short(o.spec)} on {card}"
+    if b.kv_available <= 0:
+        return (f"vLLM's {gib(b.requested)} GiB share of {card} leaves no KV cache after {_short(o.spec)}'s "
+                f"{gib(b.weights)} GiB of weights and vLLM's profiling run")
+    short_of = (f"the {o.wanted} asked for" if o.wanted
+                else f"one image request ({min_useful_context(o.spec, b.knobs.max_pixels)} tokens)")
+    return f"vLLM's KV cache for {where} holds {ctx} tokens after its margin, less than {short_of}"
+
+
+def _service_shortfall(o: Options) -> str:
+    """Why the service does not fit, in a clause after "vlkit's service"."""
+    sb = o.service.budget
+    if sb is None:
+        return "cannot run FP8 checkpoints yet"
+    if _context_is_the_limit(o):
+        return f"holds at most {o.service.plan.context} tokens, less than the {o.wanted} asked for"
+    return (f"needs {gib(sb.one_sequence_bytes)} GiB for one {sb.knobs.max_model_len}-token sequence, "
+            f"more than its {gib(sb.kv.budget)} GiB budget")
 
 
 # -------------------------------------------------------------------------------- refusals
@@ -113,9 +158,15 @@ def _service_refusal(o: Options, *, steps: bool = True) -> str:
            f"({sb.knobs.weights} weights {gib(sb.weights)} GiB, prefill reserve {gib(sb.prefill.reserve)} GiB, "
            f"KV cache {gib((blocks + 1) * kv.block_bytes)} GiB: {blocks} blocks of {kv.block_size} tokens + the "
            f"scratch block) but its budget is {gib(kv.budget)} GiB")
-    if o.wanted and best >= min_useful_context(o.spec, sb.knobs.max_pixels):
+    if _context_is_the_limit(o):
         why = f"the largest context that fits is {best} tokens, less than the {o.wanted} asked for"
     return f"{why}. " + (_next_steps(o, best, tried="8gb") if steps else "")
+
+
+def _context_is_the_limit(o: Options) -> bool:
+    """The service fits a useful context, only not the one asked for."""
+    sb = o.service.budget
+    return bool(o.wanted) and o.service.plan.context >= min_useful_context(o.spec, sb.knobs.max_pixels)
 
 
 def _next_steps(o: Options, best_context: int, *, tried: str) -> str:

@@ -40,6 +40,7 @@ class Plan(BaseModel):
     concurrent_sequences: float = 0.0
     evaluated: bool = False           # --gpu-memory-utilization given: vLLM's defaults evaluated
     vllm_version: str = Field(default_factory=_vllm_version)
+    auto_reason: str | None = None    # --profile auto: why this profile, in one line (also notes[0])
     notes: list[str] = Field(default_factory=list)
 
     def to_dict(self) -> dict:
