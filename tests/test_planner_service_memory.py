@@ -88,7 +88,7 @@ def test_prefill_reserve_brackets_the_h100_measurements(images, context, measure
     assert measured_gib <= b.prefill.reserve / GIB <= measured_gib + 0.05
 
 
-# The same measurement (`_prefill_peak`'s max of allocated, reserved and NVML growth, expandable
+# The same measurement (the engine's `prefill_peak`: max of allocated, reserved and NVML growth, expandable
 # segments) of the service's prefill code, random-weight shapes on an H100, images of 961 tokens:
 # (shape, images, max_model_len, measured GiB). The 2B rows reproduce the engine's log above.
 PROBE = [

@@ -181,7 +181,8 @@ def _next_steps(o: Options, best_context: int, *, tried: str) -> str:
         steps.append(f"the 16gb profile: {setting('profile', '16gb')} (context {o.vllm.plan.context})")
     if o.smaller:
         alt_id, alt = o.smaller
-        steps.append(f"a smaller or FP8 model: {setting('model', alt_id)} (profile {alt.profile}, context {alt.context})")
+        steps.append(f"a smaller or FP8 model: {setting('model', alt_id)} "
+                     f"(profile {alt.profile}, context {alt.context})")
     others = card.total - card.free
     if card.measured and others > GIB:
         steps.append(f"free GPU memory: other processes hold {gib(others)} GiB")

@@ -30,7 +30,7 @@ from service.sizing import (
 from .model_facts import decoder_bytes_per_token, encoder_output_bytes, max_image_tokens, vision_bytes_per_patch
 from .models import ModelSpec, WeightFormat
 
-# The prefill reserve (the engine's `_prefill_peak`: the larger of torch's allocated and reserved
+# The prefill reserve (service/engine/startup.py `prefill_peak`: the larger of torch's allocated and reserved
 # peaks and NVML's growth, over a second run of the largest request). Calibrated on an H100
 # (random-weight Qwen3-VL-2B bf16, the engine's start-up log): 0.24 GiB for 1 image of 1,003,520 px at
 # max_model_len 2048, 0.26 for 2 images at 2048, 0.30 for 4 images at 4096 (docs/PLANNER.md).
