@@ -131,13 +131,14 @@ def test_out_of_memory_fails_that_batch_only_and_the_engine_goes_on(engine):
     assert after.finish_reason == "length" and after.completion_tokens == 24
 
 
-def _with_cache(engine, cache: PagedKVCache, requests: list) -> list:
-    """Run `requests` submitted together on `engine` decoding from `cache`; their handles."""
+def _with_cache(engine, cache: PagedKVCache, requests: list, chunk: int | None = None) -> list:
+    """Run `requests` submitted together on `engine` decoding from `cache` (prefill passes of
+    `chunk` tokens); their handles."""
     scheduler = engine.scheduler
     batch = scheduler.batch
     try:
         with engine.paused():
-            scheduler.batch = Batch.over(engine.model, cache, context_step=64)
+            scheduler.batch = Batch.over(engine.model, cache, chunk=chunk, context_step=64)
             scheduler.max_batch_seen = 0
             handles = [engine.submit(r) for r in requests]
             assert engine.queue_depth == len(requests)
@@ -174,6 +175,89 @@ def test_requests_reserve_blocks_for_their_length_not_the_whole_context(engine):
     handles = _with_cache(engine, pool, [*short, long])
     assert [h.token_ids for h in handles] == alone
     assert engine.scheduler.max_batch_seen == 3  # the three short ones together; the long one after them
+
+
+@pytest.mark.parametrize("chunk", [7, 40])
+def test_prompts_prefilled_in_small_shared_passes_get_their_own_output(engine, chunk):
+    """Passes of 7 tokens cut every prompt (images too) across passes; passes of 40 pack pieces of
+    two prompts: each request still gets the tokens it gets alone."""
+    alone = [engine.generate(request(engine, t, i)).token_ids for t, i in PROMPTS]
+    pool = PagedKVCache(engine.model.config, 4, engine.max_model_len, dtype=engine.dtype, device=engine.device)
+    handles = _with_cache(engine, pool, [request(engine, t, i) for t, i in PROMPTS], chunk=chunk)
+    assert [h.token_ids for h in handles] == alone
+
+
+def test_running_requests_keep_decoding_while_a_long_prompt_is_prefilled(engine):
+    """A long prompt is prefilled a pass at a time with a decode step between passes: a request
+    that is running gets tokens all along, not only after the new prompt's whole prefill."""
+    running = request(engine, "keep talking", max_tokens=120)
+    long = request(engine, "a long question, " * 18, max_tokens=4)
+    passes = -(-long.prompt_tokens // 8)
+    assert passes >= 12
+    scheduler = engine.scheduler
+    batch = scheduler.batch
+    pool = PagedKVCache(engine.model.config, 2, engine.max_model_len, dtype=engine.dtype, device=engine.device)
+    try:
+        with engine.paused():
+            scheduler.batch = Batch.over(engine.model, pool, chunk=8, context_step=64)
+            first = engine.submit(running)
+        while len(first.token_ids) < 2:
+            time.sleep(0.001)
+        submitted = len(first.token_ids)
+        second = engine.submit(long)
+        while second.first_token_at is None:
+            time.sleep(0.001)
+        during = len(first.token_ids) - submitted
+        list(second), list(first)
+    finally:
+        scheduler.batch = batch
+    assert during >= passes // 2  # about one decode step per pass of the long prompt
+    assert first.token_ids == engine.generate(running).token_ids  # and the same tokens as alone
+
+
+def test_out_of_memory_in_a_prefill_fails_the_new_requests_only(engine):
+    """CUDA out of memory while new prompts are prefilled, with other requests decoding: the new
+    ones get 503, the running ones finish with their own output, the next request works."""
+    expected = engine.generate(request(engine, "already running", max_tokens=60)).token_ids
+    running = engine.submit(request(engine, "already running", max_tokens=60))
+    while len(running.token_ids) < 3:
+        time.sleep(0.001)
+    with engine.paused():
+        newcomers = [engine.submit(request(engine, f"newcomer {i}", (gradient(64, 64),))) for i in range(2)]
+        fail_next_forward(engine, torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)"), decode=False)
+    for handle in newcomers:
+        error = list(handle)[-1].error
+        assert isinstance(error, OutOfMemory) and error.status == 503
+    list(running)
+    assert running.token_ids == expected
+    assert engine.generate(request(engine, "a")).completion_tokens == 24
+    cache = engine.scheduler.batch.cache
+    deadline = time.monotonic() + 5  # the last slot is freed just after its final event is delivered
+    while (engine.running or cache.free_slots < cache.num_slots) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert engine.running == 0 and cache.free_slots == cache.num_slots and cache.free_blocks == cache.num_blocks
+
+
+def test_a_request_cancelled_while_its_prompt_is_prefilled_frees_its_slot(engine):
+    scheduler = engine.scheduler
+    batch = scheduler.batch
+    pool = PagedKVCache(engine.model.config, 2, engine.max_model_len, dtype=engine.dtype, device=engine.device)
+    long = request(engine, "a long question, " * 18, max_tokens=4)
+    try:
+        with engine.paused():
+            scheduler.batch = Batch.over(engine.model, pool, chunk=4, context_step=64)
+            handle = engine.submit(long)
+        while not scheduler.batch.jobs:
+            time.sleep(0.0005)
+        handle.cancel()
+        assert isinstance(list(handle)[-1].error, Cancelled)
+        deadline = time.monotonic() + 5
+        while (scheduler.batch.jobs or pool.free_slots < 2) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert not scheduler.batch.jobs and pool.free_slots == 2 and pool.free_blocks == pool.num_blocks
+        assert handle.first_token_at is None
+    finally:
+        scheduler.batch = batch
 
 
 def test_the_budget_is_shared_out_in_blocks():

@@ -1,11 +1,15 @@
 """The scheduler thread: a bounded queue of requests and one continuous batch on the device.
 
-Each step: drop cancelled rows; admit queued requests, in order, while the batch has rows to spare
-and the KV cache has blocks for their prompt and max_tokens (their prompts are prefilled and they
-join the running rows); launch one decode step for every row; read the previous step's tokens
-while this one runs (the host never waits for a step it has not queued the next one behind);
-stream text and retire finished rows. A cancelled request leaves at the next step boundary. An
-error (CUDA out of memory) fails only the requests of the step that hit it; the loop goes on.
+Each iteration: drop cancelled requests; start queued requests, in order, while the batch has rows
+to spare, the KV cache has a slot and the blocks for their prompt and max_tokens, and the next
+prefill pass has room; run one prefill pass (up to one chunk of prompt tokens, pieces of several
+prompts packed, service/decode/qwen3_prefill.py): the prompts it finishes sample their first token
+and join the running rows; launch one decode step for every running row; read the previous step's
+tokens while this one runs (the host never waits for a step it has not queued the next one
+behind); stream text and retire finished rows. So running rows keep decoding while a wave of new
+prompts is prefilled, pass by pass, and each prompt's first token comes as soon as its own prefill
+is done. A cancelled request leaves at the next iteration. An error (CUDA out of memory) fails
+only the requests of the pass or step that hit it; the loop goes on.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from collections import deque
 
 import torch
 
-from service.engine.batch import Batch
+from service.engine.batch import Batch, PrefillFailed
 from service.engine.requests import Event, GenerationRequest, RequestHandle
 from service.engine.sampling import sample
 from service.engine.sequence import Sequence
@@ -121,7 +125,8 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        return len(self._rows)
+        """Requests in the batch: decoding, or started and prefilling."""
+        return len(self._rows) + len(self.batch.jobs)
 
     def _cancel(self, handle: RequestHandle) -> None:
         with self._cv:
@@ -139,15 +144,17 @@ class Scheduler:
         torch.set_grad_enabled(False)
         while True:
             with self._cv:
-                while not self._rows and self._inflight is None and not (self._waiting and not self._paused) \
-                        and not self._stopping:
+                while not self._rows and not self.batch.jobs and self._inflight is None \
+                        and not (self._waiting and not self._paused) and not self._stopping:
                     self._cv.wait()
-                if self._stopping and not self._rows and self._inflight is None:
+                if self._stopping and not self._rows and not self.batch.jobs and self._inflight is None:
                     return
             try:
                 self._drop_cancelled()
                 if not self._paused:
                     self._admit()
+                if self.batch.jobs:
+                    self._prefill()
                 # Pipelined: launch this step, then read the previous step's tokens while it runs.
                 previous, self._inflight = self._inflight, None
                 if self._rows:
@@ -160,47 +167,63 @@ class Scheduler:
 
     def _drop_cancelled(self) -> None:
         gone = {i for i, row in enumerate(self._rows) if row.handle.cancelled}
-        for i in gone:
+        starting = [job.owner for job in self.batch.jobs if job.owner.handle.cancelled]
+        for row in [self._rows[i] for i in gone] + starting:
             self.metrics.requests.labels("cancelled").inc()
-            self._rows[i].handle.push(Event(error=Cancelled("cancelled while running")))
+            row.handle.push(Event(error=Cancelled("cancelled while running")))
+        if starting:
+            self.batch.drop(starting)
+            self.metrics.running.set(self.running)
         if gone:
             self._retire(gone)
 
     def _admit(self) -> None:
-        room = self.settings.max_batch_size - len(self._rows)
-        if room <= 0 or not self._waiting:  # a racy peek is enough: one queued now joins at the next step
-            return
-        fits = self.batch.admission()
-        taken: list[tuple[GenerationRequest, RequestHandle]] = []
-        with self._cv:
-            while self._waiting and len(taken) < room and fits.take(self._waiting[0][0]):
-                taken.append(self._waiting.popleft())  # the others wait, in order, for blocks to come back
-            self.metrics.queue_depth.set(len(self._waiting))
-        if not taken:
-            return
+        """Start queued requests, in order, while the batch has room and the next pass is not full."""
+        while self._waiting and self.running < self.settings.max_batch_size \
+                and self.batch.prefill_tokens < self.batch.chunk:
+            with self._cv:  # a racy peek is enough above: one queued now starts at the next iteration
+                if not self._waiting:
+                    break
+                request, handle = self._waiting.popleft()
+            row = Sequence.start(request, handle, self._tokenizer, self.batch.cache.device, self._eos_ids,
+                                 self._max_model_len)
+            try:
+                started = self.batch.start(request, row)
+            except BaseException as exc:  # noqa: BLE001 - this request fails; the others go on
+                self._fail([handle], exc)
+                continue
+            if not started:  # it waits, first in line, for running requests to hand their blocks back
+                self._requeue([(request, handle)])
+                break
+            self.metrics.prompt_tokens.inc(request.prompt_tokens)
+        self.metrics.queue_depth.set(len(self._waiting))
+        self.metrics.running.set(self.running)
+
+    def _prefill(self) -> None:
+        """One prefill pass; the prompts it finishes sample their first token and join the running rows."""
         running = len(self._rows)
         try:
-            logits, cached = self.batch.admit([request for request, _ in taken])
-            if len(logits) < len(taken):
-                self._requeue(taken[len(logits):])
-                taken = taken[:len(logits)]
-            rows = [Sequence.start(request, handle, self._tokenizer, logits.device, self._eos_ids, self._max_model_len)
-                    for request, handle in taken]
+            rows, logits, cached = self.batch.prefill()
+        except PrefillFailed as failed:
+            self._fail([row.handle for row in failed.owners], failed.cause)
+            self.metrics.running.set(self.running)
+            return
+        if not rows:
+            return
+        try:
             tokens = sample(logits, [row.params for row in rows], [row.generator for row in rows]).tolist()
         except BaseException as exc:  # noqa: BLE001 - these requests fail; the running ones go on
             self.batch.keep(list(range(running)))
-            self._fail([handle for _, handle in taken], exc)
+            self._fail([row.handle for row in rows], exc)
             return
         self.metrics.prefix_cache_hits.inc(cached)
-        for request, _ in taken:
-            self.metrics.prompt_tokens.inc(request.prompt_tokens)
         self._rows.extend(rows)
         for row, token in zip(rows, tokens):
             self._deliver(row, token)
         done = {running + i for i, row in enumerate(rows) if row.finish_reason is not None}
         if done:
             self._retire(done)
-        self.metrics.running.set(len(self._rows))
+        self.metrics.running.set(self.running)
 
     def _requeue(self, items: list[tuple[GenerationRequest, RequestHandle]]) -> None:
         with self._cv:
@@ -263,10 +286,10 @@ class Scheduler:
         keep = [i for i in range(len(self._rows)) if i not in indices]
         self._rows = [self._rows[i] for i in keep]
         self.batch.keep(keep)
-        self.metrics.running.set(len(self._rows))
+        self.metrics.running.set(self.running)
 
     def _fail_all(self, exc: BaseException) -> None:
-        rows, self._rows, self._inflight = self._rows, [], None
+        rows, self._rows, self._inflight = self._rows + [job.owner for job in self.batch.jobs], [], None
         for row in rows:
             row.retired = True
         self.batch.release()

@@ -88,7 +88,9 @@ def build_batch(model: Any, largest: Prompt, settings: ServiceSettings, max_mode
         ceiling = torch.cuda.memory_reserved(device) + plan.prefill_peak
         log.info("%s; process now %.2f GiB (NVML), %d decode graphs", plan.describe(), memory.used() / GIB,
                  len(runner.graphs))
-    return Batch(runner, Qwen3VLPrefill(model, decoder), ceiling), plan
+    # A pass holds at most the largest request's images, whose features the memory plan measured.
+    return Batch(runner, Qwen3VLPrefill(model, decoder), max_images_per_pass=max(1, settings.max_images_per_request),
+                 reserved_ceiling=ceiling), plan
 
 
 def plan_memory(model: Any, largest: Prompt, settings: ServiceSettings, max_model_len: int, dtype: torch.dtype,
