@@ -199,6 +199,17 @@ def test_every_cache_path_lies_on_the_cache_volume_in_every_container(capsys):
         assert all(p.startswith(mounts[0]) for p in paths), (c["name"], mounts, paths)
 
 
+def test_the_sizing_table_in_the_docs_is_what_is_generated(capsys):
+    text = (Path(__file__).parents[1] / "docs" / "KUBERNETES.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| (\d) \| (\d+) \| (\d+)Gi \| (\d+)Gi \|$", text, re.M)
+    assert [r[0] for r in rows] == ["1", "2", "4"]
+    for gpus, cpu, memory, shm in rows:
+        sts = objects(capsys, "--gpu-memory", "48GiB", "--gpus", gpus)["StatefulSet"]
+        resources = vllm_container(sts)["resources"]
+        assert resources["requests"]["cpu"] == cpu and resources["limits"]["memory"] == f"{memory}Gi"
+        assert pod(sts)["volumes"][0]["emptyDir"]["sizeLimit"] == f"{shm}Gi"
+
+
 def test_cache_size_follows_the_model_unless_given(capsys):
     def storage(*args):
         sts = objects(capsys, "--gpu-memory", "80GiB", *args)["StatefulSet"]
