@@ -251,14 +251,25 @@ def test_default_names_are_valid_for_every_builtin_model():
 
 
 # --- the model download -------------------------------------------------------------------------------
-def _hub_snapshot(hub: Path, model: str) -> Path:
-    commit = "0123456789abcdef0123456789abcdef01234567"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _hub_snapshot(hub: Path, model: str, files: list[str], listed: list[str]) -> Path:
+    """A model in the hub cache layout: refs/main, a snapshot holding `files`, and the tree listing
+    huggingface_hub keeps of the commit (`trees/<commit>.json`, the format its _tree_cache.py
+    documents) naming `listed`, against which an offline download checks the snapshot is complete."""
+    import json
+
     repo = hub / ("models--" + model.replace("/", "--"))
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    snap = repo / "snapshots" / commit
-    snap.mkdir(parents=True)
-    (snap / "config.json").write_text("{}")
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    snap = repo / "snapshots" / COMMIT
+    snap.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        (snap / name).write_text("{}")
+    (repo / "trees").mkdir(exist_ok=True)
+    tree = {"format_version": 1, "files": {n: {"size": 2, "blob_id": f"{i:040x}"} for i, n in enumerate(listed)}}
+    (repo / "trees" / f"{COMMIT}.json").write_text(json.dumps(tree))
     return snap
 
 
@@ -277,11 +288,18 @@ def test_the_init_container_runs_the_real_hf_cli_into_the_volume(capsys, tmp_pat
     assert init["image"] == images.VLLM_IMAGE and init["command"][:3] == ["hf", "download", MODEL]
     assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}} in init["env"]
     assert "HF_HUB_OFFLINE" not in {e["name"] for e in init["env"]}  # it is the one that downloads
-    missing = _run_init_container(init, tmp_path)
-    assert missing.returncode != 0  # an empty volume and no hub: the pod must not start
-    snap = _hub_snapshot(tmp_path / "huggingface" / "hub", MODEL)
+    assert _run_init_container(init, tmp_path).returncode != 0  # an empty volume and no hub: no start
+
+    # Every --include counts (not only the last one): model.safetensors, listed in the commit but missing
+    # from the volume, make the offline download fail; files no pattern includes do not.
+    hub = tmp_path / "huggingface" / "hub"
+    listed = ["config.json", "model.safetensors", "tokenizer.json", "README.md", "original/weights.pth"]
+    snap = _hub_snapshot(hub, MODEL, ["config.json", "tokenizer.json"], listed)
+    partial = _run_init_container(init, tmp_path)
+    assert partial.returncode != 0 and "Incomplete snapshot" in partial.stderr
+    _hub_snapshot(hub, MODEL, ["model.safetensors"], listed)
     done = _run_init_container(init, tmp_path)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0, done.stdout + done.stderr
     assert str(snap) in done.stdout
 
 
