@@ -52,8 +52,8 @@ def register(subparsers) -> None:
     p.add_argument("--replicas", type=_count, default=1, metavar="N",
                    help="pods behind the Service, N x GPUS GPUs in all (default: 1)")
     p.add_argument("--name", type=names.object_name, help="StatefulSet and Service name (default: vlkit-<model>)")
-    p.add_argument("--namespace", type=names.namespace, help="default: none written (kubectl's current namespace)")
-    p.add_argument("--storage-class", type=names.storage_class,
+    p.add_argument("--namespace", type=names.namespace, metavar="NAME", help="default: none written (kubectl's current namespace)")
+    p.add_argument("--storage-class", type=names.storage_class, metavar="NAME",
                    help="StorageClass of the cache volumes (default: the cluster's default class)")
     p.add_argument("--cache-size", type=_volume_size, metavar="SIZE",
                    help="size of each replica's cache volume (50Gi; default: from the model's weights)")
