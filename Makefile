@@ -1,6 +1,6 @@
 # vlkit: thin targets over one Python CLI (`vlkit`, scripts/cli.py). `make` alone lists them.
 # Variables: PROFILE=8gb|16gb|auto  MODEL=<hub id or dir>  IMG=<image>  PORT=8000  CONTEXT=<tokens>
-#            GPU_MEMORY=<e.g. 16GiB, plan for another card>  ARGS=<more vlkit flags>
+#            GPU_MEMORY=<e.g. 16GiB, plan for another card>  GPUS=<GPUs per pod, k8s>  ARGS=<more vlkit flags>
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -10,6 +10,7 @@ IMG ?=
 PORT ?=
 CONTEXT ?=
 GPU_MEMORY ?=
+GPUS ?=
 ARGS ?=
 
 VENV := .venv
@@ -21,7 +22,7 @@ export VLKIT_VIA_MAKE := 1
 opt = $(if $(2),$(1) $(2))
 PLAN_FLAGS = --profile $(PROFILE) $(call opt,--model,$(MODEL)) $(call opt,--context,$(CONTEXT)) $(call opt,--gpu-memory,$(GPU_MEMORY))
 
-.PHONY: help up down logs status doctor health plan build test bench wsl-config wsl-restart download caption clean
+.PHONY: help up down logs status doctor health plan build test bench wsl-config wsl-restart download caption k8s clean
 
 help: ## list the targets (this text)
 	@echo "usage: make TARGET [PROFILE=8gb|16gb|auto] [MODEL=...] [IMG=...] [PORT=...] [ARGS=...]"
@@ -75,6 +76,10 @@ wsl-config: $(HOST_STAMP) ## set WSL2's memory/swap in .wslconfig for the profil
 
 wsl-restart: $(HOST_STAMP) ## wsl --shutdown, after listing what uses the GPU
 	$(VLKIT) wsl restart $(ARGS)
+
+k8s: $(HOST_STAMP) ## Kubernetes manifests for vLLM planned for GPU_MEMORY= x GPUS= per pod (ARGS=--output DIR)
+	@test -n "$(GPU_MEMORY)" || { echo "usage: make k8s GPU_MEMORY=24GiB [GPUS=2] [MODEL=...] [CONTEXT=...] [ARGS='--output k8s/ --replicas 2']"; exit 2; }
+	$(VLKIT) k8s --gpu-memory $(GPU_MEMORY) $(call opt,--gpus,$(GPUS)) $(call opt,--model,$(MODEL)) $(call opt,--context,$(CONTEXT)) $(ARGS)
 
 clean: $(HOST_STAMP) ## remove containers and built images (keeps models; MODEL=<id> removes one)
 	$(VLKIT) clean $(call opt,--model,$(MODEL)) $(ARGS)

@@ -10,7 +10,7 @@ import pytest
 from tests.docker_helpers import ROOT
 
 ISSUE_TARGETS = {"help", "up", "down", "logs", "status", "doctor", "plan", "build", "test", "bench",
-                 "wsl-config", "wsl-restart", "download", "caption", "clean"}
+                 "wsl-config", "wsl-restart", "download", "caption", "clean", "k8s"}
 
 
 def _make(*args: str) -> subprocess.CompletedProcess:
