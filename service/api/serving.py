@@ -37,7 +37,8 @@ class ChatServing:
 
     async def create_chat_completion(self, chat: ChatCompletionRequest, engine: Engine,
                                      arrived: float) -> GenerationResponse:
-        """Checks, images, prompt: every refusal happens here, before the request costs the engine a slot."""
+        """The checks, the images and the prompt: every refusal of the request itself (400, 404, 413)
+        comes from here; the queue's 429 comes when the response submits it."""
         self.check_model(chat.model)
         chat.check_supported()
         messages, urls = chat.chat_messages()
