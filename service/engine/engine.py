@@ -3,6 +3,8 @@
     engine = Engine.load(settings)             # or Engine(settings, loaded) with a model built elsewhere
     engine.start()                             # the scheduler thread, one warm-up request: ready
     req = engine.prepare(messages, images, max_tokens=64, temperature=0)   # CPU work, any thread
+    grammar = engine.compile_grammar(Constraint("json", schema_text))       # structured output: any thread, cached
+    req = engine.prepare(messages, images, grammar=grammar, tools=[...])  # the answer follows the grammar
     handle = engine.submit(req)                 # bounded queue: QueueFull when it is full
     for event in handle: ...                    # text deltas, then one event with finish_reason
     engine.stop()
@@ -10,7 +12,7 @@
 Where the work is: prompts.py (a request from messages and images), startup.py (the memory plan,
 compiled decode step, CUDA graphs), scheduler.py (the queue and the continuous batch),
 batch.py (the rows on the device: the one owner of the KV cache), sequence.py (one request's
-tokens and text).
+tokens and text), structured.py (grammars and their token masks).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from service.engine.prompts import PromptBuilder
 from service.engine.requests import Completion, GenerationRequest, RequestHandle
 from service.engine.scheduler import Scheduler
 from service.engine.startup import build_batch, configure_torch
+from service.engine.structured import Constraint, Grammar, GrammarCompiler
 from service.errors import ModelUnavailable
 from service.metrics import ServiceMetrics
 from service.settings import ServiceSettings
@@ -61,7 +64,9 @@ class Engine:
         self.startup_seconds: dict[str, float] = {}
         batch, self.plan = build_batch(self.model, self.prompts.largest(), settings, self.max_model_len, self.dtype,
                                        self.device, process_memory, self.startup_seconds)
-        self.scheduler = Scheduler(batch, settings, self.metrics, self.tokenizer, self._eos_ids(), self.max_model_len)
+        eos_ids = self._eos_ids()
+        self.scheduler = Scheduler(batch, settings, self.metrics, self.tokenizer, eos_ids, self.max_model_len)
+        self.grammars = GrammarCompiler(self.tokenizer, text_config.vocab_size, eos_ids)
         self.ready = False
 
     @classmethod
@@ -110,14 +115,24 @@ class Engine:
         before decoding them; prepare checks again)."""
         self.prompts.check_image_count(count)
 
-    def prepare(self, messages: list[dict], images: list, **sampling) -> GenerationRequest:
+    def prepare(self, messages: list[dict], images: list, *, tools: list[dict] | None = None,
+                grammar: Grammar | None = None, **sampling) -> GenerationRequest:
         """Chat messages (HF format, images as {"type": "image"} parts) + PIL images -> a request.
 
-        CPU only (chat template, image processor, positions): call it from any thread. ``sampling``:
-        SamplingParams fields (max_tokens, temperature, ...); None takes the model's default.
-        Raises InvalidRequest for too many images or a prompt that does not fit the context.
+        CPU only (chat template, image processor, positions): call it from any thread. tools: the
+        function tools the chat template renders into the prompt; grammar: what the answer must
+        match (`compile_grammar`). ``sampling``: SamplingParams fields (max_tokens, temperature, ...);
+        None takes the model's default. Raises InvalidRequest for too many images or a prompt that
+        does not fit the context.
         """
-        return self.prompts.request(messages, images, **sampling)
+        request = self.prompts.request(messages, images, tools=tools, **sampling)
+        request.grammar = grammar
+        return request
+
+    def compile_grammar(self, constraint: Constraint) -> Grammar:
+        """A structured-output constraint compiled for this tokenizer (cached; any thread, CPU only).
+        Raises InvalidRequest naming the constraint's field when it does not compile."""
+        return self.grammars.compile(constraint)
 
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None,
                arrived: float | None = None) -> RequestHandle:

@@ -39,11 +39,11 @@ class PromptBuilder:
                                  param="messages", kind="too_many_images")
 
     def request(self, messages: list[dict], images: list, *, max_tokens: int | None = None,
-                **sampling: Any) -> GenerationRequest:
+                tools: list[dict] | None = None, **sampling: Any) -> GenerationRequest:
         """A request the engine can run, or InvalidRequest. ``sampling``: SamplingParams fields; those
         left None take the model's generation_config defaults, as vLLM does."""
         self.check_image_count(len(images))
-        prompt = self.build(messages, images)
+        prompt = self.build(messages, images, tools)
         length = prompt.length
         if length >= self.max_model_len:
             raise InvalidRequest(
@@ -64,11 +64,11 @@ class PromptBuilder:
         params = SamplingParams(max_tokens=max_tokens, **{**self.sampling_defaults, **given})
         return GenerationRequest(prompt=prompt, params=params)
 
-    def build(self, messages: list[dict], images: list) -> Prompt:
-        """Chat template + processor + positions + prefix-cache hashes; InvalidRequest when the
-        processor refuses the input."""
+    def build(self, messages: list[dict], images: list, tools: list[dict] | None = None) -> Prompt:
+        """Chat template (with the tools, when given) + processor + positions + prefix-cache hashes;
+        InvalidRequest when the processor refuses the input."""
         try:
-            text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = self.processor.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
             inputs = self.processor(text=[text], images=images or None, return_tensors="pt",
                                     **(self._image_kwargs if images else {}))
         except (ValueError, TypeError, KeyError) as exc:

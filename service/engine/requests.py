@@ -8,13 +8,16 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
 from service.engine.sampling import SamplingParams
 from service.errors import ServiceError
 from service.sizing import BLOCK_SIZE
+
+if TYPE_CHECKING:
+    from service.engine.structured import Grammar
 
 
 @dataclass
@@ -48,6 +51,7 @@ class GenerationRequest:
     prompt: Prompt
     params: SamplingParams
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    grammar: Grammar | None = None  # structured output: every run of the request gets its own matcher
 
     @property
     def prompt_tokens(self) -> int:

@@ -7,8 +7,12 @@ not depend on what else is in the batch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from service.engine.structured import TokenMask
 
 GREEDY_BELOW = 1e-5  # vLLM's rule: a temperature under this means greedy
 
@@ -36,9 +40,13 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return gen
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
-    """Next token id per row of `logits` [B, V] (float32 math)."""
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+           grammar_mask: TokenMask | None = None) -> torch.Tensor:
+    """Next token id per row of `logits` [B, V] (float32 math). grammar_mask: the tokens the rows
+    with a structured-output grammar may take (service/engine/structured.py), applied first."""
     logits = logits.float()
+    if grammar_mask is not None:
+        grammar_mask.apply(logits)
     greedy = [p.greedy for p in params]
     if all(greedy):
         return logits.argmax(dim=-1)

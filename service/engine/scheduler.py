@@ -6,7 +6,9 @@ prefill pass has room; run one prefill pass (up to one chunk of prompt tokens, p
 prompts packed, service/decode/qwen3_prefill.py): the prompts it finishes sample their first token
 and join the running rows; launch one decode step for every running row; read the previous step's
 tokens while this one runs (the host never waits for a step it has not queued the next one
-behind); stream text and retire finished rows. So running rows keep decoding while a wave of new
+behind); stream text and retire finished rows. A step with structured-output rows is sampled only
+after that read (their grammars need the previous token), still while its forward runs; steps
+without such rows are sampled as they are launched. So running rows keep decoding while a wave of new
 prompts is prefilled, pass by pass, and each prompt's first token comes as soon as its own prefill
 is done. A cancelled request leaves at the next iteration. An error (CUDA out of memory) fails
 only the requests of the pass or step that hit it; the loop goes on.
@@ -27,6 +29,7 @@ from service.engine.batch import Batch, PrefillFailed
 from service.engine.requests import Event, GenerationRequest, RequestHandle
 from service.engine.sampling import sample
 from service.engine.sequence import Sequence
+from service.engine.structured import TokenMask
 from service.errors import Cancelled, OutOfMemory, QueueFull, ServiceError, Unavailable
 from service.metrics import ServiceMetrics
 from service.settings import ServiceSettings
@@ -35,11 +38,18 @@ log = logging.getLogger(__name__)
 
 
 class _Step:
-    """A decode step launched on the device: its rows, their sampled tokens, and a host copy on the way."""
+    """A decode step launched on the device: its rows, their sampled tokens, and a host copy on the way.
+    Launched with its logits only when some row has a grammar: `sampled` gives it its tokens later."""
 
-    def __init__(self, rows: list[Sequence], tokens: torch.Tensor):
+    def __init__(self, rows: list[Sequence], tokens: torch.Tensor | None = None, logits: torch.Tensor | None = None):
         self.rows = rows
-        self.tokens = tokens
+        self.logits = logits
+        self.tokens: torch.Tensor | None = None
+        if tokens is not None:
+            self.sampled(tokens)
+
+    def sampled(self, tokens: torch.Tensor) -> None:
+        self.tokens, self.logits = tokens, None
         if tokens.device.type == "cuda":
             self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             self._host.copy_(tokens, non_blocking=True)
@@ -161,6 +171,8 @@ class Scheduler:
                     self._inflight = self._launch_step(previous)
                 if previous is not None:
                     self._collect_step(previous)
+                if self._inflight is not None and self._inflight.tokens is None:
+                    self._sample_grammar_step(self._inflight)
             except BaseException as exc:  # noqa: BLE001 - the loop must survive anything a request causes
                 log.exception("engine step failed")
                 self._fail_all(exc)
@@ -211,7 +223,8 @@ class Scheduler:
         if not rows:
             return
         try:
-            tokens = sample(logits, [row.params for row in rows], [row.generator for row in rows]).tolist()
+            tokens = sample(logits, [row.params for row in rows], [row.generator for row in rows],
+                            TokenMask.of([row.grammar for row in rows])).tolist()
         except BaseException as exc:  # noqa: BLE001 - these requests fail; the running ones go on
             self.batch.keep(list(range(running)))
             self._fail([row.handle for row in rows], exc)
@@ -254,8 +267,15 @@ class Scheduler:
             tokens_in = torch.cat([previous.tokens[torch.tensor(carried, device=device)],
                                    torch.tensor(joined, device=device, dtype=previous.tokens.dtype)])
         logits = self.batch.decode(tokens_in)
-        tokens = sample(logits, [row.params for row in rows], [row.generator for row in rows])
-        return _Step(rows, tokens)
+        if any(row.grammar is not None for row in rows):
+            return _Step(rows, logits=logits)  # sampled by _sample_grammar_step, once the grammars have the last tokens
+        return _Step(rows, sample(logits, [row.params for row in rows], [row.generator for row in rows]))
+
+    def _sample_grammar_step(self, step: _Step) -> None:
+        """Sample a launched step that has grammar rows: the previous step's tokens have advanced their
+        matchers (collected just now, while this step's forward runs); rows that left meanwhile get no mask."""
+        mask = TokenMask.of([None if row.retired else row.grammar for row in step.rows])
+        step.sampled(sample(step.logits, [row.params for row in step.rows], [row.generator for row in step.rows], mask))
 
     def _collect_step(self, step: _Step) -> None:
         """Read a launched step's tokens (waiting for it if need be), stream them, retire finished rows."""

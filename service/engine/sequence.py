@@ -8,6 +8,7 @@ import torch
 from service.engine.detokenizer import IncrementalDetokenizer
 from service.engine.requests import Event, GenerationRequest, RequestHandle
 from service.engine.sampling import make_generator
+from service.engine.structured import RowGrammar
 
 
 @dataclass
@@ -22,6 +23,7 @@ class Sequence:
     last_token: int = 0
     finish_reason: str | None = None
     retired: bool = False  # left the batch (finished, cancelled, failed): a step still in flight skips it
+    grammar: RowGrammar | None = None  # structured output: the tokens it may sample next
     token_ids: list[int] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -31,7 +33,8 @@ class Sequence:
     def start(cls, request: GenerationRequest, handle: RequestHandle, tokenizer, device: torch.device,
               eos_ids: frozenset[int], max_model_len: int) -> "Sequence":
         return cls(request, handle, IncrementalDetokenizer(tokenizer, request.params.stop),
-                   make_generator(request.params, device), eos_ids, max_model_len)
+                   make_generator(request.params, device), eos_ids, max_model_len,
+                   grammar=request.grammar.matcher() if request.grammar is not None else None)
 
     @property
     def params(self):
@@ -46,6 +49,8 @@ class Sequence:
         on the last one (the end-of-sequence token, a stop string, max_tokens or the context)."""
         self.generated += 1
         self.last_token = token
+        if self.grammar is not None:
+            self.grammar.accept(token)
         self.token_ids.append(token)
         if token in self.eos_ids and not self.params.ignore_eos:
             self.finish_reason = "stop"

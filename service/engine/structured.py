@@ -1,0 +1,266 @@
+"""Structured outputs: a request's constraint (JSON schema, regex, choice, grammar) as a token mask.
+
+The grammar library is llguidance, vLLM's `guidance` backend (docs/DEPENDENCIES.md says why it and
+not xgrammar). Three parts, each used where its work belongs:
+
+- `Constraint`: what a request asks for; the HTTP layer builds it from `response_format`,
+  `structured_outputs` or the tools. Hashable: it is the compile cache's key.
+- `GrammarCompiler.compile` (any thread; the serving layer calls it off the event loop, before the
+  request is queued): the constraint compiled against the tokenizer once and cached; a schema, regex
+  or grammar that does not compile is an InvalidRequest naming the request field it came from.
+- `RowGrammar` (the scheduler thread): one running request's matcher, advanced by every token the
+  request samples. `TokenMask.of(rows)` fills the bitmask of the rows that have one; `apply` masks
+  those rows' logits inside the batched sampling step. Rows without a grammar are never touched.
+
+JSON schemas follow vLLM's default backend (xgrammar): an object schema that does not say
+`additionalProperties` allows no other properties, and whitespace may separate tokens unless the
+request asks for compact JSON (`disable_any_whitespace`). One thing vLLM does not do: in JSON (and
+tool calls) at most WHITESPACE_RUN whitespace-only tokens follow each other. Small models otherwise
+get stuck emitting line breaks until max_tokens; real JSON never needs more (Qwen's tokens carry a
+line break and its indentation in one).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+import torch
+
+from service.errors import InvalidRequest
+
+log = logging.getLogger(__name__)
+
+ConstraintKind = Literal["json", "json_object", "regex", "choice", "grammar", "lark"]
+CACHE_SIZE = 256  # compiled grammars kept (agent frameworks send the same tools and schemas each turn)
+WHITESPACE_RUN = 8  # whitespace-only tokens in a row, at most, in JSON
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """kind: json (spec: a JSON schema as JSON text), json_object, regex, choice (spec: a JSON list of
+    strings), grammar (GBNF/EBNF or Lark, as vLLM takes), lark (llguidance's own Lark: the tool-call
+    grammars). source: the request field it came from, for error messages (not part of the key)."""
+
+    kind: ConstraintKind
+    spec: str = ""
+    compact: bool = False  # JSON without whitespace between tokens (vLLM's disable_any_whitespace)
+    whitespace_pattern: str | None = None  # JSON whitespace as this regex instead
+    source: str = field(default="structured_outputs", compare=False)
+
+
+def json_grammar_schema(schema: Any, *, compact: bool = False, whitespace_pattern: str | None = None) -> dict:
+    """The schema as llguidance compiles it: objects closed unless they say otherwise (xgrammar's
+    strict mode, vLLM's default), whitespace options in its `x-guidance` key."""
+    if schema is True:
+        schema = {}  # any JSON value
+    if not isinstance(schema, dict):
+        raise ValueError("a JSON schema is an object (or true)")
+    closed = copy.deepcopy(schema)
+    _close_objects(closed)
+    options: dict[str, Any] = {"whitespace_flexible": not compact}
+    if whitespace_pattern is not None:
+        options["whitespace_pattern"] = whitespace_pattern
+    closed["x-guidance"] = {**options, **closed.get("x-guidance", {})}
+    return closed
+
+
+def _close_objects(node: Any) -> None:
+    if isinstance(node, dict):
+        for value in node.values():
+            _close_objects(value)
+        if "additionalProperties" not in node and ("properties" in node or "patternProperties" in node):
+            node["additionalProperties"] = False
+    elif isinstance(node, list):
+        for item in node:
+            _close_objects(item)
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """What the grammars need to know of the tokenizer beyond llguidance's view of it."""
+
+    eos_ids: frozenset[int]
+    words: int  # int32 words of one row's bitmask
+    whitespace_ids: frozenset[int]  # tokens that are only spaces, tabs and line breaks
+    not_whitespace: torch.Tensor  # [words] int32: every bit set but those of whitespace_ids
+
+
+class Grammar:
+    """A compiled constraint: immutable, shared by every run of every request that asks for it."""
+
+    def __init__(self, template, vocabulary: Vocabulary, limit_whitespace: bool):
+        self._template = template  # an LLMatcher never advanced; each row gets a copy
+        self._vocabulary = vocabulary
+        self._limit_whitespace = limit_whitespace
+
+    def matcher(self) -> "RowGrammar":
+        return RowGrammar(self._template.deep_copy(), self._vocabulary, self._limit_whitespace)
+
+
+class RowGrammar:
+    """One running request's grammar state (the scheduler thread only)."""
+
+    def __init__(self, matcher, vocabulary: Vocabulary, limit_whitespace: bool):
+        self._matcher = matcher
+        self._vocabulary = vocabulary
+        self._limit_whitespace = limit_whitespace
+        self._whitespace_run = 0
+        self.words = vocabulary.words
+        self.ended = False  # an end-of-sequence token was sampled: from here on nothing is masked (vLLM)
+
+    def accept(self, token: int) -> None:
+        """Advance by the token the row sampled (its mask allowed it; ignore_eos may go on past the end)."""
+        if self.ended:
+            return
+        if token in self._vocabulary.eos_ids:
+            self.ended = True
+            return
+        self._whitespace_run = self._whitespace_run + 1 if token in self._vocabulary.whitespace_ids else 0
+        if not self._matcher.consume_token(token):
+            # Cannot happen for a masked token; the matcher now allows only end-of-sequence, so the
+            # row ends at its next step instead of producing output its grammar does not match.
+            log.warning("grammar rejected token %d: %s", token, self._matcher.get_error())
+
+    def fill(self, bitmask: torch.Tensor, index: int) -> None:
+        row = bitmask[index]
+        self._matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
+        if self._limit_whitespace and self._whitespace_run >= WHITESPACE_RUN:
+            limited = row & self._vocabulary.not_whitespace
+            if limited.any():  # something else is allowed: take it
+                row.copy_(limited)
+
+
+class TokenMask:
+    """The allowed tokens of the grammar rows of one batched sampling step (a bitmask per row, filled
+    on the host; unpacked on the device by `apply`)."""
+
+    _shifts: dict[torch.device, torch.Tensor] = {}
+
+    def __init__(self, rows: list[int], bitmask: torch.Tensor):
+        self.rows = rows
+        self.bitmask = bitmask
+
+    @classmethod
+    def of(cls, grammars: Sequence[RowGrammar | None]) -> "TokenMask | None":
+        """The mask for a step whose rows have these grammars (None: a row without one, or one that
+        has left the batch); None when no row needs masking."""
+        rows = [i for i, g in enumerate(grammars) if g is not None and not g.ended]
+        if not rows:
+            return None
+        words = grammars[rows[0]].words
+        # Pinned, so the copy to the device does not wait; a fresh tensor per step: the caching host
+        # allocator does not hand it out again before that copy has run.
+        bitmask = torch.empty((len(rows), words), dtype=torch.int32, pin_memory=torch.cuda.is_available())
+        for k, i in enumerate(rows):
+            grammars[i].fill(bitmask, k)
+        return cls(rows, bitmask)
+
+    def apply(self, logits: torch.Tensor) -> None:
+        """Set the logits of the tokens a grammar row may not take to -inf (in place)."""
+        device = logits.device
+        shifts = self._shifts.get(device)
+        if shifts is None:
+            shifts = self._shifts[device] = torch.arange(32, dtype=torch.int32, device=device)
+        bits = self.bitmask.to(device, non_blocking=True)
+        vocab = logits.shape[1]
+        allowed = ((bits.unsqueeze(-1) >> shifts) & 1).view(len(self.rows), -1)[:, :vocab].bool()
+        if len(self.rows) == logits.shape[0]:
+            logits.masked_fill_(~allowed, float("-inf"))
+            return
+        index = torch.tensor(self.rows, device=device)
+        logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+
+
+class GrammarCompiler:
+    """Constraints -> Grammars for one tokenizer, cached. The tokenizer's llguidance form is built on
+    the first structured request (about a second for Qwen's 151k tokens), not at start-up."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_ids: frozenset[int], cache_size: int = CACHE_SIZE):
+        self._tokenizer = tokenizer
+        self._vocab_size = vocab_size
+        self._eos_ids = eos_ids
+        self._cache: OrderedDict[Constraint, Grammar] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+        self._ll_tokenizer = None
+        self._vocabulary: Vocabulary | None = None
+
+    def compile(self, constraint: Constraint) -> Grammar:
+        with self._lock:
+            cached = self._cache.get(constraint)
+            if cached is not None:
+                self._cache.move_to_end(constraint)
+                return cached
+        grammar = self._compile(constraint)  # outside the lock: llguidance drops the GIL while it builds
+        with self._lock:
+            self._cache[constraint] = grammar
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return grammar
+
+    def _compile(self, constraint: Constraint) -> Grammar:
+        import llguidance
+
+        tokenizer, vocabulary = self._llguidance_tokenizer()
+        try:
+            text = _llguidance_grammar(constraint)
+            error = llguidance.LLMatcher.validate_grammar(text, tokenizer)
+        except (ValueError, TypeError) as exc:
+            error = str(exc)
+        if not error:
+            matcher = llguidance.LLMatcher(tokenizer, text, log_level=0)
+            error = matcher.get_error() if matcher.is_error() else ""
+        if error:
+            what = {"json": "JSON schema", "json_object": "JSON object", "regex": "regex", "choice": "choice",
+                    "grammar": "grammar", "lark": "grammar"}[constraint.kind]
+            raise InvalidRequest(f"Invalid {what} in {constraint.source}: {error.strip()}", param=constraint.source)
+        return Grammar(matcher, vocabulary, limit_whitespace=constraint.kind in ("json", "json_object", "lark"))
+
+    def _llguidance_tokenizer(self):
+        with self._lock:
+            if self._ll_tokenizer is None:
+                import llguidance.hf
+
+                tokenizer = llguidance.hf.from_tokenizer(self._tokenizer, n_vocab=self._vocab_size,
+                                                         eos_token=sorted(self._eos_ids))
+                self._vocabulary = _vocabulary(tokenizer, self._eos_ids, self._vocab_size)
+                self._ll_tokenizer = tokenizer
+            return self._ll_tokenizer, self._vocabulary
+
+
+def _vocabulary(tokenizer, eos_ids: frozenset[int], vocab_size: int) -> Vocabulary:
+    import numpy as np
+
+    whitespace = [i for i in range(tokenizer.vocab_size)
+                  if (text := tokenizer.decode_bytes([i])) and not text.strip(b" \t\n\r")]
+    words = (vocab_size + 31) // 32
+    bits = np.full(words, 0xFFFFFFFF, dtype=np.uint32)
+    for token in whitespace:
+        bits[token >> 5] &= ~np.uint32(1 << (token & 31))
+    return Vocabulary(eos_ids, words, frozenset(whitespace), torch.from_numpy(bits.view(np.int32)))
+
+
+def _llguidance_grammar(constraint: Constraint) -> str:
+    """The constraint in llguidance's input form (it checks it; ValueError for what does not parse)."""
+    import llguidance
+
+    kind, spec = constraint.kind, constraint.spec
+    if kind in ("json", "json_object"):
+        try:
+            schema = json.loads(spec) if kind == "json" else {"type": "object"}
+        except ValueError as exc:
+            raise ValueError(f"not valid JSON: {exc}") from None
+        schema = json_grammar_schema(schema, compact=constraint.compact, whitespace_pattern=constraint.whitespace_pattern)
+        return llguidance.LLMatcher.grammar_from_json_schema(schema)
+    if kind == "regex":
+        return llguidance.LLMatcher.grammar_from_regex(spec)
+    if kind == "choice":
+        return llguidance.grammar_from("choice", spec)
+    if kind == "grammar":
+        return llguidance.grammar_from("grammar", spec)  # GBNF (root ::= ...) or Lark, as llguidance reads them
+    return llguidance.LLMatcher.grammar_from_lark(spec)
