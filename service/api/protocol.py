@@ -2,7 +2,9 @@
 
 A request converts itself: `parse` (body bytes -> a validated request), `check_supported` (the fields
 accepted only at their neutral values), `chat_messages` (the chat template's messages and the image
-URLs) and `to_sampling_fields` (Engine.prepare's keyword arguments). Each rule lives in one of them.
+URLs), `to_sampling_fields` (Engine.prepare's keyword arguments) and `answer_constraint` (the grammar
+the answer follows: structured outputs or tool calls). Each rule lives in one of them; the rules of
+tools are in tools.py, those of structured outputs in structured_outputs.py.
 """
 from __future__ import annotations
 
@@ -10,8 +12,26 @@ import json
 import time
 from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
+from service.api.structured_outputs import (
+    ResponseFormat,
+    StructuredOutputs,
+    check_response_format,
+    structured_constraint,
+)
+from service.api.tool_parser import DeltaToolCall, ToolCall, ToolCallAnswer
+from service.api.tools import (
+    MessageToolCall,
+    NamedToolChoice,
+    ToolChoice,
+    ToolParam,
+    check_tool_usage,
+    template_tool_calls,
+    template_tools,
+    tool_call_constraint,
+)
+from service.engine.structured import Constraint
 from service.errors import InvalidRequest
 
 
@@ -39,10 +59,12 @@ ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")  # name, tool_call_id ...: accepted, not used
+    model_config = ConfigDict(extra="allow")  # name ...: accepted, not used
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[ContentPart], None] = None
+    tool_calls: Optional[list[MessageToolCall]] = None  # assistant: the calls it made
+    tool_call_id: Optional[str] = None  # tool: the call this is the result of
 
 
 class StreamOptions(BaseModel):
@@ -70,8 +92,17 @@ class ChatCompletionRequest(BaseModel):
     presence_penalty: Optional[float] = 0.0
     frequency_penalty: Optional[float] = 0.0
     logprobs: Optional[bool] = False
-    tools: Optional[list] = None
-    response_format: Optional[dict] = None
+    # Structured outputs and tools (structured_outputs.py, tools.py).
+    response_format: Optional[ResponseFormat] = None
+    structured_outputs: Optional[StructuredOutputs] = None
+    tools: Optional[list[ToolParam]] = None
+    tool_choice: ToolChoice = "none"
+    parallel_tool_calls: Optional[bool] = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _vllm_checks(cls, data):
+        return check_response_format(check_tool_usage(data))
 
     @classmethod
     def parse(cls, body: bytes) -> "ChatCompletionRequest":
@@ -94,11 +125,6 @@ class ChatCompletionRequest(BaseModel):
                 raise InvalidRequest(f"{name} is not supported by this server.", param=name, kind="unsupported")
         if self.logprobs:
             raise InvalidRequest("logprobs are not supported by this server.", param="logprobs", kind="unsupported")
-        if self.tools:
-            raise InvalidRequest("tools are not supported by this server.", param="tools", kind="unsupported")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise InvalidRequest("Only response_format type 'text' is supported.", param="response_format",
-                                 kind="unsupported")
 
     def chat_messages(self) -> tuple[list[dict], list[str]]:
         """The chat template's messages (images as {"type": "image"} parts) and the image URLs in prompt order."""
@@ -106,6 +132,9 @@ class ChatCompletionRequest(BaseModel):
         urls: list[str] = []
         for i, message in enumerate(self.messages):
             role = "system" if message.role == "developer" else message.role
+            if role == "assistant" or role == "tool":
+                messages.append(_tool_turn(message, role, i))
+                continue
             if message.content is None or isinstance(message.content, str):
                 messages.append({"role": role, "content": message.content or ""})
                 continue
@@ -135,10 +164,54 @@ class ChatCompletionRequest(BaseModel):
             "ignore_eos": self.ignore_eos,
         }
 
+    def answer_constraint(self) -> Constraint | None:
+        """The grammar the answer must follow: the tool calls tool_choice demands (they take the place
+        of response_format and structured_outputs, as on vLLM), else the structured output asked
+        for, else None. InvalidRequest for the combinations vLLM refuses."""
+        structured = structured_constraint(self.response_format, self.structured_outputs)
+        if isinstance(self.tool_choice, NamedToolChoice) and self.structured_outputs is not None \
+                and structured is not None and structured.kind in ("json", "regex", "choice"):
+            raise InvalidRequest("You can only either use constraints for structured outputs or tools, not both.",
+                                 param="structured_outputs")
+        if self.tools:
+            tools = tool_call_constraint(self.tools, self.tool_choice, self.parallel_tool_calls is not False)
+            if tools is not None:
+                return tools
+        return structured
+
+    def tool_call_answer(self) -> ToolCallAnswer | None:
+        """How the answer's tool calls are read (None: not at all, with no tools or tool_choice none)."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return ToolCallAnswer(named=isinstance(self.tool_choice, NamedToolChoice),
+                              required=self.tool_choice == "required", parallel=self.parallel_tool_calls is not False)
+
+    def template_tools(self) -> list[dict] | None:
+        """The tools for the chat template (rendered with tool_choice none too, as vLLM does)."""
+        return template_tools(self.tools) if self.tools else None
+
     @property
     def include_usage(self) -> bool:
         """A streamed answer ends with a chunk carrying the usage."""
         return bool(self.stream_options and self.stream_options.include_usage)
+
+
+def _tool_turn(message: Message, role: str, i: int) -> dict:
+    """An assistant or tool message as vLLM hands it to the chat template: an assistant's text as
+    text parts and its tool calls with object arguments; a tool result as one string."""
+    parts = [{"type": "text", "text": message.content}] if isinstance(message.content, str) else []
+    for part in message.content if isinstance(message.content, list) else []:
+        if part.type != "text":
+            raise InvalidRequest(f"Images are accepted in user messages only (message {i} is {role!r}).",
+                                 param=f"messages.{i}.content", kind="unsupported")
+        parts.append({"type": "text", "text": part.text})
+    if role == "tool":
+        return {"role": role, "content": "\n".join(part["text"] for part in parts),
+                "tool_call_id": message.tool_call_id}
+    turn: dict = {"role": role, "content": parts}
+    if message.tool_calls:
+        turn["tool_calls"] = template_tool_calls(message.tool_calls, f"messages.{i}")
+    return turn
 
 
 def _validation_error(exc: ValidationError) -> InvalidRequest:
@@ -163,7 +236,15 @@ class Usage(BaseModel):
 
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: Optional[str]
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+
+    @model_serializer(mode="wrap")
+    def _calls_only_when_made(self, handler):
+        data = handler(self)
+        if not data["tool_calls"]:
+            del data["tool_calls"]  # vLLM leaves the key out
+        return data
 
 
 class Choice(BaseModel):
@@ -185,6 +266,14 @@ class ChatCompletionResponse(BaseModel):
 class Delta(BaseModel):
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    tool_calls: list[DeltaToolCall] = Field(default_factory=list)
+
+    @model_serializer(mode="wrap")
+    def _calls_only_when_made(self, handler):
+        data = handler(self)
+        if not data["tool_calls"]:
+            del data["tool_calls"]
+        return data
 
 
 class ChunkChoice(BaseModel):

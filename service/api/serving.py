@@ -23,6 +23,7 @@ from service.api.protocol import (
     Usage,
 )
 from service.api.sse import DONE, ChunkFrame, EventStreamResponse, sse, sse_error
+from service.api.tool_parser import StreamingToolParser, ToolCallAnswer
 from service.engine import Engine, Event, RequestHandle
 from service.errors import ModelNotFound
 from service.metrics import ServiceMetrics
@@ -37,20 +38,26 @@ class ChatServing:
 
     async def create_chat_completion(self, chat: ChatCompletionRequest, engine: Engine,
                                      arrived: float) -> GenerationResponse:
-        """The checks, the images and the prompt: every refusal of the request itself (400, 404, 413)
-        comes from here; the queue's 429 comes when the response submits it."""
+        """The checks, the grammar, the images and the prompt: every refusal of the request itself
+        (400, 404, 413) comes from here; the queue's 429 comes when the response submits it."""
         self.check_model(chat.model)
         chat.check_supported()
         messages, urls = chat.chat_messages()
         engine.check_image_count(len(urls))  # before fetching or decoding any of them
+        constraint = chat.answer_constraint()
+        # Compiled off the event loop (cached: the same schema again costs a lookup), before the images.
+        grammar = await asyncio.to_thread(engine.compile_grammar, constraint) if constraint is not None else None
         images = await self.images.load(urls)
-        request = await asyncio.to_thread(engine.prepare, messages, images, **chat.to_sampling_fields())
+        request = await asyncio.to_thread(engine.prepare, messages, images, tools=chat.template_tools(),
+                                          grammar=grammar, **chat.to_sampling_fields())
         model = self.settings.model_name
+        tool_calls = chat.tool_call_answer()
 
         async def respond(handle: RequestHandle) -> Response:
             if chat.stream:
-                return EventStreamResponse(stream_chunks(handle, request.id, model, chat.include_usage, self.metrics))
-            return JSONResponse((await complete(handle, request.id, model)).model_dump())
+                return EventStreamResponse(stream_chunks(handle, request.id, model, chat.include_usage, self.metrics,
+                                                         tool_calls))
+            return JSONResponse((await complete(handle, request.id, model, tool_calls)).model_dump())
 
         return GenerationResponse(engine, request, arrived, respond)
 
@@ -59,36 +66,57 @@ class ChatServing:
             raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
 
 
-async def complete(handle: RequestHandle, request_id: str, model: str) -> ChatCompletionResponse:
-    """The whole answer; an error event is raised (the error handlers answer it)."""
+async def complete(handle: RequestHandle, request_id: str, model: str,
+                   tool_calls: ToolCallAnswer | None = None) -> ChatCompletionResponse:
+    """The whole answer (its tool calls read when the request has tools); an error event is raised
+    (the error handlers answer it)."""
     parts: list[str] = []
     async for event in handle:
         if event.error is not None:
             raise event.error
         parts.append(event.text)
         last = event
+    text, finish_reason = "".join(parts), last.finish_reason
+    message = ResponseMessage(content=text)
+    if tool_calls is not None:
+        content, calls, finish_reason = tool_calls.message(text, finish_reason)
+        message = ResponseMessage(content=content, tool_calls=calls)
     return ChatCompletionResponse(
         id=request_id, model=model, usage=Usage.count(last.prompt_tokens, last.completion_tokens),
-        choices=[Choice(message=ResponseMessage(content="".join(parts)), finish_reason=last.finish_reason)])
+        choices=[Choice(message=message, finish_reason=finish_reason)])
 
 
 async def stream_chunks(handle: RequestHandle, request_id: str, model: str, include_usage: bool,
-                        metrics: ServiceMetrics) -> AsyncIterator[bytes]:
-    """The answer as SSE chunks: the role, the text as it comes, the usage (when asked), [DONE]. An
-    error after the stream started can only be told in the stream: its body, then [DONE]."""
+                        metrics: ServiceMetrics, tool_calls: ToolCallAnswer | None = None) -> AsyncIterator[bytes]:
+    """The answer as SSE chunks: the role, the text as it comes (with tools: content and tool-call
+    deltas), the usage (when asked), [DONE]. An error after the stream started can only be told in
+    the stream: its body, then [DONE]."""
     created = int(time.time())
     frame = ChunkFrame(request_id, created, model)
     yield sse(ChatCompletionChunk(id=request_id, created=created, model=model,
                                   choices=[ChunkChoice(delta=Delta(role="assistant", content=""))]))
+    parser = StreamingToolParser() if tool_calls is not None else None
+    text = ""
     last: Event | None = None
     async for event in handle:
         if event.error is not None:
             count_error(metrics, event.error)
             yield sse_error(event.error)
             break
-        if event.text or event.finish_reason:
-            yield frame.render(event.text, event.finish_reason)
         last = event
+        if parser is None:
+            if event.text or event.finish_reason:
+                yield frame.render(event.text, event.finish_reason)
+            continue
+        text += event.text
+        content, deltas = parser.feed(text, finished=event.finish_reason is not None)
+        deltas = [d for d in deltas if tool_calls.parallel or d.index == 0]
+        reason = event.finish_reason and tool_calls.stream_finish_reason(parser.called, event.finish_reason)
+        if deltas:
+            yield sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[
+                ChunkChoice(delta=Delta(content=content, tool_calls=deltas), finish_reason=reason)]))
+        elif content or reason:
+            yield frame.render(content or "", reason)
     if include_usage and last is not None and last.finish_reason is not None:
         usage = Usage.count(last.prompt_tokens, last.completion_tokens)
         yield sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[], usage=usage))
