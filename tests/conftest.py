@@ -115,3 +115,19 @@ def server(tiny_model_dir, media_dir) -> RunningServer:
     running, stop = start_server(settings)
     yield running
     stop()
+
+
+@pytest.fixture(scope="session")
+def long_context_server(tiny_model_dir, media_dir) -> RunningServer:
+    """The same server with room for what tools and client libraries put in the prompt (tool
+    definitions, schemas in the instructions): the tiny tokenizer spends a token on 2-3 characters."""
+    from service.settings import ServiceSettings
+
+    settings = ServiceSettings(
+        model=str(tiny_model_dir), served_model_name=SERVED_NAME, host="127.0.0.1", port=free_port(),
+        max_model_len=4096, min_pixels=3136, max_pixels=64 * 64 * 4, max_images_per_request=2,
+        max_batch_size=8, max_queue=16, api_key=API_KEY, allowed_media_dir=media_dir,
+    )
+    running, stop = start_server(settings)
+    yield running
+    stop()

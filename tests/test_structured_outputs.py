@@ -1,0 +1,197 @@
+"""Structured outputs in the engine (no HTTP): the tiny model's random weights, sampled with its
+generation_config defaults, still give answers that match the JSON schema, regex, choice or grammar;
+rows without a grammar are not touched; a step with grammar rows keeps the pipelining."""
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import jsonschema
+import pytest
+import torch
+from PIL import Image
+
+from service.engine import Engine
+from service.engine.structured import WHITESPACE_RUN, Constraint, TokenMask
+from service.errors import InvalidRequest
+from service.settings import ServiceSettings
+
+PERSON = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 12},
+    "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    "pet": {"enum": ["cat", "dog", "none"]},
+    "verified": {"type": "boolean"},
+}, "required": ["name", "age", "pet", "verified"]}
+ORDER = {"type": "object", "properties": {
+    "items": {"type": "array", "maxItems": 3, "items": {"type": "object", "properties": {
+        "sku": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{2}$"}, "qty": {"type": "integer", "minimum": 1, "maximum": 9}},
+        "required": ["sku", "qty"]}},
+    "note": {"anyOf": [{"type": "null"}, {"type": "string", "maxLength": 8}]},
+}, "required": ["items", "note"]}
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    eng = Engine.load(ServiceSettings(model=str(tiny_model_dir), max_model_len=1024, min_pixels=3136, max_pixels=16384,
+                                      max_batch_size=8, max_queue=32))
+    eng.start()
+    yield eng
+    eng.stop()
+
+
+def ask(engine, constraint: Constraint | None, text="Answer in JSON.", images=(), **sampling):
+    sampling.setdefault("max_tokens", 600)
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+    grammar = engine.compile_grammar(constraint) if constraint is not None else None
+    return engine.prepare([{"role": "user", "content": content}], list(images), grammar=grammar, **sampling)
+
+
+def run_all(engine, requests) -> list:
+    with engine.paused():  # admitted together: one batch
+        handles = [engine.submit(r) for r in requests]
+    results = []
+    for handle in handles:
+        events = list(handle)
+        assert events[-1].error is None, events[-1].error
+        results.append(("".join(e.text for e in events), events[-1].finish_reason, list(handle.token_ids)))
+    return results
+
+
+def closed(schema):
+    """The schema as the answer must satisfy it: objects without additionalProperties are closed
+    (vLLM's default backend, xgrammar, reads them so)."""
+    schema = json.loads(json.dumps(schema))
+
+    def walk(node):
+        if isinstance(node, dict):
+            for value in node.values():
+                walk(value)
+            if "properties" in node:
+                node.setdefault("additionalProperties", False)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+    walk(schema)
+    return schema
+
+
+@pytest.mark.parametrize("schema", [PERSON, ORDER], ids=["person", "order"])
+def test_json_schema_answers_are_valid_for_the_schema_with_random_weights(engine, schema):
+    results = run_all(engine, [ask(engine, Constraint("json", json.dumps(schema))) for _ in range(8)])
+    for text, finish, _ in results:
+        assert finish == "stop", text
+        jsonschema.validate(json.loads(text), closed(schema))
+
+
+def test_json_object_is_an_object_and_compact_json_has_no_whitespace(engine):
+    for text, finish, _ in run_all(engine, [ask(engine, Constraint("json_object")) for _ in range(4)]):
+        assert finish == "stop" and isinstance(json.loads(text), dict), text
+    compact = Constraint("json", json.dumps(PERSON), compact=True)
+    for text, finish, _ in run_all(engine, [ask(engine, compact) for _ in range(4)]):
+        value = json.loads(text)
+        assert text == json.dumps(value, separators=(",", ":"), ensure_ascii=False), text
+
+
+def test_regex_choice_and_grammars_are_matched(engine):
+    cases = [
+        (Constraint("regex", r"[a-c]{2}-[0-9]{1,3}"), lambda t: re.fullmatch(r"[a-c]{2}-[0-9]{1,3}", t)),
+        (Constraint("choice", json.dumps(["red", "green", "blue jeans"])), lambda t: t in ("red", "green", "blue jeans")),
+        (Constraint("grammar", 'root ::= "x" ("y" | "z")+ "!"'), lambda t: re.fullmatch(r"x[yz]+!", t)),  # GBNF
+        (Constraint("grammar", 'start: "(" NUMBER ")"\nNUMBER: /[0-9]{1,4}/'), lambda t: re.fullmatch(r"\(\d{1,4}\)", t)),
+    ]
+    results = run_all(engine, [ask(engine, c, max_tokens=100) for c, _ in cases for _ in range(3)])
+    for (text, finish, _), (constraint, matches) in zip(results, [case for case in cases for _ in range(3)]):
+        assert finish == "stop" and matches(text), (constraint, text)
+
+
+def test_a_finished_grammar_ends_with_stop_and_max_tokens_still_cuts(engine):
+    (text, finish, ids), = run_all(engine, [ask(engine, Constraint("choice", '["yes"]'))])
+    assert (text, finish) == ("yes", "stop")
+    assert ids[-1] in engine.scheduler._eos_ids  # the grammar left only the end of sequence to sample
+    (text, finish, ids), = run_all(engine, [ask(engine, Constraint("json", json.dumps(PERSON)), max_tokens=4)])
+    assert finish == "length" and len(ids) == 4 and text.startswith("{")
+
+
+def test_past_the_end_with_ignore_eos_the_row_is_free_again(engine):
+    (text, finish, ids), = run_all(engine, [ask(engine, Constraint("choice", '["yes"]'), ignore_eos=True,
+                                                max_tokens=12)])
+    assert finish == "length" and len(ids) == 12 and text.startswith("yes")
+
+
+def test_rows_without_a_grammar_decode_the_same_beside_grammar_rows(engine):
+    free = [ask(engine, None, text=f"Tell me about {n}.", max_tokens=40, temperature=0.0) for n in ("cats", "rain")]
+    alone = [ids for _, _, ids in run_all(engine, free)]
+    constrained = [ask(engine, Constraint("json", json.dumps(PERSON)), temperature=0.0) for _ in range(3)]
+    mixed = run_all(engine, [free[0], *constrained, free[1]])
+    assert [mixed[0][2], mixed[-1][2]] == alone
+    solo = run_all(engine, constrained[:1])[0]
+    assert all(r == solo for r in mixed[1:-1])  # greedy under a grammar does not depend on the batch either
+
+
+def test_steps_with_grammar_rows_launch_the_next_forward_before_reading_tokens(engine, monkeypatch):
+    """The pipelining rule: step n+1's forward is queued before step n's tokens are read on the host
+    (then the grammars advance, then n+1 is sampled)."""
+    from service.engine import scheduler
+
+    deadline = time.monotonic() + 10
+    while engine.scheduler._inflight is not None and time.monotonic() < deadline:  # the last test's last step
+        time.sleep(0.01)
+    log: list[str] = []
+    decode, read = engine.scheduler.batch.decode, scheduler._Step.host_tokens
+    monkeypatch.setattr(engine.scheduler.batch, "decode", lambda tokens: (log.append("forward"), decode(tokens))[1])
+    monkeypatch.setattr(scheduler._Step, "host_tokens", lambda step: (log.append("read"), read(step))[1])
+    (_, finish, ids), = run_all(engine, [ask(engine, Constraint("regex", "[a-z]{200}"), max_tokens=12)])
+    assert (finish, len(ids)) == ("length", 12)
+    reads = [i for i, entry in enumerate(log) if entry == "read"]
+    for k, at in enumerate(reads[:-1], start=1):  # the last read has no next step: the row had ended
+        assert log[:at].count("forward") >= k + 1, log
+
+
+def test_a_json_answer_about_an_image(engine):
+    image = Image.new("RGB", (96, 64), (200, 30, 30))
+    text, finish, _ = run_all(engine, [ask(engine, Constraint("json", json.dumps(PERSON)), "Who is this?", [image])])[0]
+    assert finish == "stop"
+    jsonschema.validate(json.loads(text), closed(PERSON))
+
+
+def test_invalid_constraints_are_refused_naming_their_field_and_valid_ones_cached(engine):
+    cases = [(Constraint("json", '{"type": "objec"}', source="response_format"), "response_format"),
+             (Constraint("json", "{not json", source="structured_outputs.json"), "structured_outputs.json"),
+             (Constraint("regex", "a(b", source="structured_outputs.regex"), "structured_outputs.regex"),
+             (Constraint("grammar", "root ::= missing_rule", source="structured_outputs.grammar"),
+              "structured_outputs.grammar")]
+    for constraint, field in cases:
+        with pytest.raises(InvalidRequest) as info:
+            engine.compile_grammar(constraint)
+        assert info.value.param == field and field in info.value.message
+    schema = Constraint("json", json.dumps(PERSON))
+    assert engine.compile_grammar(schema) is engine.compile_grammar(Constraint("json", json.dumps(PERSON)))
+
+
+def test_the_mask_touches_grammar_rows_only(engine):
+    grammar = engine.compile_grammar(Constraint("choice", '["cat"]'))
+    row = grammar.matcher()
+    logits = torch.randn(3, engine.model.config.get_text_config().vocab_size)
+    before = logits.clone()
+    TokenMask.of([None, row, None]).apply(logits)
+    assert torch.equal(logits[0], before[0]) and torch.equal(logits[2], before[2])
+    allowed = torch.isfinite(logits[1]).nonzero().flatten().tolist()
+    assert allowed and all("cat".startswith(engine.tokenizer.decode([t])) for t in allowed)
+    assert TokenMask.of([None, None]) is None
+
+
+def test_json_whitespace_runs_are_bounded(engine):
+    grammar = engine.compile_grammar(Constraint("json_object"))
+    row = grammar.matcher()
+    newline = engine.tokenizer.convert_tokens_to_ids("Ċ")
+    row.accept(engine.tokenizer.convert_tokens_to_ids("{"))
+    for _ in range(WHITESPACE_RUN):
+        mask = TokenMask.of([row])
+        logits = torch.zeros(1, engine.model.config.get_text_config().vocab_size)
+        mask.apply(logits)
+        assert torch.isfinite(logits[0, newline])
+        row.accept(newline)
+    logits = torch.zeros(1, logits.shape[1])
+    TokenMask.of([row]).apply(logits)
+    assert not torch.isfinite(logits[0, newline]) and torch.isfinite(logits[0]).any()
