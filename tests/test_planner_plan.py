@@ -11,6 +11,7 @@ from scripts.gpu import GpuInfo, parse_gpu_query_csv
 from scripts.planner import Plan, plan_for
 from scripts.planner.models import BUILTIN_IDS
 from scripts.planner.sizes import parse_size
+from scripts.planner.vllm_plan import TOOL_CALLING_ARGS
 from service.settings import ServiceSettings
 
 GIB = 1024**3
@@ -38,7 +39,7 @@ def test_seeds_setting_is_predicted_to_fail_like_vllm_did():
     assert -6.0 < kv < -1.0, kv                     # negative, of the order vLLM reported
     assert plan.refusal.startswith("No available memory for the cache blocks")
     assert "max_pixels" in plan.refusal            # the lever is the dummy image, not the context
-    assert plan.vllm_args == ["--gpu-memory-utilization", "0.8", "--max-model-len", "4096"]
+    assert plan.vllm_args == ["--gpu-memory-utilization", "0.8", "--max-model-len", "4096", *TOOL_CALLING_ARGS]
     # The user's hand-made fix (0.70, 2048) fails the same way: the context was never the problem.
     hand = plan_for(model=SEEDS_MODEL, gpu_memory_bytes=8 * GIB, gpu_memory_utilization=0.70, context=2048)
     assert not hand.fits and _row(hand, "KV cache") < kv

@@ -27,6 +27,9 @@ from .vllm_memory import (
 UTIL_CAP = 0.95
 DEFAULT_CONTEXT = 8192             # the context the ladder aims for when none is asked for
 CONTEXT_CAP = 32768                # more only when asked for (--context)
+# Tool calling as on the 8gb service: Qwen3-VL writes Hermes `<tool_call>` blocks, which vLLM's
+# `hermes` parser reads; auto tool choice is OpenAI's default. Memory-neutral.
+TOOL_CALLING_ARGS = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
 
 
 @dataclass(frozen=True)
@@ -133,8 +136,9 @@ def evaluate_vllm(spec: ModelSpec, card: Card, util: float, wanted: int | None) 
     plan.vllm_args = ["--gpu-memory-utilization", f"{util:g}", "--max-model-len", str(ctx)]
     if card.count > 1:
         plan.vllm_args += ["--tensor-parallel-size", str(card.count)]
+    plan.vllm_args += TOOL_CALLING_ARGS
     plan.notes.append("evaluated: vLLM's defaults for every flag but --gpu-memory-utilization and "
-                      f"--max-model-len (images up to {spec.processor_max_pixels} pixels, "
+                      f"--max-model-len and tool calling (images up to {spec.processor_max_pixels} pixels, "
                       f"{seqs} sequences, CUDA graphs)")
     return VllmOutcome(plan, b)
 
@@ -158,7 +162,7 @@ def vllm_args(k: VllmKnobs) -> list[str]:
         args.append("--enforce-eager")
     if k.tensor_parallel_size > 1:
         args += ["--tensor-parallel-size", str(k.tensor_parallel_size)]
-    return args
+    return args + TOOL_CALLING_ARGS
 
 
 def _budget_rows(b: VllmBudget, card: Card, context: int) -> list[BudgetRow]:
