@@ -2,7 +2,7 @@
 default method (json_schema) and by function calling, a forced tool call, streaming with usage."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import pytest
 from pydantic import BaseModel, Field
@@ -41,7 +41,7 @@ def test_a_forced_tool_call_has_valid_arguments(llm):
     from langchain_core.tools import tool
 
     @tool
-    def add(a: int = Field(ge=0, le=99), b: int = Field(ge=0, le=99)) -> int:
+    def add(a: Annotated[int, Field(ge=0, le=99)], b: Annotated[int, Field(ge=0, le=99)]) -> int:
         """Add two numbers."""
         return a + b
 

@@ -4,7 +4,7 @@ response_format json_object), tool output (its default: a forced call of its out
 function-tool round trip (the call, the tool's result sent back, then an answer)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import pytest
 from pydantic import BaseModel, Field
@@ -65,26 +65,28 @@ def test_tool_output_the_default_for_a_model(model):
 
 def test_a_tool_call_round_trip(model):
     from pydantic_ai import Agent, RunContext
-    from pydantic_ai.messages import ToolCallPart, ToolReturnPart
+    from pydantic_ai.messages import ModelRequest, ModelResponse, TextPart, ToolCallPart, ToolReturnPart
 
     calls = []
 
     def settings(ctx: RunContext) -> dict:  # the first request must call the tool, the next one answers
-        return {"max_tokens": 300 if ctx.run_step <= 1 else 16, "tool_choice": "required" if ctx.run_step <= 1
-                else "none"}
+        first = ctx.run_step <= 1
+        return {"max_tokens": 300 if first else 16, "tool_choice": "required" if first else "none"}
 
     agent = Agent(model, output_type=str, model_settings=settings)
 
     @agent.tool_plain
-    def weather(city: str = Field(max_length=10)) -> str:
+    def weather(city: Annotated[str, Field(max_length=10)]) -> str:
         """The weather in a city."""
         calls.append(city)
         return "sunny, 21 C"
 
     result = agent.run_sync("What is the weather in Paris?")
-    parts = [part for message in result.all_messages() for part in message.parts]
-    kinds = [type(part).__name__ for part in parts if isinstance(part, (ToolCallPart, ToolReturnPart))]
-    assert calls and kinds[:2] == ["ToolCallPart", "ToolReturnPart"]
-    returned = next(part for part in parts if isinstance(part, ToolReturnPart))
-    assert returned.content == "sunny, 21 C" and isinstance(result.output, str) and result.output
-    assert len(result.all_messages()) == 4  # request, the call, the result sent back, the answer
+    asked, called, returned, answered = result.all_messages()  # the call, its result sent back, the answer
+    assert isinstance(asked, ModelRequest) and isinstance(called, ModelResponse)
+    made = [part for part in called.parts if isinstance(part, ToolCallPart)]
+    assert made and all(part.tool_name == "weather" for part in made) and len(calls) == len(made)
+    assert all(isinstance(city, str) and len(city) <= 10 for city in calls)
+    results = [part for part in returned.parts if isinstance(part, ToolReturnPart)]
+    assert [part.content for part in results] == ["sunny, 21 C"] * len(made)
+    assert isinstance(answered.parts[-1], TextPart) and result.output == answered.parts[-1].content

@@ -16,8 +16,8 @@ JSON schemas follow vLLM's default backend (xgrammar): an object schema that doe
 `additionalProperties` allows no other properties, and whitespace may separate tokens unless the
 request asks for compact JSON (`disable_any_whitespace`). One thing vLLM does not do: in JSON (and
 tool calls) at most WHITESPACE_RUN whitespace-only tokens follow each other. Small models otherwise
-get stuck emitting line breaks until max_tokens; real JSON never needs more (Qwen's tokens carry a
-line break and its indentation in one).
+get stuck emitting line breaks until max_tokens; pretty-printed JSON needs two or three (a line
+break, its indentation).
 """
 from __future__ import annotations
 
