@@ -66,6 +66,10 @@ def test_container_becomes_healthy_and_answers_the_openai_sdk(container):
     text_only = client.chat.completions.create(
         model="tiny", max_tokens=1, messages=[{"role": "user", "content": "What is in this picture?"}])
     assert out.usage.prompt_tokens > text_only.usage.prompt_tokens
+    # Structured outputs (llguidance, in the image too): the answer is one of the choices.
+    choice = client.chat.completions.create(model="tiny", max_tokens=8, messages=[{"role": "user", "content": "Yes?"}],
+                                            extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    assert choice.choices[0].message.content in ("yes", "no")
 
 
 def test_service_runs_as_a_non_root_user(container):
