@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -24,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from bench.decode_bench import environment, say, table
-from bench.engine_mode import measure_streams
+from bench.decode_bench import environment, publish, say, table
+from bench.engine_mode import engine_token_stream, measure_streams
 
 SCHEMA = {"type": "object", "properties": {
     "title": {"type": "string"}, "rating": {"type": "integer"},
@@ -86,20 +85,8 @@ def run(engine, grammar, batch: int, new_tokens: int) -> dict:
     messages = [{"role": "user", "content": PROMPT}]
     requests = [engine.prepare(messages, [], grammar=grammar, max_tokens=new_tokens, ignore_eos=True, seed=i)
                 for i in range(batch)]
-    handles = []
-
-    def stream(i):
-        handle = engine.submit(requests[i])
-        handles.append(handle)
-        seen = 0
-        for event in handle:
-            if event.error is not None:
-                raise event.error
-            for _ in range(len(handle.token_ids) - seen):
-                yield
-            seen = len(handle.token_ids)
-
-    result = measure_streams(stream, batch)
+    handles: list = []
+    result = measure_streams(lambda i: engine_token_stream(engine, requests[i], handles), batch)
     under = sum(next((k for k, t in enumerate(h.token_ids) if t in eos), len(h.token_ids)) for h in handles)
     return {"decode": result.decode_tok_s_per_stream, "aggregate": result.aggregate_tok_s,
             "under_grammar": under / sum(len(h.token_ids) for h in handles),
@@ -172,14 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         "sample answer (first tokens)": repr(engine.tokenizer.decode(run(engine, grammar, 1, 48)["sample"]))[:80],
     })
     engine.stop()
-    report = (f"Constrained decoding benchmark ({environment(device)}; {args.shape} random weights, "
-              f"{args.new_tokens} new tokens, median of {args.repeats})\n\n{table(rows)}\n")
-    print("\n" + report, flush=True)
-    out = args.out or (os.path.join(os.environ["OUT"], "constrained_bench.md") if os.environ.get("OUT") else None)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(report, encoding="utf-8")
-        say(f"table written to {out}")
+    publish(f"Constrained decoding benchmark ({environment(device)}; {args.shape} random weights, "
+            f"{args.new_tokens} new tokens, median of {args.repeats})\n\n{table(rows)}\n", args.out,
+            "constrained_bench.md")
     return 0
 
 

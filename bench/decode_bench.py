@@ -323,14 +323,18 @@ def main(argv: list[str] | None = None) -> int:
                         row[metric] = value
                 except Exception as exc:  # noqa: BLE001 - the decode figures above still stand
                     row[label] = f"failed: {type(exc).__name__}: {exc}"
-    report = f"Decode benchmark ({environment(device)})\n\n{table(results)}\n"
+    publish(f"Decode benchmark ({environment(device)})\n\n{table(results)}\n", args.out, "bench.md")
+    return 0
+
+
+def publish(report: str, out: str | None, name: str) -> None:
+    """Print the report; write it to `out` too (default: $OUT/name when $OUT is set)."""
     print("\n" + report, flush=True)
-    out = args.out or (os.path.join(os.environ["OUT"], "bench.md") if os.environ.get("OUT") else None)
+    out = out or (os.path.join(os.environ["OUT"], name) if os.environ.get("OUT") else None)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(report, encoding="utf-8")
         say(f"table written to {out}")
-    return 0
 
 
 if __name__ == "__main__":

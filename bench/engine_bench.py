@@ -136,7 +136,7 @@ def child(argv: list[str] | None = None) -> int:
     import numpy as np
     from PIL import Image
 
-    from bench.engine_mode import measure_streams
+    from bench.engine_mode import engine_token_stream, measure_streams
     from service.engine import Engine
 
     engine = Engine.load(settings)
@@ -156,15 +156,7 @@ def child(argv: list[str] | None = None) -> int:
     prepare_s = (time.perf_counter() - prepared) / 3
 
     def stream(req):
-        """One item per generated token, as engine_mode expects."""
-        handle = engine.submit(req)
-        seen = 0
-        for event in handle:
-            if event.error is not None:
-                raise event.error
-            for _ in range(len(handle.token_ids) - seen):
-                yield
-            seen = len(handle.token_ids)
+        return engine_token_stream(engine, req)
 
     def point(n: int, open_stream) -> dict:
         r = measure_streams(open_stream, n)

@@ -42,6 +42,21 @@ class ConcurrencyResult:
         return median(r.ttft_s for r in self.results)
 
 
+def engine_token_stream(engine, request, handles: list | None = None) -> Iterator[None]:
+    """Submit `request` to a service engine and yield once per generated token (its handle is appended
+    to `handles`, for the token ids)."""
+    handle = engine.submit(request)
+    if handles is not None:
+        handles.append(handle)
+    seen = 0
+    for event in handle:
+        if event.error is not None:
+            raise event.error
+        for _ in range(len(handle.token_ids) - seen):
+            yield
+        seen = len(handle.token_ids)
+
+
 def _timed(open_stream: Callable[[int], Iterable[Any]], index: int) -> StreamResult:
     start = time.perf_counter()
     first, tokens = None, 0

@@ -2,23 +2,14 @@
 default method (json_schema) and by function calling, a forced tool call, streaming with usage."""
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 import pytest
-from pydantic import BaseModel, Field
+from pydantic import Field
 
+from tests.clients.pet import QUESTION, Pet
 from tests.conftest import API_KEY, SERVED_NAME
 from tests.loopback_only import loopback_only  # noqa: F401 - autouse
-
-QUESTION = "Describe the pet in the picture."
-
-
-class Pet(BaseModel):
-    """A pet."""
-
-    name: str = Field(max_length=12)
-    species: Literal["cat", "dog", "bird"]
-    age: int = Field(ge=0, le=30)
 
 
 @pytest.fixture

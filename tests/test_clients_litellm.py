@@ -4,26 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Literal
 
 import pytest
-from pydantic import BaseModel, Field
 
+from tests.clients.pet import QUESTION, Pet
 from tests.conftest import API_KEY, SERVED_NAME
 from tests.loopback_only import loopback_only  # noqa: F401 - autouse
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # its own copy, not a download at import
 
-MESSAGES = [{"role": "user", "content": "Describe the pet in the picture."}]
+MESSAGES = [{"role": "user", "content": QUESTION}]
 ADD = {"type": "function", "function": {"name": "add", "description": "Add two numbers", "parameters": {
     "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
                                      "b": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["a", "b"]}}}
-
-
-class Pet(BaseModel):
-    name: str = Field(max_length=12)
-    species: Literal["cat", "dog", "bird"]
-    age: int = Field(ge=0, le=30)
 
 
 @pytest.fixture

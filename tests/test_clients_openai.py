@@ -3,22 +3,14 @@
 and the streaming helper with usage."""
 from __future__ import annotations
 
-from typing import Literal
-
 import openai
 from pydantic import BaseModel, Field
 
+from tests.clients.pet import QUESTION, Pet
 from tests.conftest import SERVED_NAME
 from tests.loopback_only import loopback_only  # noqa: F401 - autouse
 
-MESSAGES = [{"role": "user", "content": "Describe the pet in the picture."}]
-
-
-class Pet(BaseModel):
-    name: str = Field(max_length=12)
-    species: Literal["cat", "dog", "bird"]
-    age: int = Field(ge=0, le=30)
-    indoor: bool
+MESSAGES = [{"role": "user", "content": QUESTION}]
 
 
 class Lookup(BaseModel):

@@ -4,21 +4,14 @@ response_format json_object), tool output (its default: a forced call of its out
 function-tool round trip (the call, the tool's result sent back, then an answer)."""
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 import pytest
 from pydantic import BaseModel, Field
 
+from tests.clients.pet import QUESTION, Pet
 from tests.conftest import API_KEY, SERVED_NAME
 from tests.loopback_only import loopback_only  # noqa: F401 - autouse
-
-QUESTION = "Describe the pet in the picture."
-
-
-class Pet(BaseModel):
-    name: str = Field(max_length=12)
-    species: Literal["cat", "dog", "bird"]
-    age: int = Field(ge=0, le=30)
 
 
 class Note(BaseModel):

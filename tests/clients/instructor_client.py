@@ -11,7 +11,6 @@ import ipaddress
 import json
 import socket
 import sys
-from typing import Literal
 
 _connect = socket.socket.connect
 
@@ -26,13 +25,7 @@ socket.socket.connect = _loopback_only
 
 import instructor  # noqa: E402 - after the guard
 from openai import OpenAI  # noqa: E402
-from pydantic import BaseModel, Field  # noqa: E402
-
-
-class Pet(BaseModel):
-    name: str = Field(max_length=12)
-    species: Literal["cat", "dog", "bird"]
-    age: int = Field(ge=0, le=30)
+from pet import QUESTION, Pet  # noqa: E402 - beside this script
 
 
 def main(base_url: str, api_key: str, model: str) -> int:
@@ -42,7 +35,7 @@ def main(base_url: str, api_key: str, model: str) -> int:
                                                                                                   mode=mode)
         pet, completion = client.chat.completions.create_with_completion(
             model=model, response_model=Pet, max_tokens=300, max_retries=0,
-            messages=[{"role": "user", "content": "Describe the pet in the picture."}])
+            messages=[{"role": "user", "content": QUESTION}])
         print(json.dumps({"mode": client.mode.value, "pet": pet.model_dump(),
                           "finish_reason": completion.choices[0].finish_reason}), flush=True)
     return 0
