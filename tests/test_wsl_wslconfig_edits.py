@@ -85,7 +85,9 @@ def test_edit_is_what_wsl_reads(tmp_path, before, values, after):
 
 
 @pytest.mark.parametrize("encoding, bom", [("utf-16-le", codecs.BOM_UTF16_LE), ("utf-8", codecs.BOM_UTF8)])
-@pytest.mark.parametrize("before, values, after", [EDITS[0], EDITS[3], EDITS[15]])
+@pytest.mark.parametrize("before, values, after", [e for e in EDITS if e.id in (
+    "hash-comment-without-space-kept", "spaced-header-is-not-wsl2", "mixed-newlines-dominant-one-used",
+    "unicode-line-separators-in-comment", "ctrl-z-ends-what-wsl-reads")])
 def test_edits_are_the_same_in_every_encoding_wsl_reads(tmp_path, encoding, bom, before, values, after):
     path = tmp_path / ".wslconfig"
     path.write_bytes(bom + before.encode(encoding))
@@ -119,6 +121,7 @@ def test_values_wsl_would_reject_are_not_written(tmp_path, value):
     ("[boot]\nprocessors=4\n", "line 2: `processors` is [boot]; WSL reads it only from [wsl2]"),
     ("[wsl2]\nprocessors=four\n", "WSL rejects processors='four' and uses its default (all logical processors)"),
     ("[wsl2]\n\x1aswap=1GB\n", "line 2: WSL stops reading at a Ctrl+Z"),
+    ("[wsl2]\n\x0c\u2028x\n", "WSL skips `\\x0c\\u2028x`"),  # invisible characters shown as escapes
 ])
 def test_findings_name_the_line_and_what_wsl_does(tmp_path, before, note):
     path = tmp_path / ".wslconfig"
@@ -139,7 +142,8 @@ def test_cli_reports_what_wsl_will_still_skip(tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--memory", "12gb"], "upper-case: 12GB"),
     (["--memory", "1.5GB"], "not a size WSL reads"),
-    (["--memory", "12"], "12 bytes to WSL"),
+    (["--memory", "12"], "12 bytes, under WSL's 256MB minimum (to WSL a number without a unit is bytes"),
+    (["--memory", "100MB"], "under WSL's 256MB minimum"),
     (["--swap", "8 GB"], "--swap: not a size WSL reads"),
 ])
 def test_cli_refuses_sizes_wsl_would_misread(tmp_path, capsys, args, message):

@@ -75,8 +75,8 @@ def config_command(args: argparse.Namespace) -> int:
             if given is not None:
                 size = wslconfig.parse_size(given.strip())  # validate before touching anything
                 if key == "memory" and size < wslconfig.MIN_MEMORY:
-                    return _err(f"--memory {given} is {size} bytes to WSL (a number without a unit is bytes) and "
-                                "under its 256MB minimum; did you mean a unit, e.g. 12GB?")
+                    bare = " (to WSL a number without a unit is bytes: did you mean 12GB?)" if given.strip().isdigit() else ""
+                    return _err(f"--memory {given} is {size} bytes, under WSL's 256MB minimum{bare}")
                 values[key] = given.strip()
     except ValueError as exc:
         return _err(f"--{key}: {exc}")

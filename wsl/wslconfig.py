@@ -158,33 +158,36 @@ def applied_size(cfg: WslConfig, key: str) -> int | None:
     return None if value is None else parser.parse_memory_size(value)
 
 
+def _shown(line: str) -> str:
+    """A line for a terminal: U+2028, form feed and other invisible characters as escapes."""
+    return "".join(c if c.isprintable() or c == "\t" else repr(c)[1:-1] for c in line)
+
+
 def line_of(text: str, offset: int) -> int:
     return text.count("\n", 0, offset) + 1
 
 
 def findings(cfg: WslConfig, keys=("memory", "swap", "processors")) -> list[str]:
-    """What WSL will skip, ignore or reject in the file, for `keys` and for lines it cannot parse."""
+    """What WSL will skip, ignore or reject in the file, for `keys` and for lines it cannot parse; in
+    file order."""
     r, text, out = cfg.reading, cfg.text, []
     for s in r.skipped:
-        shown = _lines(text[s.start:])[0].rstrip("\r\n")[:60] if s.start < len(text) else ""
+        shown = _shown(_lines(text[s.start:])[0].rstrip("\r\n")[:60]) if s.start < len(text) else ""
         semicolon = " (`;` does not start a comment in .wslconfig: only `#` does)" if shown.startswith(";") else ""
-        out.append(f"line {line_of(text, s.start)}: WSL skips `{shown}`: {s.reason}{semicolon}")
+        out.append((s.start, f"WSL skips `{shown}`: {s.reason}{semicolon}"))
     if r.end < len(text):
-        out.append(f"line {line_of(text, r.end)}: WSL stops reading at a Ctrl+Z character; the rest of the file is ignored")
+        out.append((r.end, "WSL stops reading at a Ctrl+Z character; the rest of the file is ignored"))
     for key in keys:
         first = r.first(f"{SECTION}.{key}")
-        for a in r.assignments:
-            if a.name != key:
-                continue
-            where = f"line {line_of(text, a.start)}"
+        for a in (a for a in r.assignments if a.name == key):
             if a.section != SECTION:
                 place = f"[{a.section}]" if a.section else "before any [section]"
-                out.append(f"{where}: `{key}` is {place}; WSL reads it only from [{SECTION}]")
+                out.append((a.start, f"`{key}` is {place}; WSL reads it only from [{SECTION}]"))
             elif a is not first:
-                out.append(f"{where}: a second `{key}` in [{SECTION}]: WSL keeps the first (line {line_of(text, first.start)})")
+                out.append((a.start, f"a second `{key}` in [{SECTION}]: WSL keeps the first (line {line_of(text, first.start)})"))
             elif _parsed(key, a.value) is None:
-                out.append(f"{where}: WSL rejects {key}={a.value!r} and uses its default ({DEFAULTS[key]})")
-    return out
+                out.append((a.start, f"WSL rejects {key}={a.value!r} and uses its default ({DEFAULTS[key]})"))
+    return [f"line {line_of(text, at)}: {message}" for at, message in sorted(out, key=lambda f: f[0])]
 
 
 def _insertion(cfg: WslConfig, lines: list[str]) -> tuple[int, str]:
@@ -247,7 +250,7 @@ def with_values(cfg: WslConfig, values: dict[str, str]) -> WslConfig:
 def diff(old: WslConfig, new: WslConfig) -> str:
     """A unified diff of the two texts, by WSL's lines (line endings not shown)."""
     return "".join(difflib.unified_diff(
-        [x.rstrip("\r\n") + "\n" for x in _lines(old.text)], [x.rstrip("\r\n") + "\n" for x in _lines(new.text)],
+        [_shown(x.rstrip("\r\n")) + "\n" for x in _lines(old.text)], [_shown(x.rstrip("\r\n")) + "\n" for x in _lines(new.text)],
         fromfile=f"{old.path} (now)", tofile=f"{new.path} (after)"))
 
 
