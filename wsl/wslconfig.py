@@ -9,7 +9,7 @@ and everything else exactly as before.
 
 The file is the user's: every other byte (comments, order, unknown keys, the encoding and BOM, the
 line endings) survives. A `.wslconfig` that is a symbolic link stays one: its target is edited. The
-write itself (backup first, atomic replace, one run at a time) is wsl/safe_file.py's. When nothing
+write itself (backup first, atomic replace, one run at a time) is scripts/safe_file.py's. When nothing
 would change, nothing is written.
 
 Why no INI library: none reads this format the way WSL does (`;` is not a comment, `4GB#x` is 4GB,
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wsl import wslconfig_parser as parser
-from wsl.safe_file import FileEditError, edit_lock, make_backup, open_regular, write_atomic
+from scripts.safe_file import FileEditError, edit_lock, make_backup, open_regular, write_atomic
 
 SECTION = "wsl2"
 GIB = 1024 ** 3

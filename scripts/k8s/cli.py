@@ -5,7 +5,6 @@ Exit 0 written, 1 bad input, 2 the plan does not fit (the planner's refusal; not
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -129,18 +128,18 @@ def run(args: argparse.Namespace) -> int:
 def write_folder(folder: Path, contents: dict[str, str]) -> None:
     """Each file atomically; a file that would change is backed up first (it may hold the user's
     edits), one that would not is left alone."""
-    from wsl.wslconfig import backup_path, write_atomic
+    from scripts.safe_file import make_backup, write_atomic
 
     folder.mkdir(parents=True, exist_ok=True)
     for name, text in contents.items():
         path = folder / name
         data = text.encode("utf-8")
-        if path.exists():
-            if path.read_bytes() == data:
-                print(f"{path}: unchanged", file=sys.stderr)
-                continue
-            backup = backup_path(path)
-            shutil.copy2(path, backup)
+        old = path.read_bytes() if path.exists() else None
+        if old == data:
+            print(f"{path}: unchanged", file=sys.stderr)
+            continue
+        if old is not None:
+            backup = make_backup(path, old, like=path.stat())
             print(f"{path}: the previous version is kept as {backup.name}", file=sys.stderr)
-        write_atomic(path, data)
+        write_atomic(path, data, expect=old)
         print(f"{path}: written", file=sys.stderr)
