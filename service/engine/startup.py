@@ -79,6 +79,7 @@ def build_batch(model: Any, largest: Prompt, settings: ServiceSettings, max_mode
     ceiling = None
     if on_cuda:
         started = time.perf_counter()
+        decoder.measure_projections(runner.batch_sizes)  # before capture: the graphs keep what it chose
         if settings.cuda_graphs:
             runner.capture()  # its warm-up compiles each batch size first
         else:
