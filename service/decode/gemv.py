@@ -165,5 +165,8 @@ if triton is not None:
     def _brief_bench(fn, quantiles):
         return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
-    _skinny_kernel = triton.autotune(configs=_CONFIGS, key=["N", "K", "SILU_MUL"], do_bench=_brief_bench,
-                                     cache_results=True)(_skinny_jit)
+    try:
+        _skinny_kernel = triton.autotune(configs=_CONFIGS, key=["N", "K", "SILU_MUL"], do_bench=_brief_bench,
+                                         cache_results=True)(_skinny_jit)
+    except TypeError:  # an older Triton: its own (longer) timing, nothing cached
+        _skinny_kernel = triton.autotune(configs=_CONFIGS, key=["N", "K", "SILU_MUL"])(_skinny_jit)
