@@ -1,8 +1,8 @@
 """The decode step's projections at batch 1..16 on this GPU: cuBLAS (F.linear) against the skinny
 Triton kernel (service/decode/gemv.py), as bandwidth: ``python -m bench.gemv_bench [--models 2b,4b]``.
 
-Random bf16 weights of the real Qwen3-VL shapes; each figure the median of event-timed calls after
-the kernel's autotuning. Prints one table; the engine makes the same comparison at start-up and
+Random bf16 weights of the real Qwen3-VL shapes; each figure is device time per call inside a CUDA
+graph (as the decode step runs them), after the kernel's autotuning. Prints one table; the engine makes the same comparison at start-up and
 keeps the faster per shape.
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 ours = skinny_linear(x, weight, silu_mul=silu)  # autotunes
                 error = ((ours.float() - cublas().float()).norm() / cublas().float().norm()).item()
-                a, b = _time(cublas, 50), _time(lambda: skinny_linear(x, weight, silu_mul=silu), 50)
+                a, b = _time(cublas, 20), _time(lambda: skinny_linear(x, weight, silu_mul=silu), 20)
                 moved = weight.numel() * 2
                 print(f"| {model} | {label} | {n} x {k} | {rows} | {a:.1f} | {b:.1f} | {moved / (a * 1e-6) / bandwidth:.0%} "
                       f"| {moved / (b * 1e-6) / bandwidth:.0%} | {'Triton' if b < a else 'cuBLAS'}"

@@ -78,7 +78,7 @@ class LinearChoice:
 
     @torch.no_grad()
     def measure(self, weights: list[tuple[torch.Tensor, bool]], batch_sizes: list[int], activation,
-                repeats: int = 30) -> None:
+                repeats: int = 10) -> None:
         """Time cuBLAS (after ``activation`` where the weight's flag says silu_mul, as the step runs
         it) and the kernel for every weight at each batch size M <= 16; keep the kernel where it is
         at least 3% faster and matches."""
@@ -105,7 +105,9 @@ class LinearChoice:
                 self.timings[key] = (cublas, triton_us)
                 if error < 2e-2 and triton_us < 0.97 * cublas:
                     self._triton.add(key)
-        log.info("decode projections: Triton kernel for %d of %d shapes", len(self._triton), len(self.timings))
+        log.info("decode projections (M, N, K, silu_mul: cuBLAS us / Triton us): %s; the Triton kernel for %d of %d",
+                 ", ".join(f"{k}: {a:.1f}/{b:.1f}" for k, (a, b) in sorted(self.timings.items())),
+                 len(self._triton), len(self.timings))
 
     @staticmethod
     def _cublas(x: torch.Tensor, weight: torch.Tensor, activation) -> torch.Tensor:
@@ -115,17 +117,30 @@ class LinearChoice:
 
 
 def _time(fn, repeats: int) -> float:
-    """Microseconds per call, median of ``repeats`` event-timed calls after a warm-up."""
-    for _ in range(3):
+    """Device microseconds per call of ``fn`` as a decode step runs it: ``calls`` of it captured in one
+    CUDA graph, replayed ``repeats`` times, the median. (Timing single eager calls would count the
+    host's launch, which the step's graph does not pay.)"""
+    calls = 20
+    fn()  # compiles / autotunes outside the capture
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
         fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1000)
+        times.append(start.elapsed_time(end) * 1000 / calls)
+    del graph
     return sorted(times)[len(times) // 2]
 
 

@@ -100,7 +100,8 @@ class Qwen3VLDecoder:
     """
 
     def __init__(self, model: Any, cache: PagedKVCache, *, fuse_projections: bool = False,
-                 compile_backend: str | None = None, attention: str = "auto") -> None:
+                 compile_backend: str | None = None, attention: str = "auto",
+                 linear: LinearChoice | None = None) -> None:
         if not self.supports(model):
             raise ValueError(f"{type(model).__name__} is not a Qwen3-VL (dense) model")
         text = text_model_of(model)
@@ -137,7 +138,7 @@ class Qwen3VLDecoder:
         self.fused = any(w is not None for w in self.qkv_weights)
         # The step's projections: cuBLAS, or a skinny-GEMM kernel where the device measured it faster
         # (measure_projections, before graphs are captured).
-        self.linear = LinearChoice()
+        self.linear = linear or LinearChoice()
         self._add_rms_norm, self._qk_norm_rotary, self._silu_mul = add_rms_norm, qk_norm_rotary, silu_mul
         if compile_backend:
             compiled = [torch.compile(f, backend=compile_backend, fullgraph=True)
@@ -148,6 +149,10 @@ class Qwen3VLDecoder:
         if attention not in ("sdpa", "triton") or (attention == "triton" and not triton_available()):
             raise ValueError(f"attention {attention!r}: 'sdpa', or 'triton' where Triton is installed")
         self.attention = attention
+        # What a decoder over another cache needs to compute exactly this one's steps (bf16 rounding
+        # differs between fused and separate matmuls, compiled and eager elementwise kernels).
+        self.options = {"fuse_projections": fuse_projections, "compile_backend": compile_backend,
+                        "attention": attention, "linear": self.linear}
         # Index constants (made once: nothing inside the step is built from host data).
         self._arange = torch.arange(max(cache.max_blocks * cache.block_size, cache.block_size), device=cache.device)
 
