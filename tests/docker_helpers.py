@@ -20,8 +20,9 @@ VENV_BIN = Path(sys.executable).parent
 VLKIT = [sys.executable, "-m", "scripts"]
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 CI_BASE_IMAGE = os.environ.get("VLKIT_CI_BASE_IMAGE", "vlkit-ci-base:bookworm")
-TEST_IMAGE = "vlkit/service-8gb:test"     # never the user's tag
-TEST_PROJECT = "vlkit-test"
+# Never the user's tag or project; the variables keep two checkouts sharing one engine apart.
+TEST_IMAGE = os.environ.get("VLKIT_TEST_IMAGE", "vlkit/service-8gb:test")
+TEST_PROJECT = os.environ.get("VLKIT_TEST_PROJECT", "vlkit-test")
 
 
 def unavailable(reason: str):

@@ -79,8 +79,8 @@ _RULES: tuple[_Rule, ...] = (
           "Download it first: `make download MODEL=<id>` (it resumes partial downloads), then `make up`."),
     _rule(r"error while mounting volume|failed to mount local volume|no such file or directory.*hf-cache",
           "Docker could not mount the Hugging Face cache directory.",
-          "`make clean` removes the stale volume definition; check that $HF_HUB_CACHE (default "
-          "~/.cache/huggingface/hub) exists and is inside the WSL filesystem, then `make up`."),
+          "check that the cache folder (`make doctor` shows it: VLKIT_HF_CACHE, else HF_HUB_CACHE, "
+          "else ~/.cache/huggingface/hub) exists and is inside the WSL filesystem, then `make up`."),
 )
 
 
