@@ -16,7 +16,7 @@ def disk_check(facts) -> Check:
     where = ", ".join(f"{gib(free)} free at {path}" for path, free in facts.disk_free.items())
     if tight[1] < DISK_FAIL_BYTES:
         return fail("disk", where, f"free space at {tight[0]}: `docker system prune`, or remove a model: "
-                    f"`{command('clean', model='<id>')}`")
+                    f"`{command('clean', model='org/name')}`")
     if tight[1] < DISK_WARN_BYTES:
         return warn("disk", where + f"; images and models want about {gib(DISK_WARN_BYTES)}",
                     "`docker system prune`, or keep the models on a larger disk: "

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import collections
+import re
+import subprocess
 
 from scripts import images
 from scripts.planner import options
@@ -15,6 +18,23 @@ FIRST_BUILD = {"8gb": "the first build downloads torch with its CUDA libraries (
                "16gb": "the first build pulls the vLLM image (about 10 GB)"}
 
 
+# What docker and pip print when a registry or index does not answer.
+OFFLINE = re.compile(r"no such host|dial tcp[^\n]*|TLS handshake timeout|Temporary failure in name resolution|"
+                     r"Failed to establish a new connection|Could not resolve host|Network is unreachable", re.I)
+
+
+def _run_showing(cmd: list[str]) -> tuple[int, str]:
+    """Run cmd with its output shown as it comes (docker's build steps are the progress); (exit code,
+    the last lines, to explain a failure)."""
+    tail: collections.deque[str] = collections.deque(maxlen=40)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                          text=True, bufsize=1) as proc:
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            tail.append(line)
+    return proc.returncode, "".join(tail)
+
+
 def build(profiles: list[str]) -> int:
     """Build each profile's image (docker's own output shows the progress); 0 when all were built."""
     opts = dk.BuildOptions.from_env()
@@ -25,8 +45,12 @@ def build(profiles: list[str]) -> int:
                   "later builds reuse it and take seconds.", flush=True)
         cmd = dk.build_cmd(profile, opts)
         print(f"$ {cp.quote(cmd)}", flush=True)
-        if cp.run(cmd).returncode != 0:
-            preflight.error(f"building the {profile} image failed (docker's output above).")
+        code, tail = _run_showing(cmd)
+        if code != 0:
+            offline = OFFLINE.search(tail)
+            preflight.error(f"building the {profile} image failed: " + (
+                f"it downloads its base image and torch, and the network does not answer ({offline.group(0)}). "
+                f"Connect, then `{command('build', profile=profile)}`." if offline else "docker's output above."))
             return 1
     # The images a rebuild replaced (untagged now), and only vlkit's.
     cp.run(["docker", "image", "prune", "--force", "--filter", f"label={dk.SOURCE_LABEL}"], capture=True)

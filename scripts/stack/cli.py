@@ -77,7 +77,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
         print(f"removed {args.model} from the cache ({freed / GIB:.2f} GiB)" if freed else
               f"{args.model} is not in the cache {hub_cache()}: nothing removed.")
     else:
-        print(f"kept the model cache ({hub_cache()}); `{command('clean', model='<id>')}` removes a model.")
+        print(f"kept the model cache ({hub_cache()}); `{command('clean', model='org/name')}` removes a model.")
     return 0
 
 
