@@ -93,10 +93,17 @@ def build_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def say(config, text: str) -> None:
+    """A progress line on the terminal while pytest captures output (long fixtures say what they do)."""
+    with config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
+        print(f"\n  {text}", flush=True)
+
+
 @pytest.fixture(scope="session")
-def service_image() -> str:
+def service_image(pytestconfig) -> str:
     """The real docker/Dockerfile.8gb built through `vlkit build` with CI's BASE_IMAGE and torch wheel."""
     require_engine()
+    say(pytestconfig, f"building {TEST_IMAGE} from docker/Dockerfile.8gb (cold: about 2 min; cached: seconds)...")
     if subprocess.run(["docker", "image", "inspect", CI_BASE_IMAGE], capture_output=True).returncode != 0:
         res = subprocess.run(["bash", str(ROOT / "scripts" / "make-base-image.sh"), CI_BASE_IMAGE],
                              capture_output=True, text=True)

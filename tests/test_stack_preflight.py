@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from scripts.stack import preflight
 from scripts.stack.preflight import model_folder_problem
 from tests.docker_helpers import ROOT
 
@@ -117,3 +118,13 @@ def test_not_a_model_folder_and_no_such_folder(tmp_path):
     assert "not a model folder (no config.json" in model_folder_problem(tmp_path)
     res = _vlkit("up", "--cpu", "--model", str(tmp_path / "nope"), "--dry-run")
     assert res.returncode == 2 and "no such folder" in res.stderr
+
+
+def test_docker_without_an_nvidia_runtime_is_refused_before_download_and_build():
+    from tests.doctor_helpers import DATA
+
+    engine = (DATA / "docker" / "info-engine-debian.json").read_text()  # a real engine's info: runc only
+    problem = preflight.docker_gpu_problem(engine)
+    assert "Docker has no NVIDIA runtime" in problem and "nvidia-container-toolkit" in problem
+    with_runtime = engine.replace('"Runtimes":{', '"Runtimes":{"nvidia":{"path":"nvidia-container-runtime"},', 1)
+    assert with_runtime != engine and preflight.docker_gpu_problem(with_runtime) is None

@@ -29,6 +29,21 @@ def docker_ok(extra: str = "") -> bool:
     return True
 
 
+def docker_gpu_problem(info_json: str) -> str | None:
+    """Why this Docker daemon (`docker info --format '{{json .}}'`) cannot give a container the GPU,
+    or None. Checked before downloading and building, which take minutes, not after."""
+    import shutil
+
+    from scripts.doctor.docker import DESKTOP_GPU_FIX, TOOLKIT_FIX, gpu_runtime, is_docker_desktop, parse_info
+
+    info = parse_info(info_json)
+    if info is None or gpu_runtime(info, hook_on_path=shutil.which("nvidia-container-runtime-hook") is not None):
+        return None
+    fix = DESKTOP_GPU_FIX if is_docker_desktop(info) else TOOLKIT_FIX
+    return (f"Docker has no NVIDIA runtime, so a container cannot get the GPU (compose would fail with "
+            f"\"could not select device driver\"). Fix: {fix}; `{command('doctor')}` checks it.")
+
+
 def no_gpu_line(reason: str, doing: str) -> str:
     """`doing` cannot work without a GPU: why, and the two ways on (the doctor, the CPU test mode)."""
     return (f"no NVIDIA GPU answers here ({reason}), so {doing}. `{command('doctor')}` says what to "

@@ -167,6 +167,11 @@ def cmd_up(args: argparse.Namespace) -> int:
             return 3
     if not preflight.docker_ok():
         return 1
+    if not args.cpu and not args.skip_gate:
+        problem = preflight.docker_gpu_problem(cp.run(["docker", "info", "--format", "{{json .}}"], capture=True).stdout)
+        if problem:
+            preflight.error(problem)
+            return 1
     if not launch.local_model_dir and not args.no_download:
         from scripts.stack.download import DownloadError, download
 
