@@ -80,7 +80,8 @@ def test_editing_the_host_cli_or_the_readme_keeps_the_image_current(tree):
 def test_the_image_installs_only_the_service(tmp_path):
     """`pip install --no-deps .` over exactly the copied paths (no README) installs service alone."""
     src = tmp_path / "src"
-    for rel in _copied():
+    src.mkdir()
+    for rel in sorted(_copied()):
         (shutil.copytree if (ROOT / rel).is_dir() else shutil.copy2)(ROOT / rel, src / rel)
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
                           "-w", str(tmp_path / "wheel"), str(src)], capture_output=True, text=True, timeout=300)
