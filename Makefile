@@ -11,6 +11,7 @@ GPU_MEMORY ?=#: plan for a card of this size instead of this machine's (8GiB, 16
 CONTEXT ?=#: wanted context in tokens (prompt + answer)
 PORT ?=#: the API's port on 127.0.0.1 (default 8000)
 IMG ?=#: the image `make caption` sends
+GPUS ?=#: GPUs per pod for `make k8s` (tensor parallel)
 ARGS ?=#: more vlkit flags, e.g. ARGS=--cpu (no GPU: the service on the CPU), ARGS=--dry-run
 
 VENV := .venv
@@ -22,7 +23,7 @@ export VLKIT_VIA_MAKE := 1
 opt = $(if $(2),$(1) $(2))
 PLAN_FLAGS = --profile $(PROFILE) $(call opt,--model,$(MODEL)) $(call opt,--context,$(CONTEXT)) $(call opt,--gpu-memory,$(GPU_MEMORY))
 
-.PHONY: help up down logs status doctor health plan build test bench wsl-config wsl-restart download caption clean
+.PHONY: help up down logs status doctor health plan build test bench wsl-config wsl-restart download caption k8s clean
 
 help: ## list the targets and the variables (this text)
 	@echo "usage: make TARGET [VARIABLE=value ...]"
@@ -79,6 +80,10 @@ wsl-config: $(HOST_STAMP) ## set WSL2's memory/swap in .wslconfig for the profil
 
 wsl-restart: $(HOST_STAMP) ## wsl --shutdown, after listing what uses the GPU
 	@$(VLKIT) wsl restart $(ARGS)
+
+k8s: $(HOST_STAMP) ## Kubernetes manifests for vLLM planned for GPU_MEMORY= x GPUS= per pod (ARGS=--output DIR)
+	@test -n "$(GPU_MEMORY)" || { echo "usage: make k8s GPU_MEMORY=24GiB [GPUS=2] [MODEL=...] [CONTEXT=...] [ARGS='--output k8s/ --replicas 2']"; exit 2; }
+	@$(VLKIT) k8s --gpu-memory $(GPU_MEMORY) $(call opt,--gpus,$(GPUS)) $(call opt,--model,$(MODEL)) $(call opt,--context,$(CONTEXT)) $(ARGS)
 
 clean: $(HOST_STAMP) ## remove containers and built images (keeps models; MODEL=<id> removes one)
 	@$(VLKIT) clean $(call opt,--model,$(MODEL)) $(ARGS)

@@ -124,7 +124,7 @@ def child(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     from service.__main__ import settings_from_args
-    from service.memory import ProcessMemory
+    from service.engine.memory import ProcessMemory
 
     settings = settings_from_args(["--model", args.model, *service_args])
     concurrency = [int(n) for n in args.concurrency.split(",")]
@@ -141,7 +141,6 @@ def child(argv: list[str] | None = None) -> int:
 
     engine = Engine.load(settings)
     engine.start()
-    engine.warmup()
     ready_at = time.time()
 
     width, height = (int(v) for v in args.image.split("x"))
@@ -182,12 +181,11 @@ def child(argv: list[str] | None = None) -> int:
     # The same request n times: after the first, its prompt blocks come from the prefix cache.
     points = [point(n, lambda _i: stream(request)) for n in concurrency]
     peak = sampler.stop()
-    runner = engine.runner
+    runner = engine.scheduler.batch.runner
     result = {
         "ready_at": ready_at, "startup": engine.startup_seconds, "peak_bytes": peak,
         "budget_gib": settings.memory_budget_gib, "plan": engine.plan.describe() if engine.plan else None,
-        "graphs": len(runner.graphs) if runner else 0,
-        "attention": runner.decoder.attention if runner else "transformers",
+        "graphs": len(runner.graphs), "attention": runner.decoder.attention,
         "prompt_tokens": request.prompt_tokens, "points": points, "distinct_points": distinct_points,
         "prepare_s": prepare_s,
     }

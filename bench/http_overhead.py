@@ -5,24 +5,28 @@ random-noise PNG as a base64 data URL (3.6 MB) + ~40 text tokens, streamed. CPU,
 
 1. Each stage in-process, median of --runs: the openai SDK building the request, the server reading
    the body, json.loads, pydantic validation, the data URL to bytes, PIL decode, engine.prepare
-   (chat template + image processor), and `_stream`'s work per SSE chunk.
+   (chat template + image processor), and the stream's work per SSE chunk.
 2. End to end: the real uvicorn server in a child process on 127.0.0.1, driven by the openai SDK.
    The child records when the handler was entered, the body read, engine.prepare started and ended
    and engine.submit was called (CLOCK_MONOTONIC is system-wide: client and server clocks agree),
    and the longest a thread waking every 0.2 ms waited for the GIL meanwhile (as the engine would).
    Then --concurrency streams at once: aggregate tokens/s, and the event loop thread's CPU per token.
 
---baseline REF also times service/api.py and service/media.py as they are at git REF, interleaved
-run by run with the working tree's (a second server for the end-to-end part): a shared or throttled
-CPU drifts by 2x over seconds, so only interleaved runs compare. The event loop is asyncio's, as in
+--baseline REF also times the HTTP layer as it is at git REF (service/api/, or service/api.py,
+media.py and protocol.py before that was a package), interleaved run by run with the working tree's
+(a second server for the end-to-end part): a shared or throttled CPU drifts by 2x over seconds, so
+only interleaved runs compare. The event loop is asyncio's, as in
 the image (which has no uvloop); --loop uvloop tries the other.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
+import importlib
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -58,26 +62,80 @@ def _request_body(url: str, max_tokens: int) -> dict:
                                                       {"type": "text", "text": PROMPT}]}]}
 
 
-def load_baseline(ref: str) -> tuple[types.ModuleType, types.ModuleType]:
-    """service.api and service.media as they are at git `ref` (api bound to that media)."""
-    modules = {}
-    saved = {name: sys.modules.get(f"service.{name}") for name in ("media", "api")}
+def _is_http(name: str) -> bool:
+    return name in ("service.api", "service.media", "service.protocol") or name.startswith("service.api.")
+
+
+class HttpLayer:
+    """One version of the HTTP layer, as the bench drives it: either layout (service/api/ the package,
+    or the single service/api.py with service/media.py and service/protocol.py before it)."""
+
+    def __init__(self, modules: dict[str, types.ModuleType]):
+        self.modules = modules
+        self.packaged = "service.api.routes" in modules
+        prefix = "service.api." if self.packaged else "service."
+        self.api = modules["service.api"]
+        self.media = modules[prefix + "media"]
+        self.ChatCompletionRequest = modules[prefix + "protocol"].ChatCompletionRequest
+
+    @property
+    def _body_reader(self) -> tuple[types.ModuleType, str]:
+        return (self.modules["service.api.routes"], "read_body") if self.packaged else (self.api, "_read_body")
+
+    def read_body(self, request, limit: int):
+        module, name = self._body_reader
+        return getattr(module, name)(request, limit)
+
+    def wrap_read_body(self, wrap) -> None:
+        """Replace the body reader the chat route calls with wrap(original)."""
+        module, name = self._body_reader
+        setattr(module, name, wrap(getattr(module, name)))
+
+    def check_and_convert(self, chat, settings) -> tuple[list[dict], list[str]]:
+        if self.packaged:
+            chat.check_supported()
+            return chat.chat_messages()
+        self.api._check_supported(chat, settings)
+        return self.api._to_chat_messages(chat)
+
+    def stream(self, handle, request_id: str, model: str, include_usage: bool, metrics):
+        if self.packaged:
+            return self.modules["service.api.serving"].stream_chunks(handle, request_id, model, include_usage, metrics)
+        return self.api._stream(handle, types.SimpleNamespace(id=request_id), model, include_usage, metrics)
+
+
+def current_layer() -> HttpLayer:
+    importlib.import_module("service.api")
+    return HttpLayer({name: module for name, module in sys.modules.items() if _is_http(name)})
+
+
+def load_baseline(ref: str) -> HttpLayer:
+    """The HTTP layer at git `ref`, beside the working tree's: its files extracted to a temporary
+    directory and imported under their own names (the rest of service/, the engine included, stays
+    the working tree's), then sys.modules put back as it was."""
+    import service
+    import service.engine  # noqa: F401 - the shared modules come from the working tree: load them first
+    import service.errors  # noqa: F401
+    import service.metrics  # noqa: F401
+    import service.settings  # noqa: F401
+
+    current_layer()
+    tree = Path(tempfile.mkdtemp(prefix="vlkit-http-baseline-"))
+    atexit.register(shutil.rmtree, tree, True)
+    archive = subprocess.run(["git", "archive", ref, "service"], cwd=ROOT, check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    saved = {name: sys.modules.pop(name) for name in list(sys.modules) if _is_http(name)}
+    saved_path = list(service.__path__)
+    service.__path__[:] = [str(tree / "service")] + saved_path
     try:
-        for name in ("media", "api"):
-            source = subprocess.run(["git", "show", f"{ref}:service/{name}.py"], cwd=ROOT, check=True,
-                                    capture_output=True, text=True).stdout
-            module = types.ModuleType(f"service.{name}")
-            module.__file__ = str(ROOT / "service" / f"{name}.py")
-            sys.modules[f"service.{name}"] = module  # while it runs: its api imports this media
-            exec(compile(source, f"{ref}:service/{name}.py", "exec"), module.__dict__)
-            modules[name] = module
+        importlib.import_module("service.api")
+        return HttpLayer({name: module for name, module in sys.modules.items() if _is_http(name)})
     finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(f"service.{name}", None)
-            else:
-                sys.modules[f"service.{name}"] = module
-    return modules["api"], modules["media"]
+        service.__path__[:] = saved_path
+        for name in [name for name in sys.modules if _is_http(name)]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+        service.api = saved["service.api"]
 
 
 # ---- 1. stages in-process ------------------------------------------------------------------------
@@ -125,8 +183,8 @@ def _client_build(url: str) -> tuple:
     return call, elapsed, sent[-1][1]
 
 
-def _read_body(api, body: bytes, limit: int):
-    """api._read_body over ASGI receive() messages of 64 KiB, in a fresh event loop."""
+def _read_body(layer: HttpLayer, body: bytes, limit: int):
+    """The route's body reader over ASGI receive() messages of 64 KiB, in a fresh event loop."""
     from starlette.requests import Request
 
     step = 64 * 1024
@@ -140,7 +198,7 @@ def _read_body(api, body: bytes, limit: int):
 
         scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions",
                  "headers": [(b"content-length", str(len(body)).encode())]}
-        await api._read_body(Request(scope, receive), limit)
+        await layer.read_body(Request(scope, receive), limit)
 
     loop = asyncio.new_event_loop()
     return lambda: loop.run_until_complete(once())
@@ -149,8 +207,8 @@ def _read_body(api, body: bytes, limit: int):
 N_CHUNKS = 2000
 
 
-def _stream(api, model: str):
-    """All of api._stream for N_CHUNKS events, in a fresh event loop."""
+def _stream(layer: HttpLayer, model: str):
+    """All of the SSE stream for N_CHUNKS events, in a fresh event loop."""
     from service.engine import Event
     from service.metrics import ServiceMetrics
 
@@ -167,11 +225,10 @@ def _stream(api, model: str):
                 yield Event(text=texts[i % 5], prompt_tokens=40, completion_tokens=i + 1)
             yield Event(text="", finish_reason="length", prompt_tokens=40, completion_tokens=N_CHUNKS)
 
-    generation = types.SimpleNamespace(id="chatcmpl-0123456789abcdef")
     metrics = ServiceMetrics()
 
     async def drain() -> None:
-        async for _ in api._stream(Handle(), generation, model, True, metrics):
+        async for _ in layer.stream(Handle(), "chatcmpl-0123456789abcdef", model, True, metrics):
             pass
 
     loop = asyncio.new_event_loop()
@@ -179,25 +236,25 @@ def _stream(api, model: str):
 
 
 def stage_rows(model_dir: str, runs: int, baseline: str | None) -> list[tuple]:
-    from service import api, media
     from service.engine import Engine
-    from service.protocol import ChatCompletionRequest
     from service.smoke import _image_url
 
     settings = _settings(model_dir, warmup=False)
     url = _image_url()
     body = json.dumps(_request_body(url, 128)).encode()
     payload = json.loads(body)
-    chat = ChatCompletionRequest.model_validate(payload)
-    messages, urls = api._to_chat_messages(chat)
-    data = media.fetch_image_bytes(urls[0], settings)
-    image = media.decode_image(data, settings)
+    versions = [current_layer()] + ([load_baseline(baseline)] if baseline else [])
+    now = versions[0]
+    chat = now.ChatCompletionRequest.model_validate(payload)
+    messages, urls = now.check_and_convert(chat, settings)
+    data = now.media.fetch_image_bytes(urls[0], settings)
+    image = now.media.decode_image(data, settings)
     engine = Engine.load(settings)
     prompt_tokens = engine.prepare(messages, [image], max_tokens=128).prompt.length
-    versions = [(api, media)] + ([load_baseline(baseline)] if baseline else [])
+    chats = {id(v): v.ChatCompletionRequest.model_validate(payload) for v in versions}
 
     def each(make) -> list[float]:  # one time per version, interleaved
-        return _timed([make(a, m) for a, m in versions], runs)
+        return _timed([make(layer) for layer in versions], runs)
 
     def shared(fn) -> list[float]:  # code that no version changes
         return _timed([fn], runs) * len(versions)
@@ -206,22 +263,22 @@ def stage_rows(model_dir: str, runs: int, baseline: str | None) -> list[tuple]:
     _timed([client_call], runs)
     stages = [
         ("client: openai SDK builds the request", [statistics.median(client_times[-runs:])] * len(versions)),
-        ("server: read the body (64 KiB receives)", each(lambda a, m: _read_body(a, body, settings.max_request_bytes))),
+        ("server: read the body (64 KiB receives)", each(lambda v: _read_body(v, body, settings.max_request_bytes))),
         ("server: json.loads", shared(lambda: json.loads(body))),
-        ("server: ChatCompletionRequest validation", shared(lambda: ChatCompletionRequest.model_validate(payload))),
-        ("server: checks + chat messages",
-         each(lambda a, m: lambda: (a._check_supported(chat, settings), a._to_chat_messages(chat)))),
-        ("server: data URL -> bytes (base64)", each(lambda a, m: lambda: m.fetch_image_bytes(urls[0], settings))),
-        ("server: decode_image (PIL PNG decode)", each(lambda a, m: lambda: m.decode_image(data, settings))),
+        ("server: ChatCompletionRequest validation",
+         each(lambda v: lambda: v.ChatCompletionRequest.model_validate(payload))),
+        ("server: checks + chat messages", each(lambda v: lambda: v.check_and_convert(chats[id(v)], settings))),
+        ("server: data URL -> bytes (base64)", each(lambda v: lambda: v.media.fetch_image_bytes(urls[0], settings))),
+        ("server: decode_image (PIL PNG decode)", each(lambda v: lambda: v.media.decode_image(data, settings))),
         (f"server: engine.prepare ({type(engine.processor.image_processor).__name__})",
          shared(lambda: engine.prepare(messages, [image], max_tokens=128))),
     ]
     server = [sum(times[k] for name, times in stages if name.startswith("server")) for k in range(len(versions))]
-    chunk = each(lambda a, m: _stream(a, MODEL_NAME))
+    chunk = each(lambda v: _stream(v, MODEL_NAME))
     rows = [(f"request: {wire_bytes / 1e6:.2f} MB body, {prompt_tokens} prompt tokens", *[""] * len(versions))]
     rows += [(name, *[f"{s * 1e3:.2f} ms" for s in times]) for name, times in stages]
     rows += [("server: sum of the stages above", *[f"{s * 1e3:.2f} ms" for s in server]),
-             ("SSE: _stream's work per chunk", *[f"{s / N_CHUNKS * 1e6:.1f} us" for s in chunk])]
+             ("SSE: the stream's work per chunk", *[f"{s / N_CHUNKS * 1e6:.1f} us" for s in chunk])]
     return rows
 
 
@@ -232,16 +289,14 @@ def serve(model_dir: str, port: int, baseline: str | None, loop: str) -> None:
     """The child: the real app under uvicorn, with marks at the handler's stages on GET /bench/marks."""
     import uvicorn
 
-    if baseline:
-        api, media = load_baseline(baseline)
-        sys.modules["service.api"], sys.modules["service.media"] = api, media
-    from service import api
     from service.engine import Engine
+
+    layer = load_baseline(baseline) if baseline else current_layer()
 
     settings = _settings(model_dir, host="127.0.0.1", port=port)
     engine = Engine.load(settings)
     marks: dict[str, float] = {}
-    submit, prepare, read_body = engine.submit, engine.prepare, api._read_body
+    submit, prepare = engine.submit, engine.prepare
     gil_wait = [0.0]
 
     def ticker() -> None:  # stands for the engine's thread: how long can it wait for the GIL?
@@ -265,15 +320,19 @@ def serve(model_dir: str, port: int, baseline: str | None, loop: str) -> None:
         finally:
             marks["prepare_end"] = time.monotonic()
 
-    async def timed_read_body(*args, **kwargs):
-        gil_wait[0] = 0.0
-        try:
-            return await read_body(*args, **kwargs)
-        finally:
-            marks["body_read"] = time.monotonic()
+    def timed(read_body):
+        async def timed_read_body(*args, **kwargs):
+            gil_wait[0] = 0.0
+            try:
+                return await read_body(*args, **kwargs)
+            finally:
+                marks["body_read"] = time.monotonic()
 
-    engine.submit, engine.prepare, api._read_body = timed_submit, timed_prepare, timed_read_body
-    app = api.create_app(settings, engine)
+        return timed_read_body
+
+    engine.submit, engine.prepare = timed_submit, timed_prepare
+    layer.wrap_read_body(timed)
+    app = layer.api.create_app(settings, engine)
 
     @app.get("/bench/marks")
     async def get_marks() -> dict:
@@ -386,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.http_overhead", description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--model", help="a tiny checkpoint (python -m service.tiny_model DIR); built when absent")
-    parser.add_argument("--baseline", metavar="REF", help="also time service/api.py and media.py at git REF")
+    parser.add_argument("--baseline", metavar="REF", help="also time the HTTP layer as it is at git REF")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     parser.add_argument("--skip-e2e", action="store_true")

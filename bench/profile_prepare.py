@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint")
     args = parser.parse_args(argv)
     from service.engine import Engine
-    from service.loading import load_processor
-    from service.media import decode_image
+    from service.engine.loading import load_processor
+    from service.api.media import decode_image
     from service.settings import ServiceSettings
 
     settings = ServiceSettings(model=args.checkpoint, warmup=False)
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         import pybase64
 
         rows.append((f"{label}: base64 (pybase64)", f"{median_ms(lambda: pybase64.b64decode(text64)):.1f} ms"))
-        rows.append((f"{label}: PNG decode (service.media)", f"{median_ms(lambda: decode_image(png, settings)):.1f} ms"))
+        rows.append((f"{label}: PNG decode (service/api/media.py)", f"{median_ms(lambda: decode_image(png, settings)):.1f} ms"))
         text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         rows.append((f"{label}: chat template", f"{median_ms(lambda: processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)):.1f} ms"))
         rows.append((f"{label}: image processor", f"{median_ms(lambda: processor.image_processor(images=[image], return_tensors='pt')):.1f} ms"))

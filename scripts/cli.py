@@ -15,6 +15,7 @@ AREAS = (
     "scripts.doctor.cli",    # doctor, health
     "wsl.cli",               # wsl config, wsl restart
     "scripts.stack.cli",     # up, down, logs, status, build, download, caption, clean
+    "scripts.k8s.cli",       # k8s
 )
 
 

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_from_args(argv)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from service.errors import ModelUnavailable
-    from service.loading import resolve_model_path
+    from service.engine.loading import resolve_model_path
 
     try:
         resolve_model_path(settings.model)  # fail fast, before binding the port

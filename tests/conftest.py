@@ -19,7 +19,14 @@ import pytest
 pytest_plugins = ["tests.docker_setup"]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Triton kernels (attention, skinny GEMM) run in Triton's own interpreter on a machine without a
+# GPU: set before anything imports triton, which reads it when a kernel is defined.
+if not __import__("torch").cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# `make test` exports VLKIT_VIA_MAKE=1 (the Makefile does for every command): messages would name
+# make variables. Tests read them as a direct `vlkit` user does unless a test sets it itself.
+os.environ.pop("VLKIT_VIA_MAKE", None)
 
 API_KEY = "test-key"
 SERVED_NAME = "tiny-qwen3-vl"

@@ -318,7 +318,6 @@ def test_kv_cache_is_sized_from_a_byte_budget():
                                             num_key_value_heads=8, head_dim=128, intermediate_size=6144))
     per_token = PagedKVCache.bytes_per_token(config, torch.bfloat16)
     assert per_token == 2 * 28 * 8 * 128 * 2  # K and V, 28 layers, 8 KV heads of 128, bf16
-    assert PagedKVCache.blocks_for_budget(config, 2**30, dtype=torch.bfloat16) == 2**30 // (per_token * 64) - 1
     with pytest.raises(ValueError, match="hold no sequence"):
         PagedKVCache(config, 4, 4096, 63, dtype=torch.bfloat16, device="meta")
     cache = PagedKVCache(config, 8, 1023, 100, dtype=torch.bfloat16, device="meta")
@@ -408,6 +407,39 @@ def test_our_prefill_writes_the_kv_and_logits_of_transformers(model, kind, chunk
     assert (logits - reference.logits[0]).abs().max() < TOLERANCE
     assert cache.lengths[slot] == len(ids) and cache.rope_deltas[slot] == int(deltas[0])
     assert_slot_matches(model, runner, slot, logits, reference, inputs, steps=8)
+
+
+@pytest.mark.parametrize("chunk", [7, 64])
+def test_prompts_packed_in_shared_passes_get_what_each_gets_alone(model, chunk):
+    """Pieces of several prompts in one pass (7 tokens: every pass cuts a prompt, some hold two;
+    64: all three in one): each slot ends with transformers' K/V and logits for its own prompt."""
+    from service.decode.prefill import prefill_position_ids
+    from service.decode.qwen3_prefill import Qwen3VLPrefill
+
+    two_ids, two_pixels, two_grids = two_image_prompt(seed=70)
+    one_ids, one_pixels = image_prompt(4, 3, (1, 4, 4), seed=72)
+    prompts = [(text_prompt(11, seed=71), None, None), (two_ids, two_pixels, two_grids),
+               (one_ids, one_pixels, [(1, 4, 4)])]
+    runner = make_runner(model, slots=3, max_len=64, num_blocks=24)
+    prefiller = Qwen3VLPrefill(model, runner.decoder, chunk=chunk)
+    jobs, references = [], []
+    for ids, pixels, grids in prompts:
+        grid = torch.tensor(grids) if grids else None
+        positions, deltas = prefill_position_ids(model, ids[None], None, (ids == IMAGE).int()[None], grid)
+        slot = runner.cache.allocate(len(ids) + 8)
+        jobs.append(prefiller.job(slot, ids, positions[1:, 0], int(deltas[0]), pixels, grid))
+        images = list(zip(torch.split(pixels, [t * h * w for t, h, w in grids]), grids)) if grids else []
+        inputs = batch_inputs([ids], images)
+        references.append((inputs, prefill(model, **inputs)))
+    passes = 0
+    while any(not job.finished for job in jobs):
+        ran = prefiller.run([job for job in jobs if not job.finished])
+        passes += 1
+    total = sum(job.length for job in jobs)
+    assert passes == -(-total // chunk)  # every pass but the last is full: pieces of the next prompt fill it
+    for job, (inputs, reference) in zip(jobs, references):
+        assert (job.logits - reference.logits[0]).abs().max() < TOLERANCE
+        assert_slot_matches(model, runner, job.slot, job.logits, reference, inputs, steps=4)
 
 
 def test_our_prefill_refuses_a_prompt_beyond_the_reservation(model):

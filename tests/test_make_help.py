@@ -13,7 +13,7 @@ from scripts.usage import MAKE_VARIABLES
 from tests.docker_helpers import ROOT
 
 ISSUE_TARGETS = {"help", "up", "down", "logs", "status", "doctor", "plan", "build", "test", "bench",
-                 "wsl-config", "wsl-restart", "download", "caption", "clean"}
+                 "wsl-config", "wsl-restart", "download", "caption", "clean", "k8s"}
 
 
 def _make(*args: str, cwd=ROOT, env=None) -> subprocess.CompletedProcess:

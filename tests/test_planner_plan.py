@@ -243,3 +243,64 @@ def test_auto_gives_8gb_class_cards_the_service_and_larger_ones_vllm(card_gib, p
     # auto never changes what the chosen profile alone would plan
     alone = plan_for(model="Qwen/Qwen3-VL-2B-Instruct", profile=profile, gpu_memory_bytes=card_gib * GIB)
     assert (plan.context, plan.vllm_args, plan.service_env) == (alone.context, alone.vllm_args, alone.service_env)
+
+
+# ------------------------------------------------------------------------ auto says why (issue 14)
+@pytest.mark.parametrize("model, card_gib, profile, because", [
+    (SEEDS_MODEL, 8, "16gb", "because vlkit's service cannot run FP8 checkpoints"),
+    ("Qwen/Qwen3-VL-8B-Instruct", 16, "8gb", "leaves no KV cache after Qwen3-VL-8B-Instruct's 16.33 GiB of weights"),
+    ("Qwen/Qwen3-VL-2B-Instruct", 8, "8gb", "on a card under 12 GiB (8 GiB) vLLM's margin is thin"),
+    ("Qwen/Qwen3-VL-2B-Instruct", 16, "16gb", "because vLLM fits Qwen3-VL-2B-Instruct on this 16 GiB card"),
+])
+def test_auto_says_in_one_line_why_its_profile_is_not_the_cards_size(model, card_gib, profile, because):
+    """The profile names read like card sizes: 16gb on an 8 GiB card, or 8gb on a 16 GiB one, must say why."""
+    plan = plan_for(model=model, profile="auto", gpu_memory_bytes=card_gib * GIB)
+    assert plan.fits and plan.profile == profile
+    reason = plan.auto_reason
+    assert reason == plan.notes[0] and "\n" not in reason           # the first note, one line
+    assert reason.startswith(f"auto: the {profile} profile") and because in reason
+    assert reason.endswith("the profile names are engines, not card sizes")
+    alone = plan_for(model=model, profile=profile, gpu_memory_bytes=card_gib * GIB)
+    assert alone.auto_reason is None and not any(n.startswith("auto") for n in alone.notes)
+
+
+def test_auto_names_both_shortfalls_when_neither_profile_fits():
+    plan = plan_for(model="Qwen/Qwen3-VL-8B-Instruct", profile="auto", gpu_memory_bytes=6 * GIB)
+    assert not plan.fits and plan.auto_reason.startswith("auto: neither profile fits: vLLM's")
+    assert "and vlkit's service needs" in plan.auto_reason
+    assert plan.refusal.startswith("vLLM (16gb): ") and "vlkit's service (8gb) does not fit either" in plan.refusal
+
+
+def test_cli_prints_auto_s_reason_first_and_in_json(capsys):
+    code, out, _ = _cli(["plan", "--gpu-memory", "8GiB", "--model", SEEDS_MODEL, "--json"], capsys)
+    data = json.loads(out)
+    assert code == 0 and data["profile"] == "16gb"
+    assert data["auto_reason"] == data["notes"][0] and "FP8 checkpoints" in data["auto_reason"]
+    code, out, _ = _cli(["plan", "--gpu-memory", "8GiB", "--model", SEEDS_MODEL], capsys)
+    assert code == 0 and "cannot run FP8 checkpoints" in " ".join(out.split())
+
+
+# ------------------------------------------------------- messages in the words the user typed
+def test_under_make_messages_name_make_variables(monkeypatch):
+    monkeypatch.setenv("VLKIT_VIA_MAKE", "1")
+    too_long = plan_for(model=SEEDS_MODEL, profile="16gb", gpu_memory_bytes=8 * GIB, context=200_000)
+    assert f"a shorter context: CONTEXT={too_long.context}" in too_long.refusal and "--context" not in too_long.refusal
+    fp8 = plan_for(model=SEEDS_MODEL, profile="8gb", gpu_memory_bytes=8 * GIB)
+    assert "Next step: MODEL=Qwen/Qwen3-VL-4B-Instruct PROFILE=8gb" in fp8.refusal
+    big = plan_for(model="Qwen/Qwen3-VL-8B-Instruct", profile="16gb", gpu_memory_bytes=8 * GIB)
+    assert "MODEL=Qwen/Qwen3-VL-4B-Instruct-FP8" in big.refusal and "--model" not in big.refusal
+    small = plan_for(model="Qwen/Qwen3-VL-2B-Instruct", profile="auto", gpu_memory_bytes=8 * GIB)
+    assert "(PROFILE=16gb tries vLLM" in small.auto_reason
+    evaluated = plan_for(model=SEEDS_MODEL, gpu_memory_bytes=8 * GIB, gpu_memory_utilization=0.80, context=4096)
+    assert "drop ARGS=--gpu-memory-utilization)" in evaluated.refusal
+    with pytest.raises(ValueError, match="GPU_MEMORY=8GiB"):
+        plan_for(model=SEEDS_MODEL, gpus=[])
+    with pytest.raises(ValueError, match="CONTEXT=300000 exceeds"):
+        plan_for(model=SEEDS_MODEL, gpu_memory_bytes=8 * GIB, context=300_000)
+
+
+def test_without_make_messages_name_flags():
+    too_long = plan_for(model=SEEDS_MODEL, profile="16gb", gpu_memory_bytes=8 * GIB, context=200_000)
+    assert f"a shorter context: --context {too_long.context}" in too_long.refusal
+    with pytest.raises(ValueError, match=r"--gpu-memory \(e.g. --gpu-memory 8GiB\)"):
+        plan_for(model=SEEDS_MODEL, gpus=[])

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import API_KEY, SERVED_NAME, png_data_url
+from tests.engine_faults import fail_next_forward
 
 
 def ask(client, content, **kwargs):
@@ -159,11 +160,11 @@ def test_eight_concurrent_requests_are_batched(server):
         return ask(client, [image_part(png_data_url(64 + 16 * i, 64)), {"type": "text", "text": prompts[i]}],
                    max_tokens=24)
 
-    server.engine.max_batch_seen = 0
+    server.engine.scheduler.max_batch_seen = 0
     with ThreadPoolExecutor(8) as pool:
         together = list(pool.map(one, range(8)))
     assert [r.choices[0].message.content for r in together] == [r.choices[0].message.content for r in alone]
-    assert server.engine.max_batch_seen >= 2
+    assert server.engine.scheduler.max_batch_seen >= 2
     steps = metric(server, "vlkit_batch_size_count") - steps_before
     single_steps = metric(server, "vlkit_batch_size_bucket", '{le="1.0"}') - single_steps_before
     assert steps - single_steps > 0  # some decode steps ran several requests at once
@@ -309,7 +310,7 @@ def test_full_queue_is_429_and_all_queued_requests_finish(server):
 
 def test_out_of_memory_is_503_then_next_request_works(server):
     errors_before = metric(server, "vlkit_request_errors_total", '{kind="out_of_memory"}')
-    server.engine.fail_next_forward(torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)"))
+    fail_next_forward(server.engine, torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)"))
     with pytest.raises(openai.InternalServerError) as info:
         ask(server.client(), "this one meets the OOM")
     assert info.value.status_code == 503
@@ -323,7 +324,7 @@ def test_out_of_memory_mid_stream_sends_error_then_done(server):
     stream = ask(client, "stream into an OOM", max_tokens=40, stream=True)
     first = next(iter(stream))
     assert first.choices[0].delta.role == "assistant"
-    server.engine.fail_next_forward(torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)"))
+    fail_next_forward(server.engine, torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)"))
     with pytest.raises(openai.APIError) as info:
         for _ in stream:
             pass

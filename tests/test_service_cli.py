@@ -82,7 +82,7 @@ def test_hub_id_resolves_from_the_local_cache_offline(tiny_model_dir, tmp_path, 
 
     import huggingface_hub.constants
 
-    from service.loading import resolve_model_path
+    from service.engine.loading import resolve_model_path
 
     commit = "0" * 40
     repo = tmp_path / "models--vlkit--tiny-qwen3-vl"

@@ -7,14 +7,15 @@ import pytest
 import torch
 from PIL import Image
 
-from service.detokenizer import IncrementalDetokenizer
-from service.decode import DecodeRunner, PagedKVCache, Qwen3VLDecoder
+from tests.engine_faults import fail_next_forward
+from service.decode import PagedKVCache
 from service.engine import Engine
-from service.loading import load
-from service.memory import GIB, MIB, plan_kv_blocks
+from service.engine.batch import Batch
+from service.engine.detokenizer import IncrementalDetokenizer
+from service.engine.sampling import SamplingParams, sample
 from service.errors import Cancelled, InvalidRequest, OutOfMemory
-from service.sampling import SamplingParams, sample
 from service.settings import ServiceSettings
+from service.sizing import GIB, MIB, plan_kv_blocks
 
 
 def engine_settings(model_dir, **overrides) -> ServiceSettings:
@@ -25,30 +26,12 @@ def engine_settings(model_dir, **overrides) -> ServiceSettings:
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    """The default engine: Qwen3-VL decodes from the paged cache with service.decode's step."""
+    """The engine as the service runs it: Qwen3-VL decoding from the paged cache with service.decode's step."""
     eng = Engine.load(engine_settings(tiny_model_dir))
-    assert eng.runner is not None and eng.runner.cache.num_slots == 4
+    assert eng.scheduler.batch.cache.num_slots == 4
     eng.start()
-    eng.warmup()
     yield eng
     eng.stop()
-
-
-@pytest.fixture(scope="module")
-def hf_engine(tiny_model_dir):
-    """The same scheduler over transformers' forward and a growing cache (models the step does not cover)."""
-    settings = engine_settings(tiny_model_dir)
-    eng = Engine(settings, load(settings), static_cache=False)
-    assert eng.runner is None
-    eng.start()
-    eng.warmup()
-    yield eng
-    eng.stop()
-
-
-@pytest.fixture
-def request_fixture(request):
-    return request.getfixturevalue
 
 
 def request(engine, text, images=(), **kwargs):
@@ -70,9 +53,7 @@ PROMPTS = [
 ]
 
 
-@pytest.mark.parametrize("which", ["engine", "hf_engine"])
-def test_greedy_output_is_the_same_alone_and_in_a_batch(which, request_fixture):
-    engine = request_fixture(which)
+def test_greedy_output_is_the_same_alone_and_in_a_batch(engine):
     alone = [engine.generate(request(engine, t, i)).token_ids for t, i in PROMPTS]
     with engine.paused():  # all four are admitted in one prefill
         handles = [engine.submit(request(engine, t, i)) for t, i in PROMPTS]
@@ -82,11 +63,9 @@ def test_greedy_output_is_the_same_alone_and_in_a_batch(which, request_fixture):
     assert all(len(ids) == 24 for ids in alone)
 
 
-@pytest.mark.parametrize("which", ["engine", "hf_engine"])
-def test_requests_joining_a_running_batch_get_the_same_output(which, request_fixture):
-    engine = request_fixture(which)
+def test_requests_joining_a_running_batch_get_the_same_output(engine):
     alone = [engine.generate(request(engine, t, i, max_tokens=40)).token_ids for t, i in PROMPTS]
-    engine.max_batch_seen = 0
+    engine.scheduler.max_batch_seen = 0
     handles = []
     for text, images in PROMPTS:  # each one joins while the earlier ones are mid-generation
         handles.append(engine.submit(request(engine, text, images, max_tokens=40)))
@@ -95,7 +74,7 @@ def test_requests_joining_a_running_batch_get_the_same_output(which, request_fix
     for h in handles:
         list(h)
     assert [h.token_ids for h in handles] == alone
-    assert engine.max_batch_seen >= 2
+    assert engine.scheduler.max_batch_seen >= 2
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(engine):
@@ -144,7 +123,7 @@ def test_out_of_memory_fails_that_batch_only_and_the_engine_goes_on(engine):
     with engine.paused():
         a = engine.submit(request(engine, "a"))
         b = engine.submit(request(engine, "b", (gradient(64, 64),)))
-        engine.fail_next_forward(torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)"))
+        fail_next_forward(engine, torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)"))
     for handle in (a, b):
         error = list(handle)[-1].error
         assert isinstance(error, OutOfMemory) and error.status == 503
@@ -152,40 +131,21 @@ def test_out_of_memory_fails_that_batch_only_and_the_engine_goes_on(engine):
     assert after.finish_reason == "length" and after.completion_tokens == 24
 
 
-def test_memory_budget_makes_requests_wait_instead_of_failing(hf_engine):
-    engine = hf_engine
-    budget = engine.memory
-    saved = dict(vars(budget))
-    requests = [request(engine, f"row {i} " + "pad " * 12) for i in range(4)]
-    row = max(r.prompt_tokens for r in requests) + 24
-    try:
-        # A budget with room for the KV cache of two of these rows, not three (the tiny model's
-        # prefill activations would dominate the estimate, so they are left out here).
-        budget.enabled, budget.base_bytes, budget._act_bytes_per_token = True, 0, 0
-        budget.limit_bytes = 2 * row * budget.kv_bytes_per_token + 2 * budget._logit_bytes
-        engine.max_batch_seen = 0
-        with engine.paused():
-            handles = [engine.submit(r) for r in requests]
-        results = [list(h)[-1] for h in handles]
-    finally:
-        vars(budget).update(saved)
-    assert all(r.error is None and r.completion_tokens == 24 for r in results)
-    assert engine.max_batch_seen == 2
-
-
-def _with_cache(engine, cache: PagedKVCache, requests: list) -> list:
-    """Run `requests` submitted together on `engine` decoding from `cache`; their handles."""
-    runner = engine.runner
+def _with_cache(engine, cache: PagedKVCache, requests: list, chunk: int | None = None) -> list:
+    """Run `requests` submitted together on `engine` decoding from `cache` (prefill passes of
+    `chunk` tokens); their handles."""
+    scheduler = engine.scheduler
+    batch = scheduler.batch
     try:
         with engine.paused():
-            engine.runner = DecodeRunner(Qwen3VLDecoder(engine.model, cache), context_step=64)
-            engine.max_batch_seen = 0
+            scheduler.batch = Batch.over(engine.model, cache, chunk=chunk, context_step=64)
+            scheduler.max_batch_seen = 0
             handles = [engine.submit(r) for r in requests]
             assert engine.queue_depth == len(requests)
         for h in handles:
             list(h)
     finally:
-        engine.runner = runner
+        scheduler.batch = batch
     deadline = time.monotonic() + 5  # the last slot is freed just after its final event is delivered
     while (cache.free_slots < cache.num_slots or cache.free_blocks < cache.num_blocks) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -200,7 +160,7 @@ def test_requests_wait_for_a_free_slot_and_get_the_same_output(engine):
     small = PagedKVCache(engine.model.config, 2, engine.max_model_len, dtype=engine.dtype, device=engine.device)
     handles = _with_cache(engine, small, requests)
     assert [h.token_ids for h in handles] == alone
-    assert engine.max_batch_seen == 2
+    assert engine.scheduler.max_batch_seen == 2
 
 
 def test_requests_reserve_blocks_for_their_length_not_the_whole_context(engine):
@@ -214,7 +174,90 @@ def test_requests_reserve_blocks_for_their_length_not_the_whole_context(engine):
     pool = PagedKVCache(engine.model.config, 4, engine.max_model_len, blocks, dtype=engine.dtype, device=engine.device)
     handles = _with_cache(engine, pool, [*short, long])
     assert [h.token_ids for h in handles] == alone
-    assert engine.max_batch_seen == 3  # the three short ones together; the long one after them
+    assert engine.scheduler.max_batch_seen == 3  # the three short ones together; the long one after them
+
+
+@pytest.mark.parametrize("chunk", [7, 40])
+def test_prompts_prefilled_in_small_shared_passes_get_their_own_output(engine, chunk):
+    """Passes of 7 tokens cut every prompt (images too) across passes; passes of 40 pack pieces of
+    two prompts: each request still gets the tokens it gets alone."""
+    alone = [engine.generate(request(engine, t, i)).token_ids for t, i in PROMPTS]
+    pool = PagedKVCache(engine.model.config, 4, engine.max_model_len, dtype=engine.dtype, device=engine.device)
+    handles = _with_cache(engine, pool, [request(engine, t, i) for t, i in PROMPTS], chunk=chunk)
+    assert [h.token_ids for h in handles] == alone
+
+
+def test_running_requests_keep_decoding_while_a_long_prompt_is_prefilled(engine):
+    """A long prompt is prefilled a pass at a time with a decode step between passes: a request
+    that is running gets tokens all along, not only after the new prompt's whole prefill."""
+    running = request(engine, "keep talking", max_tokens=120)
+    long = request(engine, "a long question, " * 18, max_tokens=4)
+    passes = -(-long.prompt_tokens // 8)
+    assert passes >= 12
+    scheduler = engine.scheduler
+    batch = scheduler.batch
+    pool = PagedKVCache(engine.model.config, 2, engine.max_model_len, dtype=engine.dtype, device=engine.device)
+    try:
+        with engine.paused():
+            scheduler.batch = Batch.over(engine.model, pool, chunk=8, context_step=64)
+            first = engine.submit(running)
+        while len(first.token_ids) < 2:
+            time.sleep(0.001)
+        submitted = len(first.token_ids)
+        second = engine.submit(long)
+        while second.first_token_at is None:
+            time.sleep(0.001)
+        during = len(first.token_ids) - submitted
+        list(second), list(first)
+    finally:
+        scheduler.batch = batch
+    assert during >= passes // 2  # about one decode step per pass of the long prompt
+    assert first.token_ids == engine.generate(running).token_ids  # and the same tokens as alone
+
+
+def test_out_of_memory_in_a_prefill_fails_the_new_requests_only(engine):
+    """CUDA out of memory while new prompts are prefilled, with other requests decoding: the new
+    ones get 503, the running ones finish with their own output, the next request works."""
+    expected = engine.generate(request(engine, "already running", max_tokens=60)).token_ids
+    running = engine.submit(request(engine, "already running", max_tokens=60))
+    while len(running.token_ids) < 3:
+        time.sleep(0.001)
+    with engine.paused():
+        newcomers = [engine.submit(request(engine, f"newcomer {i}", (gradient(64, 64),))) for i in range(2)]
+        fail_next_forward(engine, torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)"), decode=False)
+    for handle in newcomers:
+        error = list(handle)[-1].error
+        assert isinstance(error, OutOfMemory) and error.status == 503
+    list(running)
+    assert running.token_ids == expected
+    assert engine.generate(request(engine, "a")).completion_tokens == 24
+    cache = engine.scheduler.batch.cache
+    deadline = time.monotonic() + 5  # the last slot is freed just after its final event is delivered
+    while (engine.running or cache.free_slots < cache.num_slots) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert engine.running == 0 and cache.free_slots == cache.num_slots and cache.free_blocks == cache.num_blocks
+
+
+def test_a_request_cancelled_while_its_prompt_is_prefilled_frees_its_slot(engine):
+    scheduler = engine.scheduler
+    batch = scheduler.batch
+    pool = PagedKVCache(engine.model.config, 2, engine.max_model_len, dtype=engine.dtype, device=engine.device)
+    long = request(engine, "a long question, " * 18, max_tokens=4)
+    try:
+        with engine.paused():
+            scheduler.batch = Batch.over(engine.model, pool, chunk=4, context_step=64)
+            handle = engine.submit(long)
+        while not scheduler.batch.jobs:
+            time.sleep(0.0005)
+        handle.cancel()
+        assert isinstance(list(handle)[-1].error, Cancelled)
+        deadline = time.monotonic() + 5
+        while (scheduler.batch.jobs or pool.free_slots < 2) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert not scheduler.batch.jobs and pool.free_slots == 2 and pool.free_blocks == pool.num_blocks
+        assert handle.first_token_at is None
+    finally:
+        scheduler.batch = batch
 
 
 def test_the_budget_is_shared_out_in_blocks():
@@ -329,14 +372,9 @@ def test_a_repeated_prompt_is_taken_from_the_prefix_cache_with_the_same_output(e
     before = _hits(engine)
     result = engine.generate(follow_up).token_ids
     assert _hits(engine) - before >= 64  # the same image and text before it: shared
-    with engine.paused():  # the same result with nothing in the cache: a fresh engine would not differ
-        runner = engine.runner
-        fresh = PagedKVCache(engine.model.config, 2, engine.max_model_len, dtype=engine.dtype, device=engine.device)
-        engine.runner = DecodeRunner(Qwen3VLDecoder(engine.model, fresh), context_step=64)
-    try:
-        assert engine.generate(follow_up).token_ids == result
-    finally:
-        engine.runner = runner
+    fresh = PagedKVCache(engine.model.config, 2, engine.max_model_len, dtype=engine.dtype, device=engine.device)
+    [again] = _with_cache(engine, fresh, [follow_up])  # nothing in this cache: a fresh engine would not differ
+    assert again.token_ids == result
 
 
 def test_a_text_that_spells_the_image_placeholder_is_served_without_caching(engine):

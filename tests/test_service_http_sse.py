@@ -1,18 +1,18 @@
-"""The streamed chunks: _stream renders content chunks from a frame rendered once, and the bytes must
-be those of the pydantic ChatCompletionChunk it stands for (no server needed here)."""
+"""The streamed chunks: stream_chunks renders content chunks from a frame rendered once, and the bytes
+must be those of the pydantic ChatCompletionChunk it stands for (no server needed here)."""
 from __future__ import annotations
 
 import asyncio
 import json
-import types
 
 import pytest
 
-from service.api import _ChunkFrame, _stream
+from service.api.protocol import ChatCompletionChunk, ChunkChoice, Delta, Usage
+from service.api.serving import stream_chunks
+from service.api.sse import ChunkFrame
 from service.engine import Event
 from service.errors import OutOfMemory
 from service.metrics import ServiceMetrics
-from service.protocol import ChatCompletionChunk, ChunkChoice, Delta, Usage
 
 TEXTS = ["", " word", "caf\u00e9 \u00fcber \u4e2d\u6587", "\U0001F600\U0001F468\u200d\U0001F469", 'say "hi"',
          "back\\slash", "line\nbreak\r\n", "tab\there", "\x00\x01\x1f\x7f", "</script>", "\u2028\u2029\ufeff",
@@ -28,19 +28,17 @@ def pydantic_sse(id: str, created: int, model: str, text: str, finish_reason: st
 @pytest.mark.parametrize("model", ["tiny-qwen3-vl", 'odd "name" \u00e9\\', "Qwen/Qwen3-VL-2B-Instruct"])
 @pytest.mark.parametrize("finish_reason", [None, "stop", "length"])
 def test_frame_bytes_equal_pydantic(model, finish_reason):
-    frame = _ChunkFrame("chatcmpl-0123abcd", 1700000000, model)
+    frame = ChunkFrame("chatcmpl-0123abcd", 1700000000, model)
     for text in TEXTS + [chr(c) for c in range(0x00, 0x800)]:
         assert frame.render(text, finish_reason) == pydantic_sse("chatcmpl-0123abcd", 1700000000, model, text,
                                                                  finish_reason), repr(text)
 
 
 class FakeHandle:
+    """A RequestHandle's reading side (the stream never cancels: cancellation.py does)."""
+
     def __init__(self, events):
         self.events = events
-        self.cancelled = False
-
-    def cancel(self):
-        self.cancelled = True
 
     async def __aiter__(self):
         for event in self.events:
@@ -49,8 +47,7 @@ class FakeHandle:
 
 def run_stream(events, include_usage=True) -> list[bytes]:
     async def collect():
-        generation = types.SimpleNamespace(id="chatcmpl-42")
-        return [c async for c in _stream(FakeHandle(events), generation, "m", include_usage, ServiceMetrics())]
+        return [c async for c in stream_chunks(FakeHandle(events), "chatcmpl-42", "m", include_usage, ServiceMetrics())]
 
     return asyncio.run(collect())
 

@@ -1,4 +1,4 @@
-"""Image inputs: sources, limits and conversions (service.media), on real encoded files."""
+"""Image inputs: sources, limits and conversions (service/api/media.py), on real encoded files."""
 from __future__ import annotations
 
 import base64
@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from service.errors import InvalidRequest, PayloadTooLarge
-from service.media import decode_image, fetch_image_bytes
+from service.api.media import decode_image, fetch_image_bytes
 from service.settings import ServiceSettings
 from tests.test_service_api import bomb_png
 

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from service import media
+from service.api import media
 from service.errors import InvalidRequest
 from service.settings import ServiceSettings
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.loading import load_processor
+from service.engine.loading import load_processor
 from service.model_shapes import QWEN_SPECIAL_BASE_ID, SHAPES
 from service.tiny_model import build_config, build_tokenizer
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from scripts.doctor.model import Check, fail, gib, ok, warn
 from scripts.usage import command, setting
-from wsl import wslconfig
+from wsl import wslconfig, wslconfig_parser
 from wsl.host import kernel_version
 
 # NVIDIA's CUDA on WSL guide: GPU compute needs a WSL2 kernel of 5.10.43.3 or later.
@@ -40,13 +40,6 @@ def platform_checks(facts) -> list[Check]:
     return out
 
 
-def _size_or_none(text: str) -> int | None:
-    try:
-        return wslconfig.parse_size(text)
-    except ValueError:
-        return None
-
-
 def settings_check(facts) -> Check | None:
     """VLKIT_* variables in this shell that ServiceSettings rejects (only shown when there are some)."""
     if not facts.settings_error:
@@ -77,18 +70,20 @@ def wslconfig_check(facts, profile: str) -> Check:
         # WSL's defaults: half the host RAM, swap a quarter of that
         found = f"{cfg.path} not found: WSL uses half the host RAM"
         return warn(name, f"{found}; {want}", fix)
-    memory = wslconfig.get(cfg, "memory")
-    swap = wslconfig.get(cfg, "swap")
-    processors = wslconfig.get(cfg, "processors")
+    # the values WSL applies, read by the port of WSL's own parser (wsl/wslconfig_parser.py)
+    memory, swap, processors = (wslconfig.get(cfg, k) for k in ("memory", "swap", "processors"))
     shown = f"[wsl2] memory={memory or 'default'} swap={swap or 'default'} processors={processors or 'default'}"
-    try:
-        mem_bytes = wslconfig.parse_size(memory) if memory else None
-    except ValueError:
-        return warn(name, f"{cfg.path}: memory={memory!r} is not a size WSL understands", fix)
-    if mem_bytes is not None and mem_bytes < need:
-        return warn(name, f"{shown}: under the {gib(need)} the {profile} profile needs; {want}", fix)
-    if processors and processors.isdigit() and int(processors) < 2:
-        return warn(name, f"{shown}: one processor makes loading and image decoding slow; {want}", fix)
-    if swap is not None and _size_or_none(swap) == 0:
-        return warn(name, f"{shown}: no swap, so a loading peak ends in the OOM killer; {want}", fix)
+    notes = wslconfig.findings(cfg)
+    also = f"; WSL: {'; '.join(notes)}" if notes else ""
+    mem_bytes = wslconfig.applied_size(cfg, "memory")
+    cpus = wslconfig_parser.parse_int(processors) if processors is not None else None
+    if mem_bytes and mem_bytes < need:
+        return warn(name, f"{shown}: under the {gib(need)} the {profile} profile needs; {want}{also}", fix)
+    if cpus == 1:
+        return warn(name, f"{shown}: one processor makes loading and image decoding slow; {want}{also}", fix)
+    if swap is not None and wslconfig.applied_size(cfg, "swap") == 0:
+        return warn(name, f"{shown}: no swap, so a loading peak ends in the OOM killer; {want}{also}", fix)
+    if notes:
+        return warn(name, f"{cfg.path}: {'; '.join(notes)} ({shown}; {want})",
+                    f"fix those lines by hand, or {fix} (it rewrites values WSL rejects)")
     return ok(name, f"{shown} ({want})")

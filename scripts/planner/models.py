@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel
 
+from service import sizing
 from service.model_shapes import SHAPES
 
-GIB = 1024**3
+WeightFormat = Literal["bf16", "fp8", "nf4"]   # how the weights sit on the GPU
 
 # Qwen3-VL's image processor default (preprocessor_config.json "size.longest_edge"): 4096x4096.
 QWEN3_VL_PROCESSOR_MAX_PIXELS = 16_777_216
@@ -100,9 +102,19 @@ class ModelSpec(BaseModel):
         return int(self.text.linear_params * 4.127 / 8) + 2 * (
             self.text.embedding_params + self.text.norm_params + self.vision.params)
 
+    def weight_bytes_as(self, weights: WeightFormat) -> int:
+        """The weights' bytes on the GPU in this format. fp8: the checkpoint's own FP8 layout (what
+        ``weight_bytes`` holds for a -FP8 checkpoint)."""
+        if weights == "nf4":
+            return self.nf4_weight_bytes()
+        if weights == "fp8":
+            return self.weight_bytes if self.fp8_checkpoint else _fp8_weight_bytes(self.text, self.vision)
+        return self.bf16_weight_bytes
+
     def kv_bytes_per_token(self, dtype_bytes: int = 2, tp: int = 1) -> int:
-        kv_heads = max(1, self.text.kv_heads // tp)
-        return 2 * self.text.layers * kv_heads * self.text.head_dim * dtype_bytes
+        t = self.text
+        return sizing.kv_bytes_per_token(layers=t.layers, kv_heads=t.kv_heads, head_dim=t.head_dim,
+                                         dtype_bytes=dtype_bytes, tp=tp)
 
     @property
     def fp8_checkpoint(self) -> bool:
@@ -262,3 +274,8 @@ def variants_to_try(spec: ModelSpec) -> list[str]:
     for s in sizes[sizes.index(size) + 1:]:
         out += [f"Qwen/Qwen3-VL-{s}-{variant}-FP8", f"Qwen/Qwen3-VL-{s}-{variant}"]
     return out
+
+
+def bf16_twin(spec: ModelSpec) -> str | None:
+    """The bf16 checkpoint an -FP8 one was made from (Qwen's naming), if the name says."""
+    return spec.id[: -len("-FP8")] if spec.fp8_checkpoint and spec.id.endswith("-FP8") else None

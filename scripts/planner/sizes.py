@@ -1,8 +1,10 @@
-"""Memory sizes as people write them: 8GiB, 8GB, 8192MiB, 16G, 7.5 (GiB)."""
+"""Memory sizes as people write them (8GiB, 8GB, 8192MiB, 16G, 7.5 GiB) and as messages show them."""
 from __future__ import annotations
 
 import argparse
 import re
+
+from service.sizing import GIB
 
 # Cards are sold in binary units ("8 GB" = 8 GiB of VRAM), so G/GB/GiB all mean 2**30.
 _UNITS = {"": 2**30, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
@@ -28,3 +30,8 @@ def memory_arg(text: str) -> int:
         return parse_size(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def gib(n: int | float) -> str:
+    """Bytes as a message shows them: GiB, two decimals (vLLM's own messages do the same)."""
+    return f"{n / GIB:.2f}"

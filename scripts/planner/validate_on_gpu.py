@@ -26,7 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-GIB = 1024**3
+from service.sizing import GIB
+
 PATTERNS = {
     "available_kv_gib": r"Available KV cache memory: (-?[\d.]+) GiB",
     "kv_tokens": r"GPU KV cache size: ([\d,]+) tokens",

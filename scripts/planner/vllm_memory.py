@@ -16,12 +16,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from service.sizing import GIB, MIB, blocks_for
+
+from .model_facts import decoder_bytes_per_token, encoder_output_bytes, max_image_tokens, vision_bytes_per_patch
 from .models import ModelSpec
+from .sizes import gib
 
-GIB = 1024**3
-MIB = 1024**2
-
-BLOCK_SIZE = 16                       # CacheConfig.DEFAULT_BLOCK_SIZE
+VLLM_BLOCK_SIZE = 16                  # CacheConfig.DEFAULT_BLOCK_SIZE (vLLM's, not our service's)
 DEFAULT_MAX_NUM_SEQS = 256            # get_batch_defaults(), OPENAI_API_SERVER, < 70 GiB cards
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 LARGE_GPU_BYTES = 70 * GIB            # H100-class: 1024 seqs / 8192 tokens by default
@@ -30,25 +31,14 @@ LARGE_MAX_NUM_BATCHED_TOKENS = 8192
 DEFAULT_IMAGE_LIMIT = 999             # no --limit-mm-per-prompt: the decoder budget is not the cap
 
 # Estimates (bytes). Each names what it stands for; docs/PLANNER.md says where they come from.
-CUDA_CONTEXT_BYTES = 512 * MIB        # the worker's CUDA context: taken before vLLM's first snapshot
+# The vLLM worker's CUDA context, taken before vLLM's first memory snapshot: outside
+# gpu_memory_utilization (our service's own figure is service.sizing.CUDA_CONTEXT_BYTES).
+VLLM_CUDA_CONTEXT_BYTES = 512 * MIB
 NON_TORCH_BYTES = 256 * MIB           # cuBLAS/attention workspaces, allocator slack after profiling
 NCCL_BYTES = 256 * MIB                # per rank when tensor parallel (communicator buffers)
 GRAPH_BASE_BYTES = 64 * MIB           # first capture of each mode (its private pool)
 GRAPH_PER_CAPTURE_BYTES = 2 * MIB     # each further captured batch size, per mode
 SAMPLER_BYTES_PER_LOGIT = 32          # fp32 logits + sort values/int64 indices + probs (top-k/top-p)
-
-
-def max_image_tokens(max_pixels: int, spec: ModelSpec) -> int:
-    """Qwen2VLProcessingInfo.get_image_size_with_most_features + get_num_image_tokens."""
-    unit = spec.vision.patch * spec.vision.merge
-    max_seq_len = max_pixels // (unit * unit)
-    for seq_len in range(max_seq_len, 0, -1):
-        d = math.isqrt(seq_len)
-        while seq_len % d:
-            d -= 1
-        if (seq_len // d) / d <= 200:
-            return seq_len
-    return 1
 
 
 def capture_sizes(max_num_seqs: int, max_num_batched_tokens: int) -> list[int]:
@@ -102,37 +92,12 @@ class VllmBudget:
         return self.weights + self.non_torch + self.activations + self.cuda_graphs
 
 
-def vision_bytes_per_patch(spec: ModelSpec) -> int:
-    """Live bytes per vision patch at the tower's peak (bf16 activations).
-
-    Input pixels arrive as fp32 and get a bf16 copy (3 bytes x 2 + 2 bytes each); in an attention
-    block the residual, the norm, qkv (3), the rotated q/k (2), v made contiguous, the attention
-    output, its re-layout and the projection live together: ~13 x hidden; the MLP needs
-    2 x hidden + 2 x intermediate + hidden. Position embeddings add one hidden."""
-    v = spec.vision
-    pixels = v.in_channels * v.temporal_patch * v.patch**2
-    block = max(13 * v.hidden, 3 * v.hidden + 2 * v.intermediate)
-    return pixels * (4 + 2) + 2 * (block + v.hidden)
-
-
-def encoder_output_bytes(spec: ModelSpec, tokens: int) -> int:
-    """Merged tokens x out_hidden x (1 + deepstack slices), bf16 (what the encoder cache holds)."""
-    return tokens * spec.vision.out_hidden * (1 + spec.vision.deepstack) * 2
-
-
-def decoder_bytes_per_token(spec: ModelSpec) -> int:
-    """Residual, norm, q/k/v, attention output, gate_up (2 x intermediate) and the activation, bf16."""
-    t = spec.text
-    qkv = (t.heads + 2 * t.kv_heads) * t.head_dim
-    return 2 * (3 * t.hidden + qkv + t.heads * t.head_dim + 3 * t.intermediate)
-
-
 def predict(spec: ModelSpec, knobs: VllmKnobs, *, total: int, free: int) -> VllmBudget:
     tp = knobs.tensor_parallel_size
     requested = math.ceil(total * knobs.gpu_memory_utilization)
 
     # Multimodal profiling (MultiModalBudget + compute_mm_encoder_budget, chunked prefill on).
-    image_tokens = max_image_tokens(knobs.max_pixels, spec)
+    image_tokens = max_image_tokens(spec, knobs.max_pixels)
     encoder_budget = max(knobs.max_num_batched_tokens, image_tokens)
     per_prompt = max(1, min(knobs.image_limit, knobs.max_model_len // image_tokens))
     images = max(1, min(encoder_budget // image_tokens, knobs.max_num_seqs * per_prompt))
@@ -166,16 +131,16 @@ def predict(spec: ModelSpec, knobs: VllmKnobs, *, total: int, free: int) -> Vllm
         non_torch=non_torch, encoder_peak=encoder_peak, decoder_peak=decoder_peak,
         encoder_cache=enc_cache, cuda_graphs=graphs, image_tokens=image_tokens,
         profiled_images=images, kv_available=0, kv_bytes_per_token=per_token, kv_tokens=0,
-        kv_needed=math.ceil(knobs.max_model_len / BLOCK_SIZE) * BLOCK_SIZE * per_token,
+        kv_needed=blocks_for(knobs.max_model_len, VLLM_BLOCK_SIZE) * VLLM_BLOCK_SIZE * per_token,
     )
     budget.kv_available = requested - budget.non_kv
-    block_bytes = BLOCK_SIZE * per_token
-    budget.kv_tokens = max(0, budget.kv_available // block_bytes) * BLOCK_SIZE
+    block_bytes = VLLM_BLOCK_SIZE * per_token
+    budget.kv_tokens = max(0, budget.kv_available // block_bytes) * VLLM_BLOCK_SIZE
 
     # The checks vLLM makes, in its order, with its words.
-    if free - CUDA_CONTEXT_BYTES < requested:
+    if free - VLLM_CUDA_CONTEXT_BYTES < requested:
         budget.errors.append(
-            f"Free memory on device ({gib(free - CUDA_CONTEXT_BYTES)}/{gib(total)} GiB) on startup is "
+            f"Free memory on device ({gib(free - VLLM_CUDA_CONTEXT_BYTES)}/{gib(total)} GiB) on startup is "
             f"less than desired GPU memory utilization ({knobs.gpu_memory_utilization}, "
             f"{gib(requested)} GiB)")
     if budget.kv_available <= 0:
@@ -189,7 +154,3 @@ def predict(spec: ModelSpec, knobs: VllmKnobs, *, total: int, free: int) -> Vllm
             f"cache memory ({gib(budget.kv_available)} GiB). Based on the available memory, the "
             f"estimated maximum model length is {budget.kv_tokens}.")
     return budget
-
-
-def gib(n: int | float) -> str:
-    return f"{n / GIB:.2f}"

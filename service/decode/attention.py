@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import torch
 
+from service.sizing import BLOCK_SIZE as BLOCK  # positions per block of work: one KV cache block
+
 try:  # CUDA builds of torch ship Triton; the CPU wheel does not
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - depends on the torch build
     triton = None
 
-BLOCK = 64  # positions per block of work
 MAX_SPLITS = 32  # blocks per (row, kv head) at most; longer contexts loop inside a block
 
 

@@ -27,8 +27,7 @@ from typing import Any, Collection, Sequence
 
 import torch
 
-GIB = 1024**3
-BLOCK_SIZE = 64  # tokens per block: the split-KV attention kernel's block of work
+from service.sizing import BLOCK_SIZE, blocks_for, kv_bytes_per_token
 
 
 def _text_config(config: Any) -> Any:
@@ -39,10 +38,6 @@ def _text_config(config: Any) -> Any:
 
 def _head_dim(text_config: Any) -> int:
     return getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
-
-
-def blocks_for(tokens: int, block_size: int = BLOCK_SIZE) -> int:
-    return -(-tokens // block_size)
 
 
 def image_digest(image: Any) -> bytes:
@@ -127,14 +122,8 @@ class PagedKVCache:
     def bytes_per_token(config: Any, dtype: torch.dtype) -> int:
         """K and V bytes one token takes over all layers."""
         text = _text_config(config)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * text.num_hidden_layers * text.num_key_value_heads * _head_dim(text) * itemsize
-
-    @classmethod
-    def blocks_for_budget(cls, config: Any, budget_bytes: int, *, dtype: torch.dtype,
-                          block_size: int = BLOCK_SIZE) -> int:
-        """How many blocks (beside the scratch block) fit in ``budget_bytes``."""
-        return max(0, int(budget_bytes) // (cls.bytes_per_token(config, dtype) * block_size) - 1)
+        return kv_bytes_per_token(layers=text.num_hidden_layers, kv_heads=text.num_key_value_heads,
+                                  head_dim=_head_dim(text), dtype_bytes=torch.empty((), dtype=dtype).element_size())
 
     @property
     def nbytes(self) -> int:

@@ -21,6 +21,7 @@ from torch import nn
 
 from service.decode.attention import decode_attention_triton, triton_available
 from service.decode.cache import PagedKVCache, blocks_for
+from service.decode.gemv import LinearChoice
 
 # The decoder this step reproduces; other architectures keep transformers' own decode.
 SUPPORTED_TEXT_MODELS = ("Qwen3VLTextModel",)
@@ -58,6 +59,11 @@ def fuse_linear_weights(linears: list[nn.Module]) -> torch.Tensor | None:
         m.weight.data = fused[offset:offset + rows]  # the old storage is freed here
         offset += rows
     return fused
+
+
+def _plain(module: nn.Module) -> bool:
+    """A bias-free nn.Linear (not a quantized replacement): its weight can go to any matmul."""
+    return type(module) is nn.Linear and module.bias is None
 
 
 # The elementwise chains of a layer, as functions so that torch.compile can fuse each into one kernel.
@@ -129,6 +135,9 @@ class Qwen3VLDecoder:
                 self.qkv_weights[i] = fuse_linear_weights([attn.q_proj, attn.k_proj, attn.v_proj])
                 self.gate_up_weights[i] = fuse_linear_weights([mlp.gate_proj, mlp.up_proj])
         self.fused = any(w is not None for w in self.qkv_weights)
+        # The step's projections: cuBLAS, or a skinny-GEMM kernel where the device measured it faster
+        # (measure_projections, before graphs are captured).
+        self.linear = LinearChoice()
         self._add_rms_norm, self._qk_norm_rotary, self._silu_mul = add_rms_norm, qk_norm_rotary, silu_mul
         if compile_backend:
             compiled = [torch.compile(f, backend=compile_backend, fullgraph=True)
@@ -152,7 +161,7 @@ class Qwen3VLDecoder:
         rows, attn = hidden.shape[0], layer.self_attn
         qk_heads = self.num_heads + self.num_kv_heads
         if self.qkv_weights[index] is not None:
-            qkv = F.linear(hidden, self.qkv_weights[index])
+            qkv = self.linear(hidden, self.qkv_weights[index])
             qk, v = qkv[:, :qk_heads * self.head_dim], qkv[:, qk_heads * self.head_dim:]
         else:
             qk, v = torch.cat([attn.q_proj(hidden), attn.k_proj(hidden)], dim=-1), attn.v_proj(hidden)
@@ -161,11 +170,26 @@ class Qwen3VLDecoder:
     def _mlp(self, index: int, layer: nn.Module, hidden: torch.Tensor, activation=None) -> torch.Tensor:
         """activation: silu(gate) * up; default the step's (compiled for its small shapes on CUDA)."""
         mlp = layer.mlp
+        activation = activation or self._silu_mul
         if self.gate_up_weights[index] is None:
-            gate, up = mlp.gate_proj(hidden), mlp.up_proj(hidden)
-        else:
-            gate, up = F.linear(hidden, self.gate_up_weights[index]).chunk(2, dim=-1)
-        return mlp.down_proj((activation or self._silu_mul)(gate, up))
+            return mlp.down_proj(activation(mlp.gate_proj(hidden), mlp.up_proj(hidden)))
+        gate_up = self.linear(hidden, self.gate_up_weights[index])
+        if _plain(mlp.down_proj):
+            return self.linear(gate_up, mlp.down_proj.weight, activation=activation)
+        return mlp.down_proj(activation(*gate_up.chunk(2, dim=-1)))
+
+    def _o_proj(self, layer: nn.Module, out: torch.Tensor) -> torch.Tensor:
+        o_proj = layer.self_attn.o_proj
+        return self.linear(out, o_proj.weight) if _plain(o_proj) else o_proj(out)
+
+    def measure_projections(self, batch_sizes) -> None:
+        """Time cuBLAS and the skinny kernel for the step's projection shapes (one layer's: all
+        layers share them) at each decode batch size; keep the faster per shape (CUDA only)."""
+        index, layer = 0, self.layers[0]
+        weights = [(w, False) for w in (self.qkv_weights[index], self.gate_up_weights[index]) if w is not None]
+        weights += [(m.weight, silu) for m, silu in ((layer.self_attn.o_proj, False), (layer.mlp.down_proj, True))
+                    if _plain(m)]
+        self.linear.measure(weights, list(batch_sizes), self._silu_mul)
 
     @torch.no_grad()
     def step(self, input_ids: torch.Tensor, positions: torch.Tensor, active: torch.Tensor,
@@ -220,8 +244,8 @@ class Qwen3VLDecoder:
                 row_values = values[:, gather].view(kv_heads, rows, span, dim).transpose(0, 1)
                 out = F.scaled_dot_product_attention(query, row_keys, row_values, attn_mask=mask, scale=self.scaling)
             post = layer.post_attention_layernorm
-            hidden, normed = self._add_rms_norm(hidden, attn.o_proj(out.reshape(rows, heads * dim)), post.weight,
-                                                post.variance_epsilon)
+            hidden, normed = self._add_rms_norm(hidden, self._o_proj(layer, out.reshape(rows, heads * dim)),
+                                                post.weight, post.variance_epsilon)
             following = self.layers[index + 1].input_layernorm if index + 1 < len(self.layers) else self.norm
             hidden, normed = self._add_rms_norm(hidden, self._mlp(index, layer, normed), following.weight,
                                                 following.variance_epsilon)

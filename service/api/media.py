@@ -1,4 +1,5 @@
-"""Image inputs: fetch the bytes (data: URL, allowed local file, optional http(s)) and decode safely.
+"""Image inputs: fetch the bytes (data: URL, allowed local file, optional http(s)) and decode safely;
+`ImageLoader` does both for a request's images off the event loop.
 
 Checks come before work: encoded size before base64 decoding, pixel count from the header before
 decoding pixels (decompression bombs: a 20000x20000 PNG is refused after reading ~30 bytes), then
@@ -7,6 +8,7 @@ has at most `max_pixels` (aspect kept; the processor then rounds to its patch gr
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -23,10 +25,30 @@ from service.errors import InvalidRequest, PayloadTooLarge
 from service.settings import ServiceSettings
 
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
+# Images decoded at once, over all requests: a decode can take ~1 GB at max_image_source_pixels, and
+# it runs before the queue limit applies, so a burst of large images must not decode all at once.
+CONCURRENT_DECODES = 4
 # The pixel guard is ours (`max_image_source_pixels`, checked from the header before decoding), so
 # PIL's fixed process-wide one would only make the limit and the message inconsistent.
 Image.MAX_IMAGE_PIXELS = None
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,", re.I)
+
+
+class ImageLoader:
+    """A request's images, fetched and decoded in worker threads (at most CONCURRENT_DECODES decodes
+    at once over all requests), in the order of their URLs."""
+
+    def __init__(self, settings: ServiceSettings):
+        self.settings = settings
+        self._decode_slots = asyncio.Semaphore(CONCURRENT_DECODES)
+
+    async def load(self, urls: list[str]) -> list[Image.Image]:
+        return list(await asyncio.gather(*(self._load_one(url) for url in urls)))
+
+    async def _load_one(self, url: str) -> Image.Image:
+        data = await asyncio.to_thread(fetch_image_bytes, url, self.settings)
+        async with self._decode_slots:
+            return await asyncio.to_thread(decode_image, data, self.settings)
 
 
 def fetch_image_bytes(url: str, settings: ServiceSettings) -> bytes:

@@ -1,0 +1,153 @@
+"""The 8gb profile's ladder: `VLKIT_*` settings of vlkit's service that fit the card (no advice).
+
+The service is sized as it sizes itself (service_memory.py): with no --context, a context of 4096
+with KV blocks for two full-length sequences, else 2048 (then one); each weights format the
+checkpoint runs in (bf16, then nf4), cheapest last; then smaller images. When nothing fits, the
+plan shows the cheapest attempt and the longest context that would.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from service.settings import ENV_PREFIX, ServiceSettings
+from service.sizing import GIB, MIB, PREFILL_CHUNK
+
+from .card import START_SLACK_BYTES, Card
+from .models import ModelSpec, WeightFormat
+from .schema import BudgetRow, Plan
+from .service_memory import ServiceBudget, ServiceKnobs, images_that_fit, predict_service
+from .targets import IMAGE_LIMIT, PIXEL_STEPS, min_useful_context, round_context
+
+SERVICE_CONTEXTS = (4096, 2048)   # no --context: 4096 with two full sequences, else 2048
+# VLKIT_MAX_BATCH_SIZE: requests decoded at once. Short requests share the KV blocks (the engine admits
+# by blocks), so the cap is the latency trade, not the full-length sequences that fit; the KV cache
+# holds at most this many full-length sequences (blocks beyond go unused).
+SERVICE_MAX_BATCH = 8
+# VLKIT_QUANTIZATION for each weights format: nf4 quantizes a bf16 checkpoint as it loads; an FP8
+# checkpoint says so in its own quantization_config.
+QUANTIZATION_SETTING: dict[WeightFormat, str] = {"bf16": "none", "fp8": "none", "nf4": "nf4"}
+WEIGHTS_NOTE: dict[WeightFormat, str] = {"bf16": "bf16", "fp8": "fp8 (the checkpoint's)", "nf4": "nf4 (bitsandbytes)"}
+
+
+@dataclass(frozen=True)
+class ServiceOutcome:
+    plan: Plan                      # fits, or the cheapest attempt (no settings); no refusal: advice.py
+    budget: ServiceBudget | None    # the prediction behind it; None: the service runs no format of it
+
+
+def weight_formats(spec: ModelSpec) -> tuple[WeightFormat, ...]:
+    """The formats the service can hold this checkpoint's weights in, preferred first. None for an
+    FP8 checkpoint yet: transformers' FP8 path fetches kernels from the Hugging Face hub at the first
+    forward, so it fails offline and in the image (issue 12 adds "fp8" here)."""
+    return () if spec.fp8_checkpoint else ("bf16", "nf4")
+
+
+def env_name(field: str) -> str:
+    assert field in ServiceSettings.model_fields, field  # the settings are the one source of names
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def _budget_setting(card: Card) -> tuple[float, int]:
+    """VLKIT_MEMORY_BUDGET_GIB (free less the start slack, down to 0.1 GiB) and the bytes the service
+    reads from it (``int(memory_budget_gib * GIB)``)."""
+    gib = max(0.0, math.floor((card.free - START_SLACK_BYTES) / GIB * 10) / 10)
+    return gib, int(gib * GIB)
+
+
+def _rungs(spec: ModelSpec, contexts: tuple[int, ...]) -> Iterator[tuple[int, ServiceKnobs]]:
+    """(min full-length sequences, knobs) in order of preference: KV blocks for two sequences of the
+    context before one (and one only at the shortest context); the longer context; the weights
+    formats in order; full-size images before smaller ones."""
+    for min_sequences, ctxs in ((2, contexts), (1, contexts[-1:])):
+        for ctx in ctxs:
+            for weights in weight_formats(spec):
+                for px in PIXEL_STEPS:
+                    images = images_that_fit(spec, px, IMAGE_LIMIT, ctx)
+                    yield min_sequences, ServiceKnobs(weights, px, images, SERVICE_MAX_BATCH, ctx)
+
+
+def plan_service(spec: ModelSpec, card: Card, wanted: int | None) -> ServiceOutcome:
+    formats = weight_formats(spec)
+    if not formats:
+        return ServiceOutcome(Plan(fits=False, profile="8gb", model=spec.id, context=wanted or 0,
+                                   **card.plan_fields()), None)
+    budget_gib, budget = _budget_setting(card)
+    for min_sequences, knobs in _rungs(spec, (wanted,) if wanted else SERVICE_CONTEXTS):
+        if knobs.max_model_len < min_useful_context(spec, knobs.max_pixels):
+            continue
+        sb = predict_service(spec, knobs, budget)
+        if sb.sequences >= min_sequences:
+            return ServiceOutcome(_plan(spec, card, sb, budget_gib, fits=True), sb)
+    # Nothing fits: show the cheapest attempt (the last format, the smallest images) and the context
+    # it would hold.
+    cheapest, px = formats[-1], PIXEL_STEPS[-1]
+    target = wanted or SERVICE_CONTEXTS[-1]
+    sb = predict_service(spec, ServiceKnobs(cheapest, px, images_that_fit(spec, px, IMAGE_LIMIT, target),
+                                            SERVICE_MAX_BATCH, target), budget)
+    plan = _plan(spec, card, sb, budget_gib, fits=False)
+    plan.context = _largest_context(spec, budget, cheapest, px, below=target)
+    return ServiceOutcome(plan, sb)
+
+
+def _largest_context(spec: ModelSpec, budget: int, weights: WeightFormat, max_pixels: int, *, below: int) -> int:
+    """The longest context (a multiple of 256) below `below` whose KV blocks hold one full sequence
+    (0 if none)."""
+    ctx = round_context(below - 1)
+    while ctx >= 256:
+        knobs = ServiceKnobs(weights, max_pixels, images_that_fit(spec, max_pixels, IMAGE_LIMIT, ctx), 1, ctx)
+        if predict_service(spec, knobs, budget).fits:
+            return ctx
+        ctx -= 256
+    return 0
+
+
+def _plan(spec: ModelSpec, card: Card, sb: ServiceBudget, budget_gib: float, *, fits: bool) -> Plan:
+    k = sb.knobs
+    plan = Plan(fits=fits, profile="8gb", model=spec.id, context=k.max_model_len, **card.plan_fields(),
+                required_free_bytes=sb.kv.used + START_SLACK_BYTES, kv_cache_tokens=sb.kv.tokens,
+                concurrent_sequences=float(sb.sequences), budget=_budget_rows(sb, card, budget_gib))
+    if fits:
+        plan.service_env = {
+            env_name("model"): spec.id,
+            env_name("dtype"): "auto",
+            env_name("quantization"): QUANTIZATION_SETTING[k.weights],
+            env_name("max_pixels"): str(k.max_pixels),
+            env_name("max_images_per_request"): str(sb.prefill.images),
+            env_name("max_batch_size"): str(k.max_batch_size),
+            env_name("max_model_len"): str(k.max_model_len),
+            env_name("memory_budget_gib"): f"{budget_gib:.1f}",
+        }
+    plan.notes.append(f"chosen: {k.weights} weights, batch up to {k.max_batch_size} ({sb.sequences} full-length), "
+                      f"max_pixels {k.max_pixels}")
+    return plan
+
+
+def _budget_rows(sb: ServiceBudget, card: Card, budget_gib: float) -> list[BudgetRow]:
+    g = lambda n: round(n / GIB, 2)  # noqa: E731
+    k, kv, pre = sb.knobs, sb.kv, sb.prefill
+    ctx = k.max_model_len
+    return [
+        BudgetRow(name="GPU memory", gib=g(card.total), note=card.label),
+        BudgetRow(name="other processes", gib=g(card.total - card.free),
+                  note="measured (NVML)" if card.measured else "assumed: a desktop's share"),
+        BudgetRow(name="service budget", gib=budget_gib, note="VLKIT_MEMORY_BUDGET_GIB: the whole process"),
+        BudgetRow(name="  weights", gib=g(sb.weights), note=WEIGHTS_NOTE[k.weights]),
+        BudgetRow(name="  CUDA context", gib=g(sb.cuda_context), note="+ cuBLAS/attention workspaces (measured)"),
+        BudgetRow(name="  prefill reserve", gib=g(pre.reserve),
+                  note=(f"largest request: {pre.images} image(s) of {pre.image_tokens} tokens one at a time, text in "
+                        f"{PREFILL_CHUNK}-token chunks to {ctx - 1} tokens: images held {pre.images_held / GIB:.2f} + "
+                        f"max(vision {pre.vision_peak / GIB:.2f}, decoder {pre.decoder_peak / GIB:.2f}) + "
+                        f"{pre.fixed / MIB:.0f} MiB")),
+        BudgetRow(name="  headroom", gib=g(kv.headroom), note="decode graphs' pool, allocator rounding"),
+        BudgetRow(name="  KV cache", gib=g(kv.kv_bytes),
+                  note=f"{kv.tokens} tokens in {kv.blocks} blocks of {kv.block_size} + 1 scratch ({sb.sequences} full "
+                       f"{ctx}-token sequences), bf16, {sb.kv_bytes_per_token // 1024} KiB/token"),
+        BudgetRow(name="  unused", gib=g(kv.budget - kv.used),
+                  note=f"less than one more block ({kv.block_bytes / MIB:.0f} MiB), or beyond {k.max_batch_size} "
+                       "full sequences (the batch cap)"),
+        BudgetRow(name="concurrent sequences", gib=float(sb.sequences),
+                  note=f"full {ctx}-token sequences (a count, not GiB); shorter requests share the blocks, "
+                       f"up to {k.max_batch_size} at once"),
+    ]

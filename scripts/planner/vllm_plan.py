@@ -1,0 +1,197 @@
+"""The 16gb profile's ladder: `vllm serve` flags that fit the card, or the best attempt (no advice).
+
+--gpu-memory-utilization from the free memory, then the largest context the predicted KV cache
+holds after a margin. When it does not reach the wanted context the ladder steps down, in this
+order: fp8 KV cache, eager mode (no CUDA graphs), smaller images. evaluate_vllm() instead predicts
+a hand-written `vllm serve --gpu-memory-utilization F` with vLLM's defaults for the rest.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+from scripts.usage import setting
+from service.sizing import GIB, MIB
+
+from .card import START_SLACK_BYTES, Card
+from .models import ModelSpec
+from .schema import BudgetRow, Plan
+from .targets import IMAGE_LIMIT, PIXEL_STEPS, min_useful_context, round_context
+from .vllm_memory import (
+    DEFAULT_IMAGE_LIMIT, DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, LARGE_GPU_BYTES,
+    LARGE_MAX_NUM_BATCHED_TOKENS, LARGE_MAX_NUM_SEQS, VLLM_BLOCK_SIZE, VLLM_CUDA_CONTEXT_BYTES, VllmBudget,
+    VllmKnobs, predict,
+)
+
+UTIL_CAP = 0.95
+DEFAULT_CONTEXT = 8192             # the context the ladder aims for when none is asked for
+CONTEXT_CAP = 32768                # more only when asked for (--context)
+
+
+@dataclass(frozen=True)
+class VllmOutcome:
+    plan: Plan              # fits, or the best attempt (no flags); no refusal: advice.py writes it
+    budget: VllmBudget      # the prediction behind it
+
+
+def margin(b: VllmBudget) -> int:
+    """What the estimate may be off by: 256 MiB plus 15% of what is estimated rather than known."""
+    return 256 * MIB + int(0.15 * (b.activations + b.cuda_graphs + b.non_torch))
+
+
+def _capacity(b: VllmBudget) -> int:
+    """Context one sequence may have while the margin stays in the KV cache."""
+    usable = b.kv_available - margin(b)
+    return max(0, usable // (VLLM_BLOCK_SIZE * b.kv_bytes_per_token)) * VLLM_BLOCK_SIZE
+
+
+def _util_for(card: Card) -> float:
+    room = card.free - VLLM_CUDA_CONTEXT_BYTES - START_SLACK_BYTES
+    return max(0.0, min(UTIL_CAP, math.floor(room / card.total * 100) / 100))
+
+
+def _rungs() -> list[tuple[str, str, bool, int]]:
+    """(name, KV cache dtype, eager, max_pixels), best first."""
+    first = PIXEL_STEPS[0]
+    rungs = [("bf16 KV cache, CUDA graphs", "auto", False, first),
+             ("fp8 KV cache, CUDA graphs", "fp8", False, first),
+             ("fp8 KV cache, eager", "fp8", True, first)]
+    rungs += [(f"fp8 KV cache, eager, max_pixels {p}", "fp8", True, p) for p in PIXEL_STEPS[1:]]
+    return rungs
+
+
+@dataclass
+class _Choice:
+    budget: VllmBudget
+    context: int
+    rung: str
+
+
+def _climb(spec: ModelSpec, card: Card, wanted: int | None) -> tuple[_Choice | None, _Choice]:
+    """(the choice that fits, else None; what is shown: that choice or the best attempt)."""
+    util = _util_for(card)
+    seqs = 16 if card.total >= 20 * GIB else 8
+    target = wanted or DEFAULT_CONTEXT
+    best: _Choice | None = None
+    fallback: _Choice | None = None
+    for step, (name, kv, eager, px) in enumerate(_rungs()):
+        def predict_at(ctx: int) -> VllmBudget:
+            return predict(spec, VllmKnobs(
+                gpu_memory_utilization=util, max_model_len=max(ctx, 16), max_num_seqs=seqs,
+                max_num_batched_tokens=DEFAULT_MAX_NUM_BATCHED_TOKENS, max_pixels=px,
+                image_limit=IMAGE_LIMIT, kv_cache_dtype=kv, enforce_eager=eager,
+                tensor_parallel_size=card.count), total=card.total, free=card.free)
+        b = predict_at(target)
+        cap = min(_capacity(b), spec.text.max_position)
+        if wanted:
+            ctx = wanted
+        else:  # the context changes how many dummy images fit a prompt: predict again at it
+            b = predict_at(round_context(min(cap, CONTEXT_CAP)))
+            cap = min(_capacity(b), spec.text.max_position)
+            ctx = round_context(min(cap, CONTEXT_CAP))
+        ok = util > 0 and not b.errors and cap >= ctx >= min_useful_context(spec, px)
+        if ok and ctx >= target and step and not wanted:
+            # Stepped down to reach the target: take the target, not more (so a larger card, which
+            # keeps more of the quality, never gets a shorter context).
+            ctx, b = target, predict_at(target)
+        choice = _Choice(b, ctx, name)
+        if ok and ctx >= target:
+            return choice, choice
+        if ok and not wanted and (fallback is None or ctx > fallback.context):
+            fallback = choice
+        if best is None or min(cap, target) > best.context:
+            best = _Choice(b, min(cap, target), name)
+    return fallback, (fallback or best)
+
+
+def plan_vllm(spec: ModelSpec, card: Card, wanted: int | None) -> VllmOutcome:
+    choice, shown = _climb(spec, card, wanted)
+    b = shown.budget
+    plan = _plan(spec, card, b, shown.context, fits=choice is not None)
+    if choice is not None:
+        plan.vllm_args = vllm_args(VllmKnobs(**{**b.knobs.__dict__, "max_model_len": max(shown.context, 16)}))
+    plan.notes.append(f"chosen: {shown.rung}" if choice else f"best attempt: {shown.rung}")
+    return VllmOutcome(plan, b)
+
+
+def evaluate_vllm(spec: ModelSpec, card: Card, util: float, wanted: int | None) -> VllmOutcome:
+    """`vllm serve MODEL --gpu-memory-utilization util [--max-model-len wanted]`, everything else at
+    vLLM's defaults: what a hand-written command gets."""
+    if not 0 < util <= 1:
+        raise ValueError(f"{setting('gpu_memory_utilization')} must be in (0, 1], got {util}")
+    large = card.total >= LARGE_GPU_BYTES
+    ctx = wanted or spec.text.max_position
+    seqs = LARGE_MAX_NUM_SEQS if large else DEFAULT_MAX_NUM_SEQS
+    mnbt = min(seqs * ctx, LARGE_MAX_NUM_BATCHED_TOKENS if large else DEFAULT_MAX_NUM_BATCHED_TOKENS)
+    k = VllmKnobs(gpu_memory_utilization=util, max_model_len=ctx, max_num_seqs=seqs,
+                  max_num_batched_tokens=mnbt, max_pixels=spec.processor_max_pixels,
+                  image_limit=DEFAULT_IMAGE_LIMIT, tensor_parallel_size=card.count)
+    b = predict(spec, k, total=card.total, free=card.free)
+    plan = _plan(spec, card, b, ctx, fits=not b.errors and b.kv_available - margin(b) >= b.kv_needed)
+    plan.evaluated = True
+    plan.vllm_args = ["--gpu-memory-utilization", f"{util:g}", "--max-model-len", str(ctx)]
+    if card.count > 1:
+        plan.vllm_args += ["--tensor-parallel-size", str(card.count)]
+    plan.notes.append("evaluated: vLLM's defaults for every flag but --gpu-memory-utilization and "
+                      f"--max-model-len (images up to {spec.processor_max_pixels} pixels, "
+                      f"{seqs} sequences, CUDA graphs)")
+    return VllmOutcome(plan, b)
+
+
+def _plan(spec: ModelSpec, card: Card, b: VllmBudget, context: int, *, fits: bool) -> Plan:
+    return Plan(fits=fits, profile="16gb", model=spec.id, context=context,
+                required_free_bytes=b.requested + VLLM_CUDA_CONTEXT_BYTES + START_SLACK_BYTES,
+                budget=_budget_rows(b, card, context), **card.plan_fields(), kv_cache_tokens=b.kv_tokens,
+                concurrent_sequences=round(b.kv_tokens / max(context, 1), 2))
+
+
+def vllm_args(k: VllmKnobs) -> list[str]:
+    args = ["--gpu-memory-utilization", f"{k.gpu_memory_utilization:.2f}",
+            "--max-model-len", str(k.max_model_len),
+            "--max-num-seqs", str(k.max_num_seqs),
+            "--max-num-batched-tokens", str(k.max_num_batched_tokens),
+            "--limit-mm-per-prompt", json.dumps({"image": k.image_limit, "video": 0}, separators=(",", ":")),
+            "--mm-processor-kwargs", json.dumps({"max_pixels": k.max_pixels}, separators=(",", ":")),
+            "--kv-cache-dtype", k.kv_cache_dtype]
+    if k.enforce_eager:
+        args.append("--enforce-eager")
+    if k.tensor_parallel_size > 1:
+        args += ["--tensor-parallel-size", str(k.tensor_parallel_size)]
+    return args
+
+
+def _budget_rows(b: VllmBudget, card: Card, context: int) -> list[BudgetRow]:
+    g = lambda n: round(n / GIB, 2)  # noqa: E731
+    k = b.knobs
+    others = card.total - card.free
+    enc_act = b.encoder_peak - b.encoder_cache
+    dec_act = b.decoder_peak - b.encoder_cache
+    return [
+        BudgetRow(name="GPU memory", gib=g(card.total), note=card.label),
+        BudgetRow(name="other processes", gib=g(others),
+                  note="measured (NVML)" if card.measured else "assumed: a desktop's share"),
+        BudgetRow(name="CUDA context (vLLM)", gib=g(VLLM_CUDA_CONTEXT_BYTES), note="outside gpu_memory_utilization"),
+        BudgetRow(name="vLLM's share", gib=g(b.requested),
+                  note=f"--gpu-memory-utilization {k.gpu_memory_utilization:.2f} x total"),
+        BudgetRow(name="  weights", gib=g(b.weights), note=f"per GPU, tp={k.tensor_parallel_size}"),
+        BudgetRow(name="  activations (profiling peak)", gib=g(max(enc_act, dec_act)),
+                  note=(f"vision: {b.profiled_images} dummy image(s) x {b.image_tokens} tokens "
+                        f"= {g(enc_act)} GiB; decoder {k.max_num_batched_tokens} tokens + sampler "
+                        f"{k.max_num_seqs} rows = {g(dec_act)} GiB")),
+        BudgetRow(name="  encoder cache", gib=g(b.encoder_cache),
+                  note="dummy images' embeddings, held through the decoder pass"),
+        BudgetRow(name="  non-torch", gib=g(b.non_torch), note="cuBLAS/attention workspaces" +
+                  (", NCCL" if k.tensor_parallel_size > 1 else "")),
+        BudgetRow(name="  CUDA graphs", gib=g(b.cuda_graphs),
+                  note="--enforce-eager: none" if k.enforce_eager else "vLLM's capture estimate"),
+        BudgetRow(name="  KV cache", gib=g(b.kv_available),
+                  note=f"{b.kv_tokens} tokens ({k.kv_cache_dtype}), "
+                       f"{b.kv_bytes_per_token // 1024} KiB/token"),
+        BudgetRow(name="  margin (inside KV cache)", gib=g(margin(b)),
+                  note="kept beyond the context for estimate error"),
+        BudgetRow(name="concurrent sequences", gib=round(b.kv_tokens / max(context, 1), 2),
+                  note=f"full {context}-token sequences the KV cache holds (a count, not GiB)"),
+        BudgetRow(name="left on the card", gib=g(card.total - others - VLLM_CUDA_CONTEXT_BYTES - b.requested),
+                  note="not used by vLLM"),
+    ]

@@ -1,0 +1,65 @@
+"""Where a chat request's engine handle ends: the one place that cancels it, however the answer ends.
+
+The mechanism is vLLM's `with_cancellation` (vllm/entrypoints/utils.py): the answer races a
+listener for the client's `http.disconnect`, and whichever finishes first cancels the other. vLLM races the
+route handler and leaves a streamed answer to Starlette's StreamingResponse, which watches again;
+here the race runs around the sending of the answer itself (a stream outlives its handler), from
+the moment the request is submitted, and one `finally` cancels the handle. So these all end there:
+- the client goes before the first chunk, mid-stream, or while it waits for a non-streamed answer:
+  the listener wins, the answer's task is cancelled;
+- the server shuts down: uvicorn cancels the request's task after its graceful timeout;
+- the answer fails (an error event, a bug): the exception leaves through the `finally`.
+Cancelling a finished request is a no-op, so the normal end goes the same way.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Awaitable, Callable
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from service.engine import Engine, GenerationRequest, RequestHandle
+
+
+async def listen_for_disconnect(receive: Receive) -> None:
+    """Returns once the client has gone. Only for a request whose body has been read: it consumes
+    (and drops) whatever else the server delivers."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class GenerationResponse(Response):
+    """The answer to a prepared request, as a response: submitting it, sending what `respond` makes
+    of its handle (a JSONResponse once complete, or an event stream), and cancelling the handle."""
+
+    def __init__(self, engine: Engine, request: GenerationRequest, arrived: float,
+                 respond: Callable[[RequestHandle], Awaitable[Response]]):
+        self.engine, self.request, self.arrived, self.respond = engine, request, arrived, respond
+        self.background = None  # the route machinery sets it; nothing runs after the answer
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Submitted here, not in the route, so that no moment separates the handle from its `finally`.
+        handle = self.engine.submit(self.request, asyncio.get_running_loop(), self.arrived)
+        answer = asyncio.ensure_future(self._answer(handle, scope, send))
+        listener = asyncio.ensure_future(listen_for_disconnect(receive))
+        try:
+            await asyncio.wait((answer, listener), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            # First, before anything here waits: at shutdown the engine stops right after uvicorn
+            # has cancelled the requests. A queued request leaves the queue now, a running one the
+            # batch at its next step.
+            handle.cancel()
+            answer.cancel()  # a no-op when it is done
+            listener.cancel()
+            await asyncio.gather(answer, listener, return_exceptions=True)  # neither outlives the request
+        if not answer.cancelled():
+            answer.result()  # its error, if any, goes to the error handlers
+
+    async def _answer(self, handle: RequestHandle, scope: Scope, send: Send) -> None:
+        response = await self.respond(handle)
+        await response(scope, _no_receive, send)  # the listener above owns `receive`
+
+
+async def _no_receive() -> dict:
+    raise RuntimeError("the answer's response reads nothing from the client")

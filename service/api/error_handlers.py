@@ -1,0 +1,46 @@
+"""Every error leaves as {"error": {"message", "type", "param", "code"}}, with vLLM's status codes,
+and is counted once in vlkit_request_errors_total{kind}."""
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
+
+from service.errors import InvalidRequest, ServiceError
+from service.metrics import ServiceMetrics
+
+log = logging.getLogger(__name__)
+
+
+def count_error(metrics: ServiceMetrics, error: ServiceError) -> None:
+    if error.kind != "cancelled":  # the engine counts those as finished requests
+        metrics.errors.labels(error.kind).inc()
+
+
+def install_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
+    def respond(error: ServiceError) -> JSONResponse:
+        count_error(metrics, error)
+        return JSONResponse(error.to_dict(), status_code=error.status)
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return respond(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return respond(InvalidRequest(str(exc.errors()[:3]), kind="malformed"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error = ServiceError(str(exc.detail), kind="http")
+        error.status = exc.status_code
+        error.type = {404: "NotFoundError", 405: "MethodNotAllowedError"}.get(exc.status_code, "HTTPError")
+        return respond(error)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return respond(ServiceError(f"Internal error: {type(exc).__name__}: {exc}"))

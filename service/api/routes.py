@@ -1,0 +1,82 @@
+"""The routes, thin: parse the request, call the serving layer, return its answer."""
+from __future__ import annotations
+
+import hmac
+import time
+
+from fastapi import APIRouter, Depends, Request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import ClientDisconnect
+from starlette.responses import JSONResponse, Response
+
+from service.api.protocol import ChatCompletionRequest, ModelCard, ModelList
+from service.api.state import ServiceState
+from service.errors import Cancelled, PayloadTooLarge, Unauthorized
+
+router = APIRouter()
+
+
+def service_state(request: Request) -> ServiceState:
+    return request.app.state.service
+
+
+async def require_key(request: Request) -> None:
+    key = service_state(request).settings.api_key
+    if not key:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise Unauthorized("Invalid or missing API key: send `Authorization: Bearer <key>`")
+
+
+@router.get("/health")
+async def health() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/health/ready")
+async def ready(state: ServiceState = Depends(service_state)) -> JSONResponse:
+    if state.ready:
+        return JSONResponse({"status": "ready", "model": state.settings.model_name})
+    status = "failed" if state.load_error else "loading"
+    return JSONResponse({"status": status, "detail": state.load_error}, status_code=503)
+
+
+@router.get("/metrics")
+async def prometheus_metrics(state: ServiceState = Depends(service_state)) -> Response:
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/models", dependencies=[Depends(require_key)])
+async def models(state: ServiceState = Depends(service_state)) -> dict:
+    settings = state.settings
+    max_len = state.engine.max_model_len if state.engine is not None else settings.max_model_len
+    card = ModelCard(id=settings.model_name, root=settings.model, max_model_len=max_len)
+    return ModelList(data=[card]).model_dump()
+
+
+@router.post("/v1/chat/completions", dependencies=[Depends(require_key)])
+async def chat_completions(request: Request) -> Response:
+    arrived = time.monotonic()
+    state = service_state(request)
+    engine = state.ready_engine()
+    chat = ChatCompletionRequest.parse(await read_body(request, state.settings.max_request_bytes))
+    return await state.serving.create_chat_completion(chat, engine, arrived)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is over `limit` (before it is all read, when it says its length)."""
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        raise PayloadTooLarge(f"The request body is {length} bytes; the limit is {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"The request body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise Cancelled("the client went away while sending the request") from None
+    return b"".join(chunks)  # one copy of the body (a growing bytearray, then bytes(), made more)

@@ -1,0 +1,137 @@
+"""The running batch on the device: its rows' slots in the paged KV cache, their prefill and decode step.
+
+The one place that touches the KV cache. The scheduler starts requests (`start`: a slot and the
+blocks for prompt + max_tokens, sharing the blocks of a cached prefix), runs their prefill a pass
+at a time (`prefill`: up to one chunk of prompt tokens, pieces of several prompts packed), decodes
+every prefilled row a step (`decode`), and keeps or frees rows (`keep`, `drop`, `release`); it
+never sees slots or blocks.
+
+Rows keep their order: a row's index is its place in ``slots``, and prompts that finish their
+prefill join after the running rows, in the order they were started. Each decode step is replayed
+from CUDA graphs on CUDA.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from service.decode import DecodeRunner, PagedKVCache, Qwen3VLDecoder, Qwen3VLPrefill
+from service.decode.qwen3_prefill import PrefillJob
+from service.engine.requests import GenerationRequest
+
+
+class PrefillFailed(Exception):
+    """A prefill pass raised: ``owners`` are the requests it was computing (their slots are freed)."""
+
+    def __init__(self, owners: list[Any], cause: BaseException):
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.owners = owners
+        self.cause = cause
+
+
+class Batch:
+    def __init__(self, runner: DecodeRunner, prefiller: Qwen3VLPrefill, *, max_images_per_pass: int | None = None,
+                 reserved_ceiling: int | None = None):
+        """max_images_per_pass: prompts holding image features in one pass at most (the memory plan
+        measured the largest request's); reserved_ceiling: torch's reserved bytes above which the
+        allocator hands cached blocks back after a pass (passes of changing shapes grow its share
+        beyond what the budget counts)."""
+        self.runner = runner
+        self.cache = runner.cache
+        self.prefiller = prefiller
+        self.slots: list[int] = []  # decoding rows
+        self.jobs: list[PrefillJob] = []  # started, not prefilled yet, in order
+        self._max_images = max_images_per_pass
+        self._reserved_ceiling = reserved_ceiling
+
+    @classmethod
+    def over(cls, model, cache: PagedKVCache, *, chunk: int | None = None, **runner_options) -> "Batch":
+        """A batch decoding ``model`` from ``cache`` with eager steps (tests and tools; the engine's
+        start-up builds its own with compiled steps and CUDA graphs)."""
+        decoder = Qwen3VLDecoder(model, cache)
+        prefiller = Qwen3VLPrefill(model, decoder) if chunk is None else Qwen3VLPrefill(model, decoder, chunk)
+        return cls(DecodeRunner(decoder, **runner_options), prefiller)
+
+    @property
+    def size(self) -> int:
+        return len(self.slots)
+
+    @property
+    def prefill_tokens(self) -> int:
+        """Prompt tokens the started requests still need computed."""
+        return sum(job.remaining for job in self.jobs)
+
+    @property
+    def chunk(self) -> int:
+        return self.prefiller.chunk
+
+    def start(self, request: GenerationRequest, owner: Any) -> bool:
+        """Take a free slot and the blocks for the request's prompt and max_tokens (the leading ones
+        shared from the prefix cache where it holds them) and queue its prefill; False (nothing
+        taken) when no slot or not enough blocks are free."""
+        prompt = request.prompt
+        slot = self.cache.allocate(request.reserve, prompt.shareable_hashes)
+        if slot is None:
+            return False
+        try:
+            job = self.prefiller.job(slot, prompt.input_ids, prompt.mrope_positions, prompt.rope_delta,
+                                     prompt.pixel_values, prompt.image_grid_thw, prompt.block_hashes, owner)
+        except BaseException:
+            self.cache.free(slot)
+            raise
+        self.jobs.append(job)
+        return True
+
+    def prefill(self) -> tuple[list[Any], torch.Tensor | None, int]:
+        """One prefill pass. Returns the owners of the prompts it finished (now the last rows, in
+        order), the logits after each of them ``[n, vocab]`` (None if none finished) and the prompt
+        tokens they took from the prefix cache. Raises PrefillFailed, its requests dropped."""
+        pieces = self.prefiller.plan_pass(self.jobs, self._max_images)
+        try:
+            self.prefiller.run_pass(pieces)
+        except BaseException as exc:
+            failed = [job for job, _, _ in pieces]
+            for job in failed:
+                self._drop_job(job)
+            raise PrefillFailed([job.owner for job in failed], exc) from exc
+        finally:
+            self._trim_allocator()
+        done = [job for job in self.jobs if job.finished]
+        if not done:
+            return [], None, 0
+        self.jobs = [job for job in self.jobs if not job.finished]
+        self.slots += [job.slot for job in done]
+        cached = sum(self.cache.cached_tokens[job.slot] for job in done)
+        return [job.owner for job in done], torch.stack([job.logits for job in done]), cached
+
+    def decode(self, tokens: list[int] | torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (host ints, or the previous step's tokens still on the device);
+        the next-token logits ``[rows, vocab]``."""
+        return self.runner.decode(self.slots, tokens)
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these decoding rows (in this order); free the others' slots and blocks."""
+        kept = [self.slots[i] for i in rows]
+        for slot in set(self.slots) - set(kept):
+            self.cache.free(slot)
+        self.slots = kept
+
+    def drop(self, owners: list[Any]) -> None:
+        """Stop the prefill of these started requests and free what they took."""
+        for job in [job for job in self.jobs if any(job.owner is owner for owner in owners)]:
+            self._drop_job(job)
+
+    def release(self) -> None:
+        """Free everything: every row and every started prefill."""
+        self.keep([])
+        for job in list(self.jobs):
+            self._drop_job(job)
+
+    def _drop_job(self, job: PrefillJob) -> None:
+        self.jobs.remove(job)
+        self.cache.free(job.slot)
+
+    def _trim_allocator(self) -> None:
+        if self._reserved_ceiling is not None and torch.cuda.memory_reserved(self.cache.device) > self._reserved_ceiling:
+            torch.cuda.empty_cache()

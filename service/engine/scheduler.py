@@ -1,0 +1,313 @@
+"""The scheduler thread: a bounded queue of requests and one continuous batch on the device.
+
+Each iteration: drop cancelled requests; start queued requests, in order, while the batch has rows
+to spare, the KV cache has a slot and the blocks for their prompt and max_tokens, and the next
+prefill pass has room; run one prefill pass (up to one chunk of prompt tokens, pieces of several
+prompts packed, service/decode/qwen3_prefill.py): the prompts it finishes sample their first token
+and join the running rows; launch one decode step for every running row; read the previous step's
+tokens while this one runs (the host never waits for a step it has not queued the next one
+behind); stream text and retire finished rows. So running rows keep decoding while a wave of new
+prompts is prefilled, pass by pass, and each prompt's first token comes as soon as its own prefill
+is done. A cancelled request leaves at the next iteration. An error (CUDA out of memory) fails
+only the requests of the pass or step that hit it; the loop goes on.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import threading
+import time
+from collections import deque
+
+import torch
+
+from service.engine.batch import Batch, PrefillFailed
+from service.engine.requests import Event, GenerationRequest, RequestHandle
+from service.engine.sampling import sample
+from service.engine.sequence import Sequence
+from service.errors import Cancelled, OutOfMemory, QueueFull, ServiceError, Unavailable
+from service.metrics import ServiceMetrics
+from service.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
+
+
+class _Step:
+    """A decode step launched on the device: its rows, their sampled tokens, and a host copy on the way."""
+
+    def __init__(self, rows: list[Sequence], tokens: torch.Tensor):
+        self.rows = rows
+        self.tokens = tokens
+        if tokens.device.type == "cuda":
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        else:
+            self._host, self._copied = tokens, None
+
+    def host_tokens(self) -> list[int]:
+        if self._copied is not None:
+            self._copied.synchronize()
+        return self._host.tolist()
+
+
+class Scheduler:
+    def __init__(self, batch: Batch, settings: ServiceSettings, metrics: ServiceMetrics, tokenizer,
+                 eos_ids: frozenset[int], max_model_len: int):
+        self.batch = batch  # the tests' seam: a test may swap it (paused, nothing running) or wrap its methods
+        self.settings = settings
+        self.metrics = metrics
+        self._tokenizer = tokenizer
+        self._eos_ids = eos_ids
+        self._max_model_len = max_model_len
+        self._cv = threading.Condition()
+        self._waiting: deque[tuple[GenerationRequest, RequestHandle]] = deque()
+        self._rows: list[Sequence] = []
+        self._inflight: _Step | None = None  # the decode step launched last, its tokens not read yet
+        self._paused = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.max_batch_seen = 0  # the most rows one step decoded (benchmarks, tests)
+
+    # ---- the caller's side (any thread) ----------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="vlkit-engine", daemon=True)
+            self._thread.start()
+
+    def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None,
+               arrived: float | None = None) -> RequestHandle:
+        handle = RequestHandle(request, loop, self._cancel, arrived)
+        with self._cv:
+            if self._stopping:
+                raise Unavailable("the server is shutting down")
+            if len(self._waiting) >= self.settings.max_queue:
+                raise QueueFull(f"The request queue is full ({self.settings.max_queue} waiting); retry later.")
+            self._waiting.append((request, handle))
+            self.metrics.queue_depth.set(len(self._waiting))
+            self._cv.notify_all()
+        return handle
+
+    def stop(self, timeout: float) -> None:
+        """Refuse new requests, let running ones finish (up to `timeout`), then end the thread."""
+        with self._cv:
+            self._stopping = True
+            for _, handle in self._waiting:
+                handle.push(Event(error=Unavailable("the server is shutting down")))
+            self._waiting.clear()
+            self.metrics.queue_depth.set(0)
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                for row in list(self._rows):
+                    row.handle.cancel()
+                self._thread.join(5)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Hold new requests in the queue (running ones continue): maintenance, and deterministic tests."""
+        with self._cv:
+            self._paused = True
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._paused = False
+                self._cv.notify_all()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        """Requests in the batch: decoding, or started and prefilling."""
+        return len(self._rows) + len(self.batch.jobs)
+
+    def _cancel(self, handle: RequestHandle) -> None:
+        with self._cv:
+            for i, (_, queued) in enumerate(self._waiting):
+                if queued is handle:
+                    del self._waiting[i]
+                    handle.push(Event(error=Cancelled("cancelled while queued")))
+                    self.metrics.queue_depth.set(len(self._waiting))
+                    self.metrics.requests.labels("cancelled").inc()
+                    break
+            self._cv.notify_all()
+
+    # ---- the scheduler thread ---------------------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cv:
+                while not self._rows and not self.batch.jobs and self._inflight is None \
+                        and not (self._waiting and not self._paused) and not self._stopping:
+                    self._cv.wait()
+                if self._stopping and not self._rows and not self.batch.jobs and self._inflight is None:
+                    return
+            try:
+                self._drop_cancelled()
+                if not self._paused:
+                    self._admit()
+                if self.batch.jobs:
+                    self._prefill()
+                # Pipelined: launch this step, then read the previous step's tokens while it runs.
+                previous, self._inflight = self._inflight, None
+                if self._rows:
+                    self._inflight = self._launch_step(previous)
+                if previous is not None:
+                    self._collect_step(previous)
+            except BaseException as exc:  # noqa: BLE001 - the loop must survive anything a request causes
+                log.exception("engine step failed")
+                self._fail_all(exc)
+
+    def _drop_cancelled(self) -> None:
+        gone = {i for i, row in enumerate(self._rows) if row.handle.cancelled}
+        starting = [job.owner for job in self.batch.jobs if job.owner.handle.cancelled]
+        for row in [self._rows[i] for i in gone] + starting:
+            self.metrics.requests.labels("cancelled").inc()
+            row.handle.push(Event(error=Cancelled("cancelled while running")))
+        if starting:
+            self.batch.drop(starting)
+            self.metrics.running.set(self.running)
+        if gone:
+            self._retire(gone)
+
+    def _admit(self) -> None:
+        """Start queued requests, in order, while the batch has room and the next pass is not full."""
+        while self._waiting and self.running < self.settings.max_batch_size \
+                and self.batch.prefill_tokens < self.batch.chunk:
+            with self._cv:  # a racy peek is enough above: one queued now starts at the next iteration
+                if not self._waiting:
+                    break
+                request, handle = self._waiting.popleft()
+            row = Sequence.start(request, handle, self._tokenizer, self.batch.cache.device, self._eos_ids,
+                                 self._max_model_len)
+            try:
+                started = self.batch.start(request, row)
+            except BaseException as exc:  # noqa: BLE001 - this request fails; the others go on
+                self._fail([handle], exc)
+                continue
+            if not started:  # it waits, first in line, for running requests to hand their blocks back
+                self._requeue([(request, handle)])
+                break
+            self.metrics.prompt_tokens.inc(request.prompt_tokens)
+        self.metrics.queue_depth.set(len(self._waiting))
+        self.metrics.running.set(self.running)
+
+    def _prefill(self) -> None:
+        """One prefill pass; the prompts it finishes sample their first token and join the running rows."""
+        running = len(self._rows)
+        try:
+            rows, logits, cached = self.batch.prefill()
+        except PrefillFailed as failed:
+            self._fail([row.handle for row in failed.owners], failed.cause)
+            self.metrics.running.set(self.running)
+            return
+        if not rows:
+            return
+        try:
+            tokens = sample(logits, [row.params for row in rows], [row.generator for row in rows]).tolist()
+        except BaseException as exc:  # noqa: BLE001 - these requests fail; the running ones go on
+            self.batch.keep(list(range(running)))
+            self._fail([row.handle for row in rows], exc)
+            return
+        self.metrics.prefix_cache_hits.inc(cached)
+        self._rows.extend(rows)
+        for row, token in zip(rows, tokens):
+            self._deliver(row, token)
+        done = {running + i for i, row in enumerate(rows) if row.finish_reason is not None}
+        if done:
+            self._retire(done)
+        self.metrics.running.set(self.running)
+
+    def _requeue(self, items: list[tuple[GenerationRequest, RequestHandle]]) -> None:
+        with self._cv:
+            self._waiting.extendleft(reversed(items))  # first in line again
+            self.metrics.queue_depth.set(len(self._waiting))
+
+    def _launch_step(self, previous: _Step | None) -> _Step:
+        """Queue one decode step and its sampling on the device; nothing here waits for the device.
+
+        Each row's input is its last token: on the host (just prefilled, or read already), or still
+        on the device as the previous step's output (not read yet). A row that the previous step
+        finished is decoded once more here; that token is dropped when the step is collected.
+        """
+        rows = list(self._rows)
+        self.max_batch_seen = max(self.max_batch_seen, len(rows))
+        self.metrics.batch_size.observe(len(rows))
+        where = {id(row): i for i, row in enumerate(previous.rows)} if previous is not None else {}
+        pending = [where.get(id(row)) for row in rows]
+        if all(i is None for i in pending):
+            tokens_in: list[int] | torch.Tensor = [row.last_token for row in rows]
+        elif pending == list(range(len(previous.rows))):
+            tokens_in = previous.tokens
+        else:  # rows that joined since (host tokens) follow the continuing rows (device tokens)
+            carried = [i for i in pending if i is not None]
+            joined = [row.last_token for row, i in zip(rows, pending) if i is None]
+            assert pending == carried + [None] * len(joined), "joined rows come last"
+            device = previous.tokens.device
+            tokens_in = torch.cat([previous.tokens[torch.tensor(carried, device=device)],
+                                   torch.tensor(joined, device=device, dtype=previous.tokens.dtype)])
+        logits = self.batch.decode(tokens_in)
+        tokens = sample(logits, [row.params for row in rows], [row.generator for row in rows])
+        return _Step(rows, tokens)
+
+    def _collect_step(self, step: _Step) -> None:
+        """Read a launched step's tokens (waiting for it if need be), stream them, retire finished rows."""
+        for row, token in zip(step.rows, step.host_tokens()):
+            if not row.retired:
+                self._deliver(row, token)
+        done = {i for i, row in enumerate(self._rows) if row.finish_reason is not None}
+        if done:
+            self._retire(done)
+
+    def _deliver(self, row: Sequence, token: int) -> None:
+        """One new token for a row: its text to the caller; the request's metrics when it is the first or last."""
+        event = row.append(token)
+        self.metrics.generation_tokens.inc()
+        handle = row.handle
+        if handle.first_token_at is None:
+            handle.first_token_at = time.monotonic()
+            self.metrics.ttft.observe(handle.first_token_at - handle.arrived)
+        if event is not None:
+            handle.push(event)
+        if row.finish_reason is not None:
+            self.metrics.requests.labels(row.finish_reason).inc()
+            self.metrics.latency.observe(time.monotonic() - handle.arrived)
+
+    def _retire(self, indices: set[int]) -> None:
+        for i in indices:
+            self._rows[i].retired = True
+        keep = [i for i in range(len(self._rows)) if i not in indices]
+        self._rows = [self._rows[i] for i in keep]
+        self.batch.keep(keep)
+        self.metrics.running.set(self.running)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        rows, self._rows, self._inflight = self._rows + [job.owner for job in self.batch.jobs], [], None
+        for row in rows:
+            row.retired = True
+        self.batch.release()
+        self.metrics.running.set(0)
+        self._fail([row.handle for row in rows], exc)
+
+    def _fail(self, handles: list[RequestHandle], exc: BaseException) -> None:
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            error: ServiceError = OutOfMemory(
+                "The GPU ran out of memory for this batch; its requests were dropped and the memory freed. "
+                "Retry, or lower max_tokens, image size or concurrency.")
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        elif isinstance(exc, ServiceError):
+            error = exc
+        else:
+            error = ServiceError(f"internal error while generating: {type(exc).__name__}: {exc}")
+        log.warning("failing %d request(s): %s", len(handles), error.message)
+        for handle in handles:
+            handle.push(Event(error=error))

@@ -1,0 +1,149 @@
+"""Start-up: torch's environment, the memory plan, the decode step's compile and CUDA graphs.
+
+On CUDA the KV cache is sized from measurements (service/sizing.py has the rules the planner
+mirrors): after the weights load, a prefill of the largest request the settings admit is run
+(twice: the first loads kernels and workspaces, which stay resident) and its activation peak
+measured; what NVML then sees the process hold is resident; the KV cache gets what the budget
+leaves, in blocks. The prefill runs image by image and chunk by chunk, so that request bounds the
+activations of every prefill. On the CPU there is no budget (system RAM is not what it protects):
+the cache holds max_batch_size sequences of max_model_len.
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from service.decode import DecodeRunner, PagedKVCache, Qwen3VLDecoder, Qwen3VLPrefill
+from service.decode.qwen3_step import fuse_linear_weights, text_model_of
+from service.engine.batch import Batch
+from service.engine.memory import ProcessMemory
+from service.engine.requests import Prompt
+from service.errors import ModelUnavailable
+from service.settings import ServiceSettings
+from service.sizing import BLOCK_SIZE, GIB, KVPlan, blocks_for, plan_kv_blocks
+
+log = logging.getLogger(__name__)
+
+DEFAULT_COMPILE_CACHE = Path.home() / ".cache" / "vlkit" / "compile"
+DECODE_BATCH_SIZES = (1, 2, 4, 8, 16, 32)  # decode graphs captured (up to max_batch_size)
+
+
+def configure_torch(settings: ServiceSettings) -> Path:
+    """Environment torch reads lazily; call before the process first touches CUDA.
+
+    - The allocator grows expandable segments instead of fixed blocks, so prefills of changing
+      sizes do not fragment the memory the budget counts (the user's own setting wins).
+    - TorchInductor and Triton keep compiled kernels in one directory that survives restarts
+      (a volume in the container), so start-up after the first only loads them.
+    - Attention (prefill, vision tower) never goes to cuDNN's SDPA: it builds a plan for every new
+      shape, and prompt lengths and image sizes change with every request; flash and memory-
+      efficient attention are ready-made kernels.
+    """
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    root = Path(settings.compile_cache_dir or os.environ.get("VLKIT_COMPILE_CACHE_DIR") or DEFAULT_COMPILE_CACHE)
+    if settings.compile_cache_dir is not None or "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
+    if settings.compile_cache_dir is not None or "TRITON_CACHE_DIR" not in os.environ:
+        os.environ["TRITON_CACHE_DIR"] = str(root / "triton")
+    return root
+
+
+def build_batch(model: Any, largest: Prompt, settings: ServiceSettings, max_model_len: int, dtype: torch.dtype,
+                device: torch.device, memory: ProcessMemory | None,
+                seconds: dict[str, float]) -> tuple[Batch, KVPlan | None]:
+    """The engine's batch: the KV cache sized from the budget, the decode step compiled and captured.
+    ``largest``: the largest admissible request (its prefill is measured); ``seconds`` gets the phases."""
+    on_cuda = device.type == "cuda"
+    started = time.perf_counter()
+    plan = None
+    if on_cuda:
+        for layer in text_model_of(model).layers:  # one matmul each, in place, before memory is measured
+            fuse_linear_weights([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
+            fuse_linear_weights([layer.mlp.gate_proj, layer.mlp.up_proj])
+        plan = plan_memory(model, largest, settings, max_model_len, dtype, device, memory)
+    cache = PagedKVCache(model.config, settings.max_batch_size, max_model_len, plan.blocks if plan else None,
+                         dtype=dtype, device=device)
+    decoder = Qwen3VLDecoder(model, cache, fuse_projections=on_cuda,
+                             compile_backend="inductor" if on_cuda and settings.compile else None)
+    # The Triton attention ends blocks past each row's length at once: coarse context buckets (fewer
+    # graphs to capture) cost little there.
+    runner = DecodeRunner(decoder, batch_sizes=DECODE_BATCH_SIZES, context_step=512 if decoder.attention == "triton" else 256)
+    seconds["memory plan"] = time.perf_counter() - started
+    ceiling = None
+    if on_cuda:
+        started = time.perf_counter()
+        decoder.measure_projections(runner.batch_sizes)  # before capture: the graphs keep what it chose
+        if settings.cuda_graphs:
+            runner.capture()  # its warm-up compiles each batch size first
+        else:
+            runner.warm_up()
+        torch.cuda.synchronize(device)
+        seconds["compile + graphs"] = time.perf_counter() - started
+        ceiling = torch.cuda.memory_reserved(device) + plan.prefill_peak
+        log.info("%s; process now %.2f GiB (NVML), %d decode graphs", plan.describe(), memory.used() / GIB,
+                 len(runner.graphs))
+    # A pass holds at most the largest request's images, whose features the memory plan measured.
+    return Batch(runner, Qwen3VLPrefill(model, decoder), max_images_per_pass=max(1, settings.max_images_per_request),
+                 reserved_ceiling=ceiling), plan
+
+
+def plan_memory(model: Any, largest: Prompt, settings: ServiceSettings, max_model_len: int, dtype: torch.dtype,
+                device: torch.device, memory: ProcessMemory) -> KVPlan:
+    """Measure the largest request's prefill, then fit as many KV blocks as the budget allows."""
+    try:
+        peak = prefill_peak(model, largest, max_model_len, dtype, device, memory)
+    except torch.cuda.OutOfMemoryError:
+        raise ModelUnavailable(
+            f"the largest request this configuration admits ({largest.length} tokens with {largest.images} image(s) "
+            f"of up to {settings.max_pixels} pixels) does not fit the GPU: lower --max-model-len, --max-pixels "
+            "or --max-images-per-request, or use --quantization nf4") from None
+    block_bytes = PagedKVCache.bytes_per_token(model.config, dtype) * BLOCK_SIZE
+    plan = plan_kv_blocks(budget_bytes=int(settings.memory_budget_gib * GIB), resident_bytes=memory.used(),
+                          prefill_peak_bytes=peak, block_bytes=block_bytes, max_len=max_model_len,
+                          max_sequences=settings.max_batch_size)
+    if plan.full_sequences < 1:
+        need = (blocks_for(max_model_len) + 1) * block_bytes  # + the scratch block
+        raise ModelUnavailable(
+            f"--memory-budget-gib {settings.memory_budget_gib} leaves no room for one sequence of "
+            f"--max-model-len {max_model_len} tokens ({need / GIB:.2f} GiB of KV cache): {plan.describe()}. "
+            "Lower --max-model-len, --max-pixels or --max-images-per-request, use --quantization nf4, or raise "
+            "the budget if the card has room")
+    return plan
+
+
+def prefill_peak(model: Any, prompt: Prompt, max_model_len: int, dtype: torch.dtype, device: torch.device,
+                 memory: ProcessMemory) -> int:
+    """Bytes the prefill of this prompt adds at its peak (torch's peak, or what NVML saw grow),
+    beyond the K/V it writes: it runs into a pool of its own, made before measuring."""
+    pool = PagedKVCache(model.config, 1, max_model_len, dtype=dtype, device=device)
+    prefiller = Qwen3VLPrefill(model, Qwen3VLDecoder(model, pool, fuse_projections=True))
+    slot = pool.allocate(prompt.length)
+
+    def run() -> None:
+        prefiller.prefill(slot, prompt.input_ids, prompt.mrope_positions, prompt.rope_delta, prompt.pixel_values,
+                          prompt.image_grid_thw)
+        torch.cuda.synchronize(device)
+
+    # Once first: kernels and library workspaces loaded at their first use stay resident (they are
+    # counted there); the second run shows what a prefill itself adds.
+    run()
+    gc.collect()
+    torch.cuda.empty_cache()
+    allocated, reserved = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+    used = memory.used()
+    torch.cuda.reset_peak_memory_stats(device)
+    run()
+    peak = max(torch.cuda.max_memory_allocated(device) - allocated, torch.cuda.max_memory_reserved(device) - reserved,
+               memory.used() - used)
+    del pool, prefiller
+    gc.collect()
+    torch.cuda.empty_cache()
+    log.info("prefill of %d tokens with %d image(s): peak %.2f GiB", prompt.length, prompt.images, peak / GIB)
+    return peak
