@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+# Under `make test`, Docker is set up only when a selected test needs it (tests/docker_setup.py).
+pytest_plugins = ["tests.docker_setup"]
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Triton kernels (attention, skinny GEMM) run in Triton's own interpreter on a machine without a
 # GPU: set before anything imports triton, which reads it when a kernel is defined.

@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from scripts.usage import setting
 from wsl import wslconfig
 from wsl.host import detect_platform, host_ram, meminfo_total_bytes, windows_userprofile
 
@@ -57,7 +58,7 @@ def config_command(args: argparse.Namespace) -> int:
     path = args.wslconfig
     if path is None:
         if not detect_platform().is_wsl:
-            return _err("not running inside WSL; pass --wslconfig PATH to edit a file anyway")
+            return _err(f"not running inside WSL; to edit a .wslconfig anyway, name it: {setting('wslconfig', 'PATH')}")
         profile_dir = windows_userprofile()
         if profile_dir is None:
             return _err("cannot find your Windows profile folder (interop off?); pass "

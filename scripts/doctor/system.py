@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from scripts.doctor.model import Check, fail, gib, ok, warn
+from scripts.usage import command, setting
 from wsl import wslconfig, wslconfig_parser
 from wsl.host import kernel_version
 
@@ -31,7 +32,7 @@ def platform_checks(facts) -> list[Check]:
         out.append(ok("systemd", "running"))
     elif p.is_wsl:
         out.append(warn("systemd", "not running: Docker Engine inside WSL will not start by itself",
-                        "add `[boot]` `systemd=true` to /etc/wsl.conf, then `make wsl-restart` "
+                        f"add `[boot]` `systemd=true` to /etc/wsl.conf, then `{command('wsl-restart')}` "
                         "(not needed with Docker Desktop)"))
     else:
         out.append(warn("systemd", "not PID 1 (a container?): services such as docker are started by hand",
@@ -54,15 +55,16 @@ def wslconfig_check(facts, profile: str) -> Check:
     if facts.wslconfig_error:
         where = f"{facts.wslconfig_path}: " if facts.wslconfig_path else ""
         return warn(name, f"{where}{facts.wslconfig_error}",
-                    "fix the file by hand, or pass `--wslconfig PATH`; `vlkit wsl config --dry-run` shows what we would write")
+                    f"fix the file by hand, or give another: {setting('wslconfig', 'PATH')}; "
+                    f"`{command('wsl-config', dry_run=True)}` shows what we would write")
     cfg = facts.wslconfig
     if cfg is None:
         return warn(name, "the Windows profile folder is out of reach, so .wslconfig was not read",
-                    "`vlkit doctor --wslconfig /mnt/c/Users/<you>/.wslconfig`")
+                    f"`{command('doctor', wslconfig='/mnt/c/Users/<you>/.wslconfig')}`")
     profile = profile if profile in wslconfig.PROFILE_MIN_VM_GIB else "8gb"
     rec = wslconfig.recommend(facts.host_ram.bytes, profile) if facts.host_ram and facts.host_ram.is_windows_total else None
-    want = f"recommended memory={rec.memory} swap={rec.swap}" if rec else "recommended: see `vlkit wsl config --dry-run`"
-    fix = "`make wsl-config` (vlkit wsl config), then `make wsl-restart`"
+    want = f"recommended memory={rec.memory} swap={rec.swap}" if rec else f"recommended: see `{command('wsl-config', dry_run=True)}`"
+    fix = f"`{command('wsl-config')}`, then `{command('wsl-restart')}`"
     need = wslconfig.PROFILE_MIN_VM_GIB[profile] * wslconfig.GIB
     if not cfg.exists:
         # WSL's defaults: half the host RAM, swap a quarter of that
