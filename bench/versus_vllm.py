@@ -147,9 +147,23 @@ def table(rows: list[tuple[str, float, float]], better_low: set[str]) -> str:
     return "\n".join(lines)
 
 
+class Plan:
+    """What `vlkit plan --json` says (run from the checkout: the image has no host tools)."""
+
+    def __init__(self, ckpt: Path, profile: str, card: str):
+        import json
+
+        root = Path(__file__).resolve().parents[1]
+        out = subprocess.run([sys.executable, "-m", "scripts", "plan", "--json", "--model", str(ckpt), "--profile",
+                              profile, "--gpu-memory", card], capture_output=True, text=True, cwd=root)
+        if out.returncode not in (0, 2):
+            raise RuntimeError(f"vlkit plan failed: {out.stderr.strip()}")
+        plan = json.loads(out.stdout)
+        self.fits, self.service_env, self.vllm_args = plan["fits"], plan["service_env"], plan["vllm_args"]
+        self.gpu_total_bytes = plan["gpu_total_bytes"]
+
+
 def main(argv: list[str] | None = None) -> int:
-    from scripts.planner import plan_for
-    from scripts.planner.sizes import parse_size
 
     parser = argparse.ArgumentParser(prog="python -m bench.versus_vllm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="2b")
@@ -166,9 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     report = [f"vlkit vs vLLM, Qwen3-VL {args.shape} random weights, each request its own 1280x704 JPEG, "
               f"{args.max_tokens} new tokens, openai SDK streaming"]
     for card_text in args.cards.split(","):
-        card = parse_size(card_text)
-        plans = {"vlkit": plan_for(model=str(ckpt), profile="8gb", gpu_memory_bytes=card),
-                 "vLLM": plan_for(model=str(ckpt), profile="16gb", gpu_memory_bytes=card)}
+        plans = {"vlkit": Plan(ckpt, "8gb", card_text), "vLLM": Plan(ckpt, "16gb", card_text)}
+        card = plans["vLLM"].gpu_total_bytes
         results, ready = {}, {}
         for name, plan in plans.items():
             if args.only and name.lower() != args.only or not plan.fits:
