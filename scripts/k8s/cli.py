@@ -9,16 +9,13 @@ import sys
 from pathlib import Path
 
 from scripts.k8s import names
+from scripts.planner.options import MIN_CONTEXT, at_least
 from scripts.planner.sizes import memory_arg, parse_size
+from scripts.usage import command
 
 EXIT_WRITTEN, EXIT_ERROR, EXIT_DOES_NOT_FIT = 0, 1, 2
 GIB = 1024**3
-
-
-def _count(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
-    return int(text)
+_count = at_least(1)
 
 
 def _volume_size(text: str) -> int:
@@ -47,7 +44,7 @@ def register(subparsers) -> None:
                    help="memory of ONE GPU on the cluster's nodes (24GiB, 48GB, 80GiB)")
     p.add_argument("--gpus", type=_count, default=1, metavar="N",
                    help="GPUs per pod: vLLM's --tensor-parallel-size (a node must have N free)")
-    p.add_argument("--context", type=_count, metavar="TOKENS", help="wanted context (prompt + answer)")
+    p.add_argument("--context", type=at_least(MIN_CONTEXT), metavar="TOKENS", help="wanted context (prompt + answer)")
     p.add_argument("--replicas", type=_count, default=1, metavar="N",
                    help="pods behind the Service, N x GPUS GPUs in all (default: 1)")
     p.add_argument("--name", type=names.object_name, help="StatefulSet and Service name (default: vlkit-<model>)")
@@ -100,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
         _err(f"the plan for {plan.model} on {args.gpus} x {args.gpu_memory / GIB:g} GiB does not fit; "
              "nothing was written.")
         print(f"  {plan.refusal}", file=sys.stderr)
-        print("  `vlkit plan --profile 16gb` with the same --gpu-memory/--gpus shows the whole budget.", file=sys.stderr)
+        print(f"  `{command('plan', profile='16gb', model=args.model, gpu_memory=f'{args.gpu_memory // 2**20}MiB', gpus=args.gpus)}` "
+              "shows the whole budget.", file=sys.stderr)
         return EXIT_DOES_NOT_FIT
     if args.cache_size is not None and args.cache_size * GIB < weight_bytes:
         _err(f"--cache-size {args.cache_size}Gi cannot hold {plan.model}'s weights ({weight_bytes / GIB:.1f} GiB); "
