@@ -76,22 +76,23 @@ def test_the_e4m3_bit_decoding_of_the_triton_kernel_matches_torch_for_every_byte
     sign to bit 15, exponent and mantissa to bits 7..13 of an fp16, which then reads value / 256."""
     codes = torch.arange(256, dtype=torch.int32)
     codes = codes[(codes & 0x7F) != 0x7F]  # e4m3fn's two NaN codes never occur in a checkpoint
-    half_bits = ((codes & 0x80) << 8) | ((codes & 0x7F) << 7)
+    half_bits = (codes + (codes & 0x80)) << 7
+    assert torch.equal(half_bits, ((codes & 0x80) << 8) | ((codes & 0x7F) << 7))  # the sign carries into bit 15
     decoded = half_bits.to(torch.int16).view(torch.float16).float() * 256
+    assert torch.equal(decoded.bfloat16().float(), decoded)  # exact in bf16 too
     expected = codes.to(torch.uint8).view(FP8_DTYPE).float()
     assert torch.equal(decoded, expected)
 
 
 def kernel_weight_only(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The weight-only kernel's loop in torch: per 128-column step of K, the weight tile dequantized
-    with each row's block scale, multiplied by the activations' tile, accumulated in float32."""
+    """The weight-only kernel's loop in torch: per 128-column step of K, the activations' tile times
+    the FP8 values, each output column scaled by its row's block scale, accumulated in float32."""
     rows, cols = x.shape
     acc = torch.zeros(rows, weight.shape[0])
     row_blocks = torch.arange(weight.shape[0]) // BLOCK
     for kb in range(-(-cols // BLOCK)):
         k = slice(kb * BLOCK, (kb + 1) * BLOCK)
-        tile = (weight[:, k].float() * scale[row_blocks, kb][:, None]).to(x.dtype)
-        acc += x[:, k].float() @ tile.float().T
+        acc += (x[:, k].float() @ weight[:, k].to(x.dtype).float().T) * scale[row_blocks, kb][None, :]
     return acc.to(x.dtype)
 
 

@@ -39,7 +39,8 @@ def fp8_dir(tmp_path_factory) -> Path:
 def tensors(path: Path) -> dict[str, tuple[str, list[int]]]:
     found = {}
     index = path / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+             else ["model.safetensors"])
     for name in files:
         with safe_open(str(path / name), "pt") as f:
             for key in f.keys():
@@ -186,3 +187,10 @@ def test_broken_fp8_checkpoints_are_refused_with_the_tensor_named(fp8_dir, tmp_p
     broken = edited_copy(fp8_dir, tmp_path / "ckpt", tensor_edit=edit)
     with pytest.raises(ModelUnavailable, match=message):
         load_model(broken, CPU, torch.float32)
+
+
+def test_nf4_is_for_bf16_checkpoints_on_cuda(fp8_dir, tiny_model_dir):
+    with pytest.raises(ModelUnavailable, match="FP8 checkpoint; --quantization nf4 quantizes bf16"):
+        load_model(fp8_dir, CPU, torch.float32, quantize="nf4")
+    with pytest.raises(ModelUnavailable, match="nf4 needs a CUDA GPU"):
+        load_model(tiny_model_dir, CPU, torch.float32, quantize="nf4")

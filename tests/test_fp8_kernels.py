@@ -65,7 +65,8 @@ def relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
 def problem(rows: int, out_features: int, in_features: int, dtype, seed: int):
     generator = torch.Generator(device=DEVICE).manual_seed(seed)
     x = torch.randn(rows, in_features, device=DEVICE, generator=generator).to(dtype)
-    weight, scale = quantize_blockwise(torch.randn(out_features, in_features, device=DEVICE, generator=generator) * 0.02)
+    dense = torch.randn(out_features, in_features, device=DEVICE, generator=generator) * 0.02
+    weight, scale = quantize_blockwise(dense)
     return x, weight, scale
 
 
@@ -140,6 +141,9 @@ def test_scaled_mm_block_scaling_on_hopper():
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("cuBLASLt's 1x128 x 128x128 block scaling is Hopper-only")
     gemm = TritonGemm(torch.device("cuda"), fp8_tensor_cores=True, scaled_mm=True)
+    gemm.check()
+    if not gemm.scaled_mm:  # the service then takes the Triton kernel (logged at load)
+        pytest.skip(f"torch {torch.__version__}'s _scaled_mm does not take 1x128 x 128x128 block scales here")
     x, weight, scale = problem(300, 2048, 6144, torch.bfloat16, seed=9)
     assert relative_error(gemm.w8a8(x, weight, scale), w8a8_reference(x, weight, scale)) < 1e-2
 

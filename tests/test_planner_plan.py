@@ -114,6 +114,7 @@ def test_an_8gb_plan_is_valid_service_settings(gb, monkeypatch):
         monkeypatch.setenv(key, value)
     settings = ServiceSettings()                   # the service's own validation accepts every value
     assert settings.max_model_len == plan.context
+    assert settings.quantization == plan.service_env["VLKIT_QUANTIZATION"]
     assert settings.memory_budget_gib * GIB <= gb * GIB
 
 

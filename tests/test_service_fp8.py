@@ -62,7 +62,8 @@ def request(engine, text, images=(), max_tokens=24):
 PROMPTS = [
     ("hello", ()),
     ("Describe the image in detail, please.", (Image.linear_gradient("L").resize((96, 64)).convert("RGB"),)),
-    ("Two pictures to compare.", (Image.new("RGB", (64, 64), (200, 30, 30)), Image.new("RGB", (128, 64), (9, 99, 199)))),
+    ("Two pictures to compare.",
+     (Image.new("RGB", (64, 64), (200, 30, 30)), Image.new("RGB", (128, 64), (9, 99, 199)))),
     ("A much longer text prompt, so that the rows of the batch have quite different lengths.", ()),
 ]
 

@@ -264,6 +264,11 @@ def gemm_for(device: torch.device) -> Gemm:
     return gemm
 
 
+def model_gemm(model: nn.Module) -> Gemm | None:
+    """The FP8 GEMM of a model's :class:`Fp8Linear` modules (None: no FP8 weights)."""
+    return next((m.gemm for m in model.modules() if isinstance(m, Fp8Linear)), None)
+
+
 def describe(gemm: Gemm) -> str:
     """One line for the log: which path this GEMM takes."""
     if isinstance(gemm, TritonGemm):

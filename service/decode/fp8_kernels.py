@@ -2,9 +2,10 @@
 [ceil(N/128), ceil(K/128)]``), for :mod:`service.decode.fp8`. ``x`` is ``[M, K]``, the result ``[M, N]``.
 
 - :func:`weight_only_matmul`: bf16/fp16 activations times the weight dequantized in registers,
-  one 128-column block of K per step (one scale per row there). Runs on every GPU Triton supports
-  (sm_75+): the FP8 bytes are decoded with integer operations into fp16's bit layout (Triton
-  converts float8e4nv only on sm_89+). For the few rows of a decode step the grid is split over K
+  one 128-column block of K per step: the FP8 values (exact in fp16 and bf16) go to the tensor
+  cores, each row's block scale multiplies the float32 product. Runs on every GPU Triton supports
+  (sm_75+): the FP8 bytes are decoded with three integer operations into fp16's bit layout
+  (Triton converts float8e4nv only on sm_89+). For the few rows of a decode step the grid is split over K
   as well (partial sums in float32, then one small reduction kernel) so that enough blocks of work
   stream the weights to keep the memory bus busy.
 - :func:`quantize_activations` + :func:`block_matmul` (sm_89+): activations quantized to FP8 per
@@ -119,12 +120,12 @@ if triton is not None:
 
     @triton.jit
     def _e4m3_as_f16_over_256(bits):
-        """float8_e4m3fn bytes (uint8) -> fp16 holding value / 2**8: the sign to bit 15, exponent and
-        mantissa (7 bits) to bits 7..13, so fp16's exponent bias (15) reads e4m3's (7) less 8, for
-        normal and subnormal values alike (e4m3's NaN, never in a checkpoint, would read 480)."""
+        """float8_e4m3fn bytes (uint8) -> fp16 holding value / 2**8, exactly: the sign to bit 15,
+        exponent and mantissa (7 bits) to bits 7..13, so that fp16's exponent bias (15) reads e4m3's
+        (7) less 8, for normal and subnormal values alike (e4m3's NaN, never stored, would read 480).
+        ``(b + (b & 0x80)) << 7``: the sign, shifted to bit 14 twice, carries into bit 15."""
         b = bits.to(tl.int32)
-        half = ((b & 0x80) << 8) | ((b & 0x7F) << 7)
-        return half.to(tl.uint16).to(tl.float16, bitcast=True)
+        return ((b + (b & 0x80)) << 7).to(tl.int16).to(tl.float16, bitcast=True)
 
     @triton.jit
     def _weight_only_kernel(X, W, S, OUT, M, N, K, stride_xm, stride_wn, stride_sn, stride_om, stride_os,
@@ -147,9 +148,11 @@ if triton is not None:
             k_ok = kb * GROUP + offs_k < K  # also false past the last block
             x = tl.load(x_ptrs + kb * GROUP, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs + kb * GROUP, mask=n_ok[:, None] & k_ok[None, :], other=0)
-            s = tl.load(s_ptrs + kb, mask=n_ok & (kb < blocks), other=0.0) * 256.0
-            w = (_e4m3_as_f16_over_256(w).to(tl.float32) * s[:, None]).to(x.dtype)
-            acc += tl.dot(x, tl.trans(w))
+            s = tl.load(s_ptrs + kb, mask=n_ok & (kb < blocks), other=0.0)
+            # The FP8 values themselves (exact in fp16 and bf16) on the tensor cores; each row's
+            # block scale (one per row in this K block) on the float32 product.
+            part = tl.dot(x, tl.trans(_e4m3_as_f16_over_256(w).to(x.dtype)))
+            acc += part * (s * 256.0)[None, :]
         out_ptrs = OUT + pid_k * stride_os + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
         tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 

@@ -1,4 +1,4 @@
-"""Find the model on disk and load it once: weights (bf16 / fp16 / fp32, or Qwen's FP8) and processor.
+"""Find the model on disk and load it once: weights (bf16 / fp16 / fp32, Qwen's FP8, nf4) and processor.
 
 The model is a local directory or a hub id that is already in the local Hugging Face cache; this
 module never downloads (the hub may be unreachable, and a download belongs to `make download`).
@@ -142,20 +142,44 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def load_model(path: Path, device: torch.device, dtype: torch.dtype, quantize: str = "none") -> tuple[torch.nn.Module, bool]:
+def load_model(path: Path, device: torch.device, dtype: torch.dtype,
+               quantize: str = "none") -> tuple[torch.nn.Module, bool]:
     """The model on ``device`` and whether its decoder is FP8: Qwen's -FP8 checkpoints, and bf16
     ones with ``quantize="fp8"``, through fp8_checkpoint (transformers' FP8 path needs the hub);
-    the rest through transformers."""
+    the rest through transformers (``quantize="nf4"``: bitsandbytes 4-bit)."""
     from transformers import AutoModelForImageTextToText
 
     stored_fp8 = checkpoint_quantization(_read_json(path / "config.json")) is not None
+    if stored_fp8 and quantize == "nf4":
+        raise ModelUnavailable(f"{path} is an FP8 checkpoint; --quantization nf4 quantizes bf16 checkpoints")
     if stored_fp8 or quantize == "fp8":
         return load_fp8_model(path, device, dtype, quantize=not stored_fp8), True
+    kwargs: dict = {"dtype": dtype}
+    if quantize == "nf4":
+        kwargs.update(_nf4_options(device, dtype))
     try:
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelUnavailable(f"cannot load the model from {path}: {exc}") from exc
-    return model.to(device).eval(), False
+    if quantize != "nf4":
+        model.to(device)
+    return model.eval(), False
+
+
+def _nf4_options(device: torch.device, dtype: torch.dtype) -> dict:
+    if device.type != "cuda":
+        raise ModelUnavailable("--quantization nf4 needs a CUDA GPU (bitsandbytes 4-bit runs on CUDA only)")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelUnavailable("--quantization nf4 needs bitsandbytes: pip install -e '.[service,nf4]'") from None
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
+        # The vision tower is small and sensitive to quantization; keep it (and the head) in `dtype`.
+        llm_int8_skip_modules=["visual", "vision_tower", "lm_head"])
+    return {"quantization_config": config, "device_map": {"": device.index or 0}}
 
 
 def load(settings: ServiceSettings) -> LoadedModel:

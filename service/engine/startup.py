@@ -113,8 +113,8 @@ def plan_memory(model: Any, largest: Prompt, settings: ServiceSettings, max_mode
         raise ModelUnavailable(
             f"--memory-budget-gib {settings.memory_budget_gib} leaves no room for one sequence of "
             f"--max-model-len {max_model_len} tokens ({need / GIB:.2f} GiB of KV cache): {plan.describe()}. "
-            "Lower --max-model-len, --max-pixels or --max-images-per-request, use a smaller or FP8 checkpoint, or raise "
-            "the budget if the card has room")
+            "Lower --max-model-len, --max-pixels or --max-images-per-request, use a smaller or FP8 checkpoint, "
+            "or raise the budget if the card has room")
     return plan
 
 
