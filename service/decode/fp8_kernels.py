@@ -148,7 +148,8 @@ if triton is not None:
             k_ok = kb * GROUP + offs_k < K  # also false past the last block
             x = tl.load(x_ptrs + kb * GROUP, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs + kb * GROUP, mask=n_ok[:, None] & k_ok[None, :], other=0)
-            s = tl.load(s_ptrs + kb, mask=n_ok & (kb < blocks), other=0.0)
+            # (Past the last block the tiles above are zeros: any in-range scale will do.)
+            s = tl.load(s_ptrs + tl.minimum(kb, blocks - 1), mask=n_ok, other=0.0)
             # The FP8 values themselves (exact in fp16 and bf16) on the tensor cores; each row's
             # block scale (one per row in this K block) on the float32 product.
             part = tl.dot(x, tl.trans(_e4m3_as_f16_over_256(w).to(x.dtype)))
