@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.measure import copy_bandwidth
+from bench.profile_step import graph_time
 from service.decode import fp8_kernels
 from service.decode.fp8 import TritonGemm, quantize_blockwise
 from service.model_shapes import shape as model_shape
@@ -34,29 +35,9 @@ def projection_shapes(size: str) -> dict[str, tuple[int, int]]:
     return {"qkv": (q + 2 * kv, hidden), "o": (hidden, q), "gate_up": (2 * inter, hidden), "down": (hidden, inter)}
 
 
-def graph_seconds(calls: list, repeats: int = 20) -> float:
-    """Seconds per call: all ``calls`` captured in one CUDA graph, the median of ``repeats`` replays."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for call in calls:
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del graph
-    return sorted(times)[len(times) // 2] / len(calls)
+def graph_seconds(calls: list) -> float:
+    """Seconds per call: all ``calls`` captured in one CUDA graph, the median replay."""
+    return graph_time(lambda: [call() for call in calls], repeats=20) / len(calls)
 
 
 def kernel_rows(sizes: list[str], rows: tuple[int, ...], device: torch.device) -> list[dict]:

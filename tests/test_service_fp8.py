@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from service.decode.fp8 import Fp8Linear, dequantize_linears
 from service.engine import Engine
 from service.engine.loading import load_model
 from service.settings import ServiceSettings
 from tests.conftest import SERVED_NAME, free_port, png_data_url, start_server
+from tests.test_service_engine import PROMPTS, request
 
 
 @pytest.fixture(scope="module")
@@ -53,29 +53,14 @@ def engines(fp8_dir, dequantized_dir):
         engine.stop()
 
 
-def request(engine, text, images=(), max_tokens=24):
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
-    return engine.prepare([{"role": "user", "content": content}], list(images), max_tokens=max_tokens,
-                          temperature=0.0, ignore_eos=True)
-
-
-PROMPTS = [
-    ("hello", ()),
-    ("Describe the image in detail, please.", (Image.linear_gradient("L").resize((96, 64)).convert("RGB"),)),
-    ("Two pictures to compare.",
-     (Image.new("RGB", (64, 64), (200, 30, 30)), Image.new("RGB", (128, 64), (9, 99, 199)))),
-    ("A much longer text prompt, so that the rows of the batch have quite different lengths.", ()),
-]
-
-
 def test_the_fp8_engine_decodes_the_dequantized_models_greedy_tokens(engines):
     fp8, reference = engines
     assert isinstance(fp8.model.model.language_model.layers[0].mlp.down_proj, Fp8Linear)
     assert not any(isinstance(m, Fp8Linear) for m in reference.model.modules())
-    expected = [reference.generate(request(reference, t, i)).token_ids for t, i in PROMPTS]
-    assert [fp8.generate(request(fp8, t, i)).token_ids for t, i in PROMPTS] == expected
+    expected = [reference.generate(request(reference, t, i, ignore_eos=True)).token_ids for t, i in PROMPTS]
+    assert [fp8.generate(request(fp8, t, i, ignore_eos=True)).token_ids for t, i in PROMPTS] == expected
     with fp8.paused():  # all four in one batch
-        handles = [fp8.submit(request(fp8, t, i)) for t, i in PROMPTS]
+        handles = [fp8.submit(request(fp8, t, i, ignore_eos=True)) for t, i in PROMPTS]
     for handle in handles:
         list(handle)
     assert [h.token_ids for h in handles] == expected

@@ -128,19 +128,24 @@ if triton is not None:
         return ((b + (b & 0x80)) << 7).to(tl.int16).to(tl.float16, bitcast=True)
 
     @triton.jit
-    def _weight_only_kernel(X, W, S, OUT, M, N, K, stride_xm, stride_wn, stride_sn, stride_om, stride_os,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, SPLIT_K: tl.constexpr):
-        pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    def _tile(X, W, S, M, N, stride_xm, stride_wn, stride_sn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              GROUP: tl.constexpr):
+        """This program's output tile (grid: N tiles, M tiles, ...): row and column offsets, their
+        bounds, and pointers to the activations' and the weight's first K block and the weight's
+        block scales (one per row: its 128-row block's, in K block 0)."""
+        offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, GROUP)
-        m_ok = offs_m < M
-        n_ok = offs_n < N
         x_ptrs = X + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
         w_ptrs = W + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
-        s_ptrs = S + (offs_n // GROUP) * stride_sn
+        return offs_m, offs_n, offs_k, offs_m < M, offs_n < N, x_ptrs, w_ptrs, S + (offs_n // GROUP) * stride_sn
+
+    @triton.jit
+    def _weight_only_kernel(X, W, S, OUT, M, N, K, stride_xm, stride_wn, stride_sn, stride_om, stride_os,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, SPLIT_K: tl.constexpr):
+        pid_k = tl.program_id(2)
+        offs_m, offs_n, offs_k, m_ok, n_ok, x_ptrs, w_ptrs, s_ptrs = _tile(
+            X, W, S, M, N, stride_xm, stride_wn, stride_sn, BLOCK_M, BLOCK_N, GROUP)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         blocks = tl.cdiv(K, GROUP)
         for step in range(0, tl.cdiv(blocks, SPLIT_K)):  # K blocks pid_k, pid_k + SPLIT_K, ...
@@ -181,17 +186,9 @@ if triton is not None:
     @triton.jit
     def _block_fp8_kernel(A, AS, W, S, OUT, M, N, K, stride_am, stride_asm, stride_ask, stride_wn, stride_sn,
                           stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
-        pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, GROUP)
-        m_ok = offs_m < M
-        n_ok = offs_n < N
-        a_ptrs = A + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
-        w_ptrs = W + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+        offs_m, offs_n, offs_k, m_ok, n_ok, a_ptrs, w_ptrs, s_ptrs = _tile(
+            A, W, S, M, N, stride_am, stride_wn, stride_sn, BLOCK_M, BLOCK_N, GROUP)
         as_ptrs = AS + offs_m * stride_asm
-        s_ptrs = S + (offs_n // GROUP) * stride_sn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kb in range(0, tl.cdiv(K, GROUP)):
             k_ok = kb * GROUP + offs_k < K
