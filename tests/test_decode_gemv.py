@@ -75,7 +75,7 @@ def test_the_decode_step_on_the_triton_kernels_decodes_like_transformers():
     decoder = Qwen3VLDecoder(model, cache, attention="triton", fuse_projections=True)
     layer = decoder.layers[0]
     for m in (1, 2):
-        for weight, silu in ((decoder.qkv_weights[0], False), (decoder.gate_up_weights[0], False),
+        for weight, silu in ((decoder.qkv_proj[0].weight, False), (decoder.gate_up_proj[0].weight, False),
                              (layer.self_attn.o_proj.weight, False), (layer.mlp.down_proj.weight, True)):
             decoder.linear._triton.add((m, weight.shape[0], weight.shape[1], silu))
     runner = DecodeRunner(decoder, context_step=64)
