@@ -190,3 +190,15 @@ def test_an_fp8_checkpoint_on_the_gpu_holds_one_byte_per_fp8_weight(tmp_path):
     assert fp8 and fp8_bytes > 0.5 * expected
     assert expected <= resident < expected * 1.05 + 8 * 2**20
 
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows, out, cols", [(1, 256, 384), (5, 200, 300), (16, 384, 256)])
+def test_the_skinny_decode_kernel_is_the_weight_only_math(rows, out, cols):
+    """The decode step's no-split kernel (under Triton's interpreter here, in fp16): the dequantized
+    product, whole and partial blocks in N and K."""
+    pytest.importorskip("triton")
+    from service.decode.fp8_kernels import skinny_matmul
+
+    x, weight, scale = problem(rows, out, cols, torch.float16, seed=rows + out)
+    assert relative_error(skinny_matmul(x, weight, scale), dequantized_product(x, weight, scale)) < 2e-3

@@ -40,6 +40,7 @@ AMAX_FLOOR = 1e-10  # an all-zero activation group gets this amax (any scale rep
 # Rows up to which CUDA 8.9+ keeps to the weight-only kernel: every decode batch (the engine
 # captures 1..32). The bench (bench/fp8_kernels.py) times both kernels at every M on the real shapes.
 WEIGHT_ONLY_MAX_ROWS = 32
+SCALED_MM_ROWS = 16  # torch._scaled_mm's activations are padded to a multiple of this many rows
 
 
 class Fp8Unsupported(RuntimeError):
@@ -179,20 +180,63 @@ class TritonGemm:
         self.fp8_tensor_cores = fp8_tensor_cores
         self.scaled_mm = scaled_mm and fp8_tensor_cores
         self.weight_only_max_rows = weight_only_max_rows
+        self.skinny: set[tuple[int, int, int]] = set()  # (M, N, K) the skinny kernel runs faster (measure)
+        self.timings: dict[tuple[int, int, int], tuple[float, float]] = {}
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        if (x.shape[0], *weight.shape) in self.skinny:
+            return self.kernels.skinny_matmul(x, weight, scale)
         if not self.fp8_tensor_cores or x.shape[0] <= self.weight_only_max_rows:
             return self.kernels.weight_only_matmul(x, weight, scale)
         return self.w8a8(x, weight, scale)
 
+    @torch.no_grad()
+    def measure(self, weights: list[tuple[torch.Tensor, torch.Tensor]], batch_sizes: list[int]) -> None:
+        """For the decode step's shapes (one layer's projections at each batch size <= 16): time the
+        weight-only kernel and the skinny one inside CUDA graphs (as the step runs them) and keep the
+        skinny one where it is at least 3% faster and agrees."""
+        from service.decode.gemv import _time
+
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+        for weight, scale in weights:
+            for rows in sorted({m for m in batch_sizes if m <= 16}):
+                key = (rows, *weight.shape)
+                if key in self.timings:
+                    continue
+                x = torch.randn(rows, weight.shape[1], device=weight.device, dtype=dtype)
+                try:
+                    ours = self.kernels.skinny_matmul(x, weight, scale)  # autotunes this shape
+                    base = self.kernels.weight_only_matmul(x, weight, scale)
+                    err = ((ours.float() - base.float()).norm() / base.float().norm().clamp_min(1e-6)).item()
+                    timing = (_time(lambda: self.kernels.weight_only_matmul(x, weight, scale), 10),
+                              _time(lambda: self.kernels.skinny_matmul(x, weight, scale), 10))
+                except Exception as exc:  # noqa: BLE001 - the weight-only kernel then, as before
+                    log.warning("FP8 skinny kernel unavailable for %s: %s", key, exc)
+                    continue
+                self.timings[key] = timing
+                if err < 1e-2 and timing[1] < 0.97 * timing[0]:
+                    self.skinny.add(key)
+        log.info("FP8 decode projections (M, N, K: weight-only us / skinny us): %s; skinny for %d of %d",
+                 ", ".join(f"{k}: {a:.1f}/{b:.1f}" for k, (a, b) in sorted(self.timings.items())),
+                 len(self.skinny), len(self.timings))
+
     def w8a8(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """FP8 tensor cores at any row count (the benchmark times it against the weight-only kernel)."""
-        # cuBLASLt wants 16-byte aligned rows of scales (K/128 a multiple of 4) and whole blocks of N.
+        # cuBLASLt wants 16-byte aligned rows of scales (K/128 a multiple of 4), whole blocks of N, and
+        # rows in multiples of 4 (seen on an H200, torch 2.11: 33 rows are CUBLAS_STATUS_NOT_SUPPORTED;
+        # 4, 8, 64 and 1024 run): the activations are padded to a multiple of 16 rows for it.
+        rows = x.shape[0]
         use_scaled_mm = self.scaled_mm and x.shape[1] % (4 * BLOCK) == 0 and weight.shape[0] % BLOCK == 0
+        if use_scaled_mm and rows % SCALED_MM_ROWS:
+            x = F.pad(x, (0, 0, 0, -rows % SCALED_MM_ROWS))
         q, q_scale = self.kernels.quantize_activations(x, column_major_scales=use_scaled_mm)
         if use_scaled_mm:
-            return torch._scaled_mm(q, weight.t(), scale_a=q_scale, scale_b=scale.t(), out_dtype=x.dtype)
-        return self.kernels.block_matmul(q, q_scale, weight, scale, x.dtype)
+            try:
+                return torch._scaled_mm(q, weight.t(), scale_a=q_scale, scale_b=scale.t(), out_dtype=x.dtype)[:rows]
+            except RuntimeError as exc:  # a shape cuBLASLt's heuristics refuse (nothing ran): the Triton kernel
+                log.warning("torch._scaled_mm refused %s x %s (%s); the Triton FP8 GEMM instead", tuple(x.shape),
+                            tuple(weight.shape), exc)
+        return self.kernels.block_matmul(q, q_scale, weight, scale, x.dtype)[:rows]
 
     def describe(self) -> str:
         name = torch.cuda.get_device_name(self.device)

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -82,6 +83,27 @@ def weight_only_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     if split > 1:
         total = rows * out_features
         _sum_splits_kernel[(triton.cdiv(total, 1024),)](target, out, total, SPLIT=split, BLOCK=1024, num_warps=4)
+    return out
+
+
+def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The decode step's shape (``x [M <= 16, K]``): each program streams a tile of output features
+    over the whole K, no split of K (so no partial sums and no second kernel), the tile shape
+    autotuned per (N, K) on the device. ``weight_only_matmul``'s math; TritonGemm keeps whichever
+    of the two the device runs faster for each shape."""
+    rows, cols = x.shape
+    out_features = weight.shape[0]
+    if rows > 16:
+        raise ValueError(f"skinny_matmul takes at most 16 rows, got {rows}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    out = torch.empty((rows, out_features), device=x.device, dtype=x.dtype)
+    args = (x, weight.view(torch.uint8), scale, out, rows, out_features, cols, x.stride(0), weight.stride(0),
+            scale.stride(0), out.stride(0))
+    if os.environ.get("TRITON_INTERPRET") == "1":  # Triton's CPU interpreter: no device to autotune on
+        _skinny_kernel_jit[(triton.cdiv(out_features, 32),)](*args, GROUP=GROUP, BLOCK_N=32)
+    else:
+        _skinny_kernel[lambda meta: (triton.cdiv(out_features, meta["BLOCK_N"]),)](*args, GROUP=GROUP)
     return out
 
 
@@ -199,3 +221,29 @@ if triton is not None:
             acc += tl.dot(a, tl.trans(w)) * a_scale[:, None] * w_scale[None, :]
         out_ptrs = OUT + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
         tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _skinny_kernel_jit(X, W, S, OUT, M, N, K, stride_xm, stride_wn, stride_sn, stride_om, GROUP: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
+        offs_m, offs_n, offs_k, m_ok, n_ok, x_ptrs, w_ptrs, s_ptrs = _tile(
+            X, W, S, M, N, stride_xm, stride_wn, stride_sn, 16, BLOCK_N, GROUP)
+        acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(K, GROUP)):
+            k_ok = kb * GROUP + offs_k < K
+            x = tl.load(x_ptrs + kb * GROUP, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs + kb * GROUP, mask=n_ok[:, None] & k_ok[None, :], other=0)
+            s = tl.load(s_ptrs + kb, mask=n_ok, other=0.0)
+            acc += tl.dot(x, tl.trans(_e4m3_as_f16_over_256(w).to(x.dtype))) * (s * 256.0)[None, :]
+        out_ptrs = OUT + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+        tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+    def _brief_bench(fn, quantiles):
+        return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+    _SKINNY_CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st)
+                       for n, w, st in ((16, 4, 4), (32, 4, 4), (32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 2))]
+    try:
+        _skinny_kernel = triton.autotune(configs=_SKINNY_CONFIGS, key=["N", "K"], do_bench=_brief_bench,
+                                         cache_results=True)(_skinny_kernel_jit)
+    except TypeError:  # an older Triton: its own (longer) timing, nothing cached
+        _skinny_kernel = triton.autotune(configs=_SKINNY_CONFIGS, key=["N", "K"])(_skinny_kernel_jit)

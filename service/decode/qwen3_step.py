@@ -212,6 +212,10 @@ class Qwen3VLDecoder:
         weights += [(m.weight, silu) for m, silu in ((layer.self_attn.o_proj, False), (layer.mlp.down_proj, True))
                     if _plain(m)]
         self.linear.measure(weights, list(batch_sizes), self._silu_mul)
+        fp8 = [m for m in (self.qkv_proj[index], self.gate_up_proj[index], layer.self_attn.o_proj, layer.mlp.down_proj)
+               if isinstance(m, Fp8Linear) and hasattr(m.gemm, "measure")]
+        if fp8 and fp8[0].weight.device.type == "cuda":
+            fp8[0].gemm.measure([(m.weight, m.weight_scale_inv) for m in fp8], list(batch_sizes))
 
     @torch.no_grad()
     def step(self, input_ids: torch.Tensor, positions: torch.Tensor, active: torch.Tensor,
