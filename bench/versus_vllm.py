@@ -9,8 +9,8 @@ it takes the card's bytes of this GPU; then the same requests through the offici
 streaming: each request its own 1280x704 JPEG (nothing from a prefix cache) and the same text, 128
 new tokens, greedy, ``ignore_eos``; 1, 8 and 32 at once. Prints both columns and their ratio
 (vlkit / vLLM; above 1 is better for every row but TTFT, where below 1 is better), and writes the
-table to $OUT/versus_vllm.md. vLLM must be importable (see docs/BENCHMARKS.md for the device's
-install); the model is a random-weight checkpoint of the real shape (vLLM: ``--load-format dummy``).
+table to $OUT/versus_vllm.md. vLLM must be importable, or installed apart with its folder in
+$VLLM_PYTHONPATH (see docs/BENCHMARKS.md for the device's install); the model is a random-weight checkpoint of the real shape (vLLM: ``--load-format dummy``).
 """
 from __future__ import annotations
 
@@ -108,6 +108,8 @@ def start_vllm(ckpt: Path, plan, card: int, port: int, log: Path) -> Server:
            "--runner", "generate", "--served-model-name", "bench", "--host", "127.0.0.1", "--port", str(port), *args]
     env = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "VLLM_USE_FLASHINFER_SAMPLER": "0",
            "VLLM_USE_DEEP_GEMM": "0"}
+    if os.environ.get("VLLM_PYTHONPATH"):  # vLLM installed apart (its pins differ from the service's)
+        env["PYTHONPATH"] = os.environ["VLLM_PYTHONPATH"]
     return Server("vLLM", cmd, env, port, "/health", log)
 
 
