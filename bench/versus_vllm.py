@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[versus] {card_text}: {name} ready in {ready[name]:.0f} s", flush=True)
                 results[name] = drive(server, concurrency, args.max_tokens, urls)
                 results[name]["peak"] = (memory.peak - memory.baseline) / GIB
+            except Exception as exc:  # noqa: BLE001 - the other side's figures still stand
+                print(f"[versus] {card_text}: {name} failed: {type(exc).__name__}: {exc}", flush=True)
             finally:
                 server.stop()
                 memory.stop()
