@@ -22,6 +22,7 @@ from scripts.stack import compose as cp
 from scripts.stack import docker as dk
 from scripts.stack.client import ServiceError, caption, examples, probe
 from scripts.stack.diagnose import diagnose
+from wsl.host import detect_platform
 
 GIB = 1024 ** 3
 CPU_PLAN_MEMORY = 8 * GIB   # CPU mode plans as for an 8 GB card (the profile it tests)
@@ -58,6 +59,7 @@ def _launch(args: argparse.Namespace, plan) -> cp.Launch:
     return cp.Launch(profile=plan.profile, model=args.model, port=args.port,
                      service_env={k: str(v) for k, v in (plan.service_env or {}).items()},
                      vllm_args=[str(a) for a in (plan.vllm_args or [])], cpu=args.cpu,
+                     vllm_env=images.vllm_env(detect_platform().kind) if plan.profile == "16gb" else {},
                      hf_cache=cp.hf_hub_cache(), api_key=os.environ.get("VLKIT_API_KEY") or None)
 
 
