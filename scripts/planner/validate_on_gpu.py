@@ -162,9 +162,24 @@ def run_case(case: Case, ckpt: Path, out: Path, total: int, timeout_s: float, en
     return Result(case.name, case.model, case.card_gib, case.gpus, outcome, run_args, figures, seen)
 
 
-def gpu_total_bytes() -> int:
-    import torch
-    return torch.cuda.mem_get_info()[1]
+def gpu_free_bytes() -> tuple[int, int] | None:
+    """(free, total) of GPU 0 as CUDA reports them; None without torch or CUDA (a dry run elsewhere)."""
+    try:
+        import torch
+        return torch.cuda.mem_get_info() if torch.cuda.is_available() else None
+    except ImportError:
+        return None
+
+
+def wait_gpu_released(baseline_free: int | None, timeout_s: float = 30) -> None:
+    """Until the last server's memory is back: vLLM asserts that no other process frees memory while
+    it profiles, so the next case must not start while the last one's teardown still releases it."""
+    deadline = time.monotonic() + timeout_s
+    while baseline_free is not None and time.monotonic() < deadline:
+        now = gpu_free_bytes()
+        if now is None or now[0] >= baseline_free - 256 * 1024**2:
+            return
+        time.sleep(0.5)
 
 
 def table(results: list[Result]) -> str:
@@ -205,7 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     env = {**DEVICE_ENV, **RUNNER_ENV[a.runner], **(MULTI_GPU_ENV if max(c.gpus for c in cases) > 1 else {})}
     a.out.mkdir(parents=True, exist_ok=True)
     command = shlex.split(a.vllm_command) if a.vllm_command else list(VLLM_COMMAND)
-    started, total, results = time.monotonic(), a.gpu_total or gpu_total_bytes(), []
+    cuda = gpu_free_bytes()
+    if a.gpu_total is None and cuda is None:
+        p.error("no CUDA GPU seen through torch: give its memory with --gpu-total")
+    started, total, results = time.monotonic(), a.gpu_total or cuda[1], []
+    baseline_free = cuda[0] if cuda else None
     checkpoints: dict[str, Path] = {}
     for case in cases:
         left = a.budget_s - (time.monotonic() - started)
@@ -217,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                 checkpoints[case.model] = write_checkpoint(a.out / "ckpt" / case.model.split("/")[-1], case.model)
             results.append(run_case(case, checkpoints[case.model], a.out, total, min(a.case_timeout_s, left), env,
                                     command))
+            wait_gpu_released(baseline_free)
         print(f"{case.name}: {results[-1].outcome} after {results[-1].vllm.get('seconds', 0)} s", flush=True)
         _write(a.out, results, total, a.runner)   # after every case: a cut-off run keeps what it measured
     print(table(results))
