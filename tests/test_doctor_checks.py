@@ -249,3 +249,18 @@ def test_gpu_container_check_against_the_real_engine(monkeypatch, tmp_path):
     assert cached.cached and cached.found == result.found
     row = by_name(docker.checks(facts(docker_info=live, gpu_container=cached)))["gpu-in-container"]
     assert row.status == "fail" and row.found.endswith("(cached)")
+
+
+@pytest.mark.parametrize("environ, status, blocking", [
+    ({}, "ok", False),
+    ({"VLLM_USE_V2_MODEL_RUNNER": "1"}, "fail", True),
+    ({"VLLM_USE_V2_MODEL_RUNNER": "1", "VLLM_WSL2_ENABLE_PIN_MEMORY": "1"}, "ok", False),
+])
+def test_wsl2_vllm_runner_check(environ, status, blocking):
+    from scripts.doctor.vllm_runner import vllm_runner_check
+
+    c = vllm_runner_check(facts(), "16gb", environ)
+    assert c.status == status and c.blocking == blocking
+    assert vllm_runner_check(facts(), "8gb", environ) is None                          # the service: no vLLM
+    assert vllm_runner_check(facts(platform=Platform("linux", "6.8.0", "")), "16gb", environ) is None
+    assert "UVA is not available" in c.found if status == "fail" else "V1" in c.found or "V2" in c.found

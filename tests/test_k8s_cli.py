@@ -43,7 +43,7 @@ def test_a_context_beyond_the_card_is_refused_the_same_way(capsys):
 
 
 @pytest.mark.parametrize("args, says", [
-    (["--gpu-memory", "24GiB", "--gpus", "3"], "divides"),                   # tensor parallel over 8 KV heads
+    (["--gpu-memory", "24GiB", "--gpus", "3"], "cannot split"),               # 32 heads over 3 GPUs
     (["--gpu-memory", "24GiB", "--model", "Nobody/NotAModel"], "unknown model"),
     (["--gpu-memory", "80GiB", "--model", "Qwen/Qwen3-VL-8B-Instruct", "--cache-size", "10Gi"], "cannot hold"),
 ])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.planner.models import BUILTIN_IDS, UnknownModelError, resolve_model, variants_to_try
+from scripts.planner.models import BUILTIN_IDS, UnknownModelError, fp8_modules_not_converted, resolve_model, variants_to_try
 from service.model_shapes import shape
 
 GIB = 1024**3
@@ -89,10 +89,21 @@ def test_local_directory_prefers_the_index_total(tmp_path):
 
 
 def test_local_fp8_directory_without_weights_estimates_fp8_bytes(tmp_path):
-    d = _checkpoint(tmp_path / "ckpt", {**shape("4b"), "quantization_config": {"quant_method": "fp8"}})
-    spec = resolve_model(str(d))
-    assert spec.fp8_checkpoint
-    assert spec.weight_bytes == resolve_model("Qwen/Qwen3-VL-4B-Instruct-FP8").weight_bytes
+    """Qwen's layout (the vision tower's linears named in modules_to_not_convert) is the built-in
+    -FP8 spec; an ignore list that names them only as "visual" gets the tower quantized, as vLLM
+    (exact-name matching) quantizes it."""
+    builtin = resolve_model("Qwen/Qwen3-VL-4B-Instruct-FP8")
+    qwen = {"quant_method": "fp8", "weight_block_size": [128, 128],
+            "modules_to_not_convert": fp8_modules_not_converted(builtin.vision)}
+    spec = resolve_model(str(_checkpoint(tmp_path / "qwen", {**shape("4b"), "quantization_config": qwen})))
+    assert spec.fp8_checkpoint and not spec.vision_quantized
+    assert spec.weight_bytes == builtin.weight_bytes
+    short = {**qwen, "modules_to_not_convert": ["visual", "lm_head"]}
+    tower = resolve_model(str(_checkpoint(tmp_path / "short", {**shape("4b"), "quantization_config": short})))
+    assert tower.vision_quantized
+    # the tower's linears in FP8: about half their bf16 bytes fewer
+    saved = builtin.weight_bytes - tower.weight_bytes
+    assert saved == pytest.approx(builtin.vision.linear_params, rel=0.01)
 
 
 def test_hf_cache_is_read_offline(tmp_path, monkeypatch):

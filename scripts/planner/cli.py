@@ -60,7 +60,9 @@ def render(plan, console=None) -> None:
     table.add_column("GiB", justify="right")
     table.add_column("note", overflow="fold")
     for row in plan.budget:
-        value = f"{row.gib:.2f}" if "sequences" not in row.name else f"{row.gib:g}x"
+        # Counts, not GiB: "concurrent sequences" (a multiple) and the flags' values.
+        value = (f"{row.gib:g}x" if "sequences" in row.name else f"{row.gib:g}" if row.name.startswith("--")
+                 else f"{row.gib:.2f}")
         style = "red" if row.gib < 0 else None
         table.add_row(row.name, value, row.note, style=style)
     console.print(table)

@@ -14,10 +14,14 @@ PIXEL_STEPS = tuple(p for p in (DEFAULT_MAX_PIXELS, 802_816, 602_112, 401_408, 2
 ANSWER_TOKENS = _DEFAULTS["max_tokens_default"].default
 PROMPT_TOKENS = 256                # the text of a prompt beside its image
 IMAGE_LIMIT = 4                    # images per request (both profiles), fewer where the context is short
+# Requests decoded at once, both profiles: at least this many (8 rows of logits cost ~40 MiB), more
+# where the KV cache holds more typical requests (min_useful_context each).
+MIN_BATCH = 8
 
 
 def min_useful_context(spec: ModelSpec, max_pixels: int) -> int:
-    """One image at max_pixels, a prompt and a default-length answer."""
+    """One image at max_pixels, a prompt and a default-length answer: the shortest context worth
+    serving, and the typical request a batch size is counted in."""
     return max_image_tokens(spec, max_pixels) + PROMPT_TOKENS + ANSWER_TOKENS
 
 

@@ -39,6 +39,7 @@ class Launch:
     port: int = DEFAULT_PORT
     service_env: dict[str, str] = field(default_factory=dict)   # VLKIT_* for the 8gb service
     vllm_args: list[str] = field(default_factory=list)           # after `vllm serve <model>`
+    vllm_env: dict[str, str] = field(default_factory=dict)       # 16gb: images.vllm_env(), e.g. the WSL2 runner
     cpu: bool = False                          # test mode: no GPU reservation, service on CPU
     hf_cache: Path | None = None
     api_key: str | None = None                 # VLKIT_API_KEY from the user's shell, when set
@@ -90,7 +91,7 @@ class Launch:
         return args + list(self.vllm_args)
 
     def env_file_values(self) -> dict[str, str]:
-        env = dict(self.service_env) if self.profile == "8gb" else {}
+        env = dict(self.service_env) if self.profile == "8gb" else dict(self.vllm_env)
         if self.api_key:  # both servers then want `Authorization: Bearer <key>`
             env["VLKIT_API_KEY" if self.profile == "8gb" else "VLLM_API_KEY"] = self.api_key
         if self.profile == "8gb":

@@ -33,6 +33,20 @@ def _rules() -> tuple[_Rule, ...]:
     """The rules, their fixes in the user's terms (make variables under make, flags otherwise)."""
     up, plan, doctor = (f"`{command(t)}`" for t in ("up", "plan", "doctor"))
     return (
+        # vLLM >= 0.25 under WSL2: its V2 model runner needs pinned host memory, which vLLM turns off there.
+        _rule(r"UVA is not available",
+              "vLLM's V2 model runner (its default since 0.25) allocates UVA buffers, which need pinned host "
+              "memory, and vLLM turns pinned memory off under WSL2 (docs/PLANNER.md, \"WSL2 and vLLM's model runner\").",
+              f"Start it with {up}: on WSL2 it writes VLLM_USE_V2_MODEL_RUNNER=0 (vLLM's V1 runner) to vlkit.env. "
+              "Starting vLLM yourself: set VLLM_USE_V2_MODEL_RUNNER=0, or VLLM_WSL2_ENABLE_PIN_MEMORY=1 (WSL kernel "
+              "4.19.121 or newer) to keep V2. If you set VLLM_USE_V2_MODEL_RUNNER=1 in your shell, unset it."),
+        # vLLM's start-up check, after its CUDA context: the plan's share must still be free.
+        _rule(r"Free memory on device .* is less than desired GPU memory utilization",
+              "Between planning and vLLM's start other programs took GPU memory: the plan's "
+              "--gpu-memory-utilization share is no longer free (under WSL2 the Windows desktop, browsers and "
+              "games use the same card, and their use changes).",
+              f"Close GPU programs (Windows: browsers with hardware acceleration, games, video), then {up} again: "
+              f"it plans from the memory free at that moment. {plan} shows what the plan needs free."),
         _rule(r"No available memory for the cache blocks|Available KV cache memory: -|"
               r"KV cache memory .*(negative|insufficient)|is larger than the available KV cache memory",
               "vLLM found no room for its KV cache: weights + profiling activations + CUDA graphs used "

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from scripts import images
 from scripts.hf_cache import hub_cache
 from scripts.planner import options
 from scripts.stack import compose as cp
@@ -18,6 +19,7 @@ from scripts.stack import preflight
 from scripts.stack.client import examples, probe
 from scripts.stack.diagnose import diagnose
 from scripts.usage import command, setting
+from wsl.host import detect_platform
 
 GIB = 1024 ** 3
 CPU_PLAN_MEMORY = 8 * GIB   # CPU mode plans as for an 8 GB card (the profile it tests)
@@ -43,6 +45,7 @@ def _launch(args: argparse.Namespace, plan) -> cp.Launch:
     return cp.Launch(profile=plan.profile, model=args.model, port=args.port,
                      service_env={k: str(v) for k, v in (plan.service_env or {}).items()},
                      vllm_args=[str(a) for a in (plan.vllm_args or [])], cpu=args.cpu,
+                     vllm_env=images.vllm_env(detect_platform().kind) if plan.profile == "16gb" else {},
                      hf_cache=hub_cache(), api_key=os.environ.get("VLKIT_API_KEY") or None)
 
 

@@ -26,12 +26,11 @@ from service.engine.memory import ProcessMemory
 from service.engine.requests import Prompt
 from service.errors import ModelUnavailable
 from service.settings import ServiceSettings
-from service.sizing import BLOCK_SIZE, GIB, KVPlan, blocks_for, plan_kv_blocks
+from service.sizing import BLOCK_SIZE, DECODE_BATCH_SIZES, GIB, KVPlan, blocks_for, plan_kv_blocks
 
 log = logging.getLogger(__name__)
 
 DEFAULT_COMPILE_CACHE = Path.home() / ".cache" / "vlkit" / "compile"
-DECODE_BATCH_SIZES = (1, 2, 4, 8, 16, 32)  # decode graphs captured (up to max_batch_size)
 
 
 def configure_torch(settings: ServiceSettings) -> Path:
