@@ -38,7 +38,7 @@ class ServiceSettings(BaseSettings):
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="per image, encoded")
     max_image_source_pixels: int = Field(50_000_000, ge=1, description="decompression-bomb guard on the decoded size, before resizing")
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="whole request body; larger: 413")
-    max_tokens_default: int = Field(512, ge=1, description="new tokens when the request sets no max_tokens")
+    max_tokens_default: Optional[int] = Field(None, ge=1, description="new tokens at most when a request sets no max_tokens; unset: the rest of the context, as vLLM (each such request reserves its whole context in KV blocks)")
     max_batch_size: int = Field(8, ge=1, description="requests decoded together (they join and leave between steps)")
     max_queue: int = Field(64, ge=1, description="requests waiting beyond the running batch; more get 429")
     memory_budget_gib: float = Field(6.0, gt=0, description="the whole process on the GPU (as NVML sees it) stays under this")
