@@ -218,7 +218,8 @@ def user(content, **extra) -> dict:
 BAD_REQUESTS = {
     "malformed json": (b'{"model": "x", "messages": [', 400, ["not valid JSON"]),
     "no messages": ({"model": SERVED_NAME, "messages": []}, 400, ["messages"]),
-    "n above one": (user("hi", n=2), 400, ["n=1"]),
+    "n above the batch": (user("hi", n=99, temperature=1), 400, ["n must be at most 8"]),
+    "n with greedy sampling": (user("hi", n=2, temperature=0), 400, ["greedy"]),
     "unknown part type": (user([{"type": "video_url", "video_url": {"url": "x"}}]), 400, ["video_url"]),
     "non-image data url": (user([image_part("data:text/plain;base64," + base64.b64encode(b"hello").decode())]),
                            400, ["not an image"]),

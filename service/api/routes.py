@@ -30,8 +30,19 @@ async def require_key(request: Request) -> None:
 
 
 @router.get("/health")
-async def health() -> dict:
-    return {"status": "ok"}
+async def health(state: ServiceState = Depends(service_state)) -> Response:
+    """vLLM's: 200 (empty) once the engine serves, 503 before (loading) or when it failed."""
+    return Response(status_code=200 if state.ready else 503)
+
+
+@router.get("/version")
+async def version() -> dict:
+    from importlib import metadata
+
+    try:
+        return {"version": metadata.version("vlkit")}
+    except metadata.PackageNotFoundError:
+        return {"version": "unknown"}
 
 
 @router.get("/health/ready")
@@ -62,6 +73,31 @@ async def chat_completions(request: Request) -> Response:
     engine = state.ready_engine()
     chat = ChatCompletionRequest.parse(await read_body(request, state.settings.max_request_bytes))
     return await state.serving.create_chat_completion(chat, engine, arrived)
+
+
+@router.post("/v1/completions", dependencies=[Depends(require_key)])
+async def completions(request: Request) -> Response:
+    arrived = time.monotonic()
+    state = service_state(request)
+    engine = state.ready_engine()
+    body = await read_body(request, state.settings.max_request_bytes)
+    return await state.completions.create_completion(body, engine, arrived)
+
+
+@router.post("/tokenize", dependencies=[Depends(require_key)])
+async def tokenize(request: Request) -> JSONResponse:
+    state = service_state(request)
+    engine = state.ready_engine()
+    return JSONResponse(await state.tokenization.tokenize(await read_body(request, state.settings.max_request_bytes),
+                                                          engine))
+
+
+@router.post("/detokenize", dependencies=[Depends(require_key)])
+async def detokenize(request: Request) -> JSONResponse:
+    state = service_state(request)
+    engine = state.ready_engine()
+    return JSONResponse(await state.tokenization.detokenize(
+        await read_body(request, state.settings.max_request_bytes), engine))
 
 
 async def read_body(request: Request, limit: int) -> bytes:

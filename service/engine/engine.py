@@ -123,13 +123,13 @@ class Engine:
         """
         return self._admissible(self.prompts.request(messages, images, **options))
 
-    def prepare_tokens(self, token_ids: list[int], **sampling) -> GenerationRequest:
+    def prepare_tokens(self, token_ids: list[int], *, cache_salt: str | None = None, **sampling) -> GenerationRequest:
         """A text prompt given as token ids (/v1/completions) -> a request."""
         if any(not 0 <= t < self.prompts.vocab_size for t in token_ids):
             raise InvalidRequest(f"prompt token ids must be in [0, {self.prompts.vocab_size})", param="prompt")
         if any(t == self.prompts.image_token_id for t in token_ids):
             raise InvalidRequest("a token-id prompt may not hold image placeholders", param="prompt")
-        prompt = self.prompts._prompt(torch.tensor(token_ids, dtype=torch.long), None, None, None, [])
+        prompt = self.prompts._prompt(torch.tensor(token_ids, dtype=torch.long), None, None, None, [], cache_salt)
         return self._admissible(self.prompts.request_for(prompt, **sampling))
 
     def prepare_text(self, text: str, *, add_special_tokens: bool = True, cache_salt: str | None = None,

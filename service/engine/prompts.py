@@ -66,6 +66,8 @@ class PromptBuilder:
         """The request for a built prompt: its length checked against the context, its sampling
         parameters validated (InvalidRequest names the field)."""
         length = prompt.length
+        if length == 0:
+            raise InvalidRequest("The prompt is empty.", param="prompt")
         if length >= self.max_model_len:
             raise self.too_long(length)
         room = self.max_model_len - length
@@ -153,12 +155,14 @@ class PromptBuilder:
         try:
             inputs = self.processor(text=[text], images=images or None, return_tensors="pt",
                                     add_special_tokens=add_special_tokens, **(self._image_kwargs if images else {}))
-            return self._prompt(inputs["input_ids"][0], inputs.get("pixel_values"), inputs.get("image_grid_thw"),
-                                inputs.get("mm_token_type_ids"), images, cache_salt)
+            prompt = self._prompt(inputs["input_ids"][0], inputs.get("pixel_values"), inputs.get("image_grid_thw"),
+                                  inputs.get("mm_token_type_ids"), images, cache_salt)
         except ServiceError:
             raise
         except Exception as exc:  # noqa: BLE001 - StopIteration, IndexError ...: the processor refused this input
             raise InvalidRequest(f"cannot build the prompt: {type(exc).__name__}: {exc}", param="messages") from None
+        prompt.text = text
+        return prompt
 
     def _check_placeholders(self, text: str, images: int) -> None:
         """The image placeholders the text spells must be the images' own: one per image (a user's

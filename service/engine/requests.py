@@ -29,6 +29,7 @@ class Prompt:
     mrope_positions: torch.Tensor | None = None  # [3, L]; None: text positions 0..L-1
     rope_delta: int = 0  # next rotary position = length + rope_delta
     block_hashes: list[bytes] = field(default_factory=list)  # per full KV block, for the prefix cache
+    text: str | None = None  # the text it was tokenized from (the chat template's output)
 
     @property
     def length(self) -> int:

@@ -1,0 +1,72 @@
+"""POST /tokenize and /detokenize in vLLM's shapes (vllm/entrypoints/serve/tokenize): a text prompt,
+or chat messages through the chat template (images included), to token ids; token ids to text."""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Optional
+
+from pydantic import BaseModel, Field
+
+from service.api.protocol import ChatCompletionRequest, Message, parse_json, validate
+from service.engine import Engine
+from service.errors import InvalidRequest
+
+
+class TokenizeCompletionRequest(BaseModel):
+    model: Optional[str] = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: Optional[bool] = False
+
+
+class TokenizeChatRequest(BaseModel):
+    model: Optional[str] = None
+    messages: list[Message] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    return_token_strs: Optional[bool] = False
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+
+
+class DetokenizeRequest(BaseModel):
+    model: Optional[str] = None
+    tokens: list[int]
+
+
+class Tokenization:
+    def __init__(self, chat_serving):
+        self.chat = chat_serving  # the model check, the image loader, the chat conversion
+
+    async def tokenize(self, body: bytes, engine: Engine) -> dict:
+        payload = parse_json(body)
+        chat = isinstance(payload, dict) and "messages" in payload
+        request = validate(TokenizeChatRequest if chat else TokenizeCompletionRequest, body)
+        self.chat.check_model(request.model)
+        if chat:
+            messages, urls = ChatCompletionRequest.model_construct(messages=request.messages).chat_messages()
+            engine.check_image_count(len(urls))
+            images = await self.chat.images.load(urls)
+            prompt = await asyncio.to_thread(
+                engine.prompts.build, messages, images, chat_template_kwargs=request.chat_template_kwargs,
+                add_generation_prompt=request.add_generation_prompt,
+                continue_final_message=request.continue_final_message,
+                add_special_tokens=request.add_special_tokens)
+        else:
+            prompt = await asyncio.to_thread(engine.prompts.build_text, request.prompt, [],
+                                             add_special_tokens=request.add_special_tokens)
+        tokens = prompt.input_ids.tolist()
+        answer = {"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens, "token_strs": None}
+        if request.return_token_strs:
+            answer["token_strs"] = engine.tokenizer.convert_ids_to_tokens(tokens)
+        return answer
+
+    async def detokenize(self, body: bytes, engine: Engine) -> dict:
+        request = validate(DetokenizeRequest, body)
+        self.chat.check_model(request.model)
+        vocab = engine.prompts.vocab_size
+        if any(not 0 <= t < vocab for t in request.tokens):
+            raise InvalidRequest(f"token ids must be in [0, {vocab})", param="tokens")
+        if len(request.tokens) > engine.max_model_len * 64:  # bounded work; a context's worth and more
+            raise InvalidRequest("too many tokens to detokenize in one request", param="tokens")
+        return {"prompt": await asyncio.to_thread(engine.tokenizer.decode, request.tokens)}
