@@ -1,6 +1,7 @@
 """The routes, thin: parse the request, call the serving layer, return its answer."""
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 
@@ -11,7 +12,7 @@ from starlette.responses import JSONResponse, Response
 
 from service.api.protocol import ChatCompletionRequest, ModelCard, ModelList
 from service.api.state import ServiceState
-from service.errors import Cancelled, PayloadTooLarge, Unauthorized
+from service.errors import Cancelled, PayloadTooLarge, RequestTimeout, Unauthorized
 
 router = APIRouter()
 
@@ -100,19 +101,29 @@ async def detokenize(request: Request) -> JSONResponse:
         await read_body(request, state.settings.max_request_bytes), engine))
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is over `limit` (before it is all read, when it says its length)."""
+async def read_body(request: Request, limit: int, timeout: float | None = None) -> bytes:
+    """The body, refused with 413 as soon as it is over `limit` (before it is all read, when it says
+    its length), and with 408 when it has not all arrived within `timeout` seconds (default: the
+    setting; uvicorn has no body deadline of its own)."""
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > limit:
         raise PayloadTooLarge(f"The request body is {length} bytes; the limit is {limit}")
+    if timeout is None:
+        timeout = service_state(request).settings.body_timeout_seconds
     chunks: list[bytes] = []
-    size = 0
-    try:
+
+    async def collect() -> None:
+        size = 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
                 raise PayloadTooLarge(f"The request body is over the limit of {limit} bytes")
             chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(collect(), timeout)
     except ClientDisconnect:
         raise Cancelled("the client went away while sending the request") from None
+    except asyncio.TimeoutError:
+        raise RequestTimeout(f"The request body did not arrive within {timeout:g} s.") from None
     return b"".join(chunks)  # one copy of the body (a growing bytearray, then bytes(), made more)

@@ -53,7 +53,7 @@ class Engine:
         self.device = loaded.device
         self.dtype = loaded.dtype
         self.model_path = loaded.path
-        self.metrics = metrics or ServiceMetrics()
+        self.metrics = metrics or ServiceMetrics(settings.model_name)
         text_config = self.model.config.get_text_config()
         model_max = getattr(text_config, "max_position_embeddings", None) or settings.max_model_len
         self.max_model_len = min(settings.max_model_len, model_max)
@@ -65,6 +65,8 @@ class Engine:
                                        self.device, process_memory, self.startup_seconds)
         self.scheduler = Scheduler(batch, settings, self.metrics, self.tokenizer, self._eos_ids(), self.max_model_len,
                                    self.prompts.vocab_size)
+        cache = batch.cache
+        self.metrics.kv_cache_usage.set_function(lambda: 1 - cache.free_blocks / max(cache.num_blocks, 1))
         self.ready = False
 
     @classmethod

@@ -238,6 +238,7 @@ class Scheduler:
             self.batch.keep(list(range(running)))
             self._fail([row.handle for row in rows], exc)
             return
+        self.metrics.prefix_cache_queries.inc(sum(row.prompt_tokens for row in rows if row.index == 0))
         self.metrics.prefix_cache_hits.inc(cached)
         self._rows.extend(rows)
         for row, token, entry in zip(rows, tokens, entries):
@@ -295,9 +296,13 @@ class Scheduler:
         event = row.append(token, logprob)
         self.metrics.generation_tokens.inc()
         handle = row.handle
+        now = time.monotonic()
         if handle.first_token_at is None:
-            handle.first_token_at = time.monotonic()
-            self.metrics.ttft.observe(handle.first_token_at - handle.arrived)
+            handle.first_token_at = now
+            self.metrics.ttft.observe(now - handle.arrived)
+        elif row.last_token_at is not None:
+            self.metrics.inter_token.observe(now - row.last_token_at)
+        row.last_token_at = now
         if event is not None:
             handle.push(event)
         if row.finish_reason is not None:

@@ -27,6 +27,7 @@ class Sequence:
     last_token: int = 0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    last_token_at: float | None = None  # time.monotonic() of its last token (inter-token latency)
     retired: bool = False  # left the batch (finished, cancelled, failed): a step still in flight skips it
     token_ids: list[int] = field(init=False)
     _pending_ids: list[int] = field(default_factory=list)  # tokens whose text is not sent yet
