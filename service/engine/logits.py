@@ -28,6 +28,7 @@ class RowLogits:
 
     def __init__(self, params: SamplingParams, prompt_ids: torch.Tensor, stop_ids: frozenset[int], vocab: int,
                  device: torch.device):
+        params.check_vocab(vocab)  # an id past the vocabulary would fail the whole step on the device
         self.params = params
         self.vocab = vocab
         p = params
@@ -39,8 +40,9 @@ class RowLogits:
             self.prompt_mask[prompt_ids.to(device, torch.long).clamp(0, vocab - 1)] = True
         self.allowed = None
         if p.allowed_token_ids is not None:
-            self.allowed = torch.zeros(vocab, dtype=torch.bool, device=device)
-            self.allowed[torch.tensor(p.allowed_token_ids, dtype=torch.long, device=device)] = True
+            allowed = torch.zeros(vocab, dtype=torch.bool)
+            allowed[torch.tensor(p.allowed_token_ids, dtype=torch.long)] = True
+            self.allowed = allowed.to(device)
         self.bias_ids = self.bias_values = None
         if p.logit_bias:
             self.bias_ids = torch.tensor([t for t, _ in p.logit_bias], dtype=torch.long, device=device)
