@@ -35,6 +35,9 @@ class CompletionRequest(SamplingFields):
             if len(self.prompt) != 1:
                 raise InvalidRequest("This server takes one prompt per completion request.", param="prompt")
             self.prompt = self.prompt[0]
+        for name in ("response_format", "structured_outputs"):  # structured outputs: chat only, so far
+            if (self.model_extra or {}).get(name) is not None:
+                raise InvalidRequest(f"{name} is not supported on /v1/completions by this server.", param=name)
         if self.echo and self.logprobs is not None:
             raise InvalidRequest("echo with logprobs needs prompt logprobs, which this server does not compute.",
                                  param="echo")
