@@ -197,19 +197,9 @@ class PagedKVCache:
         need = self.blocks_needed(tokens)
         shared = self._cached_prefix(hashes, need)
         for block in shared:
-            self._refs[block] += 1
             self._evictable.pop(block, None)
-        fresh = [self._take_block() for _ in range(need - len(shared))]
-        for block in fresh:
-            self._refs[block] = 1
-        slot = heapq.heappop(self._free)
-        blocks = shared + fresh
-        self._blocks[slot] = blocks
-        self.capacity[slot] = min(self.max_len, len(blocks) * self.block_size)
+        slot = self._take_slot(shared, need - len(shared))
         self.cached_tokens[slot] = len(shared) * self.block_size
-        row = torch.full((self.max_blocks,), self.scratch_block, dtype=torch.int32)
-        row[:len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-        self.block_table[slot].copy_(row)
         self._set_length(slot, 0)
         self.rope_deltas[slot] = 0
         if forks:
@@ -217,6 +207,22 @@ class PagedKVCache:
             self._holds[slot] = (forks, per_fork)
             self._held_slots += forks
             self._held_blocks += forks * per_fork
+        return slot
+
+    def _take_slot(self, shared: list[int], fresh: int) -> int:
+        """The lowest free slot, holding ``shared`` blocks (one more user each) and ``fresh`` new ones."""
+        for block in shared:
+            self._refs[block] += 1
+        blocks = shared + [self._take_block() for _ in range(fresh)]
+        for block in blocks[len(shared):]:
+            self._refs[block] = 1
+        slot = heapq.heappop(self._free)
+        self._blocks[slot] = blocks
+        self.capacity[slot] = min(self.max_len, len(blocks) * self.block_size)
+        self.cached_tokens[slot] = 0
+        row = torch.full((self.max_blocks,), self.scratch_block, dtype=torch.int32)
+        row[:len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        self.block_table[slot].copy_(row)
         return slot
 
     def _release_hold(self, slot: int) -> tuple[int, int]:
@@ -233,20 +239,7 @@ class PagedKVCache:
         full = length // self.block_size
         children = []
         for _ in range(forks):
-            shared = self._blocks[slot][:full]
-            for block in shared:
-                self._refs[block] += 1
-            fresh = [self._take_block() for _ in range(per_fork)]
-            for block in fresh:
-                self._refs[block] = 1
-            child = heapq.heappop(self._free)
-            blocks = shared + fresh
-            self._blocks[child] = blocks
-            self.capacity[child] = min(self.max_len, len(blocks) * self.block_size)
-            self.cached_tokens[child] = 0
-            row = torch.full((self.max_blocks,), self.scratch_block, dtype=torch.int32)
-            row[:len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-            self.block_table[child].copy_(row)
+            child = self._take_slot(self._blocks[slot][:full], per_fork)
             if length % self.block_size:  # the tokens in the parent's last, partly filled block
                 start = full * self.block_size
                 src = self.positions(slot, length)[start:].to(self.device)
