@@ -259,3 +259,17 @@ def test_oversized_heads_are_refused_with_431(server, headers):
     assert _read_status(sock) == 431
     sock.close()
     assert httpx.get(server.base_url + "/health").status_code == 200
+
+
+def test_a_stop_iteration_off_the_event_loop_reaches_its_request():
+    """asyncio cannot set a StopIteration on a future: awaited through to_thread, the request would
+    never answer. off_loop carries it as a RuntimeError."""
+    import asyncio
+
+    from service.api.offload import off_loop
+
+    def processor_like():
+        raise StopIteration
+
+    with pytest.raises(RuntimeError, match="StopIteration"):
+        asyncio.run(asyncio.wait_for(off_loop(processor_like), 10))

@@ -2,7 +2,6 @@
 template, the same sampling surface as chat, vLLM's `text_completion` bodies and stream chunks."""
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any, AsyncIterator, Optional, Union
 
@@ -13,6 +12,7 @@ from starlette.responses import JSONResponse, Response
 from service.api.cancellation import GenerationResponse
 from service.api.error_handlers import count_error
 from service.api.logprobs import completion_logprobs
+from service.api.offload import off_loop
 from service.api.protocol import SamplingFields, Usage, validate
 from service.api.serving import ChoiceText, gather, usage_of
 from service.api.sse import DONE, EventStreamResponse, sse_error
@@ -67,10 +67,10 @@ class CompletionServing:
         options = request_body.to_engine_options()
         prompt = request_body.prompt
         if isinstance(prompt, str):
-            request = await asyncio.to_thread(engine.prepare_text, prompt,
+            request = await off_loop(engine.prepare_text, prompt,
                                               add_special_tokens=request_body.add_special_tokens, **options)
         else:
-            request = await asyncio.to_thread(engine.prepare_tokens, list(prompt), **options)
+            request = await off_loop(engine.prepare_tokens, list(prompt), **options)
         request.id = f"cmpl-{request_body.request_id}" if request_body.request_id else "cmpl-" + request.id[9:]
         echo = engine.tokenizer.decode(request.prompt.input_ids.tolist()) if request_body.echo else ""
         model = self.chat.settings.model_name

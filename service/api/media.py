@@ -22,6 +22,7 @@ import numpy as np
 import pybase64
 from PIL import Image, ImageOps
 
+from service.api.offload import off_loop
 from service.errors import InvalidRequest, PayloadTooLarge
 from service.settings import ServiceSettings
 
@@ -47,9 +48,9 @@ class ImageLoader:
         return list(await asyncio.gather(*(self._load_one(url) for url in urls)))
 
     async def _load_one(self, url: str) -> Image.Image:
-        data = await asyncio.to_thread(fetch_image_bytes, url, self.settings)
+        data = await off_loop(fetch_image_bytes, url, self.settings)
         async with self._decode_slots:
-            return await asyncio.to_thread(decode_image, data, self.settings)
+            return await off_loop(decode_image, data, self.settings)
 
 
 def fetch_image_bytes(url: str, settings: ServiceSettings) -> bytes:

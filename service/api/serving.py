@@ -3,7 +3,6 @@
 (cancellation.py owns the handle's end)."""
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
@@ -14,6 +13,7 @@ from service.api.cancellation import GenerationResponse
 from service.api.error_handlers import count_error
 from service.api.logprobs import chat_logprobs
 from service.api.media import ImageLoader
+from service.api.offload import off_loop
 from service.api.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -74,7 +74,7 @@ class ChatServing:
         messages, urls = chat.chat_messages()
         engine.check_image_count(len(urls))  # before fetching or decoding any of them
         images = await self.images.load(urls)
-        request = await asyncio.to_thread(engine.prepare, messages, images, **chat.to_engine_options())
+        request = await off_loop(engine.prepare, messages, images, **chat.to_engine_options())
         if chat.request_id:
             request.id = f"chatcmpl-{chat.request_id}"
         model = self.settings.model_name

@@ -2,11 +2,11 @@
 or chat messages through the chat template (images included), to token ids; token ids to text."""
 from __future__ import annotations
 
-import asyncio
 from typing import Any, Optional
 
 from pydantic import BaseModel, Field
 
+from service.api.offload import off_loop
 from service.api.protocol import ChatCompletionRequest, Message, parse_json, validate
 from service.engine import Engine
 from service.errors import InvalidRequest
@@ -47,13 +47,13 @@ class Tokenization:
             messages, urls = ChatCompletionRequest.model_construct(messages=request.messages).chat_messages()
             engine.check_image_count(len(urls))
             images = await self.chat.images.load(urls)
-            prompt = await asyncio.to_thread(
+            prompt = await off_loop(
                 engine.prompts.build, messages, images, chat_template_kwargs=request.chat_template_kwargs,
                 add_generation_prompt=request.add_generation_prompt,
                 continue_final_message=request.continue_final_message,
                 add_special_tokens=request.add_special_tokens)
         else:
-            prompt = await asyncio.to_thread(engine.prompts.build_text, request.prompt, [],
+            prompt = await off_loop(engine.prompts.build_text, request.prompt, [],
                                              add_special_tokens=request.add_special_tokens)
         tokens = prompt.input_ids.tolist()
         answer = {"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens, "token_strs": None}
@@ -69,4 +69,4 @@ class Tokenization:
             raise InvalidRequest(f"token ids must be in [0, {vocab})", param="tokens")
         if len(request.tokens) > engine.max_model_len * 64:  # bounded work; a context's worth and more
             raise InvalidRequest("too many tokens to detokenize in one request", param="tokens")
-        return {"prompt": await asyncio.to_thread(engine.tokenizer.decode, request.tokens)}
+        return {"prompt": await off_loop(engine.tokenizer.decode, request.tokens)}
