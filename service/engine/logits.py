@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from service.engine.sampling import SamplingParams
+from service.engine.sampling import SamplingParams, on_device
 
 _NEG_INF = float("-inf")
 
@@ -36,19 +36,20 @@ class RowLogits:
         self.counts = torch.zeros(vocab, dtype=torch.int32, device=device) if penalised else None
         self.prompt_mask = None
         if p.repetition_penalty != 1:
-            self.prompt_mask = torch.zeros(vocab, dtype=torch.bool, device=device)
-            self.prompt_mask[prompt_ids.to(device, torch.long).clamp(0, vocab - 1)] = True
+            mask = torch.zeros(vocab, dtype=torch.bool)
+            mask[prompt_ids.long().clamp(0, vocab - 1)] = True
+            self.prompt_mask = on_device(mask, torch.bool, device)
         self.allowed = None
         if p.allowed_token_ids is not None:
             allowed = torch.zeros(vocab, dtype=torch.bool)
             allowed[torch.tensor(p.allowed_token_ids, dtype=torch.long)] = True
-            self.allowed = allowed.to(device)
+            self.allowed = on_device(allowed, torch.bool, device)
         self.bias_ids = self.bias_values = None
         if p.logit_bias:
-            self.bias_ids = torch.tensor([t for t, _ in p.logit_bias], dtype=torch.long, device=device)
-            self.bias_values = torch.tensor([b for _, b in p.logit_bias], dtype=torch.float32, device=device)
+            self.bias_ids = on_device([t for t, _ in p.logit_bias], torch.long, device)
+            self.bias_values = on_device([b for _, b in p.logit_bias], torch.float32, device)
         # min_tokens: vLLM masks all_stop_token_ids (EOS and the generation config's, plus stop_token_ids).
-        self.stop_ids = torch.tensor(sorted(stop_ids | set(p.stop_token_ids)), dtype=torch.long, device=device) \
+        self.stop_ids = on_device(sorted(stop_ids | set(p.stop_token_ids)), torch.long, device) \
             if p.min_tokens else None
         self.bad_last = self.bad_prefix = self.recent = None
         if p.bad_words_token_ids:
@@ -60,8 +61,8 @@ class RowLogits:
             for i, word in enumerate(words):
                 if len(word) > 1:
                     prefix[i, prefix.shape[1] - (len(word) - 1):] = torch.tensor(word[:-1])
-            self.bad_last = torch.tensor([w[-1] for w in words], dtype=torch.long, device=device)
-            self.bad_prefix = prefix.to(device)
+            self.bad_last = on_device([w[-1] for w in words], torch.long, device)
+            self.bad_prefix = on_device(prefix, torch.long, device)
             self.recent = torch.full((prefix.shape[1],), -1, dtype=torch.long, device=device)
 
     @staticmethod
@@ -99,7 +100,7 @@ class LogitsProcessors:
         device = logits.device
         rows, states = self._rows("allowed")
         if rows:
-            index = torch.tensor(rows, device=device)
+            index = on_device(rows, torch.long, device)
             logits[index] = logits[index].masked_fill(~torch.stack([s.allowed for s in states]), _NEG_INF)
         rows, states = self._rows("bad_last")
         if rows:
@@ -108,7 +109,8 @@ class LogitsProcessors:
         window = [(i, s) for i, s in zip(rows, states) if self.generated[i] < s.params.min_tokens]
         if window:
             at = torch.cat([torch.full_like(s.stop_ids, i) for i, s in window])
-            logits.index_put_((at, torch.cat([s.stop_ids for _, s in window])), torch.tensor(_NEG_INF, device=device))
+            logits.index_put_((at, torch.cat([s.stop_ids for _, s in window])),
+                              torch.full(at.shape, _NEG_INF, device=device))
         rows, states = self._rows("bias_ids")
         if rows:
             at = torch.cat([torch.full_like(s.bias_ids, i) for i, s in zip(rows, states)])
@@ -137,18 +139,18 @@ class LogitsProcessors:
     @staticmethod
     def _penalise(logits: torch.Tensor, rows: list[int], states: list[RowLogits]) -> torch.Tensor:
         device = logits.device
-        index = torch.tensor(rows, device=device)
+        index = on_device(rows, torch.long, device)
         values = logits[index]
         counts = torch.stack([s.counts for s in states]).to(values.dtype)
         in_output = counts > 0
         params = [s.params for s in states]
-        rep = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
+        rep = on_device([p.repetition_penalty for p in params], torch.float32, device)[:, None]
         if any(p.repetition_penalty != 1 for p in params):
             masks = [s.prompt_mask if s.prompt_mask is not None else torch.zeros_like(in_output[0]) for s in states]
             seen = torch.stack(masks) | in_output
             values = torch.where(seen, torch.where(values > 0, values / rep, values * rep), values)
-        freq = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
-        presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
+        freq = on_device([p.frequency_penalty for p in params], torch.float32, device)[:, None]
+        presence = on_device([p.presence_penalty for p in params], torch.float32, device)[:, None]
         values = values - freq * counts - presence * in_output.to(values.dtype)
         logits[index] = values
         return logits
@@ -169,7 +171,7 @@ class StepLogprobs:
     def __init__(self, logits: torch.Tensor, wanted: list[int | None], tokens: torch.Tensor):
         self.rows = [i for i, k in enumerate(wanted) if k is not None]
         self.wanted = wanted
-        index = torch.tensor(self.rows, device=logits.device)
+        index = on_device(self.rows, torch.long, logits.device)
         logprobs = torch.log_softmax(logits[index].float(), dim=-1)
         self.chosen = logprobs.gather(1, tokens[index].long()[:, None])[:, 0]
         k = max(wanted[i] for i in self.rows)
@@ -180,10 +182,10 @@ class StepLogprobs:
         return cls(logits, wanted, tokens) if any(k is not None for k in wanted) else None
 
     def to_host(self) -> None:
-        """Start the copies to the host (with the step's tokens: no extra wait)."""
-        self.chosen = self.chosen.to("cpu", non_blocking=True)
+        """Start the copies to the host (before the step's tokens', whose event the reader waits for)."""
+        self.chosen = _to_host(self.chosen)
         if self.top is not None:
-            self.top = (self.top.values.to("cpu", non_blocking=True), self.top.indices.to("cpu", non_blocking=True))
+            self.top = (_to_host(self.top.values), _to_host(self.top.indices))
 
     def entries(self, tokens: list[int]) -> list[TokenLogprob | None]:
         """Per row of the step (after the step's tokens were read): its entry, or None."""
@@ -195,3 +197,10 @@ class StepLogprobs:
             top = list(zip(ids[j][:k], values[j][:k])) if k else []
             out[i] = TokenLogprob(tokens[i], chosen[j], top)
         return out
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.device.type != "cuda":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)

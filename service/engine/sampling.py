@@ -118,6 +118,14 @@ def _check(ok: bool, param: str, message: str) -> None:
         raise InvalidRequest(message, param=param, kind="invalid_sampling")
 
 
+def on_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small tensor of host values on ``device`` without waiting for it: from pinned memory, copied
+    in stream order (torch.tensor(..., device=cuda) would wait for the step in flight, and the
+    decode pipeline would lose its overlap)."""
+    tensor = values.to(dtype) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
+
+
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
     if params.seed is None or params.greedy:
         return None
@@ -137,7 +145,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     if all(greedy):
         return logits.argmax(dim=-1)
     device = logits.device
-    temps = torch.tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)], device=device)
+    temps = on_device([1.0 if g else p.temperature for g, p in zip(greedy, params)], torch.float32, device)
     logits = logits / temps[:, None]
     if any(p.min_p > 0 for p in params):
         logits = _filter_min_p(logits, params)
@@ -148,19 +156,20 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     noise = torch.empty_like(probs)
     unseeded = [i for i, g in enumerate(generators) if g is None]
     if unseeded:
-        noise[unseeded] = torch.empty((len(unseeded), probs.shape[1]), device=device).exponential_()
+        noise[on_device(unseeded, torch.long, device)] = torch.empty((len(unseeded), probs.shape[1]),
+                                                                     device=device).exponential_()
     for i, gen in enumerate(generators):
         if gen is not None:
             noise[i] = torch.empty(probs.shape[1], device=device).exponential_(generator=gen)
     sampled = (probs / noise).argmax(dim=-1)
     greedy_ids = logits.argmax(dim=-1)
-    mask = torch.tensor(greedy, device=device)
+    mask = on_device(greedy, torch.bool, device)
     return torch.where(mask, greedy_ids, sampled)
 
 
 def _filter_min_p(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """vLLM's min-p: drop tokens whose probability is under min_p times the likeliest one's."""
-    min_p = torch.tensor([p.min_p for p in params], device=logits.device)[:, None]
+    min_p = on_device([p.min_p for p in params], torch.float32, logits.device)[:, None]
     probs = torch.softmax(logits, dim=-1)
     return logits.masked_fill(probs < probs.amax(dim=-1, keepdim=True) * min_p, float("-inf"))
 
@@ -169,10 +178,10 @@ def _filter_top_k_top_p(logits: torch.Tensor, params: list[SamplingParams]) -> t
     vocab = logits.shape[1]
     device = logits.device
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    ks = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=device)
+    ks = on_device([p.top_k if 0 < p.top_k < vocab else vocab for p in params], torch.long, device)
     ranks = torch.arange(vocab, device=device)[None, :]
     drop = ranks >= ks[:, None]
-    ps = torch.tensor([p.top_p for p in params], device=device)
+    ps = on_device([p.top_p for p in params], torch.float32, device)
     probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
     # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
     mass_before = probs.cumsum(dim=-1) - probs
