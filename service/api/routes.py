@@ -72,7 +72,7 @@ async def chat_completions(request: Request) -> Response:
     arrived = time.monotonic()
     state = service_state(request)
     engine = state.ready_engine()
-    chat = ChatCompletionRequest.parse(await read_body(request, state.settings.max_request_bytes))
+    chat = ChatCompletionRequest.parse(await body_of(request, state))
     return await state.serving.create_chat_completion(chat, engine, arrived)
 
 
@@ -81,7 +81,7 @@ async def completions(request: Request) -> Response:
     arrived = time.monotonic()
     state = service_state(request)
     engine = state.ready_engine()
-    body = await read_body(request, state.settings.max_request_bytes)
+    body = await body_of(request, state)
     return await state.completions.create_completion(body, engine, arrived)
 
 
@@ -89,7 +89,7 @@ async def completions(request: Request) -> Response:
 async def tokenize(request: Request) -> JSONResponse:
     state = service_state(request)
     engine = state.ready_engine()
-    return JSONResponse(await state.tokenization.tokenize(await read_body(request, state.settings.max_request_bytes),
+    return JSONResponse(await state.tokenization.tokenize(await body_of(request, state),
                                                           engine))
 
 
@@ -98,18 +98,21 @@ async def detokenize(request: Request) -> JSONResponse:
     state = service_state(request)
     engine = state.ready_engine()
     return JSONResponse(await state.tokenization.detokenize(
-        await read_body(request, state.settings.max_request_bytes), engine))
+        await body_of(request, state), engine))
+
+
+async def body_of(request: Request, state: ServiceState) -> bytes:
+    """The request's body within the settings' size and time limits."""
+    return await read_body(request, state.settings.max_request_bytes, state.settings.body_timeout_seconds)
 
 
 async def read_body(request: Request, limit: int, timeout: float | None = None) -> bytes:
     """The body, refused with 413 as soon as it is over `limit` (before it is all read, when it says
-    its length), and with 408 when it has not all arrived within `timeout` seconds (default: the
-    setting; uvicorn has no body deadline of its own)."""
+    its length), and with 408 when it has not all arrived within `timeout` seconds (uvicorn has no
+    body deadline of its own; None: no deadline)."""
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > limit:
         raise PayloadTooLarge(f"The request body is {length} bytes; the limit is {limit}")
-    if timeout is None:
-        timeout = service_state(request).settings.body_timeout_seconds
     chunks: list[bytes] = []
 
     async def collect() -> None:

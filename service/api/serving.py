@@ -163,13 +163,11 @@ async def stream_chunks(handle: RequestHandle, request_id: str, model: str, incl
             count_error(metrics, event.error)
             yield sse_error(event.error)
             break
-        generated[event.index] += len(event.token_ids)
-        prompt_tokens = event.prompt_tokens or prompt_tokens
-        if not (event.text or event.finish_reason or event.logprobs):
-            continue
-        if shape.plain and event.logprobs is None and event.stop_reason is None:
-            yield frames[event.index].render(event.text, event.finish_reason)
-        else:
+        if shape.plain and event.logprobs is None and event.stop_reason is None:  # the common case, per token
+            if event.text or event.finish_reason:
+                yield frames[event.index].render(event.text, event.finish_reason)
+        elif event.text or event.finish_reason or event.logprobs:
+            generated[event.index] += len(event.token_ids)
             logprobs = None if event.logprobs is None else \
                 chat_logprobs(event.logprobs, shape.tokenizer, shape.tokens_as_ids)
             usage = Usage.count(prompt_tokens or handle.request.prompt_tokens, sum(generated)) \
@@ -178,6 +176,7 @@ async def stream_chunks(handle: RequestHandle, request_id: str, model: str, incl
                                      finish_reason=event.finish_reason, stop_reason=event.stop_reason,
                                      token_ids=event.token_ids if shape.return_token_ids else None)], usage=usage)
         if event.finish_reason is not None:
+            prompt_tokens = event.prompt_tokens
             completed[event.index] = event.completion_tokens
     if include_usage and len(completed) == shape.n:
         yield chunk([], usage=Usage.count(prompt_tokens, sum(completed.values())))
