@@ -102,7 +102,30 @@ def test_every_vllm_field_is_decided(vllm_model, ours, honoured):
         assert name not in REFUSED and name not in NO_EFFECT
 
 
-@pytest.mark.parametrize("name", sorted(set(CHAT_HONOURED.values()) | set(COMPLETION_HONOURED.values())))
+TOKENIZE = "vllm.entrypoints.serve.tokenize.protocol"
+TOKENIZE_TEST = f"{SURFACE}::test_tokenize_a_prompt_and_chat_messages_and_detokenize"
+
+
+@pytest.mark.parametrize("name", ["TokenizeCompletionRequest", "TokenizeChatRequest", "DetokenizeRequest"])
+def test_every_vllm_tokenize_field_is_decided(name):
+    from service.api import tokenization
+
+    ours = getattr(tokenization, name)
+    for field in vllm_fields(TOKENIZE, name):
+        assert field in ours.model_fields or field in REFUSED or field in CONSTRAINED, (name, field)
+
+
+def test_tokenize_refuses_what_it_does_not_honour(server):
+    for field in ("chat_template", "mm_processor_kwargs", "tools"):
+        value = [{"type": "function", "function": {"name": "f"}}] if field == "tools" else NOT_NEUTRAL[field]
+        response = httpx.post(server.base_url + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}],
+                                                                   field: value},
+                              headers={"Authorization": f"Bearer {API_KEY}"})
+        assert response.status_code == 400 and response.json()["error"]["param"] == field, response.text
+
+
+@pytest.mark.parametrize("name", sorted(set(CHAT_HONOURED.values()) | set(COMPLETION_HONOURED.values())
+                                        | {TOKENIZE_TEST}))
 def test_each_honoured_field_has_a_test_that_shows_its_effect(name):
     module, function = name.split("::")
     assert callable(getattr(importlib.import_module(module), function, None)), name

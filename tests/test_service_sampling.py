@@ -237,3 +237,27 @@ def test_min_tokens_masks_every_stop_token_only_before_the_minimum():
 def test_no_processor_is_built_for_rows_that_need_none():
     assert not RowLogits.needed(SamplingParams(8, temperature=0.7, top_p=0.9, logprobs=3))
     assert LogitsProcessors.for_rows([None, None], [0, 0]) is None
+
+
+def test_cancelling_a_request_of_n_choices_frees_every_row(engine):
+    handle = engine.submit(prepare(engine, n=3, temperature=1.0, max_tokens=200, ignore_eos=True))
+    while min(len(ids) for ids in handle.choice_token_ids) < 3:
+        time.sleep(0.001)
+    handle.cancel()
+    assert list(handle)[-1].error is not None
+    cache = engine.scheduler.batch.cache
+    deadline = time.monotonic() + 5
+    while (engine.running or cache.free_slots < cache.num_slots) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert engine.running == 0 and cache.free_slots == cache.num_slots and cache.free_blocks == cache.num_blocks
+    assert max(len(ids) for ids in handle.choice_token_ids) < 200
+
+
+def test_cancelling_a_request_of_n_choices_while_queued_or_prefilling_frees_its_held_room(engine):
+    with engine.paused():
+        handle = engine.submit(prepare(engine, text="a long question, " * 8, n=2, temperature=1.0, max_tokens=50))
+        handle.cancel()
+    assert list(handle)[-1].error is not None
+    every_row = engine.submit(prepare(engine, n=4, temperature=1.0, max_tokens=4))  # needs all the batch's rows
+    events = list(every_row)
+    assert sum(e.finish_reason == "length" for e in events) == 4  # nothing of the cancelled one was still held

@@ -4,22 +4,38 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.api.offload import off_loop
+from service.api.fields import check_refused
 from service.api.protocol import ChatCompletionRequest, Message, parse_json, validate
 from service.engine import Engine
 from service.errors import InvalidRequest
 
 
-class TokenizeCompletionRequest(BaseModel):
+class _Strict(BaseModel):
+    """vLLM's fields we do not honour are refused by name, as on the generation routes."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refused(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            check_refused(data)
+            if data.get("tools") is not None:  # owned by the tool work (service/api/tools.py)
+                raise InvalidRequest("tools are not supported by this server.", param="tools")
+        return data
+
+
+class TokenizeCompletionRequest(_Strict):
     model: Optional[str] = None
     prompt: str
     add_special_tokens: bool = True
     return_token_strs: Optional[bool] = False
 
 
-class TokenizeChatRequest(BaseModel):
+class TokenizeChatRequest(_Strict):
     model: Optional[str] = None
     messages: list[Message] = Field(min_length=1)
     add_generation_prompt: bool = True
@@ -29,7 +45,7 @@ class TokenizeChatRequest(BaseModel):
     chat_template_kwargs: Optional[dict[str, Any]] = None
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(_Strict):
     model: Optional[str] = None
     tokens: list[int]
 
