@@ -72,7 +72,8 @@ class CompletionServing:
         else:
             request = await off_loop(engine.prepare_tokens, list(prompt), **options)
         request.id = f"cmpl-{request_body.request_id}" if request_body.request_id else "cmpl-" + request.id[9:]
-        echo = engine.tokenizer.decode(request.prompt.input_ids.tolist()) if request_body.echo else ""
+        echo = "" if not request_body.echo else prompt if isinstance(prompt, str) else \
+            engine.tokenizer.decode(list(prompt))
         model = self.chat.settings.model_name
         tokenizer, as_ids = engine.tokenizer, bool(request_body.return_tokens_as_token_ids)
         with_ids = bool(request_body.return_token_ids)

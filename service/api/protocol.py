@@ -28,9 +28,10 @@ def parse_json(body: bytes) -> Any:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}", kind="malformed") from None
 
 
-def validate(model: type[BaseModel], body: bytes) -> Any:
-    """``model`` from a request body; InvalidRequest (400) naming the first field that does not validate."""
-    payload = parse_json(body)
+def validate(model: type[BaseModel], body: bytes | dict) -> Any:
+    """``model`` from a request body (or its parsed JSON); InvalidRequest (400) naming the first field
+    that does not validate."""
+    payload = parse_json(body) if isinstance(body, (bytes, bytearray)) else body
     if not isinstance(payload, dict):
         raise InvalidRequest("The request body must be a JSON object.", kind="malformed")
     try:

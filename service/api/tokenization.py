@@ -57,7 +57,7 @@ class Tokenization:
     async def tokenize(self, body: bytes, engine: Engine) -> dict:
         payload = parse_json(body)
         chat = isinstance(payload, dict) and "messages" in payload
-        request = validate(TokenizeChatRequest if chat else TokenizeCompletionRequest, body)
+        request = validate(TokenizeChatRequest if chat else TokenizeCompletionRequest, payload)
         self.chat.check_model(request.model)
         if chat:
             messages, urls = ChatCompletionRequest.model_construct(messages=request.messages).chat_messages()
