@@ -58,6 +58,7 @@ CHAT_HONOURED = {
     "return_token_ids": f"{SURFACE}::test_request_id_token_ids_and_stop_reason",
     "return_tokens_as_token_ids": f"{SURFACE}::test_logprobs_and_top_logprobs_in_openais_shape",
     "cache_salt": f"{SURFACE}::test_cache_salt_keeps_prefixes_apart",
+    "mm_processor_kwargs": f"{SURFACE}::test_mm_processor_kwargs_resize_within_the_servers_limits",
 }
 COMPLETION_HONOURED = {
     **{name: test for name, test in CHAT_HONOURED.items() if name in CompletionRequest.model_fields},
@@ -72,7 +73,7 @@ NOT_NEUTRAL = {
     "reasoning_effort": "high", "thinking_token_budget": 10, "include_reasoning": False, "use_beam_search": True,
     "length_penalty": 2.0, "truncate_prompt_tokens": 5, "truncation_side": "left", "prompt_logprobs": 1,
     "logprob_token_ids": [1], "documents": [{"title": "t", "text": "x"}], "chat_template": "{{ messages }}",
-    "media_io_kwargs": {"image": {}}, "mm_processor_kwargs": {"max_pixels": 5}, "priority": 1,
+    "media_io_kwargs": {"image": {}}, "priority": 1,
     "kv_transfer_params": {"a": 1}, "ec_transfer_params": {"a": 1}, "vllm_xargs": {"a": 1},
     "repetition_detection": {"max_pattern_size": 2, "min_count": 2}, "stream_interval": 4, "suffix": "x",
     "prompt_embeds": "AAAA",
@@ -116,7 +117,7 @@ def test_every_vllm_tokenize_field_is_decided(name):
 
 
 def test_tokenize_refuses_what_it_does_not_honour(server):
-    for field in ("chat_template", "mm_processor_kwargs", "tools"):
+    for field in ("chat_template", "media_io_kwargs", "tools"):
         value = [{"type": "function", "function": {"name": "f"}}] if field == "tools" else NOT_NEUTRAL[field]
         response = httpx.post(server.base_url + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}],
                                                                    field: value},

@@ -83,7 +83,7 @@ def test_fields_owned_by_the_constrained_work_are_refused_by_name_until_it_lands
 @pytest.mark.parametrize(("fields", "param"), [
     ({"use_beam_search": True}, "use_beam_search"), ({"priority": 1}, "priority"),
     ({"chat_template": "{{ messages }}"}, "chat_template"), ({"truncate_prompt_tokens": 5}, "truncate_prompt_tokens"),
-    ({"mm_processor_kwargs": {"max_pixels": 5}}, "mm_processor_kwargs"), ({"length_penalty": 2}, "length_penalty"),
+    ({"media_io_kwargs": {"image": {}}}, "media_io_kwargs"), ({"length_penalty": 2}, "length_penalty"),
     ({"stream_options": {"include_usage": True}}, "stream_options"), ({"top_logprobs": 2}, "top_logprobs"),
     ({"seed": 2**64}, "seed"), ({"continue_final_message": True}, "continue_final_message"),
 ])

@@ -88,6 +88,18 @@ def test_prompt_fields_change_the_prompt(server):
     assert special["prompt_token_ids"] == chat(server, "hi", return_token_ids=True)["prompt_token_ids"]  # Qwen: no BOS
 
 
+def test_mm_processor_kwargs_resize_within_the_servers_limits(server):
+    content = [image_part(png_data_url(128, 128)), {"type": "text", "text": "what?"}]
+    full = chat(server, content)["usage"]["prompt_tokens"]
+    smaller = chat(server, content, mm_processor_kwargs={"max_pixels": 64 * 64})["usage"]["prompt_tokens"]
+    assert full - smaller == 16 - 4  # 128x128 -> 4x4 merged image tokens; at 64x64 -> 2x2
+    too_big = {"model": SERVED_NAME, "messages": [{"role": "user", "content": content}],
+               "mm_processor_kwargs": {"max_pixels": server.settings.max_pixels + 1}}
+    assert_error(post(server, "/v1/chat/completions", too_big), 400, "max_pixels")
+    odd = {**too_big, "mm_processor_kwargs": {"do_resize": False}}
+    assert_error(post(server, "/v1/chat/completions", odd), 400, "do_resize")
+
+
 def test_request_id_token_ids_and_stop_reason(server):
     reply = chat(server, "hi", request_id="my-id-42", return_token_ids=True, max_tokens=5)
     assert reply["id"] == "chatcmpl-my-id-42"

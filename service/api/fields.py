@@ -27,8 +27,6 @@ REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     "chat_template": ((None,), "a request's own chat template is not trusted (vLLM refuses it too without "
                                "--trust-request-chat-template)"),
     "media_io_kwargs": ((None,), "media loading takes no per-request options"),
-    "mm_processor_kwargs": ((None,), "the image processor takes no per-request options (the server's "
-                                     "min_pixels / max_pixels apply)"),
     "priority": ((0, None), "requests are served in order (no priority scheduling)"),
     "kv_transfer_params": ((None,), "disaggregated serving is not supported"),
     "ec_transfer_params": ((None,), "disaggregated serving is not supported"),

@@ -186,6 +186,7 @@ class ChatCompletionRequest(SamplingFields):
     continue_final_message: bool = False
     add_special_tokens: bool = False
     chat_template_kwargs: Optional[dict[str, Any]] = None
+    mm_processor_kwargs: Optional[dict[str, Any]] = None  # min_pixels / max_pixels within the server's
     return_prompt_text: Optional[bool] = None
     # Owned by the structured-output / tool work; accepted only at their neutral values until then.
     tools: Optional[list] = None
@@ -255,13 +256,14 @@ class ChatCompletionRequest(SamplingFields):
                 "chat_template_kwargs": self.chat_template_kwargs,
                 "add_generation_prompt": self.add_generation_prompt,
                 "continue_final_message": self.continue_final_message,
-                "add_special_tokens": self.add_special_tokens}
+                "add_special_tokens": self.add_special_tokens,
+                "mm_processor_kwargs": self.mm_processor_kwargs}
 
     def to_sampling_fields(self) -> dict:
         """The sampling part of to_engine_options (what the engine validates as SamplingParams)."""
         options = self.to_engine_options()
         for name in ("chat_template_kwargs", "add_generation_prompt", "continue_final_message", "add_special_tokens",
-                     "cache_salt", "bad_words"):
+                     "cache_salt", "bad_words", "mm_processor_kwargs"):
             options.pop(name)
         return options
 

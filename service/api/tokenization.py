@@ -43,6 +43,7 @@ class TokenizeChatRequest(_Strict):
     add_special_tokens: bool = False
     return_token_strs: Optional[bool] = False
     chat_template_kwargs: Optional[dict[str, Any]] = None
+    mm_processor_kwargs: Optional[dict[str, Any]] = None
 
 
 class DetokenizeRequest(_Strict):
@@ -67,7 +68,7 @@ class Tokenization:
                 engine.prompts.build, messages, images, chat_template_kwargs=request.chat_template_kwargs,
                 add_generation_prompt=request.add_generation_prompt,
                 continue_final_message=request.continue_final_message,
-                add_special_tokens=request.add_special_tokens)
+                add_special_tokens=request.add_special_tokens, mm_processor_kwargs=request.mm_processor_kwargs)
         else:
             prompt = await off_loop(engine.prompts.build_text, request.prompt, [],
                                              add_special_tokens=request.add_special_tokens)

@@ -52,13 +52,14 @@ class PromptBuilder:
                 bad_words: tuple[str, ...] = (), chat_template_kwargs: dict | None = None,
                 add_generation_prompt: bool = True, continue_final_message: bool = False,
                 add_special_tokens: bool = False, cache_salt: str | None = None,
-                **sampling: Any) -> GenerationRequest:
+                mm_processor_kwargs: dict | None = None, **sampling: Any) -> GenerationRequest:
         """A request the engine can run, or InvalidRequest. ``sampling``: SamplingParams fields; those
         left None take the model's generation_config defaults, as vLLM does (get_diff_sampling_param)."""
         self.check_image_count(len(images))
         prompt = self.build(messages, images, chat_template_kwargs=chat_template_kwargs,
                             add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
-                            add_special_tokens=add_special_tokens, cache_salt=cache_salt)
+                            add_special_tokens=add_special_tokens, cache_salt=cache_salt,
+                            mm_processor_kwargs=mm_processor_kwargs)
         return self.request_for(prompt, max_tokens=max_tokens, bad_words=bad_words, **sampling)
 
     def request_for(self, prompt: Prompt, *, max_tokens: int | None = None, bad_words: tuple[str, ...] = (),
@@ -139,22 +140,43 @@ class PromptBuilder:
 
     def build(self, messages: list[dict], images: list, *, chat_template_kwargs: dict | None = None,
               add_generation_prompt: bool = True, continue_final_message: bool = False,
-              add_special_tokens: bool = False, cache_salt: str | None = None) -> Prompt:
+              add_special_tokens: bool = False, cache_salt: str | None = None,
+              mm_processor_kwargs: dict | None = None) -> Prompt:
         """Chat template + processor + positions + prefix-cache hashes; InvalidRequest when the
         input cannot make a prompt."""
         text = self.render(messages, chat_template_kwargs=chat_template_kwargs,
                            add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message)
-        return self.build_text(text, images, add_special_tokens=add_special_tokens, cache_salt=cache_salt)
+        return self.build_text(text, images, add_special_tokens=add_special_tokens, cache_salt=cache_salt,
+                               mm_processor_kwargs=mm_processor_kwargs)
+
+    def image_options(self, mm_processor_kwargs: dict | None) -> dict:
+        """The image processor's per-call options: the server's min/max pixels, or a request's own
+        within them (vLLM's mm_processor_kwargs; the memory plan holds for images of max_pixels at most)."""
+        options = dict(self._image_kwargs)
+        for name, value in (mm_processor_kwargs or {}).items():
+            if name not in ("min_pixels", "max_pixels") or name not in options:
+                raise InvalidRequest(f"mm_processor_kwargs.{name} is not supported: this server takes min_pixels "
+                                     "and max_pixels.", param="mm_processor_kwargs")
+            if isinstance(value, bool) or not isinstance(value, int) or not \
+                    self.settings.min_pixels <= value <= self.settings.max_pixels:
+                raise InvalidRequest(f"mm_processor_kwargs.{name} must be an integer between the server's min_pixels "
+                                     f"({self.settings.min_pixels}) and max_pixels ({self.settings.max_pixels}); "
+                                     f"got {value!r}.", param="mm_processor_kwargs")
+            options[name] = value
+        if options.get("min_pixels", 0) > options.get("max_pixels", 1 << 62):
+            raise InvalidRequest("mm_processor_kwargs: min_pixels is over max_pixels.", param="mm_processor_kwargs")
+        return options
 
     def build_text(self, text: str, images: list, *, add_special_tokens: bool = False,
-                   cache_salt: str | None = None) -> Prompt:
+                   cache_salt: str | None = None, mm_processor_kwargs: dict | None = None) -> Prompt:
         """A prompt from its text (with one image placeholder per image)."""
+        image_options = self.image_options(mm_processor_kwargs)
         if len(text) > self.max_model_len * self._max_token_chars:
             raise self.too_long(-(-len(text) // self._max_token_chars), at_least=True)
         self._check_placeholders(text, len(images))
         try:
             inputs = self.processor(text=[text], images=images or None, return_tensors="pt",
-                                    add_special_tokens=add_special_tokens, **(self._image_kwargs if images else {}))
+                                    add_special_tokens=add_special_tokens, **(image_options if images else {}))
             prompt = self._prompt(inputs["input_ids"][0], inputs.get("pixel_values"), inputs.get("image_grid_thw"),
                                   inputs.get("mm_token_type_ids"), images, cache_salt)
         except ServiceError:
