@@ -59,6 +59,7 @@ CHAT_HONOURED = {
     "return_tokens_as_token_ids": f"{SURFACE}::test_logprobs_and_top_logprobs_in_openais_shape",
     "cache_salt": f"{SURFACE}::test_cache_salt_keeps_prefixes_apart",
     "mm_processor_kwargs": f"{SURFACE}::test_mm_processor_kwargs_resize_within_the_servers_limits",
+    "stream_interval": f"{SURFACE}::test_stream_interval_sends_chunks_of_that_many_tokens",
 }
 COMPLETION_HONOURED = {
     **{name: test for name, test in CHAT_HONOURED.items() if name in CompletionRequest.model_fields},
@@ -75,7 +76,7 @@ NOT_NEUTRAL = {
     "logprob_token_ids": [1], "documents": [{"title": "t", "text": "x"}], "chat_template": "{{ messages }}",
     "media_io_kwargs": {"image": {}}, "priority": 1,
     "kv_transfer_params": {"a": 1}, "ec_transfer_params": {"a": 1}, "vllm_xargs": {"a": 1},
-    "repetition_detection": {"max_pattern_size": 2, "min_count": 2}, "stream_interval": 4, "suffix": "x",
+    "repetition_detection": {"max_pattern_size": 2, "min_count": 2}, "suffix": "x",
     "prompt_embeds": "AAAA",
 }
 

@@ -155,6 +155,25 @@ def test_continuous_usage_stats_put_the_usage_on_every_chunk(server):
     assert chunks[-1]["usage"]["completion_tokens"] == 5
 
 
+def _stream(server, path: str, body: dict) -> list[dict]:
+    with httpx.stream("POST", server.base_url + path, json=body, headers=AUTH, timeout=60) as response:
+        return [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+
+
+def test_stream_interval_sends_chunks_of_that_many_tokens(server):
+    body = {"model": SERVED_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 13, "temperature": 0,
+            "stream": True, "stream_interval": 4, "return_token_ids": True, "ignore_eos": True}
+    sizes = [len(c["choices"][0]["token_ids"]) for c in _stream(server, "/v1/chat/completions", body)
+             if c["choices"] and c["choices"][0].get("token_ids")]
+    assert sum(sizes) == 13
+    assert all(size >= 4 for size in sizes[1:-1]) and len(sizes) <= 5
+    every = _stream(server, "/v1/chat/completions", {**body, "stream_interval": 1})
+    assert len([c for c in every if c["choices"] and c["choices"][0].get("token_ids")]) > len(sizes)
+    completion = {"model": SERVED_NAME, "prompt": "hi", "max_tokens": 9, "temperature": 0, "stream": True,
+                  "stream_interval": 3, "ignore_eos": True}
+    assert len([c for c in _stream(server, "/v1/completions", completion) if c["choices"]]) <= 4
+
+
 def test_cache_salt_keeps_prefixes_apart(server):
     text = "A long shared question about the street, the bakery and the tram stop. " * 6
     hits = lambda: metric(server, "vllm:prefix_cache_hits_total")  # noqa: E731

@@ -14,7 +14,7 @@ from service.api.error_handlers import count_error
 from service.api.logprobs import completion_logprobs
 from service.api.offload import off_loop
 from service.api.protocol import SamplingFields, Usage, validate
-from service.api.serving import ChoiceText, gather, usage_of
+from service.api.serving import ChoiceText, gather, in_intervals, usage_of
 from service.api.sse import DONE, EventStreamResponse, sse_error
 from service.engine import Engine, RequestHandle
 from service.engine.sampling import MAX_LOGPROBS
@@ -106,7 +106,7 @@ class CompletionServing:
                 for index in range(n):
                     yield chunk([_choice(index, echo, None, None, None, None)])
             offsets, completed, prompt_tokens = [len(echo)] * n, {}, 0
-            async for event in handle:
+            async for event in in_intervals(handle.__aiter__(), request_body.stream_interval):
                 if event.error is not None:
                     count_error(self.metrics, event.error)
                     yield sse_error(event.error)

@@ -112,6 +112,7 @@ class SamplingFields(BaseModel):
     return_tokens_as_token_ids: Optional[bool] = None
     return_token_ids: Optional[bool] = None
     cache_salt: Optional[str] = None
+    stream_interval: Optional[int] = Field(None, ge=1)
 
     @model_validator(mode="before")
     @classmethod

@@ -44,6 +44,7 @@ class AnswerShape:
     echo: str = ""
     prompt_token_ids: list[int] | None = None
     prompt_text: str | None = None
+    stream_interval: int | None = None
 
     @classmethod
     def of(cls, chat: ChatCompletionRequest, request: GenerationRequest, engine: Engine) -> "AnswerShape":
@@ -51,7 +52,8 @@ class AnswerShape:
                    return_token_ids=bool(chat.return_token_ids), continuous_usage=chat.continuous_usage,
                    role=chat.response_role, echo=chat.echoed(),
                    prompt_token_ids=request.prompt.input_ids.tolist() if chat.return_token_ids else None,
-                   prompt_text=request.prompt.text if chat.return_prompt_text else None)
+                   prompt_text=request.prompt.text if chat.return_prompt_text else None,
+                   stream_interval=chat.stream_interval)
 
     @property
     def plain(self) -> bool:
@@ -111,6 +113,27 @@ class ChoiceText:
             self.last = event
 
 
+async def in_intervals(events: AsyncIterator[Event], interval: int | None) -> AsyncIterator[Event]:
+    """vLLM's stream_interval: each choice's events merged until they carry `interval` tokens; its
+    first and last are sent at once."""
+    if not interval or interval <= 1:
+        async for event in events:
+            yield event
+        return
+    pending: dict[int, Event] = {}
+    started: set[int] = set()
+    async for event in events:
+        if event.error is not None:
+            yield event
+            return
+        merged = pending.pop(event.index).merged(event) if event.index in pending else event
+        if event.index not in started or merged.finish_reason is not None or len(merged.token_ids) >= interval:
+            started.add(event.index)
+            yield merged
+        else:
+            pending[event.index] = merged
+
+
 async def gather(handle: RequestHandle, n: int) -> list[ChoiceText]:
     """Every choice's output; an error event is raised (the error handlers answer it)."""
     choices = [ChoiceText() for _ in range(n)]
@@ -158,7 +181,7 @@ async def stream_chunks(handle: RequestHandle, request_id: str, model: str, incl
         if shape.echo:
             yield frames[index].render(shape.echo)
     prompt_tokens, generated, completed = 0, [0] * shape.n, {}
-    async for event in handle:
+    async for event in in_intervals(handle.__aiter__(), shape.stream_interval):
         if event.error is not None:
             count_error(metrics, event.error)
             yield sse_error(event.error)
