@@ -261,3 +261,18 @@ def test_cancelling_a_request_of_n_choices_while_queued_or_prefilling_frees_its_
     every_row = engine.submit(prepare(engine, n=4, temperature=1.0, max_tokens=4))  # needs all the batch's rows
     events = list(every_row)
     assert sum(e.finish_reason == "length" for e in events) == 4  # nothing of the cancelled one was still held
+
+
+def test_n_choices_of_an_image_prompt_and_of_one_from_the_prefix_cache(engine):
+    from PIL import Image
+
+    image = Image.linear_gradient("L").resize((96, 64)).convert("RGB")
+
+    def with_image(**kwargs):
+        content = [{"type": "image"}, {"type": "text", "text": "Describe the image in some detail please, " * 3}]
+        return engine.prepare([{"role": "user", "content": content}], [image], max_tokens=16, **kwargs)
+
+    assert with_image().prompt_tokens > 64  # a full block before the last, partly filled one
+    alone = [run(engine, with_image(temperature=1.0, seed=3 + i))[0].token_ids for i in range(3)]
+    for _ in range(2):  # the second time its full blocks come from the prefix cache
+        assert run(engine, with_image(n=3, temperature=1.0, seed=3))[0].choice_token_ids == alone
