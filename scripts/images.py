@@ -48,6 +48,10 @@ SERVICE_IMAGE_REPO = "vlkit/service-8gb"
 SERVICE_IMAGE = os.environ.get("VLKIT_SERVICE_IMAGE") or f"{SERVICE_IMAGE_REPO}:{VLKIT_VERSION}"
 VLLM_SERVICE_IMAGE = os.environ.get("VLKIT_VLLM_IMAGE") or f"vlkit/vllm-16gb:{VLKIT_VERSION}-vllm{VLLM_VERSION}"
 
+# The 8gb image's non-root user (docker/Dockerfile.8gb: useradd --uid, USER): a bind-mounted local
+# model folder must be readable by it (`vlkit up` checks before starting).
+SERVICE_UID = 10001
+
 # Compute capabilities the 8gb image's torch build has kernels for (Turing .. Blackwell).
 SERVICE_MIN_COMPUTE_CAPABILITY = (7, 5)
 

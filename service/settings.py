@@ -26,8 +26,8 @@ class ServiceSettings(BaseSettings):
 
     model: str = Field("Qwen/Qwen3-VL-2B-Instruct", description="local path or hub id (resolved from the local Hugging Face cache)")
     served_model_name: Optional[str] = Field(None, description="name clients pass as `model`; defaults to --model")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="auto: bf16 on GPU (fp16 where bf16 is unsupported), float32 on CPU")
-    quantization: Literal["none", "nf4"] = Field("none", description="nf4: 4-bit bitsandbytes weights (CUDA only), so the 4B model fits 8 GB")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="auto: bf16 on GPU (fp16 on Turing, which has no bf16), float32 on CPU")
+    quantization: Literal["none", "fp8", "nf4"] = Field("none", description="fp8: quantize a bf16 checkpoint's decoder linears to FP8 while loading (128x128 blocks, as Qwen's -FP8 checkpoints, which load as FP8 anyway); nf4: 4-bit bitsandbytes weights (CUDA only), for what FP8 does not fit")
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: the first CUDA GPU when torch sees one, else the CPU")
     host: str = Field("127.0.0.1", description="bind address; 127.0.0.1 unless you mean to expose it")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port")

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 
+# Under `make test`, Docker is set up only when a selected test needs it (tests/docker_setup.py).
+pytest_plugins = ["tests.docker_setup"]
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Triton kernels (attention, skinny GEMM) run in Triton's own interpreter on a machine without a
+# GPU: set before anything imports triton, which reads it when a kernel is defined.
+if not __import__("torch").cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 # `make test` exports VLKIT_VIA_MAKE=1 (the Makefile does for every command): messages would name
 # make variables. Tests read them as a direct `vlkit` user does unless a test sets it itself.

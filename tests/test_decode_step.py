@@ -146,13 +146,13 @@ def test_fused_projections_decode_the_same_and_leave_the_model_intact(model):
     runner = make_runner(fused_model, fuse_projections=True)
     assert runner.decoder.fused
     attn = fused_model.model.language_model.layers[1].self_attn
-    qkv = runner.decoder.qkv_weights[1]
+    qkv = runner.decoder.qkv_proj[1].weight
     assert attn.k_proj.weight.data_ptr() == qkv[64:96].data_ptr()  # a view: no second copy of the weights
     for name, weight in fused_model.state_dict().items():
         assert torch.equal(weight, model.state_dict()[name]), name
     again = Qwen3VLDecoder(fused_model, PagedKVCache(fused_model.config, 1, 8, dtype=torch.float32, device="cpu"),
                            fuse_projections=True)
-    assert again.qkv_weights[1].data_ptr() == qkv.data_ptr() and torch.equal(again.qkv_weights[1], qkv)
+    assert again.qkv_proj[1].weight.data_ptr() == qkv.data_ptr() and torch.equal(again.qkv_proj[1].weight, qkv)
     ids, pixels = image_prompt(3, 4, (1, 4, 4), seed=8)
     inputs = batch_inputs([ids, text_prompt(9, seed=9)], [(pixels, (1, 4, 4))])
     ours = our_greedy(fused_model, runner, 12, inputs)

@@ -63,7 +63,7 @@ def test_bad_input_exits_1_with_one_line(capsys, tmp_path, args, says):
     (["--cache-size", "lots"], "not a volume size"),
     (["--cache-size", "100Mi"], "not a volume size"),
     (["--gpus", "0"], "at least 1"),
-    (["--replicas", "two"], "at least 1"),
+    (["--replicas", "two"], "not a whole number"), (["--context", "8"], "at least 16"),
     ([], "--gpu-memory"),
 ])
 def test_argument_errors_name_the_rule(capsys, args, says):

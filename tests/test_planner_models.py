@@ -134,3 +134,24 @@ def test_alternatives_are_fp8_then_smaller():
     assert variants_to_try(resolve_model("Qwen/Qwen3-VL-8B-Instruct"))[:3] == [
         "Qwen/Qwen3-VL-8B-Instruct-FP8", "Qwen/Qwen3-VL-4B-Instruct-FP8", "Qwen/Qwen3-VL-4B-Instruct"]
     assert variants_to_try(resolve_model("Qwen/Qwen3-VL-2B-Thinking-FP8")) == []
+
+
+def test_a_hub_model_is_found_in_the_cache_vlkit_uses(tmp_path, monkeypatch, tiny_model_dir):
+    """A model id that is not built in resolves from VLKIT_HF_CACHE (the cache `make up` mounts and
+    `make download` fills), not from huggingface_hub's default folder."""
+    import shutil
+
+    from scripts.planner.models import UnknownModelError, resolve_model
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someone--qwen3-vl-tiny" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    shutil.copy(tiny_model_dir / "config.json", snapshot / "config.json")
+    (cache / "models--someone--qwen3-vl-tiny" / "refs").mkdir()
+    (cache / "models--someone--qwen3-vl-tiny" / "refs" / "main").write_text("0123abc")
+    monkeypatch.setenv("VLKIT_HF_CACHE", str(cache))
+    spec = resolve_model("someone/qwen3-vl-tiny")
+    assert spec.id == "someone/qwen3-vl-tiny" and spec.source == str(snapshot)
+    monkeypatch.setenv("VLKIT_HF_CACHE", str(tmp_path / "elsewhere"))
+    with pytest.raises(UnknownModelError):
+        resolve_model("someone/qwen3-vl-tiny")

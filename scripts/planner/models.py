@@ -236,8 +236,10 @@ def _from_hf_cache(repo_id: str) -> Path | None:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:  # pragma: no cover - a host dependency
         return None
+    from scripts.hf_cache import hub_cache
+
     try:
-        found = try_to_load_from_cache(repo_id, "config.json")
+        found = try_to_load_from_cache(repo_id, "config.json", cache_dir=hub_cache())  # the cache `up` mounts
     except Exception:  # invalid repo id etc.
         return None
     return Path(found).parent if isinstance(found, str) else None

@@ -15,6 +15,7 @@ from pathlib import Path, PurePosixPath
 import yaml
 
 from scripts import images
+from scripts.hf_cache import hub_cache
 
 ROOT = Path(os.environ.get("VLKIT_ROOT") or Path(__file__).resolve().parents[2])
 COMPOSE_FILE = ROOT / "docker" / "compose.yaml"
@@ -27,13 +28,6 @@ READY_PATHS = {"8gb": "/health/ready", "16gb": "/health"}
 CONTAINER_PORT = 8000
 MODELS_DIR = PurePosixPath("/models")
 DEFAULT_PORT = 8000
-
-
-def hf_hub_cache() -> Path:
-    """The host's Hugging Face hub cache (HF_HUB_CACHE / HF_HOME honoured), shared by both profiles."""
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE).expanduser()
 
 
 @dataclass
@@ -127,7 +121,7 @@ class Launch:
         """Variables compose.yaml interpolates: port, cache path, image tags (from scripts/images.py)."""
         return {
             "VLKIT_PORT": str(self.port),
-            "VLKIT_HF_CACHE": str(self.hf_cache or hf_hub_cache()),
+            "VLKIT_HF_CACHE": str(self.hf_cache or hub_cache()),
             "VLKIT_SERVICE_IMAGE": images.SERVICE_IMAGE,
             "VLKIT_VLLM_IMAGE": images.VLLM_SERVICE_IMAGE,
             "VLKIT_MODEL": self.model_in_container,

@@ -47,10 +47,12 @@ class Batch:
         self._reserved_ceiling = reserved_ceiling
 
     @classmethod
-    def over(cls, model, cache: PagedKVCache, *, chunk: int | None = None, **runner_options) -> "Batch":
+    def over(cls, model, cache: PagedKVCache, *, chunk: int | None = None, like: "Batch | None" = None,
+             **runner_options) -> "Batch":
         """A batch decoding ``model`` from ``cache`` with eager steps (tests and tools; the engine's
-        start-up builds its own with compiled steps and CUDA graphs)."""
-        decoder = Qwen3VLDecoder(model, cache)
+        start-up builds its own with CUDA graphs); ``like``: with that batch's decoder options, so it
+        computes the same tokens (a different pool, the same arithmetic)."""
+        decoder = Qwen3VLDecoder(model, cache, **(like.runner.decoder.options if like else {}))
         prefiller = Qwen3VLPrefill(model, decoder) if chunk is None else Qwen3VLPrefill(model, decoder, chunk)
         return cls(DecodeRunner(decoder, **runner_options), prefiller)
 
