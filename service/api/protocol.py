@@ -220,7 +220,7 @@ class ChatCompletionRequest(SamplingFields):
         """InvalidRequest naming the first field this server does not honour (never a silent 200)."""
         for name in ("tool_choice", "parallel_tool_calls", "structured_outputs"):
             value = getattr(self, "model_extra", {}).get(name)
-            if value not in (None, "none", True) or (name == "parallel_tool_calls" and value is False):
+            if value not in (None, "none", True):
                 raise InvalidRequest(f"{name} is not supported by this server.", param=name, kind="unsupported")
         if self.tools:
             raise InvalidRequest("tools are not supported by this server.", param="tools", kind="unsupported")
