@@ -273,3 +273,55 @@ def test_a_stop_iteration_off_the_event_loop_reaches_its_request():
 
     with pytest.raises(RuntimeError, match="StopIteration"):
         asyncio.run(asyncio.wait_for(off_loop(processor_like), 10))
+
+
+def test_a_chunked_body_over_the_limit_is_413_before_it_is_all_read(server):
+    limit = server.settings.max_request_bytes
+
+    def chunks():
+        yield b'{"model": "x", "messages": [{"role": "user", "content": "'
+        for _ in range(limit // 65536 + 2):
+            yield b"a" * 65536
+
+    response = httpx.post(server.base_url + "/v1/chat/completions", content=chunks(),
+                          headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+                          timeout=60)
+    assert_error(response, 413, "limit")
+    assert_still_serves(server)
+
+
+def test_the_api_key_guards_tokenize_and_detokenize_but_not_version(server):
+    assert httpx.post(server.base_url + "/tokenize", json={"prompt": "hi"}).status_code == 401
+    assert httpx.post(server.base_url + "/detokenize", json={"tokens": [1]}).status_code == 401
+    assert httpx.get(server.base_url + "/version").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def small_server(tiny_model_dir):
+    from service.settings import ServiceSettings
+    from tests.conftest import free_port, start_server
+
+    settings = ServiceSettings(model=str(tiny_model_dir), host="127.0.0.1", port=free_port(), max_model_len=256,
+                               min_pixels=3136, max_pixels=16384, warmup=False, log_level="warning",
+                               max_connections=4, head_timeout_seconds=1.5)
+    running, stop = start_server(settings)
+    yield running
+    stop()
+
+
+def test_connections_held_by_slow_clients_are_bounded_and_dropped(small_server):
+    """Slowloris: as many half-sent heads as max_connections allows; past it a request is refused
+    at once (503) instead of waiting; once the heads' deadline passes they are gone, and requests
+    are served again."""
+    held = []
+    for _ in range(small_server.settings.max_connections):
+        sock = _raw_socket(small_server)
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        held.append(sock)
+    time.sleep(0.2)
+    assert httpx.get(small_server.base_url + "/health", timeout=10).status_code == 503
+    assert all(_read_status(sock) == 408 for sock in held)  # cut off at the head's deadline
+    for sock in held:
+        sock.close()
+    time.sleep(0.2)
+    assert httpx.get(small_server.base_url + "/health", timeout=10).status_code == 200
