@@ -10,7 +10,7 @@ then temperature, min-p, top-k and top-p.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -108,8 +108,6 @@ class SamplingParams:
         if self.seed is None or index == 0:
             return self
         seed = (self.seed + index - SEED_RANGE[0]) % 2**64 + SEED_RANGE[0]  # stays a 64-bit signed integer
-        from dataclasses import replace
-
         return replace(self, seed=seed)
 
 

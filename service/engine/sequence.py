@@ -71,15 +71,16 @@ class Sequence:
         self._pending_ids.append(token)
         if logprob is not None:
             self._pending_logprobs.append(logprob)
-        past_min = self.generated > params.min_tokens  # vLLM checks no stop condition before min_tokens
-        if past_min and (token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos)):
+        # vLLM: stop tokens end the text from the min_tokens-th token on, stop strings only after it.
+        if self.generated >= params.min_tokens and \
+                (token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos)):
             self.finish_reason = "stop"
             self.stop_reason = token if token in params.stop_token_ids else None
             # vLLM leaves the stop token's text out, unless include_stop_str_in_output.
             text = self.detok.add(token) if params.include_stop_str_in_output else ""
             text += self.detok.flush()
         else:
-            text = self.detok.add(token, check_stop=past_min)
+            text = self.detok.add(token, check_stop=self.generated > params.min_tokens)
             if self.detok.stopped:
                 self.finish_reason, self.stop_reason = "stop", self.detok.stop_string
             elif self.generated >= params.max_tokens or self.prompt_tokens + self.generated >= self.max_model_len:
