@@ -15,6 +15,7 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer, stop: tuple[str, ...] = (), *, include_stop: bool = False,
                  skip_special_tokens: bool = True, matcher: StopMatcher | None = None):
         self._tokenizer = tokenizer
+        self.eos_token_id = getattr(tokenizer, "eos_token_id", None)
         stop = tuple(s for s in stop if s)
         self._matcher = matcher if matcher is not None else (StopMatcher(stop) if stop else None)
         self._include_stop = include_stop

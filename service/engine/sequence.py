@@ -75,7 +75,9 @@ class Sequence:
         if self.generated >= params.min_tokens and \
                 (token in params.stop_token_ids or (token in self.eos_ids and not params.ignore_eos)):
             self.finish_reason = "stop"
-            self.stop_reason = token if token in params.stop_token_ids else None
+            # vLLM: the tokenizer's EOS stops with no reason; the generation config's other EOS ids
+            # join stop_token_ids, so they are named like them.
+            self.stop_reason = None if token == self.detok.eos_token_id else token
             # vLLM leaves the stop token's text out, unless include_stop_str_in_output.
             text = self.detok.add(token) if params.include_stop_str_in_output else ""
             text += self.detok.flush()
