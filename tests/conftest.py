@@ -91,10 +91,11 @@ def start_server(settings) -> tuple[RunningServer, callable]:
     import uvicorn
 
     from service.api import create_app
+    from service.http_limits import uvicorn_config
     from service.readiness import wait_ready
 
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, settings))
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
     base = f"http://{settings.host}:{settings.port}"
@@ -117,7 +118,8 @@ def server(tiny_model_dir, media_dir) -> RunningServer:
         model=str(tiny_model_dir), served_model_name=SERVED_NAME, host="127.0.0.1", port=free_port(),
         max_model_len=512, min_pixels=3136, max_pixels=64 * 64 * 4, max_images_per_request=3,
         max_image_bytes=2 * 1024 * 1024, max_request_bytes=8 * 1024 * 1024, max_tokens_default=32,
-        max_batch_size=8, max_queue=8, api_key=API_KEY, allowed_media_dir=media_dir,
+        max_batch_size=8, max_queue=8, api_key=API_KEY, allowed_media_dir=media_dir, log_level="warning",
+        head_timeout_seconds=2, body_timeout_seconds=3,
     )
     running, stop = start_server(settings)
     yield running

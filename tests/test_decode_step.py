@@ -532,3 +532,31 @@ def test_a_prompt_that_starts_like_a_cached_one_decodes_like_transformers(model,
     reference = prefill(model, **inputs)
     assert (logits - reference.logits[0]).abs().max() < TOLERANCE
     assert_slot_matches(model, runner, second, logits, reference, inputs, steps=6)
+
+
+def test_a_slot_forks_into_held_slots_sharing_its_full_prompt_blocks():
+    """n choices: the forks are held from the start (no other request can take their room), share
+    the prompt's full blocks, get a copy of its partly filled last block, and hand everything back."""
+    cache = PagedKVCache(tiny_config(), 4, 64, 12, dtype=torch.float32, device="cpu", block_size=8)
+    # 20-token prompt + 4 new: 3 blocks; each fork shares the 2 full prompt blocks and takes 1 fresh.
+    parent = cache.allocate(24, forks=2, prompt_tokens=20)
+    assert parent == 0 and cache.free_blocks == 9
+    assert not cache.can_allocate(64) and not cache.can_allocate(8, forks=2)  # 2 blocks and 2 slots are held
+    assert cache.fits_at_all(24, 2, 20) and not cache.fits_at_all(64, 3, 0)
+    positions = cache.positions(parent, 20)
+    for pool in cache.keys:
+        pool[:, positions] = torch.arange(20, dtype=torch.float32)[None, :, None]
+    cache.set_prefilled(parent, 20, rope_delta=3)
+    children = cache.fork(parent)
+    assert children == [1, 2] and cache.free_blocks == 7 and cache.free_slots == 1
+    for child in children:
+        assert cache.lengths[child] == 20 and cache.rope_deltas[child] == 3
+        assert cache.block_table[child, :2].tolist() == cache.block_table[parent, :2].tolist()  # shared
+        assert cache.block_table[child, 2] != cache.block_table[parent, 2]  # its own last block...
+        assert torch.equal(cache.keys[0][:, cache.positions(child, 20)], cache.keys[0][:, positions])  # ...a copy
+    for slot in (parent, *children):
+        cache.free(slot)
+    assert cache.free_blocks == cache.num_blocks and cache.free_slots == 4
+    held = cache.allocate(24, forks=2, prompt_tokens=20)
+    cache.free(held)  # freed before its prefill finished: the held room comes back too
+    assert cache.can_allocate(64 - 8, forks=3, prompt_tokens=0) is False and cache.allocate(8, forks=3) == 0

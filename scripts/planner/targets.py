@@ -11,7 +11,9 @@ _DEFAULTS = ServiceSettings.model_fields
 DEFAULT_MAX_PIXELS = _DEFAULTS["max_pixels"].default            # ~1000 image tokens
 PIXEL_STEPS = tuple(p for p in (DEFAULT_MAX_PIXELS, 802_816, 602_112, 401_408, 200_704)
                     if p <= DEFAULT_MAX_PIXELS)
-ANSWER_TOKENS = _DEFAULTS["max_tokens_default"].default
+# The answer a useful context leaves room for. Not the service's default max_tokens: that is the rest
+# of the context (as vLLM), unless VLKIT_MAX_TOKENS_DEFAULT caps it.
+ANSWER_TOKENS = 512
 PROMPT_TOKENS = 256                # the text of a prompt beside its image
 IMAGE_LIMIT = 4                    # images per request (both profiles), fewer where the context is short
 # Requests decoded at once, both profiles: at least this many (8 rows of logits cost ~40 MiB), more
