@@ -257,7 +257,9 @@ def table(results: dict[str, dict[str, str]]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="2b", help="comma-separated shapes: 2b, 4b, 8b (default 2b)")
+    parser.add_argument("--models", default="2b",
+                        help="comma-separated shapes: 2b, 4b, 8b (default 2b); -fp8 (2b-fp8 ...): the decoder's "
+                             "linears in Qwen's FP8 layout (128x128 block scales)")
     parser.add_argument("--smoke", action="store_true",
                         help="a quick check on CPU with the tiny model, a small image and 8 new tokens")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
@@ -281,8 +283,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="random-weight checkpoints for the engine (shared with python -m service.smoke)")
     parser.add_argument("--out", default=None, help="also write the table here (default: $OUT/bench.md if $OUT is set)")
     args = parser.parse_args(argv)
-    if args.smoke:
-        args.models = "tiny"
+    if args.smoke:  # the tiny model, or its FP8 layout with --models tiny-fp8
+        args.models = args.models if args.models.startswith("tiny") else "tiny"
         args.device = args.device or "cpu"
     args.new_tokens = args.new_tokens or (8 if args.smoke else 128)
     args.batches = [int(b) for b in (args.batches or ("1,2" if args.smoke else "1,4,8")).split(",")]

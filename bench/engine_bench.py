@@ -27,12 +27,16 @@ PROMPT = ("Describe this picture for a visually impaired reader: the main object
 
 
 def checkpoint_for(size: str, workdir: Path, device: str) -> Path:
-    """A random-weight checkpoint of ``size`` with its processor on disk (built once, reused)."""
+    """A random-weight checkpoint of ``size`` (``4b``, ``4b-fp8``: Qwen's FP8 layout) with its
+    processor on disk (built once, reused)."""
+    from bench.workload import model_size
+
     path = workdir / f"qwen3-vl-{size}-random"
     if not (path / "config.json").is_file():
         from service.tiny_model import build_checkpoint
 
-        build_checkpoint(path, shape=size, device=device if size != "tiny" else None)
+        architecture, fp8 = model_size(size)
+        build_checkpoint(path, shape=architecture, device=device if architecture != "tiny" else None, fp8=fp8)
     return path
 
 
@@ -68,6 +72,7 @@ def engine_rows(size: str, args, workload, roofline: float | None, workdir: Path
              + (" (cold / warm compile cache)" if len(runs) > 1 else "")),
             ("engine: start-up breakdown (last start)",
              ", ".join(f"{k} {v:.1f} s" for k, v in last["startup"].items())),
+            ("engine: weights", last["weights"]),
             ("engine: decode graphs / attention", f"{last['graphs']} / {last['attention']}"),
             ("engine: memory plan", last["plan"] or "none (CPU)"),
             ("engine: prompt tokens / new tokens", f"{last['prompt_tokens']} / {args.new_tokens}"),
@@ -88,7 +93,8 @@ def engine_rows(size: str, args, workload, roofline: float | None, workdir: Path
                              f"{point['aggregate_tok_s']:.0f} tok/s{times}"))
     budget = last["budget_gib"]
     rows.append(("engine: peak process memory (NVML), whole run",
-                 f"{last['peak_bytes'] / GIB:.2f} GiB (budget {budget:.1f} GiB)" if last["plan"] else "n/a (CPU)"))
+                 f"{last['peak_bytes'] / GIB:.2f} GiB (budget {budget:.1f} GiB: "
+                 f"{'under' if last['peak_bytes'] <= budget * GIB else 'OVER'})" if last["plan"] else "n/a (CPU)"))
     return [(metric.replace("engine", label, 1), value) for metric, value in rows]
 
 
@@ -137,6 +143,7 @@ def child(argv: list[str] | None = None) -> int:
     from PIL import Image
 
     from bench.engine_mode import engine_token_stream, measure_streams
+    from service.decode.fp8 import describe, model_gemm
     from service.engine import Engine
 
     engine = Engine.load(settings)
@@ -174,7 +181,9 @@ def child(argv: list[str] | None = None) -> int:
     points = [point(n, lambda _i: stream(request)) for n in concurrency]
     peak = sampler.stop()
     runner = engine.scheduler.batch.runner
+    gemm = model_gemm(engine.model)
     result = {
+        "weights": f"FP8, {describe(gemm)}" if gemm else str(engine.dtype).removeprefix("torch."),
         "ready_at": ready_at, "startup": engine.startup_seconds, "peak_bytes": peak,
         "budget_gib": settings.memory_budget_gib, "plan": engine.plan.describe() if engine.plan else None,
         "graphs": len(runner.graphs), "attention": runner.decoder.attention,

@@ -18,7 +18,7 @@ import torch
 from bench.workload import Workload, build_inputs, build_model
 from service.decode import PagedKVCache, Qwen3VLDecoder, Qwen3VLPrefill
 from service.decode.prefill import prefill_position_ids
-from service.decode.qwen3_step import fuse_linear_weights, text_model_of
+from service.decode.qwen3_step import fuse_linears, text_model_of
 
 GIB = 1024**3
 
@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_grad_enabled(False)
     model, _ = build_model(args.model, "cuda", torch.bfloat16)
     for layer in text_model_of(model).layers:  # as the engine does on CUDA
-        fuse_linear_weights([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
-        fuse_linear_weights([layer.mlp.gate_proj, layer.mlp.up_proj])
+        fuse_linears([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
+        fuse_linears([layer.mlp.gate_proj, layer.mlp.up_proj])
     inputs = build_inputs(model, Workload(), 1)
     ids = inputs["input_ids"][0].cpu()
     grid = inputs["image_grid_thw"].cpu()

@@ -30,10 +30,19 @@ class Workload:
         return t * h * w // (merge * merge)
 
 
+def model_size(name: str) -> tuple[str, bool]:
+    """``"4b-fp8"`` -> (``"4b"``, True): the architecture, and whether its decoder linears are FP8
+    (Qwen's -FP8 layout: 128x128 block scales)."""
+    name = name.strip().lower()
+    return (name[:-len("-fp8")], True) if name.endswith("-fp8") else (name, False)
+
+
 def build_model(size: str, device: str, dtype: torch.dtype) -> tuple[Qwen3VLForConditionalGeneration, float]:
-    """A randomly initialised Qwen3-VL of shape ``size`` (2b, 4b, 8b, tiny) built on ``device``; and seconds."""
+    """A randomly initialised Qwen3-VL of ``size`` (2b, 4b, 8b, tiny; ``-fp8``: its decoder linears
+    quantized blockwise to FP8 on ``device``) built on ``device``; and seconds."""
     start = time.perf_counter()
-    config = Qwen3VLConfig(**shape(size))
+    architecture, fp8 = model_size(size)
+    config = Qwen3VLConfig(**shape(architecture))
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # initialise in the target dtype directly (no fp32 copy on the GPU)
     try:
@@ -42,6 +51,10 @@ def build_model(size: str, device: str, dtype: torch.dtype) -> tuple[Qwen3VLForC
     finally:
         torch.set_default_dtype(previous)
     model.eval()
+    if fp8:
+        from service.decode.fp8 import decoder_linear_names, gemm_for, quantize_linears
+
+        quantize_linears(model, decoder_linear_names(model), gemm_for(torch.device(device)))
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return model, time.perf_counter() - start

@@ -30,6 +30,14 @@ VLLM_VERSION = "0.27.0"
 VLLM_IMAGE = f"vllm/vllm-openai:v{VLLM_VERSION}"
 # vLLM's images are built on CUDA 13.0 since 0.2x (its PyPI wheels too, see docs/DOCKER.md).
 VLLM_CUDA = "13.0"
+# vLLM's model runner under WSL2. From 0.25 vLLM runs Qwen3-VL on its V2 model runner, whose UVA
+# buffers need pinned host memory, and vLLM turns pinned memory off under WSL2 unless
+# VLLM_WSL2_ENABLE_PIN_MEMORY=1 (platforms/cuda.py is_pin_memory_available): every default start there
+# dies with "RuntimeError: UVA is not available". The V1 runner starts without pinned memory, and its
+# accounting is the one the planner models (docs/PLANNER.md "WSL2 and vLLM's model runner" says why
+# V1 rather than pinned memory). A value the user set in their shell wins.
+VLLM_WSL2_ENV = {"VLLM_USE_V2_MODEL_RUNNER": "0"}
+VLLM_RUNNER_VARIABLES = ("VLLM_USE_V2_MODEL_RUNNER", "VLLM_WSL2_ENABLE_PIN_MEMORY")
 
 # --- 8gb profile: our service (docker/Dockerfile.8gb) ----------------------------------------------
 # torch 2.13 publishes CUDA builds for 12.6 (legacy: Maxwell..Hopper, no Blackwell) and 13.0
@@ -47,6 +55,10 @@ SERVICE_IMAGE_REPO = "vlkit/service-8gb"
 # that tests build and run their CPU variant without replacing a user's real image.
 SERVICE_IMAGE = os.environ.get("VLKIT_SERVICE_IMAGE") or f"{SERVICE_IMAGE_REPO}:{VLKIT_VERSION}"
 VLLM_SERVICE_IMAGE = os.environ.get("VLKIT_VLLM_IMAGE") or f"vlkit/vllm-16gb:{VLKIT_VERSION}-vllm{VLLM_VERSION}"
+
+# The 8gb image's non-root user (docker/Dockerfile.8gb: useradd --uid, USER): a bind-mounted local
+# model folder must be readable by it (`vlkit up` checks before starting).
+SERVICE_UID = 10001
 
 # Compute capabilities the 8gb image's torch build has kernels for (Turing .. Blackwell).
 SERVICE_MIN_COMPUTE_CAPABILITY = (7, 5)
@@ -67,6 +79,15 @@ Profile = Literal["8gb", "16gb"]
 def image_for(profile: Profile) -> str:
     """The image tag `vlkit up` runs for a profile (both are built locally from docker/)."""
     return SERVICE_IMAGE if profile == "8gb" else VLLM_SERVICE_IMAGE
+
+
+def vllm_env(platform_kind: str, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment the 16gb container's vLLM gets on this platform ("wsl2" | "wsl1" | "linux"):
+    VLLM_WSL2_ENV under WSL, then the runner variables the user set themselves."""
+    environ = os.environ if environ is None else environ
+    env = dict(VLLM_WSL2_ENV) if platform_kind.startswith("wsl") else {}
+    env.update({k: environ[k] for k in VLLM_RUNNER_VARIABLES if environ.get(k)})
+    return env
 
 
 def cuda_for(profile: Profile) -> str:

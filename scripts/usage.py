@@ -26,8 +26,11 @@ def via_make() -> bool:
 
 def setting(name: str, value: object = None) -> str:
     """``GPU_MEMORY=8GiB`` under make, ``--gpu-memory 8GiB`` otherwise; a flag without a make
-    variable goes through ``ARGS='--flag value'`` under make. ``value`` None: the bare name."""
+    variable goes through ``ARGS='--flag value'`` under make. ``value`` None: the bare name;
+    True: a switch (``--cpu``, ``ARGS=--cpu``)."""
     flag = "--" + name.replace("_", "-")
+    if value is True:  # a switch: the bare flag
+        value = None
     shown = "" if value is None else str(value)
     if not via_make():
         return flag if value is None else f"{flag} {shlex.quote(shown)}"
@@ -45,5 +48,6 @@ def command(target: str, **settings: object) -> str:
     if not via_make():
         return " ".join(["vlkit", target.replace("-", " "), *(setting(n, v) for n, v in given.items())])
     parts = [setting(n, v) for n, v in given.items() if n in MAKE_VARIABLES]
-    extra = " ".join(f"--{n.replace('_', '-')} {v}" for n, v in given.items() if n not in MAKE_VARIABLES)
+    extra = " ".join(f"--{n.replace('_', '-')}" + ("" if v is True else f" {v}")
+                     for n, v in given.items() if n not in MAKE_VARIABLES)
     return " ".join(["make", target, *parts, *([f"ARGS={shlex.quote(extra)}"] if extra else [])])

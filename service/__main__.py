@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from service.api import create_app
+    from service.http_limits import uvicorn_config
 
     failed: list[BaseException] = []
     server: uvicorn.Server | None = None
@@ -89,9 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             server.should_exit = True
 
     app = create_app(settings, on_load_failure=on_load_failure)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=30)
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn_config(app, settings))
     server.run()
     if failed:
         print(f"error: {failed[0]}", file=sys.stderr)

@@ -34,6 +34,12 @@ class ModelNotFound(ServiceError):
     status, type, kind = 404, "NotFoundError", "model_not_found"
 
 
+class RequestTimeout(ServiceError):
+    """The client did not send its request in time (a slow client)."""
+
+    status, type, kind = 408, "RequestTimeoutError", "request_timeout"
+
+
 class PayloadTooLarge(ServiceError):
     status, type, kind = 413, "RequestEntityTooLargeError", "too_large"
 

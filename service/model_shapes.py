@@ -75,10 +75,12 @@ SHAPES: dict[str, dict] = {
     },
     # Tests/CI: ~0.3 M parameters. mrope_section sums to head_dim/2; num_position_embeddings is a square.
     # A wide initializer makes random logits peaky, so greedy margins stay far above float noise
-    # (batch == single holds by token ids, not by luck).
+    # (batch == single holds by token ids, not by luck). In the FP8 layout (128x128 scale blocks),
+    # gate/up (256 rows) span two whole row blocks and fuse, q/k/v (64/32/32 rows) and the 64 columns
+    # of hidden size fill part of one: both cases the loader and the fusion meet.
     "tiny": {
         "tie_word_embeddings": False,
-        "text_config": {**_TEXT_COMMON, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "text_config": {**_TEXT_COMMON, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
                         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
                         "max_position_embeddings": 32768, "initializer_range": 0.2,
                         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,

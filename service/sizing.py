@@ -16,6 +16,9 @@ MIB = 1024**2
 
 BLOCK_SIZE = 64  # tokens per KV block; also the split-KV attention kernel's block of work
 PREFILL_CHUNK = 1024  # tokens of one decoder pass of a prefill: bounds its activations
+# Batch sizes the decode step is captured for (up to max_batch_size); a batch in between runs in
+# the next larger graph. The planner's batch cap stops at the largest.
+DECODE_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
 # Kept free beyond the measured figures: the decode graphs' pool (a few MiB of activations and
 # logits for up to max_batch rows), kernels loaded later, the allocator's rounding.
 HEADROOM_BYTES = 256 * MIB

@@ -104,8 +104,9 @@ def _server_ttft(base: str) -> tuple[float, float]:
 
     values = {}
     for line in httpx.get(base + "/metrics", timeout=5).text.splitlines():
-        name, _, value = line.partition(" ")
-        if name in ("vlkit_time_to_first_token_seconds_sum", "vlkit_time_to_first_token_seconds_count"):
+        name, _, value = line.rpartition(" ")
+        name = name.split("{")[0]
+        if name in ("vllm:time_to_first_token_seconds_sum", "vllm:time_to_first_token_seconds_count"):
             values[name.rsplit("_", 1)[1]] = float(value)
     return values.get("sum", 0.0), values.get("count", 0.0)
 

@@ -2,12 +2,19 @@
 
     python -m service.tiny_model OUT_DIR                 # tiny (~0.3 M parameters): tests, CI
     python -m service.tiny_model OUT_DIR --shape 2b      # real Qwen3-VL-2B architecture, random weights
+    python -m service.tiny_model OUT_DIR --fp8           # the same in the layout of Qwen's -FP8 checkpoints
 
 The tokenizer is a byte-level BPE trained here with the `tokenizers` library on the few KB of text
 below, wrapped as a Qwen2Tokenizer carrying Qwen's special tokens and Qwen3-VL's chat template; the
 image processor is Qwen3-VL's (patch 16, merge 2). Real-size shapes put the special tokens at Qwen's
 ids (``<|image_pad|>`` = 151655 ...), so tools that assume them (vLLM) accept the checkpoint too.
 Deterministic: the same seed writes the same files.
+
+``--fp8`` writes what Qwen publishes as Qwen/Qwen3-VL-*-FP8: the text decoder's linears as
+float8_e4m3fn ``weight`` + float32 ``weight_scale_inv`` (amax / 448 per 128x128 block), every
+other tensor bf16 under the same names, ``quantization_config`` {quant_method fp8, fmt e4m3,
+weight_block_size [128, 128], activation_scheme dynamic, modules_to_not_convert: lm_head and the
+vision tower's linears}; real sizes in shards with an index, as published.
 """
 from __future__ import annotations
 
@@ -177,10 +184,12 @@ def write_processor(out_dir: str | Path, tokenizer) -> None:
 
 
 def build_checkpoint(out_dir: str | Path, *, shape: str = "tiny", seed: int = 0, dtype=None,
-                     device: str | None = None) -> Path:
+                     device: str | None = None, fp8: bool = False, shard_bytes: int | None = None) -> Path:
     """Write config, random weights (safetensors), generation config and processor to `out_dir`.
 
     Tiny: float32 on the CPU. Real sizes: bfloat16; `device="cuda"` initialises the weights there (fast).
+    `fp8`: Qwen's FP8 layout (see the module docstring), in shards of `shard_bytes` (default: one
+    file for tiny, 4 GB for real sizes).
     """
     import torch
 
@@ -193,9 +202,70 @@ def build_checkpoint(out_dir: str | Path, *, shape: str = "tiny", seed: int = 0,
     if shape == "tiny":
         _quiet_control_tokens(model, tok)
     model.generation_config = generation_config(tok)
-    model.save_pretrained(out)
+    if fp8:
+        write_fp8_checkpoint(model, out, shard_bytes if shard_bytes else (None if shape == "tiny" else 4 * 10**9))
+    else:
+        model.save_pretrained(out)
     write_processor(out, tok)
     return out
+
+
+def write_fp8_checkpoint(model, out_dir: str | Path, shard_bytes: int | None = None) -> None:
+    """``model``'s text decoder linears quantized blockwise to FP8, everything else bf16, written in
+    Qwen's -FP8 layout (config with ``quantization_config``, safetensors, generation config)."""
+    import torch
+    from torch import nn
+
+    from service.decode.fp8 import BLOCK, dequantize_gemm, decoder_linear_names, quantize_linears
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    quantized = decoder_linear_names(model)
+    kept = [name for name, module in model.named_modules() if type(module) is nn.Linear and name not in quantized]
+    quantize_linears(model, quantized, dequantize_gemm)
+    tied = model.lm_head.weight is model.get_input_embeddings().weight
+    tensors = {}
+    for key, value in model.state_dict().items():
+        if tied and key == "lm_head.weight":
+            continue  # tied to the embedding table: stored once, as in the published checkpoints
+        if value.dtype == torch.float8_e4m3fn or key.endswith(".weight_scale_inv"):
+            tensors[key] = value.contiguous().cpu()
+        else:
+            tensors[key] = value.to(torch.bfloat16).contiguous().cpu()
+    _save_shards(tensors, out, shard_bytes)
+    config = model.config.to_dict()
+    config["dtype"] = "bfloat16"
+    config["quantization_config"] = {
+        "quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [BLOCK, BLOCK], "activation_scheme": "dynamic",
+        "modules_to_not_convert": sorted(kept)}
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    model.generation_config.save_pretrained(out)
+
+
+def _save_shards(tensors: dict, out: Path, shard_bytes: int | None) -> None:
+    """One model.safetensors, or shards of about ``shard_bytes`` with model.safetensors.index.json."""
+    from safetensors.torch import save_file
+
+    if shard_bytes is None:
+        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+        return
+    shards, size = [{}], 0
+    for key, value in tensors.items():
+        nbytes = value.numel() * value.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = value
+        size += nbytes
+    weight_map = {}
+    for number, shard in enumerate(shards, 1):
+        name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, out / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(v.numel() * v.element_size() for v in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n",
+                                                      encoding="utf-8")
 
 
 def _quiet_control_tokens(model, tokenizer) -> None:
@@ -217,9 +287,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", default="tiny", help="tiny (default), 2b, 4b or 8b: architecture to build")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="where to initialise the weights (e.g. cuda; default cpu)")
+    parser.add_argument("--fp8", action="store_true",
+                        help="Qwen's FP8 layout: the decoder's linears as float8_e4m3fn with 128x128 block scales")
     args = parser.parse_args(argv)
-    out = build_checkpoint(args.out_dir, shape=args.shape, seed=args.seed, device=args.device)
-    print(f"wrote a random-weight Qwen3-VL ({args.shape}) to {out}")
+    out = build_checkpoint(args.out_dir, shape=args.shape, seed=args.seed, device=args.device, fp8=args.fp8)
+    print(f"wrote a random-weight Qwen3-VL ({args.shape}{', FP8' if args.fp8 else ''}) to {out}")
     return 0
 
 

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 
+# Under `make test`, Docker is set up only when a selected test needs it (tests/docker_setup.py).
+pytest_plugins = ["tests.docker_setup"]
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Triton kernels (attention, skinny GEMM) run in Triton's own interpreter on a machine without a
+# GPU: set before anything imports triton, which reads it when a kernel is defined.
+if not __import__("torch").cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 # `make test` exports VLKIT_VIA_MAKE=1 (the Makefile does for every command): messages would name
 # make variables. Tests read them as a direct `vlkit` user does unless a test sets it itself.
@@ -84,10 +91,11 @@ def start_server(settings) -> tuple[RunningServer, callable]:
     import uvicorn
 
     from service.api import create_app
+    from service.http_limits import uvicorn_config
     from service.readiness import wait_ready
 
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, settings))
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
     base = f"http://{settings.host}:{settings.port}"
@@ -110,7 +118,8 @@ def server(tiny_model_dir, media_dir) -> RunningServer:
         model=str(tiny_model_dir), served_model_name=SERVED_NAME, host="127.0.0.1", port=free_port(),
         max_model_len=512, min_pixels=3136, max_pixels=64 * 64 * 4, max_images_per_request=3,
         max_image_bytes=2 * 1024 * 1024, max_request_bytes=8 * 1024 * 1024, max_tokens_default=32,
-        max_batch_size=8, max_queue=8, api_key=API_KEY, allowed_media_dir=media_dir,
+        max_batch_size=8, max_queue=8, api_key=API_KEY, allowed_media_dir=media_dir, log_level="warning",
+        head_timeout_seconds=2, body_timeout_seconds=3,
     )
     running, stop = start_server(settings)
     yield running

@@ -20,8 +20,9 @@ VENV_BIN = Path(sys.executable).parent
 VLKIT = [sys.executable, "-m", "scripts"]
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 CI_BASE_IMAGE = os.environ.get("VLKIT_CI_BASE_IMAGE", "vlkit-ci-base:bookworm")
-TEST_IMAGE = "vlkit/service-8gb:test"     # never the user's tag
-TEST_PROJECT = "vlkit-test"
+# Never the user's tag or project; the variables keep two checkouts sharing one engine apart.
+TEST_IMAGE = os.environ.get("VLKIT_TEST_IMAGE", "vlkit/service-8gb:test")
+TEST_PROJECT = os.environ.get("VLKIT_TEST_PROJECT", "vlkit-test")
 
 
 def unavailable(reason: str):
@@ -92,10 +93,17 @@ def build_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def say(config, text: str) -> None:
+    """A progress line on the terminal while pytest captures output (long fixtures say what they do)."""
+    with config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
+        print(f"\n  {text}", flush=True)
+
+
 @pytest.fixture(scope="session")
-def service_image() -> str:
+def service_image(pytestconfig) -> str:
     """The real docker/Dockerfile.8gb built through `vlkit build` with CI's BASE_IMAGE and torch wheel."""
     require_engine()
+    say(pytestconfig, f"building {TEST_IMAGE} from docker/Dockerfile.8gb (cold: about 2 min; cached: seconds)...")
     if subprocess.run(["docker", "image", "inspect", CI_BASE_IMAGE], capture_output=True).returncode != 0:
         res = subprocess.run(["bash", str(ROOT / "scripts" / "make-base-image.sh"), CI_BASE_IMAGE],
                              capture_output=True, text=True)

@@ -146,13 +146,13 @@ def test_fused_projections_decode_the_same_and_leave_the_model_intact(model):
     runner = make_runner(fused_model, fuse_projections=True)
     assert runner.decoder.fused
     attn = fused_model.model.language_model.layers[1].self_attn
-    qkv = runner.decoder.qkv_weights[1]
+    qkv = runner.decoder.qkv_proj[1].weight
     assert attn.k_proj.weight.data_ptr() == qkv[64:96].data_ptr()  # a view: no second copy of the weights
     for name, weight in fused_model.state_dict().items():
         assert torch.equal(weight, model.state_dict()[name]), name
     again = Qwen3VLDecoder(fused_model, PagedKVCache(fused_model.config, 1, 8, dtype=torch.float32, device="cpu"),
                            fuse_projections=True)
-    assert again.qkv_weights[1].data_ptr() == qkv.data_ptr() and torch.equal(again.qkv_weights[1], qkv)
+    assert again.qkv_proj[1].weight.data_ptr() == qkv.data_ptr() and torch.equal(again.qkv_proj[1].weight, qkv)
     ids, pixels = image_prompt(3, 4, (1, 4, 4), seed=8)
     inputs = batch_inputs([ids, text_prompt(9, seed=9)], [(pixels, (1, 4, 4))])
     ours = our_greedy(fused_model, runner, 12, inputs)
@@ -532,3 +532,31 @@ def test_a_prompt_that_starts_like_a_cached_one_decodes_like_transformers(model,
     reference = prefill(model, **inputs)
     assert (logits - reference.logits[0]).abs().max() < TOLERANCE
     assert_slot_matches(model, runner, second, logits, reference, inputs, steps=6)
+
+
+def test_a_slot_forks_into_held_slots_sharing_its_full_prompt_blocks():
+    """n choices: the forks are held from the start (no other request can take their room), share
+    the prompt's full blocks, get a copy of its partly filled last block, and hand everything back."""
+    cache = PagedKVCache(tiny_config(), 4, 64, 12, dtype=torch.float32, device="cpu", block_size=8)
+    # 20-token prompt + 4 new: 3 blocks; each fork shares the 2 full prompt blocks and takes 1 fresh.
+    parent = cache.allocate(24, forks=2, prompt_tokens=20)
+    assert parent == 0 and cache.free_blocks == 9
+    assert not cache.can_allocate(64) and not cache.can_allocate(8, forks=2)  # 2 blocks and 2 slots are held
+    assert cache.fits_at_all(24, 2, 20) and not cache.fits_at_all(64, 3, 0)
+    positions = cache.positions(parent, 20)
+    for pool in cache.keys:
+        pool[:, positions] = torch.arange(20, dtype=torch.float32)[None, :, None]
+    cache.set_prefilled(parent, 20, rope_delta=3)
+    children = cache.fork(parent)
+    assert children == [1, 2] and cache.free_blocks == 7 and cache.free_slots == 1
+    for child in children:
+        assert cache.lengths[child] == 20 and cache.rope_deltas[child] == 3
+        assert cache.block_table[child, :2].tolist() == cache.block_table[parent, :2].tolist()  # shared
+        assert cache.block_table[child, 2] != cache.block_table[parent, 2]  # its own last block...
+        assert torch.equal(cache.keys[0][:, cache.positions(child, 20)], cache.keys[0][:, positions])  # ...a copy
+    for slot in (parent, *children):
+        cache.free(slot)
+    assert cache.free_blocks == cache.num_blocks and cache.free_slots == 4
+    held = cache.allocate(24, forks=2, prompt_tokens=20)
+    cache.free(held)  # freed before its prefill finished: the held room comes back too
+    assert cache.can_allocate(64 - 8, forks=3, prompt_tokens=0) is False and cache.allocate(8, forks=3) == 0

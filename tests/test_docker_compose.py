@@ -1,5 +1,6 @@
 """docker/compose.yaml as `docker compose config` resolves it, for both profiles and for what
-`vlkit up` generates; hadolint on both Dockerfiles; the image facts agree with scripts/images.py."""
+`vlkit up` generates (the `docker` marker: they need the compose CLI); hadolint on both Dockerfiles;
+the image facts agree with scripts/images.py."""
 from __future__ import annotations
 
 import json
@@ -26,6 +27,7 @@ def compose_config(profile: str, *extra_files: Path, env: dict | None = None) ->
     return json.loads(res.stdout)
 
 
+@pytest.mark.docker  # the compose CLI
 @pytest.mark.parametrize("profile", ["8gb", "16gb"])
 def test_each_profile_reserves_a_gpu_and_publishes_on_loopback_only(profile, tmp_path):
     env_file = tmp_path / "vlkit.env"
@@ -45,6 +47,7 @@ def test_each_profile_reserves_a_gpu_and_publishes_on_loopback_only(profile, tmp
         assert svc["environment"]["VLKIT_HOST"] == "0.0.0.0"
 
 
+@pytest.mark.docker  # the compose CLI
 def test_both_profiles_mount_the_one_shared_cache_volume(tmp_path):
     env = {"VLKIT_HF_CACHE": str(tmp_path)}
     mounts = {}
@@ -65,11 +68,13 @@ def test_both_profiles_mount_the_one_shared_cache_volume(tmp_path):
     assert mounts["8gb"] == mounts["16gb"] == ("bind", str(tmp_path))
 
 
+@pytest.mark.docker  # the compose CLI
 def test_vllm_profile_has_shared_memory_for_its_workers():
     svc = compose_config("16gb")["services"]["vllm-16gb"]
     assert svc.get("ipc") == "host" or svc.get("shm_size")
 
 
+@pytest.mark.docker  # the compose CLI
 def test_generated_override_carries_the_planned_vllm_command(tmp_path, monkeypatch):
     planned = ["--gpu-memory-utilization", "0.85", "--max-model-len", "8192",
                "--mm-processor-kwargs", '{"max_pixels": 1003520}', "--limit-mm-per-prompt", '{"image": 2}']
@@ -82,6 +87,7 @@ def test_generated_override_carries_the_planned_vllm_command(tmp_path, monkeypat
     assert svc["command"][:5] == ["Qwen/Qwen3-VL-4B-Instruct-FP8", "--host", "0.0.0.0", "--port", "8000"]
 
 
+@pytest.mark.docker  # the compose CLI
 def test_cpu_override_drops_the_gpu_reservation_and_mounts_a_local_model_read_only(tmp_path):
     model = tmp_path / "my-model"
     model.mkdir()

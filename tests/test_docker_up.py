@@ -61,9 +61,9 @@ def test_make_up_cpu_serves_the_tiny_model_then_caption_status_down(stack_env, s
 
     down = _vlkit(stack_env, "down")
     assert down.returncode == 0
-    assert "not running" in _vlkit(stack_env, "status").stdout
+    assert "vlkit is not running, and nothing answers" in _vlkit(stack_env, "status", "--port", str(port)).stdout
     gone = _vlkit(stack_env, "caption", str(img), "--port", str(port))
-    assert gone.returncode == 1 and "make up" in gone.stderr
+    assert gone.returncode == 1 and "`vlkit up`" in gone.stderr
 
 
 def _block(stdout: str, title: str) -> str:

@@ -2,6 +2,7 @@
 run for real on this machine (not WSL, no GPU)."""
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import pytest
 
 from scripts import gpu
 from scripts.doctor import docker, driver, planning, system
+from scripts.doctor import facts as facts_module
 from scripts.doctor.facts import CommandResult, Facts, Options
 from scripts.doctor.run import judge, ready
 from tests.doctor_helpers import DATA, PUBLIC, h100_smi, read, run_cli
@@ -63,7 +65,8 @@ def test_recent_driver_passes(monkeypatch, tmp_path):
     assert g.status == "ok" and "NVIDIA H100 80GB HBM3: 79.6 GiB total, 79.2 GiB free, compute 9.0" in g.found
 
 
-def test_vram_held_by_others_is_a_warning_with_names():
+def test_vram_held_by_others_is_a_warning_with_names(monkeypatch):
+    monkeypatch.setenv("VLKIT_VIA_MAKE", "1")  # the fix in the words of the make user
     c = driver.vram_check(facts())
     assert c.status == "warn" and "2.8 GiB of 8.0 GiB in use" in c.found
     assert "Xwayland (pid 41)" in c.found and "WSL does not report per-process sizes" in c.found
@@ -111,7 +114,8 @@ def test_real_gpu_run_errors_are_explained(name):
     assert "nvidia-container-toolkit" in fix
 
 
-def test_wslconfig_check_states(tmp_path):
+def test_wslconfig_check_states(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLKIT_VIA_MAKE", "1")  # the fixes in the words of the make user
     path = tmp_path / ".wslconfig"
     small = facts(wslconfig_path=path, wslconfig=wslconfig.load(path))
     c = system.wslconfig_check(small, "8gb")
@@ -124,6 +128,39 @@ def test_wslconfig_check_states(tmp_path):
     assert system.wslconfig_check(facts(wslconfig_path=path, wslconfig=wslconfig.load(path)), "16gb").status == "ok"
     c = system.wslconfig_check(facts(wslconfig_path=path, wslconfig=None, wslconfig_error="line 2 is not ..."), "8gb")
     assert c.status == "warn" and "line 2" in c.found
+
+
+@pytest.mark.parametrize("text, status, found", [
+    # the doctor reports the value WSL applies, read by WSL's own rules (wsl/wslconfig_parser.py)
+    ("[wsl2]\nmemory=24GB#was 8GB\nswap=8GB\n", "ok", "memory=24GB swap=8GB"),
+    ("[wsl2]\nmemory=4GB\nmemory=24GB\n", "warn", "under the 12.0 GiB"),  # the first one counts
+    ("[wsl2]\nmemory=24GB ; was 8GB\n", "warn", "WSL rejects memory='24GB ; was 8GB' and uses its default"),
+    ("[wsl2]\nmemory=24gb\n", "warn", "WSL rejects memory='24gb'"),
+    ("[ wsl2 ]\nmemory=24GB\n", "warn", "WSL skips `[ wsl2 ]`"),
+    ("[ wsl2 ]\nmemory=24GB\n", "warn", "memory=default"),
+    ("[experimental]\nmemory=24GB\n", "warn", "`memory` is [experimental]; WSL reads it only from [wsl2]"),
+    ("[wsl2]\nmemory=24GB\nswap=0\n", "warn", "no swap"),
+    ("[wsl2]\nmemory=24GB\nprocessors=0x1\n", "warn", "one processor"),
+    ("# a\u2028b\x0c\n[wsl2]\r\nmemory=24GB\r\nswap=8GB\r\n", "ok", "memory=24GB swap=8GB"),
+])
+def test_wslconfig_check_reads_what_wsl_applies(tmp_path, text, status, found):
+    path = tmp_path / ".wslconfig"
+    path.write_bytes(text.encode())
+    c = system.wslconfig_check(facts(wslconfig_path=path, wslconfig=wslconfig.load(path)), "16gb")
+    assert c.status == status and found in c.found, c.found
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.mkdir(), "it is a folder, which WSL cannot open"),
+    (lambda p: p.write_bytes(codecs.BOM_UTF16_BE + "[wsl2]\n".encode("utf-16-be")), "big-endian, which WSL cannot open"),
+    (lambda p: p.write_bytes("[wsl2]\nmemory=24GB\n".encode("utf-16-le")), "WSL reads it as UTF-8 and finds no settings"),
+])
+def test_wslconfig_check_names_files_wsl_cannot_read(tmp_path, make, message):
+    path = tmp_path / ".wslconfig"
+    make(path)
+    got_path, cfg, error = facts_module._wslconfig(WSL2, path)
+    c = system.wslconfig_check(facts(wslconfig_path=got_path, wslconfig=cfg, wslconfig_error=error), "8gb")
+    assert c.status == "warn" and message in c.found and str(path) in c.found
 
 
 def test_platform_checks_wsl1_and_systemd():
@@ -212,3 +249,18 @@ def test_gpu_container_check_against_the_real_engine(monkeypatch, tmp_path):
     assert cached.cached and cached.found == result.found
     row = by_name(docker.checks(facts(docker_info=live, gpu_container=cached)))["gpu-in-container"]
     assert row.status == "fail" and row.found.endswith("(cached)")
+
+
+@pytest.mark.parametrize("environ, status, blocking", [
+    ({}, "ok", False),
+    ({"VLLM_USE_V2_MODEL_RUNNER": "1"}, "fail", True),
+    ({"VLLM_USE_V2_MODEL_RUNNER": "1", "VLLM_WSL2_ENABLE_PIN_MEMORY": "1"}, "ok", False),
+])
+def test_wsl2_vllm_runner_check(environ, status, blocking):
+    from scripts.doctor.vllm_runner import vllm_runner_check
+
+    c = vllm_runner_check(facts(), "16gb", environ)
+    assert c.status == status and c.blocking == blocking
+    assert vllm_runner_check(facts(), "8gb", environ) is None                          # the service: no vLLM
+    assert vllm_runner_check(facts(platform=Platform("linux", "6.8.0", "")), "16gb", environ) is None
+    assert "UVA is not available" in c.found if status == "fail" else "V1" in c.found or "V2" in c.found

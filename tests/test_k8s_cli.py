@@ -43,7 +43,7 @@ def test_a_context_beyond_the_card_is_refused_the_same_way(capsys):
 
 
 @pytest.mark.parametrize("args, says", [
-    (["--gpu-memory", "24GiB", "--gpus", "3"], "divides"),                   # tensor parallel over 8 KV heads
+    (["--gpu-memory", "24GiB", "--gpus", "3"], "cannot split"),               # 32 heads over 3 GPUs
     (["--gpu-memory", "24GiB", "--model", "Nobody/NotAModel"], "unknown model"),
     (["--gpu-memory", "80GiB", "--model", "Qwen/Qwen3-VL-8B-Instruct", "--cache-size", "10Gi"], "cannot hold"),
 ])
@@ -63,7 +63,7 @@ def test_bad_input_exits_1_with_one_line(capsys, tmp_path, args, says):
     (["--cache-size", "lots"], "not a volume size"),
     (["--cache-size", "100Mi"], "not a volume size"),
     (["--gpus", "0"], "at least 1"),
-    (["--replicas", "two"], "at least 1"),
+    (["--replicas", "two"], "not a whole number"), (["--context", "8"], "at least 16"),
     ([], "--gpu-memory"),
 ])
 def test_argument_errors_name_the_rule(capsys, args, says):

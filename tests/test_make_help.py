@@ -1,22 +1,26 @@
-"""`make` (help, the default) lists every target with one line each, and the thin targets call the CLI."""
+"""`make` (help, the default) lists every target and every variable with one line each, the thin
+targets call the CLI, and what make prints on its own is what a newcomer needs (no silent venv)."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
 
 import pytest
 
+from scripts.usage import MAKE_VARIABLES
 from tests.docker_helpers import ROOT
 
 ISSUE_TARGETS = {"help", "up", "down", "logs", "status", "doctor", "plan", "build", "test", "bench",
                  "wsl-config", "wsl-restart", "download", "caption", "clean", "k8s"}
 
 
-def _make(*args: str) -> subprocess.CompletedProcess:
+def _make(*args: str, cwd=ROOT, env=None) -> subprocess.CompletedProcess:
     if not shutil.which("make"):
         pytest.skip("make is not installed")
-    return subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), *args], capture_output=True, text=True)
+    return subprocess.run(["make", "--no-print-directory", "-C", str(cwd), *args], capture_output=True, text=True,
+                          env=env)
 
 
 def _makefile_targets() -> set[str]:
@@ -24,24 +28,74 @@ def _makefile_targets() -> set[str]:
     return set(re.findall(r"^([a-z][a-z0-9-]*):", text, re.M))
 
 
-def test_default_goal_is_help_and_lists_every_target():
+def _makefile_variables() -> set[str]:
+    return set(re.findall(r"^([A-Z_]+) \?=", (ROOT / "Makefile").read_text(), re.M))
+
+
+def _help_sections() -> dict[str, list[str]]:
     res = _make()
     assert res.returncode == 0, res.stderr
-    listed = {m.group(1) for m in re.finditer(r"^  ([a-z][a-z0-9-]*)\s+\S", res.stdout, re.M)}
+    sections: dict[str, list[str]] = {}
+    current = None
+    for line in res.stdout.splitlines()[1:]:
+        if not line.startswith(" "):
+            current = line.split()[0].rstrip(":")
+            sections[current] = []
+        else:
+            sections[current].append(line)
+    return sections
+
+
+def test_default_goal_is_help_and_lists_every_target_with_a_description():
+    targets = _help_sections()["targets"]
+    listed = {line.split()[0] for line in targets}
     assert ISSUE_TARGETS <= listed
     assert _makefile_targets() == listed  # nothing undocumented, nothing listed that is not there
-    for line in res.stdout.splitlines()[1:]:
+    for line in targets:
         assert len(line.split(None, 1)) == 2, f"target without a description: {line!r}"
 
 
+def test_help_lists_every_variable_and_says_they_are_not_flags():
+    variables = _help_sections()["variables"]
+    listed = {line.split()[0] for line in variables}
+    assert {"GPU_MEMORY", "CONTEXT", "PROFILE", "MODEL", "PORT", "IMG", "ARGS"} <= listed
+    assert _makefile_variables() == listed
+    # Every make variable a message may name (scripts/usage.py) is one the Makefile has.
+    assert set(MAKE_VARIABLES.values()) <= _makefile_variables()
+    assert "GPU_MEMORY=8GiB, not --gpu-memory" in _make().stdout
+
+
 def test_variables_reach_the_cli():
-    res = _make("-n", "up", "PROFILE=16gb", "MODEL=Qwen/Qwen3-VL-4B-Instruct-FP8", "GPU_MEMORY=16GiB", "PORT=8011")
+    res = _make("-n", "up", "PROFILE=16gb", "MODEL=Qwen/Qwen3-VL-4B-Instruct-FP8", "GPU_MEMORY=16GiB", "PORT=8011",
+                "CONTEXT=4096")
     assert res.returncode == 0, res.stderr
     line = [l for l in res.stdout.splitlines() if "vlkit up" in l][0]
     assert "--profile 16gb" in line and "--model Qwen/Qwen3-VL-4B-Instruct-FP8" in line
-    assert "--gpu-memory 16GiB" in line and "--port 8011" in line
+    assert "--gpu-memory 16GiB" in line and "--port 8011" in line and "--context 4096" in line
+    build = [l for l in _make("-n", "build", "GPU_MEMORY=8GiB").stdout.splitlines() if "vlkit build" in l][0]
+    assert "--gpu-memory 8GiB" in build  # PROFILE=auto picks the profile for that card
 
 
-def test_download_and_caption_say_what_they_need():
-    assert "usage: make download MODEL=" in _make("download").stdout
-    assert "usage: make caption IMG=" in _make("caption").stdout
+def test_download_and_caption_say_what_they_need_in_make_terms():
+    download = _make("download")
+    assert download.returncode != 0 and "make download MODEL=" in download.stderr
+    caption = _make("caption")
+    assert caption.returncode != 0 and "make caption IMG=" in caption.stderr
+
+
+def test_first_target_says_it_is_making_the_venv(tmp_path):
+    """A fresh checkout: the first target prints what it does before pip runs silently for half a minute."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    checkout = tmp_path / "checkout"
+    shutil.copytree(ROOT, checkout, ignore=shutil.ignore_patterns(".venv", ".git", "__pycache__", "*.egg-info"))
+    # python3 -m venv fails fast here: a PATH whose python3 cannot make a venv shows the fix, first.
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python3").write_text("#!/bin/sh\necho 'Error: ensurepip is not available' >&2\nexit 1\n")
+    (fake / "python3").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+    res = _make("plan", cwd=checkout, env=env)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert out.index("first run: installing the host tools") < out.index("install python3-venv")

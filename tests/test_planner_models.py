@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.planner.models import BUILTIN_IDS, UnknownModelError, resolve_model, variants_to_try
+from scripts.planner.models import BUILTIN_IDS, UnknownModelError, fp8_modules_not_converted, resolve_model, variants_to_try
 from service.model_shapes import shape
 
 GIB = 1024**3
@@ -89,10 +89,21 @@ def test_local_directory_prefers_the_index_total(tmp_path):
 
 
 def test_local_fp8_directory_without_weights_estimates_fp8_bytes(tmp_path):
-    d = _checkpoint(tmp_path / "ckpt", {**shape("4b"), "quantization_config": {"quant_method": "fp8"}})
-    spec = resolve_model(str(d))
-    assert spec.fp8_checkpoint
-    assert spec.weight_bytes == resolve_model("Qwen/Qwen3-VL-4B-Instruct-FP8").weight_bytes
+    """Qwen's layout (the vision tower's linears named in modules_to_not_convert) is the built-in
+    -FP8 spec; an ignore list that names them only as "visual" gets the tower quantized, as vLLM
+    (exact-name matching) quantizes it."""
+    builtin = resolve_model("Qwen/Qwen3-VL-4B-Instruct-FP8")
+    qwen = {"quant_method": "fp8", "weight_block_size": [128, 128],
+            "modules_to_not_convert": fp8_modules_not_converted(builtin.vision)}
+    spec = resolve_model(str(_checkpoint(tmp_path / "qwen", {**shape("4b"), "quantization_config": qwen})))
+    assert spec.fp8_checkpoint and not spec.vision_quantized
+    assert spec.weight_bytes == builtin.weight_bytes
+    short = {**qwen, "modules_to_not_convert": ["visual", "lm_head"]}
+    tower = resolve_model(str(_checkpoint(tmp_path / "short", {**shape("4b"), "quantization_config": short})))
+    assert tower.vision_quantized
+    # the tower's linears in FP8: about half their bf16 bytes fewer
+    saved = builtin.weight_bytes - tower.weight_bytes
+    assert saved == pytest.approx(builtin.vision.linear_params, rel=0.01)
 
 
 def test_hf_cache_is_read_offline(tmp_path, monkeypatch):
@@ -134,3 +145,24 @@ def test_alternatives_are_fp8_then_smaller():
     assert variants_to_try(resolve_model("Qwen/Qwen3-VL-8B-Instruct"))[:3] == [
         "Qwen/Qwen3-VL-8B-Instruct-FP8", "Qwen/Qwen3-VL-4B-Instruct-FP8", "Qwen/Qwen3-VL-4B-Instruct"]
     assert variants_to_try(resolve_model("Qwen/Qwen3-VL-2B-Thinking-FP8")) == []
+
+
+def test_a_hub_model_is_found_in_the_cache_vlkit_uses(tmp_path, monkeypatch, tiny_model_dir):
+    """A model id that is not built in resolves from VLKIT_HF_CACHE (the cache `make up` mounts and
+    `make download` fills), not from huggingface_hub's default folder."""
+    import shutil
+
+    from scripts.planner.models import UnknownModelError, resolve_model
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someone--qwen3-vl-tiny" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    shutil.copy(tiny_model_dir / "config.json", snapshot / "config.json")
+    (cache / "models--someone--qwen3-vl-tiny" / "refs").mkdir()
+    (cache / "models--someone--qwen3-vl-tiny" / "refs" / "main").write_text("0123abc")
+    monkeypatch.setenv("VLKIT_HF_CACHE", str(cache))
+    spec = resolve_model("someone/qwen3-vl-tiny")
+    assert spec.id == "someone/qwen3-vl-tiny" and spec.source == str(snapshot)
+    monkeypatch.setenv("VLKIT_HF_CACHE", str(tmp_path / "elsewhere"))
+    with pytest.raises(UnknownModelError):
+        resolve_model("someone/qwen3-vl-tiny")

@@ -89,7 +89,7 @@ def test_a_plan_never_exceeds_the_card(model, gb, profile):
         assert _row(plan, "unused") >= 0
         assert _row(plan, "KV cache") > 0 and plan.concurrent_sequences >= 1     # one full sequence: it starts
         assert plan.kv_cache_tokens >= plan.concurrent_sequences * plan.context
-        assert 1 <= int(env["VLKIT_MAX_BATCH_SIZE"]) <= 8   # short requests share the blocks up to this
+        assert 8 <= int(env["VLKIT_MAX_BATCH_SIZE"]) <= 32  # from the typical requests the blocks hold
         parts = ["weights", "CUDA context", "prefill reserve", "headroom", "KV cache", "unused"]
         assert sum(_row(plan, p) for p in parts) == pytest.approx(float(env["VLKIT_MEMORY_BUDGET_GIB"]), abs=0.05)
 
@@ -159,7 +159,7 @@ def test_several_gpus_plan_tensor_parallel():
     two = plan_for(model="Qwen/Qwen3-VL-8B-Instruct", profile="16gb", gpu_memory_bytes=12 * GIB, gpu_count=2)
     assert not one.fits and two.fits
     assert _flag(two, "--tensor-parallel-size") == "2"
-    with pytest.raises(ValueError, match="divides"):
+    with pytest.raises(ValueError, match="attention heads .32. must be divisible by tensor parallel size .3."):
         plan_for(model="Qwen/Qwen3-VL-8B-Instruct", gpu_memory_bytes=12 * GIB, gpu_count=3)
 
 
@@ -249,7 +249,7 @@ def test_auto_gives_8gb_class_cards_the_service_and_larger_ones_vllm(card_gib, p
 # ------------------------------------------------------------------------ auto says why (issue 14)
 @pytest.mark.parametrize("model, card_gib, profile, because", [
     (SEEDS_MODEL, 8, "16gb", "because vlkit's service cannot run FP8 checkpoints"),
-    ("Qwen/Qwen3-VL-8B-Instruct", 16, "8gb", "leaves no KV cache after Qwen3-VL-8B-Instruct's 16.33 GiB of weights"),
+    ("Qwen/Qwen3-VL-8B-Instruct", 16, "8gb", "leaves no KV cache after Qwen3-VL-8B-Instruct's 16.64 GiB of weights"),
     ("Qwen/Qwen3-VL-2B-Instruct", 8, "8gb", "on a card under 12 GiB (8 GiB) vLLM's margin is thin"),
     ("Qwen/Qwen3-VL-2B-Instruct", 16, "16gb", "because vLLM fits Qwen3-VL-2B-Instruct on this 16 GiB card"),
 ])

@@ -17,7 +17,7 @@ from scripts.planner.models import BUILTIN_IDS, resolve_model
 from scripts.planner.service_memory import (
     IMAGE_WRAPPER_TOKENS, ServiceKnobs, image_held_bytes, images_that_fit, predict_service,
 )
-from scripts.planner.targets import PIXEL_STEPS
+from scripts.planner.targets import PIXEL_STEPS, min_useful_context
 from service.settings import ServiceSettings
 from service.sizing import BLOCK_SIZE, GIB, MIB, blocks_for
 
@@ -178,7 +178,9 @@ def test_every_8gb_plan_starts_by_the_services_rule(model, gb):
     b = predict_service(resolve_model(model), knobs, budget)
     assert b.sequences >= 1 and b.kv.used <= budget <= gb * GIB    # the service starts: one full sequence fits
     assert plan.concurrent_sequences == b.sequences and plan.kv_cache_tokens == b.kv.tokens == b.kv.blocks * BLOCK_SIZE
-    assert 1 <= knobs.max_batch_size <= 8                 # short requests share the blocks up to this
+    # VLKIT_MAX_BATCH_SIZE: the typical image requests the blocks hold, 8 to 32 (the largest decode graph)
+    typical = min_useful_context(resolve_model(model), knobs.max_pixels)
+    assert knobs.max_batch_size == max(8, min(32, b.kv.tokens // typical))
     assert b.prefill.images == knobs.max_images <= 4      # the image limit is what fits the context
     assert plan.required_free_bytes <= gb * GIB - 800 * MIB   # what the desktop leaves
     assert plan.context in (4096, 2048)

@@ -35,12 +35,13 @@ def assert_still_serves(server) -> None:
     assert reply.usage.completion_tokens >= 1
 
 
-def metric(server, name: str, labels: str = "") -> float:
+def metric(server, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` on /metrics whose labels include `labels`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     text = httpx.get(server.base_url + "/metrics").text
-    for line in text.splitlines():
-        if line.startswith(name + labels + " ") or (not labels and line.startswith(name + " ")):
-            return float(line.split()[-1])
-    return 0.0
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == name and labels.items() <= sample.labels.items())
 
 
 def bomb_png(width: int, height: int) -> bytes:
@@ -151,7 +152,7 @@ def test_seeded_sampling_is_reproducible(server):
 def test_eight_concurrent_requests_are_batched(server):
     client = server.client()
     steps_before = metric(server, "vlkit_batch_size_count")
-    single_steps_before = metric(server, "vlkit_batch_size_bucket", '{le="1.0"}')
+    single_steps_before = metric(server, "vlkit_batch_size_bucket", le="1.0")
     prompts = [f"Request number {i}: describe." for i in range(8)]
     alone = [ask(client, [image_part(png_data_url(64 + 16 * i, 64)), {"type": "text", "text": p}], max_tokens=24)
              for i, p in enumerate(prompts)]
@@ -166,7 +167,7 @@ def test_eight_concurrent_requests_are_batched(server):
     assert [r.choices[0].message.content for r in together] == [r.choices[0].message.content for r in alone]
     assert server.engine.scheduler.max_batch_seen >= 2
     steps = metric(server, "vlkit_batch_size_count") - steps_before
-    single_steps = metric(server, "vlkit_batch_size_bucket", '{le="1.0"}') - single_steps_before
+    single_steps = metric(server, "vlkit_batch_size_bucket", le="1.0") - single_steps_before
     assert steps - single_steps > 0  # some decode steps ran several requests at once
 
 
@@ -179,15 +180,16 @@ def test_models_and_health(server):
 
 
 def test_metrics_count_tokens_and_latency(server):
-    before = metric(server, "vlkit_generation_tokens_total")
-    ttft_before = metric(server, "vlkit_time_to_first_token_seconds_count")
+    before = metric(server, "vllm:generation_tokens_total")
+    ttft_before = metric(server, "vllm:time_to_first_token_seconds_count")
     ask(server.client(), "metrics please", max_tokens=6)
-    assert metric(server, "vlkit_generation_tokens_total") - before == 6
-    assert metric(server, "vlkit_time_to_first_token_seconds_count") - ttft_before == 1
+    assert metric(server, "vllm:generation_tokens_total") - before == 6
+    assert metric(server, "vllm:time_to_first_token_seconds_count") - ttft_before == 1
     text = httpx.get(server.base_url + "/metrics").text
-    for name in ("vlkit_prompt_tokens_total", "vlkit_request_latency_seconds_bucket", "vlkit_queue_depth",
-                 "vlkit_requests_total", "vlkit_ready 1.0"):
+    for name in ("vllm:prompt_tokens_total", "vllm:e2e_request_latency_seconds_bucket", "vllm:num_requests_waiting",
+                 "vllm:request_success_total", "vllm:kv_cache_usage_perc", "vlkit_ready 1.0"):
         assert name in text
+    assert f'model_name="{SERVED_NAME}"' in text
 
 
 # ---- errors: each one is answered in OpenAI's shape, and the server keeps serving ------------------
@@ -218,7 +220,8 @@ def user(content, **extra) -> dict:
 BAD_REQUESTS = {
     "malformed json": (b'{"model": "x", "messages": [', 400, ["not valid JSON"]),
     "no messages": ({"model": SERVED_NAME, "messages": []}, 400, ["messages"]),
-    "n above one": (user("hi", n=2), 400, ["n=1"]),
+    "n above the batch": (user("hi", n=99, temperature=1), 400, ["n must be at most 8"]),
+    "n with greedy sampling": (user("hi", n=2, temperature=0), 400, ["greedy"]),
     "unknown part type": (user([{"type": "video_url", "video_url": {"url": "x"}}]), 400, ["video_url"]),
     "non-image data url": (user([image_part("data:text/plain;base64," + base64.b64encode(b"hello").decode())]),
                            400, ["not an image"]),
@@ -298,7 +301,7 @@ def test_full_queue_is_429_and_all_queued_requests_finish(server):
             deadline = time.monotonic() + 30
             while server.engine.queue_depth < limit and time.monotonic() < deadline:
                 time.sleep(0.01)
-            assert metric(server, "vlkit_queue_depth") == limit
+            assert metric(server, "vllm:num_requests_waiting") == limit
             with pytest.raises(openai.RateLimitError) as info:
                 ask(client, "one too many")
             assert "queue is full" in info.value.body["message"]
@@ -309,13 +312,13 @@ def test_full_queue_is_429_and_all_queued_requests_finish(server):
 
 
 def test_out_of_memory_is_503_then_next_request_works(server):
-    errors_before = metric(server, "vlkit_request_errors_total", '{kind="out_of_memory"}')
+    errors_before = metric(server, "vlkit_request_errors_total", kind="out_of_memory")
     fail_next_forward(server.engine, torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)"))
     with pytest.raises(openai.InternalServerError) as info:
         ask(server.client(), "this one meets the OOM")
     assert info.value.status_code == 503
     assert "out of memory" in info.value.body["message"]
-    assert metric(server, "vlkit_request_errors_total", '{kind="out_of_memory"}') == errors_before + 1
+    assert metric(server, "vlkit_request_errors_total", kind="out_of_memory") == errors_before + 1
     assert_still_serves(server)
 
 
@@ -334,7 +337,7 @@ def test_out_of_memory_mid_stream_sends_error_then_done(server):
 
 def test_client_disconnect_mid_stream_frees_the_slot(server):
     body = user("a long answer please", max_tokens=400, stream=True)
-    cancelled_before = metric(server, "vlkit_requests_total", '{finish_reason="cancelled"}')
+    cancelled_before = metric(server, "vllm:request_success_total", finished_reason="abort")
     with httpx.stream("POST", server.base_url + "/v1/chat/completions", json=body,
                       headers={"Authorization": f"Bearer {API_KEY}"}) as response:
         data = (line for line in response.iter_lines() if line.startswith("data: "))
@@ -345,8 +348,8 @@ def test_client_disconnect_mid_stream_frees_the_slot(server):
     while (server.engine.running or server.engine.queue_depth) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert server.engine.running == 0 and server.engine.queue_depth == 0
-    assert metric(server, "vlkit_running_requests") == 0
-    assert metric(server, "vlkit_requests_total", '{finish_reason="cancelled"}') == cancelled_before + 1
+    assert metric(server, "vllm:num_requests_running") == 0
+    assert metric(server, "vllm:request_success_total", finished_reason="abort") == cancelled_before + 1
     assert_still_serves(server)
 
 
@@ -371,11 +374,11 @@ def test_a_client_gone_before_its_stream_starts_is_cancelled(server):
     async def send(message):
         await asyncio.sleep(0)  # a real server may suspend here (the socket): the stream is cancelled before it begins
 
-    cancelled_before = metric(server, "vlkit_requests_total", '{finish_reason="cancelled"}')
+    cancelled_before = metric(server, "vllm:request_success_total", finished_reason="abort")
     with server.engine.paused():  # queued, not started: only a cancellation takes it out
         asyncio.run(server.app(scope, receive, send))
         assert server.engine.queue_depth == 0 and server.engine.running == 0
-    assert metric(server, "vlkit_requests_total", '{finish_reason="cancelled"}') == cancelled_before + 1
+    assert metric(server, "vllm:request_success_total", finished_reason="abort") == cancelled_before + 1
     assert_still_serves(server)
 
 

@@ -138,7 +138,7 @@ def _with_cache(engine, cache: PagedKVCache, requests: list, chunk: int | None =
     batch = scheduler.batch
     try:
         with engine.paused():
-            scheduler.batch = Batch.over(engine.model, cache, chunk=chunk, context_step=64)
+            scheduler.batch = Batch.over(engine.model, cache, chunk=chunk, like=batch, context_step=64)
             scheduler.max_batch_seen = 0
             handles = [engine.submit(r) for r in requests]
             assert engine.queue_depth == len(requests)
@@ -199,7 +199,7 @@ def test_running_requests_keep_decoding_while_a_long_prompt_is_prefilled(engine)
     pool = PagedKVCache(engine.model.config, 2, engine.max_model_len, dtype=engine.dtype, device=engine.device)
     try:
         with engine.paused():
-            scheduler.batch = Batch.over(engine.model, pool, chunk=8, context_step=64)
+            scheduler.batch = Batch.over(engine.model, pool, chunk=8, like=batch, context_step=64)
             first = engine.submit(running)
         while len(first.token_ids) < 2:
             time.sleep(0.001)
@@ -245,7 +245,7 @@ def test_a_request_cancelled_while_its_prompt_is_prefilled_frees_its_slot(engine
     long = request(engine, "a long question, " * 18, max_tokens=4)
     try:
         with engine.paused():
-            scheduler.batch = Batch.over(engine.model, pool, chunk=4, context_step=64)
+            scheduler.batch = Batch.over(engine.model, pool, chunk=4, like=batch, context_step=64)
             handle = engine.submit(long)
         while not scheduler.batch.jobs:
             time.sleep(0.0005)

@@ -40,7 +40,9 @@ def own_server(tiny_model_dir):
 
 
 def cancelled_count(engine) -> float:
-    return engine.metrics.registry.get_sample_value("vlkit_requests_total", {"finish_reason": "cancelled"}) or 0.0
+    return engine.metrics.registry.get_sample_value(
+        "vllm:request_success_total",
+        {"finished_reason": "abort", "model_name": engine.metrics.model_name, "engine": "0"}) or 0.0
 
 
 def test_shutdown_cancels_the_requests_it_cuts_off(own_server):
@@ -107,9 +109,9 @@ def test_a_client_gone_while_sending_its_body_is_not_an_error(server):
         sent.append(message)
 
     registry = server.metrics.registry
-    errors_before, requests_before = total(registry, "vlkit_request_errors"), total(registry, "vlkit_requests")
+    errors_before, requests_before = total(registry, "vlkit_request_errors"), total(registry, "vllm:request_success")
     asyncio.run(server.app(scope, receive, send))
     assert sent[0]["status"] == 499  # nginx's "client closed request": nobody reads it
     assert json.loads(sent[1]["body"])["error"]["type"] == "ClientClosedRequest"
     assert total(registry, "vlkit_request_errors") == errors_before
-    assert total(registry, "vlkit_requests") == requests_before
+    assert total(registry, "vllm:request_success") == requests_before

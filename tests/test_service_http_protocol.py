@@ -3,6 +3,7 @@ messages (no server needed; the HTTP tests cover the same rules end to end)."""
 from __future__ import annotations
 
 import inspect
+import json
 
 import pytest
 
@@ -16,11 +17,16 @@ def chat(**fields) -> ChatCompletionRequest:
     return ChatCompletionRequest.model_validate(fields)
 
 
-def test_sampling_fields_are_engine_prepare_arguments():
-    fields = chat(max_tokens=9, temperature=0.5, top_p=0.9, top_k=3, seed=7, stop="x", ignore_eos=True)
-    inspect.signature(Engine.prepare).bind(None, [], [], **fields.to_sampling_fields())  # names the engine takes
-    assert fields.to_sampling_fields() == {"max_tokens": 9, "temperature": 0.5, "top_p": 0.9, "top_k": 3,
-                                           "seed": 7, "stop": ("x",), "ignore_eos": True}
+def test_engine_options_are_engine_prepare_arguments():
+    fields = chat(max_tokens=9, temperature=0.5, top_p=0.9, top_k=3, seed=7, stop="x", ignore_eos=True,
+                  presence_penalty=0.5, logprobs=True, top_logprobs=2, bad_words=["no"], min_p=0.1)
+    options = fields.to_engine_options()
+    inspect.signature(Engine.prepare).bind(None, [], [], **options)  # names the engine takes
+    from service.engine.prompts import PromptBuilder
+
+    inspect.signature(PromptBuilder.request).bind(None, [], [], **options)
+    assert options["stop"] == ("x",) and options["logprobs"] == 2 and options["presence_penalty"] == 0.5
+    assert options["bad_words"] == ("no",) and options["seed"] == 7 and options["top_k"] == 3
 
 
 @pytest.mark.parametrize(("top_k", "expected"), [(None, None), (-1, 0), (0, 0), (5, 5)])
@@ -31,8 +37,10 @@ def test_top_k_minus_one_and_zero_both_mean_off(top_k, expected):
 def test_unset_fields_leave_the_model_defaults_and_max_completion_tokens_wins():
     fields = chat().to_sampling_fields()
     assert fields["max_tokens"] is None and fields["temperature"] is None and fields["stop"] == ()
+    assert fields["logprobs"] is None  # logprobs false: none, whatever top_logprobs says
     assert chat(max_tokens=4, max_completion_tokens=6).to_sampling_fields()["max_tokens"] == 6
     assert chat(stop=["a", "b"]).to_sampling_fields()["stop"] == ("a", "b")
+    assert chat(seed=-1).to_sampling_fields()["seed"] is None  # vLLM: -1 is no seed
 
 
 def test_chat_messages_keep_the_image_order_and_map_developer_to_system():
@@ -63,15 +71,19 @@ def test_an_image_outside_a_user_message_is_refused_by_position():
 
 
 @pytest.mark.parametrize(("fields", "param"), [
-    ({"n": 2}, "n"), ({"presence_penalty": 0.5}, "presence_penalty"), ({"frequency_penalty": -1}, "frequency_penalty"),
-    ({"logprobs": True}, "logprobs"),
+    ({"use_beam_search": True}, "use_beam_search"), ({"priority": 1}, "priority"),
+    ({"chat_template": "{{ messages }}"}, "chat_template"), ({"truncate_prompt_tokens": 5}, "truncate_prompt_tokens"),
+    ({"media_io_kwargs": {"image": {}}}, "media_io_kwargs"), ({"length_penalty": 2}, "length_penalty"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"), ({"top_logprobs": 2}, "top_logprobs"),
+    ({"seed": 2**64}, "seed"), ({"continue_final_message": True}, "continue_final_message"),
 ])
-def test_fields_not_honoured_are_refused_by_name(fields, param):
+def test_refused_fields_and_vllm_rules_name_the_field(fields, param):
     with pytest.raises(InvalidRequest) as info:
-        chat(**fields).check_supported()
-    assert info.value.param == param and info.value.kind == "unsupported"
+        ChatCompletionRequest.parse(json.dumps({"messages": [{"role": "user", "content": "hi"}], **fields}).encode())
+    assert info.value.param == param, info.value.message
 
 
 def test_neutral_values_are_accepted():
-    chat(n=1, presence_penalty=0, frequency_penalty=0.0, logprobs=False,
-         response_format={"type": "text"}).check_supported()
+    request = chat(n=1, presence_penalty=0, frequency_penalty=0.0, logprobs=False, response_format={"type": "text"},
+                   use_beam_search=False, priority=0, length_penalty=1.0, include_reasoning=True)
+    assert request.answer_constraint() is None and request.tool_call_answer() is None

@@ -19,6 +19,14 @@ OLD_DRIVER = ("nvidia-container-cli: requirement error: unsatisfied condition: c
               "your driver to a newer version, or use an earlier cuda container: unknown")
 WSL_LIBCUDA = ("ImportError: libcuda.so.1: cannot open shared object file: No such file or directory")
 RUNTIME_DRIVER = "RuntimeError: CUDA driver version is insufficient for CUDA runtime version"
+# vLLM 0.27.0's own messages (v1/worker/gpu/buffer_utils.py UvaBuffer, v1/worker/utils.py request_memory)
+# as its engine core logs them; the UVA traceback as vLLM issue 54652 shows it.
+VLLM_UVA = ('(EngineCore_DP0 pid=212) File ".../vllm/v1/worker/gpu/buffer_utils.py", line 47, in __init__\n'
+            '(EngineCore_DP0 pid=212)     raise RuntimeError("UVA is not available")\n'
+            "(EngineCore_DP0 pid=212) RuntimeError: UVA is not available")
+VLLM_FREE = ("(EngineCore_DP0 pid=212) ValueError: Free memory on device cuda:0 (6.12/7.96 GiB) on startup is less "
+             "than desired GPU memory utilization (0.81, 6.45 GiB). Decrease GPU memory utilization or reduce GPU "
+             "memory used by other processes.")
 
 
 @pytest.mark.parametrize("text, words", [
@@ -28,6 +36,8 @@ RUNTIME_DRIVER = "RuntimeError: CUDA driver version is insufficient for CUDA run
     (OLD_DRIVER, ["driver", images.MIN_DRIVER[images.SERVICE_CUDA]["windows"]]),
     (RUNTIME_DRIVER, ["driver is older"]),
     (WSL_LIBCUDA, ["/usr/lib/wsl/lib", "wsl --shutdown"]),
+    (VLLM_UVA, ["pinned host memory", "VLLM_USE_V2_MODEL_RUNNER=0", "vlkit up"]),
+    (VLLM_FREE, ["other programs took GPU memory", "Windows desktop", "vlkit up"]),
 ])
 def test_known_failures_name_their_fix(text, words):
     found = diagnose("some unrelated line\n" + text + "\nanother line")
@@ -40,6 +50,11 @@ def test_known_failures_name_their_fix(text, words):
 def test_the_seeds_negative_kv_cache_is_not_mistaken_for_an_oom():
     (first, *_) = diagnose(VLLM_KV)
     assert "KV cache" in first.cause and "out of memory" not in first.cause
+
+
+def test_vllms_free_memory_check_is_not_read_as_a_kv_cache_or_oom_failure():
+    assert [d.cause.split(":")[0] for d in diagnose(VLLM_FREE)] == [
+        "Between planning and vLLM's start other programs took GPU memory"]
 
 
 def test_unknown_output_gives_no_made_up_cause():

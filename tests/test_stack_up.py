@@ -98,3 +98,27 @@ def test_served_name_of_a_local_model_is_its_directory_name(tmp_path):
     assert launch.vllm_command_args()[:1] == ["/models/Qwen3-VL-2B-Instruct"]
     assert launch.served_model_name == "Qwen3-VL-2B-Instruct"
     assert launch.vllm_command_args()[-2:] == ["--max-model-len", "4096"]
+
+
+@pytest.mark.parametrize("shell, expected", [
+    ({}, {}),                                                              # native Linux: vLLM's default runner
+    ({"WSL_DISTRO_NAME": "Ubuntu"}, {"VLLM_USE_V2_MODEL_RUNNER": "0"}),    # WSL2: V1, which needs no pinned memory
+    ({"WSL_DISTRO_NAME": "Ubuntu", "VLLM_USE_V2_MODEL_RUNNER": "1", "VLLM_WSL2_ENABLE_PIN_MEMORY": "1"},
+     {"VLLM_USE_V2_MODEL_RUNNER": "1", "VLLM_WSL2_ENABLE_PIN_MEMORY": "1"}),  # the user's own choice wins
+])
+def test_16gb_on_wsl2_starts_vllms_v1_runner(tmp_path, monkeypatch, shell, expected):
+    """WSL is detected the doctor's way (wsl.host: the kernel's name, or WSL_DISTRO_NAME for a custom kernel);
+    the runner goes to vlkit.env, which compose hands the vLLM container."""
+    import wsl.host
+
+    if wsl.host.detect_platform().is_wsl:
+        pytest.skip("this machine is WSL: the native-Linux case cannot be shown here")
+    for key in ("WSL_DISTRO_NAME", "VLLM_USE_V2_MODEL_RUNNER", "VLLM_WSL2_ENABLE_PIN_MEMORY"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in shell.items():
+        monkeypatch.setenv(key, value)
+    res = _make_up(tmp_path, "PROFILE=16gb", f"MODEL={FP8_4B}", "GPU_MEMORY=16GiB", "ARGS=--dry-run --json")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert json.loads(res.stdout)["env_file"] == expected
+    eight = _make_up(tmp_path, "PROFILE=8gb", "GPU_MEMORY=8GiB", "ARGS=--dry-run --json")
+    assert "VLLM_USE_V2_MODEL_RUNNER" not in json.loads(eight.stdout)["env_file"]   # vLLM's only

@@ -85,8 +85,10 @@ def test_json_schema_answers_are_valid_for_the_schema_with_random_weights(engine
 
 
 def test_json_object_is_an_object_and_compact_json_has_no_whitespace(engine):
-    for text, finish, _ in run_all(engine, [ask(engine, Constraint("json_object")) for _ in range(4)]):
-        assert finish == "stop" and isinstance(json.loads(text), dict), text
+    results = run_all(engine, [ask(engine, Constraint("json_object")) for _ in range(4)])
+    for text, finish, _ in results:  # any object may be long: max_tokens may cut it (vLLM's behaviour)
+        assert isinstance(json.loads(text), dict) if finish == "stop" else text.startswith("{"), text
+    assert any(finish == "stop" for _, finish, _ in results)
     compact = Constraint("json", json.dumps(PERSON), compact=True)
     for text, finish, _ in run_all(engine, [ask(engine, compact) for _ in range(4)]):
         value = json.loads(text)
@@ -103,6 +105,19 @@ def test_regex_choice_and_grammars_are_matched(engine):
     results = run_all(engine, [ask(engine, c, max_tokens=100) for c, _ in cases for _ in range(3)])
     for (text, finish, _), (constraint, matches) in zip(results, [case for case in cases for _ in range(3)]):
         assert finish == "stop" and matches(text), (constraint, text)
+
+
+def test_regex_and_schema_patterns_read_digits_and_words_as_ecmascript_does(engine):
+    """\\d is [0-9] and \\w [0-9A-Za-z_], as in JSON Schema (ECMA-262) and vLLM's xgrammar; the regex
+    engine under llguidance would take any script's digits and letters."""
+    schema = {"type": "object", "properties": {"code": {"type": "string", "pattern": "^\\w{4}$"}}, "required": ["code"]}
+    requests = [ask(engine, Constraint("regex", r"\d{6}[\d-]{2}"), max_tokens=40) for _ in range(4)]
+    requests += [ask(engine, Constraint("json", json.dumps(schema)), max_tokens=200) for _ in range(4)]
+    results = run_all(engine, requests)
+    for text, finish, _ in results[:4]:
+        assert finish == "stop" and re.fullmatch(r"[0-9]{6}[0-9-]{2}", text), text
+    for text, finish, _ in results[4:]:
+        assert finish == "stop" and re.fullmatch(r"[0-9A-Za-z_]{4}", json.loads(text)["code"]), text
 
 
 def test_a_finished_grammar_ends_with_stop_and_max_tokens_still_cuts(engine):
@@ -174,9 +189,10 @@ def test_the_mask_touches_grammar_rows_only(engine):
     row = grammar.matcher()
     logits = torch.randn(3, engine.model.config.get_text_config().vocab_size)
     before = logits.clone()
-    TokenMask.of([None, row, None]).apply(logits)
-    assert torch.equal(logits[0], before[0]) and torch.equal(logits[2], before[2])
-    allowed = torch.isfinite(logits[1]).nonzero().flatten().tolist()
+    masked = TokenMask.of([None, row, None]).apply(logits)
+    assert torch.equal(logits, before)  # the step's own logits are not changed
+    assert torch.equal(masked[0], before[0]) and torch.equal(masked[2], before[2])
+    allowed = torch.isfinite(masked[1]).nonzero().flatten().tolist()
     assert allowed and all("cat".startswith(engine.tokenizer.decode([t])) for t in allowed)
     assert TokenMask.of([None, None]) is None
 
@@ -188,10 +204,8 @@ def test_json_whitespace_runs_are_bounded(engine):
     row.accept(engine.tokenizer.convert_tokens_to_ids("{"))
     for _ in range(WHITESPACE_RUN):
         mask = TokenMask.of([row])
-        logits = torch.zeros(1, engine.model.config.get_text_config().vocab_size)
-        mask.apply(logits)
+        logits = mask.apply(torch.zeros(1, engine.model.config.get_text_config().vocab_size))
         assert torch.isfinite(logits[0, newline])
         row.accept(newline)
-    logits = torch.zeros(1, logits.shape[1])
-    TokenMask.of([row]).apply(logits)
+    logits = TokenMask.of([row]).apply(torch.zeros(1, logits.shape[1]))
     assert not torch.isfinite(logits[0, newline]) and torch.isfinite(logits[0]).any()

@@ -70,7 +70,7 @@ def test_json_about_an_image(server):
     ({"json": PERSON}, lambda t: jsonschema.validate(json.loads(t), closed(PERSON)) is None),
     ({"json": json.dumps(PERSON), "disable_any_whitespace": True},
      lambda t: t == json.dumps(json.loads(t), separators=(",", ":"), ensure_ascii=False)),
-    ({"regex": r"\d{3}-[a-z]{2,4}"}, lambda t: re.fullmatch(r"\d{3}-[a-z]{2,4}", t)),
+    ({"regex": r"\d{3}-[a-z]{2,4}"}, lambda t: re.fullmatch(r"[0-9]{3}-[a-z]{2,4}", t)),  # \d: ASCII digits
     ({"choice": ["positive", "negative", "neutral"]}, lambda t: t in ("positive", "negative", "neutral")),
     ({"grammar": 'root ::= answer "."\nanswer ::= "yes" | "no"'}, lambda t: t in ("yes.", "no.")),
     ({"grammar": 'start: WORD ("," WORD)*\nWORD: /[a-z]{1,5}/'}, lambda t: re.fullmatch(r"[a-z]{1,5}(,[a-z]{1,5})*", t)),
@@ -132,3 +132,16 @@ def test_a_schema_is_compiled_once_off_the_event_loop_and_the_engine_thread(serv
     finally:
         grammars._compile = compile_
     assert len(threads) == 1 and threads[0] not in ("vlkit-engine", "uvicorn", "MainThread")
+
+
+def test_completions_take_structured_outputs_too(server):
+    client = server.client()
+    choice = client.completions.create(model=SERVED_NAME, prompt="The sky is", max_tokens=20,
+                                       extra_body={"structured_outputs": {"choice": ["blue", "grey"]}})
+    assert choice.choices[0].text in ("blue", "grey") and choice.choices[0].finish_reason == "stop"
+    reply = client.completions.create(model=SERVED_NAME, prompt="A person:", max_tokens=300, extra_body={
+        "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}})
+    jsonschema.validate(json.loads(reply.choices[0].text), closed(PERSON))
+    bad = httpx.post(server.base_url + "/v1/completions", json={"prompt": "x", "structured_outputs": {"regex": "("}},
+                     headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "structured_outputs.regex"

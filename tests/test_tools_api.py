@@ -138,3 +138,15 @@ def test_tool_mistakes_are_400_as_on_vllm(long_context_server, body, param):
     reply = httpx.post(long_context_server.base_url + "/v1/chat/completions", json=payload,
                        headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
     assert reply.status_code == 400 and reply.json()["error"]["param"] == param, reply.text
+
+
+def test_tokenize_renders_the_tools_as_a_chat_request_does(long_context_server):
+    def tokenize(**fields):
+        reply = httpx.post(long_context_server.base_url + "/tokenize", json={"messages": MESSAGES, **fields},
+                           headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+        assert reply.status_code == 200, reply.text
+        return reply.json()["count"]
+
+    with_tools = tokenize(tools=TOOLS)
+    assert with_tools > tokenize() + 100
+    assert with_tools == create(long_context_server, max_tokens=1).usage.prompt_tokens

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import codecs
 import os
+import stat
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -63,7 +66,7 @@ def test_running_twice_changes_nothing(tmp_path):
     write(path, USER_FILE, "utf-16-le", codecs.BOM_UTF16_LE, "\r\n")
     wslconfig.apply(path, {"memory": "12GB", "swap": "8GB"})
     once = path.read_bytes()
-    again = wslconfig.apply(path, {"memory": "12gb", "swap": "8192MB"})  # same sizes, other spelling
+    again = wslconfig.apply(path, {"memory": "12288MB", "swap": "8192M"})  # same sizes to WSL, other spelling
     assert not again.changed and again.backup is None
     assert path.read_bytes() == once
     assert len(list(tmp_path.glob("*.bak"))) == 1
@@ -97,11 +100,15 @@ def test_last_line_without_newline(tmp_path):
 
 
 @pytest.mark.parametrize("data, message", [
-    (b"[wsl2]\nmemory 12GB\n", "line 2"),  # no '='
-    (b"\xff\xfe[\x00w\x00s\x00l\x002\x00]\x00\n\x00\x00\xd8", "not UTF-8 or UTF-16"),  # broken UTF-16
-    (b"[wsl2]\nmemory=\xe9t\xe9\n", "not UTF-8 or UTF-16"),  # Latin-1, not UTF-8
+    (codecs.BOM_UTF16_BE + "[wsl2]\nmemory=4GB\n".encode("utf-16-be"), "WSL cannot open"),
+    ("[wsl2]\nmemory=4GB\n".encode("utf-16-le"), "without a byte order mark"),
+    (b"\xff\xfe[\x00w\x00s\x00l\x002\x00]\x00\n\x00\x00\xd8", "not UTF-16-LE text"),  # broken UTF-16
+    (b"[wsl2]\nmemory=\xe9t\xe9\n", "not UTF-8 text"),  # Latin-1, not UTF-8
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00", "not UTF-8 text"),  # not a text file
+    (b"[wsl2]\nmemory=4GB\n\x00\x00", "NUL characters"),
+    (b"# " + b"x" * wslconfig.MAX_BYTES + b"\n", "not a .wslconfig"),
 ])
-def test_unparseable_file_is_left_untouched(tmp_path, data, message):
+def test_unreadable_file_is_left_untouched(tmp_path, data, message):
     path = tmp_path / ".wslconfig"
     path.write_bytes(data)
     with pytest.raises(wslconfig.WslConfigError, match=message):
@@ -123,20 +130,25 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []  # temp file cleaned up
 
 
-def test_get_reads_last_value_case_insensitively(tmp_path):
+def test_get_reads_the_first_value_case_insensitively(tmp_path):
+    """ConfigKey::Parse (configfile.cpp): a repeated key is ignored with a warning; the first one counts."""
     path = tmp_path / ".wslconfig"
-    write(path, ["[WSL2]", "MEMORY=4GB", "memory=6GB # later wins", "[other]", "memory=1GB"])
+    write(path, ["[WSL2]", "MEMORY=4GB", "memory=6GB # ignored by WSL", "[other]", "memory=1GB"])
     cfg = wslconfig.load(path)
-    assert wslconfig.get(cfg, "memory") == "6GB"
+    assert wslconfig.get(cfg, "memory") == "4GB"
     assert wslconfig.get(cfg, "swap") is None
+    assert any("a second `memory`" in n and "line 2" in n for n in wslconfig.findings(cfg))
 
 
 def test_sizes():
     assert wslconfig.parse_size("12GB") == 12 * 1024 ** 3
     assert wslconfig.parse_size("8192MB") == 8 * 1024 ** 3
     assert wslconfig.format_size(12 * 1024 ** 3) == "12GB"
-    with pytest.raises(ValueError):
-        wslconfig.parse_size("lots")
+    for bad in ("lots", "12gb", "1.5GB", "12 GB", "12GiB"):
+        with pytest.raises(ValueError, match="not a size WSL reads"):
+            wslconfig.parse_size(bad)
+    with pytest.raises(ValueError, match="upper-case: 12GB"):
+        wslconfig.parse_size("12gb")
 
 
 @pytest.mark.parametrize("host_gib, profile, memory, swap, warned", [
@@ -179,10 +191,10 @@ def test_cli_config_bad_values_and_bad_file(tmp_path, capsys):
     assert run_cli(["wsl", "config", "--wslconfig", str(path), "--memory", "twelve", "--swap", "8GB", "--yes"]) == 1
     assert "not a size" in capsys.readouterr().err
     bad = tmp_path / "bad"
-    bad.write_bytes(b"[wsl2]\nthis is not ini\n")
+    bad.write_bytes(b"\xfe\xff\x00[")
     assert run_cli(["wsl", "config", "--wslconfig", str(bad), "--memory", "8GB", "--swap", "4GB", "--yes"]) == 1
     assert "was not changed" in capsys.readouterr().err
-    assert path.read_bytes() == before and bad.read_bytes() == b"[wsl2]\nthis is not ini\n"
+    assert path.read_bytes() == before and bad.read_bytes() == b"\xfe\xff\x00["
 
 
 def test_cli_dry_run(tmp_path, capsys):
@@ -193,3 +205,118 @@ def test_cli_dry_run(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "+processors=6" in out and "Dry run" in out
     assert path.read_bytes() == before
+
+
+# --------------------------------------------------------------------------- the file itself
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_symlink_is_kept_and_its_target_edited(tmp_path, relative):
+    (tmp_path / "dotfiles").mkdir()
+    target = tmp_path / "dotfiles" / "wslconfig"
+    before = write(target, USER_FILE, "utf-16-le", codecs.BOM_UTF16_LE, "\r\n")
+    link = tmp_path / ".wslconfig"
+    link.symlink_to("dotfiles/wslconfig" if relative else target)
+    result = wslconfig.apply(link, {"memory": "12GB"})
+    assert link.is_symlink() and os.readlink(link) == ("dotfiles/wslconfig" if relative else str(target))
+    assert wslconfig.get(wslconfig.load(target), "memory") == "12GB"
+    # the backup sits where the user looks, beside the link, and holds the target's old bytes
+    assert result.backup.parent == tmp_path and result.backup.read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "dotfiles").iterdir()) == ["wslconfig"]  # no temp file left
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.symlink_to(p.parent / "missing"), "symbolic link to .*missing, which cannot be opened"),
+    (lambda p: p.symlink_to(p), "symbolic link"),  # a loop
+    (lambda p: p.mkdir(), "it is a folder, which WSL cannot open"),
+    (lambda p: os.mkfifo(p), "not a regular file"),  # reading it would block forever
+])
+def test_paths_that_are_not_a_file_are_refused(tmp_path, make, message):
+    path = tmp_path / ".wslconfig"
+    make(path)
+    entries = sorted(os.listdir(tmp_path))
+    with pytest.raises(wslconfig.WslConfigError, match=message):
+        wslconfig.apply(path, {"memory": "12GB"})
+    assert sorted(os.listdir(tmp_path)) == entries
+
+
+def test_read_only_file_is_refused_and_kept(tmp_path):
+    path = tmp_path / ".wslconfig"
+    before = write(path, USER_FILE)
+    path.chmod(0o444)
+    assert wslconfig.apply(path, {"memory": "12GB"}, dry_run=True).changed  # reading and previewing work
+    with pytest.raises(wslconfig.WslConfigError, match="read-only"):
+        wslconfig.apply(path, {"memory": "12GB"})
+    assert path.read_bytes() == before and os.listdir(tmp_path) == [".wslconfig"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o444
+
+
+def test_mode_is_kept(tmp_path):
+    path = tmp_path / ".wslconfig"
+    write(path, USER_FILE)
+    path.chmod(0o600)
+    wslconfig.apply(path, {"memory": "12GB"})
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_backups_made_in_the_same_second_never_share_a_name(tmp_path):
+    path = tmp_path / ".wslconfig"
+    now = 1_700_000_000.0
+    taken = path.with_name(f".wslconfig.vlkit-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}.bak")
+    taken.write_bytes(b"an older backup")
+    barrier = threading.Barrier(16)
+    made: dict[int, object] = {}
+
+    def backup(i):
+        barrier.wait()
+        made[i] = wslconfig.make_backup(path, f"state {i}".encode(), now=now)
+
+    threads = [threading.Thread(target=backup, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert taken.read_bytes() == b"an older backup"  # never overwritten
+    assert len({p for p in made.values()}) == 16 and taken not in made.values()
+    assert all(made[i].read_bytes() == f"state {i}".encode() for i in range(16))
+
+
+def test_a_change_by_another_program_while_editing_wins(tmp_path, monkeypatch):
+    path = tmp_path / ".wslconfig"
+    write(path, USER_FILE)
+    real_backup = wslconfig.make_backup
+
+    def backup_then_someone_edits(*args, **kw):
+        made = real_backup(*args, **kw)
+        path.write_bytes(b"[wsl2]\nmemory=20GB\n")  # another editor saves in between
+        return made
+
+    monkeypatch.setattr(wslconfig, "make_backup", backup_then_someone_edits)
+    with pytest.raises(wslconfig.WslConfigError, match="another program changed it"):
+        wslconfig.apply(path, {"memory": "12GB"})
+    assert path.read_bytes() == b"[wsl2]\nmemory=20GB\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_concurrent_runs_lose_nothing(tmp_path):
+    """Eight runs at once: each one edits the file the run before it wrote, and backs that up."""
+    path = tmp_path / ".wslconfig"
+    original = write(path, USER_FILE)
+    barrier = threading.Barrier(8)
+    results: list[wslconfig.ApplyResult] = []
+
+    def run(i):
+        barrier.wait()
+        results.append(wslconfig.apply(path, {"memory": f"{10 + i}GB"}))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 8 and all(r.written for r in results)
+    backed_up = sorted(wslconfig.get(wslconfig.load(r.backup), "memory") for r in results)
+    final = wslconfig.get(wslconfig.load(path), "memory")
+    # the backups hold the original (6GB) and every value written except the last: nothing was lost
+    assert sorted(backed_up + [final]) == sorted(["6GB"] + [f"{10 + i}GB" for i in range(8)])
+    assert any(r.backup.read_bytes() == original for r in results)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

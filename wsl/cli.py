@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from scripts.usage import setting
 from wsl import wslconfig
 from wsl.host import detect_platform, host_ram, meminfo_total_bytes, windows_userprofile
 
@@ -40,13 +41,13 @@ def _err(message: str) -> int:
     return 1
 
 
-def _host_ram_bytes(existing_memory: str | None) -> tuple[int | None, str]:
+def _host_ram_bytes(applied_memory: int | None) -> tuple[int | None, str]:
     ram = host_ram()
     if ram is not None and ram.is_windows_total:
         return ram.bytes, ram.source
     vm = meminfo_total_bytes()
-    if detect_platform().is_wsl and existing_memory is None and vm:
-        # Without a memory= line WSL gives the VM half the host RAM.
+    if detect_platform().is_wsl and not applied_memory and vm:
+        # Without a memory= WSL applies (absent, rejected or 0) WSL gives the VM half the host RAM.
         return 2 * vm, "estimated as 2 x the WSL VM's MemTotal (WSL's default limit is half the host RAM)"
     if not detect_platform().is_wsl and vm:
         return vm, "/proc/meminfo of this machine"
@@ -57,7 +58,7 @@ def config_command(args: argparse.Namespace) -> int:
     path = args.wslconfig
     if path is None:
         if not detect_platform().is_wsl:
-            return _err("not running inside WSL; pass --wslconfig PATH to edit a file anyway")
+            return _err(f"not running inside WSL; to edit a .wslconfig anyway, name it: {setting('wslconfig', 'PATH')}")
         profile_dir = windows_userprofile()
         if profile_dir is None:
             return _err("cannot find your Windows profile folder (interop off?); pass "
@@ -70,20 +71,23 @@ def config_command(args: argparse.Namespace) -> int:
 
     values: dict[str, str] = {}
     try:
-        for key in ("memory", "swap"):
+        for key in wslconfig.SIZE_KEYS:
             given = getattr(args, key)
             if given is not None:
-                wslconfig.parse_size(given)  # validate before touching anything
+                size = wslconfig.parse_size(given.strip())  # validate before touching anything
+                if key == "memory" and size < wslconfig.MIN_MEMORY:
+                    bare = " (to WSL a number without a unit is bytes: did you mean 12GB?)" if given.strip().isdigit() else ""
+                    return _err(f"--memory {given} is {size} bytes, under WSL's 256MB minimum{bare}")
                 values[key] = given.strip()
     except ValueError as exc:
-        return _err(str(exc))
+        return _err(f"--{key}: {exc}")
     if args.processors is not None:
         if args.processors < 1:
             return _err("--processors must be at least 1")
         values["processors"] = str(args.processors)
 
     if "memory" not in values or "swap" not in values:
-        ram, source = _host_ram_bytes(wslconfig.get(current, "memory"))
+        ram, source = _host_ram_bytes(wslconfig.applied_size(current, "memory"))
         if ram is None:
             return _err("cannot tell this PC's RAM; pass --memory and --swap")
         rec = wslconfig.recommend(ram, args.profile)
@@ -98,6 +102,8 @@ def config_command(args: argparse.Namespace) -> int:
         preview = wslconfig.apply(path, values, dry_run=True)
     except (wslconfig.WslConfigError, OSError) as exc:
         return _err(f"{path}: {exc}. The file was not changed.")
+    for note in preview.notes:
+        print(f"  note: {note}")
     if not preview.changed:
         print(f"{path}: already has {', '.join(f'{k}={v}' for k, v in values.items())}; nothing to change.")
         return 0

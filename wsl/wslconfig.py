@@ -1,53 +1,58 @@
-"""Read and edit the Windows `.wslconfig` without disturbing anything we did not mean to change.
+"""Edit the Windows `.wslconfig` so that WSL applies exactly what we wrote, disturbing nothing else.
 
-The file is the user's: comments, blank lines, order, unknown sections and keys, key spelling, the
-encoding (UTF-8, UTF-8 with BOM, UTF-16 LE with BOM as Notepad writes it) and the line endings all
-survive byte for byte; only the values we set change. Writes are atomic (a temporary file in the
-same folder, then os.replace) and follow a timestamped backup; when nothing would change, nothing is
-written and no backup is made, so running the edit twice is a no-op.
+What WSL reads is decided by wsl/wslconfig_parser.py, a port of WSL's own parser (microsoft/WSL
+src/shared/configfile/configfile.cpp `ParseConfigFile`); this module only edits. We replace the value
+of the assignment WSL applies (the first `memory=` in [wsl2]; its key, spacing and trailing `#`
+comment stay), add missing keys after the last [wsl2] key (or a new [wsl2] at the end of what WSL
+reads), then read the result again with the same parser and refuse unless WSL would apply our values
+and everything else exactly as before.
 
-Why hand-written: configparser drops comments and lower-cases keys, and the host side may not pull
-extra dependencies. The format is small: `[section]`, `key = value`, `#`/`;` comments.
+The file is the user's: every other byte (comments, order, unknown keys, the encoding and BOM, the
+line endings) survives. A `.wslconfig` that is a symbolic link stays one: its target is edited. The
+write itself (backup first, atomic replace, one run at a time) is scripts/safe_file.py's. When nothing
+would change, nothing is written.
+
+Why no INI library: none reads this format the way WSL does (`;` is not a comment, `4GB#x` is 4GB,
+only `\\n` ends a line, the first repeated key wins), and configparser drops comments.
 """
 from __future__ import annotations
 
-import codecs
+import contextlib
 import difflib
 import os
 import re
-import shutil
-import tempfile
-import time
-from dataclasses import dataclass, replace
+import stat
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from wsl import wslconfig_parser as parser
+from scripts.safe_file import FileEditError, edit_lock, make_backup, open_regular, write_atomic
 
 SECTION = "wsl2"
 GIB = 1024 ** 3
-
-_SECTION_RE = re.compile(r"^\s*\[\s*([^\]]+?)\s*\]\s*(?:[#;].*)?$")
-# key, separator (spaces and '=' kept as written), value, then an optional trailing comment
-_KEY_RE = re.compile(r"^(?P<indent>\s*)(?P<key>[^=#;\[\s][^=]*?)(?P<sep>\s*=\s*)(?P<value>.*?)(?P<tail>\s+[#;].*)?$")
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|K|M|G|T)?\s*$", re.IGNORECASE)
-_UNITS = {"B": 1, "K": 1024, "KB": 1024, "M": 1024 ** 2, "MB": 1024 ** 2, "G": GIB, "GB": GIB,
-          "T": 1024 ** 4, "TB": 1024 ** 4}
+MAX_BYTES = 1 << 20  # far above any real .wslconfig; a bigger file is not one
+MIN_MEMORY = 256 * 1024 ** 2  # WslCoreConfig.cpp Config::Initialize: WSL raises a smaller memory to 256 MB
+SIZE_KEYS = ("memory", "swap")
+# what WSL uses when a key is absent or its value is rejected (WslCoreConfig.cpp Config::Initialize)
+DEFAULTS = {"memory": "half the host RAM", "swap": "a quarter of the memory", "processors": "all logical processors"}
 
 
-class WslConfigError(Exception):
-    """The file cannot be read or understood; it was left untouched."""
+WslConfigError = FileEditError  # the file cannot be read or edited safely; it was left untouched
 
 
 # --------------------------------------------------------------------------- sizes
 
 def parse_size(text: str) -> int:
-    """'12GB' / '8192MB' / '12g' -> bytes (WSL reads these units as powers of 1024).
+    """A size as WSL reads memory= and swap= (stringshared.h ParseMemorySize) -> bytes.
 
-    Not scripts.planner.sizes.parse_size on purpose: that one reads a bare number as GiB and accepts
-    KiB/MiB/GiB, while WSL reads a bare number as bytes and knows no *iB spelling, so accepting
-    '12GiB' here would write a value WSL ignores."""
-    m = _SIZE_RE.match(text or "")
-    if not m:
-        raise ValueError(f"not a size: {text!r} (use e.g. 12GB or 8192MB)")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
+    Not scripts.planner.sizes.parse_size on purpose: WSL reads a bare number as bytes, its units are
+    upper-case and powers of 1024 (12GB, 12G, 8192MB), and it knows no decimals, spaces or *iB."""
+    n = parser.parse_memory_size(text or "")
+    if n is None:
+        hint = text.strip().upper().replace(" ", "").replace("IB", "B") if text else ""
+        better = f" (WSL's units are upper-case: {hint})" if hint != text and parser.parse_memory_size(hint) is not None else ""
+        raise ValueError(f"not a size WSL reads: {text!r}{better}; write digits then B, KB, MB, GB or TB, e.g. 12GB or 8192MB")
+    return n
 
 
 def format_size(n_bytes: int) -> str:
@@ -57,60 +62,41 @@ def format_size(n_bytes: int) -> str:
     return f"{n_bytes // 1024 ** 2}MB"
 
 
+def _parsed(key: str, value: str) -> int | None:
+    return parser.parse_memory_size(value) if key in SIZE_KEYS else parser.parse_int(value) if key == "processors" else None
+
+
 def _same_value(key: str, old: str, new: str) -> bool:
-    old, new = old.strip().strip('"'), new.strip().strip('"')
-    if old.lower() == new.lower():
+    """Would WSL apply the same setting? (12288MB is 12GB; a value WSL rejects equals nothing.)"""
+    if old == new:
         return True
-    if key.lower() in ("memory", "swap"):
-        try:
-            return parse_size(old) == parse_size(new)
-        except ValueError:
-            return False
-    return False
+    a, b = _parsed(key, old), _parsed(key, new)
+    return a is not None and a == b
 
 
 # --------------------------------------------------------------------------- the file
 
 @dataclass(frozen=True)
 class WslConfig:
-    path: Path
+    path: Path  # as the user named it
+    target: Path  # the file itself: path, or where the symbolic link at path points
     exists: bool
-    encoding: str  # codec for the body: "utf-8", "utf-16-le" or "utf-16-be"
+    encoding: str  # codec for the body: "utf-8" or "utf-16-le"
     bom: bytes  # b"" or the BOM that was there, written back as is
     newline: str  # the file's dominant line ending, used for lines we add
-    lines: tuple[str, ...]  # with their own line endings, exactly as read
-
-    @property
-    def text(self) -> str:
-        return "".join(self.lines)
+    text: str
+    reading: parser.Reading = field(repr=False)
 
     def to_bytes(self) -> bytes:
         return self.bom + self.text.encode(self.encoding)
 
+    def with_text(self, text: str) -> "WslConfig":
+        return WslConfig(self.path, self.target, self.exists, self.encoding, self.bom, self.newline, text, parser.read(text))
 
-def decode(data: bytes) -> tuple[str, str, bytes]:
-    """bytes -> (text, codec, bom). Raises WslConfigError for text we cannot read safely."""
-    for bom, enc in ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be")):
-        if data.startswith(bom):
-            body, encoding = data[len(bom):], enc
-            break
-    else:
-        bom = b""
-        # UTF-16 without BOM: every other byte of ASCII text is NUL
-        if len(data) >= 2 and data[1:2] == b"\x00" and data[0:1] != b"\x00":
-            body, encoding = data, "utf-16-le"
-        elif len(data) >= 2 and data[0:1] == b"\x00" and data[1:2] != b"\x00":
-            body, encoding = data, "utf-16-be"
-        else:
-            body, encoding = data, "utf-8"
-    try:
-        text = body.decode(encoding)
-    except UnicodeDecodeError as exc:
-        raise WslConfigError(f"not UTF-8 or UTF-16 text ({exc.reason} at byte {exc.start}); "
-                             "save it from Notepad as UTF-8 and run again") from None
-    if "\x00" in text:
-        raise WslConfigError("the file contains NUL characters: not a text file")
-    return text, encoding, bom
+
+def _lines(text: str) -> list[str]:
+    """Lines as WSL counts them: only LF ends one (not U+2028, form feed, ...), each with its ending."""
+    return re.findall(r"[^\n]*\n|[^\n]+$", text)
 
 
 def _dominant_newline(text: str) -> str:
@@ -121,139 +107,151 @@ def _dominant_newline(text: str) -> str:
     return "\r\n" if crlf >= lf else "\n"
 
 
-def _strip_eol(line: str) -> str:
-    return line.rstrip("\r\n")
-
-
-def validate(lines: tuple[str, ...]) -> None:
-    for number, line in enumerate(lines, 1):
-        body = _strip_eol(line).strip()
-        if not body or body[0] in "#;" or _SECTION_RE.match(body) or _KEY_RE.match(body):
-            continue
-        raise WslConfigError(f"line {number} is not `[section]`, `key = value` or a # comment: {body[:60]!r}")
+def _target(path: Path) -> Path:
+    if not path.is_symlink():
+        return path
+    try:
+        return path.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise WslConfigError(f"it is a symbolic link to {os.readlink(path)}, which cannot be opened (missing, "
+                             "or a loop); WSL then uses its defaults") from None
 
 
 def load(path: Path) -> WslConfig:
-    """Read .wslconfig (a missing file reads as empty, to be created with CRLF and UTF-8)."""
+    """Read .wslconfig (a missing file reads as empty, to be created as UTF-8 with CRLF)."""
     path = Path(path)
-    if not path.exists():
-        return WslConfig(path, False, "utf-8", b"", "\r\n", ())
-    if path.is_dir():
-        raise WslConfigError(f"{path} is a folder")
+    target = _target(path)
     try:
-        data = path.read_bytes()
+        st = target.stat()
+    except FileNotFoundError:
+        return WslConfig(path, target, False, "utf-8", b"", "\r\n", "", parser.read(""))
     except OSError as exc:
-        raise WslConfigError(f"cannot read {path}: {exc.strerror}") from None
-    text, encoding, bom = decode(data)
-    lines = tuple(text.splitlines(keepends=True))
-    validate(lines)
-    return WslConfig(path, True, encoding, bom, _dominant_newline(text), lines)
-
-
-def _sections(lines: tuple[str, ...]):
-    """Yield (section name lower-cased or None before the first header, line index, match|None)."""
-    current = None
-    for i, line in enumerate(lines):
-        body = _strip_eol(line)
-        m = _SECTION_RE.match(body)
-        if m:
-            current = m.group(1).strip().lower()
-            yield current, i, None
-            continue
-        stripped = body.strip()
-        if stripped and stripped[0] not in "#;":
-            yield current, i, _KEY_RE.match(body)
+        raise WslConfigError(f"cannot read it: {exc.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise WslConfigError("it is a folder, which WSL cannot open (it then uses its defaults); rename or remove it")
+    try:
+        with open_regular(target) as f:
+            data = f.read(MAX_BYTES + 1)
+    except OSError as exc:
+        raise WslConfigError(f"cannot read it: {exc.strerror}") from None
+    if len(data) > MAX_BYTES:
+        raise WslConfigError(f"it is over {MAX_BYTES // 1024} KiB: not a .wslconfig")
+    try:
+        text, encoding, bom = parser.decode(data)
+    except parser.UnreadableError as exc:
+        raise WslConfigError(str(exc)) from None
+    cfg = WslConfig(path, target, True, encoding, bom, _dominant_newline(text), text, parser.read(text))
+    if cfg.to_bytes() != data:  # guard for the byte-for-byte promise
+        raise WslConfigError("its bytes would not survive a rewrite unchanged")
+    return cfg
 
 
 def get(cfg: WslConfig, key: str, section: str = SECTION) -> str | None:
-    """The value WSL will use (the last one, if the key repeats); keys match case-insensitively."""
-    value = None
-    for sec, _, m in _sections(cfg.lines):
-        if sec == section.lower() and m and m.group("key").strip().lower() == key.lower():
-            value = m.group("value").strip()
-    return value
+    """The value WSL applies for [section] key (the first one if it repeats), or None when absent."""
+    found = cfg.reading.first(f"{section}.{key}")
+    return None if found is None else found.value
 
 
-def with_values(cfg: WslConfig, values: dict[str, str], section: str = SECTION) -> WslConfig:
-    """A copy of cfg with `values` set in [section] (pure). Existing keys keep their spelling, spacing
-    and trailing comment; new keys go after the section's last key; a missing section is appended."""
-    lines = list(cfg.lines)
-    nl = cfg.newline
-    pending = {k.lower(): (k, v) for k, v in values.items()}
-    header_at = None
-    last_key_at = None
-    for sec, i, m in _sections(cfg.lines):
-        if sec != section.lower():
-            continue
-        if m is None:  # the section header (again, if the section repeats)
-            header_at = i if header_at is None else header_at
-            last_key_at = i if last_key_at is None else last_key_at
-            continue
-        last_key_at = i
-        key = m.group("key").strip().lower()
-        if key in pending:
-            _, new = pending[key]
-            if not _same_value(key, m.group("value"), new):
-                eol = lines[i][len(_strip_eol(lines[i])):]
-                lines[i] = (m.group("indent") + m.group("key") + m.group("sep") + new
-                            + (m.group("tail") or "") + eol)
-    present = {m.group("key").strip().lower() for sec, _, m in _sections(cfg.lines)
-               if sec == section.lower() and m}
-    missing = [(k, v) for low, (k, v) in pending.items() if low not in present]
+def applied_size(cfg: WslConfig, key: str) -> int | None:
+    """The bytes WSL applies for [wsl2] memory/swap from the file; None when absent or rejected."""
+    value = get(cfg, key)
+    return None if value is None else parser.parse_memory_size(value)
+
+
+def _shown(line: str) -> str:
+    """A line for a terminal: U+2028, form feed and other invisible characters as escapes."""
+    return "".join(c if c.isprintable() or c == "\t" else repr(c)[1:-1] for c in line)
+
+
+def line_of(text: str, offset: int) -> int:
+    return text.count("\n", 0, offset) + 1
+
+
+def findings(cfg: WslConfig, keys=("memory", "swap", "processors")) -> list[str]:
+    """What WSL will skip, ignore or reject in the file, for `keys` and for lines it cannot parse; in
+    file order."""
+    r, text, out = cfg.reading, cfg.text, []
+    for s in r.skipped:
+        shown = _shown(_lines(text[s.start:])[0].rstrip("\r\n")[:60]) if s.start < len(text) else ""
+        semicolon = " (`;` does not start a comment in .wslconfig: only `#` does)" if shown.startswith(";") else ""
+        out.append((s.start, f"WSL skips `{shown}`: {s.reason}{semicolon}"))
+    if r.end < len(text):
+        out.append((r.end, "WSL stops reading at a Ctrl+Z character; the rest of the file is ignored"))
+    for key in keys:
+        first = r.first(f"{SECTION}.{key}")
+        for a in (a for a in r.assignments if a.name == key):
+            if a.section != SECTION:
+                place = f"[{a.section}]" if a.section else "before any [section]"
+                out.append((a.start, f"`{key}` is {place}; WSL reads it only from [{SECTION}]"))
+            elif a is not first:
+                out.append((a.start, f"a second `{key}` in [{SECTION}]: WSL keeps the first (line {line_of(text, first.start)})"))
+            elif _parsed(key, a.value) is None:
+                out.append((a.start, f"WSL rejects {key}={a.value!r} and uses its default ({DEFAULTS[key]})"))
+    return [f"line {line_of(text, at)}: {message}" for at, message in sorted(out, key=lambda f: f[0])]
+
+
+def _insertion(cfg: WslConfig, lines: list[str]) -> tuple[int, str]:
+    """Where new [wsl2] lines go and the text to put there."""
+    r, nl = cfg.reading, cfg.newline
+    in_section = [a for a in r.assignments if a.section == SECTION]
+    header = next((h for h in r.headers if h.name == SECTION), None)
+    anchor = in_section[-1].end if in_section else header.end if header else None
+    if anchor is None:  # a new [wsl2] section at the end of what WSL reads
+        before = cfg.text[:r.end]
+        lead = "" if not before or before.endswith("\n") else nl
+        if (before + lead).strip():
+            lead += nl  # a blank line before the new section
+        return r.end, lead + f"[{SECTION}]{nl}" + "".join(lines)
+    # a line ends with LF; a lone CR does not end a comment, so it gets one too
+    lead = "" if anchor == 0 or cfg.text[anchor - 1] == "\n" else nl
+    return anchor, lead + "".join(lines)
+
+
+def _settings(reading: parser.Reading) -> dict[str, str]:
+    """Every key WSL applies (first occurrence), lower-cased, with its value."""
+    out: dict[str, str] = {}
+    for a in reading.assignments:
+        out.setdefault(a.key.lower(), a.value)
+    return out
+
+
+def with_values(cfg: WslConfig, values: dict[str, str]) -> WslConfig:
+    """A copy of cfg with `values` set in [wsl2] (pure). Raises WslConfigError when the edit would not
+    make WSL apply exactly `values` with every other setting as before."""
+    for key, value in values.items():
+        plain = value and value == value.strip() and not any(c in value for c in "#\"\\\r\n\x1a")
+        if not plain or (key.lower() in DEFAULTS and _parsed(key.lower(), value) is None):
+            raise WslConfigError(f"WSL would not read {key}={value!r} as a {key} value")
+    text, edits, missing = cfg.text, [], []
+    for key, value in values.items():
+        found = cfg.reading.first(f"{SECTION}.{key}")
+        if found is None:
+            missing.append(f"{key}={value}{cfg.newline}")
+        elif not _same_value(key.lower(), found.value, value):
+            edits.append((*found.value_span, value))
     if missing:
-        added = [f"{k}={v}{nl}" for k, v in missing]
-        if header_at is None:
-            if lines and not lines[-1].endswith(("\n", "\r")):
-                lines[-1] += nl
-            if lines and _strip_eol(lines[-1]).strip():
-                lines.append(nl)  # a blank line before the new section
-            lines.append(f"[{section}]{nl}")
-            lines.extend(added)
-        else:
-            at = last_key_at
-            if not lines[at].endswith(("\n", "\r")):
-                lines[at] += nl
-            lines[at + 1:at + 1] = added
-    return replace(cfg, lines=tuple(lines))
+        at, added = _insertion(cfg, missing)
+        edits.append((at, at, added))
+    # back to front, so offsets stay valid; at one offset the added lines go after a replaced value
+    for start, end, new in sorted(edits, key=lambda e: (e[0], e[0] == e[1] and "\n" in e[2]), reverse=True):
+        text = text[:start] + new + text[end:]
+    result = cfg.with_text(text)
+    ours = {f"{SECTION}.{k}".lower(): (k.lower(), v) for k, v in values.items()}
+    before, after = _settings(cfg.reading), _settings(result.reading)
+    kept = all(after.get(k) == v for k, v in before.items() if k not in ours)
+    applied = all(_same_value(name, after.get(k, ""), v) for k, (name, v) in ours.items())
+    if not (kept and applied and set(after) == set(before) | set(ours)
+            and len(result.reading.skipped) == len(cfg.reading.skipped)):
+        raise WslConfigError("cannot add the values without changing how WSL reads the lines around them; "
+                             "edit it by hand (`--dry-run` shows what we wanted to write)")
+    return result
 
 
 def diff(old: WslConfig, new: WslConfig) -> str:
-    """A unified diff of the two texts (line endings not shown)."""
+    """A unified diff of the two texts, by WSL's lines (line endings not shown)."""
     return "".join(difflib.unified_diff(
-        [_strip_eol(x) + "\n" for x in old.lines], [_strip_eol(x) + "\n" for x in new.lines],
+        [_shown(x.rstrip("\r\n")) + "\n" for x in _lines(old.text)], [_shown(x.rstrip("\r\n")) + "\n" for x in _lines(new.text)],
         fromfile=f"{old.path} (now)", tofile=f"{new.path} (after)"))
-
-
-def backup_path(path: Path, now: float | None = None) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
-    candidate = path.with_name(f"{path.name}.vlkit-{stamp}.bak")
-    n = 1
-    while candidate.exists():  # two runs in one second keep both backups
-        candidate = path.with_name(f"{path.name}.vlkit-{stamp}-{n}.bak")
-        n += 1
-    return candidate
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Readers see the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if path.exists():
-            try:
-                shutil.copymode(path, tmp)
-            except OSError:
-                pass  # drvfs (/mnt/c) may not keep Unix modes; the content is what matters
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 @dataclass(frozen=True)
@@ -262,27 +260,34 @@ class ApplyResult:
     diff: str
     backup: Path | None
     written: bool
+    notes: tuple[str, ...] = ()  # what WSL will still skip, ignore or reject in the file after the edit
+
+
+def _writable(target: Path) -> None:
+    st = target.stat()
+    if not st.st_mode & 0o222 or not os.access(target, os.W_OK):
+        raise WslConfigError("it is read-only; make it writable (Windows: Properties, untick Read-only) and run again")
 
 
 def apply(path: Path, values: dict[str, str], dry_run: bool = False) -> ApplyResult:
     """Set [wsl2] values in the file at path: backup, then atomic write. dry_run changes nothing."""
-    old = load(path)
-    new = with_values(old, values)
-    new_bytes = new.to_bytes()
-    unchanged = new_bytes == path.read_bytes() if old.exists else not new.lines
-    if unchanged:
-        return ApplyResult(False, "", None, False)
-    text_diff = diff(old, new)
-    if dry_run:
-        return ApplyResult(True, text_diff, None, False)
-    backup = None
-    if old.exists:
-        backup = backup_path(old.path)
-        shutil.copy2(old.path, backup)
-    else:
-        old.path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(old.path, new_bytes)
-    return ApplyResult(True, text_diff, backup, True)
+    with contextlib.nullcontext() if dry_run else edit_lock(_target(Path(path))):
+        old = load(path)
+        new = with_values(old, values)
+        notes = tuple(findings(new))
+        if new.text == old.text:
+            return ApplyResult(False, "", None, False, notes)
+        text_diff = diff(old, new)
+        if dry_run:
+            return ApplyResult(True, text_diff, None, False, notes)
+        backup = None
+        if old.exists:
+            _writable(old.target)
+            backup = make_backup(old.path, old.to_bytes(), like=old.target.stat())
+        else:
+            old.target.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(old.target, new.to_bytes(), expect=old.to_bytes() if old.exists else None)
+        return ApplyResult(True, text_diff, backup, True, notes)
 
 
 # --------------------------------------------------------------------------- recommendation

@@ -7,7 +7,9 @@ import sys
 import time
 from pathlib import Path
 
-PROFILES = ("auto", "8gb", "16gb")
+from scripts.planner import options
+from scripts.usage import command
+
 MARKS = {"ok": ("[green]✔ ok  [/]", "ok  "), "warn": ("[yellow]! warn[/]", "warn"), "fail": ("[red]✘ fail[/]", "FAIL")}
 
 
@@ -18,14 +20,12 @@ def register(subparsers) -> None:
     doctor.add_argument("--json", action="store_true", help="print the checks as a JSON list")
     doctor.add_argument("--gpu-container", action="store_true",
                         help="also run `nvidia-smi` in a container with --gpus all (slow; cached for a day)")
-    doctor.add_argument("--profile", choices=PROFILES, default="auto", help="the profile you mean to run (default auto)")
-    doctor.add_argument("--model", help="model id or local path (default: VLKIT_MODEL / the profile's default)")
+    options.add(doctor, "profile", "model")
     doctor.add_argument("--wslconfig", type=Path, help="the .wslconfig to inspect (default: found through interop)")
     doctor.set_defaults(func=doctor_command)
 
     health = subparsers.add_parser("health", help="the gate `make up` runs: driver answers, no ECC/Xid errors, enough free VRAM")
-    health.add_argument("--profile", choices=PROFILES, default="auto")
-    health.add_argument("--model", help="model id or local path (default: VLKIT_MODEL / the profile's default)")
+    options.add(health, "profile", "model")
     health.add_argument("--json", action="store_true")
     health.set_defaults(func=health_command)
 
@@ -93,7 +93,7 @@ def health_command(args: argparse.Namespace) -> int:
     if note and need is None and note.startswith("the plan does not fit"):
         result.ok = False
         result.reasons.append(note)
-        result.fixes.append(f"`vlkit plan --profile {args.profile}` shows the next step")
+        result.fixes.append(f"`{command('plan', profile=args.profile)}` shows the next step")
     if args.json:
         print(json.dumps({**result.to_dict(), "profile": args.profile, "required_free_bytes": need, "note": note}, indent=2))
         return 0 if result.ok else 1

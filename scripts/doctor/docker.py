@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from scripts.doctor.model import Check, fail, ok, warn
+from scripts.stack.docker import COMPOSE_UPDATE, compose_too_old
+from scripts.usage import command
 
 CONTAINER_CHECK_TTL_S = 24 * 3600
 CONTAINER_TIMEOUT_S = 180  # the first start of a large image can take a while
@@ -178,7 +180,7 @@ def container_gpu_result(facts, run_now: bool) -> ContainerResult | None:
                   if run([facts.docker_path, "image", "inspect", "--format", "{{.Id}}", i]).returncode == 0), None)
     if image is None:
         return ContainerResult("skipped", "no vlkit image here to test with (nothing is pulled for this check)",
-                               "build the images first: `make build`", time.time(), key)
+                               f"build the images first: `{command('build')}`", time.time(), key)
     r = run([facts.docker_path, "run", "--rm", "--gpus", "all", "--network", "none",
              "--entrypoint", "nvidia-smi", image, "-L"], timeout=CONTAINER_TIMEOUT_S)
     if r.returncode == 0 and "GPU " in r.stdout:
@@ -213,7 +215,10 @@ def checks(facts) -> list[Check]:
             kind += " (inside WSL)"
         out.append(ok("docker", f"{kind}, server {info.get('ServerVersion')}"))
     compose = compose_version(facts.docker_info.stdout) if facts.docker_info else None
-    if compose:
+    too_old = compose_too_old(compose) if compose else None
+    if too_old:
+        out.append(fail("compose", too_old, COMPOSE_UPDATE))
+    elif compose:
         out.append(ok("compose", f"Docker Compose {compose}"))
     else:
         out.append(fail("compose", "`docker compose` (v2 plugin) not found",
@@ -233,7 +238,7 @@ def checks(facts) -> list[Check]:
     if result is None:
         if info is not None:
             out.append(warn("gpu-in-container", "not checked yet (slow: starts a container)",
-                            "`vlkit doctor --gpu-container` (the result is cached for a day)"))
+                            f"`{command('doctor', gpu_container=True)}` (the result is cached for a day)"))
     elif result.status == "ok":
         out.append(ok("gpu-in-container", result.found + (" (cached)" if result.cached else "")))
     elif result.status == "skipped":

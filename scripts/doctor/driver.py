@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 from scripts.doctor.model import Check, fail, gib, ok, warn
+from scripts.usage import command
 
 WSL_LIB_PREFIX = "/usr/lib/wsl/"
 BUSY_SHARE = 0.15  # other programs holding more than this share of VRAM is worth a warning
@@ -100,7 +101,7 @@ def vram_check(facts) -> Check | None:
     found = f"{gib(used)} of {gib(g.total_bytes)} in use on GPU 0: {who}"
     if used > BUSY_SHARE * g.total_bytes:
         fix = "close GPU programs (browsers, Discord, games, a stuck server)"
-        fix += "; `make wsl-restart` frees what WSL holds" if facts.platform.is_wsl else ""
+        fix += f"; `{command('wsl-restart')}` frees what WSL holds" if facts.platform.is_wsl else ""
         return warn("vram", found, fix)
     return ok("vram", found)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scripts.gpu import GpuProbe, probe
+from scripts.hf_cache import hub_cache
 from wsl import wslconfig
 from wsl.host import HostRam, Platform, detect_platform, host_ram, interop_enabled, systemd_running, windows_userprofile
 
@@ -109,14 +110,6 @@ def _port_free(port: int) -> bool:
             return False
 
 
-def hf_cache_dir() -> Path:
-    """The hub cache compose mounts: VLKIT_HF_CACHE, else huggingface_hub's own (HF_HUB_CACHE/HF_HOME)."""
-    if os.environ.get("VLKIT_HF_CACHE"):
-        return Path(os.environ["VLKIT_HF_CACHE"])
-    from huggingface_hub import constants
-    return Path(constants.HF_HUB_CACHE)
-
-
 def model_in_cache(model: str, cache: Path) -> bool:
     """A local folder with config.json, or a hub id whose snapshot in the cache has config.json."""
     if os.path.isdir(model):
@@ -143,11 +136,11 @@ def _disk_free(paths: list[Path]) -> dict[str, int]:
 
 
 def default_models(options: Options) -> dict[str, str]:
-    """The model each profile would serve: --model, else VLKIT_MODEL / the service settings' default
-    (one source of truth for the model name)."""
-    if options.model:
-        return {"8gb": options.model, "16gb": options.model}
-    model = service_settings()[0].model
+    """The model each profile would serve: --model, else the plan options' default (VLKIT_MODEL,
+    else the service's default), the same for `vlkit plan` and `vlkit up`."""
+    from scripts.planner.options import default_model
+
+    model = options.model or default_model()
     return {"8gb": model, "16gb": model}
 
 
@@ -188,7 +181,7 @@ def collect(options: Options) -> Facts:
     docker = shutil.which("docker")
     models = default_models(options)
     settings, settings_error = service_settings()  # malformed VLKIT_*: defaults, and the error reported
-    cache = hf_cache_dir()
+    cache = hub_cache()
     with ThreadPoolExecutor(max_workers=8) as pool:
         f_gpu = pool.submit(probe, QUICK_TIMEOUT_S)
         f_ld = pool.submit(_ldconfig)

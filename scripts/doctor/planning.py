@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from scripts.doctor.model import Check, fail, ok, warn
+from scripts.usage import command
 
 
 def plan_checks(facts, profile: str) -> list[Check]:
     if not facts.gpu.gpus:
-        return [warn(f"plan-{p}", "not planned: no GPU", None) for p in ("8gb", "16gb")]
+        fix = f"plan for a card by its size: `{command('plan', gpu_memory='8GiB')}`"
+        return [warn(f"plan-{p}", "not planned: no GPU", fix) for p in ("8gb", "16gb")]
     out = []
     fitting = []
     for p in ("8gb", "16gb"):
@@ -23,8 +25,8 @@ def plan_checks(facts, profile: str) -> list[Check]:
             row = fail if chosen else warn
             kwargs = {"blocking": True} if chosen else {}
             out.append(row(f"plan-{p}", f"{plan.model} does not fit: {plan.refusal or 'over budget'}",
-                           f"`vlkit plan --profile {p}` shows the budget", **kwargs))
+                           f"`{command('plan', profile=p)}` shows the budget", **kwargs))
     if profile == "auto" and not fitting and all(not isinstance(facts.plans.get(p), str) and facts.plans.get(p)
                                                  for p in ("8gb", "16gb")):
-        out.append(fail("plan", "no profile fits this GPU", "`vlkit plan` shows the next step"))
+        out.append(fail("plan", "no profile fits this GPU", f"`{command('plan')}` shows the next step"))
     return out

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from scripts.doctor import docker, driver, planning, storage, system
+from scripts.doctor.vllm_runner import vllm_runner_check
 from scripts.doctor.facts import Facts, Options, collect
 from scripts.doctor.model import Check
 
@@ -20,6 +21,7 @@ def judge(facts: Facts, options: Options) -> list[Check]:
         storage.model_cache_check(facts),
         storage.port_check(facts),
         system.settings_check(facts),
+        vllm_runner_check(facts, options.profile),
         *planning.plan_checks(facts, options.profile),
     ]
     return [r for r in rows if r is not None]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from scripts.doctor.model import Check, fail, gib, ok, warn
+from scripts.usage import command, setting
 
 GIB = 1024 ** 3
 DISK_WARN_BYTES = 30 * GIB  # images (vLLM's alone is ~20 GB unpacked) plus a model or two
@@ -14,11 +15,12 @@ def disk_check(facts) -> Check:
     tight = min(facts.disk_free.items(), key=lambda kv: kv[1])
     where = ", ".join(f"{gib(free)} free at {path}" for path, free in facts.disk_free.items())
     if tight[1] < DISK_FAIL_BYTES:
-        return fail("disk", where, f"free space at {tight[0]}: `docker system prune` or delete old models "
-                    "(`hf cache rm model/<id>`)")
+        return fail("disk", where, f"free space at {tight[0]}: `docker system prune`, or remove a model: "
+                    f"`{command('clean', model='org/name')}`")
     if tight[1] < DISK_WARN_BYTES:
         return warn("disk", where + f"; images and models want about {gib(DISK_WARN_BYTES)}",
-                    "`docker system prune`, or set VLKIT_HF_CACHE to a larger disk")
+                    "`docker system prune`, or keep the models on a larger disk: "
+                    "`export VLKIT_HF_CACHE=/path/on/that/disk` (doctor, download and up all use it)")
     return ok("disk", where)
 
 
@@ -28,12 +30,12 @@ def model_cache_check(facts) -> Check:
     found = f"cache {facts.hf_cache}: " + ", ".join(
         f"{m} {'present' if facts.model_cached.get(m) else 'not downloaded'}" for m in models)
     if missing:
-        return warn("model-cache", found, f"`make up` downloads it first, or now: `make download MODEL={missing[0]}`")
+        return warn("model-cache", found, f"`{command('up')}` downloads it first, or now: `{command('download', model=missing[0])}`")
     return ok("model-cache", found)
 
 
 def port_check(facts) -> Check:
     if facts.port_free:
         return ok("port", f"127.0.0.1:{facts.port} is free")
-    return warn("port", f"127.0.0.1:{facts.port} is in use (vlkit already running? `make status`)",
-                f"stop what listens there (`ss -ltnp 'sport = :{facts.port}'`) or use another port: VLKIT_PORT={facts.port + 1}")
+    return warn("port", f"127.0.0.1:{facts.port} is in use (vlkit already running? `{command('status')}`)",
+                f"stop what listens there (`ss -ltnp 'sport = :{facts.port}'`) or use another port: {setting('port', facts.port + 1)}")

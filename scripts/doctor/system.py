@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from scripts.doctor.model import Check, fail, gib, ok, warn
-from wsl import wslconfig
+from scripts.usage import command, setting
+from wsl import wslconfig, wslconfig_parser
 from wsl.host import kernel_version
 
 # NVIDIA's CUDA on WSL guide: GPU compute needs a WSL2 kernel of 5.10.43.3 or later.
@@ -31,19 +32,12 @@ def platform_checks(facts) -> list[Check]:
         out.append(ok("systemd", "running"))
     elif p.is_wsl:
         out.append(warn("systemd", "not running: Docker Engine inside WSL will not start by itself",
-                        "add `[boot]` `systemd=true` to /etc/wsl.conf, then `make wsl-restart` "
+                        f"add `[boot]` `systemd=true` to /etc/wsl.conf, then `{command('wsl-restart')}` "
                         "(not needed with Docker Desktop)"))
     else:
         out.append(warn("systemd", "not PID 1 (a container?): services such as docker are started by hand",
                         "start the Docker daemon yourself (`sudo dockerd &` or your init system)"))
     return out
-
-
-def _size_or_none(text: str) -> int | None:
-    try:
-        return wslconfig.parse_size(text)
-    except ValueError:
-        return None
 
 
 def settings_check(facts) -> Check | None:
@@ -61,32 +55,35 @@ def wslconfig_check(facts, profile: str) -> Check:
     if facts.wslconfig_error:
         where = f"{facts.wslconfig_path}: " if facts.wslconfig_path else ""
         return warn(name, f"{where}{facts.wslconfig_error}",
-                    "fix the file by hand, or pass `--wslconfig PATH`; `vlkit wsl config --dry-run` shows what we would write")
+                    f"fix the file by hand, or give another: {setting('wslconfig', 'PATH')}; "
+                    f"`{command('wsl-config', dry_run=True)}` shows what we would write")
     cfg = facts.wslconfig
     if cfg is None:
         return warn(name, "the Windows profile folder is out of reach, so .wslconfig was not read",
-                    "`vlkit doctor --wslconfig /mnt/c/Users/<you>/.wslconfig`")
+                    f"`{command('doctor', wslconfig='/mnt/c/Users/<you>/.wslconfig')}`")
     profile = profile if profile in wslconfig.PROFILE_MIN_VM_GIB else "8gb"
     rec = wslconfig.recommend(facts.host_ram.bytes, profile) if facts.host_ram and facts.host_ram.is_windows_total else None
-    want = f"recommended memory={rec.memory} swap={rec.swap}" if rec else "recommended: see `vlkit wsl config --dry-run`"
-    fix = "`make wsl-config` (vlkit wsl config), then `make wsl-restart`"
+    want = f"recommended memory={rec.memory} swap={rec.swap}" if rec else f"recommended: see `{command('wsl-config', dry_run=True)}`"
+    fix = f"`{command('wsl-config')}`, then `{command('wsl-restart')}`"
     need = wslconfig.PROFILE_MIN_VM_GIB[profile] * wslconfig.GIB
     if not cfg.exists:
         # WSL's defaults: half the host RAM, swap a quarter of that
         found = f"{cfg.path} not found: WSL uses half the host RAM"
         return warn(name, f"{found}; {want}", fix)
-    memory = wslconfig.get(cfg, "memory")
-    swap = wslconfig.get(cfg, "swap")
-    processors = wslconfig.get(cfg, "processors")
+    # the values WSL applies, read by the port of WSL's own parser (wsl/wslconfig_parser.py)
+    memory, swap, processors = (wslconfig.get(cfg, k) for k in ("memory", "swap", "processors"))
     shown = f"[wsl2] memory={memory or 'default'} swap={swap or 'default'} processors={processors or 'default'}"
-    try:
-        mem_bytes = wslconfig.parse_size(memory) if memory else None
-    except ValueError:
-        return warn(name, f"{cfg.path}: memory={memory!r} is not a size WSL understands", fix)
-    if mem_bytes is not None and mem_bytes < need:
-        return warn(name, f"{shown}: under the {gib(need)} the {profile} profile needs; {want}", fix)
-    if processors and processors.isdigit() and int(processors) < 2:
-        return warn(name, f"{shown}: one processor makes loading and image decoding slow; {want}", fix)
-    if swap is not None and _size_or_none(swap) == 0:
-        return warn(name, f"{shown}: no swap, so a loading peak ends in the OOM killer; {want}", fix)
+    notes = wslconfig.findings(cfg)
+    also = f"; WSL: {'; '.join(notes)}" if notes else ""
+    mem_bytes = wslconfig.applied_size(cfg, "memory")
+    cpus = wslconfig_parser.parse_int(processors) if processors is not None else None
+    if mem_bytes and mem_bytes < need:
+        return warn(name, f"{shown}: under the {gib(need)} the {profile} profile needs; {want}{also}", fix)
+    if cpus == 1:
+        return warn(name, f"{shown}: one processor makes loading and image decoding slow; {want}{also}", fix)
+    if swap is not None and wslconfig.applied_size(cfg, "swap") == 0:
+        return warn(name, f"{shown}: no swap, so a loading peak ends in the OOM killer; {want}{also}", fix)
+    if notes:
+        return warn(name, f"{cfg.path}: {'; '.join(notes)} ({shown}; {want})",
+                    f"fix those lines by hand, or {fix} (it rewrites values WSL rejects)")
     return ok(name, f"{shown} ({want})")

@@ -5,21 +5,17 @@ Exit 0 written, 1 bad input, 2 the plan does not fit (the planner's refusal; not
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
 from scripts.k8s import names
+from scripts.planner.options import MIN_CONTEXT, at_least
 from scripts.planner.sizes import memory_arg, parse_size
+from scripts.usage import command
 
 EXIT_WRITTEN, EXIT_ERROR, EXIT_DOES_NOT_FIT = 0, 1, 2
 GIB = 1024**3
-
-
-def _count(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
-    return int(text)
+_count = at_least(1)
 
 
 def _volume_size(text: str) -> int:
@@ -48,7 +44,7 @@ def register(subparsers) -> None:
                    help="memory of ONE GPU on the cluster's nodes (24GiB, 48GB, 80GiB)")
     p.add_argument("--gpus", type=_count, default=1, metavar="N",
                    help="GPUs per pod: vLLM's --tensor-parallel-size (a node must have N free)")
-    p.add_argument("--context", type=_count, metavar="TOKENS", help="wanted context (prompt + answer)")
+    p.add_argument("--context", type=at_least(MIN_CONTEXT), metavar="TOKENS", help="wanted context (prompt + answer)")
     p.add_argument("--replicas", type=_count, default=1, metavar="N",
                    help="pods behind the Service, N x GPUS GPUs in all (default: 1)")
     p.add_argument("--name", type=names.object_name, help="StatefulSet and Service name (default: vlkit-<model>)")
@@ -101,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
         _err(f"the plan for {plan.model} on {args.gpus} x {args.gpu_memory / GIB:g} GiB does not fit; "
              "nothing was written.")
         print(f"  {plan.refusal}", file=sys.stderr)
-        print("  `vlkit plan --profile 16gb` with the same --gpu-memory/--gpus shows the whole budget.", file=sys.stderr)
+        print(f"  `{command('plan', profile='16gb', model=args.model, gpu_memory=f'{args.gpu_memory // 2**20}MiB', gpus=args.gpus)}` "
+              "shows the whole budget.", file=sys.stderr)
         return EXIT_DOES_NOT_FIT
     if args.cache_size is not None and args.cache_size * GIB < weight_bytes:
         _err(f"--cache-size {args.cache_size}Gi cannot hold {plan.model}'s weights ({weight_bytes / GIB:.1f} GiB); "
@@ -129,18 +126,18 @@ def run(args: argparse.Namespace) -> int:
 def write_folder(folder: Path, contents: dict[str, str]) -> None:
     """Each file atomically; a file that would change is backed up first (it may hold the user's
     edits), one that would not is left alone."""
-    from wsl.wslconfig import backup_path, write_atomic
+    from scripts.safe_file import make_backup, write_atomic
 
     folder.mkdir(parents=True, exist_ok=True)
     for name, text in contents.items():
         path = folder / name
         data = text.encode("utf-8")
-        if path.exists():
-            if path.read_bytes() == data:
-                print(f"{path}: unchanged", file=sys.stderr)
-                continue
-            backup = backup_path(path)
-            shutil.copy2(path, backup)
+        old = path.read_bytes() if path.exists() else None
+        if old == data:
+            print(f"{path}: unchanged", file=sys.stderr)
+            continue
+        if old is not None:
+            backup = make_backup(path, old, like=path.stat())
             print(f"{path}: the previous version is kept as {backup.name}", file=sys.stderr)
-        write_atomic(path, data)
+        write_atomic(path, data, expect=old)
         print(f"{path}: written", file=sys.stderr)

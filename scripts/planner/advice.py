@@ -21,8 +21,9 @@ from .targets import PIXEL_STEPS, min_useful_context
 from .vllm_plan import VllmOutcome
 
 # `auto` on an 8 GB-class card (6, 8, 10, 11 GB) picks vlkit's service even where the vLLM model
-# predicts a fit: there vLLM's margin is thin, its estimate is the least certain part (not yet checked
-# against vLLM on a GPU), and a wrong guess is the seeds' failed start. From 12 GiB on, vLLM when it fits.
+# predicts a fit: there vLLM's margin is thin, its estimate is checked against vLLM only on an emulated
+# card (no desktop, an H200's kernels), and a wrong guess is the seeds' failed start. From 12 GiB on,
+# vLLM when it fits.
 AUTO_VLLM_MIN_TOTAL = 12 * GIB
 
 

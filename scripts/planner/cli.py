@@ -6,59 +6,32 @@ import json
 import shlex
 import sys
 
-from .sizes import memory_arg
+from . import options
 
 EXIT_FITS, EXIT_ERROR, EXIT_DOES_NOT_FIT = 0, 1, 2
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
-
-
 def register(subparsers) -> None:
-    from service.settings import ServiceSettings
-
     p = subparsers.add_parser(
         "plan", help="compute the vLLM / service settings that fit the GPU",
         description="Plan the memory of a Qwen3-VL deployment: a budget table and the settings. "
                     "Exit 0 when the plan fits, 2 when it cannot (the refusal names the next step).")
-    p.add_argument("--model", default=ServiceSettings.model_fields["model"].default,
-                   help="hub id or local directory (default: %(default)s)")
-    p.add_argument("--profile", choices=("8gb", "16gb", "auto"), default="auto",
-                   help="16gb: vLLM; 8gb: vlkit's transformers service; auto: 16gb when vLLM fits a useful context")
-    p.add_argument("--gpu-memory", type=memory_arg, metavar="SIZE",
-                   help="plan for a card of this size instead of this machine's (8GiB, 8GB, 8192MiB, 16G)")
-    p.add_argument("--gpus", type=_positive, default=1, metavar="N", help="GPUs to use (tensor parallel)")
-    p.add_argument("--context", type=_positive, metavar="TOKENS", help="wanted context (prompt + answer)")
-    p.add_argument("--gpu-memory-utilization", type=_fraction, metavar="F",
-                   help="evaluate this vLLM setting (vLLM's defaults for the rest) instead of choosing one")
+    options.add(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from scripts.usage import command
+
     from . import UnknownModelError, plan_for
 
     try:
-        plan = plan_for(model=args.model, profile=args.profile, gpu_memory_bytes=args.gpu_memory,
-                        gpu_count=args.gpus, context=args.context,
-                        gpu_memory_utilization=args.gpu_memory_utilization)
+        plan = plan_for(**options.plan_kwargs(args))
+    except options.NoGpu as e:
+        print(f"vlkit plan: no NVIDIA GPU answers here ({e}). To plan for a card by its size: "
+              f"`{command('plan', gpu_memory='8GiB')}`; `{command('doctor')}` checks the driver.", file=sys.stderr)
+        return EXIT_ERROR
     except (UnknownModelError, ValueError) as e:
         print(f"vlkit plan: {e}", file=sys.stderr)
         return EXIT_ERROR
@@ -87,7 +60,9 @@ def render(plan, console=None) -> None:
     table.add_column("GiB", justify="right")
     table.add_column("note", overflow="fold")
     for row in plan.budget:
-        value = f"{row.gib:.2f}" if "sequences" not in row.name else f"{row.gib:g}x"
+        # Counts, not GiB: "concurrent sequences" (a multiple) and the flags' values.
+        value = (f"{row.gib:g}x" if "sequences" in row.name else f"{row.gib:g}" if row.name.startswith("--")
+                 else f"{row.gib:.2f}")
         style = "red" if row.gib < 0 else None
         table.add_row(row.name, value, row.note, style=style)
     console.print(table)

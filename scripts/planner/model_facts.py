@@ -26,16 +26,17 @@ def max_image_tokens(spec: ModelSpec, max_pixels: int) -> int:
     return 1
 
 
-def vision_bytes_per_patch(spec: ModelSpec) -> int:
-    """Live bytes per vision patch at the tower's peak (bf16 activations).
+def vision_bytes_per_patch(spec: ModelSpec, tp: int = 1) -> int:
+    """Live bytes per vision patch at the tower's peak (bf16 activations), per GPU when ``tp`` GPUs
+    split the tower (heads and MLP columns split; the residual stream is whole on every rank).
 
     Input pixels arrive as fp32 and get a bf16 copy (3 bytes x 2 + 2 bytes each); in an attention
-    block the residual, the norm, qkv (3), the rotated q/k (2), v made contiguous, the attention
-    output, its re-layout and the projection live together: ~13 x hidden; the MLP needs
-    2 x hidden + 2 x intermediate + hidden. Position embeddings add one hidden."""
+    block the residual, the norm and the projection's output (whole) and qkv (3), the rotated q/k
+    (2), v made contiguous, the attention output and its re-layout (split) live together: ~13 x
+    hidden; the MLP needs 3 x hidden + 2 x intermediate. Position embeddings add one hidden."""
     v = spec.vision
     pixels = v.in_channels * v.temporal_patch * v.patch**2
-    block = max(13 * v.hidden, 3 * v.hidden + 2 * v.intermediate)
+    block = max(3 * v.hidden + 10 * v.hidden // tp, 3 * v.hidden + 2 * v.intermediate // tp)
     return pixels * (4 + 2) + 2 * (block + v.hidden)
 
 
@@ -44,8 +45,9 @@ def encoder_output_bytes(spec: ModelSpec, tokens: int) -> int:
     return tokens * spec.vision.out_hidden * (1 + spec.vision.deepstack) * 2
 
 
-def decoder_bytes_per_token(spec: ModelSpec) -> int:
-    """Residual, norm, q/k/v, attention output, gate_up (2 x intermediate) and the activation, bf16."""
+def decoder_bytes_per_token(spec: ModelSpec, tp: int = 1) -> int:
+    """Residual, norm and output (whole on every rank), q/k/v, attention output, gate_up
+    (2 x intermediate) and the activation (split across ``tp`` GPUs), bf16."""
     t = spec.text
     qkv = (t.heads + 2 * t.kv_heads) * t.head_dim
-    return 2 * (3 * t.hidden + qkv + t.heads * t.head_dim + 3 * t.intermediate)
+    return 2 * (3 * t.hidden + (qkv + t.heads * t.head_dim + 3 * t.intermediate) // tp)

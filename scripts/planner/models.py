@@ -45,6 +45,13 @@ class VisionShape(BaseModel):
     num_position_embeddings: int = 2304
 
     @property
+    def linear_params(self) -> int:
+        """The weights of the blocks' and mergers' linear layers (what an FP8 tower quantizes)."""
+        d, merged = self.hidden, self.hidden * self.merge**2
+        return self.depth * (4 * d * d + 2 * d * self.intermediate) + (1 + self.deepstack) * merged * (
+            merged + self.out_hidden)
+
+    @property
     def params(self) -> int:
         d, i = self.hidden, self.intermediate
         block = (d * 3 * d + 3 * d) + (d * d + d) + (d * i + i) + (i * d + d) + 4 * d
@@ -88,6 +95,10 @@ class ModelSpec(BaseModel):
     text: TextShape
     vision: VisionShape
     quantization: str = "none"      # "none" | "fp8" (checkpoint format)
+    # FP8 only: vLLM quantizes the vision tower's linears too unless the checkpoint's
+    # modules_to_not_convert names each of them (it matches full names, quantization/utils/quant_utils.py
+    # is_layer_skipped); Qwen's -FP8 checkpoints name them, a list with just "visual" does not.
+    vision_quantized: bool = False
     weight_bytes: int               # on the GPU as vLLM loads it (bf16, or fp8 linears for -FP8)
     processor_max_pixels: int = QWEN3_VL_PROCESSOR_MAX_PIXELS
 
@@ -148,11 +159,13 @@ def _shape_from_config(cfg: dict) -> tuple[TextShape, VisionShape]:
     return t, v
 
 
-def _fp8_weight_bytes(t: TextShape, v: VisionShape) -> int:
+def _fp8_weight_bytes(t: TextShape, v: VisionShape, vision_quantized: bool = False) -> int:
     """Qwen's -FP8 checkpoints: decoder linears in FP8 with one fp32 scale per 128x128 block;
-    embeddings, lm_head, norms and the vision tower stay bf16."""
-    return t.linear_params + t.linear_params // (128 * 128) * 4 + 2 * (
-        t.embedding_params + t.norm_params + v.params)
+    embeddings, lm_head, norms and the vision tower stay bf16 (its linears in FP8 too where
+    ``vision_quantized``)."""
+    vision = v.linear_params + v.linear_params // (128 * 128) * 4 + 2 * (v.params - v.linear_params) \
+        if vision_quantized else 2 * v.params
+    return t.linear_params + t.linear_params // (128 * 128) * 4 + 2 * (t.embedding_params + t.norm_params) + vision
 
 
 def _builtin_specs() -> dict[str, ModelSpec]:
@@ -196,6 +209,22 @@ def _safetensors_bytes(directory: Path) -> int | None:
     return total
 
 
+def fp8_modules_not_converted(v: VisionShape) -> list[str]:
+    """The modules_to_not_convert of a Qwen -FP8 checkpoint: lm_head and every linear of the vision
+    tower by its full name (that is how vLLM leaves them in bf16)."""
+    blocks = [f"model.visual.blocks.{i}.{name}" for i in range(v.depth)
+              for name in ("attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2")]
+    mergers = ["model.visual.merger"] + [f"model.visual.deepstack_merger_list.{j}" for j in range(v.deepstack)]
+    return ["lm_head", *blocks, *(f"{m}.linear_fc{k}" for m in mergers for k in (1, 2))]
+
+
+def _names_vision_linears(qcfg: dict) -> bool:
+    """Whether an FP8 quantization_config keeps the vision tower in bf16 as vLLM reads it: its
+    ignore list must name the blocks' linears (vLLM compares full names; "visual" alone matches none)."""
+    ignored = qcfg.get("ignored_layers") or qcfg.get("modules_to_not_convert") or []
+    return any("visual.blocks." in str(name) for name in ignored)
+
+
 def spec_from_dir(directory: Path, model_id: str | None = None) -> ModelSpec:
     cfg_path = directory / "config.json"
     if not cfg_path.is_file():
@@ -212,13 +241,14 @@ def spec_from_dir(directory: Path, model_id: str | None = None) -> ModelSpec:
     qcfg = cfg.get("quantization_config") or {}
     fp8 = str(qcfg.get("quant_method", "")).lower() == "fp8"
     spec = ModelSpec(id=model_id or str(directory), source=str(directory), text=t, vision=v,
-                     quantization="fp8" if fp8 else "none", weight_bytes=0)
+                     quantization="fp8" if fp8 else "none", weight_bytes=0,
+                     vision_quantized=fp8 and not _names_vision_linears(qcfg))
     # Real bytes on disk when the weights are there (they load 1:1 for bf16 and fp8 checkpoints).
     try:
         on_disk = _safetensors_bytes(directory)
     except (OSError, ValueError, KeyError, TypeError, struct.error):  # a truncated or odd file
         on_disk = None
-    spec.weight_bytes = on_disk or (_fp8_weight_bytes(t, v) if fp8 else spec.bf16_weight_bytes)
+    spec.weight_bytes = on_disk or (_fp8_weight_bytes(t, v, spec.vision_quantized) if fp8 else spec.bf16_weight_bytes)
     pre = directory / "preprocessor_config.json"
     if pre.is_file():
         try:
@@ -236,8 +266,10 @@ def _from_hf_cache(repo_id: str) -> Path | None:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:  # pragma: no cover - a host dependency
         return None
+    from scripts.hf_cache import hub_cache
+
     try:
-        found = try_to_load_from_cache(repo_id, "config.json")
+        found = try_to_load_from_cache(repo_id, "config.json", cache_dir=hub_cache())  # the cache `up` mounts
     except Exception:  # invalid repo id etc.
         return None
     return Path(found).parent if isinstance(found, str) else None

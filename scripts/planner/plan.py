@@ -16,6 +16,7 @@ from .models import ModelSpec, bf16_twin, resolve_model, variants_to_try
 from .schema import Plan
 from .service_plan import plan_service
 from .vllm_plan import evaluate_vllm, plan_vllm
+from .vllm_weights import tensor_parallel_error
 
 
 def plan_for(*, model: str, profile: Literal["8gb", "16gb", "auto"] = "auto", gpus=None,
@@ -30,9 +31,9 @@ def plan_for(*, model: str, profile: Literal["8gb", "16gb", "auto"] = "auto", gp
     if context is not None and context > spec.text.max_position:
         raise ValueError(f"{setting('context', context)} exceeds {spec.id}'s maximum of {spec.text.max_position}")
     card = card_for(gpus, gpu_memory_bytes, gpu_count)
-    if card.count > 1 and spec.text.kv_heads % card.count and card.count % spec.text.kv_heads:
-        raise ValueError(f"{setting('gpus', card.count)}: tensor parallel needs a count that divides "
-                         f"{spec.text.kv_heads} KV heads")
+    why = tensor_parallel_error(spec, card.count)
+    if why:
+        raise ValueError(f"{setting('gpus', card.count)}: vLLM cannot split {spec.id} over {card.count} GPUs: {why}")
     options = Options(spec, card, context)
     if gpu_memory_utilization is not None:
         if profile == "8gb":

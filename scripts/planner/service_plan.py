@@ -9,22 +9,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from service.settings import ENV_PREFIX, ServiceSettings
-from service.sizing import GIB, MIB, PREFILL_CHUNK
+from service.sizing import DECODE_BATCH_SIZES, GIB, MIB, PREFILL_CHUNK
 
 from .card import START_SLACK_BYTES, Card
 from .models import ModelSpec, WeightFormat
 from .schema import BudgetRow, Plan
 from .service_memory import ServiceBudget, ServiceKnobs, images_that_fit, predict_service
-from .targets import IMAGE_LIMIT, PIXEL_STEPS, min_useful_context, round_context
+from .targets import IMAGE_LIMIT, MIN_BATCH, PIXEL_STEPS, min_useful_context, round_context
 
 SERVICE_CONTEXTS = (4096, 2048)   # no --context: 4096 with two full sequences, else 2048
-# VLKIT_MAX_BATCH_SIZE: requests decoded at once. Short requests share the KV blocks (the engine admits
-# by blocks), so the cap is the latency trade, not the full-length sequences that fit; the KV cache
-# holds at most this many full-length sequences (blocks beyond go unused).
-SERVICE_MAX_BATCH = 8
+# VLKIT_MAX_BATCH_SIZE: requests decoded at once. The engine admits by KV blocks (short requests share
+# them), captures decode graphs for 1, 2, 4, 8, 16, 32 up to it, and an extra row costs little (its
+# logits and a graph's activations, inside the headroom); so as many as the blocks hold typical image
+# requests, at least MIN_BATCH, at most the largest captured graph. The KV cache holds at most this
+# many full-length sequences (blocks beyond go unused).
+SERVICE_MAX_BATCH = DECODE_BATCH_SIZES[-1]
 # VLKIT_QUANTIZATION for each weights format: nf4 quantizes a bf16 checkpoint as it loads; an FP8
 # checkpoint says so in its own quantization_config.
 QUANTIZATION_SETTING: dict[WeightFormat, str] = {"bf16": "none", "fp8": "none", "nf4": "nf4"}
@@ -79,6 +81,7 @@ def plan_service(spec: ModelSpec, card: Card, wanted: int | None) -> ServiceOutc
             continue
         sb = predict_service(spec, knobs, budget)
         if sb.sequences >= min_sequences:
+            sb = predict_service(spec, replace(knobs, max_batch_size=_batch_for(spec, sb)), budget)
             return ServiceOutcome(_plan(spec, card, sb, budget_gib, fits=True), sb)
     # Nothing fits: show the cheapest attempt (the last format, the smallest images) and the context
     # it would hold.
@@ -89,6 +92,13 @@ def plan_service(spec: ModelSpec, card: Card, wanted: int | None) -> ServiceOutc
     plan = _plan(spec, card, sb, budget_gib, fits=False)
     plan.context = _largest_context(spec, budget, cheapest, px, below=target)
     return ServiceOutcome(plan, sb)
+
+
+def _batch_for(spec: ModelSpec, sb: ServiceBudget) -> int:
+    """VLKIT_MAX_BATCH_SIZE: the typical image requests the KV blocks hold at once (planned with the
+    blocks capped at SERVICE_MAX_BATCH full sequences), between MIN_BATCH and SERVICE_MAX_BATCH."""
+    held = sb.kv.tokens // min_useful_context(spec, sb.knobs.max_pixels)
+    return max(MIN_BATCH, min(SERVICE_MAX_BATCH, held))
 
 
 def _largest_context(spec: ModelSpec, budget: int, weights: WeightFormat, max_pixels: int, *, below: int) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from scripts.usage import setting
 from service.sizing import GIB, MIB
@@ -18,10 +18,11 @@ from .card import START_SLACK_BYTES, Card
 from .models import ModelSpec
 from .schema import BudgetRow, Plan
 from .targets import IMAGE_LIMIT, PIXEL_STEPS, min_useful_context, round_context
+from .vllm_batch import BATCHED_TOKEN_STEPS, MIN_MAX_NUM_SEQS, THROUGHPUT_SHARE, BatchChoice, choose_batch
 from .vllm_memory import (
     DEFAULT_IMAGE_LIMIT, DEFAULT_MAX_NUM_BATCHED_TOKENS, DEFAULT_MAX_NUM_SEQS, LARGE_GPU_BYTES,
-    LARGE_MAX_NUM_BATCHED_TOKENS, LARGE_MAX_NUM_SEQS, VLLM_BLOCK_SIZE, VLLM_CUDA_CONTEXT_BYTES, VllmBudget,
-    VllmKnobs, predict,
+    LARGE_MAX_NUM_BATCHED_TOKENS, LARGE_MAX_NUM_SEQS, NCCL_BYTES, VLLM_BLOCK_SIZE, VLLM_CUDA_CONTEXT_BYTES,
+    VllmBudget, VllmKnobs, predict,
 )
 
 UTIL_CAP = 0.95
@@ -36,6 +37,7 @@ TOOL_CALLING_ARGS = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"
 class VllmOutcome:
     plan: Plan              # fits, or the best attempt (no flags); no refusal: advice.py writes it
     budget: VllmBudget      # the prediction behind it
+    batch: BatchChoice | None = None   # how --max-num-seqs / --max-num-batched-tokens were chosen
 
 
 def margin(b: VllmBudget) -> int:
@@ -50,7 +52,8 @@ def _capacity(b: VllmBudget) -> int:
 
 
 def _util_for(card: Card) -> float:
-    room = card.free - VLLM_CUDA_CONTEXT_BYTES - START_SLACK_BYTES
+    outside = VLLM_CUDA_CONTEXT_BYTES + (NCCL_BYTES if card.count > 1 else 0)   # VllmBudget.outside_requested
+    room = card.free - outside - START_SLACK_BYTES
     return max(0.0, min(UTIL_CAP, math.floor(room / card.total * 100) / 100))
 
 
@@ -74,15 +77,14 @@ class _Choice:
 def _climb(spec: ModelSpec, card: Card, wanted: int | None) -> tuple[_Choice | None, _Choice]:
     """(the choice that fits, else None; what is shown: that choice or the best attempt)."""
     util = _util_for(card)
-    seqs = 16 if card.total >= 20 * GIB else 8
     target = wanted or DEFAULT_CONTEXT
     best: _Choice | None = None
     fallback: _Choice | None = None
     for step, (name, kv, eager, px) in enumerate(_rungs()):
         def predict_at(ctx: int) -> VllmBudget:
             return predict(spec, VllmKnobs(
-                gpu_memory_utilization=util, max_model_len=max(ctx, 16), max_num_seqs=seqs,
-                max_num_batched_tokens=DEFAULT_MAX_NUM_BATCHED_TOKENS, max_pixels=px,
+                gpu_memory_utilization=util, max_model_len=max(ctx, 16), max_num_seqs=MIN_MAX_NUM_SEQS,
+                max_num_batched_tokens=BATCHED_TOKEN_STEPS[0], max_pixels=px,
                 image_limit=IMAGE_LIMIT, kv_cache_dtype=kv, enforce_eager=eager,
                 tensor_parallel_size=card.count), total=card.total, free=card.free)
         b = predict_at(target)
@@ -110,12 +112,16 @@ def _climb(spec: ModelSpec, card: Card, wanted: int | None) -> tuple[_Choice | N
 
 def plan_vllm(spec: ModelSpec, card: Card, wanted: int | None) -> VllmOutcome:
     choice, shown = _climb(spec, card, wanted)
-    b = shown.budget
-    plan = _plan(spec, card, b, shown.context, fits=choice is not None)
+    b, batch = shown.budget, None
     if choice is not None:
-        plan.vllm_args = vllm_args(VllmKnobs(**{**b.knobs.__dict__, "max_model_len": max(shown.context, 16)}))
+        batch = choose_batch(spec, b.knobs, total=card.total, free=card.free,
+                             still_fits=lambda nb: _capacity(nb) >= shown.context)
+        b = batch.budget
+    plan = _plan(spec, card, b, shown.context, fits=choice is not None, batch=batch)
+    if choice is not None:
+        plan.vllm_args = vllm_args(replace(b.knobs, max_model_len=max(shown.context, 16)))
     plan.notes.append(f"chosen: {shown.rung}" if choice else f"best attempt: {shown.rung}")
-    return VllmOutcome(plan, b)
+    return VllmOutcome(plan, b, batch)
 
 
 def evaluate_vllm(spec: ModelSpec, card: Card, util: float, wanted: int | None) -> VllmOutcome:
@@ -143,10 +149,11 @@ def evaluate_vllm(spec: ModelSpec, card: Card, util: float, wanted: int | None) 
     return VllmOutcome(plan, b)
 
 
-def _plan(spec: ModelSpec, card: Card, b: VllmBudget, context: int, *, fits: bool) -> Plan:
+def _plan(spec: ModelSpec, card: Card, b: VllmBudget, context: int, *, fits: bool,
+          batch: BatchChoice | None = None) -> Plan:
     return Plan(fits=fits, profile="16gb", model=spec.id, context=context,
-                required_free_bytes=b.requested + VLLM_CUDA_CONTEXT_BYTES + START_SLACK_BYTES,
-                budget=_budget_rows(b, card, context), **card.plan_fields(), kv_cache_tokens=b.kv_tokens,
+                required_free_bytes=b.requested + b.outside_requested + START_SLACK_BYTES,
+                budget=_budget_rows(b, card, context, batch), **card.plan_fields(), kv_cache_tokens=b.kv_tokens,
                 concurrent_sequences=round(b.kv_tokens / max(context, 1), 2))
 
 
@@ -165,30 +172,48 @@ def vllm_args(k: VllmKnobs) -> list[str]:
     return args + TOOL_CALLING_ARGS
 
 
-def _budget_rows(b: VllmBudget, card: Card, context: int) -> list[BudgetRow]:
+def knobs_from_args(args: list[str], spec: ModelSpec) -> VllmKnobs:
+    """The memory knobs of a `vllm serve` command line (the inverse of vllm_args; vLLM's defaults for
+    small cards where a flag is missing): to predict a command that was run."""
+    def flag(name: str, default=None):
+        return args[args.index(name) + 1] if name in args else default
+    seqs = int(flag("--max-num-seqs", DEFAULT_MAX_NUM_SEQS))
+    ctx = int(flag("--max-model-len", spec.text.max_position))
+    limits = json.loads(flag("--limit-mm-per-prompt", "{}"))
+    return VllmKnobs(
+        gpu_memory_utilization=float(flag("--gpu-memory-utilization", 0.9)), max_model_len=ctx, max_num_seqs=seqs,
+        max_num_batched_tokens=int(flag("--max-num-batched-tokens", DEFAULT_MAX_NUM_BATCHED_TOKENS)),
+        max_pixels=int(json.loads(flag("--mm-processor-kwargs", "{}")).get("max_pixels", spec.processor_max_pixels)),
+        image_limit=int(limits.get("image", DEFAULT_IMAGE_LIMIT)), kv_cache_dtype=flag("--kv-cache-dtype", "auto"),
+        enforce_eager="--enforce-eager" in args, tensor_parallel_size=int(flag("--tensor-parallel-size", 1)))
+
+
+def _budget_rows(b: VllmBudget, card: Card, context: int, batch: BatchChoice | None) -> list[BudgetRow]:
     g = lambda n: round(n / GIB, 2)  # noqa: E731
     k = b.knobs
     others = card.total - card.free
     enc_act = b.encoder_peak - b.encoder_cache
     dec_act = b.decoder_peak - b.encoder_cache
-    return [
+    rows = [
         BudgetRow(name="GPU memory", gib=g(card.total), note=card.label),
         BudgetRow(name="other processes", gib=g(others),
                   note="measured (NVML)" if card.measured else "assumed: a desktop's share"),
-        BudgetRow(name="CUDA context (vLLM)", gib=g(VLLM_CUDA_CONTEXT_BYTES), note="outside gpu_memory_utilization"),
+        BudgetRow(name="CUDA context (vLLM)", gib=g(b.outside_requested),
+                  note="outside gpu_memory_utilization" + (", with NCCL's buffers" if k.tensor_parallel_size > 1 else "")),
         BudgetRow(name="vLLM's share", gib=g(b.requested),
                   note=f"--gpu-memory-utilization {k.gpu_memory_utilization:.2f} x total"),
-        BudgetRow(name="  weights", gib=g(b.weights), note=f"per GPU, tp={k.tensor_parallel_size}"),
+        BudgetRow(name="  weights", gib=g(b.weights),
+                  note=f"per GPU, tp={k.tensor_parallel_size}: parameters + rotary cache + DeepStack buffers, "
+                       "as the allocator counts them"),
         BudgetRow(name="  activations (profiling peak)", gib=g(max(enc_act, dec_act)),
                   note=(f"vision: {b.profiled_images} dummy image(s) x {b.image_tokens} tokens "
-                        f"= {g(enc_act)} GiB; decoder {k.max_num_batched_tokens} tokens + sampler "
-                        f"{k.max_num_seqs} rows = {g(dec_act)} GiB")),
+                        f"= {g(enc_act)} GiB; decoder {k.max_num_batched_tokens} tokens, sampler "
+                        f"{k.max_num_seqs} rows ({g(b.sampler)} GiB) = {g(dec_act)} GiB")),
         BudgetRow(name="  encoder cache", gib=g(b.encoder_cache),
                   note="dummy images' embeddings, held through the decoder pass"),
-        BudgetRow(name="  non-torch", gib=g(b.non_torch), note="cuBLAS/attention workspaces" +
-                  (", NCCL" if k.tensor_parallel_size > 1 else "")),
+        BudgetRow(name="  non-torch", gib=g(b.non_torch), note="cuBLAS/attention workspaces"),
         BudgetRow(name="  CUDA graphs", gib=g(b.cuda_graphs),
-                  note="--enforce-eager: none" if k.enforce_eager else "vLLM's capture estimate"),
+                  note="--enforce-eager: none" if k.enforce_eager else f"vLLM's capture estimate, {b.graphs} graphs"),
         BudgetRow(name="  KV cache", gib=g(b.kv_available),
                   note=f"{b.kv_tokens} tokens ({k.kv_cache_dtype}), "
                        f"{b.kv_bytes_per_token // 1024} KiB/token"),
@@ -196,6 +221,19 @@ def _budget_rows(b: VllmBudget, card: Card, context: int) -> list[BudgetRow]:
                   note="kept beyond the context for estimate error"),
         BudgetRow(name="concurrent sequences", gib=round(b.kv_tokens / max(context, 1), 2),
                   note=f"full {context}-token sequences the KV cache holds (a count, not GiB)"),
-        BudgetRow(name="left on the card", gib=g(card.total - others - VLLM_CUDA_CONTEXT_BYTES - b.requested),
-                  note="not used by vLLM"),
     ]
+    if batch is not None:
+        rows += [
+            BudgetRow(name="--max-num-seqs", gib=k.max_num_seqs,
+                      note=f"a count: the KV cache holds {batch.requests_held} image requests of "
+                           f"{batch.typical_tokens} tokens at once; {k.max_num_seqs} sequences and "
+                           f"{k.max_num_batched_tokens} batched tokens cost {g(batch.cost)} GiB of KV cache "
+                           f"beyond {MIN_MAX_NUM_SEQS} and {BATCHED_TOKEN_STEPS[0]} (at most "
+                           f"{THROUGHPUT_SHARE:.0%} of it)"),
+            BudgetRow(name="--max-num-batched-tokens", gib=k.max_num_batched_tokens,
+                      note=f"a count: tokens a step prefills; the profiling run encodes {b.profiled_images} "
+                           f"dummy image(s) for it"),
+        ]
+    rows.append(BudgetRow(name="left on the card", gib=g(card.total - others - b.outside_requested - b.requested),
+                          note="not used by vLLM"))
+    return rows

@@ -3,12 +3,16 @@ readiness polling, one-image captions, and the ready-to-paste examples `vlkit up
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import mimetypes
+import socket
 import textwrap
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from scripts.usage import command
 
 DEFAULT_PROMPT = "Describe this image in one or two sentences."
 
@@ -26,6 +30,33 @@ def probe(url: str, timeout: float = 3.0) -> int | None:
         return e.code
     except (urllib.error.URLError, OSError, TimeoutError):
         return None
+
+
+def what_answers(port: int, api_key: str | None = None) -> str | None:
+    """What listens on 127.0.0.1:port, in a few words, or None when nothing does: vlkit's service
+    (it has /health/ready), another OpenAI-compatible server such as vLLM, or some other program."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except OSError:
+        return None
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        ready = probe(base_url + "/health/ready", timeout=2)
+    except http.client.HTTPException:
+        ready = None
+    if ready is None:
+        return "a program that does not answer HTTP"
+    try:
+        ids = [str(m.get("id")) for m in _request(f"{base_url}/v1/models", api_key=api_key, timeout=3)["data"]]
+        listed = f"model {', '.join(ids)}" if ids else "no model listed"
+    except (ServiceError, KeyError, TypeError, AttributeError):
+        listed = None
+    if ready in (200, 503):
+        state = "ready" if ready == 200 else "loading the model"
+        return f"vlkit's service ({listed}, {state})" if listed else f"vlkit's service ({state})"
+    if listed:
+        return f"an OpenAI-compatible server ({listed})"
+    return f"a program that is not vlkit (HTTP {ready} on /health/ready)"
 
 
 def _request(url: str, payload: dict | None = None, *, api_key: str | None, timeout: float) -> dict:
@@ -46,7 +77,7 @@ def _request(url: str, payload: dict | None = None, *, api_key: str | None, time
         raise ServiceError(f"the service answered {e.code}: {message}") from None
     except (urllib.error.URLError, OSError, TimeoutError) as e:
         raise ServiceError(f"no vlkit service answers at {url} ({getattr(e, 'reason', e)}). "
-                           "Start it with `make up` (`make status` shows what runs).") from None
+                           f"Start it with `{command('up')}` (`{command('status')}` shows what runs).") from None
 
 
 def image_data_url(path: Path) -> str:

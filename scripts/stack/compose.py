@@ -15,6 +15,7 @@ from pathlib import Path, PurePosixPath
 import yaml
 
 from scripts import images
+from scripts.hf_cache import hub_cache
 
 ROOT = Path(os.environ.get("VLKIT_ROOT") or Path(__file__).resolve().parents[2])
 COMPOSE_FILE = ROOT / "docker" / "compose.yaml"
@@ -29,13 +30,6 @@ MODELS_DIR = PurePosixPath("/models")
 DEFAULT_PORT = 8000
 
 
-def hf_hub_cache() -> Path:
-    """The host's Hugging Face hub cache (HF_HUB_CACHE / HF_HOME honoured), shared by both profiles."""
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE).expanduser()
-
-
 @dataclass
 class Launch:
     """What `vlkit up` runs: profile, model, settings and the compose files that carry them."""
@@ -45,6 +39,7 @@ class Launch:
     port: int = DEFAULT_PORT
     service_env: dict[str, str] = field(default_factory=dict)   # VLKIT_* for the 8gb service
     vllm_args: list[str] = field(default_factory=list)           # after `vllm serve <model>`
+    vllm_env: dict[str, str] = field(default_factory=dict)       # 16gb: images.vllm_env(), e.g. the WSL2 runner
     cpu: bool = False                          # test mode: no GPU reservation, service on CPU
     hf_cache: Path | None = None
     api_key: str | None = None                 # VLKIT_API_KEY from the user's shell, when set
@@ -96,7 +91,7 @@ class Launch:
         return args + list(self.vllm_args)
 
     def env_file_values(self) -> dict[str, str]:
-        env = dict(self.service_env) if self.profile == "8gb" else {}
+        env = dict(self.service_env) if self.profile == "8gb" else dict(self.vllm_env)
         if self.api_key:  # both servers then want `Authorization: Bearer <key>`
             env["VLKIT_API_KEY" if self.profile == "8gb" else "VLLM_API_KEY"] = self.api_key
         if self.profile == "8gb":
@@ -127,7 +122,7 @@ class Launch:
         """Variables compose.yaml interpolates: port, cache path, image tags (from scripts/images.py)."""
         return {
             "VLKIT_PORT": str(self.port),
-            "VLKIT_HF_CACHE": str(self.hf_cache or hf_hub_cache()),
+            "VLKIT_HF_CACHE": str(self.hf_cache or hub_cache()),
             "VLKIT_SERVICE_IMAGE": images.SERVICE_IMAGE,
             "VLKIT_VLLM_IMAGE": images.VLLM_SERVICE_IMAGE,
             "VLKIT_MODEL": self.model_in_container,

@@ -11,15 +11,28 @@ from pathlib import Path
 
 from scripts import images
 from scripts.stack.compose import PROJECT, ROOT, compose_cmd, run
+from scripts.usage import command
 
 SOURCE_LABEL = "org.vlkit.source-hash"
 MIN_COMPOSE = (2, 24)   # env_file `required: false` and `!reset` (the CPU override) arrived in 2.24
-# What the 8gb image is built from: a change here means the image is stale.
-# What each image is built from: a change to any of these makes `vlkit up` rebuild it.
-_SOURCE_PATHS = {
-    "8gb": ("pyproject.toml", "README.md", "service", "scripts", "wsl", "bench", "docker/Dockerfile.8gb"),
+# What each image is built from (its Dockerfile and what it COPYs, which .dockerignore lets through):
+# a change to any of these makes `vlkit up` rebuild it. The host CLI (scripts/, wsl/) is not here.
+SOURCE_PATHS = {
+    "8gb": ("pyproject.toml", "service", "bench", "docker/Dockerfile.8gb"),
     "16gb": ("docker/Dockerfile.16gb",),
 }
+
+
+COMPOSE_UPDATE = "update Docker Desktop, or the docker-compose-plugin package"
+
+
+def compose_too_old(version: str) -> str | None:
+    """Why this compose version (`2.20.2`, `v2.40.3`) cannot run compose.yaml, or None."""
+    found = tuple(int(p) for p in re.findall(r"\d+", version)[:2])
+    if not found or found >= MIN_COMPOSE:
+        return None
+    return (f"docker compose {version.strip()} is too old: compose.yaml needs {'.'.join(map(str, MIN_COMPOSE))} "
+            "or newer (optional env_file, !reset)")
 
 
 class DockerError(RuntimeError):
@@ -31,16 +44,14 @@ def require_docker() -> None:
     docker = shutil.which("docker")
     if not docker:
         raise DockerError("docker is not installed. Install Docker Desktop (WSL2 backend) or Docker Engine, "
-                          "then `make doctor`.")
+                          f"then `{command('doctor')}`.")
     res = run(["docker", "compose", "version", "--short"], capture=True)
     if res.returncode != 0:
         raise DockerError("`docker compose` (v2) is missing: update Docker Desktop, or install the "
                           "docker-compose-plugin package.")
-    version = tuple(int(p) for p in re.findall(r"\d+", res.stdout)[:2])
-    if version and version < MIN_COMPOSE:
-        raise DockerError(f"docker compose {res.stdout.strip()} is too old: compose.yaml needs "
-                          f"{'.'.join(map(str, MIN_COMPOSE))} or newer (optional env_file, !reset). "
-                          "Update Docker Desktop, or the docker-compose-plugin package.")
+    too_old = compose_too_old(res.stdout)
+    if too_old:
+        raise DockerError(f"{too_old}: {COMPOSE_UPDATE}.")
     # Otherwise a stopped daemon surfaces later as a failed build or an unexplained compose error.
     res = run(["docker", "info", "--format", "{{.ServerVersion}}"], capture=True)
     if res.returncode != 0:
@@ -80,7 +91,7 @@ class BuildOptions:
 def source_hash(root: Path = ROOT, profile: str = "8gb") -> str:
     """Hash of everything the profile's image is built from (ignoring caches), to rebuild only when stale."""
     h = hashlib.sha256()
-    for rel in _SOURCE_PATHS[profile]:
+    for rel in SOURCE_PATHS[profile]:
         p = root / rel
         files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else ([p] if p.exists() else [])
         for f in files:

@@ -28,7 +28,7 @@ def create_app(settings: ServiceSettings, engine: Engine | None = None, *,
                on_load_failure: Callable[[BaseException], None] | None = None) -> FastAPI:
     """An app serving `engine`, or loading one from `settings` in the background when it is None
     (`on_load_failure` hears of a load that failed, e.g. to stop the server)."""
-    metrics = engine.metrics if engine is not None else ServiceMetrics()
+    metrics = engine.metrics if engine is not None else ServiceMetrics(settings.model_name)
     app = FastAPI(title="vlkit service", lifespan=_lifespan, docs_url=None, redoc_url=None)
     app.state.service = ServiceState(settings, engine, metrics, on_load_failure)
     install_error_handlers(app, metrics)

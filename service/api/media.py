@@ -14,13 +14,15 @@ import binascii
 import io
 import math
 import re
+import warnings
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pybase64
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
+from service.api.offload import off_loop
 from service.errors import InvalidRequest, PayloadTooLarge
 from service.settings import ServiceSettings
 
@@ -46,9 +48,9 @@ class ImageLoader:
         return list(await asyncio.gather(*(self._load_one(url) for url in urls)))
 
     async def _load_one(self, url: str) -> Image.Image:
-        data = await asyncio.to_thread(fetch_image_bytes, url, self.settings)
+        data = await off_loop(fetch_image_bytes, url, self.settings)
         async with self._decode_slots:
-            return await asyncio.to_thread(decode_image, data, self.settings)
+            return await off_loop(decode_image, data, self.settings)
 
 
 def fetch_image_bytes(url: str, settings: ServiceSettings) -> bytes:
@@ -132,7 +134,7 @@ def decode_image(data: bytes, settings: ServiceSettings) -> Image.Image:
         raise PayloadTooLarge(f"Image is over {settings.max_image_bytes} bytes", param="image_url")
     try:
         image = Image.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
-    except (UnidentifiedImageError, OSError, ValueError):
+    except Exception:  # noqa: BLE001 - UnidentifiedImageError, or a header PIL chokes on
         raise InvalidRequest(f"The data is not an image in a supported format ({', '.join(FORMATS)})",
                              param="image_url", kind="bad_image") from None
     width, height = image.size
@@ -144,13 +146,25 @@ def decode_image(data: bytes, settings: ServiceSettings) -> Image.Image:
         if image.format == "JPEG" and width * height > settings.max_pixels:
             image.draft("RGB", _fit(width, height, settings.max_pixels))  # decode at a smaller scale: cheaper
         image.load()
-        image = ImageOps.exif_transpose(image)
+        image = upright(image)
         image = to_rgb(image)
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise InvalidRequest(f"The image cannot be decoded: {exc}", param="image_url", kind="bad_image") from None
+    except Exception as exc:  # noqa: BLE001 - whatever the decoder makes of these bytes is this request's 400
+        raise InvalidRequest(f"The image cannot be decoded: {type(exc).__name__}: {exc}", param="image_url",
+                             kind="bad_image") from None
     if image.width * image.height > settings.max_pixels:
         image = image.resize(_fit(image.width, image.height, settings.max_pixels), Image.Resampling.BICUBIC)
     return image
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """Turned as its EXIF orientation says; as it is when the EXIF data is corrupt (it is metadata:
+    the pixels are fine, as a browser shows them)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL warns of corrupt EXIF before it raises
+            return ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - OverflowError, struct.error, ... from a broken EXIF block
+        return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -1,19 +1,21 @@
 """Request and response bodies of the OpenAI chat completions API, as vLLM's server speaks it.
 
-A request converts itself: `parse` (body bytes -> a validated request), `check_supported` (the fields
-accepted only at their neutral values), `chat_messages` (the chat template's messages and the image
-URLs), `to_sampling_fields` (Engine.prepare's keyword arguments) and `answer_constraint` (the grammar
-the answer follows: structured outputs or tool calls). Each rule lives in one of them; the rules of
-tools are in tools.py, those of structured outputs in structured_outputs.py.
+A request converts itself: `parse` (body bytes -> a validated request: strict JSON, vLLM's field
+rules, the refused fields by name: service/api/fields.py), `chat_messages` (the chat template's
+messages and the image URLs), `to_engine_options` (Engine.prepare's keyword arguments) and
+`answer_constraint` (the grammar the answer follows: structured outputs or tool calls). Each rule
+lives in one of them; those of tools are in tools.py, those of structured outputs in
+structured_outputs.py.
 """
 from __future__ import annotations
 
-import json
 import time
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
+from service.api.fields import check_refused
 from service.api.structured_outputs import (
     ResponseFormat,
     StructuredOutputs,
@@ -27,12 +29,39 @@ from service.api.tools import (
     ToolChoice,
     ToolParam,
     check_tool_usage,
-    template_tool_calls,
     template_tools,
+    template_turn,
     tool_call_constraint,
 )
 from service.engine.structured import Constraint
 from service.errors import InvalidRequest
+
+INT64 = dict(ge=-(2**63), le=2**63 - 1)
+
+
+def parse_json(body: bytes) -> Any:
+    """Strict JSON (orjson: RFC 8259): no NaN or Infinity, no lone surrogates, valid UTF-8, at most
+    1024 levels deep; anything else is the request's 400."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}", kind="malformed") from None
+
+
+def validate(model: type[BaseModel], body: bytes | dict) -> Any:
+    """``model`` from a request body (or its parsed JSON); InvalidRequest (400) naming the first field
+    that does not validate."""
+    payload = parse_json(body) if isinstance(body, (bytes, bytearray)) else body
+    if not isinstance(payload, dict):
+        raise InvalidRequest("The request body must be a JSON object.", kind="malformed")
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+    except InvalidRequest:
+        raise
+    except (ValueError, TypeError, RecursionError) as exc:  # a validator's own refusal
+        raise InvalidRequest(str(exc), kind="malformed") from None
 
 
 class ImageURL(BaseModel):
@@ -68,30 +97,120 @@ class Message(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
-    continuous_usage_stats: bool = False
+    include_usage: Optional[bool] = False
+    continuous_usage_stats: Optional[bool] = False
 
 
-class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown fields are ignored, as vLLM does
+class SamplingFields(BaseModel):
+    """The sampling fields vLLM's chat and completion requests share, with vLLM's rules."""
+
+    model_config = ConfigDict(extra="allow")  # unknown fields are ignored, as vLLM does; refused ones: check_refused
 
     model: Optional[str] = None
-    messages: list[Message] = Field(min_length=1)
     max_tokens: Optional[int] = Field(None, ge=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
     temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
     top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
     top_k: Optional[int] = Field(None, ge=-1)  # vLLM extension; -1 or 0: off
+    min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
+    presence_penalty: Optional[float] = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: Optional[float] = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: Optional[float] = Field(None, gt=0.0)
+    logit_bias: Optional[dict[str, float]] = None
+    seed: Optional[int] = Field(None, **INT64)
+    n: Optional[int] = Field(1, ge=1)
     stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
-    ignore_eos: bool = False  # vLLM extension
-    n: int = 1
-    stream: bool = False
+    stop_token_ids: Optional[list[int]] = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    allowed_token_ids: Optional[list[int]] = None
+    bad_words: list[str] = Field(default_factory=list)
+    stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
-    # Accepted only at their neutral values (anything else is refused with 400, not silently ignored).
-    presence_penalty: Optional[float] = 0.0
-    frequency_penalty: Optional[float] = 0.0
+    user: Optional[str] = None
+    request_id: Optional[str] = Field(None, max_length=256)
+    return_tokens_as_token_ids: Optional[bool] = None
+    return_token_ids: Optional[bool] = None
+    cache_salt: Optional[str] = None
+    stream_interval: Optional[int] = Field(None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _vllm_rules(cls, data: Any) -> Any:
+        """vLLM's request-level rules (validate_stream_options, check_cache_salt_support) and the
+        refused fields by name."""
+        if isinstance(data, dict):
+            if data.get("stream_options") and not data.get("stream"):
+                raise InvalidRequest("Stream options can only be defined when `stream=True`.", param="stream_options")
+            salt = data.get("cache_salt")
+            if salt is not None and (not isinstance(salt, str) or not salt):
+                raise InvalidRequest("Parameter 'cache_salt' must be a non-empty string if provided.",
+                                     param="cache_salt")
+            check_refused(data)
+        return data
+
+    def logit_bias_ids(self) -> dict[int, float] | None:
+        if self.logit_bias is None:
+            return None
+        try:
+            return {int(token): bias for token, bias in self.logit_bias.items()}
+        except ValueError:
+            raise InvalidRequest("logit_bias contains key(s) that cannot be converted to integer token IDs",
+                                 param="logit_bias") from None
+
+    def sampling_options(self, max_tokens: int | None, logprobs: int | None) -> dict:
+        """Engine.prepare's sampling keyword arguments; None leaves the model's generation_config default."""
+        stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        return {
+            "max_tokens": max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": None if self.top_k is None else max(self.top_k, 0),  # vLLM's -1 and 0 both mean off
+            "min_p": self.min_p,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty,
+            "logit_bias": self.logit_bias_ids(),
+            "seed": None if self.seed == -1 else self.seed,  # vLLM: -1 is no seed
+            "n": self.n,
+            "stop": stop,
+            "stop_token_ids": tuple(self.stop_token_ids or ()),
+            "include_stop_str_in_output": self.include_stop_str_in_output,
+            "ignore_eos": self.ignore_eos,
+            "min_tokens": self.min_tokens,
+            "skip_special_tokens": self.skip_special_tokens,
+            "spaces_between_special_tokens": self.spaces_between_special_tokens,
+            "allowed_token_ids": None if self.allowed_token_ids is None else tuple(self.allowed_token_ids),
+            "bad_words": tuple(self.bad_words),
+            "logprobs": logprobs,
+            "cache_salt": self.cache_salt,
+        }
+
+    @property
+    def include_usage(self) -> bool:
+        """A streamed answer ends with a chunk carrying the usage."""
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        """Every streamed chunk carries the usage so far (vLLM: with include_usage)."""
+        return self.include_usage and bool(self.stream_options.continuous_usage_stats)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: Optional[bool] = False
+    top_logprobs: Optional[int] = 0
+    echo: bool = False
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    chat_template_kwargs: Optional[dict[str, Any]] = None
+    mm_processor_kwargs: Optional[dict[str, Any]] = None  # min_pixels / max_pixels within the server's
+    return_prompt_text: Optional[bool] = None
     # Structured outputs and tools (structured_outputs.py, tools.py).
     response_format: Optional[ResponseFormat] = None
     structured_outputs: Optional[StructuredOutputs] = None
@@ -101,30 +220,32 @@ class ChatCompletionRequest(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _vllm_checks(cls, data):
+    def _tool_and_format_rules(cls, data: Any) -> Any:
+        """vLLM's check_tool_usage and validate_response_format."""
         return check_response_format(check_tool_usage(data))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _chat_rules(cls, data: Any) -> Any:
+        """vLLM's check_logprobs and check_generation_prompt."""
+        if isinstance(data, dict):
+            top = data.get("top_logprobs")
+            if top is not None and not isinstance(top, int):
+                raise InvalidRequest("`top_logprobs` must be an integer.", param="top_logprobs")
+            if top is not None and top < 0 and top != -1:
+                raise InvalidRequest("`top_logprobs` must be a positive value or -1.", param="top_logprobs")
+            if top is not None and (top == -1 or top > 0) and not data.get("logprobs"):
+                raise InvalidRequest("when using `top_logprobs`, `logprobs` must be set to true.",
+                                     param="top_logprobs")
+            if data.get("continue_final_message") and data.get("add_generation_prompt", True):
+                raise InvalidRequest("Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+                                     param="continue_final_message")
+        return data
 
     @classmethod
     def parse(cls, body: bytes) -> "ChatCompletionRequest":
         """The request in `body`; InvalidRequest (400) for JSON that does not parse or fields that do not validate."""
-        try:
-            payload = json.loads(body)
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise InvalidRequest(f"The request body is not valid JSON: {exc}", kind="malformed") from None
-        try:
-            return cls.model_validate(payload)
-        except ValidationError as exc:
-            raise _validation_error(exc) from None
-
-    def check_supported(self) -> None:
-        """InvalidRequest naming the first field this server does not honour (never a silent 200)."""
-        if self.n != 1:
-            raise InvalidRequest("Only n=1 is supported: one choice per request.", param="n", kind="unsupported")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise InvalidRequest(f"{name} is not supported by this server.", param=name, kind="unsupported")
-        if self.logprobs:
-            raise InvalidRequest("logprobs are not supported by this server.", param="logprobs", kind="unsupported")
+        return validate(cls, body)
 
     def chat_messages(self) -> tuple[list[dict], list[str]]:
         """The chat template's messages (images as {"type": "image"} parts) and the image URLs in prompt order."""
@@ -133,7 +254,7 @@ class ChatCompletionRequest(BaseModel):
         for i, message in enumerate(self.messages):
             role = "system" if message.role == "developer" else message.role
             if role == "assistant" or role == "tool":
-                messages.append(_tool_turn(message, role, i))
+                messages.append(template_turn(message, role, i))
                 continue
             if message.content is None or isinstance(message.content, str):
                 messages.append({"role": role, "content": message.content or ""})
@@ -151,18 +272,24 @@ class ChatCompletionRequest(BaseModel):
             messages.append({"role": role, "content": parts})
         return messages, urls
 
+    def to_engine_options(self) -> dict:
+        """Engine.prepare's keyword arguments: the sampling fields and the prompt's."""
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return {**self.sampling_options(max_tokens, self.top_logprobs or 0 if self.logprobs else None),
+                "chat_template_kwargs": self.chat_template_kwargs,
+                "add_generation_prompt": self.add_generation_prompt,
+                "continue_final_message": self.continue_final_message,
+                "add_special_tokens": self.add_special_tokens,
+                "mm_processor_kwargs": self.mm_processor_kwargs,
+                "tools": self.template_tools()}
+
     def to_sampling_fields(self) -> dict:
-        """Engine.prepare's sampling keyword arguments; None leaves the model's generation_config default."""
-        stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        return {
-            "max_tokens": self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": None if self.top_k is None else max(self.top_k, 0),  # vLLM's -1 and 0 both mean off
-            "seed": self.seed,
-            "stop": stop,
-            "ignore_eos": self.ignore_eos,
-        }
+        """The sampling part of to_engine_options (what the engine validates as SamplingParams)."""
+        options = self.to_engine_options()
+        for name in ("chat_template_kwargs", "add_generation_prompt", "continue_final_message", "add_special_tokens",
+                     "cache_salt", "bad_words", "mm_processor_kwargs", "tools"):
+            options.pop(name)
+        return options
 
     def answer_constraint(self) -> Constraint | None:
         """The grammar the answer must follow: the tool calls tool_choice demands (they take the place
@@ -191,27 +318,18 @@ class ChatCompletionRequest(BaseModel):
         return template_tools(self.tools) if self.tools else None
 
     @property
-    def include_usage(self) -> bool:
-        """A streamed answer ends with a chunk carrying the usage."""
-        return bool(self.stream_options and self.stream_options.include_usage)
+    def response_role(self) -> str:
+        """vLLM's get_chat_request_role: the assistant, or the last message's role when it is continued."""
+        return "assistant" if self.add_generation_prompt else self.messages[-1].role
 
-
-def _tool_turn(message: Message, role: str, i: int) -> dict:
-    """An assistant or tool message as vLLM hands it to the chat template: an assistant's text as
-    text parts and its tool calls with object arguments; a tool result as one string."""
-    parts = [{"type": "text", "text": message.content}] if isinstance(message.content, str) else []
-    for part in message.content if isinstance(message.content, list) else []:
-        if part.type != "text":
-            raise InvalidRequest(f"Images are accepted in user messages only (message {i} is {role!r}).",
-                                 param=f"messages.{i}.content", kind="unsupported")
-        parts.append({"type": "text", "text": part.text})
-    if role == "tool":
-        return {"role": role, "content": "\n".join(part["text"] for part in parts),
-                "tool_call_id": message.tool_call_id}
-    turn: dict = {"role": role, "content": parts}
-    if message.tool_calls:
-        turn["tool_calls"] = template_tool_calls(message.tool_calls, f"messages.{i}")
-    return turn
+    def echoed(self) -> str:
+        """vLLM's echo: the last message's text, when it is of the role the answer continues."""
+        if not self.echo or self.messages[-1].role != self.response_role:
+            return ""
+        content = self.messages[-1].content
+        if content is None or isinstance(content, str):
+            return content or ""
+        return "".join(part.text for part in content if part.type == "text")
 
 
 def _validation_error(exc: ValidationError) -> InvalidRequest:
@@ -234,11 +352,7 @@ class Usage(BaseModel):
                    total_tokens=prompt_tokens + completion_tokens)
 
 
-class ResponseMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: Optional[str]
-    tool_calls: list[ToolCall] = Field(default_factory=list)
-
+class _ToolCallsWhenMade(BaseModel):
     @model_serializer(mode="wrap")
     def _calls_only_when_made(self, handler):
         data = handler(self)
@@ -247,11 +361,33 @@ class ResponseMessage(BaseModel):
         return data
 
 
+class ResponseMessage(_ToolCallsWhenMade):
+    role: str = "assistant"
+    content: Optional[str]
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+
+
+class LogProb(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+
+
+class LogProbsContent(LogProb):
+    top_logprobs: list[LogProb] = Field(default_factory=list)
+
+
+class ChoiceLogProbs(BaseModel):
+    content: Optional[list[LogProbsContent]] = None
+
+
 class Choice(BaseModel):
     index: int = 0
     message: ResponseMessage
-    logprobs: None = None
+    logprobs: Optional[ChoiceLogProbs] = None
     finish_reason: str
+    stop_reason: Union[int, str, None] = None
+    token_ids: Optional[list[int]] = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -261,26 +397,23 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[Choice]
     usage: Usage
+    prompt_token_ids: Optional[list[int]] = None
+    prompt_text: Optional[str] = None
 
 
-class Delta(BaseModel):
-    role: Optional[Literal["assistant"]] = None
+class Delta(_ToolCallsWhenMade):
+    role: Optional[str] = None
     content: Optional[str] = None
     tool_calls: list[DeltaToolCall] = Field(default_factory=list)
-
-    @model_serializer(mode="wrap")
-    def _calls_only_when_made(self, handler):
-        data = handler(self)
-        if not data["tool_calls"]:
-            del data["tool_calls"]
-        return data
 
 
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
-    logprobs: None = None
+    logprobs: Optional[ChoiceLogProbs] = None
     finish_reason: Optional[str] = None
+    stop_reason: Union[int, str, None] = None
+    token_ids: Optional[list[int]] = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -290,6 +423,8 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChunkChoice]
     usage: Optional[Usage] = None
+    prompt_token_ids: Optional[list[int]] = None
+    prompt_text: Optional[str] = None
 
 
 class ModelCard(BaseModel):

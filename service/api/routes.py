@@ -1,6 +1,7 @@
 """The routes, thin: parse the request, call the serving layer, return its answer."""
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 
@@ -11,7 +12,7 @@ from starlette.responses import JSONResponse, Response
 
 from service.api.protocol import ChatCompletionRequest, ModelCard, ModelList
 from service.api.state import ServiceState
-from service.errors import Cancelled, PayloadTooLarge, Unauthorized
+from service.errors import Cancelled, PayloadTooLarge, RequestTimeout, Unauthorized
 
 router = APIRouter()
 
@@ -30,8 +31,19 @@ async def require_key(request: Request) -> None:
 
 
 @router.get("/health")
-async def health() -> dict:
-    return {"status": "ok"}
+async def health(state: ServiceState = Depends(service_state)) -> Response:
+    """vLLM's: 200 (empty) once the engine serves, 503 before (loading) or when it failed."""
+    return Response(status_code=200 if state.ready else 503)
+
+
+@router.get("/version")
+async def version() -> dict:
+    from importlib import metadata
+
+    try:
+        return {"version": metadata.version("vlkit")}
+    except metadata.PackageNotFoundError:
+        return {"version": "unknown"}
 
 
 @router.get("/health/ready")
@@ -60,23 +72,61 @@ async def chat_completions(request: Request) -> Response:
     arrived = time.monotonic()
     state = service_state(request)
     engine = state.ready_engine()
-    chat = ChatCompletionRequest.parse(await read_body(request, state.settings.max_request_bytes))
+    chat = ChatCompletionRequest.parse(await body_of(request, state))
     return await state.serving.create_chat_completion(chat, engine, arrived)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is over `limit` (before it is all read, when it says its length)."""
+@router.post("/v1/completions", dependencies=[Depends(require_key)])
+async def completions(request: Request) -> Response:
+    arrived = time.monotonic()
+    state = service_state(request)
+    engine = state.ready_engine()
+    body = await body_of(request, state)
+    return await state.completions.create_completion(body, engine, arrived)
+
+
+@router.post("/tokenize", dependencies=[Depends(require_key)])
+async def tokenize(request: Request) -> JSONResponse:
+    state = service_state(request)
+    engine = state.ready_engine()
+    return JSONResponse(await state.tokenization.tokenize(await body_of(request, state),
+                                                          engine))
+
+
+@router.post("/detokenize", dependencies=[Depends(require_key)])
+async def detokenize(request: Request) -> JSONResponse:
+    state = service_state(request)
+    engine = state.ready_engine()
+    return JSONResponse(await state.tokenization.detokenize(
+        await body_of(request, state), engine))
+
+
+async def body_of(request: Request, state: ServiceState) -> bytes:
+    """The request's body within the settings' size and time limits."""
+    return await read_body(request, state.settings.max_request_bytes, state.settings.body_timeout_seconds)
+
+
+async def read_body(request: Request, limit: int, timeout: float | None = None) -> bytes:
+    """The body, refused with 413 as soon as it is over `limit` (before it is all read, when it says
+    its length), and with 408 when it has not all arrived within `timeout` seconds (uvicorn has no
+    body deadline of its own; None: no deadline)."""
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > limit:
         raise PayloadTooLarge(f"The request body is {length} bytes; the limit is {limit}")
     chunks: list[bytes] = []
-    size = 0
-    try:
+
+    async def collect() -> None:
+        size = 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
                 raise PayloadTooLarge(f"The request body is over the limit of {limit} bytes")
             chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(collect(), timeout)
     except ClientDisconnect:
         raise Cancelled("the client went away while sending the request") from None
+    except asyncio.TimeoutError:
+        raise RequestTimeout(f"The request body did not arrive within {timeout:g} s.") from None
     return b"".join(chunks)  # one copy of the body (a growing bytearray, then bytes(), made more)

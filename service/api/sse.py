@@ -31,9 +31,9 @@ class ChunkFrame:
 
     _SLOT = "\x00"  # stands in for the text and the finish reason; id and model never hold a NUL
 
-    def __init__(self, id: str, created: int, model: str):
+    def __init__(self, id: str, created: int, model: str, index: int = 0):
         frame = ChatCompletionChunk(id=id, created=created, model=model, choices=[
-            ChunkChoice(delta=Delta(content=self._SLOT), finish_reason=self._SLOT)]).model_dump_json()
+            ChunkChoice(index=index, delta=Delta(content=self._SLOT), finish_reason=self._SLOT)]).model_dump_json()
         self._head, self._middle, self._tail = frame.split('"\\u0000"')
 
     def render(self, text: str, finish_reason: str | None = None) -> bytes:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from typing import Callable
 
+from service.api.completions import CompletionServing
 from service.api.serving import ChatServing
+from service.api.tokenization import Tokenization
 from service.engine import Engine
 from service.errors import Unavailable
 from service.metrics import ServiceMetrics
@@ -17,6 +19,8 @@ class ServiceState:
         self.engine = engine
         self.metrics = metrics
         self.serving = ChatServing(settings, metrics)
+        self.completions = CompletionServing(self.serving, metrics)
+        self.tokenization = Tokenization(self.serving)
         self.on_load_failure = on_load_failure
         self.load_error: str | None = None
 

@@ -102,8 +102,15 @@ class ToolCallAnswer:
             finish_reason = "tool_calls"
         return content, calls, finish_reason
 
-    def stream_finish_reason(self, called: bool, finish_reason: str) -> str:
-        return "tool_calls" if called and not self.named else finish_reason
+    def stream_delta(self, parser: "StreamingToolParser", text: str,
+                     finish_reason: Optional[str]) -> tuple[Optional[str], list[DeltaToolCall], Optional[str]]:
+        """(content, tool-call deltas, finish_reason) to stream, `text` being the whole answer so far."""
+        content, deltas = parser.feed(text, finished=finish_reason is not None)
+        if not self.parallel:
+            deltas = [delta for delta in deltas if delta.index == 0]
+        if finish_reason is not None and parser.called and not self.named:
+            finish_reason = "tool_calls"
+        return content, deltas, finish_reason
 
 
 def _partial_overlap(text: str, tag: str) -> int:

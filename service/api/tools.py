@@ -125,6 +125,25 @@ def template_tools(tools: list[ToolParam]) -> list[dict]:
     return rendered
 
 
+def template_turn(message, role: str, i: int) -> dict:
+    """Message `i`, an assistant or tool message, as vLLM hands it to the chat template: an
+    assistant's text as text parts and its tool calls with object arguments; a tool result as one
+    string."""
+    parts = [{"type": "text", "text": message.content}] if isinstance(message.content, str) else []
+    for part in message.content if isinstance(message.content, list) else []:
+        if part.type != "text":
+            raise InvalidRequest(f"Images are accepted in user messages only (message {i} is {role!r}).",
+                                 param=f"messages.{i}.content", kind="unsupported")
+        parts.append({"type": "text", "text": part.text})
+    if role == "tool":
+        return {"role": role, "content": "\n".join(part["text"] for part in parts),
+                "tool_call_id": message.tool_call_id}
+    turn: dict = {"role": role, "content": parts}
+    if message.tool_calls:
+        turn["tool_calls"] = template_tool_calls(message.tool_calls, f"messages.{i}")
+    return turn
+
+
 def template_tool_calls(calls: list[MessageToolCall], where: str) -> list[dict]:
     """An assistant message's tool calls for the template, arguments parsed to objects (vLLM does the
     same: templates expect them so); arguments that are not JSON are a 400 naming their place."""

@@ -49,17 +49,18 @@ def image_digest(image: Any) -> bytes:
 
 
 def prompt_block_hashes(input_ids: torch.Tensor, image_token_id: int | None, image_digests: Sequence[bytes],
-                        block_size: int = BLOCK_SIZE) -> list[bytes]:
+                        block_size: int = BLOCK_SIZE, salt: bytes = b"") -> list[bytes]:
     """One hash per full block of the prompt, each covering everything up to the block's end: its
     token ids and the digest of every image whose tokens start by then (image tokens share one id,
     so the ids alone would not tell two images apart). Host work, for any thread. Empty when the
     image tokens do not come as one run per image (a user's text spelling the placeholder token):
-    then nothing of the prompt is shared."""
+    then nothing of the prompt is shared. ``salt`` (vLLM's cache_salt) starts the chain: only
+    prompts with the same salt share blocks."""
     ids = input_ids.tolist()
     starts = [i for i, t in enumerate(ids) if t == image_token_id and (i == 0 or ids[i - 1] != image_token_id)]
     if len(starts) != len(image_digests):
         return []
-    hashes, previous, seen = [], b"", 0
+    hashes, previous, seen = [], hashlib.blake2b(salt, digest_size=16).digest() if salt else b"", 0
     for end in range(block_size, len(ids) + 1, block_size):
         digest = hashlib.blake2b(previous, digest_size=16)
         digest.update(input_ids[end - block_size:end].numpy().tobytes())
@@ -115,6 +116,9 @@ class PagedKVCache:
         self._block_of: dict[bytes, int] = {}  # prefix hash -> the block holding those tokens
         self._hash_of: dict[int, bytes] = {}
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks nobody uses, oldest first
+        self._holds: dict[int, tuple[int, int]] = {}  # slot -> (forks, fresh blocks per fork) held for fork()
+        self._held_slots = 0
+        self._held_blocks = 0
 
     # ---- sizing
 
@@ -165,37 +169,87 @@ class PagedKVCache:
             cost -= block is None or self._refs[block] > 0  # a hit on an unused cached block takes it
         return cost
 
-    def can_allocate(self, tokens: int, hashes: Sequence[bytes] = ()) -> bool:
-        return bool(self._free) and self.allocation_cost(tokens, hashes) <= self.free_blocks
+    def fork_blocks(self, tokens: int, prompt_tokens: int) -> int:
+        """The fresh blocks one fork of a slot of ``tokens`` takes: all but the prompt's full blocks."""
+        return self.blocks_needed(tokens) - prompt_tokens // self.block_size
 
-    def allocate(self, tokens: int | None = None, hashes: Sequence[bytes] = ()) -> int | None:
+    def can_allocate(self, tokens: int, hashes: Sequence[bytes] = (), forks: int = 0, prompt_tokens: int = 0) -> bool:
+        held = self._held_blocks + forks * self.fork_blocks(tokens, prompt_tokens)
+        return len(self._free) - self._held_slots > forks and \
+            self.allocation_cost(tokens, hashes) + held <= self.free_blocks
+
+    def fits_at_all(self, tokens: int, forks: int = 0, prompt_tokens: int = 0) -> bool:
+        """Whether such an allocation fits the empty cache (else it would wait for ever)."""
+        need = self.blocks_needed(tokens) + forks * self.fork_blocks(tokens, prompt_tokens)
+        return forks < self.num_slots and need <= self.num_blocks
+
+    def allocate(self, tokens: int | None = None, hashes: Sequence[bytes] = (), *, forks: int = 0,
+                 prompt_tokens: int = 0) -> int | None:
         """The lowest free slot (now empty) with blocks for ``tokens`` (default: ``max_len``) reserved,
         or None when no slot or not enough blocks are free. ``hashes``: the prompt's leading block
         hashes that may be shared (:func:`prompt_block_hashes`, at most those before its last token);
         the cached ones come first in the slot, read-only, and ``cached_tokens[slot]`` says how many
-        tokens they hold."""
+        tokens they hold. ``forks``: hold that many more slots, and the blocks they need beyond the
+        ``prompt_tokens`` prompt's full blocks, for :meth:`fork` once the prompt is written."""
         tokens = self.max_len if tokens is None else tokens
-        if not self.can_allocate(tokens, hashes):
+        if not self.can_allocate(tokens, hashes, forks, prompt_tokens):
             return None
         need = self.blocks_needed(tokens)
         shared = self._cached_prefix(hashes, need)
         for block in shared:
-            self._refs[block] += 1
             self._evictable.pop(block, None)
-        fresh = [self._take_block() for _ in range(need - len(shared))]
-        for block in fresh:
+        slot = self._take_slot(shared, need - len(shared))
+        self.cached_tokens[slot] = len(shared) * self.block_size
+        self._set_length(slot, 0)
+        self.rope_deltas[slot] = 0
+        if forks:
+            per_fork = self.fork_blocks(tokens, prompt_tokens)
+            self._holds[slot] = (forks, per_fork)
+            self._held_slots += forks
+            self._held_blocks += forks * per_fork
+        return slot
+
+    def _take_slot(self, shared: list[int], fresh: int) -> int:
+        """The lowest free slot, holding ``shared`` blocks (one more user each) and ``fresh`` new ones."""
+        for block in shared:
+            self._refs[block] += 1
+        blocks = shared + [self._take_block() for _ in range(fresh)]
+        for block in blocks[len(shared):]:
             self._refs[block] = 1
         slot = heapq.heappop(self._free)
-        blocks = shared + fresh
         self._blocks[slot] = blocks
         self.capacity[slot] = min(self.max_len, len(blocks) * self.block_size)
-        self.cached_tokens[slot] = len(shared) * self.block_size
+        self.cached_tokens[slot] = 0
         row = torch.full((self.max_blocks,), self.scratch_block, dtype=torch.int32)
         row[:len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
         self.block_table[slot].copy_(row)
-        self._set_length(slot, 0)
-        self.rope_deltas[slot] = 0
         return slot
+
+    def _release_hold(self, slot: int) -> tuple[int, int]:
+        forks, per_fork = self._holds.pop(slot, (0, 0))
+        self._held_slots -= forks
+        self._held_blocks -= forks * per_fork
+        return forks, per_fork
+
+    def fork(self, slot: int) -> list[int]:
+        """The slots held for ``slot`` (allocate's ``forks``), each now holding the same prompt: its
+        full blocks shared read-only, the partly filled last one copied. They decode on their own."""
+        forks, per_fork = self._release_hold(slot)
+        length = self.lengths[slot]
+        full = length // self.block_size
+        children = []
+        for _ in range(forks):
+            child = self._take_slot(self._blocks[slot][:full], per_fork)
+            if length % self.block_size:  # the tokens in the parent's last, partly filled block
+                start = full * self.block_size
+                src = self.positions(slot, length)[start:].to(self.device)
+                dst = self.positions(child, length)[start:].to(self.device)
+                for pool in (*self.keys, *self.values):
+                    pool.index_copy_(1, dst, pool[:, src])
+            self._set_length(child, length)
+            self.rope_deltas[child] = self.rope_deltas[slot]
+            children.append(child)
+        return children
 
     def _take_block(self) -> int:
         if self._free_blocks:
@@ -215,6 +269,7 @@ class PagedKVCache:
     def free(self, slot: int) -> None:
         if slot in self._free:
             raise ValueError(f"slot {slot} is already free")
+        self._release_hold(slot)
         for block in self._blocks[slot]:
             self._refs[block] -= 1
             if self._refs[block] == 0:

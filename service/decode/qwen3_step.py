@@ -21,6 +21,8 @@ from torch import nn
 
 from service.decode.attention import decode_attention_triton, triton_available
 from service.decode.cache import PagedKVCache, blocks_for
+from service.decode.fp8 import BLOCK as FP8_BLOCK, Fp8Linear
+from service.decode.gemv import LinearChoice
 
 # The decoder this step reproduces; other architectures keep transformers' own decode.
 SUPPORTED_TEXT_MODELS = ("Qwen3VLTextModel",)
@@ -32,31 +34,47 @@ def text_model_of(model: Any) -> Any:
     return getattr(inner, "language_model", inner)
 
 
-def fuse_linear_weights(linears: list[nn.Module]) -> torch.Tensor | None:
-    """Concatenate bias-free ``nn.Linear`` weights into one tensor and make each module's weight a
-    view of it (same values, same total memory), so one matmul computes all of them.
-    None (and nothing changed) when the modules are of another kind (e.g. 4-bit) or have biases."""
-    if not all(type(m) is nn.Linear and m.bias is None for m in linears):
-        return None
-    weights = [m.weight.detach() for m in linears]
-    rows, cols = sum(w.shape[0] for w in weights), weights[0].shape[1]
+def _plain(module: nn.Module) -> bool:
+    """A bias-free nn.Linear (not a quantized replacement): its weight can go to any matmul."""
+    return type(module) is nn.Linear and module.bias is None
+
+
+def fuse_linears(linears: list[nn.Module]) -> nn.Module | None:
+    """One projection computing all of ``linears`` (their outputs side by side), whose weights
+    become views of the fused tensors (same values, same total memory), so one matmul computes
+    all of them. Bias-free ``nn.Linear`` modules, or :class:`Fp8Linear` modules whose scale blocks
+    line up (every part but the last a whole number of 128-row blocks: true of the real Qwen3-VL
+    shapes, not of the tiny test model's q/k/v). None, and nothing changed, otherwise."""
+    if all(_plain(m) for m in linears):
+        fused = nn.Linear(linears[0].in_features, sum(m.out_features for m in linears), bias=False, device="meta")
+        fused.weight = nn.Parameter(_fuse_rows(linears, "weight"), requires_grad=False)
+        return fused
+    if (all(isinstance(m, Fp8Linear) and m.gemm is linears[0].gemm for m in linears)
+            and all(m.out_features % FP8_BLOCK == 0 for m in linears[:-1])):
+        return Fp8Linear.from_tensors(_fuse_rows(linears, "weight"), _fuse_rows(linears, "weight_scale_inv"),
+                                      linears[0].gemm)
+    return None
+
+
+def _fuse_rows(modules: list[nn.Module], name: str) -> torch.Tensor:
+    """The modules' parameters ``name`` concatenated by rows; each module's becomes a view of it."""
+    tensors = [getattr(m, name).detach() for m in modules]
+    rows, cols = sum(t.shape[0] for t in tensors), tensors[0].shape[1]
     # Already views of one tensor (fused by an earlier decoder)? Then use it as is. Adjacent but
     # separate allocations (the caching allocator places them so) must not pass: same storage only.
-    storage = weights[0].untyped_storage().data_ptr()
-    expected = weights[0].data_ptr()
-    for w in weights:
-        if (w.untyped_storage().data_ptr() != storage or w.data_ptr() != expected
-                or not w.is_contiguous()):
+    storage = tensors[0].untyped_storage().data_ptr()
+    expected = tensors[0].data_ptr()
+    for t in tensors:
+        if t.untyped_storage().data_ptr() != storage or t.data_ptr() != expected or not t.is_contiguous():
             break
-        expected += w.numel() * w.element_size()
+        expected += t.numel() * t.element_size()
     else:
-        return weights[0].as_strided((rows, cols), (cols, 1))
-    fused = torch.cat(weights)
+        return tensors[0].as_strided((rows, cols), (cols, 1))
+    fused = torch.cat(tensors)
     offset = 0
-    for m in linears:
-        rows = m.weight.shape[0]
-        m.weight.data = fused[offset:offset + rows]  # the old storage is freed here
-        offset += rows
+    for module, t in zip(modules, tensors):
+        getattr(module, name).data = fused[offset:offset + t.shape[0]]  # the old storage is freed here
+        offset += t.shape[0]
     return fused
 
 
@@ -86,7 +104,8 @@ class Qwen3VLDecoder:
     """Decode steps of a loaded Qwen3-VL model over the slots of a :class:`PagedKVCache`.
 
     ``fuse_projections`` concatenates each layer's q/k/v and gate/up weights (in place, no extra
-    memory once done) so a layer runs 4 matmuls instead of 7; transformers' forward is unaffected.
+    memory once done; :func:`fuse_linears`) so a layer runs 4 matmuls instead of 7; transformers'
+    forward is unaffected.
     ``compile_backend`` (e.g. ``"inductor"``, CUDA) compiles the elementwise chains above with
     torch.compile, one fused kernel each; compilation happens at the first steps (the warm-up).
     ``attention``: ``"triton"`` (split-KV kernels of ``service.decode.attention``, CUDA), ``"sdpa"``
@@ -94,7 +113,8 @@ class Qwen3VLDecoder:
     """
 
     def __init__(self, model: Any, cache: PagedKVCache, *, fuse_projections: bool = False,
-                 compile_backend: str | None = None, attention: str = "auto") -> None:
+                 compile_backend: str | None = None, attention: str = "auto",
+                 linear: LinearChoice | None = None) -> None:
         if not self.supports(model):
             raise ValueError(f"{type(model).__name__} is not a Qwen3-VL (dense) model")
         text = text_model_of(model)
@@ -121,14 +141,17 @@ class Qwen3VLDecoder:
             torch.cat([layer.self_attn.q_norm.weight.detach().expand(self.num_heads, -1),
                        layer.self_attn.k_norm.weight.detach().expand(self.num_kv_heads, -1)])
             for layer in self.layers]
-        self.qkv_weights: list[torch.Tensor | None] = [None] * len(self.layers)
-        self.gate_up_weights: list[torch.Tensor | None] = [None] * len(self.layers)
+        self.qkv_proj: list[nn.Module | None] = [None] * len(self.layers)
+        self.gate_up_proj: list[nn.Module | None] = [None] * len(self.layers)
         if fuse_projections:
             for i, layer in enumerate(self.layers):
                 attn, mlp = layer.self_attn, layer.mlp
-                self.qkv_weights[i] = fuse_linear_weights([attn.q_proj, attn.k_proj, attn.v_proj])
-                self.gate_up_weights[i] = fuse_linear_weights([mlp.gate_proj, mlp.up_proj])
-        self.fused = any(w is not None for w in self.qkv_weights)
+                self.qkv_proj[i] = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+                self.gate_up_proj[i] = fuse_linears([mlp.gate_proj, mlp.up_proj])
+        self.fused = any(p is not None for p in self.qkv_proj + self.gate_up_proj)
+        # The step's plain projections: cuBLAS, or a skinny-GEMM kernel where the device measured it
+        # faster (measure_projections, before graphs are captured); FP8 ones run their own GEMM.
+        self.linear = linear or LinearChoice()
         self._add_rms_norm, self._qk_norm_rotary, self._silu_mul = add_rms_norm, qk_norm_rotary, silu_mul
         if compile_backend:
             compiled = [torch.compile(f, backend=compile_backend, fullgraph=True)
@@ -139,6 +162,10 @@ class Qwen3VLDecoder:
         if attention not in ("sdpa", "triton") or (attention == "triton" and not triton_available()):
             raise ValueError(f"attention {attention!r}: 'sdpa', or 'triton' where Triton is installed")
         self.attention = attention
+        # What a decoder over another cache needs to compute exactly this one's steps (bf16 rounding
+        # differs between fused and separate matmuls, compiled and eager elementwise kernels).
+        self.options = {"fuse_projections": fuse_projections, "compile_backend": compile_backend,
+                        "attention": attention, "linear": self.linear}
         # Index constants (made once: nothing inside the step is built from host data).
         self._arange = torch.arange(max(cache.max_blocks * cache.block_size, cache.block_size), device=cache.device)
 
@@ -151,8 +178,8 @@ class Qwen3VLDecoder:
         """q and k heads side by side ``[B, H + Hkv, D]``, and v ``[B, Hkv, D]``."""
         rows, attn = hidden.shape[0], layer.self_attn
         qk_heads = self.num_heads + self.num_kv_heads
-        if self.qkv_weights[index] is not None:
-            qkv = F.linear(hidden, self.qkv_weights[index])
+        if self.qkv_proj[index] is not None:
+            qkv = self._project(self.qkv_proj[index], hidden)
             qk, v = qkv[:, :qk_heads * self.head_dim], qkv[:, qk_heads * self.head_dim:]
         else:
             qk, v = torch.cat([attn.q_proj(hidden), attn.k_proj(hidden)], dim=-1), attn.v_proj(hidden)
@@ -161,11 +188,34 @@ class Qwen3VLDecoder:
     def _mlp(self, index: int, layer: nn.Module, hidden: torch.Tensor, activation=None) -> torch.Tensor:
         """activation: silu(gate) * up; default the step's (compiled for its small shapes on CUDA)."""
         mlp = layer.mlp
-        if self.gate_up_weights[index] is None:
-            gate, up = mlp.gate_proj(hidden), mlp.up_proj(hidden)
-        else:
-            gate, up = F.linear(hidden, self.gate_up_weights[index]).chunk(2, dim=-1)
-        return mlp.down_proj((activation or self._silu_mul)(gate, up))
+        activation = activation or self._silu_mul
+        if self.gate_up_proj[index] is None:
+            return mlp.down_proj(activation(mlp.gate_proj(hidden), mlp.up_proj(hidden)))
+        gate_up = self._project(self.gate_up_proj[index], hidden)
+        if _plain(mlp.down_proj):
+            return self.linear(gate_up, mlp.down_proj.weight, activation=activation)
+        return mlp.down_proj(activation(*gate_up.chunk(2, dim=-1)))
+
+    def _o_proj(self, layer: nn.Module, out: torch.Tensor) -> torch.Tensor:
+        return self._project(layer.self_attn.o_proj, out)
+
+    def _project(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A plain linear through the measured choice of matmul; others (FP8) as they are."""
+        return self.linear(x, module.weight) if _plain(module) else module(x)
+
+    def measure_projections(self, batch_sizes) -> None:
+        """Time cuBLAS and the skinny kernel for the step's plain projection shapes (one layer's: all
+        layers share them) at each decode batch size; keep the faster per shape (CUDA only)."""
+        index, layer = 0, self.layers[0]
+        weights = [(p.weight, False) for p in (self.qkv_proj[index], self.gate_up_proj[index])
+                   if p is not None and _plain(p)]
+        weights += [(m.weight, silu) for m, silu in ((layer.self_attn.o_proj, False), (layer.mlp.down_proj, True))
+                    if _plain(m)]
+        self.linear.measure(weights, list(batch_sizes), self._silu_mul)
+        fp8 = [m for m in (self.qkv_proj[index], self.gate_up_proj[index], layer.self_attn.o_proj, layer.mlp.down_proj)
+               if isinstance(m, Fp8Linear) and hasattr(m.gemm, "measure")]
+        if fp8 and fp8[0].weight.device.type == "cuda":
+            fp8[0].gemm.measure([(m.weight, m.weight_scale_inv) for m in fp8], list(batch_sizes))
 
     @torch.no_grad()
     def step(self, input_ids: torch.Tensor, positions: torch.Tensor, active: torch.Tensor,
@@ -220,8 +270,8 @@ class Qwen3VLDecoder:
                 row_values = values[:, gather].view(kv_heads, rows, span, dim).transpose(0, 1)
                 out = F.scaled_dot_product_attention(query, row_keys, row_values, attn_mask=mask, scale=self.scaling)
             post = layer.post_attention_layernorm
-            hidden, normed = self._add_rms_norm(hidden, attn.o_proj(out.reshape(rows, heads * dim)), post.weight,
-                                                post.variance_epsilon)
+            hidden, normed = self._add_rms_norm(hidden, self._o_proj(layer, out.reshape(rows, heads * dim)),
+                                                post.weight, post.variance_epsilon)
             following = self.layers[index + 1].input_layernorm if index + 1 < len(self.layers) else self.norm
             hidden, normed = self._add_rms_norm(hidden, self._mlp(index, layer, normed), following.weight,
                                                 following.variance_epsilon)

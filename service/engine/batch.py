@@ -43,13 +43,16 @@ class Batch:
         self.slots: list[int] = []  # decoding rows
         self.jobs: list[PrefillJob] = []  # started, not prefilled yet, in order
         self._max_images = max_images_per_pass
+        self._forks: dict[int, list[Any]] = {}  # a started job's slot -> the owners of its request's other choices
         self._reserved_ceiling = reserved_ceiling
 
     @classmethod
-    def over(cls, model, cache: PagedKVCache, *, chunk: int | None = None, **runner_options) -> "Batch":
+    def over(cls, model, cache: PagedKVCache, *, chunk: int | None = None, like: "Batch | None" = None,
+             **runner_options) -> "Batch":
         """A batch decoding ``model`` from ``cache`` with eager steps (tests and tools; the engine's
-        start-up builds its own with compiled steps and CUDA graphs)."""
-        decoder = Qwen3VLDecoder(model, cache)
+        start-up builds its own with CUDA graphs); ``like``: with that batch's decoder options, so it
+        computes the same tokens (a different pool, the same arithmetic)."""
+        decoder = Qwen3VLDecoder(model, cache, **(like.runner.decoder.options if like else {}))
         prefiller = Qwen3VLPrefill(model, decoder) if chunk is None else Qwen3VLPrefill(model, decoder, chunk)
         return cls(DecodeRunner(decoder, **runner_options), prefiller)
 
@@ -66,12 +69,14 @@ class Batch:
     def chunk(self) -> int:
         return self.prefiller.chunk
 
-    def start(self, request: GenerationRequest, owner: Any) -> bool:
+    def start(self, request: GenerationRequest, owner: Any, forks: list[Any] = ()) -> bool:
         """Take a free slot and the blocks for the request's prompt and max_tokens (the leading ones
         shared from the prefix cache where it holds them) and queue its prefill; False (nothing
-        taken) when no slot or not enough blocks are free."""
+        taken) when no slot or not enough blocks are free. ``forks``: the owners of the request's
+        other choices, which get slots of their own once the prompt is prefilled (held from now)."""
         prompt = request.prompt
-        slot = self.cache.allocate(request.reserve, prompt.shareable_hashes)
+        slot = self.cache.allocate(request.reserve, prompt.shareable_hashes, forks=len(forks),
+                                   prompt_tokens=prompt.length)
         if slot is None:
             return False
         try:
@@ -80,8 +85,14 @@ class Batch:
         except BaseException:
             self.cache.free(slot)
             raise
+        self._forks[slot] = list(forks)
         self.jobs.append(job)
         return True
+
+    @property
+    def starting_rows(self) -> int:
+        """Rows the started requests will decode (a request of n choices: n)."""
+        return sum(1 + len(self._forks[job.slot]) for job in self.jobs)
 
     def prefill(self) -> tuple[list[Any], torch.Tensor | None, int]:
         """One prefill pass. Returns the owners of the prompts it finished (now the last rows, in
@@ -101,9 +112,14 @@ class Batch:
         if not done:
             return [], None, 0
         self.jobs = [job for job in self.jobs if not job.finished]
-        self.slots += [job.slot for job in done]
         cached = sum(self.cache.cached_tokens[job.slot] for job in done)
-        return [job.owner for job in done], torch.stack([job.logits for job in done]), cached
+        owners, logits = [], []
+        for job in done:  # a request's other choices follow it, forked from its prefilled slot
+            forks = self._forks.pop(job.slot)
+            self.slots += [job.slot] + self.cache.fork(job.slot)
+            owners += [job.owner] + forks
+            logits += [job.logits] * (1 + len(forks))
+        return owners, torch.stack(logits), cached
 
     def decode(self, tokens: list[int] | torch.Tensor) -> torch.Tensor:
         """Feed one token per row (host ints, or the previous step's tokens still on the device);
@@ -130,6 +146,7 @@ class Batch:
 
     def _drop_job(self, job: PrefillJob) -> None:
         self.jobs.remove(job)
+        self._forks.pop(job.slot, None)
         self.cache.free(job.slot)
 
     def _trim_allocator(self) -> None:

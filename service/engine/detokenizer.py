@@ -2,32 +2,42 @@
 
 Byte-level BPE tokens can end inside a UTF-8 character, so text is released only once it decodes
 cleanly (vLLM's prefix/read offset scheme). Text that might be the start of a stop string is held
-back until it is known not to be; a matched stop string ends the text before it (OpenAI's rule).
+back until it is known not to be; a matched stop string ends the text before it (OpenAI's rule),
+or after it with include_stop_str_in_output (vLLM's). Stop strings are matched by an automaton
+(service/engine/stops.py): the cost of a token is that of its new characters.
 """
 from __future__ import annotations
 
+from service.engine.stops import StopMatcher
+
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), *, include_stop: bool = False,
+                 skip_special_tokens: bool = True, matcher: StopMatcher | None = None):
         self._tokenizer = tokenizer
-        self._stop = tuple(s for s in stop if s)
+        self.eos_token_id = getattr(tokenizer, "eos_token_id", None)
+        stop = tuple(s for s in stop if s)
+        self._matcher = matcher if matcher is not None else (StopMatcher(stop) if stop else None)
+        self._include_stop = include_stop
+        self._skip = skip_special_tokens
         self._ids: list[int] = []
         self._prefix_offset = 0
         self._read_offset = 0
         self.text = ""
         self._emitted = 0
         self.stopped = False
+        self.stop_string: str | None = None  # the stop string that ended the text (vLLM's stop_reason)
 
-    def add(self, token_id: int) -> str:
-        """Append one token; return the text that is now safe to send (maybe "")."""
+    def add(self, token_id: int, *, check_stop: bool = True) -> str:
+        """Append one token; return the text that is now safe to send (maybe ""). ``check_stop``
+        False: a stop string completed now does not end the text (vLLM: not before min_tokens)."""
         if self.stopped:
             return ""
         self._ids.append(token_id)
-        decode = self._tokenizer.decode
-        prefix = decode(self._ids[self._prefix_offset:self._read_offset], skip_special_tokens=True)
-        full = decode(self._ids[self._prefix_offset:], skip_special_tokens=True)
+        prefix = self._decode(self._ids[self._prefix_offset:self._read_offset])
+        full = self._decode(self._ids[self._prefix_offset:])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            self.text += full[len(prefix):]
+            self._extend(full[len(prefix):], check_stop)
             self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
         return self._release()
 
@@ -35,40 +45,33 @@ class IncrementalDetokenizer:
         """At the end: everything not yet sent (held-back partial stop strings included)."""
         if not self.stopped and self._read_offset < len(self._ids):
             # An incomplete character at the very end: send what the tokenizer makes of it.
-            full = self._tokenizer.decode(self._ids[self._prefix_offset:], skip_special_tokens=True)
-            prefix = self._tokenizer.decode(self._ids[self._prefix_offset:self._read_offset], skip_special_tokens=True)
-            self.text += full[len(prefix):]
+            full = self._decode(self._ids[self._prefix_offset:])
+            prefix = self._decode(self._ids[self._prefix_offset:self._read_offset])
+            self._extend(full[len(prefix):], True)
             self._read_offset = len(self._ids)
-            self._check_stop()
         delta = self.text[self._emitted:]
         self._emitted = len(self.text)
         return delta
 
-    def _check_stop(self) -> None:
-        if not self._stop or self.stopped:
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
+
+    def _extend(self, new: str, check_stop: bool) -> None:
+        self.text += new
+        if self._matcher is None:
             return
-        longest = max(len(s) for s in self._stop)
-        start = max(0, self._emitted - longest + 1)
-        hits = [i for i in (self.text.find(s, start) for s in self._stop) if i >= 0]
-        if hits:
-            self.text = self.text[:min(hits)]
+        found = self._matcher.feed(new)
+        if found is not None and check_stop:
+            end, length = found  # `end`: the stop string's last character, counted over the text so far
+            self.stop_string = self.text[end - length + 1:end + 1]
+            cut = end + 1 if self._include_stop else end - length + 1
+            self.text = self.text[:max(cut, self._emitted)]  # text already sent stays sent
             self.stopped = True
 
     def _release(self) -> str:
-        self._check_stop()
         end = len(self.text)
-        if not self.stopped:
-            end -= self._partial_stop_suffix()
+        if not self.stopped and self._matcher is not None:
+            end -= min(self._matcher.pending, end - self._emitted)
         delta = self.text[self._emitted:end]
         self._emitted = max(self._emitted, end)
         return delta
-
-    def _partial_stop_suffix(self) -> int:
-        """Length of the longest tail of the text that begins some stop string."""
-        best = 0
-        for stop in self._stop:
-            for n in range(min(len(stop) - 1, len(self.text)), best, -1):
-                if self.text.endswith(stop[:n]):
-                    best = n
-                    break
-        return best

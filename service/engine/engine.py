@@ -21,15 +21,17 @@ import contextlib
 import sys
 import time
 
+import torch
+
 from service.decode import Qwen3VLDecoder
 from service.engine.loading import LoadedModel, load
 from service.engine.memory import ProcessMemory
 from service.engine.prompts import PromptBuilder
-from service.engine.requests import Completion, GenerationRequest, RequestHandle
+from service.engine.requests import Completion, GenerationRequest, Prompt, RequestHandle
 from service.engine.scheduler import Scheduler
 from service.engine.startup import build_batch, configure_torch
 from service.engine.structured import Constraint, Grammar, GrammarCompiler
-from service.errors import ModelUnavailable
+from service.errors import InvalidRequest, ModelUnavailable
 from service.metrics import ServiceMetrics
 from service.settings import ServiceSettings
 
@@ -54,7 +56,7 @@ class Engine:
         self.device = loaded.device
         self.dtype = loaded.dtype
         self.model_path = loaded.path
-        self.metrics = metrics or ServiceMetrics()
+        self.metrics = metrics or ServiceMetrics(settings.model_name)
         text_config = self.model.config.get_text_config()
         model_max = getattr(text_config, "max_position_embeddings", None) or settings.max_model_len
         self.max_model_len = min(settings.max_model_len, model_max)
@@ -65,8 +67,11 @@ class Engine:
         batch, self.plan = build_batch(self.model, self.prompts.largest(), settings, self.max_model_len, self.dtype,
                                        self.device, process_memory, self.startup_seconds)
         eos_ids = self._eos_ids()
-        self.scheduler = Scheduler(batch, settings, self.metrics, self.tokenizer, eos_ids, self.max_model_len)
-        self.grammars = GrammarCompiler(self.tokenizer, text_config.vocab_size, eos_ids)
+        self.scheduler = Scheduler(batch, settings, self.metrics, self.tokenizer, eos_ids, self.max_model_len,
+                                   self.prompts.vocab_size)
+        self.grammars = GrammarCompiler(self.tokenizer, self.prompts.vocab_size, eos_ids)
+        cache = batch.cache
+        self.metrics.kv_cache_usage.set_function(lambda: 1 - cache.free_blocks / max(cache.num_blocks, 1))
         self.ready = False
 
     @classmethod
@@ -115,24 +120,50 @@ class Engine:
         before decoding them; prepare checks again)."""
         self.prompts.check_image_count(count)
 
-    def prepare(self, messages: list[dict], images: list, *, tools: list[dict] | None = None,
-                grammar: Grammar | None = None, **sampling) -> GenerationRequest:
+    def prepare(self, messages: list[dict], images: list, *, grammar: Grammar | None = None,
+                **options) -> GenerationRequest:
         """Chat messages (HF format, images as {"type": "image"} parts) + PIL images -> a request.
 
-        CPU only (chat template, image processor, positions): call it from any thread. tools: the
-        function tools the chat template renders into the prompt; grammar: what the answer must
-        match (`compile_grammar`). ``sampling``: SamplingParams fields (max_tokens, temperature, ...);
-        None takes the model's default. Raises InvalidRequest for too many images or a prompt that
-        does not fit the context.
+        CPU only (chat template, image processor, positions): call it from any thread. ``options``:
+        SamplingParams fields (max_tokens, temperature, ...; None takes the model's default), and
+        the prompt's (PromptBuilder.request: chat_template_kwargs, add_generation_prompt, tools, ...).
+        grammar: what the answer must match (`compile_grammar`). Raises InvalidRequest for anything
+        about the request that cannot be served.
         """
-        request = self.prompts.request(messages, images, tools=tools, **sampling)
-        request.grammar = grammar
-        return request
+        return self._admissible(self.prompts.request(messages, images, **options), grammar)
 
     def compile_grammar(self, constraint: Constraint) -> Grammar:
         """A structured-output constraint compiled for this tokenizer (cached; any thread, CPU only).
         Raises InvalidRequest naming the constraint's field when it does not compile."""
         return self.grammars.compile(constraint)
+
+    def prepare_tokens(self, token_ids: list[int], *, cache_salt: str | None = None, grammar: Grammar | None = None,
+                       **sampling) -> GenerationRequest:
+        """A text prompt given as token ids (/v1/completions) -> a request."""
+        if any(not 0 <= t < self.prompts.vocab_size for t in token_ids):
+            raise InvalidRequest(f"prompt token ids must be in [0, {self.prompts.vocab_size})", param="prompt")
+        if any(t == self.prompts.image_token_id for t in token_ids):
+            raise InvalidRequest("a token-id prompt may not hold image placeholders", param="prompt")
+        prompt = self.prompts._prompt(torch.tensor(token_ids, dtype=torch.long), None, None, None, [], cache_salt)
+        return self._admissible(self.prompts.request_for(prompt, **sampling), grammar)
+
+    def prepare_text(self, text: str, *, add_special_tokens: bool = True, cache_salt: str | None = None,
+                     grammar: Grammar | None = None, **sampling) -> GenerationRequest:
+        """A plain text prompt (/v1/completions: no chat template) -> a request."""
+        prompt = self.prompts.build_text(text, [], add_special_tokens=add_special_tokens, cache_salt=cache_salt)
+        return self._admissible(self.prompts.request_for(prompt, **sampling), grammar)
+
+    def _admissible(self, request: GenerationRequest, grammar: Grammar | None = None) -> GenerationRequest:
+        """The request with its grammar; InvalidRequest for one the KV cache could never hold (it
+        would wait for ever)."""
+        cache = self.scheduler.batch.cache
+        n = request.params.n
+        if not cache.fits_at_all(request.reserve, n - 1, request.prompt_tokens):
+            raise InvalidRequest(f"n={n} choices of up to {request.reserve} tokens each need more KV cache than this "
+                                 f"server has ({cache.num_blocks * cache.block_size} tokens); lower n or max_tokens.",
+                                 param="n", kind="invalid_sampling")
+        request.grammar = grammar
+        return request
 
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None,
                arrived: float | None = None) -> RequestHandle:

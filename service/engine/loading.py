@@ -1,4 +1,4 @@
-"""Find the model on disk and load it once: weights (bf16 / fp32 / nf4) and processor.
+"""Find the model on disk and load it once: weights (bf16 / fp16 / fp32, Qwen's FP8, nf4) and processor.
 
 The model is a local directory or a hub id that is already in the local Hugging Face cache; this
 module never downloads (the hub may be unreachable, and a download belongs to `make download`).
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from service.engine.fp8_checkpoint import checkpoint_quantization, load_fp8_model
 from service.errors import ModelUnavailable
 from service.settings import ServiceSettings
 
@@ -24,7 +25,8 @@ class LoadedModel:
     processor: object  # a transformers ProcessorMixin
     path: Path
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # of the activations, and of every weight but FP8 ones
+    fp8: bool = False  # the decoder's linears are FP8 with block scales (service/decode/fp8.py)
 
 
 def resolve_model_path(model: str) -> Path:
@@ -62,8 +64,8 @@ def pick_device(settings: ServiceSettings) -> torch.device:
 def pick_dtype(settings: ServiceSettings, device: torch.device) -> torch.dtype:
     if settings.dtype != "auto":
         return getattr(torch, settings.dtype)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cuda":  # Turing (sm_75) only emulates bf16: fp16 there
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.float32
 
 
@@ -140,33 +142,44 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def load_model(path: Path, settings: ServiceSettings, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+def load_model(path: Path, device: torch.device, dtype: torch.dtype,
+               quantize: str = "none") -> tuple[torch.nn.Module, bool]:
+    """The model on ``device`` and whether its decoder is FP8: Qwen's -FP8 checkpoints, and bf16
+    ones with ``quantize="fp8"``, through fp8_checkpoint (transformers' FP8 path needs the hub);
+    the rest through transformers (``quantize="nf4"``: bitsandbytes 4-bit)."""
     from transformers import AutoModelForImageTextToText
 
+    stored_fp8 = checkpoint_quantization(_read_json(path / "config.json")) is not None
+    if stored_fp8 and quantize == "nf4":
+        raise ModelUnavailable(f"{path} is an FP8 checkpoint; --quantization nf4 quantizes bf16 checkpoints")
+    if stored_fp8 or quantize == "fp8":
+        return load_fp8_model(path, device, dtype, quantize=not stored_fp8), True
     kwargs: dict = {"dtype": dtype}
-    if settings.quantization == "nf4":
-        if device.type != "cuda":
-            raise ModelUnavailable("--quantization nf4 needs a CUDA GPU (bitsandbytes 4-bit runs on CUDA only)")
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise ModelUnavailable("--quantization nf4 needs bitsandbytes: pip install -e '.[service,nf4]'") from None
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-            # The vision tower is small and sensitive to quantization; keep it (and the head) in `dtype`.
-            llm_int8_skip_modules=["visual", "vision_tower", "lm_head"],
-        )
-        kwargs["device_map"] = {"": device.index or 0}
+    if quantize == "nf4":
+        kwargs.update(_nf4_options(device, dtype))
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelUnavailable(f"cannot load the model from {path}: {exc}") from exc
-    if settings.quantization != "nf4":
+    if quantize != "nf4":
         model.to(device)
-    return model.eval()
+    return model.eval(), False
+
+
+def _nf4_options(device: torch.device, dtype: torch.dtype) -> dict:
+    if device.type != "cuda":
+        raise ModelUnavailable("--quantization nf4 needs a CUDA GPU (bitsandbytes 4-bit runs on CUDA only)")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelUnavailable("--quantization nf4 needs bitsandbytes: pip install -e '.[service,nf4]'") from None
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
+        # The vision tower is small and sensitive to quantization; keep it (and the head) in `dtype`.
+        llm_int8_skip_modules=["visual", "vision_tower", "lm_head"])
+    return {"quantization_config": config, "device_map": {"": device.index or 0}}
 
 
 def load(settings: ServiceSettings) -> LoadedModel:
@@ -174,7 +187,7 @@ def load(settings: ServiceSettings) -> LoadedModel:
     path = resolve_model_path(settings.model)
     device = pick_device(settings)
     dtype = pick_dtype(settings, device)
-    log.info("loading %s on %s as %s%s", path, device, dtype, " (nf4)" if settings.quantization == "nf4" else "")
+    log.info("loading %s on %s as %s", path, device, dtype)
     processor = load_processor(path)
-    model = load_model(path, settings, device, dtype)
-    return LoadedModel(model=model, processor=processor, path=path, device=device, dtype=dtype)
+    model, fp8 = load_model(path, device, dtype, settings.quantization)
+    return LoadedModel(model=model, processor=processor, path=path, device=device, dtype=dtype, fp8=fp8)

@@ -2,7 +2,11 @@
 
 CPU work that touches no weights, so it runs on any thread (the HTTP layer runs it off the event
 loop) while the scheduler thread keeps the device busy. The rules of what a request may be (how
-many images, how long a prompt and its answer) are checked here, once.
+many images, how long a prompt and its answer, its sampling parameters) are checked here, once,
+and the work is bounded before it is done: a text longer than the context could hold is refused
+before it is tokenized (no token is longer than the vocabulary's longest entry), and stop and
+bad-word lists are capped. Whatever else fails while one request is prepared is that request's
+400: the processor's own errors on odd input included.
 """
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ from service.decode.cache import image_digest, prompt_block_hashes
 from service.engine.loading import image_kwargs
 from service.engine.requests import GenerationRequest, Prompt
 from service.engine.sampling import SamplingParams
-from service.errors import InvalidRequest
+from service.engine.stops import MAX_STOP_CHARS, MAX_STOP_STRINGS, StopMatcher
+from service.errors import InvalidRequest, ServiceError
 from service.settings import ServiceSettings
 from service.sizing import images_in_largest_request
 
@@ -28,7 +33,12 @@ class PromptBuilder:
         self._get_rope_index = model.model.get_rope_index
         self._image_kwargs = image_kwargs(processor, settings)
         self._takes_images = settings.max_images_per_request > 0 and hasattr(processor, "image_processor")
-        self.sampling_defaults = _sampling_defaults(getattr(model, "generation_config", None))
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.vocab_size = int(model.config.get_text_config().vocab_size)
+        # No token stands for more characters than the vocabulary's longest entry: a text longer than
+        # max_model_len of them cannot fit, whatever its tokens (bounds the tokenizer's work).
+        self._max_token_chars = max(len(t) for t in self.tokenizer.get_vocab())
+        self.sampling_defaults, self.default_max_tokens = _sampling_defaults(getattr(model, "generation_config", None))
 
     def check_image_count(self, count: int) -> None:
         """InvalidRequest when a request brings more images than the settings admit (callers may
@@ -39,19 +49,33 @@ class PromptBuilder:
                                  param="messages", kind="too_many_images")
 
     def request(self, messages: list[dict], images: list, *, max_tokens: int | None = None,
-                tools: list[dict] | None = None, **sampling: Any) -> GenerationRequest:
+                bad_words: tuple[str, ...] = (), chat_template_kwargs: dict | None = None,
+                add_generation_prompt: bool = True, continue_final_message: bool = False,
+                add_special_tokens: bool = False, cache_salt: str | None = None,
+                mm_processor_kwargs: dict | None = None, tools: list[dict] | None = None,
+                **sampling: Any) -> GenerationRequest:
         """A request the engine can run, or InvalidRequest. ``sampling``: SamplingParams fields; those
-        left None take the model's generation_config defaults, as vLLM does."""
+        left None take the model's generation_config defaults, as vLLM does (get_diff_sampling_param).
+        tools: the function tools the chat template shows the model."""
         self.check_image_count(len(images))
-        prompt = self.build(messages, images, tools)
+        prompt = self.build(messages, images, chat_template_kwargs=chat_template_kwargs, tools=tools,
+                            add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+                            add_special_tokens=add_special_tokens, cache_salt=cache_salt,
+                            mm_processor_kwargs=mm_processor_kwargs)
+        return self.request_for(prompt, max_tokens=max_tokens, bad_words=bad_words, **sampling)
+
+    def request_for(self, prompt: Prompt, *, max_tokens: int | None = None, bad_words: tuple[str, ...] = (),
+                    **sampling: Any) -> GenerationRequest:
+        """The request for a built prompt: its length checked against the context, its sampling
+        parameters validated (InvalidRequest names the field)."""
         length = prompt.length
+        if length == 0:
+            raise InvalidRequest("The prompt is empty.", param="prompt")
         if length >= self.max_model_len:
-            raise InvalidRequest(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, your request has "
-                f"{length} input tokens (text and images). Please reduce the length of the messages or images.",
-                param="messages", kind="prompt_too_long")
-        if max_tokens is None:
-            max_tokens = min(self.settings.max_tokens_default, self.max_model_len - length)
+            raise self.too_long(length)
+        room = self.max_model_len - length
+        if max_tokens is None:  # vLLM: the rest of the context, or the configured default if smaller
+            max_tokens = min(d for d in (room, self.settings.max_tokens_default, self.default_max_tokens) if d)
         elif length + max_tokens > self.max_model_len:
             raise InvalidRequest(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
@@ -59,31 +83,135 @@ class PromptBuilder:
                 "Please reduce the length of the messages or completion.",
                 param="max_tokens", kind="prompt_too_long")
         given = {k: v for k, v in sampling.items() if v is not None}
-        if "stop" in given:
-            given["stop"] = tuple(given["stop"])
+        for name in ("stop", "stop_token_ids", "allowed_token_ids"):
+            if name in given:
+                given[name] = tuple(given[name])
+        if "logit_bias" in given:
+            given["logit_bias"] = tuple(given["logit_bias"].items()) if isinstance(given["logit_bias"], dict) \
+                else tuple(given["logit_bias"])
+        stop = given.get("stop", ())
+        _check_list("stop", stop)
+        _check_list("bad_words", bad_words)
+        if bad_words:
+            given["bad_words_token_ids"] = self.bad_words_token_ids(bad_words)
         params = SamplingParams(max_tokens=max_tokens, **{**self.sampling_defaults, **given})
-        return GenerationRequest(prompt=prompt, params=params)
+        params.check_vocab(self.vocab_size)
+        if params.n > self.settings.max_batch_size:
+            raise InvalidRequest(f"n must be at most {self.settings.max_batch_size} (this server's max_batch_size: "
+                                 f"each choice is a batch row), got {params.n}.", param="n", kind="invalid_sampling")
+        return GenerationRequest(prompt=prompt, params=params, stop_matcher=StopMatcher(stop) if stop else None)
 
-    def build(self, messages: list[dict], images: list, tools: list[dict] | None = None) -> Prompt:
-        """Chat template (with the tools, when given) + processor + positions + prefix-cache hashes;
-        InvalidRequest when the processor refuses the input."""
+    def too_long(self, length: int, *, at_least: bool = False) -> InvalidRequest:
+        count = f"at least {length}" if at_least else str(length)
+        return InvalidRequest(
+            f"This model's maximum context length is {self.max_model_len} tokens. However, your request has "
+            f"{count} input tokens (text and images). Please reduce the length of the messages or images.",
+            param="messages", kind="prompt_too_long")
+
+    def bad_words_token_ids(self, words: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+        """vLLM's update_from_tokenizer: each word as it is tokenized at the start of a text, and
+        with a leading space where that makes another word token of the same length."""
+        out: list[tuple[int, ...]] = []
+        for word in words:
+            bare = tuple(self.tokenizer.encode(word.lstrip(), add_special_tokens=False))
+            spaced = tuple(self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+            for ids in (bare, spaced) if spaced and bare and spaced[0] != bare[0] and len(spaced) == len(bare) \
+                    else (bare,):
+                if ids:
+                    out.append(ids)
+        return tuple(out)
+
+    def render(self, messages: list[dict], *, chat_template_kwargs: dict | None = None,
+               add_generation_prompt: bool = True, continue_final_message: bool = False,
+               tools: list[dict] | None = None) -> str:
+        """The chat template's text (InvalidRequest when the template refuses the messages)."""
+        if continue_final_message and add_generation_prompt:
+            raise InvalidRequest("Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+                                 param="continue_final_message")
+        kwargs = dict(chat_template_kwargs or {})
+        reserved = {"messages", "tools", "documents", "chat_template", "tokenize", "add_generation_prompt",
+                    "continue_final_message", "return_dict", "return_assistant_tokens_mask"} & set(kwargs)
+        if reserved:
+            raise InvalidRequest(f"chat_template_kwargs may not set {sorted(reserved)}.", param="chat_template_kwargs")
         try:
-            text = self.processor.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
-            inputs = self.processor(text=[text], images=images or None, return_tensors="pt",
-                                    **(self._image_kwargs if images else {}))
-        except (ValueError, TypeError, KeyError) as exc:
-            raise InvalidRequest(f"cannot build the prompt: {exc}", param="messages") from exc
-        return self._prompt(inputs["input_ids"][0], inputs.get("pixel_values"), inputs.get("image_grid_thw"),
-                            inputs.get("mm_token_type_ids"), images)
+            return self.processor.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                                      continue_final_message=continue_final_message,
+                                                      tokenize=False, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - the template's errors on these messages are theirs
+            raise InvalidRequest(f"cannot apply the chat template: {type(exc).__name__}: {exc}",
+                                 param="messages") from None
 
-    def _prompt(self, input_ids: torch.Tensor, pixel_values, grid, token_types, images: list) -> Prompt:
+    def build(self, messages: list[dict], images: list, *, chat_template_kwargs: dict | None = None,
+              add_generation_prompt: bool = True, continue_final_message: bool = False,
+              add_special_tokens: bool = False, cache_salt: str | None = None,
+              mm_processor_kwargs: dict | None = None, tools: list[dict] | None = None) -> Prompt:
+        """Chat template (with the tools, when given) + processor + positions + prefix-cache hashes;
+        InvalidRequest when the input cannot make a prompt."""
+        text = self.render(messages, chat_template_kwargs=chat_template_kwargs, tools=tools,
+                           add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message)
+        return self.build_text(text, images, add_special_tokens=add_special_tokens, cache_salt=cache_salt,
+                               mm_processor_kwargs=mm_processor_kwargs)
+
+    def image_options(self, mm_processor_kwargs: dict | None) -> dict:
+        """The image processor's per-call options: the server's min/max pixels, or a request's own
+        within them (vLLM's mm_processor_kwargs; the memory plan holds for images of max_pixels at most)."""
+        options = dict(self._image_kwargs)
+        for name, value in (mm_processor_kwargs or {}).items():
+            if name not in ("min_pixels", "max_pixels") or name not in options:
+                raise InvalidRequest(f"mm_processor_kwargs.{name} is not supported: this server takes min_pixels "
+                                     "and max_pixels.", param="mm_processor_kwargs")
+            if isinstance(value, bool) or not isinstance(value, int) or not \
+                    self.settings.min_pixels <= value <= self.settings.max_pixels:
+                raise InvalidRequest(f"mm_processor_kwargs.{name} must be an integer between the server's min_pixels "
+                                     f"({self.settings.min_pixels}) and max_pixels ({self.settings.max_pixels}); "
+                                     f"got {value!r}.", param="mm_processor_kwargs")
+            options[name] = value
+        if options.get("min_pixels", 0) > options.get("max_pixels", 1 << 62):
+            raise InvalidRequest("mm_processor_kwargs: min_pixels is over max_pixels.", param="mm_processor_kwargs")
+        return options
+
+    def build_text(self, text: str, images: list, *, add_special_tokens: bool = False,
+                   cache_salt: str | None = None, mm_processor_kwargs: dict | None = None) -> Prompt:
+        """A prompt from its text (with one image placeholder per image)."""
+        image_options = self.image_options(mm_processor_kwargs)
+        if len(text) > self.max_model_len * self._max_token_chars:
+            raise self.too_long(-(-len(text) // self._max_token_chars), at_least=True)
+        self._check_placeholders(text, len(images))
+        try:
+            inputs = self.processor(text=[text], images=images or None, return_tensors="pt",
+                                    add_special_tokens=add_special_tokens, **(image_options if images else {}))
+            prompt = self._prompt(inputs["input_ids"][0], inputs.get("pixel_values"), inputs.get("image_grid_thw"),
+                                  inputs.get("mm_token_type_ids"), images, cache_salt)
+        except ServiceError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - StopIteration, IndexError ...: the processor refused this input
+            raise InvalidRequest(f"cannot build the prompt: {type(exc).__name__}: {exc}", param="messages") from None
+        prompt.text = text
+        return prompt
+
+    def _check_placeholders(self, text: str, images: int) -> None:
+        """The image placeholders the text spells must be the images' own: one per image (a user's
+        text spelling them too would leave the processor with placeholders and no image)."""
+        tokens = self.tokenizer
+        pad = tokens.convert_ids_to_tokens(self.image_token_id)
+        spelled = text.count(pad)
+        if images and spelled != images:
+            raise InvalidRequest(f"The prompt holds {spelled} image placeholder(s) {pad} for {images} image(s): "
+                                 f"the text of a message may not spell {pad}.", param="messages")
+        video = getattr(tokens, "video_token", None) or "<|video_pad|>"
+        if video in text:
+            raise InvalidRequest(f"Videos are not supported: the text may not spell {video}.", param="messages")
+
+    def _prompt(self, input_ids: torch.Tensor, pixel_values, grid, token_types, images: list,
+                cache_salt: str | None = None) -> Prompt:
         mrope, delta = None, 0
         if grid is not None:
             with torch.no_grad():
                 positions, deltas = self._get_rope_index(input_ids[None], mm_token_type_ids=token_types,
                                                          image_grid_thw=grid)
             mrope, delta = positions[:, 0], int(deltas.reshape(-1)[0])
-        hashes = prompt_block_hashes(input_ids, self.image_token_id, [image_digest(image) for image in images])
+        hashes = prompt_block_hashes(input_ids, self.image_token_id, [image_digest(image) for image in images],
+                                     salt=cache_salt.encode("utf-8") if cache_salt else b"")
         return Prompt(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=grid, mrope_positions=mrope,
                       rope_delta=delta, block_hashes=hashes)
 
@@ -122,11 +250,24 @@ class PromptBuilder:
         return self.request([{"role": "user", "content": content}], images, max_tokens=2, temperature=0.0)
 
 
-def _sampling_defaults(generation_config: Any) -> dict:
-    """Request defaults from the model's generation config, as vLLM does; OpenAI's otherwise."""
-    sampled = bool(getattr(generation_config, "do_sample", False))
-    return {
-        "temperature": float(getattr(generation_config, "temperature", None) or 1.0) if sampled else 1.0,
-        "top_p": float(getattr(generation_config, "top_p", None) or 1.0) if sampled else 1.0,
-        "top_k": int(getattr(generation_config, "top_k", None) or 0) if sampled else 0,
-    }
+def _sampling_defaults(generation_config: Any) -> tuple[dict, int | None]:
+    """The request defaults from the model's generation config, as vLLM takes them
+    (ModelConfig.get_diff_sampling_param): the values that differ from transformers' defaults, of
+    repetition_penalty, temperature, top_k, top_p and min_p (do_sample is not read); and its
+    max_new_tokens, the default max_tokens when a request sets none."""
+    diff = generation_config.to_diff_dict() if generation_config is not None else {}
+    defaults = {name: diff[name] for name in ("repetition_penalty", "temperature", "top_k", "top_p", "min_p")
+                if diff.get(name) is not None}
+    if "top_k" in defaults:
+        defaults["top_k"] = max(int(defaults["top_k"]), 0)
+    return defaults, diff.get("max_new_tokens")
+
+
+def _check_list(name: str, items: tuple[str, ...]) -> None:
+    """Stop strings and bad words: each costs work per generated token, so their lists are capped."""
+    if len(items) > MAX_STOP_STRINGS or sum(len(s) for s in items) > MAX_STOP_CHARS:
+        raise InvalidRequest(f"{name} may hold at most {MAX_STOP_STRINGS} strings of {MAX_STOP_CHARS} characters "
+                             f"in all; got {len(items)} of {sum(len(s) for s in items)}.", param=name,
+                             kind="invalid_sampling")
+    if any(not s for s in items):
+        raise InvalidRequest(f"{name} cannot contain an empty string.", param=name, kind="invalid_sampling")

@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 
+from service.engine.logits import TokenLogprob
 from service.engine.sampling import SamplingParams
+from service.engine.stops import StopMatcher
 from service.errors import ServiceError
 from service.sizing import BLOCK_SIZE
 
@@ -30,6 +32,7 @@ class Prompt:
     mrope_positions: torch.Tensor | None = None  # [3, L]; None: text positions 0..L-1
     rope_delta: int = 0  # next rotary position = length + rope_delta
     block_hashes: list[bytes] = field(default_factory=list)  # per full KV block, for the prefix cache
+    text: str | None = None  # the text it was tokenized from (the chat template's output)
 
     @property
     def length(self) -> int:
@@ -51,7 +54,16 @@ class GenerationRequest:
     prompt: Prompt
     params: SamplingParams
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
-    grammar: Grammar | None = None  # structured output: every run of the request gets its own matcher
+    stop_matcher: StopMatcher | None = None  # built from params.stop once, off the scheduler thread
+    grammar: Grammar | None = None  # structured output: every run (and choice) gets its own matcher
+
+    def __post_init__(self) -> None:
+        if self.stop_matcher is None and self.params.stop:
+            self.stop_matcher = StopMatcher(self.params.stop)
+
+    def new_stop_matcher(self) -> StopMatcher | None:
+        """A matcher for one choice's text."""
+        return None if self.stop_matcher is None else self.stop_matcher.fresh()
 
     @property
     def prompt_tokens(self) -> int:
@@ -61,23 +73,39 @@ class GenerationRequest:
     def reserve(self) -> int:
         """KV tokens the request may fill: its prompt and every token it may generate (prepare keeps
         that within max_model_len). The last token is fed once more by the step already in flight
-        when the row ends: it lands at position prompt + max_tokens - 1, inside the reservation."""
+        when the row ends: it lands at position prompt + max_tokens - 1, inside the reservation.
+        Each of n choices reserves as much (its prompt's full blocks shared: PagedKVCache.fork)."""
         return self.prompt_tokens + self.params.max_tokens
 
 
 @dataclass
 class Event:
-    """A piece of a request's output: text, and on the last event finish_reason (or error) and usage."""
+    """A piece of one choice's output: text (and its tokens, with their logprobs when asked), and on
+    the choice's last event finish_reason (or error), stop_reason and usage."""
 
     text: str = ""
     finish_reason: str | None = None
     error: ServiceError | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    index: int = 0  # the choice (n > 1)
+    stop_reason: int | str | None = None  # vLLM's: the stop token id or stop string that ended it
+    token_ids: list[int] = field(default_factory=list)  # the tokens behind this piece of text
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked for logprobs
 
     @property
     def last(self) -> bool:
+        """The last event of its choice."""
         return self.finish_reason is not None or self.error is not None
+
+    def merged(self, following: "Event") -> "Event":
+        """This event and the next one of the same choice as one."""
+        logprobs = None if self.logprobs is None and following.logprobs is None else \
+            (self.logprobs or []) + (following.logprobs or [])
+        return Event(text=self.text + following.text, finish_reason=following.finish_reason,
+                     prompt_tokens=following.prompt_tokens, completion_tokens=following.completion_tokens,
+                     index=self.index, stop_reason=following.stop_reason,
+                     token_ids=self.token_ids + following.token_ids, logprobs=logprobs)
 
 
 @dataclass
@@ -90,7 +118,8 @@ class Completion:
 
 
 class RequestHandle:
-    """The caller's side of a submitted request: iterate events (sync or async), or cancel."""
+    """The caller's side of a submitted request: iterate events (sync or async), or cancel. The
+    events of its n choices interleave; iteration ends once every choice has ended, or at an error."""
 
     def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None,
                  on_cancel: Callable[["RequestHandle"], None] = lambda handle: None, arrived: float | None = None):
@@ -98,7 +127,8 @@ class RequestHandle:
         self.id = request.id
         self.arrived = time.monotonic() if arrived is None else arrived  # TTFT and latency count from here
         self.first_token_at: float | None = None
-        self.token_ids: list[int] = []
+        self.choice_token_ids: list[list[int]] = [[] for _ in range(request.params.n)]
+        self._open = request.params.n  # choices not ended yet (the reader's side)
         self._on_cancel = on_cancel
         self._loop = loop
         self._queue: asyncio.Queue | queue.SimpleQueue = asyncio.Queue() if loop else queue.SimpleQueue()
@@ -114,6 +144,19 @@ class RequestHandle:
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 
+    @property
+    def token_ids(self) -> list[int]:
+        """The first choice's tokens so far."""
+        return self.choice_token_ids[0]
+
+    def _ends(self, event: Event) -> bool:
+        """Whether the reader has now seen the request's last event."""
+        if event.error is not None:
+            return True
+        if event.finish_reason is not None:
+            self._open -= 1
+        return self._open <= 0
+
     def push(self, event: Event) -> None:
         """Deliver an event (the engine's thread)."""
         if self._loop is None:
@@ -127,7 +170,7 @@ class RequestHandle:
         while True:
             event = self._queue.get()
             yield event
-            if event.last:
+            if self._ends(event):
                 return
 
     async def __aiter__(self):
@@ -138,12 +181,11 @@ class RequestHandle:
             event = await self._queue.get()
             while not event.last and not self._queue.empty():
                 following = self._queue.get_nowait()
-                if following.error is not None:
+                if following.error is not None or following.index != event.index:
                     yield event
                     event = following
                     break
-                event = Event(text=event.text + following.text, finish_reason=following.finish_reason,
-                              prompt_tokens=following.prompt_tokens, completion_tokens=following.completion_tokens)
+                event = event.merged(following)
             yield event
-            if event.last:
+            if self._ends(event):
                 return

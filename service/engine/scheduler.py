@@ -26,6 +26,7 @@ from collections import deque
 import torch
 
 from service.engine.batch import Batch, PrefillFailed
+from service.engine.logits import LogitsProcessors, StepLogprobs, TokenLogprob
 from service.engine.requests import Event, GenerationRequest, RequestHandle
 from service.engine.sampling import sample
 from service.engine.sequence import Sequence
@@ -38,18 +39,22 @@ log = logging.getLogger(__name__)
 
 
 class _Step:
-    """A decode step launched on the device: its rows, their sampled tokens, and a host copy on the way.
-    Launched with its logits only when some row has a grammar: `sampled` gives it its tokens later."""
+    """A decode step launched on the device: its rows, their sampled tokens (and logprobs, where
+    asked), and a host copy on the way. Launched with its logits only when some row has a grammar:
+    `sampled` gives it its tokens later."""
 
-    def __init__(self, rows: list[Sequence], tokens: torch.Tensor | None = None, logits: torch.Tensor | None = None):
+    def __init__(self, rows: list[Sequence], tokens: torch.Tensor | None = None, logprobs: StepLogprobs | None = None,
+                 logits: torch.Tensor | None = None):
         self.rows = rows
         self.logits = logits
         self.tokens: torch.Tensor | None = None
         if tokens is not None:
-            self.sampled(tokens)
+            self.sampled(tokens, logprobs)
 
-    def sampled(self, tokens: torch.Tensor) -> None:
-        self.tokens, self.logits = tokens, None
+    def sampled(self, tokens: torch.Tensor, logprobs: StepLogprobs | None = None) -> None:
+        self.tokens, self.logprobs, self.logits = tokens, logprobs, None
+        if logprobs is not None:
+            logprobs.to_host()
         if tokens.device.type == "cuda":
             self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             self._host.copy_(tokens, non_blocking=True)
@@ -63,16 +68,35 @@ class _Step:
             self._copied.synchronize()
         return self._host.tolist()
 
+    def host_entries(self, tokens: list[int]) -> list[TokenLogprob | None]:
+        return self.logprobs.entries(tokens) if self.logprobs is not None else [None] * len(tokens)
+
+
+def sample_rows(logits: torch.Tensor, rows: list[Sequence], generated: list[int],
+                grammar_mask: TokenMask | None = None) -> tuple[torch.Tensor, StepLogprobs | None]:
+    """The next token of each row (`generated`: the tokens each had before it), with the logits
+    processors of the rows that need them and the logprobs of those that asked. grammar_mask: the
+    tokens the structured-output rows may take, applied first, as vLLM's model runner applies it
+    (their logprobs see it too)."""
+    if grammar_mask is not None:
+        logits = grammar_mask.apply(logits)
+    processors = LogitsProcessors.for_rows([row.logits_state for row in rows], generated)
+    tokens = sample(logits, [row.params for row in rows], [row.generator for row in rows], processors)
+    if processors is not None:
+        processors.record(tokens)
+    return tokens, StepLogprobs.gather(logits, [row.wants_logprobs for row in rows], tokens)
+
 
 class Scheduler:
     def __init__(self, batch: Batch, settings: ServiceSettings, metrics: ServiceMetrics, tokenizer,
-                 eos_ids: frozenset[int], max_model_len: int):
+                 eos_ids: frozenset[int], max_model_len: int, vocab_size: int):
         self.batch = batch  # the tests' seam: a test may swap it (paused, nothing running) or wrap its methods
         self.settings = settings
         self.metrics = metrics
         self._tokenizer = tokenizer
         self._eos_ids = eos_ids
         self._max_model_len = max_model_len
+        self._vocab_size = vocab_size
         self._cv = threading.Condition()
         self._waiting: deque[tuple[GenerationRequest, RequestHandle]] = deque()
         self._rows: list[Sequence] = []
@@ -135,8 +159,8 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        """Requests in the batch: decoding, or started and prefilling."""
-        return len(self._rows) + len(self.batch.jobs)
+        """Rows in the batch: decoding, or started and prefilling (a request of n choices: n rows)."""
+        return len(self._rows) + self.batch.starting_rows
 
     def _cancel(self, handle: RequestHandle) -> None:
         with self._cv:
@@ -191,16 +215,16 @@ class Scheduler:
 
     def _admit(self) -> None:
         """Start queued requests, in order, while the batch has room and the next pass is not full."""
-        while self._waiting and self.running < self.settings.max_batch_size \
+        while self._waiting and self.running + self._waiting[0][0].params.n <= self.settings.max_batch_size \
                 and self.batch.prefill_tokens < self.batch.chunk:
             with self._cv:  # a racy peek is enough above: one queued now starts at the next iteration
                 if not self._waiting:
                     break
                 request, handle = self._waiting.popleft()
-            row = Sequence.start(request, handle, self._tokenizer, self.batch.cache.device, self._eos_ids,
-                                 self._max_model_len)
-            try:
-                started = self.batch.start(request, row)
+            try:  # everything of one request's start is its own: its error fails it alone
+                row = Sequence.start(request, handle, self._tokenizer, self.batch.cache.device, self._eos_ids,
+                                     self._max_model_len, self._vocab_size)
+                started = self.batch.start(request, row, row.forks)
             except BaseException as exc:  # noqa: BLE001 - this request fails; the others go on
                 self._fail([handle], exc)
                 continue
@@ -223,16 +247,18 @@ class Scheduler:
         if not rows:
             return
         try:
-            tokens = sample(logits, [row.params for row in rows], [row.generator for row in rows],
-                            TokenMask.of([row.grammar for row in rows])).tolist()
+            sampled, logprobs = sample_rows(logits, rows, [0] * len(rows), TokenMask.of([row.grammar for row in rows]))
+            tokens = sampled.tolist()
+            entries = logprobs.entries(tokens) if logprobs is not None else [None] * len(rows)
         except BaseException as exc:  # noqa: BLE001 - these requests fail; the running ones go on
             self.batch.keep(list(range(running)))
             self._fail([row.handle for row in rows], exc)
             return
+        self.metrics.prefix_cache_queries.inc(sum(row.prompt_tokens for row in rows if row.index == 0))
         self.metrics.prefix_cache_hits.inc(cached)
         self._rows.extend(rows)
-        for row, token in zip(rows, tokens):
-            self._deliver(row, token)
+        for row, token, entry in zip(rows, tokens, entries):
+            self._deliver(row, token, entry)
         done = {running + i for i, row in enumerate(rows) if row.finish_reason is not None}
         if done:
             self._retire(done)
@@ -269,31 +295,38 @@ class Scheduler:
         logits = self.batch.decode(tokens_in)
         if any(row.grammar is not None for row in rows):
             return _Step(rows, logits=logits)  # sampled by _sample_grammar_step, once the grammars have the last tokens
-        return _Step(rows, sample(logits, [row.params for row in rows], [row.generator for row in rows]))
+        # A row still in the previous step (its token not read yet) has one more token than it counts.
+        generated = [row.generated + (i is not None) for row, i in zip(rows, pending)]
+        return _Step(rows, *sample_rows(logits, rows, generated))
 
     def _sample_grammar_step(self, step: _Step) -> None:
         """Sample a launched step that has grammar rows: the previous step's tokens have advanced their
         matchers (collected just now, while this step's forward runs); rows that left meanwhile get no mask."""
         mask = TokenMask.of([None if row.retired else row.grammar for row in step.rows])
-        step.sampled(sample(step.logits, [row.params for row in step.rows], [row.generator for row in step.rows], mask))
+        step.sampled(*sample_rows(step.logits, step.rows, [row.generated for row in step.rows], mask))
 
     def _collect_step(self, step: _Step) -> None:
         """Read a launched step's tokens (waiting for it if need be), stream them, retire finished rows."""
-        for row, token in zip(step.rows, step.host_tokens()):
+        tokens = step.host_tokens()
+        for row, token, entry in zip(step.rows, tokens, step.host_entries(tokens)):
             if not row.retired:
-                self._deliver(row, token)
+                self._deliver(row, token, entry)
         done = {i for i, row in enumerate(self._rows) if row.finish_reason is not None}
         if done:
             self._retire(done)
 
-    def _deliver(self, row: Sequence, token: int) -> None:
+    def _deliver(self, row: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         """One new token for a row: its text to the caller; the request's metrics when it is the first or last."""
-        event = row.append(token)
+        event = row.append(token, logprob)
         self.metrics.generation_tokens.inc()
         handle = row.handle
+        now = time.monotonic()
         if handle.first_token_at is None:
-            handle.first_token_at = time.monotonic()
-            self.metrics.ttft.observe(handle.first_token_at - handle.arrived)
+            handle.first_token_at = now
+            self.metrics.ttft.observe(now - handle.arrived)
+        elif row.last_token_at is not None:
+            self.metrics.inter_token.observe(now - row.last_token_at)
+        row.last_token_at = now
         if event is not None:
             handle.push(event)
         if row.finish_reason is not None:

@@ -20,18 +20,17 @@ from typing import Any
 import torch
 
 from service.decode import DecodeRunner, PagedKVCache, Qwen3VLDecoder, Qwen3VLPrefill
-from service.decode.qwen3_step import fuse_linear_weights, text_model_of
+from service.decode.qwen3_step import fuse_linears, text_model_of
 from service.engine.batch import Batch
 from service.engine.memory import ProcessMemory
 from service.engine.requests import Prompt
 from service.errors import ModelUnavailable
 from service.settings import ServiceSettings
-from service.sizing import BLOCK_SIZE, GIB, KVPlan, blocks_for, plan_kv_blocks
+from service.sizing import BLOCK_SIZE, DECODE_BATCH_SIZES, GIB, KVPlan, blocks_for, plan_kv_blocks
 
 log = logging.getLogger(__name__)
 
 DEFAULT_COMPILE_CACHE = Path.home() / ".cache" / "vlkit" / "compile"
-DECODE_BATCH_SIZES = (1, 2, 4, 8, 16, 32)  # decode graphs captured (up to max_batch_size)
 
 
 def configure_torch(settings: ServiceSettings) -> Path:
@@ -65,8 +64,8 @@ def build_batch(model: Any, largest: Prompt, settings: ServiceSettings, max_mode
     plan = None
     if on_cuda:
         for layer in text_model_of(model).layers:  # one matmul each, in place, before memory is measured
-            fuse_linear_weights([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
-            fuse_linear_weights([layer.mlp.gate_proj, layer.mlp.up_proj])
+            fuse_linears([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
+            fuse_linears([layer.mlp.gate_proj, layer.mlp.up_proj])
         plan = plan_memory(model, largest, settings, max_model_len, dtype, device, memory)
     cache = PagedKVCache(model.config, settings.max_batch_size, max_model_len, plan.blocks if plan else None,
                          dtype=dtype, device=device)
@@ -79,6 +78,7 @@ def build_batch(model: Any, largest: Prompt, settings: ServiceSettings, max_mode
     ceiling = None
     if on_cuda:
         started = time.perf_counter()
+        decoder.measure_projections(runner.batch_sizes)  # before capture: the graphs keep what it chose
         if settings.cuda_graphs:
             runner.capture()  # its warm-up compiles each batch size first
         else:
@@ -102,7 +102,7 @@ def plan_memory(model: Any, largest: Prompt, settings: ServiceSettings, max_mode
         raise ModelUnavailable(
             f"the largest request this configuration admits ({largest.length} tokens with {largest.images} image(s) "
             f"of up to {settings.max_pixels} pixels) does not fit the GPU: lower --max-model-len, --max-pixels "
-            "or --max-images-per-request, or use --quantization nf4") from None
+            "or --max-images-per-request, or use a smaller or FP8 checkpoint") from None
     block_bytes = PagedKVCache.bytes_per_token(model.config, dtype) * BLOCK_SIZE
     plan = plan_kv_blocks(budget_bytes=int(settings.memory_budget_gib * GIB), resident_bytes=memory.used(),
                           prefill_peak_bytes=peak, block_bytes=block_bytes, max_len=max_model_len,
@@ -112,8 +112,8 @@ def plan_memory(model: Any, largest: Prompt, settings: ServiceSettings, max_mode
         raise ModelUnavailable(
             f"--memory-budget-gib {settings.memory_budget_gib} leaves no room for one sequence of "
             f"--max-model-len {max_model_len} tokens ({need / GIB:.2f} GiB of KV cache): {plan.describe()}. "
-            "Lower --max-model-len, --max-pixels or --max-images-per-request, use --quantization nf4, or raise "
-            "the budget if the card has room")
+            "Lower --max-model-len, --max-pixels or --max-images-per-request, use a smaller or FP8 checkpoint, "
+            "or raise the budget if the card has room")
     return plan
 
 

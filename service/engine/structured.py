@@ -69,12 +69,35 @@ def json_grammar_schema(schema: Any, *, compact: bool = False, whitespace_patter
     return closed
 
 
+_ASCII_CLASSES = {"\\d": "[0-9]", "\\D": "[^0-9]", "\\w": "[0-9A-Za-z_]", "\\W": "[^0-9A-Za-z_]"}
+
+
+def ecma_regex(pattern: str) -> str:
+    """The regex with \\d and \\w as ECMAScript reads them (JSON Schema's dialect, and xgrammar's):
+    ASCII only. The Rust regex llguidance runs takes them as Unicode classes (any script's digits)."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern[i] == "\\" and i + 1 < len(pattern):
+            escape = pattern[i:i + 2]
+            out.append(_ASCII_CLASSES.get(escape, escape))  # nested in a class too: Rust regex takes [a[0-9]]
+            i += 2
+        else:
+            out.append(pattern[i])
+            i += 1
+    return "".join(out)
+
+
 def _close_objects(node: Any) -> None:
+    """Objects closed, patterns read as ECMAScript's (in place)."""
     if isinstance(node, dict):
         for value in node.values():
             _close_objects(value)
         if "additionalProperties" not in node and ("properties" in node or "patternProperties" in node):
             node["additionalProperties"] = False
+        if isinstance(node.get("pattern"), str):
+            node["pattern"] = ecma_regex(node["pattern"])
+        if isinstance(node.get("patternProperties"), dict):
+            node["patternProperties"] = {ecma_regex(k): v for k, v in node["patternProperties"].items()}
     elif isinstance(node, list):
         for item in node:
             _close_objects(item)
@@ -160,8 +183,9 @@ class TokenMask:
             grammars[i].fill(bitmask, k)
         return cls(rows, bitmask)
 
-    def apply(self, logits: torch.Tensor) -> None:
-        """Set the logits of the tokens a grammar row may not take to -inf (in place)."""
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits with those of the tokens a grammar row may not take at -inf (a new tensor: the
+        decode step's own output buffer is left as it is)."""
         device = logits.device
         shifts = self._shifts.get(device)
         if shifts is None:
@@ -170,10 +194,10 @@ class TokenMask:
         vocab = logits.shape[1]
         allowed = ((bits.unsqueeze(-1) >> shifts) & 1).view(len(self.rows), -1)[:, :vocab].bool()
         if len(self.rows) == logits.shape[0]:
-            logits.masked_fill_(~allowed, float("-inf"))
-            return
-        index = torch.tensor(self.rows, device=device)
-        logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+            return logits.masked_fill(~allowed, float("-inf"))
+        blocked = torch.zeros(logits.shape, dtype=torch.bool, device=device)
+        blocked[torch.tensor(self.rows, device=device)] = ~allowed
+        return logits.masked_fill(blocked, float("-inf"))
 
 
 class GrammarCompiler:
@@ -258,7 +282,7 @@ def _llguidance_grammar(constraint: Constraint) -> str:
         schema = json_grammar_schema(schema, compact=constraint.compact, whitespace_pattern=constraint.whitespace_pattern)
         return llguidance.LLMatcher.grammar_from_json_schema(schema)
     if kind == "regex":
-        return llguidance.LLMatcher.grammar_from_regex(spec)
+        return llguidance.LLMatcher.grammar_from_regex(ecma_regex(spec))
     if kind == "choice":
         return llguidance.grammar_from("choice", spec)
     if kind == "grammar":

@@ -1,0 +1,268 @@
+"""`vlkit up` (make up), the user's first command: checks and the plan first, then build if needed,
+start through docker compose, wait for readiness with a progress line, and print how to call it.
+When something fails it shows the container's last log lines and what they mean."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from scripts import images
+from scripts.hf_cache import hub_cache
+from scripts.planner import options
+from scripts.stack import compose as cp
+from scripts.stack import docker as dk
+from scripts.stack import preflight
+from scripts.stack.client import examples, probe
+from scripts.stack.diagnose import diagnose
+from scripts.usage import command, setting
+from wsl.host import detect_platform
+
+GIB = 1024 ** 3
+CPU_PLAN_MEMORY = 8 * GIB   # CPU mode plans as for an 8 GB card (the profile it tests)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=False, highlight=False)
+
+
+def plan(args: argparse.Namespace):
+    """The plan for `args` (the shared plan options); CPU mode plans the 8gb profile for an 8 GB card."""
+    from scripts.planner import plan_for
+
+    if args.cpu:
+        args = argparse.Namespace(**{**vars(args), "profile": "8gb",
+                                     "gpu_memory": args.gpu_memory or CPU_PLAN_MEMORY})
+    return plan_for(**options.plan_kwargs(args))
+
+
+def _launch(args: argparse.Namespace, plan) -> cp.Launch:
+    return cp.Launch(profile=plan.profile, model=args.model, port=args.port,
+                     service_env={k: str(v) for k, v in (plan.service_env or {}).items()},
+                     vllm_args=[str(a) for a in (plan.vllm_args or [])], cpu=args.cpu,
+                     vllm_env=images.vllm_env(detect_platform().kind) if plan.profile == "16gb" else {},
+                     hf_cache=hub_cache(), api_key=os.environ.get("VLKIT_API_KEY") or None)
+
+
+def _show_plan_refusal(plan) -> None:
+    preflight.error(f"the plan for {plan.model} does not fit this card ({plan.profile} profile).")
+    if plan.refusal:
+        print(f"  next step: {plan.refusal}", file=sys.stderr)
+    print(f"  `{command('plan')}` shows the whole budget.", file=sys.stderr)
+
+
+def _gate(plan) -> bool:
+    from wsl.health import gate
+
+    result = gate(plan.required_free_bytes)
+    if result.ok:
+        return True
+    preflight.error("the GPU health check failed, nothing was started:")
+    for reason in result.reasons:
+        print(f"  - {reason}", file=sys.stderr)
+    for fix in result.fixes:
+        print(f"  fix: {fix}", file=sys.stderr)
+    return False
+
+
+def _env_header(launch: cp.Launch) -> str:
+    return (f"Written by `vlkit up` from the plan ({launch.profile} profile, {launch.model}); "
+            f"regenerated on every start.\nEdit the plan's inputs (`{command('up', model='...', context='...')}`), "
+            "not this file.")
+
+
+def _print_failure(launch: cp.Launch, text: str, cid: str | None) -> None:
+    con = _console()
+    logs = dk.logs_tail(cid, 40) if cid else ""
+    if logs.strip():
+        con.print(f"[bold]last log lines of {launch.service}:[/bold]")
+        print(logs.rstrip(), flush=True)  # unwrapped, as the container wrote them
+    found = diagnose(text + "\n" + logs)
+    for d in found:
+        con.print(f"[bold red]cause:[/bold red] {d.cause}", markup=True)
+        con.print(f"[bold green]fix:[/bold green] {d.fix}", markup=True)
+    if not found:
+        con.print(f"Not a known cause. Full logs: `{command('logs')}`; checks: `{command('doctor')}`.")
+
+
+def wait_ready(launch: cp.Launch, timeout: float, poll: float = 1.0) -> tuple[bool, str]:
+    """Poll the readiness URL while watching the container; (ready, what went wrong)."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    deadline = time.monotonic() + timeout
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  transient=False) as progress:
+        task = progress.add_task(f"starting {launch.service} ({launch.model})", total=None)
+        while time.monotonic() < deadline:
+            status = probe(launch.ready_url, timeout=2)
+            if status == 200:
+                progress.update(task, description=f"{launch.service} is ready")
+                return True, ""
+            cid = dk.container_id(launch.service)
+            state = dk.container_state(cid) if cid else None
+            if state is None:
+                return False, "the container is gone"
+            if state.status in ("exited", "dead") or state.restarts > 0 or state.status == "restarting":
+                return False, f"the container stopped (exit code {state.exit_code}) {state.error}"
+            if state.health == "unhealthy":
+                return False, "the container's health check failed"
+            phase = "loading the model" if status == 503 else "starting the server"
+            last = dk.logs_tail(cid, 1).strip().splitlines()
+            detail = f": {last[-1][:90]}" if last else ""
+            progress.update(task, description=f"{launch.service}: {phase}{detail}")
+            time.sleep(poll)
+    return False, f"not ready after {timeout:.0f} s"
+
+
+def _refused_before_planning(args: argparse.Namespace) -> int | None:
+    """The exit code when the command line itself cannot work, after saying why."""
+    if args.cpu and args.profile == "16gb":
+        preflight.error(f"{setting('cpu')} runs the 8gb service without a GPU; vLLM (16gb) needs a GPU: "
+                        f"`{command('up', profile='8gb', cpu=True)}`.")
+        return 2
+    if preflight.looks_like_a_path(args.model) and not Path(args.model).expanduser().is_dir():
+        preflight.error(f"{setting('model', args.model)}: no such folder (a hub id looks like "
+                        "Qwen/Qwen3-VL-2B-Instruct).")
+        return 2
+    return None
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    args.model = args.model or options.default_model()
+    code = _refused_before_planning(args)
+    if code is not None:
+        return code
+    try:
+        planned = plan(args)
+    except options.NoGpu as e:
+        if args.dry_run:
+            preflight.error(f"no NVIDIA GPU answers here ({e}): give the card's size to plan for, "
+                            f"`{command('up', gpu_memory='8GiB', dry_run=True)}`.")
+        else:
+            preflight.error(preflight.no_gpu_line(str(e), "nothing was started"))
+        return 2 if args.dry_run else 3
+    except (ValueError, FileNotFoundError, LookupError) as e:
+        preflight.error(f"cannot plan for {args.model}: {e}")
+        print(f"  `{command('doctor')}` checks the driver, the GPU and Docker.", file=sys.stderr)
+        return 2
+    if not planned.fits:
+        _show_plan_refusal(planned)
+        return 2
+    launch = _launch(args, planned)
+    if launch.local_model_dir and launch.profile == "8gb":
+        problem = preflight.model_folder_problem(launch.local_model_dir)
+        if problem:
+            preflight.error(problem)
+            return 2
+    if args.dry_run:
+        return _print_dry_run(args, launch)
+    if not args.cpu and not args.skip_gate:
+        missing = preflight.gpu_missing() if args.gpu_memory else None  # else planning found the GPU
+        if missing:
+            preflight.error(preflight.no_gpu_line(missing, "nothing was started"))
+            return 3
+        if not _gate(planned):
+            return 3
+    if not preflight.docker_ok():
+        return 1
+    if not args.cpu and not args.skip_gate:
+        problem = preflight.docker_gpu_problem(cp.run(["docker", "info", "--format", "{{json .}}"], capture=True).stdout)
+        if problem:
+            preflight.error(problem)
+            return 1
+    if not launch.local_model_dir and not args.no_download:
+        from scripts.stack.download import DownloadError, download
+
+        try:
+            download(launch.model)
+        except DownloadError as e:
+            preflight.error(str(e))
+            return 1
+    return _start(args, launch)
+
+
+def _start(args: argparse.Namespace, launch: cp.Launch) -> int:
+    from scripts.stack.build import build
+
+    why = dk.needs_build(launch.profile)
+    if why and args.no_build:
+        preflight.error(f"{why}; run `{command('build', profile=launch.profile)}` (or drop {setting('no_build')}).")
+        return 1
+    if why:
+        print(f"building: {why}", flush=True)
+        code = build([launch.profile])
+        if code:
+            return code
+    env = launch.interpolation_env()
+    cp.write_atomic(cp.ENV_FILE, cp.render_env_file(launch.env_file_values(), _env_header(launch)))
+    cp.write_atomic(cp.OVERRIDE_FILE, launch.override_text())
+    Path(env["VLKIT_HF_CACHE"]).mkdir(parents=True, exist_ok=True)  # bind source: the host's hub cache
+    cp.run(cp.compose_cmd(None, "rm", "--stop", "--force", *launch.other_services()), env=env, capture=True)
+    res = cp.run(launch.compose_up(), env=env, capture=True)
+    if res.returncode != 0:
+        preflight.error("docker compose could not start the service:")
+        print((res.stderr or res.stdout).strip(), file=sys.stderr)
+        _print_failure(launch, res.stderr + res.stdout, dk.container_id(launch.service))
+        return 1
+    ok, why = wait_ready(launch, args.timeout)
+    if not ok:
+        cid = dk.container_id(launch.service)
+        preflight.error(f"{launch.service} did not become ready: {why}")
+        _print_failure(launch, why, cid)
+        cp.run(cp.compose_cmd(launch.profile, "stop", launch.service), env=env, capture=True)
+        print(f"stopped {launch.service}; `{command('logs')}` shows everything, `{command('down')}` removes it.",
+              file=sys.stderr)
+        return 1
+    con = _console()
+    con.print(f"\n[bold green]vlkit is up[/bold green]: {launch.url}/v1  (model: {launch.served_model_name}, "
+              f"{launch.profile} profile{', CPU mode' if launch.cpu else ''})")
+    # Plain print: rich would wrap the long lines to the terminal and break copy-paste.
+    print(examples(launch.url, launch.served_model_name, api_key=bool(launch.api_key)))
+    print(f"Next: `{command('caption', image='photo.jpg')}`, `{command('status')}`, `{command('logs')}`, "
+          f"`{command('down')}`.")
+    return 0
+
+
+def _print_dry_run(args: argparse.Namespace, launch: cp.Launch) -> int:
+    compose = launch.compose_up()
+    env_values = launch.env_file_values()
+    if args.json:
+        print(json.dumps({"profile": launch.profile, "model": launch.model, "compose": compose,
+                          "container_command": launch.container_command(), "env_file": env_values,
+                          "override": launch.override(), "interpolation": launch.interpolation_env(),
+                          "url": launch.url}, indent=2, default=str))
+        return 0
+    print(f"profile: {launch.profile}   model: {launch.model}   url: {launch.url}/v1")
+    print(f"compose: {cp.quote(compose)}")
+    print(f"container command: {cp.quote(launch.container_command())}")
+    if env_values:
+        print(f"env file {cp.ENV_FILE}:")
+        for k in sorted(env_values):
+            print(f"  {k}={env_values[k]}")
+    print(f"override {cp.OVERRIDE_FILE}:")
+    print("  " + launch.override_text().rstrip().replace("\n", "\n  "))
+    print("(dry run: nothing was built, written or started)")
+    return 0
+
+
+def register(subparsers) -> None:
+    up = subparsers.add_parser("up", help="plan, build if needed, start and wait until the API is ready")
+    options.add(up, "profile", "model", "context", "gpu_memory", "gpu_memory_utilization")
+    # A string default: argparse converts it only when `up` runs, so a bad VLKIT_PORT is a clear error
+    # there instead of a crash of every command.
+    up.add_argument("--port", type=options.port, default=os.environ.get("VLKIT_PORT", str(cp.DEFAULT_PORT)),
+                    help="host port, bound to 127.0.0.1 (default 8000)")
+    up.add_argument("--dry-run", action="store_true", help="print the compose and container commands; start nothing")
+    up.add_argument("--json", action="store_true", help="with --dry-run: machine-readable")
+    up.add_argument("--no-build", action="store_true", help="fail instead of building a missing image")
+    up.add_argument("--no-download", action="store_true", help="do not fetch the model into the cache first")
+    up.add_argument("--cpu", action="store_true",
+                    help="try it without a GPU: the 8gb service on the CPU, no GPU reservation (slow)")
+    up.add_argument("--skip-gate", action="store_true", help="start even when the GPU health check fails")
+    up.add_argument("--timeout", type=options.at_least(1), default=1800, help="seconds to wait for readiness")
+    up.set_defaults(func=cmd_up)

@@ -1,0 +1,43 @@
+"""The engine's token logprobs in vLLM's response shapes: the chat API's `logprobs.content` and the
+completions API's `tokens` / `token_logprobs` / `top_logprobs` / `text_offset`."""
+from __future__ import annotations
+
+from service.api.protocol import ChoiceLogProbs, LogProb, LogProbsContent
+from service.engine.logits import TokenLogprob
+
+FLOOR = -9999.0  # vLLM's: -inf (a banned token) is reported as this
+
+
+def token_text(tokenizer, token_id: int, as_ids: bool) -> str:
+    """vLLM's: the token decoded alone, or "token_id:<id>" (return_tokens_as_token_ids)."""
+    return f"token_id:{token_id}" if as_ids else tokenizer.decode([token_id])
+
+
+def _entry(tokenizer, token_id: int, logprob: float, as_ids: bool) -> LogProb:
+    text = token_text(tokenizer, token_id, as_ids)
+    return LogProb(token=text, logprob=max(logprob, FLOOR), bytes=list(text.encode("utf-8", errors="replace")))
+
+
+def chat_logprobs(entries: list[TokenLogprob], tokenizer, as_ids: bool) -> ChoiceLogProbs:
+    content = []
+    for entry in entries:
+        first = _entry(tokenizer, entry.token_id, entry.logprob, as_ids)
+        top = [_entry(tokenizer, t, lp, as_ids) for t, lp in entry.top]
+        content.append(LogProbsContent(**first.model_dump(), top_logprobs=top))
+    return ChoiceLogProbs(content=content)
+
+
+def completion_logprobs(entries: list[TokenLogprob], tokenizer, as_ids: bool, offset: int = 0) -> dict:
+    """vLLM's CompletionLogProbs for these tokens; ``offset``: the characters of text before them."""
+    tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
+    for entry in entries:
+        text = token_text(tokenizer, entry.token_id, as_ids)
+        tokens.append(text)
+        token_logprobs.append(max(entry.logprob, FLOOR))
+        top = {token_text(tokenizer, t, as_ids): max(lp, FLOOR) for t, lp in entry.top}
+        top.setdefault(text, max(entry.logprob, FLOOR))  # vLLM's top logprobs include the sampled token
+        top_logprobs.append(top)
+        text_offset.append(offset)
+        offset += len(text)
+    return {"text_offset": text_offset, "token_logprobs": token_logprobs, "tokens": tokens,
+            "top_logprobs": top_logprobs}

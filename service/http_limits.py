@@ -1,0 +1,118 @@
+"""The HTTP server's limits on slow and oversized clients: uvicorn's own settings where it has them,
+and the little it has no setting for.
+
+uvicorn's settings (`uvicorn_config`):
+- `timeout_keep_alive`: an idle keep-alive connection is closed after this many seconds;
+- `limit_concurrency`: past this many connections (or running requests) a new request gets 503 at
+  once, so connections held by slow clients cannot starve the others of the event loop;
+- `timeout_graceful_shutdown`: at shutdown, requests still running after this are cancelled.
+What uvicorn (0.54, httptools parser) cannot do: put a deadline on a request's head (request line
+and headers) or its body, or cap the head's size and header count (h11's max_incomplete_event_size
+caps only the size, and only with the pure-Python h11 parser, half as fast when streaming). So:
+- `LimitedHttpToolsProtocol` (here): uvicorn's httptools protocol with a deadline for each head
+  (408, `head_timeout_seconds`), a cap on its bytes and on its header count (431);
+- the body's deadline is the route's (service/api/routes.py `read_body`: 408 after
+  `body_timeout_seconds`), where the body is read.
+"""
+from __future__ import annotations
+
+import asyncio
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+STATUS = {408: b"HTTP/1.1 408 Request Timeout\r\n", 431: b"HTTP/1.1 431 Request Header Fields Too Large\r\n"}
+
+
+class LimitedHttpToolsProtocol(HttpToolsProtocol):
+    """Set by `limited_protocol`: the head's deadline (s), its bytes and its header count at most."""
+
+    head_timeout: float = 10.0
+    max_head_bytes: int = 65536
+    max_headers: int = 100
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._deadline: asyncio.TimerHandle | None = None
+        self._refused: int | None = None
+        self._head_bytes = 0
+        super().connection_made(transport)
+        self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(self.head_timeout, self._head_expired)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _head_expired(self) -> None:
+        self._deadline = None
+        if self.cycle is None or self.cycle.response_complete:  # no request running: the head is late
+            self._send_status(408, "The request head did not arrive in time.")
+
+    def _send_status(self, status: int, message: str) -> None:
+        if self.transport.is_closing():
+            return
+        body = message.encode()
+        self.transport.write(STATUS[status] + b"content-type: text/plain; charset=utf-8\r\nconnection: close\r\n"
+                             + b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        self.transport.close()
+
+    def _count(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > self.max_head_bytes:
+            self._refuse(f"The request head is over {self.max_head_bytes} bytes.")
+
+    def _refuse(self, message: str) -> None:
+        self._refused = 431
+        self._refused_message = message
+        raise ValueError(message)  # stops the parser; uvicorn answers through send_400_response
+
+    def send_400_response(self, msg: str) -> None:
+        if self._refused is not None:
+            self._send_status(self._refused, self._refused_message)
+        else:
+            super().send_400_response(msg)
+
+    def on_message_begin(self) -> None:
+        self._head_bytes = 0
+        super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4)
+        if len(self.headers) >= self.max_headers:
+            self._refuse(f"The request has more than {self.max_headers} headers.")
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm()  # the next request on this connection has its own deadline
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+
+def limited_protocol(head_timeout: float, max_head_bytes: int, max_headers: int) -> type[LimitedHttpToolsProtocol]:
+    return type("LimitedHttpToolsProtocol", (LimitedHttpToolsProtocol,),
+                {"head_timeout": head_timeout, "max_head_bytes": max_head_bytes, "max_headers": max_headers})
+
+
+def uvicorn_config(app, settings):
+    """The server's uvicorn.Config (python -m service and the tests' server alike)."""
+    import uvicorn
+
+    protocol = limited_protocol(settings.head_timeout_seconds, settings.max_header_bytes, settings.max_headers)
+    return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level, http=protocol,
+                          timeout_keep_alive=5, limit_concurrency=settings.max_connections,
+                          timeout_graceful_shutdown=30)

@@ -1,0 +1,92 @@
+"""The skinny GEMM of the decode step (service/decode/gemv.py) against F.linear, and the choice
+between it and cuBLAS. On a machine without a GPU the kernel runs in Triton's interpreter
+(tests/conftest.py sets TRITON_INTERPRET), in float32: the same program, checked element by element."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from service.decode.gemv import LinearChoice, skinny_linear  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+def silu_mul(gate, up):
+    return F.silu(gate) * up
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("rows, n, k", [(1, 48, 64), (3, 100, 130), (7, 33, 70), (16, 64, 256)])
+def test_skinny_linear_is_f_linear(rows, n, k, silu, dtype):
+    torch.manual_seed(rows * n + k)
+    weight = torch.randn(n, k, device=DEVICE, dtype=dtype)
+    x = torch.randn(rows, 2 * k if silu else k, device=DEVICE, dtype=dtype)
+    out = skinny_linear(x, weight, silu_mul=silu)
+    expected = F.linear(silu_mul(*x.float().chunk(2, dim=-1)) if silu else x.float(), weight.float())
+    assert out.shape == (rows, n) and out.dtype == dtype
+    error = ((out.float() - expected).norm() / expected.norm()).item()
+    assert error < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_skinny_linear_refuses_shapes_it_does_not_compute():
+    weight = torch.randn(8, 16, device=DEVICE)
+    with pytest.raises(ValueError):
+        skinny_linear(torch.randn(17, 16, device=DEVICE), weight)  # more rows than one tile
+    with pytest.raises(ValueError):
+        skinny_linear(torch.randn(2, 16, device=DEVICE), weight, silu_mul=True)  # silu_mul wants [M, 2K]
+
+
+def test_a_choice_routes_only_the_chosen_shapes_to_the_kernel(monkeypatch):
+    calls = []
+    import service.decode.gemv as gemv
+
+    monkeypatch.setattr(gemv, "skinny_linear", lambda *a, **k: calls.append(a[0].shape) or skinny_linear(*a, **k))
+    choice = LinearChoice()
+    weight = torch.randn(24, 32, device=DEVICE)
+    x = torch.randn(2, 64, device=DEVICE)
+    expected = F.linear(silu_mul(*x.chunk(2, dim=-1)), weight)
+    assert torch.allclose(choice(x, weight, activation=silu_mul), expected, atol=1e-5) and not calls
+    choice._triton.add((2, 24, 32, True))  # as measure() keeps a shape the kernel ran faster
+    assert torch.allclose(choice(x, weight, activation=silu_mul), expected, atol=1e-5) and calls == [(2, 64)]
+    assert torch.allclose(choice(x[:, :32], weight), F.linear(x[:, :32], weight), atol=1e-5)  # another key
+    assert calls == [(2, 64)]
+    choice.measure([(weight, False)], [1, 2], silu_mul)  # nothing to time without a GPU: no choice changes
+    assert choice._triton == {(2, 24, 32, True)} or DEVICE == "cuda"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, tests/test_decode_step.py runs the real kernels")
+def test_the_decode_step_on_the_triton_kernels_decodes_like_transformers():
+    """The step with the Triton split-KV attention and every projection on the skinny kernel
+    (interpreted): greedy tokens and logits as transformers' own decoding."""
+    from tests.test_decode_step import batch_inputs, hf_greedy, text_prompt, tiny_config
+    from service.decode import DecodeRunner, PagedKVCache, Qwen3VLDecoder, prefill
+    from transformers import Qwen3VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    model = Qwen3VLForConditionalGeneration(tiny_config()).eval()
+    rows = [text_prompt(9, seed=1), text_prompt(14, seed=2)]
+    inputs = batch_inputs(rows)
+    cache = PagedKVCache(model.config, 2, 128, dtype=torch.float32, device="cpu")  # 64-token blocks, as the kernel walks
+    decoder = Qwen3VLDecoder(model, cache, attention="triton", fuse_projections=True)
+    layer = decoder.layers[0]
+    for m in (1, 2):
+        for weight, silu in ((decoder.qkv_proj[0].weight, False), (decoder.gate_up_proj[0].weight, False),
+                             (layer.self_attn.o_proj.weight, False), (layer.mlp.down_proj.weight, True)):
+            decoder.linear._triton.add((m, weight.shape[0], weight.shape[1], silu))
+    runner = DecodeRunner(decoder, context_step=64)
+    pf = prefill(model, **inputs)
+    slots = [cache.allocate(40) for _ in rows]
+    for row, slot in enumerate(slots):
+        cache.load_prefill(slot, pf.past_key_values, pf.lengths[row], row=row, rope_delta=pf.rope_deltas[row])
+    tokens, logits = [pf.logits.argmax(-1)], [pf.logits]
+    for _ in range(5):
+        logits.append(runner.decode(slots, tokens[-1].tolist()).clone())
+        tokens.append(logits[-1].argmax(-1))
+    ref_tokens, ref_logits = hf_greedy(model, 6, inputs)
+    assert torch.equal(torch.stack(tokens, 1), ref_tokens)
+    assert (torch.stack(logits) - ref_logits).abs().max() < 1e-4

@@ -1,0 +1,327 @@
+"""Hostile input against the real server (uvicorn, tiny Qwen3-VL): every case gets its own clear
+answer (a 4xx naming the cause, or a normal 200 where the input is odd but valid) and the server
+keeps serving everyone else. The cases of issue 15 first, then their siblings."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import random
+import socket
+import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from PIL import Image, ImageOps
+
+from tests.conftest import API_KEY, SERVED_NAME, png_data_url
+from tests.test_service_api import assert_error, assert_still_serves, image_part, raw_post, user
+
+
+def data_url(image_bytes: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(image_bytes).decode()
+
+
+def encoded(image: Image.Image, fmt: str = "PNG", **save) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **save)
+    return buf.getvalue()
+
+
+def corrupt_exif_jpeg() -> bytes:
+    """A JPEG whose pixels decode but whose EXIF block makes PIL's exif_transpose raise."""
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F], exif[0x8769] = 6, "camera", {0x9003: "2020:01:01 00:00:00"}
+    good = encoded(Image.new("RGB", (64, 48), (10, 200, 30)), "JPEG", exif=exif.tobytes())
+    start, size = good.index(b"Exif\x00\x00") + 6, len(exif.tobytes())
+    rnd = random.Random(0)
+    warnings.simplefilter("ignore")
+    for _ in range(5000):
+        bad = bytearray(good)
+        for _ in range(rnd.randint(1, 4)):
+            bad[rnd.randrange(start, start + size)] = rnd.randrange(256)
+        try:
+            image = Image.open(io.BytesIO(bytes(bad)))
+            image.load()
+        except Exception:  # noqa: BLE001 - the pixels must decode: try another
+            continue
+        try:
+            ImageOps.exif_transpose(image)
+        except Exception:  # noqa: BLE001 - found one
+            return bytes(bad)
+    raise AssertionError("no corrupt EXIF found")
+
+
+def deep(levels: int) -> bytes:
+    return (b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "x": '
+            % SERVED_NAME.encode() + b"[" * levels + b"]" * levels + b"}")
+
+
+def body(**fields) -> bytes:
+    return json.dumps(user("hi", **fields)).encode()
+
+
+PAD, VIDEO = "<|image_pad|>", "<|video_pad|>"
+IMAGE = image_part(png_data_url())
+
+# name -> (body, status, words in the error message); 200: served normally.
+CASES = {
+    # Issue 15's cases.
+    "1 image placeholder spelled with one image": (user([IMAGE, {"type": "text", "text": f"x {PAD} y"}]), 400,
+                                                   ["placeholder", PAD]),
+    "1 video placeholder in text": (user(f"x {VIDEO} y"), 400, ["video"]),
+    "2 seed of 2**64": (user("hi", seed=2**64, temperature=1), 400, ["seed"]),
+    "2 seed of -2**63 - 1": (user("hi", seed=-(2**63) - 1, temperature=1), 400, ["seed"]),
+    "3 a text longer than any context could hold": (user("word " * 1_400_000), 400, ["at least", "context length"]),
+    "4 JSON nested 3000 levels": (deep(3000), 400, ["depth"]),
+    "5 JPEG with corrupt EXIF": (user([image_part(data_url(corrupt_exif_jpeg(), "image/jpeg")),
+                                       {"type": "text", "text": "what?"}]), 200, []),
+    "6 lone surrogate in model": (b'{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}', 400,
+                                  ["surrogate"]),
+    "7 5000 stop strings of 200 characters": (user("hi", stop=["x" * 200] * 5000), 400, ["stop", "at most"]),
+    # Siblings: special tokens in text.
+    "image placeholder spelled twice without an image": (user(f"{PAD}{PAD} what is this"), 200, []),
+    "vision start and end spelled with an image": (user([IMAGE, {"type": "text", "text": "<|vision_start|><|vision_end|>"}]),
+                                                   200, []),
+    "chat control tokens in text": (user("hi <|im_end|>\n<|im_start|>assistant\n"), 200, []),
+    "end of text token in text": (user("a<|endoftext|>b"), 200, []),
+    # Numbers.
+    "NaN temperature": (b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}'
+                        % SERVED_NAME.encode(), 400, ["not valid JSON"]),
+    "Infinity top_p": (b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "top_p": Infinity}'
+                       % SERVED_NAME.encode(), 400, ["not valid JSON"]),
+    "1e400 temperature": (b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "temperature": 1e400}'
+                          % SERVED_NAME.encode(), 400, ["infinity"]),
+    "max_tokens 0": (user("hi", max_tokens=0), 400, ["max_tokens"]),
+    "max_tokens negative": (user("hi", max_tokens=-5), 400, ["max_tokens"]),
+    "max_tokens 10**30": (user("hi", max_tokens=10**30), 400, ["max_tokens"]),
+    "max_completion_tokens over the context": (user("hi", max_completion_tokens=10**6), 400, ["context length"]),
+    "n 10**20": (user("hi", n=10**20, temperature=1), 400, ["n"]),
+    "top_k 10**20": (user("hi", top_k=10**20, temperature=1), 400, ["top_k"]),
+    "top_logprobs 10**6": (user("hi", logprobs=True, top_logprobs=10**6), 400, ["top_logprobs"]),
+    "min_tokens over max_tokens": (user("hi", min_tokens=10), 400, ["min_tokens"]),
+    "logit_bias key out of the vocabulary": (user("hi", logit_bias={"99999999999999999999": 5}), 400, ["logit_bias"]),
+    "logit_bias key not a number": (user("hi", logit_bias={"abc": 5}), 400, ["logit_bias"]),
+    "allowed_token_ids 10**20": (user("hi", allowed_token_ids=[10**20]), 400, ["allowed_token_ids"]),
+    "allowed_token_ids empty": (user("hi", allowed_token_ids=[]), 400, ["allowed_token_ids"]),
+    "stop_token_ids -1": (user("hi", stop_token_ids=[-1]), 400, ["stop_token_ids"]),
+    "presence_penalty 3": (user("hi", presence_penalty=3), 400, ["presence_penalty"]),
+    "repetition_penalty 0": (user("hi", repetition_penalty=0), 400, ["repetition_penalty"]),
+    "fractional max_tokens": (user("hi", max_tokens=4.5), 400, ["max_tokens"]),
+    # Strings and lists.
+    "an empty stop string": (user("hi", stop=[""]), 400, ["empty"]),
+    "unicode stop strings": (user("hi", stop=["\U0001F600", "\u00e9", "\u4e2d"]), 200, []),
+    "stop strings at the cap": (user("hi", stop=[f"{i:03d}" + "z" * 60 for i in range(256)]), 200, []),
+    "an empty bad word": (user("hi", bad_words=[""]), 400, ["empty"]),
+    "1000 bad words": (user("hi", bad_words=["ab"] * 1000), 400, ["bad_words"]),
+    "an empty content list": (user([]), 200, []),
+    "an empty text part": (user([{"type": "text", "text": ""}]), 200, []),
+    "a text part without text": (user([{"type": "text"}]), 400, ["field required"]),
+    "a part that is a string": (user(["hello"]), 400, ["dictionary"]),
+    "content a number": (user(5), 400, ["content"]),
+    "an unknown role": ({"model": SERVED_NAME, "messages": [{"role": "wizard", "content": "hi"}]}, 400, ["role"]),
+    "messages a string": ({"model": SERVED_NAME, "messages": "hi"}, 400, ["messages"]),
+    "chat_template_kwargs setting tokenize": (user("hi", chat_template_kwargs={"tokenize": True}), 400,
+                                              ["chat_template_kwargs"]),
+    # The body.
+    "duplicated keys: the last wins": (b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], '
+                                       b'"max_tokens": 999999, "max_tokens": 2}' % SERVED_NAME.encode(), 200, []),
+    "invalid UTF-8": (b'{"model": "%s", "messages": [{"role": "user", "content": "\xff\xfe"}]}'
+                      % SERVED_NAME.encode(), 400, ["UTF-8"]),
+    "a lone surrogate in text": (b'{"model": "%s", "messages": [{"role": "user", "content": "\\udfff"}]}'
+                                 % SERVED_NAME.encode(), 400, ["surrogate"]),
+    "a JSON array": (b"[1, 2]", 400, ["JSON object"]),
+    "an empty body": (b"", 400, ["not valid JSON"]),
+    "JSON nested 900 levels in an unknown field": (deep(900), 200, []),
+    # Images.
+    "an image of 1x100000 pixels": (user([image_part(data_url(encoded(Image.new("RGB", (1, 100000)))))]), 400,
+                                    ["aspect ratio"]),
+    "a data URL that says PNG and holds a JPEG": (user([image_part(data_url(encoded(Image.new("RGB", (40, 40)), "JPEG")))]),
+                                                  200, []),
+    "a data URL that says PNG and holds text": (user([image_part(data_url(b"just some text, not pixels"))]), 400,
+                                                ["not an image"]),
+    "three 1x1 images": (user([image_part(data_url(encoded(Image.new("RGB", (1, 1)))))] * 3), 200, []),
+    "many tiny images": (user([image_part(data_url(encoded(Image.new("RGB", (1, 1)))))] * 50), 400, ["at most"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_hostile_input_gets_its_own_answer_and_the_server_keeps_serving(server, case):
+    request, status, words = CASES[case]
+    response = raw_post(server, request)
+    if status == 200:
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    else:
+        error = assert_error(response, status, *words)
+        assert error["type"] == "BadRequestError"
+    assert_still_serves(server)
+
+
+def test_a_bad_seed_among_requests_admitted_together_fails_only_itself(server):
+    """Issue 15 #2: the seed used to be applied in the admission of a whole group."""
+    good = [user(f"fine {i}", max_tokens=6) for i in range(3)]
+    with ThreadPoolExecutor(4) as pool:
+        with server.engine.paused():  # the good ones wait to be admitted together
+            futures = [pool.submit(raw_post, server, b) for b in good]
+            bad = pool.submit(raw_post, server, user("bad", seed=2**64, temperature=1))
+            assert_error(bad.result(timeout=30), 400, "seed")
+            deadline = time.monotonic() + 10
+            while server.engine.queue_depth < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        assert [f.result(timeout=60).status_code for f in futures] == [200, 200, 200]
+
+
+def test_a_huge_prompt_does_not_hold_the_others_back(server):
+    """Issue 15 #3: a text far over the context is refused before it is tokenized, while others run."""
+    normal = user("a normal question", max_tokens=16)
+    with ThreadPoolExecutor(2) as pool:
+        huge = pool.submit(raw_post, server, user("word " * 1_400_000))
+        answer = raw_post(server, normal)
+        assert_error(huge.result(timeout=60), 400, "at least")
+    assert answer.status_code == 200
+
+
+def _raw_socket(server) -> socket.socket:
+    host, port = server.base_url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    return sock
+
+
+def _read_status(sock: socket.socket) -> int:
+    data = b""
+    while b"\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return int(data.split(b" ")[1]) if data else 0
+
+
+def test_a_trickled_request_head_is_cut_off_with_408(server):
+    sock = _raw_socket(server)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+    started = time.monotonic()
+    for _ in range(100):  # one header byte at a time, slower than the head's deadline allows
+        try:
+            sock.sendall(b"X")
+        except OSError:
+            break
+        time.sleep(0.1)
+        if time.monotonic() - started > server.settings.head_timeout_seconds + 2:
+            break
+    assert _read_status(sock) == 408
+    sock.close()
+    assert_still_serves(server)
+
+
+def test_a_trickled_body_is_cut_off_with_408(server):
+    payload = body(max_tokens=2)
+    sock = _raw_socket(server)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer " + API_KEY.encode() + b"\r\nContent-Length: "
+                 + str(len(payload)).encode() + b"\r\n\r\n")
+    stop = threading.Event()
+
+    def trickle():
+        for byte in payload[:-1]:
+            if stop.is_set():
+                return
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                return
+            time.sleep(0.1)
+
+    sender = threading.Thread(target=trickle)
+    sender.start()
+    try:
+        assert _read_status(sock) == 408
+    finally:
+        stop.set()
+        sender.join()
+        sock.close()
+    assert_still_serves(server)
+
+
+@pytest.mark.parametrize("headers", [{"X-Big": "a" * (1024 * 1024)}, {f"X-{i}": "v" for i in range(10_000)}],
+                         ids=["1 MB header", "10000 headers"])
+def test_oversized_heads_are_refused_with_431(server, headers):
+    sock = _raw_socket(server)
+    head = b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"".join(f"{k}: {v}\r\n".encode() for k, v in headers.items())
+    try:
+        sock.sendall(head + b"\r\n")
+    except OSError:
+        pass  # the server may close before it has all
+    assert _read_status(sock) == 431
+    sock.close()
+    assert httpx.get(server.base_url + "/health").status_code == 200
+
+
+def test_a_stop_iteration_off_the_event_loop_reaches_its_request():
+    """asyncio cannot set a StopIteration on a future: awaited through to_thread, the request would
+    never answer. off_loop carries it as a RuntimeError."""
+    import asyncio
+
+    from service.api.offload import off_loop
+
+    def processor_like():
+        raise StopIteration
+
+    with pytest.raises(RuntimeError, match="StopIteration"):
+        asyncio.run(asyncio.wait_for(off_loop(processor_like), 10))
+
+
+def test_a_chunked_body_over_the_limit_is_413_before_it_is_all_read(server):
+    limit = server.settings.max_request_bytes
+
+    def chunks():
+        yield b'{"model": "x", "messages": [{"role": "user", "content": "'
+        for _ in range(limit // 65536 + 2):
+            yield b"a" * 65536
+
+    response = httpx.post(server.base_url + "/v1/chat/completions", content=chunks(),
+                          headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+                          timeout=60)
+    assert_error(response, 413, "limit")
+    assert_still_serves(server)
+
+
+def test_the_api_key_guards_tokenize_and_detokenize_but_not_version(server):
+    assert httpx.post(server.base_url + "/tokenize", json={"prompt": "hi"}).status_code == 401
+    assert httpx.post(server.base_url + "/detokenize", json={"tokens": [1]}).status_code == 401
+    assert httpx.get(server.base_url + "/version").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def small_server(tiny_model_dir):
+    from service.settings import ServiceSettings
+    from tests.conftest import free_port, start_server
+
+    settings = ServiceSettings(model=str(tiny_model_dir), host="127.0.0.1", port=free_port(), max_model_len=256,
+                               min_pixels=3136, max_pixels=16384, warmup=False, log_level="warning",
+                               max_connections=4, head_timeout_seconds=1.5)
+    running, stop = start_server(settings)
+    yield running
+    stop()
+
+
+def test_connections_held_by_slow_clients_are_bounded_and_dropped(small_server):
+    """Slowloris: as many half-sent heads as max_connections allows; past it a request is refused
+    at once (503) instead of waiting; once the heads' deadline passes they are gone, and requests
+    are served again."""
+    held = []
+    for _ in range(small_server.settings.max_connections):
+        sock = _raw_socket(small_server)
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        held.append(sock)
+    time.sleep(0.2)
+    assert httpx.get(small_server.base_url + "/health", timeout=10).status_code == 503
+    assert all(_read_status(sock) == 408 for sock in held)  # cut off at the head's deadline
+    for sock in held:
+        sock.close()
+    time.sleep(0.2)
+    assert httpx.get(small_server.base_url + "/health", timeout=10).status_code == 200

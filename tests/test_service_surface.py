@@ -1,0 +1,273 @@
+"""vLLM's request surface on the real server, through the openai SDK where it has the field: each
+field shown by its effect; /v1/completions, /tokenize, /detokenize, /version, /health; the Grafana
+dashboard's series on /metrics."""
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import API_KEY, SERVED_NAME, png_data_url
+from tests.test_service_api import assert_error, image_part, metric
+
+REPO = Path(__file__).resolve().parents[1]
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def chat(server, content="Tell me about the street.", **fields) -> dict:
+    body = {"model": SERVED_NAME, "messages": [{"role": "user", "content": content}], "max_tokens": 8,
+            "temperature": 0, **fields}
+    response = httpx.post(server.base_url + "/v1/chat/completions", json=body, headers=AUTH, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def post(server, path: str, body: dict) -> httpx.Response:
+    return httpx.post(server.base_url + path, json=body, headers=AUTH, timeout=60)
+
+
+# ---- chat fields ----------------------------------------------------------------------------------
+
+
+def test_logprobs_and_top_logprobs_in_openais_shape(server):
+    reply = server.client().chat.completions.create(
+        model=SERVED_NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0,
+        logprobs=True, top_logprobs=2)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    assert "".join(c.token for c in content) == reply.choices[0].message.content
+    for c in content:
+        assert len(c.top_logprobs) == 2 and c.top_logprobs[0].token == c.token  # greedy: the top one
+        assert c.logprob == pytest.approx(c.top_logprobs[0].logprob) and c.bytes == list(c.token.encode())
+    as_ids = chat(server, "hi", logprobs=True, max_tokens=3, return_tokens_as_token_ids=True, return_token_ids=True)
+    choice = as_ids["choices"][0]
+    assert [c["token"] for c in choice["logprobs"]["content"]] == [f"token_id:{t}" for t in choice["token_ids"]]
+
+
+def test_n_choices_non_streamed_and_streamed(server):
+    client = server.client()
+    reply = client.chat.completions.create(model=SERVED_NAME, messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=6, temperature=1.0, seed=5, n=3)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert reply.usage.completion_tokens == 18
+    stream = client.chat.completions.create(model=SERVED_NAME, messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=6, temperature=1.0, seed=5, n=3, stream=True,
+                                            stream_options={"include_usage": True})
+    texts, finished = {}, set()
+    for chunk in stream:
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+            if c.finish_reason:
+                finished.add(c.index)
+        if chunk.usage:
+            assert chunk.usage.completion_tokens == 18
+    assert finished == {0, 1, 2}
+    assert [texts[i] for i in range(3)] == [c.message.content for c in reply.choices]
+
+
+def test_prompt_fields_change_the_prompt(server):
+    plain = chat(server, [image_part(png_data_url()), {"type": "text", "text": "what?"}], return_prompt_text=True)
+    assert plain["prompt_text"].endswith("<|im_start|>assistant\n")
+    vision_id = chat(server, [image_part(png_data_url()), {"type": "text", "text": "what?"}], return_prompt_text=True,
+                     chat_template_kwargs={"add_vision_id": True})
+    assert "Picture 1: " in vision_id["prompt_text"] and "Picture 1" not in plain["prompt_text"]
+    assert vision_id["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"]
+    messages = [{"role": "user", "content": "Say a word."}, {"role": "assistant", "content": "The word is"}]
+    body = {"model": SERVED_NAME, "messages": messages, "max_tokens": 4, "temperature": 0, "return_prompt_text": True}
+    continued = post(server, "/v1/chat/completions", {**body, "add_generation_prompt": False,
+                                                      "continue_final_message": True, "echo": True}).json()
+    assert continued["prompt_text"].endswith("The word is")  # open: no <|im_end|> after it
+    assert continued["choices"][0]["message"]["content"].startswith("The word is")  # echo: the last message first
+    no_prompt = post(server, "/v1/chat/completions", {**body, "add_generation_prompt": False}).json()
+    assert no_prompt["prompt_text"].endswith("<|im_end|>\n")
+    special = chat(server, "hi", add_special_tokens=True, return_token_ids=True)
+    assert special["prompt_token_ids"] == chat(server, "hi", return_token_ids=True)["prompt_token_ids"]  # Qwen: no BOS
+
+
+def test_mm_processor_kwargs_resize_within_the_servers_limits(server):
+    content = [image_part(png_data_url(128, 128)), {"type": "text", "text": "what?"}]
+    full = chat(server, content)["usage"]["prompt_tokens"]
+    smaller = chat(server, content, mm_processor_kwargs={"max_pixels": 64 * 64})["usage"]["prompt_tokens"]
+    assert full - smaller == 16 - 4  # 128x128 -> 4x4 merged image tokens; at 64x64 -> 2x2
+    too_big = {"model": SERVED_NAME, "messages": [{"role": "user", "content": content}],
+               "mm_processor_kwargs": {"max_pixels": server.settings.max_pixels + 1}}
+    assert_error(post(server, "/v1/chat/completions", too_big), 400, "max_pixels")
+    odd = {**too_big, "mm_processor_kwargs": {"do_resize": False}}
+    assert_error(post(server, "/v1/chat/completions", odd), 400, "do_resize")
+
+
+def test_request_id_token_ids_and_stop_reason(server):
+    reply = chat(server, "hi", request_id="my-id-42", return_token_ids=True, max_tokens=5)
+    assert reply["id"] == "chatcmpl-my-id-42"
+    assert len(reply["choices"][0]["token_ids"]) == reply["usage"]["completion_tokens"] == 5
+    assert len(reply["prompt_token_ids"]) == reply["usage"]["prompt_tokens"]
+    stop_id = reply["choices"][0]["token_ids"][2]
+    stopped = chat(server, "hi", stop_token_ids=[stop_id], max_tokens=5)["choices"][0]
+    assert stopped["finish_reason"] == "stop" and stopped["stop_reason"] == stop_id
+
+
+def test_sampling_fields_reach_the_engine(server):
+    base = chat(server, "hi", return_token_ids=True, max_tokens=12)["choices"][0]["token_ids"]
+    forced = chat(server, "hi", return_token_ids=True, max_tokens=6, logit_bias={"77": 100})["choices"][0]
+    assert set(forced["token_ids"]) == {77}
+    allowed = chat(server, "hi", return_token_ids=True, max_tokens=6, allowed_token_ids=[5, 9])["choices"][0]
+    assert set(allowed["token_ids"]) <= {5, 9}
+    for fields in ({"repetition_penalty": 3.0}, {"frequency_penalty": 2.0}, {"presence_penalty": 2.0},
+                   {"bad_words": [server.engine.tokenizer.decode([base[0]])]}):
+        changed = chat(server, "hi", return_token_ids=True, max_tokens=12, **fields)["choices"][0]["token_ids"]
+        assert changed != base, fields
+    sampled = [chat(server, "hi", temperature=2.0, min_p=1.0, seed=s, max_tokens=8)["choices"][0]["message"]["content"]
+               for s in (1, 2)]
+    assert sampled[0] == sampled[1] == chat(server, "hi")["choices"][0]["message"]["content"]
+    eos = min(server.engine._eos_ids())
+    held = chat(server, "hi", logit_bias={str(eos): 100}, min_tokens=4, max_tokens=8)
+    assert held["usage"]["completion_tokens"] == 5 and held["choices"][0]["finish_reason"] == "stop"
+    ignored = chat(server, "hi", logit_bias={str(eos): 100}, ignore_eos=True, max_tokens=4)
+    assert ignored["usage"]["completion_tokens"] == 4
+
+
+def test_skip_special_tokens_false_shows_them(server):
+    vision_start = server.engine.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    fields = {"logit_bias": {str(vision_start): 100}, "max_tokens": 2}
+    assert chat(server, "hi", **fields)["choices"][0]["message"]["content"] == ""
+    shown = chat(server, "hi", skip_special_tokens=False, **fields)["choices"][0]["message"]["content"]
+    assert shown == "<|vision_start|><|vision_start|>"
+
+
+def test_stop_strings_and_include_stop_str_in_output(server):
+    full = chat(server, "Tell me a story.", max_tokens=24)["choices"][0]["message"]["content"]
+    stop = next(full[i:i + 2] for i in range(3, len(full) - 2) if full[i:i + 2].strip() and "\ufffd" not in full[i:i + 2])
+    kept = chat(server, "Tell me a story.", max_tokens=24, stop=[stop], include_stop_str_in_output=True)["choices"][0]
+    assert kept["message"]["content"] == full[:full.index(stop) + len(stop)] and kept["stop_reason"] == stop
+
+
+def test_continuous_usage_stats_put_the_usage_on_every_chunk(server):
+    body = {"model": SERVED_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    with httpx.stream("POST", server.base_url + "/v1/chat/completions", json=body, headers=AUTH) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    content = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
+    assert content and all(c["usage"]["completion_tokens"] >= 1 for c in content)
+    assert chunks[-1]["usage"]["completion_tokens"] == 5
+
+
+def _stream(server, path: str, body: dict) -> list[dict]:
+    with httpx.stream("POST", server.base_url + path, json=body, headers=AUTH, timeout=60) as response:
+        return [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+
+
+def test_stream_interval_sends_chunks_of_that_many_tokens(server):
+    body = {"model": SERVED_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 13, "temperature": 0,
+            "stream": True, "stream_interval": 4, "return_token_ids": True, "ignore_eos": True}
+    sizes = [len(c["choices"][0]["token_ids"]) for c in _stream(server, "/v1/chat/completions", body)
+             if c["choices"] and c["choices"][0].get("token_ids")]
+    assert sum(sizes) == 13
+    assert all(size >= 4 for size in sizes[1:-1]) and len(sizes) <= 5
+    every = _stream(server, "/v1/chat/completions", {**body, "stream_interval": 1})
+    assert len([c for c in every if c["choices"] and c["choices"][0].get("token_ids")]) > len(sizes)
+    completion = {"model": SERVED_NAME, "prompt": "hi", "max_tokens": 9, "temperature": 0, "stream": True,
+                  "stream_interval": 3, "ignore_eos": True}
+    assert len([c for c in _stream(server, "/v1/completions", completion) if c["choices"]]) <= 4
+
+
+def test_cache_salt_keeps_prefixes_apart(server):
+    text = "A long shared question about the street, the bakery and the tram stop. " * 6
+    hits = lambda: metric(server, "vllm:prefix_cache_hits_total")  # noqa: E731
+    chat(server, text, cache_salt="alice", max_tokens=2)
+    before = hits()
+    chat(server, text, cache_salt="bob", max_tokens=2)
+    assert hits() == before  # another salt: nothing shared
+    chat(server, text, cache_salt="alice", max_tokens=2)
+    assert hits() > before
+
+
+def test_stream_options_without_stream_and_top_logprobs_without_logprobs_are_400s_like_vllm(server):
+    body = {"model": SERVED_NAME, "messages": [{"role": "user", "content": "hi"}]}
+    assert_error(post(server, "/v1/chat/completions", {**body, "stream_options": {"include_usage": True}}), 400,
+                 "stream")
+    assert_error(post(server, "/v1/chat/completions", {**body, "top_logprobs": 2}), 400, "logprobs")
+
+
+# ---- /v1/completions -----------------------------------------------------------------------------
+
+
+def test_completions_with_the_openai_sdk(server):
+    client = server.client()
+    reply = client.completions.create(model=SERVED_NAME, prompt="The street in the morning", temperature=0)
+    assert reply.object == "text_completion" and reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 16  # vLLM's default max_tokens for completions
+    streamed = client.completions.create(model=SERVED_NAME, prompt="The street in the morning", temperature=0,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == reply.choices[0].text
+    echoed = client.completions.create(model=SERVED_NAME, prompt="The street", max_tokens=3, temperature=0, echo=True)
+    assert echoed.choices[0].text.startswith("The street")
+    ids = server.engine.tokenizer.encode("The street in the morning")
+    by_ids = client.completions.create(model=SERVED_NAME, prompt=ids, temperature=0)
+    assert by_ids.choices[0].text == reply.choices[0].text
+
+
+def test_completions_logprobs_in_vllms_shape(server):
+    reply = post(server, "/v1/completions", {"model": SERVED_NAME, "prompt": "hi", "max_tokens": 4, "temperature": 0,
+                                             "logprobs": 2}).json()
+    logprobs = reply["choices"][0]["logprobs"]
+    assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["top_logprobs"]) == 4
+    assert "".join(logprobs["tokens"]) == reply["choices"][0]["text"]
+    assert logprobs["text_offset"][0] == 0 and all(len(top) >= 2 for top in logprobs["top_logprobs"])
+    assert_error(post(server, "/v1/completions", {"model": SERVED_NAME, "prompt": ["a", "b"]}), 400, "one prompt")
+    assert_error(post(server, "/v1/completions", {"model": SERVED_NAME, "prompt": "hi", "suffix": "x"}), 400, "suffix")
+    assert_error(post(server, "/v1/completions", {"model": "nope", "prompt": "hi"}), 404, "does not exist")
+    assert_error(post(server, "/v1/completions", {"model": SERVED_NAME, "prompt": ""}), 400, "empty")
+
+
+# ---- /tokenize, /detokenize, /version, /health -----------------------------------------------------
+
+
+def test_tokenize_a_prompt_and_chat_messages_and_detokenize(server):
+    tok = server.engine.tokenizer
+    text = post(server, "/tokenize", {"model": SERVED_NAME, "prompt": "hello street", "return_token_strs": True}).json()
+    assert text["tokens"] == tok("hello street")["input_ids"] and text["count"] == len(text["tokens"])
+    assert text["max_model_len"] == server.engine.max_model_len
+    assert text["token_strs"] == tok.convert_ids_to_tokens(text["tokens"])
+    content = [image_part(png_data_url()), {"type": "text", "text": "what?"}]
+    messages = post(server, "/tokenize", {"model": SERVED_NAME, "messages": [{"role": "user", "content": content}]})
+    assert messages.json()["count"] == chat(server, content)["usage"]["prompt_tokens"]  # image tokens included
+    back = post(server, "/detokenize", {"model": SERVED_NAME, "tokens": text["tokens"]}).json()
+    assert back == {"prompt": "hello street"}
+    assert_error(post(server, "/detokenize", {"tokens": [10**9]}), 400, "token ids")
+
+
+def test_version_and_health_like_vllm(server):
+    assert httpx.get(server.base_url + "/version").json()["version"]
+    health = httpx.get(server.base_url + "/health")
+    assert health.status_code == 200 and health.content == b""
+
+
+def test_health_is_503_until_the_engine_serves(server):
+    from service.api.routes import health
+    from service.api.state import ServiceState
+    from service.metrics import ServiceMetrics
+
+    loading = ServiceState(server.settings, None, ServiceMetrics())
+    assert asyncio.run(health(loading)).status_code == 503
+
+
+# ---- metrics and the dashboard ---------------------------------------------------------------------
+
+
+def test_every_series_the_dashboard_queries_is_on_the_8gb_services_metrics(server):
+    chat(server, "fill the histograms", max_tokens=3)
+    from prometheus_client.parser import text_string_to_metric_families
+
+    exported = {s.name for f in text_string_to_metric_families(httpx.get(server.base_url + "/metrics").text)
+                for s in f.samples}
+    dashboard = json.loads((REPO / "docs" / "grafana" / "vlkit.json").read_text())
+    queried = {name for panel in dashboard["panels"] for target in panel["targets"]
+               for name in re.findall(r"\b(vllm:[a-z0-9_]+|vlkit_[a-z0-9_]+)", target["expr"])}
+    assert len(queried) >= 10
+    assert queried <= exported, queried - exported
+    assert all('model_name=~"$model_name"' in target["expr"] for panel in dashboard["panels"]
+               for target in panel["targets"])

@@ -1,0 +1,61 @@
+"""`make status`, `down` and `logs` say what runs, and say so when nothing does: a vlkit service
+started without Docker (the real server of tests/conftest.py, on 127.0.0.1) is named, not "not running"."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import API_KEY, SERVED_NAME, free_port
+from tests.docker_helpers import ROOT, require_engine
+
+
+def _vlkit(*args: str, **env: str) -> subprocess.CompletedProcess:
+    full = {**os.environ, "VLKIT_PROJECT": f"vlkit-nothing-{os.getpid()}", "VLKIT_VIA_MAKE": "1", **env}
+    return subprocess.run([sys.executable, "-m", "scripts", *args], cwd=ROOT, capture_output=True, text=True,
+                          env=full, timeout=120)
+
+
+def _port(server) -> str:
+    return server.base_url.rsplit(":", 1)[1]
+
+
+def test_status_without_docker_names_the_service_that_answers(server, tmp_path):
+    no_docker = tmp_path / "bin"
+    no_docker.mkdir()
+    res = _vlkit("status", "--port", _port(server), PATH=str(no_docker), VLKIT_API_KEY=API_KEY)
+    assert res.returncode == 0, res.stderr
+    assert "docker is not installed" in res.stdout
+    assert f"127.0.0.1:{_port(server)} answers: vlkit's service (model {SERVED_NAME}, ready)" in res.stdout
+    assert "not started by `make up`" in res.stdout
+    assert "not running" not in res.stdout
+    # Without the API key the model list is refused, and the service is still recognised.
+    keyless = _vlkit("status", "--port", _port(server), PATH=str(no_docker))
+    assert "answers: vlkit's service (ready)" in keyless.stdout
+
+
+def test_status_says_when_nothing_answers(tmp_path):
+    res = _vlkit("status", "--port", str(free_port()), PATH=str(tmp_path))
+    assert res.returncode == 0 and "docker is not installed" in res.stdout
+    assert "answers" not in res.stdout
+
+
+@pytest.mark.docker
+def test_status_down_and_logs_with_no_container(server):
+    require_engine()
+    port = _port(server)
+    status = _vlkit("status", "--port", port)
+    assert status.returncode == 0
+    assert f"127.0.0.1:{port} answers: vlkit's service" in status.stdout
+    down = _vlkit("down", VLKIT_PORT=port)
+    assert down.returncode == 0 and "nothing to stop: no vlkit container exists" in down.stdout
+    assert f"127.0.0.1:{port} answers: vlkit's service" in down.stdout  # ... and where to stop that one
+    logs = _vlkit("logs", "--no-follow", VLKIT_PORT=port)
+    assert logs.returncode == 1 and "no vlkit container, so no logs" in logs.stderr
+    assert "its logs are in the terminal that runs it" in logs.stderr
+    nothing = _vlkit("logs", "--no-follow", VLKIT_PORT=str(free_port()))
+    assert "`make up` starts one" in nothing.stderr
+    quiet = _vlkit("status", "--port", str(free_port()))
+    assert "vlkit is not running, and nothing answers on 127.0.0.1:" in quiet.stdout
