@@ -86,6 +86,18 @@ class RunningServer:
         return OpenAI(base_url=self.base_url + "/v1", **kwargs)
 
 
+def running_engine(model_dir, **settings):
+    """An engine on the tiny model with these settings, started; stopped when the generator ends
+    (a module fixture's body: `yield from running_engine(...)`)."""
+    from service.engine import Engine
+    from service.settings import ServiceSettings
+
+    engine = Engine.load(ServiceSettings(model=str(model_dir), min_pixels=3136, max_pixels=16384, **settings))
+    engine.start()
+    yield engine
+    engine.stop()
+
+
 def start_server(settings) -> tuple[RunningServer, callable]:
     """The real app under uvicorn in a thread; returns once /health/ready says ready."""
     import uvicorn

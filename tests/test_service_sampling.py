@@ -14,16 +14,12 @@ from service.engine import Engine
 from service.engine.logits import LogitsProcessors, RowLogits
 from service.engine.sampling import SamplingParams
 from service.errors import InvalidRequest
-from service.settings import ServiceSettings
+from tests.conftest import running_engine
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    eng = Engine.load(ServiceSettings(model=str(tiny_model_dir), max_model_len=256, min_pixels=3136, max_pixels=16384,
-                                      max_batch_size=4, max_queue=16))
-    eng.start()
-    yield eng
-    eng.stop()
+    yield from running_engine(tiny_model_dir, max_model_len=256, max_batch_size=4, max_queue=16)
 
 
 def prepare(engine, text="Tell me a story about the street.", **kwargs):

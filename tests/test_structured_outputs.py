@@ -12,10 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from service.engine import Engine
 from service.engine.structured import WHITESPACE_RUN, Constraint, TokenMask
 from service.errors import InvalidRequest
-from service.settings import ServiceSettings
+from tests.conftest import running_engine
 
 PERSON = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 12},
@@ -33,11 +32,7 @@ ORDER = {"type": "object", "properties": {
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    eng = Engine.load(ServiceSettings(model=str(tiny_model_dir), max_model_len=1024, min_pixels=3136, max_pixels=16384,
-                                      max_batch_size=8, max_queue=32))
-    eng.start()
-    yield eng
-    eng.stop()
+    yield from running_engine(tiny_model_dir, max_model_len=1024, max_batch_size=8, max_queue=32)
 
 
 def ask(engine, constraint: Constraint | None, text="Answer in JSON.", images=(), **sampling):
