@@ -207,7 +207,15 @@ def build_checkpoint(out_dir: str | Path, *, shape: str = "tiny", seed: int = 0,
     else:
         model.save_pretrained(out)
     write_processor(out, tok)
+    _readable_by_all(out)
     return out
+
+
+def _readable_by_all(folder: Path) -> None:
+    """save_pretrained writes its weights readable by their owner only (0600); a checkpoint made to be
+    served (`make up MODEL=<folder>` runs the service as another user in its container) is a+rX."""
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(path.stat().st_mode | (0o555 if path.is_dir() else 0o444))
 
 
 def write_fp8_checkpoint(model, out_dir: str | Path, shard_bytes: int | None = None) -> None:

@@ -25,14 +25,16 @@ TWO_B = "Qwen/Qwen3-VL-2B-Instruct"
 FULL_PX = 1_003_520
 
 
-def _weights(quantization: str) -> str:
-    """The weights format of a bf16 checkpoint under VLKIT_QUANTIZATION."""
-    return "nf4" if quantization == "nf4" else "bf16"
+def _weights(quantization: str, model: str) -> str:
+    """The weights format the service holds a checkpoint in under VLKIT_QUANTIZATION."""
+    if quantization == "none":
+        return "fp8" if resolve_model(model).fp8_checkpoint else "bf16"
+    return quantization
 
 
 def _knobs_of(plan) -> tuple[ServiceKnobs, int]:
     env = plan.service_env
-    knobs = ServiceKnobs(_weights(env["VLKIT_QUANTIZATION"]), int(env["VLKIT_MAX_PIXELS"]),
+    knobs = ServiceKnobs(_weights(env["VLKIT_QUANTIZATION"], plan.model), int(env["VLKIT_MAX_PIXELS"]),
                          int(env["VLKIT_MAX_IMAGES_PER_REQUEST"]), int(env["VLKIT_MAX_BATCH_SIZE"]),
                          int(env["VLKIT_MAX_MODEL_LEN"]))
     return knobs, int(float(env["VLKIT_MEMORY_BUDGET_GIB"]) * GIB)   # as the service reads the budget
@@ -147,7 +149,7 @@ def test_the_service_defaults_start_the_2b_model_with_two_full_sequences():
     on CUDA: the service refuses to start without KV blocks for one max_model_len sequence; two let it
     batch full-length requests (shorter ones share the blocks, up to max_batch_size)."""
     d = ServiceSettings.model_fields
-    knobs = ServiceKnobs(_weights(d["quantization"].default), d["max_pixels"].default,
+    knobs = ServiceKnobs(_weights(d["quantization"].default, d["model"].default), d["max_pixels"].default,
                          d["max_images_per_request"].default, d["max_batch_size"].default, d["max_model_len"].default)
     b = predict_service(resolve_model(d["model"].default), knobs, int(d["memory_budget_gib"].default * GIB))
     assert b.sequences >= 2 and b.kv.used <= b.kv.budget

@@ -27,6 +27,8 @@ def test_cli_writes_a_checkpoint_that_auto_classes_load_offline(tmp_path):
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
             "preprocessor_config.json", "video_preprocessor_config.json", "chat_template.jinja"} <= names
+    # readable by the container's user, as `make up PROFILE=8gb MODEL=<folder>` needs (save_pretrained: 0600)
+    assert all(p.stat().st_mode & 0o444 == 0o444 for p in [out, *out.rglob("*")])
 
     from transformers import AutoModelForImageTextToText
 

@@ -306,8 +306,3 @@ def variants_to_try(spec: ModelSpec) -> list[str]:
     for s in sizes[sizes.index(size) + 1:]:
         out += [f"Qwen/Qwen3-VL-{s}-{variant}-FP8", f"Qwen/Qwen3-VL-{s}-{variant}"]
     return out
-
-
-def bf16_twin(spec: ModelSpec) -> str | None:
-    """The bf16 checkpoint an -FP8 one was made from (Qwen's naming), if the name says."""
-    return spec.id[: -len("-FP8")] if spec.fp8_checkpoint and spec.id.endswith("-FP8") else None

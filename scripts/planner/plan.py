@@ -12,7 +12,7 @@ from scripts.usage import setting
 
 from .advice import Options, advise, advise_evaluated
 from .card import card_for
-from .models import ModelSpec, bf16_twin, resolve_model, variants_to_try
+from .models import ModelSpec, resolve_model, variants_to_try
 from .schema import Plan
 from .service_plan import plan_service
 from .vllm_plan import evaluate_vllm, plan_vllm
@@ -49,18 +49,12 @@ def plan_for(*, model: str, profile: Literal["8gb", "16gb", "auto"] = "auto", gp
 
 def _fill(o: Options, profile: str) -> None:
     """Make the plans advice will name: the profile's own (both for auto); when none fits, this model
-    under the other profile and the first smaller model that fits (an FP8 checkpoint the 8gb profile
-    cannot run: its bf16 twin instead)."""
+    under the other profile and the first smaller model that fits."""
     if profile != "8gb":
         o.vllm = plan_vllm(o.spec, o.card, o.wanted)
     if profile != "16gb":
         o.service = plan_service(o.spec, o.card, o.wanted)
     if (o.vllm and o.vllm.plan.fits) or (o.service and o.service.plan.fits):
-        return
-    if profile == "8gb" and o.service.budget is None:
-        twin = bf16_twin(o.spec)
-        if twin is not None:
-            o.twin = twin, plan_service(resolve_model(twin), o.card, o.wanted)
         return
     o.vllm = o.vllm or plan_vllm(o.spec, o.card, o.wanted)
     o.service = o.service or plan_service(o.spec, o.card, o.wanted)

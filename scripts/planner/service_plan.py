@@ -2,7 +2,7 @@
 
 The service is sized as it sizes itself (service_memory.py): with no --context, a context of 4096
 with KV blocks for two full-length sequences, else 2048 (then one); each weights format the
-checkpoint runs in (bf16, then nf4), cheapest last; then smaller images. When nothing fits, the
+checkpoint runs in (bf16, then fp8, then nf4; an FP8 checkpoint as it is), cheapest last; then smaller images. When nothing fits, the
 plan shows the cheapest attempt and the longest context that would.
 """
 from __future__ import annotations
@@ -27,10 +27,13 @@ SERVICE_CONTEXTS = (4096, 2048)   # no --context: 4096 with two full sequences, 
 # requests, at least MIN_BATCH, at most the largest captured graph. The KV cache holds at most this
 # many full-length sequences (blocks beyond go unused).
 SERVICE_MAX_BATCH = DECODE_BATCH_SIZES[-1]
-# VLKIT_QUANTIZATION for each weights format: nf4 quantizes a bf16 checkpoint as it loads; an FP8
-# checkpoint says so in its own quantization_config.
-QUANTIZATION_SETTING: dict[WeightFormat, str] = {"bf16": "none", "fp8": "none", "nf4": "nf4"}
-WEIGHTS_NOTE: dict[WeightFormat, str] = {"bf16": "bf16", "fp8": "fp8 (the checkpoint's)", "nf4": "nf4 (bitsandbytes)"}
+WEIGHTS_NOTE: dict[WeightFormat, str] = {"bf16": "bf16", "fp8": "fp8 (128x128 blocks)", "nf4": "nf4 (bitsandbytes)"}
+
+
+def quantization_setting(spec: ModelSpec, weights: WeightFormat) -> str:
+    """VLKIT_QUANTIZATION: an FP8 checkpoint says so in its own quantization_config ("none"); a bf16
+    checkpoint is quantized while it loads, to fp8 (the service's FP8 GEMMs) or nf4 (bitsandbytes)."""
+    return "none" if weights == "bf16" or (weights == "fp8" and spec.fp8_checkpoint) else weights
 
 
 @dataclass(frozen=True)
@@ -40,10 +43,11 @@ class ServiceOutcome:
 
 
 def weight_formats(spec: ModelSpec) -> tuple[WeightFormat, ...]:
-    """The formats the service can hold this checkpoint's weights in, preferred first. None for an
-    FP8 checkpoint yet: transformers' FP8 path fetches kernels from the Hugging Face hub at the first
-    forward, so it fails offline and in the image (issue 12 adds "fp8" here)."""
-    return () if spec.fp8_checkpoint else ("bf16", "nf4")
+    """The formats the service can hold this checkpoint's weights in, preferred first: an FP8
+    checkpoint as it is (service/engine/fp8_checkpoint.py loads it offline); a bf16 one as it is, then
+    quantized to FP8 while it loads (half the bytes, the same checkpoint format's accuracy), then nf4
+    (a quarter; for what FP8 does not fit)."""
+    return ("fp8",) if spec.fp8_checkpoint else ("bf16", "fp8", "nf4")
 
 
 def env_name(field: str) -> str:
@@ -59,15 +63,19 @@ def _budget_setting(card: Card) -> tuple[float, int]:
 
 
 def _rungs(spec: ModelSpec, contexts: tuple[int, ...]) -> Iterator[tuple[int, ServiceKnobs]]:
-    """(min full-length sequences, knobs) in order of preference: KV blocks for two sequences of the
-    context before one (and one only at the shortest context); the longer context; the weights
-    formats in order; full-size images before smaller ones."""
-    for min_sequences, ctxs in ((2, contexts), (1, contexts[-1:])):
-        for ctx in ctxs:
-            for weights in weight_formats(spec):
-                for px in PIXEL_STEPS:
-                    images = images_that_fit(spec, px, IMAGE_LIMIT, ctx)
-                    yield min_sequences, ServiceKnobs(weights, px, images, SERVICE_MAX_BATCH, ctx)
+    """(min full-length sequences, knobs) in order of preference: nf4 only where neither bf16 nor fp8
+    fits (it loses the most, and has not run on a GPU); within that, KV blocks for two sequences of the
+    context before one (and one only at the shortest context); the longer context; the weights formats
+    in order (fp8 at 4096 before bf16 at 2048: Qwen's own FP8 format is close to bf16); full-size
+    images before smaller ones."""
+    formats = weight_formats(spec)
+    for group in (tuple(f for f in formats if f != "nf4"), tuple(f for f in formats if f == "nf4")):
+        for min_sequences, ctxs in ((2, contexts), (1, contexts[-1:])):
+            for ctx in ctxs:
+                for weights in group:
+                    for px in PIXEL_STEPS:
+                        images = images_that_fit(spec, px, IMAGE_LIMIT, ctx)
+                        yield min_sequences, ServiceKnobs(weights, px, images, SERVICE_MAX_BATCH, ctx)
 
 
 def plan_service(spec: ModelSpec, card: Card, wanted: int | None) -> ServiceOutcome:
@@ -122,7 +130,7 @@ def _plan(spec: ModelSpec, card: Card, sb: ServiceBudget, budget_gib: float, *, 
         plan.service_env = {
             env_name("model"): spec.id,
             env_name("dtype"): "auto",
-            env_name("quantization"): QUANTIZATION_SETTING[k.weights],
+            env_name("quantization"): quantization_setting(spec, k.weights),
             env_name("max_pixels"): str(k.max_pixels),
             env_name("max_images_per_request"): str(sb.prefill.images),
             env_name("max_batch_size"): str(k.max_batch_size),
