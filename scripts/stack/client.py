@@ -115,7 +115,8 @@ def caption(base_url: str, image: Path, *, prompt: str = DEFAULT_PROMPT, max_tok
 
 def examples(base_url: str, model: str, *, api_key: bool = False) -> str:
     """The ready-to-paste curl and Python (openai SDK) examples printed once the service is ready.
-    With an API key they read it from $VLKIT_API_KEY rather than printing the secret."""
+    With an API key they read it from $VLKIT_API_KEY rather than printing the secret. They bound the
+    answer (max_tokens): without it both servers may write up to the rest of the context, as vLLM does."""
     auth = ' -H "Authorization: Bearer $VLKIT_API_KEY"' if api_key else ""
     key = 'os.environ["VLKIT_API_KEY"]' if api_key else '"unused"'
     return textwrap.dedent(f"""\
@@ -124,7 +125,7 @@ def examples(base_url: str, model: str, *, api_key: bool = False) -> str:
             "model": "{model}",
             "messages": [{{"role": "user", "content": [
               {{"type": "image_url", "image_url": {{"url": "data:image/jpeg;base64,'"$(base64 -w0 photo.jpg)"'"}}}},
-              {{"type": "text", "text": "Describe this image."}}]}}]}}'
+              {{"type": "text", "text": "Describe this image."}}]}}], "max_tokens": 256}}'
 
         Python (pip install openai):
           import base64, os, openai
@@ -132,6 +133,6 @@ def examples(base_url: str, model: str, *, api_key: bool = False) -> str:
           image = base64.b64encode(open("photo.jpg", "rb").read()).decode()
           answer = client.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": [
               {{"type": "image_url", "image_url": {{"url": f"data:image/jpeg;base64,{{image}}"}}}},
-              {{"type": "text", "text": "Describe this image."}}]}}])
+              {{"type": "text", "text": "Describe this image."}}]}}], max_tokens=256)
           print(answer.choices[0].message.content)
         """)
