@@ -28,7 +28,7 @@ import torch
 from service.engine.batch import Batch, PrefillFailed
 from service.engine.logits import LogitsProcessors, StepLogprobs, TokenLogprob
 from service.engine.requests import Event, GenerationRequest, RequestHandle
-from service.engine.sampling import sample
+from service.engine.sampling import on_device, sample
 from service.engine.sequence import Sequence
 from service.engine.structured import TokenMask
 from service.errors import Cancelled, OutOfMemory, QueueFull, ServiceError, Unavailable
@@ -289,9 +289,12 @@ class Scheduler:
             carried = [i for i in pending if i is not None]
             joined = [row.last_token for row, i in zip(rows, pending) if i is None]
             assert pending == carried + [None] * len(joined), "joined rows come last"
+            # Index lists go to the device without waiting for it (torch.tensor(..., device=cuda) would
+            # wait for the step in flight).
             device = previous.tokens.device
-            tokens_in = torch.cat([previous.tokens[torch.tensor(carried, device=device)],
-                                   torch.tensor(joined, device=device, dtype=previous.tokens.dtype)])
+            tokens_in = previous.tokens[on_device(carried, torch.long, device)]
+            if joined:
+                tokens_in = torch.cat([tokens_in, on_device(joined, previous.tokens.dtype, device)])
         logits = self.batch.decode(tokens_in)
         if any(row.grammar is not None for row in rows):
             return _Step(rows, logits=logits)  # sampled by _sample_grammar_step, once the grammars have the last tokens
