@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 from collections import OrderedDict
-from typing import Any, Collection, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -156,17 +156,15 @@ class PagedKVCache:
             blocks.append(block)
         return blocks
 
-    def allocation_cost(self, tokens: int, hashes: Sequence[bytes] = (), pending: Collection[bytes] = ()) -> int:
-        """How many of :attr:`free_blocks` an allocation of ``tokens`` with these prefix hashes would
-        use. ``pending``: hashes that allocations made before it (in the same admission) will have
-        registered by then, so they cost nothing here."""
+    def allocation_cost(self, tokens: int, hashes: Sequence[bytes] = ()) -> int:
+        """How many of :attr:`free_blocks` an allocation of ``tokens`` with these prefix hashes would use."""
         need = self.blocks_needed(tokens)
         cost = need
         for h in hashes[:need]:
             block = self._block_of.get(h)
-            if block is None and h not in pending:
+            if block is None:
                 break
-            cost -= block is None or self._refs[block] > 0  # a hit on an unused cached block takes it
+            cost -= self._refs[block] > 0  # a hit on an unused cached block takes it from free_blocks
         return cost
 
     def fork_blocks(self, tokens: int, prompt_tokens: int) -> int:

@@ -57,10 +57,6 @@ class Batch:
         return cls(DecodeRunner(decoder, **runner_options), prefiller)
 
     @property
-    def size(self) -> int:
-        return len(self.slots)
-
-    @property
     def prefill_tokens(self) -> int:
         """Prompt tokens the started requests still need computed."""
         return sum(job.remaining for job in self.jobs)

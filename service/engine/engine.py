@@ -55,7 +55,6 @@ class Engine:
         self.tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
         self.device = loaded.device
         self.dtype = loaded.dtype
-        self.model_path = loaded.path
         self.metrics = metrics or ServiceMetrics(settings.model_name)
         text_config = self.model.config.get_text_config()
         model_max = getattr(text_config, "max_position_embeddings", None) or settings.max_model_len
