@@ -26,7 +26,8 @@ import transformers
 from bench.engine_bench import engine_rows
 from bench.measure import GIB, Memory, clock, copy_bandwidth, text_weight_bytes, weight_bytes
 from bench.workload import Workload, build_inputs, build_model
-from service.decode import DecodeRunner, Qwen3VLDecoder, PagedKVCache, prefill
+from bench.hf_prefill import load_prefill, prefill
+from service.decode import DecodeRunner, Qwen3VLDecoder, PagedKVCache
 from service.decode.attention import triton_available
 
 
@@ -61,7 +62,7 @@ def our_decode(model, runner: DecodeRunner, inputs: dict, new_tokens: int, devic
         pf = prefill(model, **inputs)
         slots = [cache.allocate() for _ in pf.lengths]
         for row, slot in enumerate(slots):
-            cache.load_prefill(slot, pf.past_key_values, pf.lengths[row], row=row, rope_delta=pf.rope_deltas[row])
+            load_prefill(cache, slot, pf.past_key_values, pf.lengths[row], row=row, rope_delta=pf.rope_deltas[row])
         tokens = pf.logits.argmax(-1)
         generated = [tokens.tolist()]
     del pf
@@ -90,7 +91,7 @@ def agreement(model, runner: DecodeRunner, inputs: dict, steps: int) -> str:
     cache = runner.cache
     pf = prefill(model, **inputs)
     slot = cache.allocate()
-    cache.load_prefill(slot, pf.past_key_values, pf.lengths[0], rope_delta=pf.rope_deltas[0])
+    load_prefill(cache, slot, pf.past_key_values, pf.lengths[0], rope_delta=pf.rope_deltas[0])
     logits, diffs = pf.logits[0], []
     for step in range(steps):
         diffs.append((logits - reference[step]).abs().max().item())

@@ -64,7 +64,8 @@ def test_the_decode_step_on_the_triton_kernels_decodes_like_transformers():
     """The step with the Triton split-KV attention and every projection on the skinny kernel
     (interpreted): greedy tokens and logits as transformers' own decoding."""
     from tests.test_decode_step import batch_inputs, hf_greedy, text_prompt, tiny_config
-    from service.decode import DecodeRunner, PagedKVCache, Qwen3VLDecoder, prefill
+    from bench.hf_prefill import load_prefill, prefill
+    from service.decode import DecodeRunner, PagedKVCache, Qwen3VLDecoder
     from transformers import Qwen3VLForConditionalGeneration
 
     torch.manual_seed(0)
@@ -82,7 +83,7 @@ def test_the_decode_step_on_the_triton_kernels_decodes_like_transformers():
     pf = prefill(model, **inputs)
     slots = [cache.allocate(40) for _ in rows]
     for row, slot in enumerate(slots):
-        cache.load_prefill(slot, pf.past_key_values, pf.lengths[row], row=row, rope_delta=pf.rope_deltas[row])
+        load_prefill(cache, slot, pf.past_key_values, pf.lengths[row], row=row, rope_delta=pf.rope_deltas[row])
     tokens, logits = [pf.logits.argmax(-1)], [pf.logits]
     for _ in range(5):
         logits.append(runner.decode(slots, tokens[-1].tolist()).clone())

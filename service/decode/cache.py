@@ -305,32 +305,3 @@ class PagedKVCache:
             raise ValueError(f"a sequence of {length} tokens does not fit slot {slot} ({self.capacity[slot]} reserved)")
         self._set_length(slot, length)
         self.rope_deltas[slot] = int(rope_delta)
-
-    # ---- filling from a prefill
-
-    def load_prefill(self, slot: int, past_key_values: Any, length: int, *, row: int = 0,
-                     rope_delta: int = 0) -> None:
-        """Copy one sequence's K/V from a transformers cache after a prefill into ``slot``.
-
-        ``past_key_values`` is the prefill's cache (a ``DynamicCache``, or the legacy tuple of
-        ``(key, value)`` per layer), each ``[batch, Hkv, T, D]``; the sequence is batch row ``row``
-        with ``length`` real tokens (left padding: the last ``length`` of the ``T`` positions).
-        ``rope_delta`` is the row's mrope offset: next position = length + delta.
-        """
-        dst = self.positions(slot, length).to(self.device)
-        for layer in range(self.num_layers):
-            k, v = _layer_kv(past_key_values, layer)
-            total = k.shape[-2]
-            if length > total:
-                raise ValueError(f"length {length} exceeds the prefill's {total} positions")
-            self.keys[layer].index_copy_(1, dst, k[row, :, total - length:])
-            self.values[layer].index_copy_(1, dst, v[row, :, total - length:])
-        self.set_prefilled(slot, length, rope_delta)
-
-
-def _layer_kv(past_key_values: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    layers = getattr(past_key_values, "layers", None)
-    if layers is not None:  # transformers >= 4.56: Cache.layers[i].keys / .values
-        return layers[layer].keys, layers[layer].values
-    key, value = past_key_values[layer][:2]
-    return key, value

@@ -27,7 +27,7 @@ from service.decode import Qwen3VLDecoder
 from service.engine.loading import LoadedModel, load
 from service.engine.memory import ProcessMemory
 from service.engine.prompts import PromptBuilder
-from service.engine.requests import Completion, GenerationRequest, Prompt, RequestHandle
+from service.engine.requests import Completion, GenerationRequest, RequestHandle
 from service.engine.scheduler import Scheduler
 from service.engine.startup import build_batch, configure_torch
 from service.engine.structured import Constraint, Grammar, GrammarCompiler
