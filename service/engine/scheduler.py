@@ -10,8 +10,9 @@ behind); stream text and retire finished rows. A step with structured-output row
 after that read (their grammars need the previous token), still while its forward runs; steps
 without such rows are sampled as they are launched. So running rows keep decoding while a wave of new
 prompts is prefilled, pass by pass, and each prompt's first token comes as soon as its own prefill
-is done. A cancelled request leaves at the next iteration. An error (CUDA out of memory) fails
-only the requests of the pass or step that hit it; the loop goes on.
+is done. A cancelled request leaves at the next iteration. An error (CUDA out of memory) in a
+prefill pass or its sampling fails only that pass's requests; anywhere else in an iteration (a
+decode step) it fails every request the batch holds and frees it all. The loop goes on.
 """
 from __future__ import annotations
 
