@@ -390,6 +390,24 @@ def test_a_repeated_prompt_is_taken_from_the_prefix_cache_with_the_same_output(e
     assert again.token_ids == result
 
 
+def test_requests_that_start_alike_and_arrive_together_compute_the_shared_prefix_once(engine):
+    """The same image and question sent four times at once (a client's retries, a batch job): the
+    first computes the prompt, the others wait for its blocks and take them from the prefix cache
+    (with the same output), instead of each computing the same prompt beside it."""
+    image = Image.new("RGB", (96, 64), (20, 160, 90))
+    same = [request(engine, "Describe what you see in great detail, " * 5, images=[image], max_tokens=8)
+            for _ in range(4)]
+    full_blocks = len(same[0].prompt.shareable_hashes)
+    assert full_blocks >= 1
+    before = _hits(engine)
+    with engine.paused():  # admitted in one iteration
+        handles = [engine.submit(r) for r in same]
+    outputs = [list(h) and h.token_ids for h in handles]
+    assert _hits(engine) - before >= 3 * full_blocks * 64  # each of the other three shared every full block
+    assert all(out == outputs[0] for out in outputs)
+    assert outputs[0] == engine.generate(same[0]).token_ids
+
+
 def test_a_text_that_spells_the_image_placeholder_is_served_without_caching(engine):
     pad = engine.tokenizer.convert_ids_to_tokens(engine.model.config.image_token_id)
     req = request(engine, f"what is {pad}{pad} here, " * 10, max_tokens=4)

@@ -156,6 +156,10 @@ class PagedKVCache:
             blocks.append(block)
         return blocks
 
+    def is_cached(self, block_hash: bytes) -> bool:
+        """Whether a block holding the prompt this prefix hash describes is in the cache."""
+        return block_hash in self._block_of
+
     def allocation_cost(self, tokens: int, hashes: Sequence[bytes] = ()) -> int:
         """How many of :attr:`free_blocks` an allocation of ``tokens`` with these prefix hashes would use."""
         need = self.blocks_needed(tokens)

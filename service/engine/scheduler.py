@@ -2,7 +2,8 @@
 
 Each iteration: drop cancelled requests; start queued requests, in order, while the batch has rows
 to spare, the KV cache has a slot and the blocks for their prompt and max_tokens, and the next
-prefill pass has room; run one prefill pass (up to one chunk of prompt tokens, pieces of several
+prefill pass has room (a prompt whose leading blocks a started prompt is computing waits for them,
+to share them); run one prefill pass (up to one chunk of prompt tokens, pieces of several
 prompts packed, service/decode/qwen3_prefill.py): the prompts it finishes sample their first token
 and join the running rows; launch one decode step for every running row; read the previous step's
 tokens while this one runs (the host never waits for a step it has not queued the next one
@@ -229,7 +230,7 @@ class Scheduler:
             except BaseException as exc:  # noqa: BLE001 - this request fails; the others go on
                 self._fail([handle], exc)
                 continue
-            if not started:  # it waits, first in line, for running requests to hand their blocks back
+            if not started:  # it waits, first in line, for blocks handed back or a shared prefix computed
                 self._requeue([(request, handle)])
                 break
             self.metrics.prompt_tokens.inc(request.prompt_tokens)
