@@ -52,7 +52,9 @@ def hf_decode(model, inputs: dict, new_tokens: int, device) -> tuple[float, floa
 
 def our_decode(model, runner: DecodeRunner, inputs: dict, new_tokens: int, device,
                pipelined: bool = False) -> tuple[float, float, list]:
-    """Our prefill, then a greedy decode loop: (prefill seconds, aggregate decode tok/s, tokens per row).
+    """transformers' prefill copied into the slots (bench/hf_prefill.py; the engine's own prefill is
+    timed by the engine rows), then our greedy decode loop: (prefill seconds, aggregate decode tok/s,
+    tokens per row).
 
     Default: the host reads each step's tokens before the next step (an engine that samples and
     streams on the host). ``pipelined``: each step's argmax stays on the device and feeds the next
