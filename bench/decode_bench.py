@@ -26,7 +26,8 @@ import transformers
 from bench.engine_bench import engine_rows
 from bench.measure import GIB, Memory, clock, copy_bandwidth, text_weight_bytes, weight_bytes
 from bench.workload import Workload, build_inputs, build_model
-from service.decode import DecodeRunner, Qwen3VLDecoder, PagedKVCache, prefill
+from bench.hf_prefill import load_prefill, prefill
+from service.decode import DecodeRunner, Qwen3VLDecoder, PagedKVCache
 from service.decode.attention import triton_available
 
 
@@ -51,7 +52,9 @@ def hf_decode(model, inputs: dict, new_tokens: int, device) -> tuple[float, floa
 
 def our_decode(model, runner: DecodeRunner, inputs: dict, new_tokens: int, device,
                pipelined: bool = False) -> tuple[float, float, list]:
-    """Our prefill, then a greedy decode loop: (prefill seconds, aggregate decode tok/s, tokens per row).
+    """transformers' prefill copied into the slots (bench/hf_prefill.py; the engine's own prefill is
+    timed by the engine rows), then our greedy decode loop: (prefill seconds, aggregate decode tok/s,
+    tokens per row).
 
     Default: the host reads each step's tokens before the next step (an engine that samples and
     streams on the host). ``pipelined``: each step's argmax stays on the device and feeds the next
@@ -61,7 +64,7 @@ def our_decode(model, runner: DecodeRunner, inputs: dict, new_tokens: int, devic
         pf = prefill(model, **inputs)
         slots = [cache.allocate() for _ in pf.lengths]
         for row, slot in enumerate(slots):
-            cache.load_prefill(slot, pf.past_key_values, pf.lengths[row], row=row, rope_delta=pf.rope_deltas[row])
+            load_prefill(cache, slot, pf.past_key_values, pf.lengths[row], row=row, rope_delta=pf.rope_deltas[row])
         tokens = pf.logits.argmax(-1)
         generated = [tokens.tolist()]
     del pf
@@ -90,7 +93,7 @@ def agreement(model, runner: DecodeRunner, inputs: dict, steps: int) -> str:
     cache = runner.cache
     pf = prefill(model, **inputs)
     slot = cache.allocate()
-    cache.load_prefill(slot, pf.past_key_values, pf.lengths[0], rope_delta=pf.rope_deltas[0])
+    load_prefill(cache, slot, pf.past_key_values, pf.lengths[0], rope_delta=pf.rope_deltas[0])
     logits, diffs = pf.logits[0], []
     for step in range(steps):
         diffs.append((logits - reference[step]).abs().max().item())

@@ -17,7 +17,8 @@ import argparse
 import torch
 
 from bench.workload import Workload, build_inputs, build_model
-from service.decode import DecodeRunner, PagedKVCache, Qwen3VLDecoder, Qwen3VLPrefill, prefill_position_ids
+from bench.hf_prefill import prefill_position_ids
+from service.decode import DecodeRunner, PagedKVCache, Qwen3VLDecoder, Qwen3VLPrefill
 from service.decode.fp8 import decoder_linear_names, dequantize_linears, gemm_for, quantize_linears
 
 

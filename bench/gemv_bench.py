@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.measure import copy_bandwidth
-from service.decode.gemv import _time, skinny_linear
+from service.decode.gemv import skinny_linear
+from service.decode.kernel_choice import graph_time
 from service.model_shapes import shape
 
 
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 ours = skinny_linear(x, weight, silu_mul=silu)  # autotunes
                 error = ((ours.float() - cublas().float()).norm() / cublas().float().norm()).item()
-                a, b = _time(cublas, 20), _time(lambda: skinny_linear(x, weight, silu_mul=silu), 20)
+                a, b = graph_time(cublas, 20), graph_time(lambda: skinny_linear(x, weight, silu_mul=silu), 20)
                 moved = weight.numel() * 2
                 print(f"| {model} | {label} | {n} x {k} | {rows} | {a:.1f} | {b:.1f} | {moved / (a * 1e-6) / bandwidth:.0%} "
                       f"| {moved / (b * 1e-6) / bandwidth:.0%} | {'Triton' if b < a else 'cuBLAS'}"

@@ -15,9 +15,9 @@ import time
 
 import torch
 
+from bench.hf_prefill import prefill_position_ids
 from bench.workload import Workload, build_inputs, build_model
 from service.decode import PagedKVCache, Qwen3VLDecoder, Qwen3VLPrefill
-from service.decode.prefill import prefill_position_ids
 from service.decode.qwen3_step import fuse_linears, text_model_of
 
 GIB = 1024**3

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from bench.measure import copy_bandwidth
 from bench.workload import Workload, build_inputs, build_model
-from service.decode import DecodeRunner, Qwen3VLDecoder, PagedKVCache, prefill
+from bench.hf_prefill import load_prefill, prefill
+from service.decode import DecodeRunner, Qwen3VLDecoder, PagedKVCache
 
 
 def say(message: str) -> None:
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 
     pf = prefill(model, **inputs)
     slot = cache.allocate()
-    cache.load_prefill(slot, pf.past_key_values, pf.lengths[0], rope_delta=pf.rope_deltas[0])
+    load_prefill(cache, slot, pf.past_key_values, pf.lengths[0], rope_delta=pf.rope_deltas[0])
     first = pf.logits.argmax(-1)
     del pf
     for _ in range(4):  # compiles outside the capture

@@ -41,6 +41,34 @@ def test_skinny_linear_refuses_shapes_it_does_not_compute():
         skinny_linear(torch.randn(2, 16, device=DEVICE), weight, silu_mul=True)  # silu_mul wants [M, 2K]
 
 
+def test_a_candidate_kernel_is_kept_only_where_it_agrees_and_is_clearly_faster(monkeypatch):
+    """The rule both projection choices (bf16 and FP8) share; the device timing is the one fake:
+    each product's time is what the test says it is."""
+    import service.decode.kernel_choice as kernel_choice
+
+    x, weight = torch.randn(4, 32), torch.randn(16, 32)
+    exact = lambda: F.linear(x, weight)  # noqa: E731
+    wrong = lambda: F.linear(x, weight) + 1.0  # noqa: E731
+    slightly = lambda: F.linear(x, weight) * (1 + 1e-4)  # noqa: E731
+
+    def broken():
+        raise RuntimeError("no kernel for this GPU")
+
+    micros = {exact: 10.0, slightly: 9.0, wrong: 5.0}
+    monkeypatch.setattr(kernel_choice, "graph_time", lambda fn, repeats=10: micros.get(fn, 9.8))
+    choice = kernel_choice.KernelChoice("test")
+    choice.measure("faster, agrees", exact, slightly, tolerance=1e-2)
+    choice.measure("faster, wrong", exact, wrong, tolerance=1e-2)
+    choice.measure("2% faster only", exact, lambda: F.linear(x, weight), tolerance=1e-2)  # 9.8 us
+    choice.measure("cannot run", exact, broken, tolerance=1e-2)
+    assert choice.chosen == {"faster, agrees"}
+    assert "faster, agrees" in choice and "faster, wrong" not in choice
+    assert choice.timings["faster, agrees"] == (10.0, 9.0) and "cannot run" not in choice.timings
+    choice.measure("faster, wrong", exact, slightly, tolerance=1e-2)  # measured once per shape
+    assert "faster, wrong" not in choice
+    choice.report()
+
+
 def test_a_choice_routes_only_the_chosen_shapes_to_the_kernel(monkeypatch):
     calls = []
     import service.decode.gemv as gemv
@@ -51,12 +79,12 @@ def test_a_choice_routes_only_the_chosen_shapes_to_the_kernel(monkeypatch):
     x = torch.randn(2, 64, device=DEVICE)
     expected = F.linear(silu_mul(*x.chunk(2, dim=-1)), weight)
     assert torch.allclose(choice(x, weight, activation=silu_mul), expected, atol=1e-5) and not calls
-    choice._triton.add((2, 24, 32, True))  # as measure() keeps a shape the kernel ran faster
+    choice.skinny.chosen.add((2, 24, 32, True))  # as measure() keeps a shape the kernel ran faster
     assert torch.allclose(choice(x, weight, activation=silu_mul), expected, atol=1e-5) and calls == [(2, 64)]
     assert torch.allclose(choice(x[:, :32], weight), F.linear(x[:, :32], weight), atol=1e-5)  # another key
     assert calls == [(2, 64)]
     choice.measure([(weight, False)], [1, 2], silu_mul)  # nothing to time without a GPU: no choice changes
-    assert choice._triton == {(2, 24, 32, True)} or DEVICE == "cuda"
+    assert choice.skinny.chosen == {(2, 24, 32, True)} or DEVICE == "cuda"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, tests/test_decode_step.py runs the real kernels")
@@ -64,7 +92,8 @@ def test_the_decode_step_on_the_triton_kernels_decodes_like_transformers():
     """The step with the Triton split-KV attention and every projection on the skinny kernel
     (interpreted): greedy tokens and logits as transformers' own decoding."""
     from tests.test_decode_step import batch_inputs, hf_greedy, text_prompt, tiny_config
-    from service.decode import DecodeRunner, PagedKVCache, Qwen3VLDecoder, prefill
+    from bench.hf_prefill import load_prefill, prefill
+    from service.decode import DecodeRunner, PagedKVCache, Qwen3VLDecoder
     from transformers import Qwen3VLForConditionalGeneration
 
     torch.manual_seed(0)
@@ -77,12 +106,12 @@ def test_the_decode_step_on_the_triton_kernels_decodes_like_transformers():
     for m in (1, 2):
         for weight, silu in ((decoder.qkv_proj[0].weight, False), (decoder.gate_up_proj[0].weight, False),
                              (layer.self_attn.o_proj.weight, False), (layer.mlp.down_proj.weight, True)):
-            decoder.linear._triton.add((m, weight.shape[0], weight.shape[1], silu))
+            decoder.linear.skinny.chosen.add((m, weight.shape[0], weight.shape[1], silu))
     runner = DecodeRunner(decoder, context_step=64)
     pf = prefill(model, **inputs)
     slots = [cache.allocate(40) for _ in rows]
     for row, slot in enumerate(slots):
-        cache.load_prefill(slot, pf.past_key_values, pf.lengths[row], row=row, rope_delta=pf.rope_deltas[row])
+        load_prefill(cache, slot, pf.past_key_values, pf.lengths[row], row=row, rope_delta=pf.rope_deltas[row])
     tokens, logits = [pf.logits.argmax(-1)], [pf.logits]
     for _ in range(5):
         logits.append(runner.decode(slots, tokens[-1].tolist()).clone())

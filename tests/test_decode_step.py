@@ -1,10 +1,11 @@
 """The fast decode path (service.decode) against transformers' own Qwen3-VL decoding.
 
-A tiny random Qwen3-VL in float32: our prefill + paged cache + explicit decode step must give the
-logits of ``model.generate`` (greedy, DynamicCache) to 1e-4 at every step, and the same tokens,
+A tiny random Qwen3-VL in float32: from transformers' own prefill copied into the paged cache
+(bench/hf_prefill.py), our explicit decode step must give the logits of ``model.generate``
+(greedy, DynamicCache) to 1e-4 at every step, and the same tokens,
 for text and image prompts, batches of different lengths, slots that are freed and reused, and
 sequences whose blocks lie scattered in the pool. Blocks are 8 tokens here (64 in the service), so
-every sequence spans several.
+every sequence spans several. The engine's own prefill: tests/test_decode_prefill.py.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 import torch
 from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-from service.decode import DecodeRunner, PagedKVCache, Qwen3VLDecoder, context_buckets, prefill
+from bench.hf_prefill import load_prefill, prefill
+from service.decode import DecodeRunner, PagedKVCache, Qwen3VLDecoder, context_buckets
 
 IMAGE, VIDEO, VISION_START, VISION_END = 250, 251, 248, 249
 PATCH_DIM = 3 * 2 * 16 * 16  # channels * temporal_patch * patch * patch
@@ -93,7 +95,7 @@ def our_greedy(model, runner: DecodeRunner, steps: int, inputs: dict, device_tok
     pf = prefill(model, **inputs)
     slots = [cache.allocate(reserve) for _ in pf.lengths]
     for row, slot in enumerate(slots):
-        cache.load_prefill(slot, pf.past_key_values, pf.lengths[row], row=row, rope_delta=pf.rope_deltas[row])
+        load_prefill(cache, slot, pf.past_key_values, pf.lengths[row], row=row, rope_delta=pf.rope_deltas[row])
     logits = [pf.logits]
     tokens = [pf.logits.argmax(-1)]
     for _ in range(steps - 1):
@@ -187,7 +189,7 @@ def test_freed_slots_are_reused_while_others_keep_decoding(model):
     def load(inputs) -> tuple[int, int]:
         pf = prefill(model, **inputs)
         slot = cache.allocate()
-        cache.load_prefill(slot, pf.past_key_values, pf.lengths[0], rope_delta=pf.rope_deltas[0])
+        load_prefill(cache, slot, pf.past_key_values, pf.lengths[0], rope_delta=pf.rope_deltas[0])
         return slot, int(pf.logits.argmax())
 
     long_slot, long_token = load(long_in)
@@ -231,7 +233,7 @@ def test_a_lone_sequence_in_a_high_slot_decodes_over_inactive_rows(model):
     pf = prefill(model, **inputs)
     high = cache.allocate()
     assert high == 3
-    cache.load_prefill(high, pf.past_key_values, pf.lengths[0])
+    load_prefill(cache, high, pf.past_key_values, pf.lengths[0])
     tokens, logits = [int(pf.logits.argmax())], [pf.logits[0]]
     for _ in range(9):
         logits.append(runner.decode([high], [tokens[-1]])[0].clone())
@@ -249,7 +251,7 @@ def test_decoding_up_to_the_reservation_then_refusing(model):
     pf = prefill(model, **inputs)
     slot = cache.allocate(22)  # 3 blocks of 8: room for 24 tokens
     assert cache.capacity[slot] == 24 and cache.free_blocks == 8 - 3
-    cache.load_prefill(slot, pf.past_key_values, pf.lengths[0])
+    load_prefill(cache, slot, pf.past_key_values, pf.lengths[0])
     token = int(pf.logits.argmax())
     for _ in range(4):  # lengths 20..23 decode; the slot is then full (24 tokens)
         token = int(runner.decode([slot], [token]).argmax())
@@ -257,7 +259,7 @@ def test_decoding_up_to_the_reservation_then_refusing(model):
     with pytest.raises(ValueError, match="full"):
         runner.decode([slot], [token])
     with pytest.raises(ValueError, match="does not fit"):
-        cache.load_prefill(slot, pf.past_key_values, 25)
+        load_prefill(cache, slot, pf.past_key_values, 25)
 
 
 def test_bad_slots_are_refused_and_change_nothing(model):
@@ -269,7 +271,7 @@ def test_bad_slots_are_refused_and_change_nothing(model):
     with pytest.raises(ValueError, match="no sequence"):
         runner.decode([slot], [1])  # allocated, never prefilled
     with pytest.raises(ValueError, match="not allocated"):
-        cache.load_prefill(1, None, 3)
+        load_prefill(cache, 1, None, 3)
     cache.free(slot)
     with pytest.raises(ValueError, match="already free"):
         cache.free(slot)
@@ -351,212 +353,3 @@ def test_cuda_graphs_decode_like_transformers_on_the_gpu(model, options):
     reference = hf_greedy(gpu_model, 12, inputs)
     assert torch.equal(ours[0], reference[0])
     assert (ours[1] - reference[1]).abs().max().item() < 1e-3  # TF32 / kernel choices differ on the GPU
-
-
-def assert_slot_matches(model, runner: DecodeRunner, slot: int, logits: torch.Tensor, reference, inputs: dict,
-                        steps: int) -> None:
-    """A prefilled slot holds transformers' K/V (``reference``: its prefill of ``inputs``) and decodes
-    ``steps`` greedy tokens with its logits, from our prefill's ``logits``."""
-    cache = runner.cache
-    where = cache.positions(slot, cache.lengths[slot])
-    for layer in range(cache.num_layers):
-        ref = reference.past_key_values.layers[layer]
-        assert (cache.keys[layer][:, where] - ref.keys[0]).abs().max() < TOLERANCE
-        assert (cache.values[layer][:, where] - ref.values[0]).abs().max() < TOLERANCE
-    tokens, ours = [int(logits.argmax())], [logits]
-    for _ in range(steps - 1):
-        ours.append(runner.decode([slot], [tokens[-1]])[0].clone())
-        tokens.append(int(ours[-1].argmax()))
-    ref_tokens, ref_logits = hf_greedy(model, steps, inputs)
-    assert tokens == ref_tokens[0].tolist()
-    assert (torch.stack(ours) - ref_logits[:, 0]).abs().max() < TOLERANCE
-
-
-def two_image_prompt(seed: int) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int]]]:
-    first, first_pixels = image_prompt(3, 2, (1, 4, 6), seed=seed)
-    second, second_pixels = image_prompt(1, 4, (1, 6, 4), seed=seed + 10)
-    return torch.cat([first, second]), torch.cat([first_pixels, second_pixels]), [(1, 4, 6), (1, 6, 4)]
-
-
-@pytest.mark.parametrize("chunk", [5, 1024])
-@pytest.mark.parametrize("kind", ["text", "two images"])
-def test_our_prefill_writes_the_kv_and_logits_of_transformers(model, kind, chunk):
-    """Image by image, chunk by chunk (5 tokens: chunks that cut through the images) straight into
-    scattered blocks: the same K/V and logits as transformers' forward, then the same decoding."""
-    from service.decode.prefill import prefill_position_ids
-    from service.decode.qwen3_prefill import Qwen3VLPrefill
-
-    if kind == "text":
-        ids, pixels, grids = text_prompt(23, seed=80), None, None
-        inputs = batch_inputs([ids])
-    else:
-        ids, pixels, grids = two_image_prompt(seed=81)
-        inputs = batch_inputs([ids], [(pixels[:24], grids[0]), (pixels[24:], grids[1])])
-    reference = prefill(model, **inputs)
-    runner = make_runner(model, slots=3, max_len=64, num_blocks=24)
-    cache = runner.cache
-    hole = cache.allocate(8)
-    cache.allocate(8)
-    cache.free(hole)  # blocks 0 free, 1 taken: the prompt gets blocks 0, 2, 3, 4, 5
-    grid = torch.tensor(grids) if grids else None
-    positions, deltas = prefill_position_ids(model, ids[None], None, (ids == IMAGE).int()[None], grid)
-    slot = cache.allocate(40)
-    assert cache.block_table[slot][:5].tolist() == [0, 2, 3, 4, 5]
-    logits = Qwen3VLPrefill(model, runner.decoder, chunk=chunk).prefill(
-        slot, ids, positions[1:, 0], int(deltas[0]), pixels, grid)
-    assert (logits - reference.logits[0]).abs().max() < TOLERANCE
-    assert cache.lengths[slot] == len(ids) and cache.rope_deltas[slot] == int(deltas[0])
-    assert_slot_matches(model, runner, slot, logits, reference, inputs, steps=8)
-
-
-@pytest.mark.parametrize("chunk", [7, 64])
-def test_prompts_packed_in_shared_passes_get_what_each_gets_alone(model, chunk):
-    """Pieces of several prompts in one pass (7 tokens: every pass cuts a prompt, some hold two;
-    64: all three in one): each slot ends with transformers' K/V and logits for its own prompt."""
-    from service.decode.prefill import prefill_position_ids
-    from service.decode.qwen3_prefill import Qwen3VLPrefill
-
-    two_ids, two_pixels, two_grids = two_image_prompt(seed=70)
-    one_ids, one_pixels = image_prompt(4, 3, (1, 4, 4), seed=72)
-    prompts = [(text_prompt(11, seed=71), None, None), (two_ids, two_pixels, two_grids),
-               (one_ids, one_pixels, [(1, 4, 4)])]
-    runner = make_runner(model, slots=3, max_len=64, num_blocks=24)
-    prefiller = Qwen3VLPrefill(model, runner.decoder, chunk=chunk)
-    jobs, references = [], []
-    for ids, pixels, grids in prompts:
-        grid = torch.tensor(grids) if grids else None
-        positions, deltas = prefill_position_ids(model, ids[None], None, (ids == IMAGE).int()[None], grid)
-        slot = runner.cache.allocate(len(ids) + 8)
-        jobs.append(prefiller.job(slot, ids, positions[1:, 0], int(deltas[0]), pixels, grid))
-        images = list(zip(torch.split(pixels, [t * h * w for t, h, w in grids]), grids)) if grids else []
-        inputs = batch_inputs([ids], images)
-        references.append((inputs, prefill(model, **inputs)))
-    passes = 0
-    while any(not job.finished for job in jobs):
-        ran = prefiller.run([job for job in jobs if not job.finished])
-        passes += 1
-    total = sum(job.length for job in jobs)
-    assert passes == -(-total // chunk)  # every pass but the last is full: pieces of the next prompt fill it
-    for job, (inputs, reference) in zip(jobs, references):
-        assert (job.logits - reference.logits[0]).abs().max() < TOLERANCE
-        assert_slot_matches(model, runner, job.slot, job.logits, reference, inputs, steps=4)
-
-
-def test_our_prefill_refuses_a_prompt_beyond_the_reservation(model):
-    from service.decode.qwen3_prefill import Qwen3VLPrefill
-
-    runner = make_runner(model, slots=1, max_len=64)
-    slot = runner.cache.allocate(16)
-    with pytest.raises(ValueError, match="does not fit"):
-        Qwen3VLPrefill(model, runner.decoder).prefill(slot, text_prompt(17, seed=1))
-    assert runner.cache.lengths[slot] == 0
-
-
-def test_prefix_blocks_are_shared_counted_and_evicted_last_used_first():
-    cache = PagedKVCache(tiny_config(), 4, 48, 6, dtype=torch.float32, device="cpu", block_size=8)
-    h = [bytes([i]) * 16 for i in range(4)]
-    a = cache.allocate(24, h[:2])  # 3 blocks, nothing cached yet
-    assert cache.cached_tokens[a] == 0 and cache.free_blocks == 3
-    cache.register_prefix(a, h[:3])
-    b = cache.allocate(20, h[:2])  # the first two blocks shared, one fresh
-    assert cache.cached_tokens[b] == 16 and cache.block_table[b][:2].tolist() == cache.block_table[a][:2].tolist()
-    assert cache.free_blocks == 2
-    assert cache.allocation_cost(24, h[:3]) == 0 and cache.allocation_cost(24, [h[0], b"x" * 16]) == 2
-    assert cache.allocation_cost(16, [b"y" * 16], pending={b"y" * 16}) == 1  # registered by then: one block
-    cache.free(a)  # block 2 (a's third) is cached and unused; blocks 0, 1 still used by b
-    assert cache.free_blocks == 3
-    cache.free(b)
-    assert cache.free_blocks == 6
-    c = cache.allocate(24, h[:3])  # all three found again, none of them computed
-    assert cache.cached_tokens[c] == 24 and cache.free_blocks == 3
-    cache.free(c)
-    d = cache.allocate(48)  # 6 fresh blocks: the 3 empty ones first, then the cached ones (evicted)
-    assert d is not None and cache.free_blocks == 0
-    cache.free(d)
-    e = cache.allocate(24, h[:3])
-    assert cache.cached_tokens[e] == 0  # gone from the cache
-
-
-def test_different_images_behind_the_same_token_ids_get_different_hashes():
-    from service.decode.cache import prompt_block_hashes
-
-    ids, _ = image_prompt(10, 20, (1, 8, 8), seed=90)  # 16 image tokens from position 11
-    same = prompt_block_hashes(ids, IMAGE, [b"a" * 16], block_size=8)
-    assert same == prompt_block_hashes(ids, IMAGE, [b"a" * 16], block_size=8) and len(same) == len(ids) // 8
-    other = prompt_block_hashes(ids, IMAGE, [b"b" * 16], block_size=8)
-    assert other[0] == same[0]  # the block before the image: the same tokens
-    assert all(x != y for x, y in zip(same[1:], other[1:]))  # from the image on: different
-    assert prompt_block_hashes(ids, IMAGE, [], block_size=8) == []  # placeholder tokens without an image
-
-
-@pytest.mark.parametrize("kind", ["text", "image", "cached image, then another"])
-def test_a_prompt_that_starts_like_a_cached_one_decodes_like_transformers(model, kind):
-    """The second prompt shares the first one's leading blocks (the same tokens, or the same image
-    and text before it) and computes only the rest: logits, K/V and decoding as transformers'. An
-    image whose tokens are all cached is not encoded again; one cut by the cache boundary is."""
-    from service.decode.cache import prompt_block_hashes
-    from service.decode.prefill import prefill_position_ids
-    from service.decode.qwen3_prefill import Qwen3VLPrefill
-
-    second_image = None
-    if kind == "text":
-        head, pixels, grids = text_prompt(21, seed=91), None, None
-    elif kind == "image":  # the image's tokens straddle the cached block boundary
-        head, pixels = image_prompt(2, 3, (1, 4, 6), seed=92)
-        grids = [(1, 4, 6)]
-    else:  # 16 tokens (2 blocks) with the first image inside them; the second image comes after
-        head, pixels = image_prompt(1, 9, (1, 4, 4), seed=95)
-        second_image, second_pixels = image_prompt(0, 1, (1, 4, 6), seed=96)
-        pixels, grids = torch.cat([pixels, second_pixels]), [(1, 4, 4), (1, 4, 6)]
-    runner = make_runner(model, slots=3, max_len=64, num_blocks=24)
-    cache = runner.cache
-    prefiller = Qwen3VLPrefill(model, runner.decoder, chunk=5)
-    grid = torch.tensor(grids) if grids else None
-    digests = [bytes([i]) * 16 for i in range(len(grids or []))]
-    results = []
-    for tail_seed in (93, 94):
-        ids = torch.cat([head, text_prompt(6, seed=tail_seed)] + ([second_image] if second_image is not None else []))
-        positions, deltas = prefill_position_ids(model, ids[None], None, (ids == IMAGE).int()[None], grid)
-        hashes = prompt_block_hashes(ids, IMAGE, digests, block_size=8)
-        slot = cache.allocate(len(ids) + 8, hashes[:(len(ids) - 1) // 8])
-        logits = prefiller.prefill(slot, ids, positions[1:, 0], int(deltas[0]), pixels, grid)
-        cache.register_prefix(slot, hashes)
-        results.append((ids, slot, logits))
-    (_, first, _), (ids, second, logits) = results
-    assert cache.cached_tokens[first] == 0 and cache.cached_tokens[second] == len(head) // 8 * 8 > 0
-    images = []
-    if grids:  # the patches of each image, in order
-        sizes = [t * h * w for t, h, w in grids]
-        images = list(zip(torch.split(pixels, sizes), grids))
-    inputs = batch_inputs([ids], images)
-    reference = prefill(model, **inputs)
-    assert (logits - reference.logits[0]).abs().max() < TOLERANCE
-    assert_slot_matches(model, runner, second, logits, reference, inputs, steps=6)
-
-
-def test_a_slot_forks_into_held_slots_sharing_its_full_prompt_blocks():
-    """n choices: the forks are held from the start (no other request can take their room), share
-    the prompt's full blocks, get a copy of its partly filled last block, and hand everything back."""
-    cache = PagedKVCache(tiny_config(), 4, 64, 12, dtype=torch.float32, device="cpu", block_size=8)
-    # 20-token prompt + 4 new: 3 blocks; each fork shares the 2 full prompt blocks and takes 1 fresh.
-    parent = cache.allocate(24, forks=2, prompt_tokens=20)
-    assert parent == 0 and cache.free_blocks == 9
-    assert not cache.can_allocate(64) and not cache.can_allocate(8, forks=2)  # 2 blocks and 2 slots are held
-    assert cache.fits_at_all(24, 2, 20) and not cache.fits_at_all(64, 3, 0)
-    positions = cache.positions(parent, 20)
-    for pool in cache.keys:
-        pool[:, positions] = torch.arange(20, dtype=torch.float32)[None, :, None]
-    cache.set_prefilled(parent, 20, rope_delta=3)
-    children = cache.fork(parent)
-    assert children == [1, 2] and cache.free_blocks == 7 and cache.free_slots == 1
-    for child in children:
-        assert cache.lengths[child] == 20 and cache.rope_deltas[child] == 3
-        assert cache.block_table[child, :2].tolist() == cache.block_table[parent, :2].tolist()  # shared
-        assert cache.block_table[child, 2] != cache.block_table[parent, 2]  # its own last block...
-        assert torch.equal(cache.keys[0][:, cache.positions(child, 20)], cache.keys[0][:, positions])  # ...a copy
-    for slot in (parent, *children):
-        cache.free(slot)
-    assert cache.free_blocks == cache.num_blocks and cache.free_slots == 4
-    held = cache.allocate(24, forks=2, prompt_tokens=20)
-    cache.free(held)  # freed before its prefill finished: the held room comes back too
-    assert cache.can_allocate(64 - 8, forks=3, prompt_tokens=0) is False and cache.allocate(8, forks=3) == 0

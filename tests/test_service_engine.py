@@ -1,6 +1,7 @@
 """The engine driven directly (no HTTP): batching invariants, cancellation, OOM, context limits."""
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -131,21 +132,44 @@ def test_out_of_memory_fails_that_batch_only_and_the_engine_goes_on(engine):
     assert after.finish_reason == "length" and after.completion_tokens == 24
 
 
+def _wait_idle(scheduler, timeout: float = 10.0) -> None:
+    """Until the scheduler holds nothing: no row, no prefill, no step in flight, every slot freed (a
+    row's slot is freed just after its last event is delivered)."""
+    deadline = time.monotonic() + timeout
+    while scheduler.running or scheduler.batch.slots or scheduler._inflight is not None:
+        assert time.monotonic() < deadline, "the scheduler did not go idle"
+        time.sleep(0.002)
+
+
+@contextlib.contextmanager
+def decoding_from(engine, cache: PagedKVCache, chunk: int | None = None):
+    """The engine decoding from `cache` (prefill passes of `chunk` tokens) inside the block. The
+    batch is swapped in and back only once the scheduler is idle: a row retiring during a swap would
+    free its slot in the other batch."""
+    scheduler = engine.scheduler
+    batch = scheduler.batch
+    with engine.paused():
+        _wait_idle(scheduler)
+        scheduler.batch = Batch.over(engine.model, cache, chunk=chunk, like=batch, context_step=64)
+    try:
+        yield
+    finally:
+        with engine.paused():
+            _wait_idle(scheduler)
+            scheduler.batch = batch
+
+
 def _with_cache(engine, cache: PagedKVCache, requests: list, chunk: int | None = None) -> list:
     """Run `requests` submitted together on `engine` decoding from `cache` (prefill passes of
     `chunk` tokens); their handles."""
     scheduler = engine.scheduler
-    batch = scheduler.batch
-    try:
+    with decoding_from(engine, cache, chunk):
         with engine.paused():
-            scheduler.batch = Batch.over(engine.model, cache, chunk=chunk, like=batch, context_step=64)
             scheduler.max_batch_seen = 0
             handles = [engine.submit(r) for r in requests]
             assert engine.queue_depth == len(requests)
         for h in handles:
             list(h)
-    finally:
-        scheduler.batch = batch
     deadline = time.monotonic() + 5  # the last slot is freed just after its final event is delivered
     while (cache.free_slots < cache.num_slots or cache.free_blocks < cache.num_blocks) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -194,13 +218,9 @@ def test_running_requests_keep_decoding_while_a_long_prompt_is_prefilled(engine)
     long = request(engine, "a long question, " * 18, max_tokens=4)
     passes = -(-long.prompt_tokens // 8)
     assert passes >= 12
-    scheduler = engine.scheduler
-    batch = scheduler.batch
     pool = PagedKVCache(engine.model.config, 2, engine.max_model_len, dtype=engine.dtype, device=engine.device)
-    try:
-        with engine.paused():
-            scheduler.batch = Batch.over(engine.model, pool, chunk=8, like=batch, context_step=64)
-            first = engine.submit(running)
+    with decoding_from(engine, pool, chunk=8):
+        first = engine.submit(running)
         while len(first.token_ids) < 2:
             time.sleep(0.001)
         submitted = len(first.token_ids)
@@ -209,8 +229,6 @@ def test_running_requests_keep_decoding_while_a_long_prompt_is_prefilled(engine)
             time.sleep(0.001)
         during = len(first.token_ids) - submitted
         list(second), list(first)
-    finally:
-        scheduler.batch = batch
     assert during >= passes // 2  # about one decode step per pass of the long prompt
     assert first.token_ids == engine.generate(running).token_ids  # and the same tokens as alone
 
@@ -240,13 +258,10 @@ def test_out_of_memory_in_a_prefill_fails_the_new_requests_only(engine):
 
 def test_a_request_cancelled_while_its_prompt_is_prefilled_frees_its_slot(engine):
     scheduler = engine.scheduler
-    batch = scheduler.batch
     pool = PagedKVCache(engine.model.config, 2, engine.max_model_len, dtype=engine.dtype, device=engine.device)
     long = request(engine, "a long question, " * 18, max_tokens=4)
-    try:
-        with engine.paused():
-            scheduler.batch = Batch.over(engine.model, pool, chunk=4, like=batch, context_step=64)
-            handle = engine.submit(long)
+    with decoding_from(engine, pool, chunk=4):
+        handle = engine.submit(long)
         while not scheduler.batch.jobs:
             time.sleep(0.0005)
         handle.cancel()
@@ -256,8 +271,6 @@ def test_a_request_cancelled_while_its_prompt_is_prefilled_frees_its_slot(engine
             time.sleep(0.005)
         assert not scheduler.batch.jobs and pool.free_slots == 2 and pool.free_blocks == pool.num_blocks
         assert handle.first_token_at is None
-    finally:
-        scheduler.batch = batch
 
 
 def test_the_budget_is_shared_out_in_blocks():
@@ -375,6 +388,24 @@ def test_a_repeated_prompt_is_taken_from_the_prefix_cache_with_the_same_output(e
     fresh = PagedKVCache(engine.model.config, 2, engine.max_model_len, dtype=engine.dtype, device=engine.device)
     [again] = _with_cache(engine, fresh, [follow_up])  # nothing in this cache: a fresh engine would not differ
     assert again.token_ids == result
+
+
+def test_requests_that_start_alike_and_arrive_together_compute_the_shared_prefix_once(engine):
+    """The same image and question sent four times at once (a client's retries, a batch job): the
+    first computes the prompt, the others wait for its blocks and take them from the prefix cache
+    (with the same output), instead of each computing the same prompt beside it."""
+    image = Image.new("RGB", (96, 64), (20, 160, 90))
+    same = [request(engine, "Describe what you see in great detail, " * 5, images=[image], max_tokens=8)
+            for _ in range(4)]
+    full_blocks = len(same[0].prompt.shareable_hashes)
+    assert full_blocks >= 1
+    before = _hits(engine)
+    with engine.paused():  # admitted in one iteration
+        handles = [engine.submit(r) for r in same]
+    outputs = [list(h) and h.token_ids for h in handles]
+    assert _hits(engine) - before >= 3 * full_blocks * 64  # each of the other three shared every full block
+    assert all(out == outputs[0] for out in outputs)
+    assert outputs[0] == engine.generate(same[0]).token_ids
 
 
 def test_a_text_that_spells_the_image_placeholder_is_served_without_caching(engine):

@@ -158,6 +158,37 @@ def test_steps_with_grammar_rows_launch_the_next_forward_before_reading_tokens(e
         assert log[:at].count("forward") >= k + 1, log
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the host waits for the device only on CUDA")
+def test_launching_and_sampling_a_step_never_waits_for_the_device(engine, monkeypatch):
+    """Rows with and without grammars, leaving and joining at different steps: launching a step and
+    sampling a grammar step queue their work without a host-device synchronisation (torch's sync
+    debug mode raises on one), so the host reads step n while step n+1 runs."""
+    scheduler = engine.scheduler
+
+    def strict(method):
+        def call(*args):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return method(*args)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return call
+
+    for name in ("_launch_step", "_sample_grammar_step"):
+        monkeypatch.setattr(scheduler, name, strict(getattr(scheduler, name)))
+    first = [ask(engine, Constraint("regex", "[a-z]{200}"), max_tokens=6 + 4 * i) for i in range(2)]
+    first += [ask(engine, None, text=f"row {i}", max_tokens=5 + 3 * i, temperature=0.0) for i in range(2)]
+    with engine.paused():
+        handles = [engine.submit(r) for r in first]
+    while len(handles[-1].token_ids) < 2:
+        time.sleep(0.001)
+    handles += [engine.submit(ask(engine, None, text="late", max_tokens=4)),
+                engine.submit(ask(engine, Constraint("regex", "[a-z]{200}"), max_tokens=4))]
+    for handle in handles:
+        events = list(handle)
+        assert events[-1].error is None and events[-1].finish_reason is not None, events[-1].error
+
+
 def test_a_json_answer_about_an_image(engine):
     image = Image.new("RGB", (96, 64), (200, 30, 30))
     text, finish, _ = run_all(engine, [ask(engine, Constraint("json", json.dumps(PERSON)), "Who is this?", [image])])[0]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 from collections import OrderedDict
-from typing import Any, Collection, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -156,17 +156,19 @@ class PagedKVCache:
             blocks.append(block)
         return blocks
 
-    def allocation_cost(self, tokens: int, hashes: Sequence[bytes] = (), pending: Collection[bytes] = ()) -> int:
-        """How many of :attr:`free_blocks` an allocation of ``tokens`` with these prefix hashes would
-        use. ``pending``: hashes that allocations made before it (in the same admission) will have
-        registered by then, so they cost nothing here."""
+    def is_cached(self, block_hash: bytes) -> bool:
+        """Whether a block holding the prompt this prefix hash describes is in the cache."""
+        return block_hash in self._block_of
+
+    def allocation_cost(self, tokens: int, hashes: Sequence[bytes] = ()) -> int:
+        """How many of :attr:`free_blocks` an allocation of ``tokens`` with these prefix hashes would use."""
         need = self.blocks_needed(tokens)
         cost = need
         for h in hashes[:need]:
             block = self._block_of.get(h)
-            if block is None and h not in pending:
+            if block is None:
                 break
-            cost -= block is None or self._refs[block] > 0  # a hit on an unused cached block takes it
+            cost -= self._refs[block] > 0  # a hit on an unused cached block takes it from free_blocks
         return cost
 
     def fork_blocks(self, tokens: int, prompt_tokens: int) -> int:
@@ -307,32 +309,3 @@ class PagedKVCache:
             raise ValueError(f"a sequence of {length} tokens does not fit slot {slot} ({self.capacity[slot]} reserved)")
         self._set_length(slot, length)
         self.rope_deltas[slot] = int(rope_delta)
-
-    # ---- filling from a prefill
-
-    def load_prefill(self, slot: int, past_key_values: Any, length: int, *, row: int = 0,
-                     rope_delta: int = 0) -> None:
-        """Copy one sequence's K/V from a transformers cache after a prefill into ``slot``.
-
-        ``past_key_values`` is the prefill's cache (a ``DynamicCache``, or the legacy tuple of
-        ``(key, value)`` per layer), each ``[batch, Hkv, T, D]``; the sequence is batch row ``row``
-        with ``length`` real tokens (left padding: the last ``length`` of the ``T`` positions).
-        ``rope_delta`` is the row's mrope offset: next position = length + delta.
-        """
-        dst = self.positions(slot, length).to(self.device)
-        for layer in range(self.num_layers):
-            k, v = _layer_kv(past_key_values, layer)
-            total = k.shape[-2]
-            if length > total:
-                raise ValueError(f"length {length} exceeds the prefill's {total} positions")
-            self.keys[layer].index_copy_(1, dst, k[row, :, total - length:])
-            self.values[layer].index_copy_(1, dst, v[row, :, total - length:])
-        self.set_prefilled(slot, length, rope_delta)
-
-
-def _layer_kv(past_key_values: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    layers = getattr(past_key_values, "layers", None)
-    if layers is not None:  # transformers >= 4.56: Cache.layers[i].keys / .values
-        return layers[layer].keys, layers[layer].values
-    key, value = past_key_values[layer][:2]
-    return key, value

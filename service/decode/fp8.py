@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from service.decode.kernel_choice import KernelChoice
+
 log = logging.getLogger(__name__)
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -180,8 +182,7 @@ class TritonGemm:
         self.fp8_tensor_cores = fp8_tensor_cores
         self.scaled_mm = scaled_mm and fp8_tensor_cores
         self.weight_only_max_rows = weight_only_max_rows
-        self.skinny: set[tuple[int, int, int]] = set()  # (M, N, K) the skinny kernel runs faster (measure)
-        self.timings: dict[tuple[int, int, int], tuple[float, float]] = {}
+        self.skinny = KernelChoice("FP8 decode projections (M, N, K), the weight-only vs the skinny kernel")
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         if (x.shape[0], *weight.shape) in self.skinny:
@@ -193,32 +194,15 @@ class TritonGemm:
     @torch.no_grad()
     def measure(self, weights: list[tuple[torch.Tensor, torch.Tensor]], batch_sizes: list[int]) -> None:
         """For the decode step's shapes (one layer's projections at each batch size <= 16): time the
-        weight-only kernel and the skinny one inside CUDA graphs (as the step runs them) and keep the
-        skinny one where it is at least 3% faster and agrees."""
-        from service.decode.gemv import _time
-
+        weight-only kernel and the skinny one (service/decode/kernel_choice.py) and keep the skinny
+        one where it is faster and agrees."""
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         for weight, scale in weights:
             for rows in sorted({m for m in batch_sizes if m <= 16}):
-                key = (rows, *weight.shape)
-                if key in self.timings:
-                    continue
                 x = torch.randn(rows, weight.shape[1], device=weight.device, dtype=dtype)
-                try:
-                    ours = self.kernels.skinny_matmul(x, weight, scale)  # autotunes this shape
-                    base = self.kernels.weight_only_matmul(x, weight, scale)
-                    err = ((ours.float() - base.float()).norm() / base.float().norm().clamp_min(1e-6)).item()
-                    timing = (_time(lambda: self.kernels.weight_only_matmul(x, weight, scale), 10),
-                              _time(lambda: self.kernels.skinny_matmul(x, weight, scale), 10))
-                except Exception as exc:  # noqa: BLE001 - the weight-only kernel then, as before
-                    log.warning("FP8 skinny kernel unavailable for %s: %s", key, exc)
-                    continue
-                self.timings[key] = timing
-                if err < 1e-2 and timing[1] < 0.97 * timing[0]:
-                    self.skinny.add(key)
-        log.info("FP8 decode projections (M, N, K: weight-only us / skinny us): %s; skinny for %d of %d",
-                 ", ".join(f"{k}: {a:.1f}/{b:.1f}" for k, (a, b) in sorted(self.timings.items())),
-                 len(self.skinny), len(self.timings))
+                self.skinny.measure((rows, *weight.shape), lambda: self.kernels.weight_only_matmul(x, weight, scale),
+                                    lambda: self.kernels.skinny_matmul(x, weight, scale), tolerance=1e-2)
+        self.skinny.report()
 
     def w8a8(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """FP8 tensor cores at any row count (the benchmark times it against the weight-only kernel)."""

@@ -9,24 +9,23 @@ tile shape per (N, K) on the GPU it runs on. ``silu_mul`` fuses the MLP's activa
 projection's loads (its input is gate_up's output, ``[M, 2K]``).
 
 Which is faster for a given shape is measured, not assumed: :class:`LinearChoice` times both on
-the device at start-up (before the CUDA graphs are captured) and keeps the faster one per
-(M, N, K), so a card where cuBLAS wins keeps cuBLAS.
+the device at start-up (service/decode/kernel_choice.py, before the CUDA graphs are captured) and
+keeps the faster one per (M, N, K), so a card where cuBLAS wins keeps cuBLAS.
 """
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
 import torch.nn.functional as F
+
+from service.decode.kernel_choice import KernelChoice
 
 try:  # CUDA builds of torch ship Triton; the CPU wheel does not
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - depends on the torch build
     triton = None
-
-log = logging.getLogger(__name__)
 
 MAX_ROWS = 16  # one tensor-core tile of rows: larger M goes to cuBLAS
 
@@ -57,91 +56,45 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, *, silu_mul: bool = Fal
 
 
 class LinearChoice:
-    """Per (M, N, K): the Triton kernel or cuBLAS (F.linear), whichever the device runs faster.
+    """Per (M, N, K, silu_mul): the Triton kernel or cuBLAS (F.linear), whichever the device runs faster.
 
-    ``measure`` times both for the decode step's shapes on the GPU, once, at start-up; until then
-    (and on the CPU, and for larger M) every product goes to F.linear."""
+    ``measure`` times both for the decode step's shapes on the GPU, once, at start-up
+    (service/decode/kernel_choice.py); until then (and on the CPU, and for larger M) every product
+    goes to F.linear."""
 
     def __init__(self) -> None:
-        self._triton: set[tuple[int, int, int, bool]] = set()
-        self.timings: dict[tuple[int, int, int, bool], tuple[float, float]] = {}  # shape -> (cuBLAS us, Triton us)
+        self.skinny = KernelChoice("decode projections (M, N, K, silu_mul), cuBLAS vs the skinny Triton GEMM")
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, *, activation=None) -> torch.Tensor:
         """``x @ weight.T``; with ``activation`` (silu(gate) * up, applied to x's two halves first)
         fused into the kernel's loads where the kernel is chosen."""
         silu_mul = activation is not None
-        if (x.shape[0], weight.shape[0], weight.shape[1], silu_mul) in self._triton:
+        if (x.shape[0], weight.shape[0], weight.shape[1], silu_mul) in self.skinny:
             return skinny_linear(x, weight, silu_mul=silu_mul)
         if silu_mul:
             x = activation(*x.chunk(2, dim=-1))
         return F.linear(x, weight)
 
     @torch.no_grad()
-    def measure(self, weights: list[tuple[torch.Tensor, bool]], batch_sizes: list[int], activation,
-                repeats: int = 10) -> None:
+    def measure(self, weights: list[tuple[torch.Tensor, bool]], batch_sizes: list[int], activation) -> None:
         """Time cuBLAS (after ``activation`` where the weight's flag says silu_mul, as the step runs
-        it) and the kernel for every weight at each batch size M <= 16; keep the kernel where it is
-        at least 3% faster and matches."""
+        it) and the kernel for every weight at each batch size M <= 16 (CUDA only)."""
         if not weights or weights[0][0].device.type != "cuda" or not gemv_available():
             return
         for weight, silu_mul in weights:
             n, k = weight.shape
+            act = activation if silu_mul else None
             for rows in sorted({m for m in batch_sizes if m <= MAX_ROWS}):
-                key = (rows, n, k, silu_mul)
-                if key in self.timings:
-                    continue
                 x = torch.randn(rows, 2 * k if silu_mul else k, device=weight.device, dtype=weight.dtype)
-                act = activation if silu_mul else None
-                reference = self._cublas(x, weight, act)
-                try:
-                    ours = skinny_linear(x, weight, silu_mul=silu_mul)  # autotunes this shape
-                except Exception as exc:  # noqa: BLE001 - a kernel that cannot run here: cuBLAS then
-                    log.warning("skinny GEMV unavailable for %s: %s", key, exc)
-                    self.timings[key] = (0.0, float("inf"))
-                    continue
-                error = ((ours.float() - reference.float()).norm() / reference.float().norm().clamp_min(1e-6)).item()
-                cublas = _time(lambda: self._cublas(x, weight, act), repeats)
-                triton_us = _time(lambda: skinny_linear(x, weight, silu_mul=silu_mul), repeats)
-                self.timings[key] = (cublas, triton_us)
-                if error < 2e-2 and triton_us < 0.97 * cublas:
-                    self._triton.add(key)
-        log.info("decode projections (M, N, K, silu_mul: cuBLAS us / Triton us): %s; the Triton kernel for %d of %d",
-                 ", ".join(f"{k}: {a:.1f}/{b:.1f}" for k, (a, b) in sorted(self.timings.items())),
-                 len(self._triton), len(self.timings))
+                self.skinny.measure((rows, n, k, silu_mul), lambda: self._cublas(x, weight, act),
+                                    lambda: skinny_linear(x, weight, silu_mul=silu_mul), tolerance=2e-2)
+        self.skinny.report()
 
     @staticmethod
     def _cublas(x: torch.Tensor, weight: torch.Tensor, activation) -> torch.Tensor:
         if activation is not None:
             x = activation(*x.chunk(2, dim=-1))
         return F.linear(x, weight)
-
-
-def _time(fn, repeats: int) -> float:
-    """Device microseconds per call of ``fn`` as a decode step runs it: ``calls`` of it captured in one
-    CUDA graph, replayed ``repeats`` times, the median. (Timing single eager calls would count the
-    host's launch, which the step's graph does not pay.)"""
-    calls = 20
-    fn()  # compiles / autotunes outside the capture
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / calls)
-    del graph
-    return sorted(times)[len(times) // 2]
 
 
 if triton is not None:

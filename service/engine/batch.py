@@ -57,10 +57,6 @@ class Batch:
         return cls(DecodeRunner(decoder, **runner_options), prefiller)
 
     @property
-    def size(self) -> int:
-        return len(self.slots)
-
-    @property
     def prefill_tokens(self) -> int:
         """Prompt tokens the started requests still need computed."""
         return sum(job.remaining for job in self.jobs)
@@ -72,9 +68,13 @@ class Batch:
     def start(self, request: GenerationRequest, owner: Any, forks: list[Any] = ()) -> bool:
         """Take a free slot and the blocks for the request's prompt and max_tokens (the leading ones
         shared from the prefix cache where it holds them) and queue its prefill; False (nothing
-        taken) when no slot or not enough blocks are free. ``forks``: the owners of the request's
-        other choices, which get slots of their own once the prompt is prefilled (held from now)."""
+        taken) when no slot or not enough blocks are free, or while a started prompt is computing
+        the blocks it would share (it takes them once they are registered, instead of computing them
+        beside it). ``forks``: the owners of the request's other choices, which get slots of their
+        own once the prompt is prefilled (held from now)."""
         prompt = request.prompt
+        if self._prefix_in_progress(prompt.shareable_hashes):
+            return False
         slot = self.cache.allocate(request.reserve, prompt.shareable_hashes, forks=len(forks),
                                    prompt_tokens=prompt.length)
         if slot is None:
@@ -88,6 +88,11 @@ class Batch:
         self._forks[slot] = list(forks)
         self.jobs.append(job)
         return True
+
+    def _prefix_in_progress(self, hashes: list[bytes]) -> bool:
+        """Whether a started prompt's prefill will register the first of these blocks (not cached yet)."""
+        return bool(hashes) and not self.cache.is_cached(hashes[0]) and \
+            any(hashes[0] in job.block_hashes for job in self.jobs)
 
     @property
     def starting_rows(self) -> int:

@@ -27,7 +27,7 @@ from service.decode import Qwen3VLDecoder
 from service.engine.loading import LoadedModel, load
 from service.engine.memory import ProcessMemory
 from service.engine.prompts import PromptBuilder
-from service.engine.requests import Completion, GenerationRequest, Prompt, RequestHandle
+from service.engine.requests import Completion, GenerationRequest, RequestHandle
 from service.engine.scheduler import Scheduler
 from service.engine.startup import build_batch, configure_torch
 from service.engine.structured import Constraint, Grammar, GrammarCompiler
@@ -55,7 +55,6 @@ class Engine:
         self.tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
         self.device = loaded.device
         self.dtype = loaded.dtype
-        self.model_path = loaded.path
         self.metrics = metrics or ServiceMetrics(settings.model_name)
         text_config = self.model.config.get_text_config()
         model_max = getattr(text_config, "max_position_embeddings", None) or settings.max_model_len

@@ -2,7 +2,8 @@
 
 Each iteration: drop cancelled requests; start queued requests, in order, while the batch has rows
 to spare, the KV cache has a slot and the blocks for their prompt and max_tokens, and the next
-prefill pass has room; run one prefill pass (up to one chunk of prompt tokens, pieces of several
+prefill pass has room (a prompt whose leading blocks a started prompt is computing waits for them,
+to share them); run one prefill pass (up to one chunk of prompt tokens, pieces of several
 prompts packed, service/decode/qwen3_prefill.py): the prompts it finishes sample their first token
 and join the running rows; launch one decode step for every running row; read the previous step's
 tokens while this one runs (the host never waits for a step it has not queued the next one
@@ -10,8 +11,9 @@ behind); stream text and retire finished rows. A step with structured-output row
 after that read (their grammars need the previous token), still while its forward runs; steps
 without such rows are sampled as they are launched. So running rows keep decoding while a wave of new
 prompts is prefilled, pass by pass, and each prompt's first token comes as soon as its own prefill
-is done. A cancelled request leaves at the next iteration. An error (CUDA out of memory) fails
-only the requests of the pass or step that hit it; the loop goes on.
+is done. A cancelled request leaves at the next iteration. An error (CUDA out of memory) in a
+prefill pass or its sampling fails only that pass's requests; anywhere else in an iteration (a
+decode step) it fails every request the batch holds and frees it all. The loop goes on.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import torch
 from service.engine.batch import Batch, PrefillFailed
 from service.engine.logits import LogitsProcessors, StepLogprobs, TokenLogprob
 from service.engine.requests import Event, GenerationRequest, RequestHandle
-from service.engine.sampling import sample
+from service.engine.sampling import on_device, sample
 from service.engine.sequence import Sequence
 from service.engine.structured import TokenMask
 from service.errors import Cancelled, OutOfMemory, QueueFull, ServiceError, Unavailable
@@ -228,7 +230,7 @@ class Scheduler:
             except BaseException as exc:  # noqa: BLE001 - this request fails; the others go on
                 self._fail([handle], exc)
                 continue
-            if not started:  # it waits, first in line, for running requests to hand their blocks back
+            if not started:  # it waits, first in line, for blocks handed back or a shared prefix computed
                 self._requeue([(request, handle)])
                 break
             self.metrics.prompt_tokens.inc(request.prompt_tokens)
@@ -289,9 +291,12 @@ class Scheduler:
             carried = [i for i in pending if i is not None]
             joined = [row.last_token for row, i in zip(rows, pending) if i is None]
             assert pending == carried + [None] * len(joined), "joined rows come last"
+            # Index lists go to the device without waiting for it (torch.tensor(..., device=cuda) would
+            # wait for the step in flight).
             device = previous.tokens.device
-            tokens_in = torch.cat([previous.tokens[torch.tensor(carried, device=device)],
-                                   torch.tensor(joined, device=device, dtype=previous.tokens.dtype)])
+            tokens_in = previous.tokens[on_device(carried, torch.long, device)]
+            if joined:
+                tokens_in = torch.cat([tokens_in, on_device(joined, previous.tokens.dtype, device)])
         logits = self.batch.decode(tokens_in)
         if any(row.grammar is not None for row in rows):
             return _Step(rows, logits=logits)  # sampled by _sample_grammar_step, once the grammars have the last tokens

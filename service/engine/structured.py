@@ -31,6 +31,7 @@ from typing import Any, Literal, Sequence
 
 import torch
 
+from service.engine.sampling import on_device
 from service.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -196,7 +197,7 @@ class TokenMask:
         if len(self.rows) == logits.shape[0]:
             return logits.masked_fill(~allowed, float("-inf"))
         blocked = torch.zeros(logits.shape, dtype=torch.bool, device=device)
-        blocked[torch.tensor(self.rows, device=device)] = ~allowed
+        blocked[on_device(self.rows, torch.long, device)] = ~allowed  # no wait for the forward in flight
         return logits.masked_fill(blocked, float("-inf"))
 
 

@@ -1,4 +1,6 @@
-"""Prefill through the model's own forward, with the positions that decoding continues from.
+"""transformers' own prefill, copied into a slot of the paged cache: the reference the tests compare
+the engine's prefill and decode step with, and the quick way benchmarks fill slots. The service
+prefills with service/decode/qwen3_prefill.py; nothing here is used by it.
 
 transformers' ``generate`` computes Qwen3-VL's 4-row position ids itself (text row from the attention
 mask, mrope rows from ``get_rope_index``); a bare ``model(...)`` call on a left-padded batch without
@@ -66,3 +68,32 @@ def prefill(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | 
                 use_cache=True, logits_to_keep=1, **inputs)
     return Prefill(logits=out.logits[:, -1].float(), past_key_values=out.past_key_values,
                    lengths=attention_mask.sum(-1).tolist(), rope_deltas=deltas.tolist())
+
+
+def load_prefill(cache: Any, slot: int, past_key_values: Any, length: int, *, row: int = 0,
+                 rope_delta: int = 0) -> None:
+    """Copy one sequence's K/V from a transformers cache after a prefill into ``slot`` of a
+    PagedKVCache (allocated with room for it).
+
+    ``past_key_values`` is the prefill's cache (a ``DynamicCache``, or the legacy tuple of
+    ``(key, value)`` per layer), each ``[batch, Hkv, T, D]``; the sequence is batch row ``row``
+    with ``length`` real tokens (left padding: the last ``length`` of the ``T`` positions).
+    ``rope_delta`` is the row's mrope offset: next position = length + delta.
+    """
+    dst = cache.positions(slot, length).to(cache.device)
+    for layer in range(cache.num_layers):
+        k, v = _layer_kv(past_key_values, layer)
+        total = k.shape[-2]
+        if length > total:
+            raise ValueError(f"length {length} exceeds the prefill's {total} positions")
+        cache.keys[layer].index_copy_(1, dst, k[row, :, total - length:])
+        cache.values[layer].index_copy_(1, dst, v[row, :, total - length:])
+    cache.set_prefilled(slot, length, rope_delta)
+
+
+def _layer_kv(past_key_values: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    layers = getattr(past_key_values, "layers", None)
+    if layers is not None:  # transformers >= 4.56: Cache.layers[i].keys / .values
+        return layers[layer].keys, layers[layer].values
+    key, value = past_key_values[layer][:2]
+    return key, value
