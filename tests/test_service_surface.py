@@ -155,6 +155,15 @@ def test_continuous_usage_stats_put_the_usage_on_every_chunk(server):
     assert chunks[-1]["usage"]["completion_tokens"] == 5
 
 
+def test_echo_joins_the_text_parts_with_newlines_like_vllm(server):
+    messages = [{"role": "user", "content": "Say a word."},
+                {"role": "assistant", "content": [{"type": "text", "text": "The"}, {"type": "text", "text": "word"}]}]
+    reply = post(server, "/v1/chat/completions", {"model": SERVED_NAME, "messages": messages, "max_tokens": 2,
+                                                  "add_generation_prompt": False, "continue_final_message": True,
+                                                  "echo": True}).json()
+    assert reply["choices"][0]["message"]["content"].startswith("The\nword")
+
+
 def _stream(server, path: str, body: dict) -> list[dict]:
     with httpx.stream("POST", server.base_url + path, json=body, headers=AUTH, timeout=60) as response:
         return [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]

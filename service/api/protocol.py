@@ -323,13 +323,14 @@ class ChatCompletionRequest(SamplingFields):
         return "assistant" if self.add_generation_prompt else self.messages[-1].role
 
     def echoed(self) -> str:
-        """vLLM's echo: the last message's text, when it is of the role the answer continues."""
+        """vLLM's echo: the last message's text (its parts joined by newlines, as vLLM joins them),
+        when it is of the role the answer continues."""
         if not self.echo or self.messages[-1].role != self.response_role:
             return ""
         content = self.messages[-1].content
         if content is None or isinstance(content, str):
             return content or ""
-        return "".join(part.text for part in content if part.type == "text")
+        return "\n".join(part.text for part in content if part.type == "text")
 
 
 def _validation_error(exc: ValidationError) -> InvalidRequest:
