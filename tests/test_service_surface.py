@@ -155,6 +155,22 @@ def test_continuous_usage_stats_put_the_usage_on_every_chunk(server):
     assert chunks[-1]["usage"]["completion_tokens"] == 5
 
 
+def test_continuous_usage_counts_each_choice_from_its_first_chunk_like_vllm(server):
+    body = {"model": SERVED_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "n": 2,
+            "temperature": 1.0, "seed": 3, "ignore_eos": True, "return_token_ids": True, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    chunks = _stream(server, "/v1/chat/completions", body)
+    prompt = chunks[0]["usage"]["prompt_tokens"]
+    assert prompt > 0 and [c["usage"]["completion_tokens"] for c in chunks[:2]] == [0, 0]  # the role chunks
+    counted = {0: 0, 1: 0}
+    for chunk in chunks[2:-1]:
+        choice = chunk["choices"][0]
+        counted[choice["index"]] += len(choice["token_ids"])
+        assert chunk["usage"] == {"prompt_tokens": prompt, "completion_tokens": counted[choice["index"]],
+                                  "total_tokens": prompt + counted[choice["index"]]}  # that choice's, as vLLM's
+    assert counted == {0: 4, 1: 4} and chunks[-1]["usage"]["completion_tokens"] == 8
+
+
 def test_echo_joins_the_text_parts_with_newlines_like_vllm(server):
     messages = [{"role": "user", "content": "Say a word."},
                 {"role": "assistant", "content": [{"type": "text", "text": "The"}, {"type": "text", "text": "word"}]}]
@@ -217,6 +233,29 @@ def test_completions_with_the_openai_sdk(server):
     ids = server.engine.tokenizer.encode("The street in the morning")
     by_ids = client.completions.create(model=SERVED_NAME, prompt=ids, temperature=0)
     assert by_ids.choices[0].text == reply.choices[0].text
+
+
+def test_completions_token_ids_and_usage_where_vllm_puts_them(server):
+    body = {"model": SERVED_NAME, "prompt": "hi there", "max_tokens": 4, "n": 2, "temperature": 1.0, "seed": 3,
+            "ignore_eos": True, "return_token_ids": True}
+    prompt_ids = post(server, "/tokenize", {"prompt": "hi there"}).json()["tokens"]
+    reply = post(server, "/v1/completions", body).json()
+    assert "prompt_token_ids" not in reply  # vLLM: on each choice
+    assert [(c["prompt_token_ids"], len(c["token_ids"])) for c in reply["choices"]] == [(prompt_ids, 4)] * 2
+    chunks = _stream(server, "/v1/completions", {**body, "stream": True, "stream_options": {
+        "include_usage": True, "continuous_usage_stats": True}})
+    firsts, counted = {}, {0: 0, 1: 0}
+    for chunk in chunks[:-1]:
+        choice = chunk["choices"][0]
+        index = choice["index"]
+        if index in firsts:
+            assert choice.get("prompt_token_ids") is None
+        firsts.setdefault(index, choice.get("prompt_token_ids"))  # the first chunk of each choice carries them
+        counted[index] += len(choice["token_ids"])
+        assert chunk["usage"] == {"prompt_tokens": len(prompt_ids), "completion_tokens": counted[index],
+                                  "total_tokens": len(prompt_ids) + counted[index]}
+    assert firsts == {0: prompt_ids, 1: prompt_ids} and counted == {0: 4, 1: 4}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 8
 
 
 def test_completions_logprobs_in_vllms_shape(server):

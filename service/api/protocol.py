@@ -151,6 +151,11 @@ class SamplingFields(BaseModel):
             check_refused(data)
         return data
 
+    @classmethod
+    def parse(cls, body: bytes):
+        """The request in `body`; InvalidRequest (400) for JSON that does not parse or fields that do not validate."""
+        return validate(cls, body)
+
     def logit_bias_ids(self) -> dict[int, float] | None:
         if self.logit_bias is None:
             return None
@@ -241,11 +246,6 @@ class ChatCompletionRequest(SamplingFields):
                 raise InvalidRequest("Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
                                      param="continue_final_message")
         return data
-
-    @classmethod
-    def parse(cls, body: bytes) -> "ChatCompletionRequest":
-        """The request in `body`; InvalidRequest (400) for JSON that does not parse or fields that do not validate."""
-        return validate(cls, body)
 
     def chat_messages(self) -> tuple[list[dict], list[str]]:
         """The chat template's messages (images as {"type": "image"} parts) and the image URLs in prompt order."""
