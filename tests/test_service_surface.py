@@ -258,6 +258,11 @@ def test_completions_token_ids_and_usage_where_vllm_puts_them(server):
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 8
 
 
+def test_completions_max_tokens_null_is_vllms_default(server):
+    body = {"model": SERVED_NAME, "prompt": "hi", "max_tokens": None, "ignore_eos": True}
+    assert post(server, "/v1/completions", body).json()["usage"]["completion_tokens"] == 16
+
+
 def test_completions_logprobs_in_vllms_shape(server):
     reply = post(server, "/v1/completions", {"model": SERVED_NAME, "prompt": "hi", "max_tokens": 4, "temperature": 0,
                                              "logprobs": 2}).json()

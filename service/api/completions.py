@@ -24,7 +24,7 @@ from service.metrics import ServiceMetrics
 
 class CompletionRequest(SamplingFields):
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: Optional[int] = Field(16, ge=1)  # vLLM's default for completions
+    max_tokens: int = Field(16, ge=1)  # vLLM's default for completions (null too)
     echo: Optional[bool] = False
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
     add_special_tokens: bool = True
@@ -33,7 +33,10 @@ class CompletionRequest(SamplingFields):
 
     @model_validator(mode="before")
     @classmethod
-    def _format_rules(cls, data: Any) -> Any:
+    def _completion_rules(cls, data: Any) -> Any:
+        """vLLM's validate_response_format, and its normalize_null_max_tokens (null is the default)."""
+        if isinstance(data, dict) and "max_tokens" in data and data["max_tokens"] is None:
+            data = {key: value for key, value in data.items() if key != "max_tokens"}
         return check_response_format(data)
 
     @model_validator(mode="after")
