@@ -263,7 +263,7 @@ def stream_chunks(handle: RequestHandle, request_id: str, model: str, include_us
             content, calls, finish_reason = shape.tool_calls.stream_delta(parsers[event.index], texts[event.index],
                                                                           finish_reason)
         token_ids = event.token_ids if shape.return_token_ids else None
-        if not (content or calls or finish_reason or event.logprobs):
+        if not (content or calls or finish_reason or event.logprobs or token_ids):  # token ids go out all the same (vLLM)
             return None
         logprobs = None if event.logprobs is None else \
             chat_logprobs(event.logprobs, shape.tokenizer, shape.tokens_as_ids)
