@@ -31,16 +31,16 @@ def test_engine_options_are_engine_prepare_arguments():
 
 @pytest.mark.parametrize(("top_k", "expected"), [(None, None), (-1, 0), (0, 0), (5, 5)])
 def test_top_k_minus_one_and_zero_both_mean_off(top_k, expected):
-    assert chat(top_k=top_k).to_sampling_fields()["top_k"] == expected
+    assert chat(top_k=top_k).to_engine_options()["top_k"] == expected
 
 
 def test_unset_fields_leave_the_model_defaults_and_max_completion_tokens_wins():
-    fields = chat().to_sampling_fields()
+    fields = chat().to_engine_options()
     assert fields["max_tokens"] is None and fields["temperature"] is None and fields["stop"] == ()
     assert fields["logprobs"] is None  # logprobs false: none, whatever top_logprobs says
-    assert chat(max_tokens=4, max_completion_tokens=6).to_sampling_fields()["max_tokens"] == 6
-    assert chat(stop=["a", "b"]).to_sampling_fields()["stop"] == ("a", "b")
-    assert chat(seed=-1).to_sampling_fields()["seed"] is None  # vLLM: -1 is no seed
+    assert chat(max_tokens=4, max_completion_tokens=6).to_engine_options()["max_tokens"] == 6
+    assert chat(stop=["a", "b"]).to_engine_options()["stop"] == ("a", "b")
+    assert chat(seed=-1).to_engine_options()["seed"] is None  # vLLM: -1 is no seed
 
 
 def test_chat_messages_keep_the_image_order_and_map_developer_to_system():

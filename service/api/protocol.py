@@ -283,14 +283,6 @@ class ChatCompletionRequest(SamplingFields):
                 "mm_processor_kwargs": self.mm_processor_kwargs,
                 "tools": self.template_tools()}
 
-    def to_sampling_fields(self) -> dict:
-        """The sampling part of to_engine_options (what the engine validates as SamplingParams)."""
-        options = self.to_engine_options()
-        for name in ("chat_template_kwargs", "add_generation_prompt", "continue_final_message", "add_special_tokens",
-                     "cache_salt", "bad_words", "mm_processor_kwargs", "tools"):
-            options.pop(name)
-        return options
-
     def answer_constraint(self) -> Constraint | None:
         """The grammar the answer must follow: the tool calls tool_choice demands (they take the place
         of response_format and structured_outputs, as on vLLM), else the structured output asked
