@@ -96,6 +96,33 @@ class Message(BaseModel):
     tool_call_id: Optional[str] = None  # tool: the call this is the result of
 
 
+def template_messages(messages: list[Message]) -> tuple[list[dict], list[str]]:
+    """The chat template's messages (images as {"type": "image"} parts) and the image URLs in prompt order."""
+    rendered: list[dict] = []
+    urls: list[str] = []
+    for i, message in enumerate(messages):
+        role = "system" if message.role == "developer" else message.role
+        content = message.content if isinstance(message.content, list) else []
+        if role != "user" and any(part.type != "text" for part in content):
+            raise InvalidRequest(f"Images are accepted in user messages only (message {i} is {role!r}).",
+                                 param=f"messages.{i}.content", kind="unsupported")
+        if role == "assistant" or role == "tool":
+            rendered.append(template_turn(message, role, i))
+            continue
+        if message.content is None or isinstance(message.content, str):
+            rendered.append({"role": role, "content": message.content or ""})
+            continue
+        parts: list[dict] = []
+        for part in content:
+            if part.type == "text":
+                parts.append({"type": "text", "text": part.text})
+            else:
+                parts.append({"type": "image"})
+                urls.append(part.image_url.url)
+        rendered.append({"role": role, "content": parts})
+    return rendered, urls
+
+
 class StreamOptions(BaseModel):
     include_usage: Optional[bool] = False
     continuous_usage_stats: Optional[bool] = False
@@ -248,29 +275,8 @@ class ChatCompletionRequest(SamplingFields):
         return data
 
     def chat_messages(self) -> tuple[list[dict], list[str]]:
-        """The chat template's messages (images as {"type": "image"} parts) and the image URLs in prompt order."""
-        messages: list[dict] = []
-        urls: list[str] = []
-        for i, message in enumerate(self.messages):
-            role = "system" if message.role == "developer" else message.role
-            if role == "assistant" or role == "tool":
-                messages.append(template_turn(message, role, i))
-                continue
-            if message.content is None or isinstance(message.content, str):
-                messages.append({"role": role, "content": message.content or ""})
-                continue
-            parts: list[dict] = []
-            for part in message.content:
-                if part.type == "text":
-                    parts.append({"type": "text", "text": part.text})
-                elif role != "user":
-                    raise InvalidRequest(f"Images are accepted in user messages only (message {i} is {role!r}).",
-                                         param=f"messages.{i}.content", kind="unsupported")
-                else:
-                    parts.append({"type": "image"})
-                    urls.append(part.image_url.url)
-            messages.append({"role": role, "content": parts})
-        return messages, urls
+        """The chat template's messages and the image URLs (`template_messages`)."""
+        return template_messages(self.messages)
 
     def to_engine_options(self) -> dict:
         """Engine.prepare's keyword arguments: the sampling fields and the prompt's."""
