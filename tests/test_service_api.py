@@ -232,6 +232,8 @@ BAD_REQUESTS = {
     "path escaping allowed dir": (user([image_part("../../../etc/hostname")]), 400, ["outside the allowed"]),
     "too many images": (user([image_part(png_data_url())] * 4), 400, ["at most 3 image"]),
     "temperature out of range": (user("hi", temperature=7), 400, ["temperature"]),
+    "continue_final_message with the generation prompt": (user("hi", continue_final_message=True), 400,
+                                                           ["continue_final_message", "add_generation_prompt"]),
 }
 
 

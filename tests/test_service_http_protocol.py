@@ -75,7 +75,6 @@ def test_an_image_outside_a_user_message_is_refused_by_position():
     ({"chat_template": "{{ messages }}"}, "chat_template"), ({"truncate_prompt_tokens": 5}, "truncate_prompt_tokens"),
     ({"media_io_kwargs": {"image": {}}}, "media_io_kwargs"), ({"length_penalty": 2}, "length_penalty"),
     ({"stream_options": {"include_usage": True}}, "stream_options"), ({"top_logprobs": 2}, "top_logprobs"),
-    ({"seed": 2**64}, "seed"), ({"continue_final_message": True}, "continue_final_message"),
 ])
 def test_refused_fields_and_vllm_rules_name_the_field(fields, param):
     with pytest.raises(InvalidRequest) as info:

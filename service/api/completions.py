@@ -24,7 +24,7 @@ from service.metrics import ServiceMetrics
 
 class CompletionRequest(SamplingFields):
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: int = Field(16, ge=1)  # vLLM's default for completions (null too)
+    max_tokens: int = 16  # vLLM's default for completions (null too)
     echo: Optional[bool] = False
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
     add_special_tokens: bool = True

@@ -36,9 +36,6 @@ from service.api.tools import (
 from service.engine.structured import Constraint
 from service.errors import InvalidRequest
 
-INT64 = dict(ge=-(2**63), le=2**63 - 1)
-
-
 def parse_json(body: bytes) -> Any:
     """Strict JSON (orjson: RFC 8259): no NaN or Infinity, no lone surrogates, valid UTF-8, at most
     1024 levels deep; anything else is the request's 400."""
@@ -129,27 +126,29 @@ class StreamOptions(BaseModel):
 
 
 class SamplingFields(BaseModel):
-    """The sampling fields vLLM's chat and completion requests share, with vLLM's rules."""
+    """The sampling fields vLLM's chat and completion requests share, with vLLM's request-level
+    rules. Their ranges are checked once, where vLLM checks them: the engine's SamplingParams (with
+    vLLM's messages), as the request is prepared."""
 
     model_config = ConfigDict(extra="allow")  # unknown fields are ignored, as vLLM does; refused ones: check_refused
 
     model: Optional[str] = None
-    max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
-    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
-    top_k: Optional[int] = Field(None, ge=-1)  # vLLM extension; -1 or 0: off
-    min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
-    presence_penalty: Optional[float] = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: Optional[float] = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: Optional[float] = Field(None, gt=0.0)
+    max_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None  # vLLM extension; -1 or 0: off
+    min_p: Optional[float] = None
+    presence_penalty: Optional[float] = 0.0
+    frequency_penalty: Optional[float] = 0.0
+    repetition_penalty: Optional[float] = None
     logit_bias: Optional[dict[str, float]] = None
-    seed: Optional[int] = Field(None, **INT64)
-    n: Optional[int] = Field(1, ge=1)
+    seed: Optional[int] = None
+    n: Optional[int] = 1
     stop: Union[str, list[str], None] = None
     stop_token_ids: Optional[list[int]] = None
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = 0
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     allowed_token_ids: Optional[list[int]] = None
@@ -199,7 +198,7 @@ class SamplingFields(BaseModel):
             "max_tokens": max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
-            "top_k": None if self.top_k is None else max(self.top_k, 0),  # vLLM's -1 and 0 both mean off
+            "top_k": 0 if self.top_k == -1 else self.top_k,  # vLLM quietly takes -1 for 0 (off)
             "min_p": self.min_p,
             "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,
@@ -233,7 +232,7 @@ class SamplingFields(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = None
     logprobs: Optional[bool] = False
     top_logprobs: Optional[int] = 0
     echo: bool = False
@@ -259,7 +258,7 @@ class ChatCompletionRequest(SamplingFields):
     @model_validator(mode="before")
     @classmethod
     def _chat_rules(cls, data: Any) -> Any:
-        """vLLM's check_logprobs and check_generation_prompt."""
+        """vLLM's check_logprobs (check_generation_prompt is the engine's: PromptBuilder.render)."""
         if isinstance(data, dict):
             top = data.get("top_logprobs")
             if top is not None and not isinstance(top, int):
@@ -269,9 +268,6 @@ class ChatCompletionRequest(SamplingFields):
             if top is not None and (top == -1 or top > 0) and not data.get("logprobs"):
                 raise InvalidRequest("when using `top_logprobs`, `logprobs` must be set to true.",
                                      param="top_logprobs")
-            if data.get("continue_final_message") and data.get("add_generation_prompt", True):
-                raise InvalidRequest("Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
-                                     param="continue_final_message")
         return data
 
     def chat_messages(self) -> tuple[list[dict], list[str]]:
