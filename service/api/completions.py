@@ -12,7 +12,8 @@ from starlette.responses import JSONResponse, Response
 from service.api.cancellation import GenerationResponse
 from service.api.logprobs import completion_logprobs
 from service.api.offload import off_loop
-from service.api.protocol import SamplingFields, Usage
+from service.api.protocol import SamplingFields
+from service.api.responses import Usage
 from service.api.serving import AnswerShape, StreamUsage, gather, response_id, stream_answer, usage_of
 from service.api.sse import EventStreamResponse
 from service.api.structured_outputs import ResponseFormat, StructuredOutputs, check_response_format, structured_constraint

@@ -1,4 +1,5 @@
-"""Request and response bodies of the OpenAI chat completions API, as vLLM's server speaks it.
+"""Request bodies of the OpenAI chat completions API as vLLM's server takes them, and what both
+generation routes share (strict JSON, the sampling fields). The bodies sent back are responses.py.
 
 A request converts itself: `parse` (body bytes -> a validated request: strict JSON, vLLM's field
 rules, the refused fields by name: service/api/fields.py), `chat_messages` (the chat template's
@@ -9,11 +10,10 @@ structured_outputs.py.
 """
 from __future__ import annotations
 
-import time
 from typing import Annotated, Any, Literal, Optional, Union
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from service.api.fields import check_refused
 from service.api.structured_outputs import (
@@ -22,7 +22,7 @@ from service.api.structured_outputs import (
     check_response_format,
     structured_constraint,
 )
-from service.api.tool_parser import DeltaToolCall, ToolCall, ToolCallAnswer
+from service.api.tool_parser import ToolCallAnswer
 from service.api.tools import (
     MessageToolCall,
     NamedToolChoice,
@@ -59,6 +59,15 @@ def validate(model: type[BaseModel], body: bytes | dict) -> Any:
         raise
     except (ValueError, TypeError, RecursionError) as exc:  # a validator's own refusal
         raise InvalidRequest(str(exc), kind="malformed") from None
+
+
+def _validation_error(exc: ValidationError) -> InvalidRequest:
+    """The most specific of pydantic's errors (a union reports one per branch), with a readable path."""
+    errors = sorted(exc.errors(), key=lambda e: len(e["loc"]), reverse=True)
+    first = errors[0]
+    # Drop union-branch labels such as "str" or "list[tagged-union[...]]" from the path.
+    where = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and ("[" in p or p == "str")))
+    return InvalidRequest(f"{where}: {first['msg']}", param=where or None, kind="malformed")
 
 
 class ImageURL(BaseModel):
@@ -325,113 +334,3 @@ class ChatCompletionRequest(SamplingFields):
         if content is None or isinstance(content, str):
             return content or ""
         return "\n".join(part.text for part in content if part.type == "text")
-
-
-def _validation_error(exc: ValidationError) -> InvalidRequest:
-    """The most specific of pydantic's errors (a union reports one per branch), with a readable path."""
-    errors = sorted(exc.errors(), key=lambda e: len(e["loc"]), reverse=True)
-    first = errors[0]
-    # Drop union-branch labels such as "str" or "list[tagged-union[...]]" from the path.
-    where = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and ("[" in p or p == "str")))
-    return InvalidRequest(f"{where}: {first['msg']}", param=where or None, kind="malformed")
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-    @classmethod
-    def count(cls, prompt_tokens: int, completion_tokens: int) -> "Usage":
-        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens)
-
-
-class _ToolCallsWhenMade(BaseModel):
-    @model_serializer(mode="wrap")
-    def _calls_only_when_made(self, handler):
-        data = handler(self)
-        if not data["tool_calls"]:
-            del data["tool_calls"]  # vLLM leaves the key out
-        return data
-
-
-class ResponseMessage(_ToolCallsWhenMade):
-    role: str = "assistant"
-    content: Optional[str]
-    tool_calls: list[ToolCall] = Field(default_factory=list)
-
-
-class LogProb(BaseModel):
-    token: str
-    logprob: float
-    bytes: Optional[list[int]] = None
-
-
-class LogProbsContent(LogProb):
-    top_logprobs: list[LogProb] = Field(default_factory=list)
-
-
-class ChoiceLogProbs(BaseModel):
-    content: Optional[list[LogProbsContent]] = None
-
-
-class Choice(BaseModel):
-    index: int = 0
-    message: ResponseMessage
-    logprobs: Optional[ChoiceLogProbs] = None
-    finish_reason: str
-    stop_reason: Union[int, str, None] = None
-    token_ids: Optional[list[int]] = None
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[Choice]
-    usage: Usage
-    prompt_token_ids: Optional[list[int]] = None
-    prompt_text: Optional[str] = None
-
-
-class Delta(_ToolCallsWhenMade):
-    role: Optional[str] = None
-    content: Optional[str] = None
-    tool_calls: list[DeltaToolCall] = Field(default_factory=list)
-
-
-class ChunkChoice(BaseModel):
-    index: int = 0
-    delta: Delta
-    logprobs: Optional[ChoiceLogProbs] = None
-    finish_reason: Optional[str] = None
-    stop_reason: Union[int, str, None] = None
-    token_ids: Optional[list[int]] = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChunkChoice]
-    usage: Optional[Usage] = None
-    prompt_token_ids: Optional[list[int]] = None
-    prompt_text: Optional[str] = None
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    owned_by: str = "vlkit"
-    root: Optional[str] = None
-    parent: Optional[str] = None
-    max_model_len: Optional[int] = None
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]

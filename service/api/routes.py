@@ -11,7 +11,8 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 
 from service.api.completions import CompletionRequest
-from service.api.protocol import ChatCompletionRequest, ModelCard, ModelList
+from service.api.protocol import ChatCompletionRequest
+from service.api.responses import ModelCard, ModelList
 from service.api.state import ServiceState
 from service.errors import Cancelled, PayloadTooLarge, RequestTimeout, Unauthorized
 

@@ -16,15 +16,14 @@ from service.api.error_handlers import count_error
 from service.api.logprobs import chat_logprobs
 from service.api.media import ImageLoader
 from service.api.offload import off_loop
-from service.api.protocol import (
+from service.api.protocol import ChatCompletionRequest, SamplingFields
+from service.api.responses import (
     ChatCompletionChunk,
-    ChatCompletionRequest,
     ChatCompletionResponse,
     Choice,
     ChunkChoice,
     Delta,
     ResponseMessage,
-    SamplingFields,
     Usage,
 )
 from service.api.sse import DONE, ChunkFrame, EventStreamResponse, sse, sse_error
