@@ -252,6 +252,14 @@ def test_unknown_model_is_404_like_vllm(server):
     assert_still_serves(server)
 
 
+def test_unknown_routes_and_methods_answer_in_vllms_error_shape(server):
+    error = assert_error(httpx.get(server.base_url + "/v1/nope"), 404)
+    assert error["type"] == "Not Found"  # vLLM's http_exception_handler: the status phrase
+    error = assert_error(httpx.post(server.base_url + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}),
+                         405)
+    assert error["type"] == "Method Not Allowed"
+
+
 def test_prompt_longer_than_context_names_both_lengths(server):
     long_text = "The quick brown fox jumps over the lazy dog. " * 120
     with pytest.raises(openai.BadRequestError) as info:
