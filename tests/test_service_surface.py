@@ -199,6 +199,22 @@ def test_stream_interval_sends_chunks_of_that_many_tokens(server):
     assert len([c for c in _stream(server, "/v1/completions", completion) if c["choices"]]) <= 4
 
 
+def test_streamed_logprobs_join_into_the_whole_answers_on_both_routes(server):
+    body = {"model": SERVED_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0,
+            "logprobs": True, "top_logprobs": 2}
+    whole = post(server, "/v1/chat/completions", body).json()["choices"][0]["logprobs"]["content"]
+    streamed = [entry for c in _stream(server, "/v1/chat/completions", {**body, "stream": True})
+                if c["choices"] and c["choices"][0]["logprobs"] for entry in c["choices"][0]["logprobs"]["content"]]
+    assert len(whole) == 6 and streamed == whole
+    body = {"model": SERVED_NAME, "prompt": "hi", "max_tokens": 6, "temperature": 0, "logprobs": 2}
+    whole = post(server, "/v1/completions", body).json()["choices"][0]["logprobs"]
+    joined = {key: [] for key in whole}
+    for chunk in _stream(server, "/v1/completions", {**body, "stream": True}):
+        for key in joined:
+            joined[key] += chunk["choices"][0]["logprobs"][key]
+    assert joined == whole  # text_offset counts on across chunks
+
+
 def test_cache_salt_keeps_prefixes_apart(server):
     text = "A long shared question about the street, the bakery and the tram stop. " * 6
     hits = lambda: metric(server, "vllm:prefix_cache_hits_total")  # noqa: E731
