@@ -93,7 +93,8 @@ class HttpLayer:
 
     def check_and_convert(self, chat, settings) -> tuple[list[dict], list[str]]:
         if self.packaged:
-            chat.check_supported()
+            if hasattr(chat, "check_supported"):  # before the fields were checked while parsing
+                chat.check_supported()
             return chat.chat_messages()
         self.api._check_supported(chat, settings)
         return self.api._to_chat_messages(chat)

@@ -232,6 +232,8 @@ BAD_REQUESTS = {
     "path escaping allowed dir": (user([image_part("../../../etc/hostname")]), 400, ["outside the allowed"]),
     "too many images": (user([image_part(png_data_url())] * 4), 400, ["at most 3 image"]),
     "temperature out of range": (user("hi", temperature=7), 400, ["temperature"]),
+    "continue_final_message with the generation prompt": (user("hi", continue_final_message=True), 400,
+                                                           ["continue_final_message", "add_generation_prompt"]),
 }
 
 
@@ -248,6 +250,14 @@ def test_unknown_model_is_404_like_vllm(server):
     assert info.value.body["message"] == "The model `no-such-model` does not exist."
     assert info.value.body["type"] == "NotFoundError"
     assert_still_serves(server)
+
+
+def test_unknown_routes_and_methods_answer_in_vllms_error_shape(server):
+    error = assert_error(httpx.get(server.base_url + "/v1/nope"), 404)
+    assert error["type"] == "Not Found"  # vLLM's http_exception_handler: the status phrase
+    error = assert_error(httpx.post(server.base_url + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}),
+                         405)
+    assert error["type"] == "Method Not Allowed"
 
 
 def test_prompt_longer_than_context_names_both_lengths(server):

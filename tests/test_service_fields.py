@@ -2,17 +2,21 @@
 (a typed field of ours, with a test that shows its effect) or refused with a 400 that names it; never
 accepted and ignored. The field lists come from the vllm package the test venv installs
 (scripts/setup-test-env.sh: vllm 0.27.0 without its dependencies), so a vLLM upgrade that adds a
-field fails here until the field is decided."""
+field fails here until the field is decided. A typed field is not yet an honoured one: the fields every request reads while it
+is served are recorded, so one that no code reads on some route (accepted, then ignored) fails."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 
 import httpx
 import pytest
+from pydantic import BaseModel
 
+from service.api import protocol, tokenization
 from service.api.completions import CompletionRequest
 from service.api.fields import NO_EFFECT, REFUSED
-from service.api.protocol import ChatCompletionRequest
+from service.api.protocol import ChatCompletionRequest, SamplingFields
 from tests.conftest import API_KEY, SERVED_NAME
 
 SURFACE = "tests.test_service_surface"
@@ -74,6 +78,9 @@ COMPLETION_HONOURED = {
     "echo": f"{SURFACE}::test_completions_with_the_openai_sdk",
     "max_tokens": f"{SURFACE}::test_completions_with_the_openai_sdk",
     "logprobs": f"{SURFACE}::test_completions_logprobs_in_vllms_shape",
+    "n": f"{SURFACE}::test_completions_token_ids_and_usage_where_vllm_puts_them",
+    "stream_options": f"{SURFACE}::test_completions_token_ids_and_usage_where_vllm_puts_them",
+    "return_token_ids": f"{SURFACE}::test_completions_token_ids_and_usage_where_vllm_puts_them",
     "add_special_tokens": f"{SURFACE}::test_tokenize_a_prompt_and_chat_messages_and_detokenize",
     "response_format": f"{STRUCTURED}::test_completions_take_structured_outputs_too",
     "structured_outputs": f"{STRUCTURED}::test_completions_take_structured_outputs_too",
@@ -110,6 +117,72 @@ def test_every_vllm_field_is_decided(vllm_model, ours, honoured):
         assert name in fields, f"{name} is not a vLLM field"
         assert name in ours.model_fields, f"{name} is honoured but not a typed field of {ours.__name__}"
         assert name not in REFUSED and name not in NO_EFFECT
+
+
+@contextlib.contextmanager
+def fields_read(monkeypatch):
+    """The fields ("Model.field", "Model.nested.field") that code reads from the requests parsed
+    meanwhile; reads by the request's own validators (while it is parsed) do not count."""
+    reads: set[str] = set()
+    tracked: dict[int, str] = {}
+    parsed: list[BaseModel] = []  # kept alive: `tracked` goes by id
+    parse = protocol.validate
+
+    def track(model: BaseModel, path: str) -> None:
+        tracked[id(model)] = path
+        parsed.append(model)
+        for name in type(model).model_fields:
+            if isinstance(value := object.__getattribute__(model, name), BaseModel):
+                track(value, f"{path}.{name}")
+
+    def validate(model, body):
+        request = parse(model, body)
+        track(request, model.__name__)
+        return request
+
+    def recording(self, name):
+        path = tracked.get(id(self))
+        if path is not None and name in type(self).model_fields:
+            reads.add(f"{path}.{name}")
+        return object.__getattribute__(self, name)
+
+    for module in (protocol, tokenization):
+        monkeypatch.setattr(module, "validate", validate)
+    for model in (SamplingFields, protocol.StreamOptions, tokenization._Strict):
+        monkeypatch.setattr(model, "__getattribute__", recording, raising=False)
+    yield reads
+
+
+STREAMED = {"stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+SERVED = [  # (route, body): between them, every path on which a request's fields are read
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 1,
+                              **STREAMED}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}),
+    ("/v1/completions", {"prompt": "hi"}),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 1, **STREAMED}),
+    ("/tokenize", {"prompt": "hi"}),
+    ("/tokenize", {"messages": [{"role": "user", "content": "hi"}]}),
+    ("/detokenize", {"tokens": [1, 2]}),
+]
+
+
+def test_every_honoured_field_is_read_while_serving(server, monkeypatch):
+    with fields_read(monkeypatch) as reads:
+        for path, body in SERVED:
+            response = httpx.post(server.base_url + path, json={"model": SERVED_NAME, "max_tokens": 2, **body},
+                                  headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+            assert response.status_code == 200, (path, response.text)
+    stream_options = [f"stream_options.{name}" for name in vllm_fields("vllm.entrypoints.openai.engine.protocol",
+                                                                        "StreamOptions")]
+    for ours, honoured in ((ChatCompletionRequest, CHAT_HONOURED), (CompletionRequest, COMPLETION_HONOURED)):
+        unread = [name for name in [*honoured, *stream_options] if f"{ours.__name__}.{name}" not in reads]
+        assert not unread, f"{ours.__name__}: honoured but never read: {unread}"
+    for name in ("TokenizeCompletionRequest", "TokenizeChatRequest", "DetokenizeRequest"):
+        fields = [f for f in vllm_fields(TOKENIZE, name) if f not in REFUSED]
+        unread = [f for f in fields if f"{name}.{f}" not in reads]
+        assert not unread, f"{name}: honoured but never read: {unread}"
 
 
 TOKENIZE = "vllm.entrypoints.serve.tokenize.protocol"

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from service.api.protocol import ChatCompletionChunk, ChunkChoice, Delta, Usage
+from service.api.responses import ChatCompletionChunk, ChunkChoice, Delta, Usage
 from service.api.serving import stream_chunks
 from service.api.sse import ChunkFrame
 from service.engine import Event

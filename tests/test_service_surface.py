@@ -155,6 +155,31 @@ def test_continuous_usage_stats_put_the_usage_on_every_chunk(server):
     assert chunks[-1]["usage"]["completion_tokens"] == 5
 
 
+def test_continuous_usage_counts_each_choice_from_its_first_chunk_like_vllm(server):
+    body = {"model": SERVED_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "n": 2,
+            "temperature": 1.0, "seed": 3, "ignore_eos": True, "return_token_ids": True, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    chunks = _stream(server, "/v1/chat/completions", body)
+    prompt = chunks[0]["usage"]["prompt_tokens"]
+    assert prompt > 0 and [c["usage"]["completion_tokens"] for c in chunks[:2]] == [0, 0]  # the role chunks
+    counted = {0: 0, 1: 0}
+    for chunk in chunks[2:-1]:
+        choice = chunk["choices"][0]
+        counted[choice["index"]] += len(choice["token_ids"])
+        assert chunk["usage"] == {"prompt_tokens": prompt, "completion_tokens": counted[choice["index"]],
+                                  "total_tokens": prompt + counted[choice["index"]]}  # that choice's, as vLLM's
+    assert counted == {0: 4, 1: 4} and chunks[-1]["usage"]["completion_tokens"] == 8
+
+
+def test_echo_joins_the_text_parts_with_newlines_like_vllm(server):
+    messages = [{"role": "user", "content": "Say a word."},
+                {"role": "assistant", "content": [{"type": "text", "text": "The"}, {"type": "text", "text": "word"}]}]
+    reply = post(server, "/v1/chat/completions", {"model": SERVED_NAME, "messages": messages, "max_tokens": 2,
+                                                  "add_generation_prompt": False, "continue_final_message": True,
+                                                  "echo": True}).json()
+    assert reply["choices"][0]["message"]["content"].startswith("The\nword")
+
+
 def _stream(server, path: str, body: dict) -> list[dict]:
     with httpx.stream("POST", server.base_url + path, json=body, headers=AUTH, timeout=60) as response:
         return [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
@@ -172,6 +197,22 @@ def test_stream_interval_sends_chunks_of_that_many_tokens(server):
     completion = {"model": SERVED_NAME, "prompt": "hi", "max_tokens": 9, "temperature": 0, "stream": True,
                   "stream_interval": 3, "ignore_eos": True}
     assert len([c for c in _stream(server, "/v1/completions", completion) if c["choices"]]) <= 4
+
+
+def test_streamed_logprobs_join_into_the_whole_answers_on_both_routes(server):
+    body = {"model": SERVED_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0,
+            "logprobs": True, "top_logprobs": 2}
+    whole = post(server, "/v1/chat/completions", body).json()["choices"][0]["logprobs"]["content"]
+    streamed = [entry for c in _stream(server, "/v1/chat/completions", {**body, "stream": True})
+                if c["choices"] and c["choices"][0]["logprobs"] for entry in c["choices"][0]["logprobs"]["content"]]
+    assert len(whole) == 6 and streamed == whole
+    body = {"model": SERVED_NAME, "prompt": "hi", "max_tokens": 6, "temperature": 0, "logprobs": 2}
+    whole = post(server, "/v1/completions", body).json()["choices"][0]["logprobs"]
+    joined = {key: [] for key in whole}
+    for chunk in _stream(server, "/v1/completions", {**body, "stream": True}):
+        for key in joined:
+            joined[key] += chunk["choices"][0]["logprobs"][key]
+    assert joined == whole  # text_offset counts on across chunks
 
 
 def test_cache_salt_keeps_prefixes_apart(server):
@@ -208,6 +249,34 @@ def test_completions_with_the_openai_sdk(server):
     ids = server.engine.tokenizer.encode("The street in the morning")
     by_ids = client.completions.create(model=SERVED_NAME, prompt=ids, temperature=0)
     assert by_ids.choices[0].text == reply.choices[0].text
+
+
+def test_completions_token_ids_and_usage_where_vllm_puts_them(server):
+    body = {"model": SERVED_NAME, "prompt": "hi there", "max_tokens": 4, "n": 2, "temperature": 1.0, "seed": 3,
+            "ignore_eos": True, "return_token_ids": True}
+    prompt_ids = post(server, "/tokenize", {"prompt": "hi there"}).json()["tokens"]
+    reply = post(server, "/v1/completions", body).json()
+    assert "prompt_token_ids" not in reply  # vLLM: on each choice
+    assert [(c["prompt_token_ids"], len(c["token_ids"])) for c in reply["choices"]] == [(prompt_ids, 4)] * 2
+    chunks = _stream(server, "/v1/completions", {**body, "stream": True, "stream_options": {
+        "include_usage": True, "continuous_usage_stats": True}})
+    firsts, counted = {}, {0: 0, 1: 0}
+    for chunk in chunks[:-1]:
+        choice = chunk["choices"][0]
+        index = choice["index"]
+        if index in firsts:
+            assert choice.get("prompt_token_ids") is None
+        firsts.setdefault(index, choice.get("prompt_token_ids"))  # the first chunk of each choice carries them
+        counted[index] += len(choice["token_ids"])
+        assert chunk["usage"] == {"prompt_tokens": len(prompt_ids), "completion_tokens": counted[index],
+                                  "total_tokens": len(prompt_ids) + counted[index]}
+    assert firsts == {0: prompt_ids, 1: prompt_ids} and counted == {0: 4, 1: 4}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 8
+
+
+def test_completions_max_tokens_null_is_vllms_default(server):
+    body = {"model": SERVED_NAME, "prompt": "hi", "max_tokens": None, "ignore_eos": True}
+    assert post(server, "/v1/completions", body).json()["usage"]["completion_tokens"] == 16
 
 
 def test_completions_logprobs_in_vllms_shape(server):

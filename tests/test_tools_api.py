@@ -82,6 +82,16 @@ def test_streamed_calls_come_as_openai_deltas(long_context_server):
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
 
 
+def test_streamed_calls_carry_every_token_id(long_context_server):
+    body = {"model": SERVED_NAME, "messages": MESSAGES, "tools": TOOLS, "tool_choice": "required", "max_tokens": 400,
+            "stream": True, "stream_options": {"include_usage": True}, "return_token_ids": True}
+    with httpx.stream("POST", long_context_server.base_url + "/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    sent = sum(len(c["choices"][0]["token_ids"] or []) for c in chunks if c["choices"])
+    assert sent == chunks[-1]["usage"]["completion_tokens"]  # the parser's held-back text too, as vLLM
+
+
 def test_streamed_and_whole_answers_agree(long_context_server):
     whole = create(long_context_server, tool_choice={"type": "function", "function": {"name": "add"}}, seed=5)
     chunks = list(create(long_context_server, tool_choice={"type": "function", "function": {"name": "add"}}, seed=5,

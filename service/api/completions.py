@@ -10,14 +10,14 @@ from pydantic import Field, model_validator
 from starlette.responses import JSONResponse, Response
 
 from service.api.cancellation import GenerationResponse
-from service.api.error_handlers import count_error
 from service.api.logprobs import completion_logprobs
 from service.api.offload import off_loop
-from service.api.protocol import SamplingFields, Usage, validate
-from service.api.serving import ChoiceText, gather, in_intervals, usage_of
+from service.api.protocol import SamplingFields
+from service.api.responses import Usage
+from service.api.serving import AnswerShape, StreamUsage, gather, response_id, stream_answer, usage_of
+from service.api.sse import EventStreamResponse
 from service.api.structured_outputs import ResponseFormat, StructuredOutputs, check_response_format, structured_constraint
-from service.api.sse import DONE, EventStreamResponse, sse_error
-from service.engine import Engine, RequestHandle
+from service.engine import Engine, Event, RequestHandle
 from service.engine.sampling import MAX_LOGPROBS
 from service.errors import InvalidRequest
 from service.metrics import ServiceMetrics
@@ -25,7 +25,7 @@ from service.metrics import ServiceMetrics
 
 class CompletionRequest(SamplingFields):
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: Optional[int] = Field(16, ge=1)  # vLLM's default for completions
+    max_tokens: int = 16  # vLLM's default for completions (null too)
     echo: Optional[bool] = False
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
     add_special_tokens: bool = True
@@ -34,7 +34,10 @@ class CompletionRequest(SamplingFields):
 
     @model_validator(mode="before")
     @classmethod
-    def _format_rules(cls, data: Any) -> Any:
+    def _completion_rules(cls, data: Any) -> Any:
+        """vLLM's validate_response_format, and its normalize_null_max_tokens (null is the default)."""
+        if isinstance(data, dict) and "max_tokens" in data and data["max_tokens"] is None:
+            data = {key: value for key, value in data.items() if key != "max_tokens"}
         return check_response_format(data)
 
     @model_validator(mode="after")
@@ -52,10 +55,13 @@ class CompletionRequest(SamplingFields):
         return self.sampling_options(self.max_tokens, self.logprobs)
 
 
-def _choice(index: int, text: str, logprobs: Any, finish_reason: Optional[str], stop_reason: Any,
-            token_ids: Optional[list[int]]) -> dict:
+def _choice(index: int, text: str, logprobs: Any = None, finish_reason: Optional[str] = None, stop_reason: Any = None,
+            token_ids: Optional[list[int]] = None, prompt_token_ids: Optional[list[int]] = None) -> dict:
+    """vLLM's CompletionResponseChoice (and stream choice); the token ids only where asked for."""
     choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
               "stop_reason": stop_reason}
+    if prompt_token_ids is not None:
+        choice["prompt_token_ids"] = prompt_token_ids
     if token_ids is not None:
         choice["token_ids"] = token_ids
     return choice
@@ -66,75 +72,75 @@ class CompletionServing:
         self.chat = chat_serving  # the model check
         self.metrics = metrics
 
-    async def create_completion(self, body: bytes, engine: Engine, arrived: float) -> GenerationResponse:
-        request_body = validate(CompletionRequest, body)
-        self.chat.check_model(request_body.model)
-        options = request_body.to_engine_options()
-        constraint = structured_constraint(request_body.response_format, request_body.structured_outputs)
+    async def create_completion(self, body: CompletionRequest, engine: Engine, arrived: float) -> GenerationResponse:
+        self.chat.check_model(body.model)
+        options = body.to_engine_options()
+        constraint = structured_constraint(body.response_format, body.structured_outputs)
         options["grammar"] = await off_loop(engine.compile_grammar, constraint) if constraint is not None else None
-        prompt = request_body.prompt
+        prompt = body.prompt
         if isinstance(prompt, str):
-            request = await off_loop(engine.prepare_text, prompt,
-                                              add_special_tokens=request_body.add_special_tokens, **options)
+            request = await off_loop(engine.prepare_text, prompt, add_special_tokens=body.add_special_tokens, **options)
         else:
             request = await off_loop(engine.prepare_tokens, list(prompt), **options)
-        request.id = f"cmpl-{request_body.request_id}" if request_body.request_id else "cmpl-" + request.id[9:]
-        echo = "" if not request_body.echo else prompt if isinstance(prompt, str) else \
-            engine.tokenizer.decode(list(prompt))
+        request.id = response_id("cmpl", body.request_id)
+        echo = "" if not body.echo else prompt if isinstance(prompt, str) else engine.tokenizer.decode(list(prompt))
+        shape = AnswerShape.of(body, request, engine, echo=echo)
         model = self.chat.settings.model_name
-        tokenizer, as_ids = engine.tokenizer, bool(request_body.return_tokens_as_token_ids)
-        with_ids = bool(request_body.return_token_ids)
-        n = request.params.n
-
-        async def whole(handle: RequestHandle) -> dict:
-            choices: list[ChoiceText] = await gather(handle, n)
-            out = []
-            for index, c in enumerate(choices):
-                logprobs = None if c.logprobs is None else completion_logprobs(c.logprobs, tokenizer, as_ids)
-                out.append(_choice(index, echo + "".join(c.text), logprobs, c.last.finish_reason, c.last.stop_reason,
-                                   c.token_ids if with_ids else None))
-            body = {"id": request.id, "object": "text_completion", "created": int(time.time()), "model": model,
-                    "choices": out, "usage": usage_of(choices).model_dump()}
-            if with_ids:
-                body["prompt_token_ids"] = request.prompt.input_ids.tolist()
-            return body
-
-        async def stream(handle: RequestHandle) -> AsyncIterator[bytes]:
-            created = int(time.time())
-
-            def chunk(choices: list[dict], usage: Usage | None = None) -> bytes:
-                body = {"id": request.id, "object": "text_completion", "created": created, "model": model,
-                        "choices": choices}
-                if usage is not None:
-                    body["usage"] = usage.model_dump()
-                return b"data: " + orjson.dumps(body) + b"\n\n"
-
-            if echo:
-                for index in range(n):
-                    yield chunk([_choice(index, echo, None, None, None, None)])
-            offsets, completed, prompt_tokens = [len(echo)] * n, {}, 0
-            async for event in in_intervals(handle.__aiter__(), request_body.stream_interval):
-                if event.error is not None:
-                    count_error(self.metrics, event.error)
-                    yield sse_error(event.error)
-                    break
-                prompt_tokens = event.prompt_tokens or prompt_tokens
-                if not (event.text or event.finish_reason or event.logprobs):
-                    continue
-                logprobs = None if event.logprobs is None else \
-                    completion_logprobs(event.logprobs, tokenizer, as_ids, offsets[event.index])
-                offsets[event.index] += len(event.text)
-                yield chunk([_choice(event.index, event.text, logprobs, event.finish_reason, event.stop_reason,
-                                     event.token_ids if with_ids else None)])
-                if event.finish_reason is not None:
-                    completed[event.index] = event.completion_tokens
-            if request_body.include_usage and len(completed) == n:
-                yield chunk([], Usage.count(prompt_tokens, sum(completed.values())))
-            yield DONE
 
         async def respond(handle: RequestHandle) -> Response:
-            if request_body.stream:
-                return EventStreamResponse(stream(handle))
-            return JSONResponse(await whole(handle))
+            if body.stream:
+                return EventStreamResponse(stream(handle, request.id, model, body.include_usage, self.metrics, shape))
+            return JSONResponse(await whole(handle, request.id, model, shape))
 
         return GenerationResponse(engine, request, arrived, respond)
+
+
+def stream(handle: RequestHandle, request_id: str, model: str, include_usage: bool, metrics: ServiceMetrics,
+           shape: AnswerShape) -> AsyncIterator[bytes]:
+    """vLLM's completion chunks: each choice's echo (when asked), its text as it comes (the first
+    chunk of each choice with the prompt's token ids, when asked), then stream_answer's usage and
+    [DONE]."""
+    created = int(time.time())
+    offsets = [len(shape.echo)] * shape.n
+    announced: set[int] = set()  # the choices whose prompt_token_ids went out
+
+    def chunk(choices: list[dict], usage: Usage | None = None) -> bytes:
+        body = {"id": request_id, "object": "text_completion", "created": created, "model": model,
+                "choices": choices}
+        if usage is not None:
+            body["usage"] = usage.model_dump()
+        return b"data: " + orjson.dumps(body) + b"\n\n"
+
+    def prompt_token_ids(index: int) -> list[int] | None:
+        if index in announced:
+            return None
+        announced.add(index)
+        return shape.prompt_token_ids
+
+    start = Usage.count(shape.prompt_tokens, 0) if shape.continuous_usage else None
+    head = [chunk([_choice(index, shape.echo, prompt_token_ids=prompt_token_ids(index))], start)
+            for index in range(shape.n)] if shape.echo else []
+
+    def render(event: Event, usage: StreamUsage) -> bytes | None:
+        if not (event.text or event.finish_reason or event.logprobs):
+            return None
+        logprobs = None if event.logprobs is None else \
+            completion_logprobs(event.logprobs, shape.tokenizer, shape.tokens_as_ids, offsets[event.index])
+        offsets[event.index] += len(event.text)
+        choice = _choice(event.index, event.text, logprobs, event.finish_reason, event.stop_reason,
+                         event.token_ids if shape.return_token_ids else None, prompt_token_ids(event.index))
+        return chunk([choice], usage.of_choice(event.index) if shape.continuous_usage else None)
+
+    return stream_answer(handle, shape, include_usage, metrics, head, render, lambda total: chunk([], total))
+
+
+async def whole(handle: RequestHandle, request_id: str, model: str, shape: AnswerShape) -> dict:
+    """vLLM's CompletionResponse."""
+    choices = await gather(handle, shape.n)
+    out = []
+    for index, c in enumerate(choices):
+        logprobs = None if c.logprobs is None else completion_logprobs(c.logprobs, shape.tokenizer, shape.tokens_as_ids)
+        out.append(_choice(index, shape.echo + "".join(c.text), logprobs, c.last.finish_reason, c.last.stop_reason,
+                           c.token_ids if shape.return_token_ids else None, shape.prompt_token_ids))
+    return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": out, "usage": usage_of(choices).model_dump()}

@@ -3,6 +3,7 @@ and is counted once in vlkit_request_errors_total{kind}."""
 from __future__ import annotations
 
 import logging
+from http import HTTPStatus
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -37,7 +38,7 @@ def install_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         error = ServiceError(str(exc.detail), kind="http")
         error.status = exc.status_code
-        error.type = {404: "NotFoundError", 405: "MethodNotAllowedError"}.get(exc.status_code, "HTTPError")
+        error.type = HTTPStatus(exc.status_code).phrase  # vLLM's http_exception_handler: "Not Found", ...
         return respond(error)
 
     @app.exception_handler(Exception)

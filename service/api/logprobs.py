@@ -2,7 +2,7 @@
 completions API's `tokens` / `token_logprobs` / `top_logprobs` / `text_offset`."""
 from __future__ import annotations
 
-from service.api.protocol import ChoiceLogProbs, LogProb, LogProbsContent
+from service.api.responses import ChoiceLogProbs, LogProb, LogProbsContent
 from service.engine.logits import TokenLogprob
 
 FLOOR = -9999.0  # vLLM's: -inf (a banned token) is reported as this

@@ -1,4 +1,5 @@
-"""Request and response bodies of the OpenAI chat completions API, as vLLM's server speaks it.
+"""Request bodies of the OpenAI chat completions API as vLLM's server takes them, and what both
+generation routes share (strict JSON, the sampling fields). The bodies sent back are responses.py.
 
 A request converts itself: `parse` (body bytes -> a validated request: strict JSON, vLLM's field
 rules, the refused fields by name: service/api/fields.py), `chat_messages` (the chat template's
@@ -9,11 +10,10 @@ structured_outputs.py.
 """
 from __future__ import annotations
 
-import time
 from typing import Annotated, Any, Literal, Optional, Union
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from service.api.fields import check_refused
 from service.api.structured_outputs import (
@@ -22,7 +22,7 @@ from service.api.structured_outputs import (
     check_response_format,
     structured_constraint,
 )
-from service.api.tool_parser import DeltaToolCall, ToolCall, ToolCallAnswer
+from service.api.tool_parser import ToolCallAnswer
 from service.api.tools import (
     MessageToolCall,
     NamedToolChoice,
@@ -35,9 +35,6 @@ from service.api.tools import (
 )
 from service.engine.structured import Constraint
 from service.errors import InvalidRequest
-
-INT64 = dict(ge=-(2**63), le=2**63 - 1)
-
 
 def parse_json(body: bytes) -> Any:
     """Strict JSON (orjson: RFC 8259): no NaN or Infinity, no lone surrogates, valid UTF-8, at most
@@ -62,6 +59,15 @@ def validate(model: type[BaseModel], body: bytes | dict) -> Any:
         raise
     except (ValueError, TypeError, RecursionError) as exc:  # a validator's own refusal
         raise InvalidRequest(str(exc), kind="malformed") from None
+
+
+def _validation_error(exc: ValidationError) -> InvalidRequest:
+    """The most specific of pydantic's errors (a union reports one per branch), with a readable path."""
+    errors = sorted(exc.errors(), key=lambda e: len(e["loc"]), reverse=True)
+    first = errors[0]
+    # Drop union-branch labels such as "str" or "list[tagged-union[...]]" from the path.
+    where = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and ("[" in p or p == "str")))
+    return InvalidRequest(f"{where}: {first['msg']}", param=where or None, kind="malformed")
 
 
 class ImageURL(BaseModel):
@@ -96,33 +102,62 @@ class Message(BaseModel):
     tool_call_id: Optional[str] = None  # tool: the call this is the result of
 
 
+def template_messages(messages: list[Message]) -> tuple[list[dict], list[str]]:
+    """The chat template's messages (images as {"type": "image"} parts) and the image URLs in prompt order."""
+    rendered: list[dict] = []
+    urls: list[str] = []
+    for i, message in enumerate(messages):
+        role = "system" if message.role == "developer" else message.role
+        content = message.content if isinstance(message.content, list) else []
+        if role != "user" and any(part.type != "text" for part in content):
+            raise InvalidRequest(f"Images are accepted in user messages only (message {i} is {role!r}).",
+                                 param=f"messages.{i}.content", kind="unsupported")
+        if role == "assistant" or role == "tool":
+            rendered.append(template_turn(message, role, i))
+            continue
+        if message.content is None or isinstance(message.content, str):
+            rendered.append({"role": role, "content": message.content or ""})
+            continue
+        parts: list[dict] = []
+        for part in content:
+            if part.type == "text":
+                parts.append({"type": "text", "text": part.text})
+            else:
+                parts.append({"type": "image"})
+                urls.append(part.image_url.url)
+        rendered.append({"role": role, "content": parts})
+    return rendered, urls
+
+
 class StreamOptions(BaseModel):
     include_usage: Optional[bool] = False
     continuous_usage_stats: Optional[bool] = False
 
 
 class SamplingFields(BaseModel):
-    """The sampling fields vLLM's chat and completion requests share, with vLLM's rules."""
+    """The sampling fields vLLM's chat and completion requests share, with vLLM's request-level
+    rules. Their ranges are checked once, where vLLM checks them: the engine's SamplingParams (with
+    vLLM's messages), as the request is prepared."""
 
     model_config = ConfigDict(extra="allow")  # unknown fields are ignored, as vLLM does; refused ones: check_refused
 
     model: Optional[str] = None
-    max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
-    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
-    top_k: Optional[int] = Field(None, ge=-1)  # vLLM extension; -1 or 0: off
-    min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
-    presence_penalty: Optional[float] = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: Optional[float] = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: Optional[float] = Field(None, gt=0.0)
+    max_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None  # vLLM extension; -1 or 0: off
+    min_p: Optional[float] = None
+    presence_penalty: Optional[float] = 0.0
+    frequency_penalty: Optional[float] = 0.0
+    repetition_penalty: Optional[float] = None
     logit_bias: Optional[dict[str, float]] = None
-    seed: Optional[int] = Field(None, **INT64)
-    n: Optional[int] = Field(1, ge=1)
+    seed: Optional[int] = None
+    n: Optional[int] = 1
     stop: Union[str, list[str], None] = None
     stop_token_ids: Optional[list[int]] = None
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = 0
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     allowed_token_ids: Optional[list[int]] = None
@@ -151,6 +186,11 @@ class SamplingFields(BaseModel):
             check_refused(data)
         return data
 
+    @classmethod
+    def parse(cls, body: bytes):
+        """The request in `body`; InvalidRequest (400) for JSON that does not parse or fields that do not validate."""
+        return validate(cls, body)
+
     def logit_bias_ids(self) -> dict[int, float] | None:
         if self.logit_bias is None:
             return None
@@ -167,7 +207,7 @@ class SamplingFields(BaseModel):
             "max_tokens": max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
-            "top_k": None if self.top_k is None else max(self.top_k, 0),  # vLLM's -1 and 0 both mean off
+            "top_k": 0 if self.top_k == -1 else self.top_k,  # vLLM quietly takes -1 for 0 (off)
             "min_p": self.min_p,
             "presence_penalty": self.presence_penalty,
             "frequency_penalty": self.frequency_penalty,
@@ -201,7 +241,7 @@ class SamplingFields(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[int] = None
     logprobs: Optional[bool] = False
     top_logprobs: Optional[int] = 0
     echo: bool = False
@@ -227,7 +267,7 @@ class ChatCompletionRequest(SamplingFields):
     @model_validator(mode="before")
     @classmethod
     def _chat_rules(cls, data: Any) -> Any:
-        """vLLM's check_logprobs and check_generation_prompt."""
+        """vLLM's check_logprobs (check_generation_prompt is the engine's: PromptBuilder.render)."""
         if isinstance(data, dict):
             top = data.get("top_logprobs")
             if top is not None and not isinstance(top, int):
@@ -237,40 +277,11 @@ class ChatCompletionRequest(SamplingFields):
             if top is not None and (top == -1 or top > 0) and not data.get("logprobs"):
                 raise InvalidRequest("when using `top_logprobs`, `logprobs` must be set to true.",
                                      param="top_logprobs")
-            if data.get("continue_final_message") and data.get("add_generation_prompt", True):
-                raise InvalidRequest("Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
-                                     param="continue_final_message")
         return data
 
-    @classmethod
-    def parse(cls, body: bytes) -> "ChatCompletionRequest":
-        """The request in `body`; InvalidRequest (400) for JSON that does not parse or fields that do not validate."""
-        return validate(cls, body)
-
     def chat_messages(self) -> tuple[list[dict], list[str]]:
-        """The chat template's messages (images as {"type": "image"} parts) and the image URLs in prompt order."""
-        messages: list[dict] = []
-        urls: list[str] = []
-        for i, message in enumerate(self.messages):
-            role = "system" if message.role == "developer" else message.role
-            if role == "assistant" or role == "tool":
-                messages.append(template_turn(message, role, i))
-                continue
-            if message.content is None or isinstance(message.content, str):
-                messages.append({"role": role, "content": message.content or ""})
-                continue
-            parts: list[dict] = []
-            for part in message.content:
-                if part.type == "text":
-                    parts.append({"type": "text", "text": part.text})
-                elif role != "user":
-                    raise InvalidRequest(f"Images are accepted in user messages only (message {i} is {role!r}).",
-                                         param=f"messages.{i}.content", kind="unsupported")
-                else:
-                    parts.append({"type": "image"})
-                    urls.append(part.image_url.url)
-            messages.append({"role": role, "content": parts})
-        return messages, urls
+        """The chat template's messages and the image URLs (`template_messages`)."""
+        return template_messages(self.messages)
 
     def to_engine_options(self) -> dict:
         """Engine.prepare's keyword arguments: the sampling fields and the prompt's."""
@@ -282,14 +293,6 @@ class ChatCompletionRequest(SamplingFields):
                 "add_special_tokens": self.add_special_tokens,
                 "mm_processor_kwargs": self.mm_processor_kwargs,
                 "tools": self.template_tools()}
-
-    def to_sampling_fields(self) -> dict:
-        """The sampling part of to_engine_options (what the engine validates as SamplingParams)."""
-        options = self.to_engine_options()
-        for name in ("chat_template_kwargs", "add_generation_prompt", "continue_final_message", "add_special_tokens",
-                     "cache_salt", "bad_words", "mm_processor_kwargs", "tools"):
-            options.pop(name)
-        return options
 
     def answer_constraint(self) -> Constraint | None:
         """The grammar the answer must follow: the tool calls tool_choice demands (they take the place
@@ -323,120 +326,11 @@ class ChatCompletionRequest(SamplingFields):
         return "assistant" if self.add_generation_prompt else self.messages[-1].role
 
     def echoed(self) -> str:
-        """vLLM's echo: the last message's text, when it is of the role the answer continues."""
+        """vLLM's echo: the last message's text (its parts joined by newlines, as vLLM joins them),
+        when it is of the role the answer continues."""
         if not self.echo or self.messages[-1].role != self.response_role:
             return ""
         content = self.messages[-1].content
         if content is None or isinstance(content, str):
             return content or ""
-        return "".join(part.text for part in content if part.type == "text")
-
-
-def _validation_error(exc: ValidationError) -> InvalidRequest:
-    """The most specific of pydantic's errors (a union reports one per branch), with a readable path."""
-    errors = sorted(exc.errors(), key=lambda e: len(e["loc"]), reverse=True)
-    first = errors[0]
-    # Drop union-branch labels such as "str" or "list[tagged-union[...]]" from the path.
-    where = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and ("[" in p or p == "str")))
-    return InvalidRequest(f"{where}: {first['msg']}", param=where or None, kind="malformed")
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-    @classmethod
-    def count(cls, prompt_tokens: int, completion_tokens: int) -> "Usage":
-        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens)
-
-
-class _ToolCallsWhenMade(BaseModel):
-    @model_serializer(mode="wrap")
-    def _calls_only_when_made(self, handler):
-        data = handler(self)
-        if not data["tool_calls"]:
-            del data["tool_calls"]  # vLLM leaves the key out
-        return data
-
-
-class ResponseMessage(_ToolCallsWhenMade):
-    role: str = "assistant"
-    content: Optional[str]
-    tool_calls: list[ToolCall] = Field(default_factory=list)
-
-
-class LogProb(BaseModel):
-    token: str
-    logprob: float
-    bytes: Optional[list[int]] = None
-
-
-class LogProbsContent(LogProb):
-    top_logprobs: list[LogProb] = Field(default_factory=list)
-
-
-class ChoiceLogProbs(BaseModel):
-    content: Optional[list[LogProbsContent]] = None
-
-
-class Choice(BaseModel):
-    index: int = 0
-    message: ResponseMessage
-    logprobs: Optional[ChoiceLogProbs] = None
-    finish_reason: str
-    stop_reason: Union[int, str, None] = None
-    token_ids: Optional[list[int]] = None
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[Choice]
-    usage: Usage
-    prompt_token_ids: Optional[list[int]] = None
-    prompt_text: Optional[str] = None
-
-
-class Delta(_ToolCallsWhenMade):
-    role: Optional[str] = None
-    content: Optional[str] = None
-    tool_calls: list[DeltaToolCall] = Field(default_factory=list)
-
-
-class ChunkChoice(BaseModel):
-    index: int = 0
-    delta: Delta
-    logprobs: Optional[ChoiceLogProbs] = None
-    finish_reason: Optional[str] = None
-    stop_reason: Union[int, str, None] = None
-    token_ids: Optional[list[int]] = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChunkChoice]
-    usage: Optional[Usage] = None
-    prompt_token_ids: Optional[list[int]] = None
-    prompt_text: Optional[str] = None
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    owned_by: str = "vlkit"
-    root: Optional[str] = None
-    parent: Optional[str] = None
-    max_model_len: Optional[int] = None
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
+        return "\n".join(part.text for part in content if part.type == "text")

@@ -10,7 +10,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 
-from service.api.protocol import ChatCompletionRequest, ModelCard, ModelList
+from service.api.completions import CompletionRequest
+from service.api.protocol import ChatCompletionRequest
+from service.api.responses import ModelCard, ModelList
 from service.api.state import ServiceState
 from service.errors import Cancelled, PayloadTooLarge, RequestTimeout, Unauthorized
 
@@ -81,8 +83,8 @@ async def completions(request: Request) -> Response:
     arrived = time.monotonic()
     state = service_state(request)
     engine = state.ready_engine()
-    body = await body_of(request, state)
-    return await state.completions.create_completion(body, engine, arrived)
+    completion = CompletionRequest.parse(await body_of(request, state))
+    return await state.completions.create_completion(completion, engine, arrived)
 
 
 @router.post("/tokenize", dependencies=[Depends(require_key)])

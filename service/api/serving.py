@@ -1,11 +1,13 @@
 """The serving layer, as vLLM's OpenAIServingChat: a chat request -> the engine's request and handle
--> one complete response or an SSE stream. No HTTP parsing here (routes.py) and no cancellation
-(cancellation.py owns the handle's end)."""
+-> one complete response or an SSE stream. What /v1/completions shares with it is here too (the
+answer's shape, gathering the choices, the stream's skeleton and usage). No HTTP parsing here
+(routes.py) and no cancellation (cancellation.py owns the handle's end)."""
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from starlette.responses import JSONResponse, Response
 
@@ -14,9 +16,9 @@ from service.api.error_handlers import count_error
 from service.api.logprobs import chat_logprobs
 from service.api.media import ImageLoader
 from service.api.offload import off_loop
-from service.api.protocol import (
+from service.api.protocol import ChatCompletionRequest, SamplingFields
+from service.api.responses import (
     ChatCompletionChunk,
-    ChatCompletionRequest,
     ChatCompletionResponse,
     Choice,
     ChunkChoice,
@@ -41,26 +43,33 @@ class AnswerShape:
     tokens_as_ids: bool = False
     return_token_ids: bool = False
     continuous_usage: bool = False
-    role: str = "assistant"
-    echo: str = ""
+    prompt_tokens: int = 0
     prompt_token_ids: list[int] | None = None
-    prompt_text: str | None = None
     stream_interval: int | None = None
+    echo: str = ""
+    # Chat's own.
+    role: str = "assistant"
+    prompt_text: str | None = None
     tool_calls: ToolCallAnswer | None = None  # the answer's tool calls are read (the request has tools)
 
     @classmethod
-    def of(cls, chat: ChatCompletionRequest, request: GenerationRequest, engine: Engine) -> "AnswerShape":
-        return cls(n=request.params.n, tokenizer=engine.tokenizer, tokens_as_ids=bool(chat.return_tokens_as_token_ids),
-                   return_token_ids=bool(chat.return_token_ids), continuous_usage=chat.continuous_usage,
-                   role=chat.response_role, echo=chat.echoed(),
-                   prompt_token_ids=request.prompt.input_ids.tolist() if chat.return_token_ids else None,
-                   prompt_text=request.prompt.text if chat.return_prompt_text else None,
-                   stream_interval=chat.stream_interval, tool_calls=chat.tool_call_answer())
+    def of(cls, body: SamplingFields, request: GenerationRequest, engine: Engine, **route) -> "AnswerShape":
+        """What both routes read from their request, and `route`'s own fields."""
+        return cls(n=request.params.n, tokenizer=engine.tokenizer, tokens_as_ids=bool(body.return_tokens_as_token_ids),
+                   return_token_ids=bool(body.return_token_ids), continuous_usage=body.continuous_usage,
+                   prompt_tokens=request.prompt_tokens,
+                   prompt_token_ids=request.prompt.input_ids.tolist() if body.return_token_ids else None,
+                   stream_interval=body.stream_interval, **route)
 
     @property
     def plain(self) -> bool:
         """Chunks carry text and finish reasons only (the pre-rendered frame serves them)."""
         return not (self.return_token_ids or self.continuous_usage or self.tool_calls)
+
+
+def response_id(prefix: str, request_id: str | None) -> str:
+    """vLLM's answer id: the route's prefix and the request's `request_id` (or a random one)."""
+    return f"{prefix}-{request_id or uuid.uuid4().hex}"
 
 
 class ChatServing:
@@ -81,10 +90,11 @@ class ChatServing:
         grammar = await off_loop(engine.compile_grammar, constraint) if constraint is not None else None
         images = await self.images.load(urls)
         request = await off_loop(engine.prepare, messages, images, grammar=grammar, **chat.to_engine_options())
-        if chat.request_id:
-            request.id = f"chatcmpl-{chat.request_id}"
+        request.id = response_id("chatcmpl", chat.request_id)
         model = self.settings.model_name
-        shape = AnswerShape.of(chat, request, engine)
+        shape = AnswerShape.of(chat, request, engine, role=chat.response_role, echo=chat.echoed(),
+                               prompt_text=request.prompt.text if chat.return_prompt_text else None,
+                               tool_calls=chat.tool_call_answer())
 
         async def respond(handle: RequestHandle) -> Response:
             if chat.stream:
@@ -152,6 +162,53 @@ def usage_of(choices: list[ChoiceText]) -> Usage:
     return Usage.count(choices[0].last.prompt_tokens, sum(c.last.completion_tokens for c in choices))
 
 
+class StreamUsage:
+    """A stream's token counts: each choice's so far (vLLM's continuous_usage_stats: that choice's
+    tokens) and, once every choice has ended, the whole answer's (include_usage)."""
+
+    def __init__(self, shape: AnswerShape):
+        self.prompt_tokens = shape.prompt_tokens
+        self.generated = [0] * shape.n
+        self.open = shape.n
+
+    def add(self, event: Event) -> None:
+        if event.finish_reason is None:
+            self.generated[event.index] += len(event.token_ids)
+        else:  # the last event's counts are the engine's own
+            self.generated[event.index] = event.completion_tokens
+            self.prompt_tokens = event.prompt_tokens or self.prompt_tokens
+            self.open -= 1
+
+    def of_choice(self, index: int) -> Usage:
+        return Usage.count(self.prompt_tokens, self.generated[index])
+
+    def total(self) -> Usage | None:
+        return None if self.open else Usage.count(self.prompt_tokens, sum(self.generated))
+
+
+async def stream_answer(handle: RequestHandle, shape: AnswerShape, include_usage: bool, metrics: ServiceMetrics,
+                        head: list[bytes], render: Callable[[Event, StreamUsage], bytes | None],
+                        usage_chunk: Callable[[Usage], bytes]) -> AsyncIterator[bytes]:
+    """The SSE stream of either route: its `head`, each event as `render` makes it (None: nothing
+    to send), the usage once every choice has ended (when asked), [DONE]. An error after the stream
+    started can only be told in the stream: its body, then [DONE]."""
+    for frame in head:
+        yield frame
+    usage = StreamUsage(shape)
+    async for event in in_intervals(handle.__aiter__(), shape.stream_interval):
+        if event.error is not None:
+            count_error(metrics, event.error)
+            yield sse_error(event.error)
+            break
+        usage.add(event)
+        frame = render(event, usage)
+        if frame is not None:
+            yield frame
+    if include_usage and (total := usage.total()) is not None:
+        yield usage_chunk(total)
+    yield DONE
+
+
 async def complete(handle: RequestHandle, request_id: str, model: str,
                    shape: AnswerShape | None = None) -> ChatCompletionResponse:
     """The whole answer."""
@@ -171,53 +228,47 @@ async def complete(handle: RequestHandle, request_id: str, model: str,
                                   prompt_token_ids=shape.prompt_token_ids, prompt_text=shape.prompt_text)
 
 
-async def stream_chunks(handle: RequestHandle, request_id: str, model: str, include_usage: bool,
-                        metrics: ServiceMetrics, shape: AnswerShape | None = None) -> AsyncIterator[bytes]:
-    """The answer as SSE chunks: the role (and echo) of each choice, the text as it comes (with
-    tools: content and tool-call deltas), the usage (when asked), [DONE]. An error after the stream
-    started can only be told in the stream: its body, then [DONE]."""
+def stream_chunks(handle: RequestHandle, request_id: str, model: str, include_usage: bool,
+                  metrics: ServiceMetrics, shape: AnswerShape | None = None) -> AsyncIterator[bytes]:
+    """The answer as chat chunks: the role (and echo) of each choice, the text as it comes (with
+    tools: content and tool-call deltas), then stream_answer's usage and [DONE]."""
     shape = shape or AnswerShape()
     created = int(time.time())
     frames = [ChunkFrame(request_id, created, model, index) for index in range(shape.n)]
+    parsers = [StreamingToolParser() for _ in range(shape.n)] if shape.tool_calls is not None else None
+    texts = [""] * shape.n
 
     def chunk(choices: list[ChunkChoice], **extra) -> bytes:
         return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, **extra))
 
+    def start_usage() -> Usage | None:  # vLLM's continuous usage before any token
+        return Usage.count(shape.prompt_tokens, 0) if shape.continuous_usage else None
+
+    head = []
     for index in range(shape.n):
         first = {"prompt_token_ids": shape.prompt_token_ids, "prompt_text": shape.prompt_text} if index == 0 else {}
-        yield chunk([ChunkChoice(index=index, delta=Delta(role=shape.role, content=""))], **first)
+        head.append(chunk([ChunkChoice(index=index, delta=Delta(role=shape.role, content=""))], usage=start_usage(),
+                          **first))
         if shape.echo:
-            yield frames[index].render(shape.echo)
-    prompt_tokens, generated, completed = 0, [0] * shape.n, {}
-    parsers = [StreamingToolParser() for _ in range(shape.n)] if shape.tool_calls is not None else None
-    texts = [""] * shape.n
-    async for event in in_intervals(handle.__aiter__(), shape.stream_interval):
-        if event.error is not None:
-            count_error(metrics, event.error)
-            yield sse_error(event.error)
-            break
+            head.append(chunk([ChunkChoice(index=index, delta=Delta(content=shape.echo))], usage=start_usage()))
+
+    def render(event: Event, usage: StreamUsage) -> bytes | None:
         if shape.plain and event.logprobs is None and event.stop_reason is None:  # the common case, per token
-            if event.text or event.finish_reason:
-                yield frames[event.index].render(event.text, event.finish_reason)
-        else:
-            generated[event.index] += len(event.token_ids)
-            content, calls, finish_reason = event.text, [], event.finish_reason
-            if parsers is not None:
-                texts[event.index] += event.text
-                content, calls, finish_reason = shape.tool_calls.stream_delta(parsers[event.index], texts[event.index],
-                                                                              finish_reason)
-            if not (content or calls or finish_reason or event.logprobs):
-                continue
-            logprobs = None if event.logprobs is None else \
-                chat_logprobs(event.logprobs, shape.tokenizer, shape.tokens_as_ids)
-            usage = Usage.count(prompt_tokens or handle.request.prompt_tokens, sum(generated)) \
-                if shape.continuous_usage else None
-            yield chunk([ChunkChoice(index=event.index, delta=Delta(content=content, tool_calls=calls),
-                                     logprobs=logprobs, finish_reason=finish_reason, stop_reason=event.stop_reason,
-                                     token_ids=event.token_ids if shape.return_token_ids else None)], usage=usage)
-        if event.finish_reason is not None:
-            prompt_tokens = event.prompt_tokens
-            completed[event.index] = event.completion_tokens
-    if include_usage and len(completed) == shape.n:
-        yield chunk([], usage=Usage.count(prompt_tokens, sum(completed.values())))
-    yield DONE
+            return frames[event.index].render(event.text, event.finish_reason) \
+                if event.text or event.finish_reason else None
+        content, calls, finish_reason = event.text, [], event.finish_reason
+        if parsers is not None:
+            texts[event.index] += event.text
+            content, calls, finish_reason = shape.tool_calls.stream_delta(parsers[event.index], texts[event.index],
+                                                                          finish_reason)
+        token_ids = event.token_ids if shape.return_token_ids else None
+        if not (content or calls or finish_reason or event.logprobs or token_ids):  # token ids go out all the same (vLLM)
+            return None
+        logprobs = None if event.logprobs is None else \
+            chat_logprobs(event.logprobs, shape.tokenizer, shape.tokens_as_ids)
+        return chunk([ChunkChoice(index=event.index, delta=Delta(content=content, tool_calls=calls),
+                                  logprobs=logprobs, finish_reason=finish_reason, stop_reason=event.stop_reason,
+                                  token_ids=token_ids)],
+                     usage=usage.of_choice(event.index) if shape.continuous_usage else None)
+
+    return stream_answer(handle, shape, include_usage, metrics, head, render, lambda total: chunk([], usage=total))

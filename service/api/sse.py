@@ -8,7 +8,7 @@ from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from service.api.protocol import ChatCompletionChunk, ChunkChoice, Delta
+from service.api.responses import ChatCompletionChunk, ChunkChoice, Delta
 from service.errors import ServiceError
 
 DONE = b"data: [DONE]\n\n"

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.api.offload import off_loop
 from service.api.fields import check_refused
-from service.api.protocol import ChatCompletionRequest, Message, parse_json, validate
+from service.api.protocol import Message, parse_json, template_messages, validate
 from service.api.tools import ToolParam, template_tools
 from service.engine import Engine
 from service.errors import InvalidRequest
@@ -61,7 +61,7 @@ class Tokenization:
         request = validate(TokenizeChatRequest if chat else TokenizeCompletionRequest, payload)
         self.chat.check_model(request.model)
         if chat:
-            messages, urls = ChatCompletionRequest.model_construct(messages=request.messages).chat_messages()
+            messages, urls = template_messages(request.messages)
             engine.check_image_count(len(urls))
             images = await self.chat.images.load(urls)
             prompt = await off_loop(

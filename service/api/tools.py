@@ -126,15 +126,11 @@ def template_tools(tools: list[ToolParam]) -> list[dict]:
 
 
 def template_turn(message, role: str, i: int) -> dict:
-    """Message `i`, an assistant or tool message, as vLLM hands it to the chat template: an
-    assistant's text as text parts and its tool calls with object arguments; a tool result as one
-    string."""
-    parts = [{"type": "text", "text": message.content}] if isinstance(message.content, str) else []
-    for part in message.content if isinstance(message.content, list) else []:
-        if part.type != "text":
-            raise InvalidRequest(f"Images are accepted in user messages only (message {i} is {role!r}).",
-                                 param=f"messages.{i}.content", kind="unsupported")
-        parts.append({"type": "text", "text": part.text})
+    """Message `i`, an assistant or tool message (text parts only), as vLLM hands it to the chat
+    template: an assistant's text as text parts and its tool calls with object arguments; a tool
+    result as one string."""
+    parts = [{"type": "text", "text": message.content}] if isinstance(message.content, str) else \
+        [{"type": "text", "text": part.text} for part in message.content or []]
     if role == "tool":
         return {"role": role, "content": "\n".join(part["text"] for part in parts),
                 "tool_call_id": message.tool_call_id}

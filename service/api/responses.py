@@ -1,0 +1,111 @@
+"""Response bodies as vLLM's OpenAI server sends them: the chat completion (whole and streamed
+chunks), the usage both generation routes report, logprobs, the model list."""
+from __future__ import annotations
+
+import time
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, Field, model_serializer
+
+from service.api.tool_parser import DeltaToolCall, ToolCall
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def count(cls, prompt_tokens: int, completion_tokens: int) -> "Usage":
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+class _ToolCallsWhenMade(BaseModel):
+    @model_serializer(mode="wrap")
+    def _calls_only_when_made(self, handler):
+        data = handler(self)
+        if not data["tool_calls"]:
+            del data["tool_calls"]  # vLLM leaves the key out
+        return data
+
+
+class ResponseMessage(_ToolCallsWhenMade):
+    role: str = "assistant"
+    content: Optional[str]
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+
+
+class LogProb(BaseModel):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+
+
+class LogProbsContent(LogProb):
+    top_logprobs: list[LogProb] = Field(default_factory=list)
+
+
+class ChoiceLogProbs(BaseModel):
+    content: Optional[list[LogProbsContent]] = None
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: ResponseMessage
+    logprobs: Optional[ChoiceLogProbs] = None
+    finish_reason: str
+    stop_reason: Union[int, str, None] = None
+    token_ids: Optional[list[int]] = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    prompt_token_ids: Optional[list[int]] = None
+    prompt_text: Optional[str] = None
+
+
+class Delta(_ToolCallsWhenMade):
+    role: Optional[str] = None
+    content: Optional[str] = None
+    tool_calls: list[DeltaToolCall] = Field(default_factory=list)
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    logprobs: Optional[ChoiceLogProbs] = None
+    finish_reason: Optional[str] = None
+    stop_reason: Union[int, str, None] = None
+    token_ids: Optional[list[int]] = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Optional[Usage] = None
+    prompt_token_ids: Optional[list[int]] = None
+    prompt_text: Optional[str] = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "vlkit"
+    root: Optional[str] = None
+    parent: Optional[str] = None
+    max_model_len: Optional[int] = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
