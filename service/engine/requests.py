@@ -53,7 +53,7 @@ class Prompt:
 class GenerationRequest:
     prompt: Prompt
     params: SamplingParams
-    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)  # the HTTP layer names its own (chatcmpl-, cmpl-)
     stop_matcher: StopMatcher | None = None  # built from params.stop once, off the scheduler thread
     grammar: Grammar | None = None  # structured output: every run (and choice) gets its own matcher
 
