@@ -122,3 +122,15 @@ def test_16gb_on_wsl2_starts_vllms_v1_runner(tmp_path, monkeypatch, shell, expec
     assert json.loads(res.stdout)["env_file"] == expected
     eight = _make_up(tmp_path, "PROFILE=8gb", "GPU_MEMORY=8GiB", "ARGS=--dry-run --json")
     assert "VLLM_USE_V2_MODEL_RUNNER" not in json.loads(eight.stdout)["env_file"]   # vLLM's only
+
+
+def test_up_publishes_vlkit_port_unless_a_port_is_given(tmp_path):
+    def url(*flags: str) -> str:
+        res = subprocess.run([sys.executable, "-m", "scripts", "up", "--dry-run", "--json", "--gpu-memory", "8GiB",
+                              *flags], capture_output=True, text=True, env={**_env(tmp_path), "VLKIT_PORT": "8123"},
+                             cwd=ROOT)
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout)["url"]
+
+    assert url() == "http://127.0.0.1:8123"
+    assert url("--port", "8124") == "http://127.0.0.1:8124"

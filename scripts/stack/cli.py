@@ -48,7 +48,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if shutil.which("docker"):  # the running service's port; without Docker, the default one
         for service in cp.SERVICES.values():
             port = port or dk.published_port(service)
-    port = port or int(os.environ.get("VLKIT_PORT") or cp.DEFAULT_PORT)
+    port = port or preflight.default_port()
     try:
         print(caption(f"http://127.0.0.1:{port}", Path(image), prompt=args.prompt,
                       api_key=os.environ.get("VLKIT_API_KEY")))
