@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from scripts.safe_file import write_atomic
 from scripts.stack import compose as cp
 from tests.docker_helpers import ROOT
 
@@ -82,11 +83,15 @@ def test_env_file_is_written_whole_and_rejects_multiline_values(tmp_path):
                        service_env={"VLKIT_MAX_PIXELS": "401408", "VLKIT_DTYPE": "bfloat16"})
     text = cp.render_env_file(launch.env_file_values(), "header line")
     target = tmp_path / "vlkit.env"
-    cp.write_atomic(target, text)
+    write_atomic(target, text.encode())
     lines = target.read_text().splitlines()
     assert lines[0] == "# header line"
     assert "VLKIT_MAX_PIXELS=401408" in lines and "VLKIT_MODEL=Qwen/Qwen3-VL-2B-Instruct" in lines
     assert [p.name for p in tmp_path.iterdir()] == ["vlkit.env"]  # no temporary left behind
+    target.write_text("# edited by hand\n")
+    target.chmod(0o640)
+    write_atomic(target, text.encode())  # regenerated on every start: replaced whatever it holds
+    assert target.read_text() == text and target.stat().st_mode & 0o777 == 0o640
     with pytest.raises(ValueError):
         cp.render_env_file({"VLKIT_API_KEY": "a\nVLKIT_HOST=0.0.0.0"}, "h")
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from scripts import images
 from scripts.hf_cache import hub_cache
+from scripts.safe_file import write_atomic
 from scripts.planner import options
 from scripts.stack import compose as cp
 from scripts.stack import docker as dk
@@ -200,8 +201,8 @@ def _start(args: argparse.Namespace, launch: cp.Launch) -> int:
         if code:
             return code
     env = launch.interpolation_env()
-    cp.write_atomic(cp.ENV_FILE, cp.render_env_file(launch.env_file_values(), _env_header(launch)))
-    cp.write_atomic(cp.OVERRIDE_FILE, launch.override_text())
+    write_atomic(cp.ENV_FILE, cp.render_env_file(launch.env_file_values(), _env_header(launch)).encode())
+    write_atomic(cp.OVERRIDE_FILE, launch.override_text().encode())
     Path(env["VLKIT_HF_CACHE"]).mkdir(parents=True, exist_ok=True)  # bind source: the host's hub cache
     cp.run(cp.compose_cmd(None, "rm", "--stop", "--force", *launch.other_services()), env=env, capture=True)
     res = cp.run(launch.compose_up(), env=env, capture=True)
