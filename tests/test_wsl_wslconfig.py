@@ -143,7 +143,6 @@ def test_get_reads_the_first_value_case_insensitively(tmp_path):
 def test_sizes():
     assert wslconfig.parse_size("12GB") == 12 * 1024 ** 3
     assert wslconfig.parse_size("8192MB") == 8 * 1024 ** 3
-    assert wslconfig.format_size(12 * 1024 ** 3) == "12GB"
     for bad in ("lots", "12gb", "1.5GB", "12 GB", "12GiB"):
         with pytest.raises(ValueError, match="not a size WSL reads"):
             wslconfig.parse_size(bad)
