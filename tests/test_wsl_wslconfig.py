@@ -166,7 +166,7 @@ def test_cli_config_yes_then_noop(tmp_path, capsys):
     write(path, USER_FILE, "utf-16-le", codecs.BOM_UTF16_LE, "\r\n")
     assert run_cli(["wsl", "config", "--wslconfig", str(path), "--memory", "12GB", "--swap", "8GB", "--yes"]) == 0
     out = capsys.readouterr().out
-    assert "Backup:" in out and "wsl-restart" in out
+    assert "Backup:" in out and "`vlkit wsl restart`" in out  # named as typed: not through make here
     assert run_cli(["wsl", "config", "--wslconfig", str(path), "--memory", "12GB", "--swap", "8GB", "--yes"]) == 0
     assert "nothing to change" in capsys.readouterr().out
     assert len(list(tmp_path.glob("*.bak"))) == 1
