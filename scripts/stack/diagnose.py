@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 
 from scripts import images
+from scripts.doctor.docker import DESKTOP_GPU_FIX, TOOLKIT_FIX
 from scripts.usage import command
 
 
@@ -63,10 +64,8 @@ def _rules() -> tuple[_Rule, ...]:
         _rule(r"could not select device driver .*capabilities: \[\[gpu\]\]|could not select device driver",
               "Docker has no GPU runtime: the NVIDIA Container Toolkit is missing (Docker Engine) or Docker "
               "Desktop's WSL2 integration is off.",
-              "Docker Desktop: Settings > Resources > WSL integration: enable your distro, and use the WSL2 "
-              "backend. Docker Engine inside WSL/Linux: install nvidia-container-toolkit, run "
-              "`sudo nvidia-ctk runtime configure --runtime=docker` and restart Docker. Check with "
-              f"{doctor}."),
+              f"Docker Engine inside WSL/Linux: {TOOLKIT_FIX}. {DESKTOP_GPU_FIX}, with this distro enabled under "
+              f"Settings > Resources > WSL integration. Check with {doctor}."),
         _rule(r"unsatisfied condition: cuda>=|CUDA driver version is insufficient for CUDA runtime version|"
               r"cudaErrorInsufficientDriver|The NVIDIA driver on your system is too old",
               "The NVIDIA driver is older than the CUDA this image needs "
