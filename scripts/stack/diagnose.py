@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from scripts import images
 from scripts.doctor.docker import DESKTOP_GPU_FIX, TOOLKIT_FIX
+from scripts.hf_cache import hub_cache
 from scripts.usage import command
 
 
@@ -98,10 +99,11 @@ def _rules() -> tuple[_Rule, ...]:
               f"The container's user (uid {images.SERVICE_UID}) cannot read the model folder mounted at /models.",
               "Make it readable: `chmod -R a+rX <the folder>`, then "
               f"{up} again (save_pretrained writes weights readable by their owner only)."),
-        _rule(r"error while mounting volume|failed to mount local volume|no such file or directory.*hf-cache",
-              "Docker could not mount the Hugging Face cache directory.",
-              f"check that the cache folder ({doctor} shows it: VLKIT_HF_CACHE, else HF_HUB_CACHE, "
-              f"else ~/.cache/huggingface/hub) exists and is inside the WSL filesystem, then {up}."),
+        # moby's words for a bind mount it cannot make: the cache, or a local model folder.
+        _rule(r"error while creating mount source path|bind source path does not exist|error while mounting volume",
+              "Docker could not mount a host folder into the container: the Hugging Face cache or the model folder.",
+              f"Check that the folder the error names exists and that Docker can reach it (the cache in use is "
+              f"{hub_cache()}; put it elsewhere with `export VLKIT_HF_CACHE=/path`), then {up}."),
     )
 
 
