@@ -48,10 +48,6 @@ class Launch:
         return SERVICES[self.profile]
 
     @property
-    def image(self) -> str:
-        return images.image_for(self.profile)  # type: ignore[arg-type]
-
-    @property
     def local_model_dir(self) -> Path | None:
         p = Path(self.model).expanduser()
         return p.resolve() if p.is_dir() else None
