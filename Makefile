@@ -11,7 +11,7 @@ GPU_MEMORY ?=#: plan for a card of this size instead of this machine's (8GiB, 16
 CONTEXT ?=#: wanted context in tokens (prompt + answer)
 PORT ?=#: the API's port on 127.0.0.1 (default 8000)
 IMG ?=#: the image `make caption` sends
-GPUS ?=#: GPUs per pod for `make k8s` (tensor parallel)
+GPUS ?=#: GPUs to split the model over (tensor parallel): per pod for `make k8s`, and `make plan`
 ARGS ?=#: more vlkit flags, e.g. ARGS=--cpu (no GPU: the service on the CPU), ARGS=--dry-run
 
 VENV := .venv
@@ -61,7 +61,7 @@ health: $(HOST_STAMP) ## the GPU health gate `make up` runs first
 	@$(VLKIT) health $(call opt,--profile,$(PROFILE)) $(call opt,--model,$(MODEL)) $(ARGS)
 
 plan: $(HOST_STAMP) ## print the VRAM budget and the settings for this card (GPU_MEMORY= for another)
-	@$(VLKIT) plan $(PLAN_FLAGS) $(ARGS)
+	@$(VLKIT) plan $(PLAN_FLAGS) $(call opt,--gpus,$(GPUS)) $(ARGS)
 
 build: $(HOST_STAMP) ## build the profile's image (PROFILE=8gb|16gb|all; auto: the one this card gets)
 	@$(VLKIT) build $(PLAN_FLAGS) $(ARGS)
