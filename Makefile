@@ -11,7 +11,7 @@ GPU_MEMORY ?=#: plan for a card of this size instead of this machine's (8GiB, 16
 CONTEXT ?=#: wanted context in tokens (prompt + answer)
 PORT ?=#: the API's port on 127.0.0.1 (default 8000)
 IMG ?=#: the image `make caption` sends
-GPUS ?=#: GPUs per pod for `make k8s` (tensor parallel)
+GPUS ?=#: GPUs to split the model over (tensor parallel): per pod for `make k8s`, and `make plan`
 ARGS ?=#: more vlkit flags, e.g. ARGS=--cpu (no GPU: the service on the CPU), ARGS=--dry-run
 
 VENV := .venv
@@ -54,16 +54,16 @@ logs: $(HOST_STAMP) ## follow the service's logs
 status: $(HOST_STAMP) ## what runs, on which port, and whether it is ready
 	@$(VLKIT) status $(call opt,--port,$(PORT)) $(ARGS)
 
-doctor: $(HOST_STAMP) ## check this machine: driver, CUDA, Docker, GPU runtime, WSL, memory
+doctor: $(HOST_STAMP) ## check this machine: WSL, driver, GPU, Docker and its GPU runtime, disk, port, the plan
 	@$(VLKIT) doctor $(call opt,--profile,$(PROFILE)) $(call opt,--model,$(MODEL)) $(ARGS)
 
 health: $(HOST_STAMP) ## the GPU health gate `make up` runs first
 	@$(VLKIT) health $(call opt,--profile,$(PROFILE)) $(call opt,--model,$(MODEL)) $(ARGS)
 
 plan: $(HOST_STAMP) ## print the VRAM budget and the settings for this card (GPU_MEMORY= for another)
-	@$(VLKIT) plan $(PLAN_FLAGS) $(ARGS)
+	@$(VLKIT) plan $(PLAN_FLAGS) $(call opt,--gpus,$(GPUS)) $(ARGS)
 
-build: $(HOST_STAMP) ## build the profile's image (PROFILE=8gb|16gb|all)
+build: $(HOST_STAMP) ## build the profile's image (PROFILE=8gb|16gb|all; auto: the one this card gets)
 	@$(VLKIT) build $(PLAN_FLAGS) $(ARGS)
 
 download: $(HOST_STAMP) ## fetch MODEL=<hub id> into the shared Hugging Face cache (progress bar)
@@ -72,7 +72,7 @@ download: $(HOST_STAMP) ## fetch MODEL=<hub id> into the shared Hugging Face cac
 caption: $(HOST_STAMP) ## send IMG=<path> through the API and print the answer
 	@$(VLKIT) caption $(call opt,--image,$(IMG)) $(call opt,--port,$(PORT)) $(ARGS)
 
-bench: $(HOST_STAMP) ## measure decode speed and memory on this GPU (python -m bench, in the 8gb image)
+bench: $(HOST_STAMP) ## measure decode speed and memory on this GPU (python -m bench; in the 8gb image without torch here)
 	@$(VLKIT) bench $(ARGS)
 
 wsl-config: $(HOST_STAMP) ## set WSL2's memory/swap in .wslconfig for the profile (backup + atomic)

@@ -98,11 +98,6 @@ def _version_tuple(v: str) -> tuple[int, ...]:
     return tuple(int(p) for p in v.split(".") if p.isdigit())
 
 
-def driver_supports(driver_version: str, cuda: str, *, platform: Literal["linux", "windows"] = "linux") -> bool:
-    """True when `driver_version` (e.g. "580.95.05") is at least the minimum for CUDA `cuda`."""
-    return _version_tuple(driver_version) >= _version_tuple(MIN_DRIVER[cuda][platform])
-
-
 def cuda_supported_by(driver_cuda: str, cuda: str) -> bool:
     """True when the driver's max CUDA (nvidia-smi's "CUDA Version", e.g. "12.8") covers `cuda`.
 

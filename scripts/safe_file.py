@@ -2,8 +2,9 @@
 
 - make_backup: a new file created with O_EXCL, so two runs in the same second never pick the same name
   (the old check-then-copy could, and the second copy overwrote the first backup).
-- write_atomic: a temporary file beside the target, fsync, then os.replace; refused when the target no
-  longer holds the bytes the edit started from (another program saved it meanwhile).
+- write_atomic: a temporary file beside the target, fsync, then os.replace; for a user's file, refused
+  when the target no longer holds the bytes the edit started from (another program saved it meanwhile).
+  Files vlkit regenerates (vlkit.env, vlkit.compose.yaml) go through it too, without that check.
 - edit_lock: vlkit runs on one file take turns (flock on the file, re-taken if a run before us
   replaced it), so each run edits what the previous one wrote.
 """
@@ -66,9 +67,13 @@ def _current_bytes(path: Path) -> bytes | None:
         return None
 
 
-def write_atomic(path: Path, data: bytes, expect: bytes | None = None) -> None:
+_UNCHECKED = object()
+
+
+def write_atomic(path: Path, data: bytes, expect: bytes | None | object = _UNCHECKED) -> None:
     """Readers see the old file or the new one, never half of one. `expect`: the bytes the file must
-    still hold (None: it must still be absent); otherwise another program changed it and we stop."""
+    still hold (None: it must still be absent); otherwise another program changed it and we stop.
+    Without it (a file vlkit regenerates) the file is replaced whatever it holds."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     try:
         with os.fdopen(fd, "wb") as f:
@@ -80,7 +85,7 @@ def write_atomic(path: Path, data: bytes, expect: bytes | None = None) -> None:
                 os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
             except OSError:
                 pass  # drvfs (/mnt/c) may not keep Unix modes; the content is what matters
-        if _current_bytes(path) != expect:
+        if expect is not _UNCHECKED and _current_bytes(path) != expect:
             raise FileEditError("another program changed it while vlkit was editing it; nothing was written, run again")
         os.replace(tmp, path)
     except BaseException:

@@ -35,7 +35,7 @@ setup_venv() {
     if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
         # torch first and alone: the exact version, so pip takes the CPU wheel this machine keeps in
         # its find-links directory instead of fetching a multi-GB CUDA build.
-        echo "installing torch $TORCH_VERSION (CPU) and the service and test extras (about a minute, once)..."
+        echo "installing torch $TORCH_VERSION (CPU) and the service and test extras (one to two minutes, once)..."
         "${PIP[@]}" "torch==$TORCH_VERSION"
         "${PIP[@]}" -e ".[service,test]"
         touch "$stamp"

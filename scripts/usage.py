@@ -17,6 +17,7 @@ MAKE_VARIABLES = {
     "gpu_memory": "GPU_MEMORY",
     "port": "PORT",
     "image": "IMG",
+    "gpus": "GPUS",
 }
 
 

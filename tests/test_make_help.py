@@ -74,6 +74,15 @@ def test_variables_reach_the_cli():
     assert "--gpu-memory 16GiB" in line and "--port 8011" in line and "--context 4096" in line
     build = [l for l in _make("-n", "build", "GPU_MEMORY=8GiB").stdout.splitlines() if "vlkit build" in l][0]
     assert "--gpu-memory 8GiB" in build  # PROFILE=auto picks the profile for that card
+    plan = [l for l in _make("-n", "plan", "GPU_MEMORY=24GiB", "GPUS=2").stdout.splitlines() if "vlkit plan" in l][0]
+    assert "--gpus 2" in plan  # the card count k8s plans for is the one `make plan` shows
+
+
+def test_a_gpu_count_is_named_as_the_make_variable_it_came_from():
+    """16 attention heads do not split over 3 GPUs: the refusal names GPUS=3, as the user typed it."""
+    for target in ("plan", "k8s"):
+        res = _make(target, "GPU_MEMORY=24GiB", "GPUS=3", "PROFILE=16gb")
+        assert res.returncode != 0 and "GPUS=3: vLLM cannot split" in res.stderr, res.stdout + res.stderr
 
 
 def test_download_and_caption_say_what_they_need_in_make_terms():

@@ -59,3 +59,16 @@ def test_vllms_free_memory_check_is_not_read_as_a_kv_cache_or_oom_failure():
 
 def test_unknown_output_gives_no_made_up_cause():
     assert diagnose("INFO: Uvicorn running on http://0.0.0.0:8000\nall good") == []
+
+
+@pytest.mark.parametrize("text", [
+    # moby's own words for a bind mount it cannot make (the cache is a bind mount, created if missing)
+    "Error response from daemon: error while creating mount source path '/mnt/d/hf/hub': mkdir /mnt/d/hf: "
+    "permission denied",
+    'Error response from daemon: invalid mount config for type "bind": bind source path does not exist: '
+    "/mnt/d/hf/hub",
+])
+def test_a_cache_mount_failure_names_the_cache_folder_in_use(text, monkeypatch, tmp_path):
+    monkeypatch.setenv("VLKIT_HF_CACHE", str(tmp_path / "hub"))
+    (first, *_) = diagnose(text)
+    assert "Hugging Face cache" in first.cause and str(tmp_path / "hub") in first.fix

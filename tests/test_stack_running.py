@@ -59,3 +59,12 @@ def test_status_down_and_logs_with_no_container(server):
     assert "`make up` starts one" in nothing.stderr
     quiet = _vlkit("status", "--port", str(free_port()))
     assert "vlkit is not running, and nothing answers on 127.0.0.1:" in quiet.stdout
+
+
+@pytest.mark.parametrize("command", [["status"], ["caption", "photo.jpg"],
+                                     ["up", "--dry-run", "--gpu-memory", "8GiB"]])
+def test_a_bad_vlkit_port_is_a_clear_error_naming_the_variable(tmp_path, command):
+    """VLKIT_PORT is read by every command that needs a port; a typo in it is said, not a traceback."""
+    res = _vlkit(*command, PATH=str(tmp_path), VLKIT_PORT="80a0")
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "VLKIT_PORT='80a0'" in res.stderr and "Traceback" not in res.stderr

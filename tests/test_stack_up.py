@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from scripts.safe_file import write_atomic
 from scripts.stack import compose as cp
 from tests.docker_helpers import ROOT
 
@@ -82,11 +83,15 @@ def test_env_file_is_written_whole_and_rejects_multiline_values(tmp_path):
                        service_env={"VLKIT_MAX_PIXELS": "401408", "VLKIT_DTYPE": "bfloat16"})
     text = cp.render_env_file(launch.env_file_values(), "header line")
     target = tmp_path / "vlkit.env"
-    cp.write_atomic(target, text)
+    write_atomic(target, text.encode())
     lines = target.read_text().splitlines()
     assert lines[0] == "# header line"
     assert "VLKIT_MAX_PIXELS=401408" in lines and "VLKIT_MODEL=Qwen/Qwen3-VL-2B-Instruct" in lines
     assert [p.name for p in tmp_path.iterdir()] == ["vlkit.env"]  # no temporary left behind
+    target.write_text("# edited by hand\n")
+    target.chmod(0o640)
+    write_atomic(target, text.encode())  # regenerated on every start: replaced whatever it holds
+    assert target.read_text() == text and target.stat().st_mode & 0o777 == 0o640
     with pytest.raises(ValueError):
         cp.render_env_file({"VLKIT_API_KEY": "a\nVLKIT_HOST=0.0.0.0"}, "h")
 
@@ -122,3 +127,15 @@ def test_16gb_on_wsl2_starts_vllms_v1_runner(tmp_path, monkeypatch, shell, expec
     assert json.loads(res.stdout)["env_file"] == expected
     eight = _make_up(tmp_path, "PROFILE=8gb", "GPU_MEMORY=8GiB", "ARGS=--dry-run --json")
     assert "VLLM_USE_V2_MODEL_RUNNER" not in json.loads(eight.stdout)["env_file"]   # vLLM's only
+
+
+def test_up_publishes_vlkit_port_unless_a_port_is_given(tmp_path):
+    def url(*flags: str) -> str:
+        res = subprocess.run([sys.executable, "-m", "scripts", "up", "--dry-run", "--json", "--gpu-memory", "8GiB",
+                              *flags], capture_output=True, text=True, env={**_env(tmp_path), "VLKIT_PORT": "8123"},
+                             cwd=ROOT)
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout)["url"]
+
+    assert url() == "http://127.0.0.1:8123"
+    assert url("--port", "8124") == "http://127.0.0.1:8124"

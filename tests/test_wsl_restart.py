@@ -68,6 +68,10 @@ def test_no_tty_no_yes_refuses(monkeypatch, tmp_path):
     out, run = io.StringIO(), Recorder()
     code = restart_mod.restart(platform=WSL2, interop=True, gpus=[], stdin=io.StringIO(""), stdout=out, run=run)
     assert code == 1 and "--yes" in out.getvalue() and run.calls == []
+    monkeypatch.setenv("VLKIT_VIA_MAKE", "1")  # `make wsl-restart`: named the way it was run
+    out = io.StringIO()
+    assert restart_mod.restart(platform=WSL2, interop=True, gpus=[], stdin=io.StringIO(""), stdout=out, run=run) == 1
+    assert "`make wsl-restart ARGS=--yes`" in out.getvalue() and "vlkit wsl" not in out.getvalue()
 
 
 def test_confirmed_on_a_tty_runs_wsl_shutdown(monkeypatch, tmp_path):

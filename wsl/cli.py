@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from scripts.usage import setting
+from scripts.usage import command, setting
 from wsl import wslconfig
 from wsl.host import detect_platform, host_ram, meminfo_total_bytes, windows_userprofile
 
@@ -61,8 +61,8 @@ def config_command(args: argparse.Namespace) -> int:
             return _err(f"not running inside WSL; to edit a .wslconfig anyway, name it: {setting('wslconfig', 'PATH')}")
         profile_dir = windows_userprofile()
         if profile_dir is None:
-            return _err("cannot find your Windows profile folder (interop off?); pass "
-                        "--wslconfig /mnt/c/Users/<you>/.wslconfig")
+            return _err("cannot find your Windows profile folder (interop off?); name the file: "
+                        f"{setting('wslconfig', '/mnt/c/Users/<you>/.wslconfig')}")
         path = profile_dir / ".wslconfig"
     try:
         current = wslconfig.load(path)
@@ -77,19 +77,19 @@ def config_command(args: argparse.Namespace) -> int:
                 size = wslconfig.parse_size(given.strip())  # validate before touching anything
                 if key == "memory" and size < wslconfig.MIN_MEMORY:
                     bare = " (to WSL a number without a unit is bytes: did you mean 12GB?)" if given.strip().isdigit() else ""
-                    return _err(f"--memory {given} is {size} bytes, under WSL's 256MB minimum{bare}")
+                    return _err(f"{setting('memory', given)} is {size} bytes, under WSL's 256MB minimum{bare}")
                 values[key] = given.strip()
     except ValueError as exc:
-        return _err(f"--{key}: {exc}")
+        return _err(f"{setting(key)}: {exc}")
     if args.processors is not None:
         if args.processors < 1:
-            return _err("--processors must be at least 1")
+            return _err(f"{setting('processors')} must be at least 1")
         values["processors"] = str(args.processors)
 
     if "memory" not in values or "swap" not in values:
         ram, source = _host_ram_bytes(wslconfig.applied_size(current, "memory"))
         if ram is None:
-            return _err("cannot tell this PC's RAM; pass --memory and --swap")
+            return _err(f"cannot tell this PC's RAM; give {setting('memory', '12GB')} and {setting('swap', '8GB')}")
         rec = wslconfig.recommend(ram, args.profile)
         print(f"Recommended for the {args.profile} profile: {rec.rule}")
         print(f"  (host RAM from {source})")
@@ -114,7 +114,7 @@ def config_command(args: argparse.Namespace) -> int:
     if not args.yes:
         if not sys.stdin.isatty():
             return _err("not changing .wslconfig without confirmation and there is no terminal to ask on; "
-                        "add --yes (or --dry-run to only look)")
+                        f"add {setting('yes')} (or {setting('dry_run')} to only look)")
         answer = input(f"Write these changes to {path}? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
             print("Nothing changed.")
@@ -125,7 +125,7 @@ def config_command(args: argparse.Namespace) -> int:
         return _err(f"{path}: {exc}. The file was not changed.")
     if result.backup:
         print(f"Backup: {result.backup}")
-    print(f"Wrote {path}. It takes effect after WSL restarts: `make wsl-restart` (or `wsl --shutdown` in PowerShell).")
+    print(f"Wrote {path}. It takes effect after WSL restarts: `{command('wsl-restart')}` (or `wsl --shutdown` in PowerShell).")
     return 0
 
 

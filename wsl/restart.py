@@ -11,11 +11,15 @@ import sys
 from typing import Callable, TextIO
 
 from scripts.gpu import GpuInfo, probe
+from scripts.usage import command
 from wsl.host import Platform, detect_platform, interop_enabled, windows_exe
 
 POWERSHELL_COMMAND = "wsl --shutdown"
-COME_BACK = ("Then open a new terminal (Windows Terminal, or run `wsl` in PowerShell), go back to this "
-             "folder and run `make doctor`, then `make up`.")
+
+
+def come_back() -> str:
+    return ("Then open a new terminal (Windows Terminal, or run `wsl` in PowerShell), go back to this "
+            f"folder and run `{command('doctor')}`, then `{command('up')}`.")
 
 
 def describe_consumers(gpus: list[GpuInfo]) -> list[str]:
@@ -48,7 +52,7 @@ def restart(yes: bool = False, *, platform: Platform | None = None, interop: boo
 
     say("What this does: `wsl --shutdown` stops every WSL distro and the WSL VM. Memory and VRAM held by")
     say("anything inside WSL (a stuck server, Xwayland, containers) is freed and .wslconfig changes take effect.")
-    say("Docker containers stop too; `make up` starts them again.")
+    say(f"Docker containers stop too; `{command('up')}` starts them again.")
     say()
     gpus = probe().gpus if gpus is None else gpus
     consumers = describe_consumers(gpus)
@@ -72,16 +76,17 @@ def restart(yes: bool = False, *, platform: Platform | None = None, interop: boo
         say("Windows interop is off in this distro ([interop] enabled=false in /etc/wsl.conf), so run this in")
         say("PowerShell yourself:")
         say(f"    {POWERSHELL_COMMAND}")
-        say(COME_BACK)
+        say(come_back())
         return 0
     if not yes:
         if not stdin.isatty():
-            say("Refusing to shut WSL down without confirmation: no terminal to ask on. Run `vlkit wsl restart --yes`.")
+            say("Refusing to shut WSL down without confirmation: no terminal to ask on. "
+                f"Run `{command('wsl-restart', yes=True)}`.")
             return 1
         if not confirm("Shut down WSL now? This terminal will close.", stdin, out):
             say("Nothing done.")
             return 0
-    say("Shutting WSL down now. " + COME_BACK)
+    say("Shutting WSL down now. " + come_back())
     out.flush()
     try:
         proc = run([wsl_exe, "--shutdown"], capture_output=True, text=True, timeout=60)

@@ -55,13 +55,6 @@ def parse_size(text: str) -> int:
     return n
 
 
-def format_size(n_bytes: int) -> str:
-    """Bytes -> '12GB' when whole GiB, else 'NNNNMB'."""
-    if n_bytes % GIB == 0:
-        return f"{n_bytes // GIB}GB"
-    return f"{n_bytes // 1024 ** 2}MB"
-
-
 def _parsed(key: str, value: str) -> int | None:
     return parser.parse_memory_size(value) if key in SIZE_KEYS else parser.parse_int(value) if key == "processors" else None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from scripts import images
 from scripts.doctor.model import Check, fail, gib, ok, warn
 from scripts.usage import command
 
@@ -25,14 +26,6 @@ def _version(v: str | None) -> tuple[int, ...]:
     return tuple(int(x) for x in re.findall(r"\d+", v or ""))
 
 
-def _images():
-    try:
-        from scripts import images
-        return images
-    except ImportError:
-        return None
-
-
 def _no_driver_fix(platform) -> str:
     if platform.is_wsl:
         return ("install the NVIDIA driver in Windows (GeForce/Studio, it includes WSL support), then `wsl --shutdown`; "
@@ -47,9 +40,6 @@ def driver_check(facts, profile: str) -> Check:
     g = gpus[0]
     via = "NVML" if facts.gpu.source == "nvml" else f"nvidia-smi ({facts.gpu.nvidia_smi})"
     found = f"{g.driver_version}, CUDA up to {g.cuda_driver_version or '?'} (via {via})"
-    images = _images()
-    if images is None:
-        return warn("driver", found + "; image requirements unknown (scripts/images.py missing)")
     profiles = ("8gb", "16gb") if profile == "auto" else (profile,)
     needs = {p: images.cuda_for(p) for p in profiles}
     if g.cuda_driver_version is None:
@@ -76,9 +66,8 @@ def gpu_check(facts, profile: str) -> Check:
         cc = f", compute {g.compute_capability[0]}.{g.compute_capability[1]}" if g.compute_capability else ""
         parts.append(f"GPU {g.index} {g.name}: {gib(g.total_bytes)} total, {gib(g.free_bytes)} free{cc}")
     found = "; ".join(parts) + (" (vlkit uses GPU 0)" if len(gpus) > 1 else "")
-    images = _images()
     cc = gpus[0].compute_capability
-    if images and cc and profile in ("8gb", "auto") and cc < images.SERVICE_MIN_COMPUTE_CAPABILITY:
+    if cc and profile in ("8gb", "auto") and cc < images.SERVICE_MIN_COMPUTE_CAPABILITY:
         need = ".".join(map(str, images.SERVICE_MIN_COMPUTE_CAPABILITY))
         return fail("gpu", found + f"; older than compute {need}, which the images' CUDA build needs",
                     "use a Turing (RTX 20xx) or newer card", blocking=True)

@@ -17,7 +17,7 @@ from scripts.stack import build, running, up
 from scripts.stack import compose as cp
 from scripts.stack import docker as dk
 from scripts.stack import preflight
-from scripts.stack.client import ServiceError, caption
+from scripts.stack.client import DEFAULT_PROMPT, ServiceError, caption
 from scripts.usage import command
 
 GIB = 1024 ** 3
@@ -48,7 +48,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if shutil.which("docker"):  # the running service's port; without Docker, the default one
         for service in cp.SERVICES.values():
             port = port or dk.published_port(service)
-    port = port or int(os.environ.get("VLKIT_PORT") or cp.DEFAULT_PORT)
+    port = port or preflight.default_port()
     try:
         print(caption(f"http://127.0.0.1:{port}", Path(image), prompt=args.prompt,
                       api_key=os.environ.get("VLKIT_API_KEY")))
@@ -135,7 +135,7 @@ def register(subparsers) -> None:
     cap = subparsers.add_parser("caption", help="send one image through the API and print the answer")
     cap.add_argument("image", nargs="?", help="path to a .jpg/.png/.webp")
     cap.add_argument("--image", dest="image_option", metavar="PATH", help="the same, as an option")
-    cap.add_argument("--prompt", default="Describe this image in one or two sentences.")
+    cap.add_argument("--prompt", default=DEFAULT_PROMPT)
     cap.add_argument("--port", type=port, help="default: the running service's port")
     cap.set_defaults(func=cmd_caption)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -47,10 +46,6 @@ class Launch:
     @property
     def service(self) -> str:
         return SERVICES[self.profile]
-
-    @property
-    def image(self) -> str:
-        return images.image_for(self.profile)  # type: ignore[arg-type]
 
     @property
     def local_model_dir(self) -> Path | None:
@@ -168,18 +163,6 @@ def render_env_file(values: dict[str, str], header: str) -> str:
             raise ValueError(f"{key}: a value in an env file cannot span lines")
         lines.append(f"{key}={value}")
     return "\n".join(lines) + "\n"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file + rename: a crash never leaves half a file behind."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def run(cmd: list[str], *, env: dict[str, str] | None = None, capture: bool = False,

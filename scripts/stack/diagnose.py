@@ -9,6 +9,8 @@ import re
 from dataclasses import dataclass
 
 from scripts import images
+from scripts.doctor.docker import DESKTOP_GPU_FIX, TOOLKIT_FIX
+from scripts.hf_cache import hub_cache
 from scripts.usage import command
 
 
@@ -63,10 +65,8 @@ def _rules() -> tuple[_Rule, ...]:
         _rule(r"could not select device driver .*capabilities: \[\[gpu\]\]|could not select device driver",
               "Docker has no GPU runtime: the NVIDIA Container Toolkit is missing (Docker Engine) or Docker "
               "Desktop's WSL2 integration is off.",
-              "Docker Desktop: Settings > Resources > WSL integration: enable your distro, and use the WSL2 "
-              "backend. Docker Engine inside WSL/Linux: install nvidia-container-toolkit, run "
-              "`sudo nvidia-ctk runtime configure --runtime=docker` and restart Docker. Check with "
-              f"{doctor}."),
+              f"Docker Engine inside WSL/Linux: {TOOLKIT_FIX}. {DESKTOP_GPU_FIX}, with this distro enabled under "
+              f"Settings > Resources > WSL integration. Check with {doctor}."),
         _rule(r"unsatisfied condition: cuda>=|CUDA driver version is insufficient for CUDA runtime version|"
               r"cudaErrorInsufficientDriver|The NVIDIA driver on your system is too old",
               "The NVIDIA driver is older than the CUDA this image needs "
@@ -99,10 +99,11 @@ def _rules() -> tuple[_Rule, ...]:
               f"The container's user (uid {images.SERVICE_UID}) cannot read the model folder mounted at /models.",
               "Make it readable: `chmod -R a+rX <the folder>`, then "
               f"{up} again (save_pretrained writes weights readable by their owner only)."),
-        _rule(r"error while mounting volume|failed to mount local volume|no such file or directory.*hf-cache",
-              "Docker could not mount the Hugging Face cache directory.",
-              f"check that the cache folder ({doctor} shows it: VLKIT_HF_CACHE, else HF_HUB_CACHE, "
-              f"else ~/.cache/huggingface/hub) exists and is inside the WSL filesystem, then {up}."),
+        # moby's words for a bind mount it cannot make: the cache, or a local model folder.
+        _rule(r"error while creating mount source path|bind source path does not exist|error while mounting volume",
+              "Docker could not mount a host folder into the container: the Hugging Face cache or the model folder.",
+              f"Check that the folder the error names exists and that Docker can reach it (the cache in use is "
+              f"{hub_cache()}; put it elsewhere with `export VLKIT_HF_CACHE=/path`), then {up}."),
     )
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scripts import images
-from scripts.stack.compose import PROJECT, ROOT, compose_cmd, run
+from scripts.stack.compose import CONTAINER_PORT, ROOT, compose_cmd, run
 from scripts.usage import command
 
 SOURCE_LABEL = "org.vlkit.source-hash"
@@ -179,6 +179,6 @@ def published_port(service: str) -> int | None:
     rows = json.loads(text) if text.startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
     for row in rows:
         for pub in row.get("Publishers") or []:
-            if pub.get("TargetPort") == 8000 and pub.get("PublishedPort"):
+            if pub.get("TargetPort") == CONTAINER_PORT and pub.get("PublishedPort"):
                 return int(pub["PublishedPort"])
     return None

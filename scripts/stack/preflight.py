@@ -3,6 +3,7 @@ GPU is there, a local model folder is one the container can read. Each problem i
 names the fix in the user's terms (make variables under make, flags otherwise: scripts/usage.py)."""
 from __future__ import annotations
 
+import argparse
 import os
 import stat
 import sys
@@ -15,6 +16,20 @@ from scripts.usage import command
 def error(message: str) -> None:
     """One line on stderr, prefixed like every vlkit message."""
     print(f"vlkit: {message}", file=sys.stderr)
+
+
+def default_port() -> int:
+    """The API's host port when no --port is given: $VLKIT_PORT (compose.yaml publishes the same),
+    else 8000. A bad value ends the command as a bad flag does (exit 2), naming the variable."""
+    from scripts.planner.options import port
+    from scripts.stack.compose import DEFAULT_PORT
+
+    text = os.environ.get("VLKIT_PORT") or str(DEFAULT_PORT)
+    try:
+        return port(text)
+    except argparse.ArgumentTypeError:
+        error(f"VLKIT_PORT={text!r} is not a port (1..65535): set it to one, or unset it.")
+        raise SystemExit(2) from None
 
 
 def docker_ok(extra: str = "") -> bool:

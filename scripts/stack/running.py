@@ -15,7 +15,7 @@ from scripts.usage import command
 
 
 def _port(args: argparse.Namespace) -> int:
-    return getattr(args, "port", None) or int(os.environ.get("VLKIT_PORT") or cp.DEFAULT_PORT)
+    return getattr(args, "port", None) or preflight.default_port()
 
 
 def _containers() -> list[str]:

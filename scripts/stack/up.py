@@ -12,6 +12,7 @@ from pathlib import Path
 
 from scripts import images
 from scripts.hf_cache import hub_cache
+from scripts.safe_file import write_atomic
 from scripts.planner import options
 from scripts.stack import compose as cp
 from scripts.stack import docker as dk
@@ -134,6 +135,7 @@ def _refused_before_planning(args: argparse.Namespace) -> int | None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     args.model = args.model or options.default_model()
+    args.port = args.port or preflight.default_port()
     code = _refused_before_planning(args)
     if code is not None:
         return code
@@ -199,8 +201,8 @@ def _start(args: argparse.Namespace, launch: cp.Launch) -> int:
         if code:
             return code
     env = launch.interpolation_env()
-    cp.write_atomic(cp.ENV_FILE, cp.render_env_file(launch.env_file_values(), _env_header(launch)))
-    cp.write_atomic(cp.OVERRIDE_FILE, launch.override_text())
+    write_atomic(cp.ENV_FILE, cp.render_env_file(launch.env_file_values(), _env_header(launch)).encode())
+    write_atomic(cp.OVERRIDE_FILE, launch.override_text().encode())
     Path(env["VLKIT_HF_CACHE"]).mkdir(parents=True, exist_ok=True)  # bind source: the host's hub cache
     cp.run(cp.compose_cmd(None, "rm", "--stop", "--force", *launch.other_services()), env=env, capture=True)
     res = cp.run(launch.compose_up(), env=env, capture=True)
@@ -253,10 +255,7 @@ def _print_dry_run(args: argparse.Namespace, launch: cp.Launch) -> int:
 def register(subparsers) -> None:
     up = subparsers.add_parser("up", help="plan, build if needed, start and wait until the API is ready")
     options.add(up, "profile", "model", "context", "gpu_memory", "gpu_memory_utilization")
-    # A string default: argparse converts it only when `up` runs, so a bad VLKIT_PORT is a clear error
-    # there instead of a crash of every command.
-    up.add_argument("--port", type=options.port, default=os.environ.get("VLKIT_PORT", str(cp.DEFAULT_PORT)),
-                    help="host port, bound to 127.0.0.1 (default 8000)")
+    up.add_argument("--port", type=options.port, help="host port, bound to 127.0.0.1 (default $VLKIT_PORT, else 8000)")
     up.add_argument("--dry-run", action="store_true", help="print the compose and container commands; start nothing")
     up.add_argument("--json", action="store_true", help="with --dry-run: machine-readable")
     up.add_argument("--no-build", action="store_true", help="fail instead of building a missing image")
