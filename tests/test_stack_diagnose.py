@@ -32,7 +32,7 @@ VLLM_FREE = ("(EngineCore_DP0 pid=212) ValueError: Free memory on device cuda:0 
 @pytest.mark.parametrize("text, words", [
     (VLLM_KV, ["KV cache", "Close other GPU programs"]),
     (TORCH_OOM, ["out of memory", "smaller model"]),
-    (NO_GPU_RUNTIME, ["NVIDIA Container Toolkit", "WSL integration"]),
+    (NO_GPU_RUNTIME, ["NVIDIA Container Toolkit", "WSL 2 engine"]),
     (OLD_DRIVER, ["driver", images.MIN_DRIVER[images.SERVICE_CUDA]["windows"]]),
     (RUNTIME_DRIVER, ["driver is older"]),
     (WSL_LIBCUDA, ["/usr/lib/wsl/lib", "wsl --shutdown"]),

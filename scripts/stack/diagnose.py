@@ -63,10 +63,9 @@ def _rules() -> tuple[_Rule, ...]:
               "Free GPU memory (close other GPU programs; under WSL2 the Windows desktop uses VRAM too), then "
               f"{up} again; or pick a smaller model / shorter context: `{command('plan', model='...')}` shows what fits."),
         _rule(r"could not select device driver .*capabilities: \[\[gpu\]\]|could not select device driver",
-              "Docker has no GPU runtime: the NVIDIA Container Toolkit is missing (Docker Engine) or Docker "
-              "Desktop's WSL2 integration is off.",
-              f"Docker Engine inside WSL/Linux: {TOOLKIT_FIX}. {DESKTOP_GPU_FIX}, with this distro enabled under "
-              f"Settings > Resources > WSL integration. Check with {doctor}."),
+              "Docker has no GPU runtime: the NVIDIA Container Toolkit is missing (Docker Engine), or Docker "
+              "Desktop does not run on its WSL 2 engine.",
+              f"Docker Engine inside WSL/Linux: {TOOLKIT_FIX}. {DESKTOP_GPU_FIX}. Check with {doctor}."),
         _rule(r"unsatisfied condition: cuda>=|CUDA driver version is insufficient for CUDA runtime version|"
               r"cudaErrorInsufficientDriver|The NVIDIA driver on your system is too old",
               "The NVIDIA driver is older than the CUDA this image needs "
