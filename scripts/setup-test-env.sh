@@ -22,7 +22,15 @@ DOCKERD_LOG=/var/log/vlkit-dockerd.log
 PARTS="${*:-venv docker}"
 # vLLM is installed without its dependencies on purpose (below): pip's "vllm requires X, which is not
 # installed" report after each install is expected, not a failure, so it is switched off.
-PIP=("$VENV/bin/pip" install -q --disable-pip-version-check --no-warn-conflicts)
+PIP=(pip_install "$VENV/bin/pip" --no-warn-conflicts)
+
+# pip, quiet, without the one warning a machine's pip configuration can repeat for every package
+# ("Location 'file:///...' is ignored: it is neither a file nor a directory": an extra index folder
+# that this machine does not have); its other warnings and its errors still show.
+pip_install() {
+    local pip="$1"; shift
+    "$pip" install -q --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 
 SUDO=""
 if [[ "$(id -u)" != 0 ]]; then SUDO="sudo"; fi
@@ -56,7 +64,7 @@ setup_venv() {
     step "instructor venv ($INSTRUCTOR_VENV)"
     if [[ ! -f "$INSTRUCTOR_VENV/.vlkit-deps" || tests/requirements-instructor.txt -nt "$INSTRUCTOR_VENV/.vlkit-deps" ]]; then
         python3 -m venv "$INSTRUCTOR_VENV"
-        "$INSTRUCTOR_VENV/bin/pip" install -q --disable-pip-version-check -r tests/requirements-instructor.txt
+        pip_install "$INSTRUCTOR_VENV/bin/pip" -r tests/requirements-instructor.txt
         touch "$INSTRUCTOR_VENV/.vlkit-deps"
     else
         echo "up to date"
