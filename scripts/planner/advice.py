@@ -164,7 +164,9 @@ def _context_is_the_limit(o: Options) -> bool:
 def _next_steps(o: Options, best_context: int, *, tried: str) -> str:
     spec, card, wanted = o.spec, o.card, o.wanted
     steps: list[str] = []
-    if wanted and min_useful_context(spec, PIXEL_STEPS[-1]) <= best_context < wanted:
+    # A shorter context only where the ladder takes it: one image request at the shown attempt's images.
+    shown = (o.vllm if tried == "16gb" else o.service).budget
+    if wanted and min_useful_context(spec, shown.knobs.max_pixels) <= best_context < wanted:
         steps.append(f"a shorter context: {setting('context', best_context)}")
     if tried == "16gb" and o.service.plan.fits:
         steps.append(f"the 8gb profile: {setting('profile', '8gb')} ({o.service.budget.knobs.weights} "
