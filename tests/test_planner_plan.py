@@ -153,6 +153,14 @@ def test_a_refusal_names_computed_next_steps():
     assert shorter.fits                                            # the named step works
 
 
+def test_vllms_words_end_their_own_sentence():
+    """vLLM's "... the estimated maximum model length is N." keeps one period before what follows."""
+    too_long = plan_for(model=SEEDS_MODEL, profile="16gb", gpu_memory_bytes=8 * GIB, context=200_000)
+    evaluated = plan_for(model=SEEDS_MODEL, gpu_memory_bytes=24 * GIB, gpu_memory_utilization=0.9)
+    for plan in (too_long, evaluated):
+        assert "estimated maximum model length is" in plan.refusal and ".." not in plan.refusal, plan.refusal
+
+
 INSTRUCT_IDS = [m for m in BUILTIN_IDS if "Thinking" not in m]   # the Thinking twins have the same shapes
 
 

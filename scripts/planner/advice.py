@@ -61,13 +61,18 @@ def advise_evaluated(evaluated: VllmOutcome, o: Options) -> Plan:
     own = o.vllm.plan
     step = (f"let vlkit choose (drop {setting('gpu_memory_utilization')}): {' '.join(own.vllm_args)}"
             if own.fits else _next_steps(o, own.context, tried="16gb").removeprefix("Next step: "))
-    return _refused(plan, f"{why}. The profiling run encodes {b.profiled_images} dummy image(s) of "
+    return _refused(plan, f"{_sentence(why)} The profiling run encodes {b.profiled_images} dummy image(s) of "
                           f"{b.image_tokens} tokens ({gib(b.encoder_peak)} GiB): --mm-processor-kwargs "
                           f"max_pixels is the lever, not --max-model-len. Next step: {step}")
 
 
 def _refused(plan: Plan, refusal: str) -> Plan:
     return plan.model_copy(update={"refusal": refusal}, deep=True)
+
+
+def _sentence(text: str) -> str:
+    """One sentence: vLLM's messages quoted as it words them, some with their own full stop."""
+    return text if text.endswith(".") else text + "."
 
 
 # ------------------------------------------------------------------------------------ auto
@@ -139,7 +144,7 @@ def _vllm_refusal(o: Options) -> str:
         f"vLLM would start, but its KV cache holds {best} tokens after the margin, "
         f"{'less than the ' + str(o.wanted) + ' asked for' if o.wanted else 'less than one image needs'}")
     tried = f"Tried: bf16/fp8 KV cache, eager mode, max_pixels down to {PIXEL_STEPS[-1]}."
-    return f"{why}. {tried} {_next_steps(o, best, tried='16gb')}"
+    return f"{_sentence(why)} {tried} {_next_steps(o, best, tried='16gb')}"
 
 
 def _service_refusal(o: Options, *, steps: bool = True) -> str:
