@@ -124,7 +124,7 @@ def plan_vllm(spec: ModelSpec, card: Card, wanted: int | None) -> VllmOutcome:
         b = batch.budget
     plan = _plan(spec, card, b, shown.context, fits=choice is not None, batch=batch)
     if choice is not None:
-        plan.vllm_args = vllm_args(replace(b.knobs, max_model_len=max(shown.context, 16)))
+        plan.vllm_args = vllm_args(replace(b.knobs, max_model_len=shown.context))
     plan.notes.append(f"chosen: {shown.rung}" if choice else f"best attempt: {shown.rung}")
     return VllmOutcome(plan, b, batch)
 
