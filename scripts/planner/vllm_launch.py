@@ -1,6 +1,7 @@
 """Start `vllm serve` on a model directory, wait for what the caller needs, read its figures, stop it.
 
-Torch-free: the calibration (validate_on_gpu.py) and the side-by-side benchmark both start vLLM here.
+Torch-free; the calibration (validate_on_gpu.py) starts vLLM here. bench/versus_vllm.py has its own
+small launcher: bench/ is in the 8gb image, which has no scripts/.
 
     with vllm_server(model_dir, args, port=free_port(), log_path=log, wait="kv", check=False) as s:
         figures = s.figures()              # "Available KV cache memory", the profiling breakdown, ...
