@@ -157,3 +157,12 @@ def test_calibration_runs_the_cases_one_port_each_and_writes_the_table(tmp_path,
         first["predicted"]["kv_gib"] - 0.79, abs=1e-3)
     out = capsys.readouterr().out
     assert "8GiB-2B" in out and "planned KV" in out and "skipped" in out
+
+
+def test_calibration_without_cases_for_that_many_gpus_is_a_usage_error(tmp_path, capsys):
+    from scripts.planner.validate_on_gpu import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--out", str(tmp_path / "out"), "--gpus", "3", "--gpu-total", "140GiB"])
+    assert exit_.value.code == 2 and "no cases for --gpus 3" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()                        # nothing started, nothing written

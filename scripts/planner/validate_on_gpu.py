@@ -221,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(known)}")
     cases = [known[n] for n in a.case] if a.case else list(pool)
+    if not cases:
+        p.error(f"no cases for --gpus {a.gpus}; there are for {', '.join(sorted({str(c.gpus) for c in known.values()}))}")
     env = {**DEVICE_ENV, **RUNNER_ENV[a.runner], **(MULTI_GPU_ENV if max(c.gpus for c in cases) > 1 else {})}
     a.out.mkdir(parents=True, exist_ok=True)
     command = shlex.split(a.vllm_command) if a.vllm_command else list(VLLM_COMMAND)
