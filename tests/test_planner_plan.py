@@ -302,7 +302,8 @@ def test_auto_gives_8gb_class_cards_the_service_and_larger_ones_vllm(card_gib, p
 
 # ------------------------------------------------------------------------ auto says why (issue 14)
 @pytest.mark.parametrize("model, card_gib, profile, because", [
-    (SEEDS_MODEL, 8, "8gb", "it fits this 8 GiB card and is faster there (measured"),
+    # The measurement was of another model: the reason says which (4B-FP8's own is not measured).
+    (SEEDS_MODEL, 8, "8gb", "it fits this 8 GiB card and is faster there (measured with Qwen3-VL-2B"),
     ("Qwen/Qwen3-VL-8B-Instruct", 16, "8gb", "leaves no KV cache after Qwen3-VL-8B-Instruct's 16.64 GiB of weights"),
     ("Qwen/Qwen3-VL-2B-Instruct", 8, "8gb", "--profile 16gb runs vLLM (predicted to fit, context"),
     ("Qwen/Qwen3-VL-2B-Instruct", 16, "16gb", "because vLLM fits Qwen3-VL-2B-Instruct on this 16 GiB card"),
