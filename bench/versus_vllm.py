@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 from bench.engine_mode import measure_streams
-from service.readiness import wait_ready
 from service.smoke import PROMPT, _image_url, _PeakMemory
 
 GIB = 1024**3

@@ -1,7 +1,7 @@
 """The planner against vLLM's own start-up figures (tests/data/vllm_calibration.json, measured on the
 GPU machine with the flags the planner chose): the predicted KV cache within 5% of vLLM's "Available
-KV cache memory", never optimistic by more than the plan's margin, and closer than the planner of
-that day was. `python -m scripts.planner.validate_on_gpu` produces the next table.
+KV cache memory", never optimistic by more than the plan's margin, and, for the cases the constants
+were fit to, closer than the planner of that day was. `python -m scripts.planner.validate_on_gpu` produces the next table.
 """
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ def test_kv_cache_within_5_percent_and_the_margin(case):
         assert b.kv_tokens == pytest.approx(sum(case["kv_tokens"]) / len(case["kv_tokens"]), rel=0.05)
 
 
-@pytest.mark.parametrize("case", DATA["cases"], ids=lambda c: c["name"])
-def test_every_case_moved_towards_vllm(case):
+@pytest.mark.parametrize("case", [c for c in DATA["cases"] if "planned_kv_gib" in c], ids=lambda c: c["name"])
+def test_every_case_fit_to_moved_towards_vllm(case):
     measured = sum(case["available_kv_gib"]) / len(case["available_kv_gib"])
     assert abs(_predicted(case).kv_available / GIB - measured) < abs(case["planned_kv_gib"] - measured)
 

@@ -40,22 +40,27 @@ def _port_free(port: int) -> bool:
 
 
 def test_parse_log_reads_vllms_figures():
+    """vLLM 0.24.0's own logs from the device (tests/data/vllm/README.md): 4B-FP8 eager on an
+    emulated 8 GiB card, and the seeds' command, which ends in vLLM's error."""
     figures = parse_log((DATA / "kv-0.24.log").read_text())
-    assert figures["available_kv_gib"] == 1.52 and figures["kv_tokens"] == 14240
-    assert figures["weights_gib"] == 4.24 and figures["cuda_graph_estimate_gib"] == 0.29
-    assert figures["torch_peak_increase_gib"] == 0.18 and figures["non_torch_increase_gib"] == 0.25
+    assert figures["available_kv_gib"] == 0.79 and figures["kv_tokens"] == 11504
+    assert figures["weights_gib"] == 5.22 and figures["non_kv_gib"] == 5.69
+    assert figures["torch_peak_increase_gib"] == 0.24 and figures["non_torch_increase_gib"] == 0.22
     assert figures["encoder_budget_tokens"] == 2048 and figures["profiled_items"] == 2
-    assert figures["cuda_graph_modes"]["PIECEWISE"] == {"first_mib": 270.0, "graphs": 5, "per_graph_mib": 3.0}
+    assert "cuda_graph_estimate_gib" not in figures                      # --enforce-eager: no graphs
     assert figures["vllm_version"] == "0.24.0" and figures["error"] is None and not figures["v2_runner"]
     failed = parse_log((DATA / "fail-0.24.log").read_text())
-    assert failed["available_kv_gib"] == -1.14 and "No available memory for the cache blocks" in failed["error"]
+    assert failed["available_kv_gib"] == -1.41 and "No available memory for the cache blocks" in failed["error"]
+    assert failed["cuda_graph_estimate_gib"] == 0.39 and failed["vllm_version"] == "0.24.0"
+    assert failed["cuda_graph_modes"] == {"PIECEWISE": {"first_mib": 88.0, "graphs": 51, "per_graph_mib": 4.0},
+                                          "FULL": {"first_mib": 130.0, "graphs": 35, "per_graph_mib": 2.0}}
 
 
 def test_waits_for_the_kv_line_then_stops_the_whole_group(tmp_path):
     record, port = tmp_path / "record.jsonl", free_port()
     with vllm_server(tmp_path / "model", ["--max-model-len", "13568"], port=port, log_path=tmp_path / "a.log",
                      wait="kv", command=_command("serve", record=record), timeout_s=30) as server:
-        assert server.figures()["available_kv_gib"] == 1.52
+        assert server.figures()["available_kv_gib"] == 0.79
         child = json.loads(record.read_text())["child"]
         assert _alive(child)
         argv = json.loads(record.read_text())["argv"]
@@ -83,7 +88,7 @@ def test_a_failed_start_is_an_error_with_vllms_reason_or_data(tmp_path):
     with vllm_server(tmp_path, [], port=free_port(), log_path=tmp_path / "d.log", wait=None,
                      command=_command("fail", "fail-0.24.log")) as server:
         assert server.wait("kv", 30) == "exited"
-        assert server.figures()["available_kv_gib"] == -1.14
+        assert server.figures()["available_kv_gib"] == -1.41
 
 
 def test_a_group_that_ignores_sigterm_is_killed(tmp_path):
@@ -133,7 +138,7 @@ def test_calibration_runs_the_cases_one_port_each_and_writes_the_table(tmp_path,
     record = tmp_path / "record.jsonl"
     command = " ".join(_command("serve", record=record))
     rc = main(["--out", str(tmp_path / "out"), "--case", "8GiB-2B", "--case", "8GiB-4B-FP8", "--case", "24GiB-8B",
-               "--gpu-total", "140GiB", "--vllm-command", command, "--budget-s", "80"])   # ~75 + ~45 + ~90 s
+               "--gpu-total", "140GiB", "--vllm-command", command, "--budget-s", "110"])  # ~100 + ~100 + ~120 s
     assert rc == 0
     runs = [json.loads(line) for line in record.read_text().splitlines()]
     ports = [r["argv"][r["argv"].index("--port") + 1] for r in runs]
@@ -148,7 +153,16 @@ def test_calibration_runs_the_cases_one_port_each_and_writes_the_table(tmp_path,
     outcomes = {c["case"]: c["outcome"] for c in doc["cases"]}
     assert outcomes == {"8GiB-2B": "kv", "8GiB-4B-FP8": "kv", "24GiB-8B": "skipped"}
     first = doc["cases"][0]
-    assert first["vllm"]["available_kv_gib"] == 1.52 and first["error_gib"] == pytest.approx(
-        first["predicted"]["kv_gib"] - 1.52, abs=1e-3)
+    assert first["vllm"]["available_kv_gib"] == 0.79 and first["error_gib"] == pytest.approx(
+        first["predicted"]["kv_gib"] - 0.79, abs=1e-3)
     out = capsys.readouterr().out
     assert "8GiB-2B" in out and "planned KV" in out and "skipped" in out
+
+
+def test_calibration_without_cases_for_that_many_gpus_is_a_usage_error(tmp_path, capsys):
+    from scripts.planner.validate_on_gpu import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--out", str(tmp_path / "out"), "--gpus", "3", "--gpu-total", "140GiB"])
+    assert exit_.value.code == 2 and "no cases for --gpus 3" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()                        # nothing started, nothing written

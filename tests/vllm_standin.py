@@ -3,7 +3,7 @@
     python tests/vllm_standin.py --log LOG --mode MODE [--record FILE] -- MODEL --host H --port P ARGS...
 
 Like vLLM it runs an engine-core child in its own process group and logs as it goes: the lines of
-LOG (tests/data/vllm/), a second apart at most, then per MODE
+LOG (tests/data/vllm/: vLLM's own logs), --delay seconds apart, then per MODE
   serve     answers GET /health with 200 on --port until it is stopped
   fail      exits 1 after the lines (vLLM's engine core died)
   stubborn  like serve, but it and its child ignore SIGTERM (the launcher must SIGKILL them)
@@ -44,7 +44,7 @@ def main() -> int:
     p.add_argument("--log", required=True)
     p.add_argument("--mode", choices=("serve", "fail", "stubborn", "silent"), default="serve")
     p.add_argument("--record")
-    p.add_argument("--delay", type=float, default=0.05)
+    p.add_argument("--delay", type=float, default=0.005)   # a real log's 600 lines in ~3 s
     a = p.parse_args(argv[:split])
     served = argv[split + 1:]
     port = int(served[served.index("--port") + 1])

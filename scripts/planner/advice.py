@@ -27,7 +27,8 @@ from .vllm_plan import VllmOutcome
 # the seeds' failed start. From 12 GiB on, vLLM when it fits (it holds longer contexts and more
 # sequences there; on the emulated 16 GiB card it served 8 and 32 concurrent requests faster).
 AUTO_VLLM_MIN_TOTAL = 12 * GIB
-AUTO_SERVICE_MEASURED = "measured on an 8 GiB card: 1.2x vLLM's decode, ready in 49 s instead of 128 s"
+AUTO_SERVICE_MEASURED = ("measured with Qwen3-VL-2B (bf16) on an 8 GiB card: 1.2x vLLM's decode, ready in 49 s "
+                         "instead of 128 s")
 
 
 @dataclass
@@ -61,13 +62,18 @@ def advise_evaluated(evaluated: VllmOutcome, o: Options) -> Plan:
     own = o.vllm.plan
     step = (f"let vlkit choose (drop {setting('gpu_memory_utilization')}): {' '.join(own.vllm_args)}"
             if own.fits else _next_steps(o, own.context, tried="16gb").removeprefix("Next step: "))
-    return _refused(plan, f"{why}. The profiling run encodes {b.profiled_images} dummy image(s) of "
+    return _refused(plan, f"{_sentence(why)} The profiling run encodes {b.profiled_images} dummy image(s) of "
                           f"{b.image_tokens} tokens ({gib(b.encoder_peak)} GiB): --mm-processor-kwargs "
                           f"max_pixels is the lever, not --max-model-len. Next step: {step}")
 
 
 def _refused(plan: Plan, refusal: str) -> Plan:
     return plan.model_copy(update={"refusal": refusal}, deep=True)
+
+
+def _sentence(text: str) -> str:
+    """One sentence: vLLM's messages quoted as it words them, some with their own full stop."""
+    return text if text.endswith(".") else text + "."
 
 
 # ------------------------------------------------------------------------------------ auto
@@ -139,7 +145,7 @@ def _vllm_refusal(o: Options) -> str:
         f"vLLM would start, but its KV cache holds {best} tokens after the margin, "
         f"{'less than the ' + str(o.wanted) + ' asked for' if o.wanted else 'less than one image needs'}")
     tried = f"Tried: bf16/fp8 KV cache, eager mode, max_pixels down to {PIXEL_STEPS[-1]}."
-    return f"{why}. {tried} {_next_steps(o, best, tried='16gb')}"
+    return f"{_sentence(why)} {tried} {_next_steps(o, best, tried='16gb')}"
 
 
 def _service_refusal(o: Options, *, steps: bool = True) -> str:
@@ -164,7 +170,9 @@ def _context_is_the_limit(o: Options) -> bool:
 def _next_steps(o: Options, best_context: int, *, tried: str) -> str:
     spec, card, wanted = o.spec, o.card, o.wanted
     steps: list[str] = []
-    if wanted and min_useful_context(spec, PIXEL_STEPS[-1]) <= best_context < wanted:
+    # A shorter context only where the ladder takes it: one image request at the shown attempt's images.
+    shown = (o.vllm if tried == "16gb" else o.service).budget
+    if wanted and min_useful_context(spec, shown.knobs.max_pixels) <= best_context < wanted:
         steps.append(f"a shorter context: {setting('context', best_context)}")
     if tried == "16gb" and o.service.plan.fits:
         steps.append(f"the 8gb profile: {setting('profile', '8gb')} ({o.service.budget.knobs.weights} "

@@ -13,6 +13,7 @@ from scripts.usage import setting
 from .advice import Options, advise, advise_evaluated
 from .card import card_for
 from .models import ModelSpec, resolve_model, variants_to_try
+from .options import MIN_CONTEXT
 from .schema import Plan
 from .service_plan import plan_service
 from .vllm_plan import evaluate_vllm, plan_vllm
@@ -25,8 +26,8 @@ def plan_for(*, model: str, profile: Literal["8gb", "16gb", "auto"] = "auto", gp
     """The settings for `model` on the card(s); see docs/PLANNER.md."""
     if profile not in ("8gb", "16gb", "auto"):
         raise ValueError(f"profile must be 8gb, 16gb or auto, not {profile!r}")
-    if context is not None and context < 16:
-        raise ValueError(f"{setting('context')} must be at least 16 tokens, got {context}")
+    if context is not None and context < MIN_CONTEXT:
+        raise ValueError(f"{setting('context')} must be at least {MIN_CONTEXT} tokens, got {context}")
     spec = resolve_model(model)
     if context is not None and context > spec.text.max_position:
         raise ValueError(f"{setting('context', context)} exceeds {spec.id}'s maximum of {spec.text.max_position}")

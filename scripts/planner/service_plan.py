@@ -1,9 +1,10 @@
 """The 8gb profile's ladder: `VLKIT_*` settings of vlkit's service that fit the card (no advice).
 
 The service is sized as it sizes itself (service_memory.py): with no --context, a context of 4096
-with KV blocks for two full-length sequences, else 2048 (then one); each weights format the
-checkpoint runs in (bf16, then fp8, then nf4; an FP8 checkpoint as it is), cheapest last; then smaller images. When nothing fits, the
-plan shows the cheapest attempt and the longest context that would.
+with KV blocks for two full-length sequences, else 2048 (then one); the weights in each format the
+checkpoint runs in (a bf16 one as it is, then quantized to fp8; an FP8 one as it is), each with
+full-size images before smaller ones; nf4 only where none of that fits. When nothing fits, the plan
+shows the cheapest attempt and the longest context that would.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def quantization_setting(spec: ModelSpec, weights: WeightFormat) -> str:
 @dataclass(frozen=True)
 class ServiceOutcome:
     plan: Plan                      # fits, or the cheapest attempt (no settings); no refusal: advice.py
-    budget: ServiceBudget | None    # the prediction behind it; None: the service runs no format of it
+    budget: ServiceBudget           # the prediction behind it
 
 
 def weight_formats(spec: ModelSpec) -> tuple[WeightFormat, ...]:
@@ -79,10 +80,6 @@ def _rungs(spec: ModelSpec, contexts: tuple[int, ...]) -> Iterator[tuple[int, Se
 
 
 def plan_service(spec: ModelSpec, card: Card, wanted: int | None) -> ServiceOutcome:
-    formats = weight_formats(spec)
-    if not formats:
-        return ServiceOutcome(Plan(fits=False, profile="8gb", model=spec.id, context=wanted or 0,
-                                   **card.plan_fields()), None)
     budget_gib, budget = _budget_setting(card)
     for min_sequences, knobs in _rungs(spec, (wanted,) if wanted else SERVICE_CONTEXTS):
         if knobs.max_model_len < min_useful_context(spec, knobs.max_pixels):
@@ -93,7 +90,7 @@ def plan_service(spec: ModelSpec, card: Card, wanted: int | None) -> ServiceOutc
             return ServiceOutcome(_plan(spec, card, sb, budget_gib, fits=True), sb)
     # Nothing fits: show the cheapest attempt (the last format, the smallest images) and the context
     # it would hold.
-    cheapest, px = formats[-1], PIXEL_STEPS[-1]
+    cheapest, px = weight_formats(spec)[-1], PIXEL_STEPS[-1]
     target = wanted or SERVICE_CONTEXTS[-1]
     sb = predict_service(spec, ServiceKnobs(cheapest, px, images_that_fit(spec, px, IMAGE_LIMIT, target),
                                             SERVICE_MAX_BATCH, target), budget)

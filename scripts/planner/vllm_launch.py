@@ -1,6 +1,7 @@
 """Start `vllm serve` on a model directory, wait for what the caller needs, read its figures, stop it.
 
-Torch-free: the calibration (validate_on_gpu.py) and the side-by-side benchmark both start vLLM here.
+Torch-free; the calibration (validate_on_gpu.py) starts vLLM here. bench/versus_vllm.py has its own
+small launcher: bench/ is in the 8gb image, which has no scripts/.
 
     with vllm_server(model_dir, args, port=free_port(), log_path=log, wait="kv", check=False) as s:
         figures = s.figures()              # "Available KV cache memory", the profiling breakdown, ...
@@ -42,7 +43,7 @@ PATTERNS: dict[str, str] = {
     "cuda_graph_actual_gib": r"Graph capturing finished in \d+ secs, took (-?[\d.]+) GiB",
     "encoder_budget_tokens": r"Encoder cache will be initialized with a budget of (\d+) tokens",
     "profiled_items": r"and profiled with (\d+) \w+ items of the maximum feature size",
-    "vllm_version": r"vLLM API server version ([\w.+-]+)",
+    "vllm_version": r"Initializing a V1 LLM engine \(v([\w.+-]+)\)",   # the API server's banner is ASCII art
 }
 # "Estimated PIECEWISE CUDA graph memory: 180.00 MiB first-capture + (51-1) × 2.00 MiB per-graph" (DEBUG)
 GRAPH_MODE = re.compile(r"Estimated (\w+) CUDA graph memory: ([\d.]+) MiB first-capture \+ \((\d+)-1\) \S+ ([\d.]+) MiB")

@@ -78,7 +78,8 @@ def _climb(spec: ModelSpec, card: Card, wanted: int | None) -> tuple[_Choice | N
     """(the choice that fits, else None; what is shown: that choice or the best attempt)."""
     util = _util_for(card)
     target = wanted or DEFAULT_CONTEXT
-    best: _Choice | None = None
+    best: _Choice | None = None       # the best attempt: the longest useful context any rung holds
+    best_rank: tuple[bool, int] = (False, -1)
     fallback: _Choice | None = None
     for step, (name, kv, eager, px) in enumerate(_rungs()):
         def predict_at(ctx: int) -> VllmBudget:
@@ -105,8 +106,12 @@ def _climb(spec: ModelSpec, card: Card, wanted: int | None) -> tuple[_Choice | N
             return choice, choice
         if ok and not wanted and (fallback is None or ctx > fallback.context):
             fallback = choice
-        if best is None or min(cap, target) > best.context:
-            best = _Choice(b, min(cap, target), name)
+        # What this rung holds, up to the target; useful only if one image request fits in it (at this
+        # rung's images), so that the refusal's "a shorter context" is one the ladder accepts.
+        reach = min(cap, target)
+        rank = (util > 0 and reach >= min_useful_context(spec, px), reach)
+        if rank > best_rank:
+            best, best_rank = _Choice(b, reach, name), rank
     return fallback, (fallback or best)
 
 
@@ -119,7 +124,7 @@ def plan_vllm(spec: ModelSpec, card: Card, wanted: int | None) -> VllmOutcome:
         b = batch.budget
     plan = _plan(spec, card, b, shown.context, fits=choice is not None, batch=batch)
     if choice is not None:
-        plan.vllm_args = vllm_args(replace(b.knobs, max_model_len=max(shown.context, 16)))
+        plan.vllm_args = vllm_args(replace(b.knobs, max_model_len=shown.context))
     plan.notes.append(f"chosen: {shown.rung}" if choice else f"best attempt: {shown.rung}")
     return VllmOutcome(plan, b, batch)
 
