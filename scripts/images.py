@@ -30,13 +30,15 @@ VLLM_VERSION = "0.27.0"
 VLLM_IMAGE = f"vllm/vllm-openai:v{VLLM_VERSION}"
 # vLLM's images are built on CUDA 13.0 since 0.2x (its PyPI wheels too, see docs/DOCKER.md).
 VLLM_CUDA = "13.0"
-# vLLM's model runner under WSL2. From 0.25 vLLM runs Qwen3-VL on its V2 model runner, whose UVA
-# buffers need pinned host memory, and vLLM turns pinned memory off under WSL2 unless
-# VLLM_WSL2_ENABLE_PIN_MEMORY=1 (platforms/cuda.py is_pin_memory_available): every default start there
-# dies with "RuntimeError: UVA is not available". The V1 runner starts without pinned memory, and its
-# accounting is the one the planner models (docs/PLANNER.md "WSL2 and vLLM's model runner" says why
-# V1 rather than pinned memory). A value the user set in their shell wins.
-VLLM_WSL2_ENV = {"VLLM_USE_V2_MODEL_RUNNER": "0"}
+# vLLM's model runner, on every platform: the V1 runner. From 0.25 vLLM runs Qwen3-VL on its V2 model
+# runner, whose UVA buffers need pinned host memory, which vLLM turns off under WSL2 unless
+# VLLM_WSL2_ENABLE_PIN_MEMORY=1 (platforms/cuda.py is_pin_memory_available): every default start
+# there dies with "RuntimeError: UVA is not available". And the V2 runner captures its CUDA graphs
+# outside the memory share it sizes the KV cache in, so on a full card (a desktop beside it) the
+# graphs may not fit what the plan left. The V1 runner's accounting is the one the planner models and
+# the one measured against vLLM (docs/PLANNER.md, "WSL2 and vLLM's model runner"). A value the user
+# set in their shell wins.
+VLLM_ENV = {"VLLM_USE_V2_MODEL_RUNNER": "0"}
 VLLM_RUNNER_VARIABLES = ("VLLM_USE_V2_MODEL_RUNNER", "VLLM_WSL2_ENABLE_PIN_MEMORY")
 
 # --- 8gb profile: our service (docker/Dockerfile.8gb) ----------------------------------------------
@@ -81,13 +83,11 @@ def image_for(profile: Profile) -> str:
     return SERVICE_IMAGE if profile == "8gb" else VLLM_SERVICE_IMAGE
 
 
-def vllm_env(platform_kind: str, environ: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment the 16gb container's vLLM gets on this platform ("wsl2" | "wsl1" | "linux"):
-    VLLM_WSL2_ENV under WSL, then the runner variables the user set themselves."""
+def vllm_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment the 16gb container's vLLM gets: VLLM_ENV, then the runner variables the user
+    set themselves."""
     environ = os.environ if environ is None else environ
-    env = dict(VLLM_WSL2_ENV) if platform_kind.startswith("wsl") else {}
-    env.update({k: environ[k] for k in VLLM_RUNNER_VARIABLES if environ.get(k)})
-    return env
+    return {**VLLM_ENV, **{k: environ[k] for k in VLLM_RUNNER_VARIABLES if environ.get(k)}}
 
 
 def cuda_for(profile: Profile) -> str:

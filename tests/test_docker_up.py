@@ -92,7 +92,8 @@ def test_gpu_request_without_gpu_runtime_is_explained(stack_env, shared_model_di
     assert res.returncode == 1
     out = res.stdout + res.stderr
     assert "could not select device driver" in out
-    assert "NVIDIA Container Toolkit" in out and "WSL integration" in out
+    # Both fixes, each on one unbroken line: the toolkit's commands and Docker Desktop's WSL 2 engine.
+    assert "sudo nvidia-ctk runtime configure --runtime=docker" in out and "use the WSL 2 based engine" in out
 
 
 def test_a_service_that_cannot_load_fails_fast_with_its_logs_and_is_stopped(stack_env, shared_model_dir, tmp_path):

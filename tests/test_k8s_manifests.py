@@ -178,6 +178,7 @@ def test_cache_volume_shared_memory_and_environment(capsys):
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["HF_HOME"].startswith("/cache/") and env["HF_HUB_CACHE"].startswith("/cache/")
     assert env["VLLM_CACHE_ROOT"].startswith("/cache/") and env["HF_HUB_OFFLINE"] == "1"
+    assert env["VLLM_USE_V2_MODEL_RUNNER"] == "0"  # the runner the plan's accounting is of
     (claim,) = sts["spec"]["volumeClaimTemplates"]
     assert claim["spec"]["accessModes"] == ["ReadWriteOnce"] and claim["spec"]["storageClassName"] == "fast-ssd"
     # /dev/shm is memory charged to the container: the limit must leave room for it and the processes.

@@ -106,12 +106,12 @@ def test_served_name_of_a_local_model_is_its_directory_name(tmp_path):
 
 
 @pytest.mark.parametrize("shell, expected", [
-    ({}, {}),                                                              # native Linux: vLLM's default runner
+    ({}, {"VLLM_USE_V2_MODEL_RUNNER": "0"}),                               # native Linux: V1, the accounting planned
     ({"WSL_DISTRO_NAME": "Ubuntu"}, {"VLLM_USE_V2_MODEL_RUNNER": "0"}),    # WSL2: V1, which needs no pinned memory
     ({"WSL_DISTRO_NAME": "Ubuntu", "VLLM_USE_V2_MODEL_RUNNER": "1", "VLLM_WSL2_ENABLE_PIN_MEMORY": "1"},
      {"VLLM_USE_V2_MODEL_RUNNER": "1", "VLLM_WSL2_ENABLE_PIN_MEMORY": "1"}),  # the user's own choice wins
 ])
-def test_16gb_on_wsl2_starts_vllms_v1_runner(tmp_path, monkeypatch, shell, expected):
+def test_16gb_starts_vllms_v1_runner_on_linux_and_wsl2(tmp_path, monkeypatch, shell, expected):
     """WSL is detected the doctor's way (wsl.host: the kernel's name, or WSL_DISTRO_NAME for a custom kernel);
     the runner goes to vlkit.env, which compose hands the vLLM container."""
     import wsl.host

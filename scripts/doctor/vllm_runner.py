@@ -12,7 +12,7 @@ def vllm_runner_check(facts, profile: str, environ: dict[str, str] | None = None
     setting that would bring back the crash at start-up."""
     if profile == "8gb" or not facts.platform.is_wsl:
         return None
-    env = images.vllm_env(facts.platform.kind, os.environ if environ is None else environ)
+    env = images.vllm_env(os.environ if environ is None else environ)
     v2 = env.get("VLLM_USE_V2_MODEL_RUNNER", "").lower() in ("1", "true")
     pinned = env.get("VLLM_WSL2_ENABLE_PIN_MEMORY", "") not in ("", "0")
     if v2 and not pinned:

@@ -118,7 +118,7 @@ def download_command(model: str) -> list[str]:
 def _vllm_container(plan, c: Cluster) -> dict:
     gpus = str(plan.gpu_count)
     # The model is on the volume: vLLM never asks the hub at run time (the init container did).
-    env = _env({**HF_CACHE_ENV, "VLLM_CACHE_ROOT": VLLM_CACHE_ROOT, "HF_HUB_OFFLINE": "1"})
+    env = _env({**HF_CACHE_ENV, "VLLM_CACHE_ROOT": VLLM_CACHE_ROOT, "HF_HUB_OFFLINE": "1", **images.VLLM_ENV})
     if c.api_key_secret:
         env.append(_secret_env("VLLM_API_KEY", c.api_key_secret, API_KEY_SECRET_KEY))
     memory = _gib(res.memory_gib(plan.gpu_count))

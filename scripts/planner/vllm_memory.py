@@ -1,7 +1,7 @@
 """vLLM's start-up memory accounting, modelled on the source of the version we pin (scripts.images).
 
 What vLLM's V1 model runner does (docs/PLANNER.md has the links to each line; the 16gb profile runs
-it on WSL2, where the V2 runner cannot start, docs/PLANNER.md "WSL2"):
+it on every platform, docs/PLANNER.md "WSL2 and vLLM's model runner"):
   requested   = ceil(total * gpu_memory_utilization); start-up fails if free memory < requested
   non_kv      = weights + non-torch growth + transient peak of the profiling run
   available   = requested - non_kv - CUDA graph estimate        ("Available KV cache memory")

@@ -38,7 +38,7 @@ class Launch:
     port: int = DEFAULT_PORT
     service_env: dict[str, str] = field(default_factory=dict)   # VLKIT_* for the 8gb service
     vllm_args: list[str] = field(default_factory=list)           # after `vllm serve <model>`
-    vllm_env: dict[str, str] = field(default_factory=dict)       # 16gb: images.vllm_env(), e.g. the WSL2 runner
+    vllm_env: dict[str, str] = field(default_factory=dict)       # 16gb: images.vllm_env(): vLLM's V1 runner
     cpu: bool = False                          # test mode: no GPU reservation, service on CPU
     hf_cache: Path | None = None
     api_key: str | None = None                 # VLKIT_API_KEY from the user's shell, when set

@@ -39,7 +39,7 @@ def _rules() -> tuple[_Rule, ...]:
         _rule(r"UVA is not available",
               "vLLM's V2 model runner (its default since 0.25) allocates UVA buffers, which need pinned host "
               "memory, and vLLM turns pinned memory off under WSL2 (docs/PLANNER.md, \"WSL2 and vLLM's model runner\").",
-              f"Start it with {up}: on WSL2 it writes VLLM_USE_V2_MODEL_RUNNER=0 (vLLM's V1 runner) to vlkit.env. "
+              f"Start it with {up}: it writes VLLM_USE_V2_MODEL_RUNNER=0 (vLLM's V1 runner) to vlkit.env. "
               "Starting vLLM yourself: set VLLM_USE_V2_MODEL_RUNNER=0, or VLLM_WSL2_ENABLE_PIN_MEMORY=1 (WSL kernel "
               "4.19.121 or newer) to keep V2. If you set VLLM_USE_V2_MODEL_RUNNER=1 in your shell, unset it."),
         # vLLM's start-up check, after its CUDA context: the plan's share must still be free.

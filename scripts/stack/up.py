@@ -20,7 +20,6 @@ from scripts.stack import preflight
 from scripts.stack.client import examples, probe
 from scripts.stack.diagnose import diagnose
 from scripts.usage import command, setting
-from wsl.host import detect_platform
 
 GIB = 1024 ** 3
 CPU_PLAN_MEMORY = 8 * GIB   # CPU mode plans as for an 8 GB card (the profile it tests)
@@ -46,7 +45,7 @@ def _launch(args: argparse.Namespace, plan) -> cp.Launch:
     return cp.Launch(profile=plan.profile, model=args.model, port=args.port,
                      service_env={k: str(v) for k, v in (plan.service_env or {}).items()},
                      vllm_args=[str(a) for a in (plan.vllm_args or [])], cpu=args.cpu,
-                     vllm_env=images.vllm_env(detect_platform().kind) if plan.profile == "16gb" else {},
+                     vllm_env=images.vllm_env() if plan.profile == "16gb" else {},
                      hf_cache=hub_cache(), api_key=os.environ.get("VLKIT_API_KEY") or None)
 
 
@@ -84,9 +83,9 @@ def _print_failure(launch: cp.Launch, text: str, cid: str | None) -> None:
         con.print(f"[bold]last log lines of {launch.service}:[/bold]")
         print(logs.rstrip(), flush=True)  # unwrapped, as the container wrote them
     found = diagnose(text + "\n" + logs)
-    for d in found:
-        con.print(f"[bold red]cause:[/bold red] {d.cause}", markup=True)
-        con.print(f"[bold green]fix:[/bold green] {d.fix}", markup=True)
+    for d in found:  # soft_wrap: a fix holds commands to copy, so rich must not break its lines
+        con.print(f"[bold red]cause:[/bold red] {d.cause}", markup=True, soft_wrap=True)
+        con.print(f"[bold green]fix:[/bold green] {d.fix}", markup=True, soft_wrap=True)
     if not found:
         con.print(f"Not a known cause. Full logs: `{command('logs')}`; checks: `{command('doctor')}`.")
 
