@@ -217,6 +217,20 @@ def test_several_gpus_plan_tensor_parallel():
         plan_for(model="Qwen/Qwen3-VL-8B-Instruct", gpu_memory_bytes=12 * GIB, gpu_count=3)
 
 
+def test_the_single_gpu_service_is_never_planned_over_several_gpus():
+    # The 8gb service runs on one GPU: asked for two, it is refused by name, and auto picks vLLM even
+    # on 8 GiB cards, where one card alone would have picked the service.
+    with pytest.raises(ValueError, match="8gb profile's service runs on one GPU.*--profile 16gb"):
+        plan_for(model="Qwen/Qwen3-VL-2B-Instruct", profile="8gb", gpu_memory_bytes=8 * GIB, gpu_count=2)
+    assert plan_for(model="Qwen/Qwen3-VL-2B-Instruct", gpu_memory_bytes=8 * GIB).profile == "8gb"
+    auto = plan_for(model="Qwen/Qwen3-VL-2B-Instruct", gpu_memory_bytes=8 * GIB, gpu_count=2)
+    assert auto.fits and auto.profile == "16gb" and _flag(auto, "--tensor-parallel-size") == "2"
+    assert "service runs on one GPU" in auto.auto_reason
+    # Nothing fits: the next steps never name the 8gb profile, which would be refused.
+    none = plan_for(model="Qwen/Qwen3-VL-8B-Instruct", gpu_memory_bytes=4 * GIB, gpu_count=2)
+    assert not none.fits and "--profile 8gb" not in none.refusal and "profile 8gb" not in none.refusal
+
+
 def test_measured_gpu_from_a_real_nvidia_smi_recording():
     gpus = parse_gpu_query_csv(H100_CSV.read_text())
     plan = plan_for(model="Qwen/Qwen3-VL-8B-Instruct", gpus=gpus)

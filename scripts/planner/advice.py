@@ -38,7 +38,7 @@ class Options:
     card: Card
     wanted: int | None                          # --context, if given
     vllm: VllmOutcome | None = None             # this model, the 16gb profile
-    service: ServiceOutcome | None = None       # this model, the 8gb profile
+    service: ServiceOutcome | None = None       # this model, the 8gb profile (one GPU only)
     smaller: tuple[str, Plan] | None = None     # the first smaller or FP8 built-in model that fits
 
 
@@ -83,9 +83,13 @@ ENGINES = {"16gb": "vLLM", "8gb": "vlkit's service"}
 def _auto(o: Options) -> Plan:
     """The profile auto picks, with one line that says why: the profile names read like card sizes,
     so a pick that does not match the card's size (16gb on an 8 GiB card) must explain itself."""
-    p16, p8 = o.vllm.plan, o.service.plan
     size = f"{o.card.total / GIB:.0f} GiB"
     card = f"this {size} card" if o.card.count == 1 else f"these {o.card.count} x {size} cards"
+    if o.service is None:  # several GPUs: only vLLM splits a model; the service runs on one
+        reason = (f"auto: the 16gb profile (vLLM) because vlkit's service runs on one GPU and vLLM splits "
+                  f"{_short(o.spec)} over {card}; the profile names are engines, not card sizes")
+        return _with_reason(advise("16gb", o), reason)
+    p16, p8 = o.vllm.plan, o.service.plan
     if o.card.total < AUTO_VLLM_MIN_TOTAL and p8.fits:
         chosen = p8
         because = (f"it fits {card} and is faster there ({AUTO_SERVICE_MEASURED})" +
@@ -174,7 +178,7 @@ def _next_steps(o: Options, best_context: int, *, tried: str) -> str:
     shown = (o.vllm if tried == "16gb" else o.service).budget
     if wanted and min_useful_context(spec, shown.knobs.max_pixels) <= best_context < wanted:
         steps.append(f"a shorter context: {setting('context', best_context)}")
-    if tried == "16gb" and o.service.plan.fits:
+    if tried == "16gb" and o.service and o.service.plan.fits:
         steps.append(f"the 8gb profile: {setting('profile', '8gb')} ({o.service.budget.knobs.weights} "
                      f"weights, context {o.service.plan.context})")
     if tried == "8gb" and o.vllm.plan.fits:

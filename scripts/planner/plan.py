@@ -35,6 +35,9 @@ def plan_for(*, model: str, profile: Literal["8gb", "16gb", "auto"] = "auto", gp
     why = tensor_parallel_error(spec, card.count)
     if why:
         raise ValueError(f"{setting('gpus', card.count)}: vLLM cannot split {spec.id} over {card.count} GPUs: {why}")
+    if card.count > 1 and profile == "8gb":
+        raise ValueError(f"{setting('gpus', card.count)}: the 8gb profile's service runs on one GPU; split the "
+                         f"model over {card.count} with {setting('profile', '16gb')} (vLLM), or use {setting('gpus', 1)}")
     options = Options(spec, card, context)
     if gpu_memory_utilization is not None:
         if profile == "8gb":
@@ -50,22 +53,26 @@ def plan_for(*, model: str, profile: Literal["8gb", "16gb", "auto"] = "auto", gp
 
 def _fill(o: Options, profile: str) -> None:
     """Make the plans advice will name: the profile's own (both for auto); when none fits, this model
-    under the other profile and the first smaller model that fits."""
+    under the other profile and the first smaller model that fits. Over several GPUs only vLLM's:
+    the service runs on one."""
+    single = o.card.count == 1
     if profile != "8gb":
         o.vllm = plan_vllm(o.spec, o.card, o.wanted)
-    if profile != "16gb":
+    if profile != "16gb" and single:
         o.service = plan_service(o.spec, o.card, o.wanted)
     if (o.vllm and o.vllm.plan.fits) or (o.service and o.service.plan.fits):
         return
     o.vllm = o.vllm or plan_vllm(o.spec, o.card, o.wanted)
-    o.service = o.service or plan_service(o.spec, o.card, o.wanted)
+    if single:
+        o.service = o.service or plan_service(o.spec, o.card, o.wanted)
     o.smaller = _smaller_model(o.spec, o)
 
 
 def _smaller_model(spec: ModelSpec, o: Options) -> tuple[str, Plan] | None:
+    ladders = (plan_vllm, plan_service) if o.card.count == 1 else (plan_vllm,)
     for alt_id in variants_to_try(spec):
         alt = resolve_model(alt_id)
-        for ladder in (plan_vllm, plan_service):
+        for ladder in ladders:
             plan = ladder(alt, o.card, o.wanted).plan
             if plan.fits:
                 return alt_id, plan
