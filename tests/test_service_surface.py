@@ -110,6 +110,13 @@ def test_request_id_token_ids_and_stop_reason(server):
     assert stopped["finish_reason"] == "stop" and stopped["stop_reason"] == stop_id
 
 
+def test_an_empty_model_name_means_the_served_model_like_vllm(server):
+    """vLLM's _is_model_supported: an empty `model` (a UI's blank model field) is the served model."""
+    assert chat(server, "hi", model="", max_tokens=2)["model"] == SERVED_NAME
+    completion = post(server, "/v1/completions", {"model": "", "prompt": "hi", "max_tokens": 2})
+    assert completion.status_code == 200 and completion.json()["model"] == SERVED_NAME
+
+
 def test_sampling_fields_reach_the_engine(server):
     base = chat(server, "hi", return_token_ids=True, max_tokens=12)["choices"][0]["token_ids"]
     forced = chat(server, "hi", return_token_ids=True, max_tokens=6, logit_bias={"77": 100})["choices"][0]

@@ -105,7 +105,8 @@ class ChatServing:
         return GenerationResponse(engine, request, arrived, respond)
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model not in (self.settings.model_name, self.settings.model):
+        """vLLM's _is_model_supported: no model or an empty one is the served model."""
+        if model and model not in (self.settings.model_name, self.settings.model):
             raise ModelNotFound(f"The model `{model}` does not exist.", param="model")
 
 
