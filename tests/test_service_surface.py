@@ -110,6 +110,22 @@ def test_request_id_token_ids_and_stop_reason(server):
     assert stopped["finish_reason"] == "stop" and stopped["stop_reason"] == stop_id
 
 
+def test_x_request_id_header_names_the_answer_like_vllm(server):
+    """vLLM's _base_request_id: the X-Request-Id header (tracing proxies set it) wins over the body's request_id."""
+    headers = {**AUTH, "X-Request-Id": "trace-7"}
+    body = {"model": SERVED_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+            "request_id": "from-body"}
+    reply = httpx.post(server.base_url + "/v1/chat/completions", json=body, headers=headers, timeout=60)
+    assert reply.status_code == 200 and reply.json()["id"] == "chatcmpl-trace-7"
+    streamed = httpx.post(server.base_url + "/v1/chat/completions", json={**body, "stream": True}, headers=headers,
+                          timeout=60)
+    chunks = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+    assert chunks and {chunk["id"] for chunk in chunks} == {"chatcmpl-trace-7"}
+    completion = httpx.post(server.base_url + "/v1/completions", headers=headers, timeout=60,
+                            json={"model": SERVED_NAME, "prompt": "hi", "max_tokens": 2})
+    assert completion.status_code == 200 and completion.json()["id"] == "cmpl-trace-7"
+
+
 def test_an_empty_model_name_means_the_served_model_like_vllm(server):
     """vLLM's _is_model_supported: an empty `model` (a UI's blank model field) is the served model."""
     assert chat(server, "hi", model="", max_tokens=2)["model"] == SERVED_NAME

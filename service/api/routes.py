@@ -74,7 +74,7 @@ async def chat_completions(request: Request) -> Response:
     arrived = time.monotonic()
     state = service_state(request)
     engine = state.ready_engine()
-    chat = ChatCompletionRequest.parse(await body_of(request, state))
+    chat = with_header_request_id(ChatCompletionRequest.parse(await body_of(request, state)), request)
     return await state.serving.create_chat_completion(chat, engine, arrived)
 
 
@@ -83,7 +83,7 @@ async def completions(request: Request) -> Response:
     arrived = time.monotonic()
     state = service_state(request)
     engine = state.ready_engine()
-    completion = CompletionRequest.parse(await body_of(request, state))
+    completion = with_header_request_id(CompletionRequest.parse(await body_of(request, state)), request)
     return await state.completions.create_completion(completion, engine, arrived)
 
 
@@ -101,6 +101,14 @@ async def detokenize(request: Request) -> JSONResponse:
     engine = state.ready_engine()
     return JSONResponse(await state.tokenization.detokenize(
         await body_of(request, state), engine))
+
+
+def with_header_request_id(body, request: Request):
+    """vLLM's _base_request_id: an X-Request-Id header (a tracing proxy's) is the answer's id, over the body's."""
+    header = request.headers.get("x-request-id")
+    if header is not None:
+        body.request_id = header
+    return body
 
 
 async def body_of(request: Request, state: ServiceState) -> bytes:
