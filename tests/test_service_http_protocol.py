@@ -86,3 +86,16 @@ def test_neutral_values_are_accepted():
     request = chat(n=1, presence_penalty=0, frequency_penalty=0.0, logprobs=False, response_format={"type": "text"},
                    use_beam_search=False, priority=0, length_penalty=1.0, include_reasoning=True)
     assert request.answer_constraint() is None and request.tool_call_answer() is None
+
+
+@pytest.mark.parametrize(("part", "param"), [
+    ({"type": "text"}, "messages.0.content.0.text"),
+    ({"type": "text", "text": None}, "messages.0.content.0.text"),
+    ({"type": "image_url", "image_url": {"url": "data:x", "detail": "ultra"}}, "messages.0.content.0.image_url.detail"),
+])
+def test_a_bad_content_part_is_named_by_its_path_in_the_body(part, param):
+    """The path a client can follow in its own request: no `type` tag of the part repeated in it."""
+    body = {"messages": [{"role": "user", "content": [part]}]}
+    with pytest.raises(InvalidRequest) as info:
+        ChatCompletionRequest.parse(json.dumps(body).encode())
+    assert info.value.param == param and info.value.message.startswith(param + ": ")

@@ -65,8 +65,12 @@ def _validation_error(exc: ValidationError) -> InvalidRequest:
     """The most specific of pydantic's errors (a union reports one per branch), with a readable path."""
     errors = sorted(exc.errors(), key=lambda e: len(e["loc"]), reverse=True)
     first = errors[0]
-    # Drop union-branch labels such as "str" or "list[tagged-union[...]]" from the path.
-    where = ".".join(str(p) for p in first["loc"] if not (isinstance(p, str) and ("[" in p or p == "str")))
+    # Drop union-branch labels such as "str" or "list[tagged-union[...]]" from the path, and a content
+    # part's `type` tag (pydantic puts it before the part's own fields: "0.text.text", "0.image_url.image_url").
+    loc = [p for p in first["loc"] if not (isinstance(p, str) and ("[" in p or p == "str"))]
+    loc = [p for i, p in enumerate(loc) if not (0 < i < len(loc) - 1 and isinstance(loc[i - 1], int)
+                                                and isinstance(p, str) and loc[i + 1] == p)]
+    where = ".".join(str(p) for p in loc)
     return InvalidRequest(f"{where}: {first['msg']}", param=where or None, kind="malformed")
 
 
