@@ -106,6 +106,14 @@ def test_data_url_checks(settings):
         fetch_image_bytes("data:image/png;base64," + "A" * (2 * 1024 * 1024), settings)
 
 
+@pytest.mark.parametrize("mime", ["application/octet-stream", "binary/octet-stream", "APPLICATION/OCTET-STREAM"])
+def test_a_data_url_of_unknown_binary_type_is_read_for_what_it_holds(settings, mime):
+    """What a browser's FileReader or mimetypes.guess_type's fallback labels a file it cannot place:
+    vLLM decodes the bytes whatever the label; here too, within the formats decode_image takes."""
+    png = encode(Image.new("RGB", (4, 4)), "PNG")
+    assert fetch_image_bytes(f"data:{mime};base64," + base64.b64encode(png).decode(), settings) == png
+
+
 def test_local_files_only_under_the_allowed_dir(settings, tmp_path):
     inside = tmp_path / "ok.png"
     inside.write_bytes(encode(Image.new("RGB", (4, 4)), "PNG"))

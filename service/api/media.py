@@ -33,6 +33,9 @@ CONCURRENT_DECODES = 4
 # The pixel guard is ours (`max_image_source_pixels`, checked from the header before decoding), so
 # PIL's fixed process-wide one would only make the limit and the message inconsistent.
 Image.MAX_IMAGE_PIXELS = None
+# Labels for "some bytes" (a browser's FileReader on a Blob without a type, mimetypes' fallback): the
+# bytes decide, as in vLLM, which reads data URLs whatever their label; decode_image still checks them.
+UNKNOWN_BINARY = ("application/octet-stream", "binary/octet-stream")
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,", re.I)
 
 
@@ -77,7 +80,7 @@ def _from_data_url(url: str, settings: ServiceSettings) -> bytes:
         raise InvalidRequest("Malformed data URL: expected data:image/<type>;base64,<data>", param="image_url",
                              kind="bad_image")
     mime = (match.group("mime") or "").lower()
-    if mime and not mime.startswith("image/"):
+    if mime and not mime.startswith("image/") and mime not in UNKNOWN_BINARY:
         raise InvalidRequest(f"The data URL holds {mime!r}, not an image", param="image_url", kind="bad_image")
     payload = url[match.end():]
     if len(payload) * 3 // 4 > settings.max_image_bytes:
