@@ -53,6 +53,7 @@ class ServiceSettings(BaseSettings):
     api_key: Optional[str] = Field(None, description="when set, requests need `Authorization: Bearer <key>`")
     allow_remote_urls: bool = Field(False, description="fetch http(s) image URLs (off: refused with 400)")
     allowed_media_dir: Optional[Path] = Field(None, description="file:// images only from under this directory")
+    allowed_origins: str = Field("*", description="CORS: the origins (comma-separated) whose web pages may call the API from a browser; `*`: any, vLLM's default; empty: none")
     warmup: bool = Field(True, description="run one request at start-up before /health/ready says ready")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="server log level")
 
@@ -60,6 +61,10 @@ class ServiceSettings(BaseSettings):
     @classmethod
     def _empty_key_is_none(cls, v: object) -> object:
         return None if v in ("", None) else v
+
+    @property
+    def cors_origins(self) -> list[str]:
+        return [origin.strip() for origin in self.allowed_origins.split(",") if origin.strip()]
 
     @property
     def model_name(self) -> str:

@@ -338,6 +338,35 @@ def test_version_and_health_like_vllm(server):
     assert health.status_code == 200 and health.content == b""
 
 
+def test_browser_pages_may_call_the_api_as_on_vllm(server):
+    """vLLM's CORS defaults (allowed_origins/methods/headers "*", no credentials): a web page's fetch
+    with a key passes its preflight, and can read the answer."""
+    origin = {"Origin": "http://localhost:3000"}
+    preflight = httpx.options(server.base_url + "/v1/chat/completions", headers={
+        **origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"})
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "*"
+    assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+    answer = httpx.post(server.base_url + "/v1/chat/completions", headers={**AUTH, **origin}, timeout=60,
+                        json={"model": SERVED_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == "*"
+
+
+def test_allowed_origins_limits_which_pages_may_call():
+    from starlette.testclient import TestClient
+
+    from service.api import create_app
+    from service.settings import ServiceSettings
+
+    preflight = {"Access-Control-Request-Method": "POST"}
+    only = TestClient(create_app(ServiceSettings(allowed_origins="http://app.local, http://other.local")))
+    assert only.options("/v1/models", headers={**preflight, "Origin": "http://other.local"}).status_code == 200
+    refused = only.options("/v1/models", headers={**preflight, "Origin": "http://evil.example"})
+    assert refused.status_code == 400 and "access-control-allow-origin" not in refused.headers
+    nobody = TestClient(create_app(ServiceSettings(allowed_origins="")))
+    assert "access-control-allow-origin" not in nobody.get("/health", headers={"Origin": "http://app.local"}).headers
+
+
 def test_health_is_503_until_the_engine_serves(server):
     from service.api.routes import health
     from service.api.state import ServiceState

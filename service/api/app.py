@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from typing import Callable
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from service.api.error_handlers import install_error_handlers
 from service.api.routes import router
@@ -32,6 +33,9 @@ def create_app(settings: ServiceSettings, engine: Engine | None = None, *,
     app = FastAPI(title="vlkit service", lifespan=_lifespan, docs_url=None, redoc_url=None)
     app.state.service = ServiceState(settings, engine, metrics, on_load_failure)
     install_error_handlers(app, metrics)
+    if settings.cors_origins:  # vLLM's CORS middleware, with its defaults: any method and header, no credentials
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"])
     app.include_router(router)
     return app
 
