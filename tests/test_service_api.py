@@ -252,6 +252,19 @@ def test_unknown_model_is_404_like_vllm(server):
     assert_still_serves(server)
 
 
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+def test_a_body_not_sent_as_json_is_400_like_vllm(server, content_type):
+    """vLLM's validate_json_request: only application/json. A web page's form or text/plain POST (sent
+    without a CORS preflight) cannot start a generation."""
+    headers = {"Authorization": f"Bearer {API_KEY}", **({"Content-Type": content_type} if content_type else {})}
+    body = b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}' % SERVED_NAME.encode()
+    for path in ("/v1/chat/completions", "/v1/completions", "/tokenize", "/detokenize"):
+        assert_error(httpx.post(server.base_url + path, content=body, headers=headers), 400, "application/json")
+    json_with_charset = {**headers, "Content-Type": "Application/JSON; charset=utf-8"}
+    assert httpx.post(server.base_url + "/v1/chat/completions", content=body, headers=json_with_charset,
+                      timeout=60).status_code == 200
+
+
 def test_unknown_routes_and_methods_answer_in_vllms_error_shape(server):
     error = assert_error(httpx.get(server.base_url + "/v1/nope"), 404)
     assert error["type"] == "Not Found"  # vLLM's http_exception_handler: the status phrase

@@ -14,7 +14,7 @@ from service.api.completions import CompletionRequest
 from service.api.protocol import ChatCompletionRequest
 from service.api.responses import ModelCard, ModelList
 from service.api.state import ServiceState
-from service.errors import Cancelled, PayloadTooLarge, RequestTimeout, Unauthorized
+from service.errors import Cancelled, InvalidRequest, PayloadTooLarge, RequestTimeout, Unauthorized
 
 router = APIRouter()
 
@@ -30,6 +30,16 @@ async def require_key(request: Request) -> None:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
         raise Unauthorized("Invalid or missing API key: send `Authorization: Bearer <key>`")
+
+
+async def require_json(request: Request) -> None:
+    """vLLM's validate_json_request: a body sent as anything else (a web page's form or text/plain
+    POST, which needs no CORS preflight) is refused before it is read."""
+    if request.headers.get("content-type", "").split(";", 1)[0].strip().lower() != "application/json":
+        raise InvalidRequest("Unsupported Media Type: Only 'application/json' is allowed", kind="malformed")
+
+
+JSON_API = [Depends(require_key), Depends(require_json)]
 
 
 @router.get("/health")
@@ -69,7 +79,7 @@ async def models(state: ServiceState = Depends(service_state)) -> dict:
     return ModelList(data=[card]).model_dump()
 
 
-@router.post("/v1/chat/completions", dependencies=[Depends(require_key)])
+@router.post("/v1/chat/completions", dependencies=JSON_API)
 async def chat_completions(request: Request) -> Response:
     arrived = time.monotonic()
     state = service_state(request)
@@ -78,7 +88,7 @@ async def chat_completions(request: Request) -> Response:
     return await state.serving.create_chat_completion(chat, engine, arrived)
 
 
-@router.post("/v1/completions", dependencies=[Depends(require_key)])
+@router.post("/v1/completions", dependencies=JSON_API)
 async def completions(request: Request) -> Response:
     arrived = time.monotonic()
     state = service_state(request)
@@ -87,7 +97,7 @@ async def completions(request: Request) -> Response:
     return await state.completions.create_completion(completion, engine, arrived)
 
 
-@router.post("/tokenize", dependencies=[Depends(require_key)])
+@router.post("/tokenize", dependencies=JSON_API)
 async def tokenize(request: Request) -> JSONResponse:
     state = service_state(request)
     engine = state.ready_engine()
@@ -95,7 +105,7 @@ async def tokenize(request: Request) -> JSONResponse:
                                                           engine))
 
 
-@router.post("/detokenize", dependencies=[Depends(require_key)])
+@router.post("/detokenize", dependencies=JSON_API)
 async def detokenize(request: Request) -> JSONResponse:
     state = service_state(request)
     engine = state.ready_engine()
