@@ -91,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
 
     app = create_app(settings, on_load_failure=on_load_failure)
     server = uvicorn_server(app, settings)
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn re-raises it once shut down (uvicorn.run swallows it too)
+        pass
     if failed:
         print(f"error: {failed[0]}", file=sys.stderr)
         return 1
