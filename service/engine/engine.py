@@ -108,7 +108,8 @@ class Engine:
         self.scheduler.end_running()
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Refuse new requests, let running ones finish (up to `timeout`), then end the thread."""
+        """Drain, let running requests finish (up to `timeout`; then they end with a 503), then end
+        the thread."""
         self.drain()
         self.scheduler.stop(timeout)
 

@@ -149,7 +149,8 @@ class Scheduler:
             self._cv.notify_all()
 
     def stop(self, timeout: float) -> None:
-        """Refuse new requests, let running ones finish (up to `timeout`), then end the thread."""
+        """Drain, let running requests finish (up to `timeout`; then they end with a 503), then end
+        the thread."""
         self.drain()
         if self._thread is not None:
             self._thread.join(timeout)
