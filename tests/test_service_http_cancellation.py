@@ -74,6 +74,15 @@ def wait_for(condition, timeout: float = 30) -> None:
     assert condition()
 
 
+def shut_down(server, thread, clients: list[threading.Thread]) -> None:
+    """What SIGTERM does to the server (uvicorn's handler sets should_exit); until it and its clients end."""
+    server.should_exit = True
+    for client in clients:
+        client.join(30)
+    thread.join(30)
+    assert not thread.is_alive()
+
+
 def test_shutdown_refuses_the_queued_requests_at_once_and_lets_the_running_one_finish(own_server):
     """SIGTERM with one request running and two queued: the queued ones get 503 at once (streamed:
     an error event, then [DONE]), the running one finishes its whole answer, then the server exits."""
@@ -85,11 +94,7 @@ def test_shutdown_refuses_the_queued_requests_at_once_and_lets_the_running_one_f
     clients += in_threads((answer, base, True, 100, outcomes, "queued stream"),
                           (answer, base, False, 100, outcomes, "queued"))
     wait_for(lambda: engine.queue_depth == 2)
-    server.should_exit = True
-    for client in clients:
-        client.join(30)
-    thread.join(30)
-    assert not thread.is_alive()
+    shut_down(server, thread, clients)
     status, data, finished = outcomes["running"]
     assert status == 200 and data[-1] == "[DONE]"
     assert json.loads(data[-2])["choices"][0]["finish_reason"] == "length"
@@ -109,11 +114,7 @@ def test_shutdown_ends_the_answers_still_running_after_the_grace_with_503(own_se
     outcomes: dict = {}
     clients = in_threads((answer, base, True, 400, outcomes, "stream"), (answer, base, False, 400, outcomes, "whole"))
     wait_for(lambda: engine.running == 2)
-    server.should_exit = True
-    for client in clients:
-        client.join(30)
-    thread.join(30)
-    assert not thread.is_alive()
+    shut_down(server, thread, clients)
     status, data, _ = outcomes["stream"]
     assert status == 200 and data[-1] == "[DONE]"
     error = json.loads(data[-2])["error"]
