@@ -76,10 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probes", type=int, default=10)
     parser.add_argument("--tokens", type=int, default=64)
     args = parser.parse_args(argv)
-    import uvicorn
-
     from service.api import create_app
-    from service.http_limits import uvicorn_config
+    from service.http_limits import uvicorn_server
     from service.readiness import wait_ready
     from service.settings import ServiceSettings
     from service.tiny_model import build_checkpoint
@@ -90,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = ServiceSettings(model=str(model), device=args.device, port=free_port(), log_level="warning",
                                max_model_len=2048, warmup=True)
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn_config(app, settings))
+    server = uvicorn_server(app, settings)
     threading.Thread(target=server.run, daemon=True).start()
     base = f"http://127.0.0.1:{settings.port}"
     assert wait_ready(base, 600), app.state.service.load_error

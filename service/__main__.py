@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from service.api import create_app
-    from service.http_limits import uvicorn_config
+    from service.http_limits import uvicorn_server
 
     failed: list[BaseException] = []
     server: uvicorn.Server | None = None
@@ -90,8 +90,11 @@ def main(argv: list[str] | None = None) -> int:
             server.should_exit = True
 
     app = create_app(settings, on_load_failure=on_load_failure)
-    server = uvicorn.Server(uvicorn_config(app, settings))
-    server.run()
+    server = uvicorn_server(app, settings)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn re-raises it once shut down (uvicorn.run swallows it too)
+        pass
     if failed:
         print(f"error: {failed[0]}", file=sys.stderr)
         return 1

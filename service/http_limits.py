@@ -5,7 +5,8 @@ uvicorn's settings (`uvicorn_config`):
 - `timeout_keep_alive`: an idle keep-alive connection is closed after this many seconds;
 - `limit_concurrency`: past this many connections (or running requests) a new request gets 503 at
   once, so connections held by slow clients cannot starve the others of the event loop;
-- `timeout_graceful_shutdown`: at shutdown, requests still running after this are cancelled.
+- `timeout_graceful_shutdown`: at shutdown, requests still running after this are cancelled (a
+  backstop: `ServiceServer` ends them with a 503 before, SHUTDOWN_GRACE_S after the shutdown began).
 What uvicorn (0.54, httptools parser) cannot do: put a deadline on a request's head (request line
 and headers) or its body, or cap the head's size and header count (h11's max_incomplete_event_size
 caps only the size, and only with the pure-Python h11 parser, half as fast when streaming). So:
@@ -18,7 +19,11 @@ from __future__ import annotations
 
 import asyncio
 
+import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+SHUTDOWN_GRACE_S = 30.0  # at shutdown, running requests may finish for this long; then they end with 503
+SHUTDOWN_BACKSTOP_S = 5.0  # then uvicorn cancels the requests whose handlers have still not ended
 
 STATUS = {408: b"HTTP/1.1 408 Request Timeout\r\n", 431: b"HTTP/1.1 431 Request Header Fields Too Large\r\n"}
 
@@ -108,11 +113,38 @@ def limited_protocol(head_timeout: float, max_head_bytes: int, max_headers: int)
                 {"head_timeout": head_timeout, "max_head_bytes": max_head_bytes, "max_headers": max_headers})
 
 
-def uvicorn_config(app, settings):
+def uvicorn_config(app, settings, *, grace_s: float = SHUTDOWN_GRACE_S):
     """The server's uvicorn.Config (python -m service and the tests' server alike)."""
-    import uvicorn
-
     protocol = limited_protocol(settings.head_timeout_seconds, settings.max_header_bytes, settings.max_headers)
     return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level, http=protocol,
                           timeout_keep_alive=5, limit_concurrency=settings.max_connections,
-                          timeout_graceful_shutdown=30)
+                          timeout_graceful_shutdown=grace_s + SHUTDOWN_BACKSTOP_S)
+
+
+class ServiceServer(uvicorn.Server):
+    """uvicorn's server, telling the engine when a shutdown starts: queued requests get 503 at once
+    and the running ones finish; those still running after the grace end with a 503 (streamed: an
+    error event and [DONE]), so uvicorn's own cut-off (a bare 500, a stream broken off) stays a backstop."""
+
+    def __init__(self, config: uvicorn.Config, app, grace_s: float):
+        super().__init__(config)
+        self._app, self._grace_s = app, grace_s
+
+    async def shutdown(self, sockets=None) -> None:
+        engine = self._app.state.service.engine
+        cut_off = None
+        if engine is not None and engine.ready:  # one still warming up is stopped by the lifespan
+            engine.drain()
+            cut_off = asyncio.get_running_loop().call_later(self._grace_s, engine.end_running)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            if cut_off is not None:
+                cut_off.cancel()
+
+
+def uvicorn_server(app, settings, *, grace_s: float = SHUTDOWN_GRACE_S) -> ServiceServer:
+    """The server that runs the app (python -m service and the tests' server alike); ``grace_s``:
+    how long running requests may take to finish at shutdown."""
+    return ServiceServer(uvicorn_config(app, settings, grace_s=grace_s), app, grace_s)
+

@@ -100,14 +100,12 @@ def running_engine(model_dir, **settings):
 
 def start_server(settings) -> tuple[RunningServer, callable]:
     """The real app under uvicorn in a thread; returns once /health/ready says ready."""
-    import uvicorn
-
     from service.api import create_app
-    from service.http_limits import uvicorn_config
+    from service.http_limits import uvicorn_server
     from service.readiness import wait_ready
 
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn_config(app, settings))
+    server = uvicorn_server(app, settings)
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
     base = f"http://{settings.host}:{settings.port}"

@@ -7,6 +7,7 @@ out-of-memory takes, on a machine without a GPU.
 from __future__ import annotations
 
 import threading
+import time
 
 
 def fail_next_forward(engine, exc: BaseException, *, prefill: bool = True, decode: bool = True) -> None:
@@ -28,3 +29,17 @@ def fail_next_forward(engine, exc: BaseException, *, prefill: bool = True, decod
 
     for obj, name in targets:
         setattr(obj, name, wrap(getattr(obj, name)))
+
+
+def slow_decode(engine, seconds: float) -> None:
+    """Make every decode step of ``engine`` take at least ``seconds`` (requests that stay running
+    long enough for a test to act while they do, whatever the machine's speed), from now on."""
+    batch = engine.scheduler.batch
+    decode = batch.decode
+
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return decode(*args, **kwargs)
+
+    batch.decode = slow
+

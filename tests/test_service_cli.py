@@ -71,6 +71,22 @@ def test_starts_answers_and_stops_gracefully(tiny_model_dir):
     assert "Application shutdown complete" in out
 
 
+def test_ctrl_c_stops_it_as_uvicorn_does_without_a_traceback(tiny_model_dir):
+    """Ctrl-C (SIGINT) is the way to stop it in a terminal: the same graceful shutdown, exit status 0,
+    and no KeyboardInterrupt traceback (uvicorn re-raises the signal it caught once it has shut down)."""
+    port = free_port()
+    proc = run_service(["--model", str(tiny_model_dir), "--port", str(port), "--max-model-len", "256",
+                        "--no-warmup", "--log-level", "info"])
+    try:
+        assert wait_ready(f"http://127.0.0.1:{port}", 120, alive=lambda: proc.poll() is None), proc.stdout.read()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert "Application shutdown complete" in out
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
+    assert proc.returncode == 0, out
+
+
 def test_service_doc_lists_every_setting():
     from service.__main__ import settings_table
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 
 import pytest
@@ -14,7 +15,7 @@ from service.engine import Engine
 from service.engine.batch import Batch
 from service.engine.detokenizer import IncrementalDetokenizer
 from service.engine.sampling import SamplingParams, sample
-from service.errors import Cancelled, InvalidRequest, OutOfMemory
+from service.errors import Cancelled, InvalidRequest, OutOfMemory, Unavailable
 from service.settings import ServiceSettings
 from service.sizing import GIB, MIB, plan_kv_blocks
 
@@ -414,3 +415,30 @@ def test_a_text_that_spells_the_image_placeholder_is_served_without_caching(engi
     assert req.prompt_tokens > 64 and req.prompt.block_hashes == []  # image tokens with no image: not shared
     result = engine.generate(req)
     assert result.completion_tokens == 4 and result.finish_reason == "length"
+
+
+def test_a_request_that_waits_for_blocks_as_the_engine_drains_gets_503_not_silence(tiny_model_dir):
+    """A shutdown starting while the scheduler holds the first queued request (it waits for blocks,
+    so it goes back to the queue): that request ends with a 503 instead of waiting for ever."""
+    engine = Engine.load(engine_settings(tiny_model_dir, warmup=False))
+    engine.start()
+    try:
+        batch = engine.scheduler.batch
+        start = batch.start
+
+        def drained_while_starting(*args, **kwargs):  # the drain lands between the queue and the batch
+            batch.start = start
+            engine.drain()
+            return False  # no blocks free: it would go back to the queue
+
+        with engine.paused():
+            handle = engine.submit(request(engine, "waiting for blocks"))
+            batch.start = drained_while_starting
+        events = []
+        waiter = threading.Thread(target=lambda: events.extend(handle), daemon=True)
+        waiter.start()
+        waiter.join(10)
+        assert not waiter.is_alive(), "the request was left waiting"
+        assert isinstance(events[-1].error, Unavailable) and events[-1].error.status == 503
+    finally:
+        engine.stop()

@@ -1,6 +1,6 @@
 """How a request ends early, past the cases of test_service_api.py (client gone before its stream,
-mid-stream, while waiting for a whole answer): the server shutting down with requests in flight, and a
-client gone while it still sends its body. The real app, engine and tiny model throughout."""
+mid-stream, while waiting for a whole answer): the server shutting down with requests running and
+queued, and a client gone while it still sends its body. The real app, engine and tiny model throughout."""
 from __future__ import annotations
 
 import asyncio
@@ -12,74 +12,117 @@ import httpx
 import pytest
 
 from tests.conftest import free_port
+from tests.engine_faults import slow_decode
 
 
 @pytest.fixture
 def own_server(tiny_model_dir):
-    """A server of its own (shutting it down is the test), with a short graceful-shutdown timeout."""
-    import uvicorn
-
+    """Start a server of its own (shutting it down is the test): `own_server(grace_s, **settings)`."""
     from service.api import create_app
     from service.engine import Engine
+    from service.http_limits import uvicorn_server
     from service.readiness import wait_ready
     from service.settings import ServiceSettings
 
-    settings = ServiceSettings(model=str(tiny_model_dir), served_model_name="tiny", host="127.0.0.1",
-                               port=free_port(), max_model_len=512, max_tokens_default=32, warmup=False)
-    engine = Engine.load(settings)
-    app = create_app(settings, engine)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="critical",
-                                           timeout_graceful_shutdown=0.5))
-    thread = threading.Thread(target=server.run, name="uvicorn-own", daemon=True)
-    thread.start()
-    base = f"http://{settings.host}:{settings.port}"
-    assert wait_ready(base, 60, poll=0.05)
-    yield base, server, thread, engine
-    server.should_exit = True
-    thread.join(30)
+    started = []
 
+    def start(grace_s: float, **overrides):
+        settings = ServiceSettings(**{**dict(model=str(tiny_model_dir), served_model_name="tiny", host="127.0.0.1",
+                                             port=free_port(), max_model_len=512, max_tokens_default=32,
+                                             warmup=False, log_level="error"), **overrides})
+        engine = Engine.load(settings)
+        server = uvicorn_server(create_app(settings, engine), settings, grace_s=grace_s)
+        thread = threading.Thread(target=server.run, name="uvicorn-own", daemon=True)
+        thread.start()
+        base = f"http://{settings.host}:{settings.port}"
+        assert wait_ready(base, 60, poll=0.05)
+        started.append((server, thread))
+        return base, server, thread, engine
 
-def cancelled_count(engine) -> float:
-    return engine.metrics.registry.get_sample_value(
-        "vllm:request_success_total",
-        {"finished_reason": "abort", "model_name": engine.metrics.model_name, "engine": "0"}) or 0.0
-
-
-def test_shutdown_cancels_the_requests_it_cuts_off(own_server):
-    """uvicorn lets running requests finish for its graceful timeout, then cancels their tasks: both a
-    stream and a request waiting for its whole answer leave the engine's queue as cancelled (the
-    engine's own stop would drop them without counting them)."""
-    base, server, thread, engine = own_server
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "a long answer"}], "max_tokens": 400}
-    outcomes: list[str] = []
-
-    def post(stream: bool) -> None:
-        try:
-            with httpx.stream("POST", base + "/v1/chat/completions", json={**body, "stream": stream},
-                              timeout=30) as response:
-                lines = [line for line in response.iter_lines() if line]
-            outcomes.append("done" if lines and lines[-1] == "data: [DONE]" else f"status {response.status_code}")
-        except httpx.HTTPError as exc:
-            outcomes.append(type(exc).__name__)
-
-    before = cancelled_count(engine)
-    with engine.paused():  # both stay queued: only a cancellation takes them out
-        clients = [threading.Thread(target=post, args=(stream,)) for stream in (True, False)]
-        for client in clients:
-            client.start()
-        deadline = time.monotonic() + 30
-        while engine.queue_depth < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert engine.queue_depth == 2
+    yield start
+    for server, thread in started:
         server.should_exit = True
         thread.join(30)
-        assert not thread.is_alive()
+
+
+def answer(base: str, stream: bool, max_tokens: int, outcomes: dict, name: str) -> None:
+    """POST a chat request; outcomes[name]: (status, the last SSE data lines or the JSON body, when it ended)."""
+    body = {"model": "tiny", "messages": [{"role": "user", "content": f"an answer for {name}"}],
+            "max_tokens": max_tokens, "ignore_eos": True, "stream": stream}
+    try:
+        with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=30) as response:
+            if stream and response.status_code == 200:
+                data = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+                outcomes[name] = (200, data, time.monotonic())
+            else:
+                outcomes[name] = (response.status_code, json.loads(response.read()), time.monotonic())
+    except httpx.HTTPError as exc:
+        outcomes[name] = (type(exc).__name__, None, time.monotonic())
+
+
+def in_threads(*calls) -> list[threading.Thread]:
+    threads = [threading.Thread(target=call, args=args) for call, *args in calls]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def wait_for(condition, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert condition()
+
+
+def shut_down(server, thread, clients: list[threading.Thread]) -> None:
+    """What SIGTERM does to the server (uvicorn's handler sets should_exit); until it and its clients end."""
+    server.should_exit = True
     for client in clients:
         client.join(30)
-    assert cancelled_count(engine) == before + 2
-    assert engine.queue_depth == 0 and engine.running == 0
-    assert len(outcomes) == 2 and "done" not in outcomes, outcomes  # neither got a complete answer
-    assert not engine.ready  # and the lifespan stopped the engine afterwards
+    thread.join(30)
+    assert not thread.is_alive()
+
+
+def test_shutdown_refuses_the_queued_requests_at_once_and_lets_the_running_one_finish(own_server):
+    """SIGTERM with one request running and two queued: the queued ones get 503 at once (streamed:
+    an error event, then [DONE]), the running one finishes its whole answer, then the server exits."""
+    base, server, thread, engine = own_server(30, max_batch_size=1)
+    slow_decode(engine, 0.01)  # the running answer takes a second at least, on any machine
+    outcomes: dict = {}
+    clients = in_threads((answer, base, True, 100, outcomes, "running"))
+    wait_for(lambda: engine.running == 1)
+    clients += in_threads((answer, base, True, 100, outcomes, "queued stream"),
+                          (answer, base, False, 100, outcomes, "queued"))
+    wait_for(lambda: engine.queue_depth == 2)
+    shut_down(server, thread, clients)
+    status, data, finished = outcomes["running"]
+    assert status == 200 and data[-1] == "[DONE]"
+    assert json.loads(data[-2])["choices"][0]["finish_reason"] == "length"
+    status, body, refused = outcomes["queued"]
+    assert status == 503 and "shutting down" in body["error"]["message"]
+    status, data, refused_stream = outcomes["queued stream"]
+    assert status == 200 and data[-1] == "[DONE]" and json.loads(data[-2])["error"]["code"] == 503
+    assert max(refused, refused_stream) < finished  # refused at once, not after the running one
+    assert engine.queue_depth == 0 and engine.running == 0 and not engine.ready
+
+
+def test_shutdown_ends_the_answers_still_running_after_the_grace_with_503(own_server):
+    """Past the shutdown's grace, what still runs ends with a clean 503 (streamed: an error event, then
+    [DONE]), not a bare 500 or a stream cut off mid-chunk; the KV cache is all free again."""
+    base, server, thread, engine = own_server(0.3, max_batch_size=2)
+    slow_decode(engine, 0.01)  # 400 tokens: four seconds at least
+    outcomes: dict = {}
+    clients = in_threads((answer, base, True, 400, outcomes, "stream"), (answer, base, False, 400, outcomes, "whole"))
+    wait_for(lambda: engine.running == 2)
+    shut_down(server, thread, clients)
+    status, data, _ = outcomes["stream"]
+    assert status == 200 and data[-1] == "[DONE]"
+    error = json.loads(data[-2])["error"]
+    assert error["code"] == 503 and "shutting down" in error["message"]
+    status, body, _ = outcomes["whole"]
+    assert status == 503 and "shutting down" in body["error"]["message"]
+    cache = engine.scheduler.batch.cache
+    assert engine.running == 0 and cache.free_slots == cache.num_slots and cache.free_blocks == cache.num_blocks
 
 
 def total(registry, name: str) -> float:

@@ -95,10 +95,22 @@ class Engine:
         self.ready = True
         self.metrics.ready.set(1)
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Refuse new requests, let running ones finish (up to `timeout`), then end the thread."""
+    def drain(self) -> None:
+        """Not ready; refuse new requests and fail the queued ones (503); running ones go on (the
+        start of a graceful shutdown)."""
         self.ready = False
         self.metrics.ready.set(0)
+        self.scheduler.drain()
+
+    def end_running(self) -> None:
+        """Drain, and end the running requests with a 503 (a graceful shutdown's grace is over)."""
+        self.drain()
+        self.scheduler.end_running()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Drain, let running requests finish (up to `timeout`; then they end with a 503), then end
+        the thread."""
+        self.drain()
         self.scheduler.stop(timeout)
 
     def paused(self) -> contextlib.AbstractContextManager:

@@ -39,6 +39,8 @@ from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
+SHUTTING_DOWN = "the server is shutting down"
+
 
 class _Step:
     """A decode step launched on the device: its rows, their sampled tokens (and logprobs, where
@@ -105,6 +107,7 @@ class Scheduler:
         self._inflight: _Step | None = None  # the decode step launched last, its tokens not read yet
         self._paused = False
         self._stopping = False
+        self._ending: BaseException | None = None  # end_running's error: what still runs fails with it
         self._thread: threading.Thread | None = None
         self.max_batch_seen = 0  # the most rows one step decoded (benchmarks, tests)
 
@@ -119,7 +122,7 @@ class Scheduler:
         handle = RequestHandle(request, loop, self._cancel, arrived)
         with self._cv:
             if self._stopping:
-                raise Unavailable("the server is shutting down")
+                raise Unavailable(SHUTTING_DOWN)
             if len(self._waiting) >= self.settings.max_queue:
                 raise QueueFull(f"The request queue is full ({self.settings.max_queue} waiting); retry later.")
             self._waiting.append((request, handle))
@@ -127,20 +130,32 @@ class Scheduler:
             self._cv.notify_all()
         return handle
 
-    def stop(self, timeout: float) -> None:
-        """Refuse new requests, let running ones finish (up to `timeout`), then end the thread."""
+    def drain(self) -> None:
+        """Refuse new requests and fail the queued ones (503); running ones go on."""
         with self._cv:
             self._stopping = True
             for _, handle in self._waiting:
-                handle.push(Event(error=Unavailable("the server is shutting down")))
+                handle.push(Event(error=Unavailable(SHUTTING_DOWN)))
             self._waiting.clear()
             self.metrics.queue_depth.set(0)
             self._cv.notify_all()
+
+    def end_running(self) -> None:
+        """Drain, and fail every running request with a 503 at the next iteration (a shutdown's
+        grace is over)."""
+        self.drain()
+        with self._cv:
+            self._ending = Unavailable(f"{SHUTTING_DOWN}: the answer was cut off")
+            self._cv.notify_all()
+
+    def stop(self, timeout: float) -> None:
+        """Drain, let running requests finish (up to `timeout`; then they end with a 503), then end
+        the thread."""
+        self.drain()
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
-                for row in list(self._rows):
-                    row.handle.cancel()
+                self.end_running()
                 self._thread.join(5)
 
     @contextlib.contextmanager
@@ -186,6 +201,9 @@ class Scheduler:
                 if self._stopping and not self._rows and not self.batch.jobs and self._inflight is None:
                     return
             try:
+                if self._ending is not None:
+                    self._fail_all(self._ending)
+                    continue
                 self._drop_cancelled()
                 if not self._paused:
                     self._admit()
@@ -268,6 +286,10 @@ class Scheduler:
 
     def _requeue(self, items: list[tuple[GenerationRequest, RequestHandle]]) -> None:
         with self._cv:
+            if self._stopping:  # drained since they were taken from the queue
+                for _, handle in items:
+                    handle.push(Event(error=Unavailable(SHUTTING_DOWN)))
+                return
             self._waiting.extendleft(reversed(items))  # first in line again
             self.metrics.queue_depth.set(len(self._waiting))
 
