@@ -69,6 +69,16 @@ def test_both_profiles_mount_the_one_shared_cache_volume(tmp_path):
 
 
 @pytest.mark.docker  # the compose CLI
+def test_8gb_service_gets_its_shutdown_grace_before_dockers_sigkill():
+    from service.http_limits import SHUTDOWN_BACKSTOP_S, SHUTDOWN_GRACE_S
+
+    svc = compose_config("8gb")["services"]["service-8gb"]
+    # compose config writes durations as Go does ("40s"); Docker's default would be 10 s.
+    seconds = float(re.fullmatch(r"(\d+)s", svc["stop_grace_period"]).group(1))
+    assert seconds > SHUTDOWN_GRACE_S + SHUTDOWN_BACKSTOP_S
+
+
+@pytest.mark.docker  # the compose CLI
 def test_vllm_profile_has_shared_memory_for_its_workers():
     svc = compose_config("16gb")["services"]["vllm-16gb"]
     assert svc.get("ipc") == "host" or svc.get("shm_size")
