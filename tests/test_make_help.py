@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 
 import pytest
 
 from scripts.usage import MAKE_VARIABLES
+from tests.conftest import free_port
 from tests.docker_helpers import ROOT
 
 ISSUE_TARGETS = {"help", "up", "down", "logs", "status", "doctor", "plan", "build", "test", "bench",
@@ -66,15 +68,18 @@ def test_help_lists_every_variable_and_says_they_are_not_flags():
 
 
 def test_variables_reach_the_cli():
+    def words(res, command):  # the vlkit command line make runs, as the shell splits it
+        return " ".join(shlex.split([l for l in res.stdout.splitlines() if command in l][0]))
+
     res = _make("-n", "up", "PROFILE=16gb", "MODEL=Qwen/Qwen3-VL-4B-Instruct-FP8", "GPU_MEMORY=16GiB", "PORT=8011",
                 "CONTEXT=4096")
     assert res.returncode == 0, res.stderr
-    line = [l for l in res.stdout.splitlines() if "vlkit up" in l][0]
+    line = words(res, "vlkit up")
     assert "--profile 16gb" in line and "--model Qwen/Qwen3-VL-4B-Instruct-FP8" in line
     assert "--gpu-memory 16GiB" in line and "--port 8011" in line and "--context 4096" in line
-    build = [l for l in _make("-n", "build", "GPU_MEMORY=8GiB").stdout.splitlines() if "vlkit build" in l][0]
+    build = words(_make("-n", "build", "GPU_MEMORY=8GiB"), "vlkit build")
     assert "--gpu-memory 8GiB" in build  # PROFILE=auto picks the profile for that card
-    plan = [l for l in _make("-n", "plan", "GPU_MEMORY=24GiB", "GPUS=2").stdout.splitlines() if "vlkit plan" in l][0]
+    plan = words(_make("-n", "plan", "GPU_MEMORY=24GiB", "GPUS=2"), "vlkit plan")
     assert "--gpus 2" in plan  # the card count k8s plans for is the one `make plan` shows
 
 
@@ -108,3 +113,17 @@ def test_first_target_says_it_is_making_the_venv(tmp_path):
     out = res.stdout + res.stderr
     assert res.returncode != 0
     assert out.index("first run: installing the host tools") < out.index("install python3-venv")
+
+
+def test_a_value_with_spaces_reaches_the_cli_as_one_word(tmp_path, tiny_model_dir):
+    """Windows folders have spaces (/mnt/c/Users/Jane Doe/...): MODEL= and IMG= stay one argument,
+    as the messages that say `make caption IMG='my photo.jpg'` promise."""
+    folder = tmp_path / "my models" / "tiny"
+    shutil.copytree(tiny_model_dir, folder)
+    up = _make("up", "PROFILE=8gb", f"MODEL={folder}", "ARGS=--cpu --dry-run")
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert f"source: {folder}" in up.stdout
+    photo = tmp_path / "my photo.jpg"
+    photo.write_bytes(b"not read: nothing answers on the port")
+    caption = _make("caption", f"IMG={photo}", f"PORT={free_port()}")
+    assert "no such image" not in caption.stderr and "no vlkit service answers" in caption.stderr, caption.stderr
