@@ -127,3 +127,25 @@ def test_a_value_with_spaces_reaches_the_cli_as_one_word(tmp_path, tiny_model_di
     photo.write_bytes(b"not read: nothing answers on the port")
     caption = _make("caption", f"IMG={photo}", f"PORT={free_port()}")
     assert "no such image" not in caption.stderr and "no vlkit service answers" in caption.stderr, caption.stderr
+
+
+@pytest.mark.parametrize("variables, named, why", [
+    (["PROFILE=16"], "PROFILE", "invalid choice: '16'"),
+    (["GPU_MEMORY=8XB"], "GPU_MEMORY", "not a memory size: '8XB'"),
+    (["GPU_MEMORY=8GiB", "CONTEXT=lots"], "CONTEXT", "not a number of tokens"),
+    (["GPU_MEMORY=8GiB", "GPUS=0"], "GPUS", "must be at least 1"),
+])
+def test_a_bad_variable_is_one_line_naming_the_variable(variables, named, why):
+    """`make plan PROFILE=16` is told PROFILE, not --profile, and no usage text of flags never typed."""
+    res = _make("plan", *variables)
+    assert res.returncode != 0
+    lines = [line for line in res.stderr.splitlines() if not line.startswith("make: ***")]
+    assert lines == [lines[0]] and f"vlkit plan: {named}: " in lines[0] and why in lines[0], res.stderr
+    assert "--" not in lines[0] and "usage:" not in res.stderr
+
+
+def test_a_bad_flag_in_args_is_named_as_args():
+    res = _make("up", "ARGS=--timeout 0")
+    assert res.returncode != 0 and "vlkit up: ARGS=--timeout: must be at least 1" in res.stderr, res.stderr
+    unknown = _make("plan", "ARGS=--vram 8GiB")
+    assert unknown.returncode != 0 and "unrecognized arguments: --vram 8GiB (from ARGS" in unknown.stderr

@@ -26,7 +26,7 @@ def register(subparsers) -> None:
     config.add_argument("--memory", help="WSL VM memory, e.g. 12GB (default: recommended for this PC)")
     config.add_argument("--swap", help="swap size, e.g. 8GB (default: recommended)")
     config.add_argument("--processors", type=int, help="logical processors for WSL (default: leave as is)")
-    config.add_argument("--profile", choices=("8gb", "16gb"), default="8gb", help="the profile to size for (default 8gb)")
+    config.add_argument("--profile", type=str.lower, choices=("8gb", "16gb"), default="8gb", help="the profile to size for (default 8gb)")
     config.add_argument("--dry-run", action="store_true", help="show the change as a diff; write nothing")
     config.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     config.set_defaults(func=config_command)
