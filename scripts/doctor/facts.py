@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ from pathlib import Path
 
 from scripts.gpu import GpuProbe, probe
 from scripts.hf_cache import hub_cache
+from scripts.stack.client import port_free
 from wsl import wslconfig
 from wsl.host import HostRam, Platform, detect_platform, host_ram, interop_enabled, systemd_running, windows_userprofile
 
@@ -100,16 +100,6 @@ def _wslconfig(platform: Platform, given: Path | None) -> tuple[Path | None, wsl
         return path, None, str(exc)
 
 
-def _port_free(port: int) -> bool:
-    """Can the API bind 127.0.0.1:port? (What Docker will need to publish it.)"""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
 def model_in_cache(model: str, cache: Path) -> bool:
     """A local folder with config.json, or a hub id whose snapshot in the cache has config.json."""
     if os.path.isdir(model):
@@ -189,7 +179,7 @@ def collect(options: Options) -> Facts:
         f_wslcfg = pool.submit(_wslconfig, platform, options.wslconfig)
         f_ram = pool.submit(host_ram, QUICK_TIMEOUT_S)
         f_interop = pool.submit(interop_enabled) if platform.is_wsl else None
-        f_port = pool.submit(_port_free, settings.port)
+        f_port = pool.submit(port_free, settings.port)
         f_cached = {m: pool.submit(model_in_cache, m, cache) for m in set(models.values())}
         gpu = f_gpu.result()
         f_plans = pool.submit(_plans, gpu, models)

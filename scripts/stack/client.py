@@ -32,6 +32,16 @@ def probe(url: str, timeout: float = 3.0) -> int | None:
         return None
 
 
+def port_free(port: int) -> bool:
+    """Can the API bind 127.0.0.1:port? (What Docker will need to publish it.)"""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
 def what_answers(port: int, api_key: str | None = None) -> str | None:
     """What listens on 127.0.0.1:port, in a few words, or None when nothing does: vlkit's service
     (it has /health/ready), another OpenAI-compatible server such as vLLM, or some other program."""

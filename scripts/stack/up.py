@@ -132,7 +132,32 @@ def _refused_before_planning(args: argparse.Namespace) -> int | None:
     return None
 
 
+def _same_up(args: argparse.Namespace, given_model: str | None, **changes) -> str:
+    """The `up` the user ran, with `changes`: a fix to copy keeps PROFILE, MODEL, --cpu, ..."""
+    gpu_memory = f"{args.gpu_memory / GIB:g}GiB" if args.gpu_memory else None
+    given = dict(profile=None if args.profile == "auto" else args.profile, model=given_model,
+                 context=args.context, gpu_memory=gpu_memory, port=args.port,
+                 gpu_memory_utilization=args.gpu_memory_utilization, cpu=args.cpu or None)
+    return command("up", **{**given, **changes})
+
+
+def _port_taken(launch: cp.Launch) -> str | None:
+    """What holds the port when it is not one of vlkit's own containers (compose replaces those)."""
+    from scripts.stack.client import port_free, what_answers
+
+    if port_free(launch.port) or launch.port in {dk.published_port(s) for s in cp.SERVICES.values()}:
+        return None
+    return what_answers(launch.port, launch.api_key) or "a program that does not accept connections"
+
+
+def _free_port_after(port: int) -> int:
+    from scripts.stack.client import port_free
+
+    return next((p for p in range(port + 1, min(port + 100, 65536)) if port_free(p)), port + 1)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
+    given_model = args.model
     args.model = args.model or options.default_model()
     args.port = args.port or preflight.default_port()
     code = _refused_before_planning(args)
@@ -170,6 +195,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         if not _gate(planned):
             return 3
     if not preflight.docker_ok():
+        return 1
+    taken = _port_taken(launch)
+    if taken:  # before the download and the build, which take minutes
+        preflight.error(f"127.0.0.1:{launch.port} is taken by {taken}; nothing was started. Use another "
+                        f"port: `{_same_up(args, given_model, port=_free_port_after(launch.port))}`, "
+                        f"or stop that program.")
         return 1
     if not args.cpu and not args.skip_gate:
         problem = preflight.docker_gpu_problem(cp.run(["docker", "info", "--format", "{{json .}}"], capture=True).stdout)
