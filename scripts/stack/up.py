@@ -173,8 +173,11 @@ def cmd_up(args: argparse.Namespace) -> int:
             preflight.error(preflight.no_gpu_line(str(e), "nothing was started"))
         return 2 if args.dry_run else 3
     except (ValueError, FileNotFoundError, LookupError) as e:
+        from scripts.planner import UnknownModelError
+
         preflight.error(f"cannot plan for {args.model}: {e}")
-        print(f"  `{command('doctor')}` checks the driver, the GPU and Docker.", file=sys.stderr)
+        if not isinstance(e, UnknownModelError):  # a bad MODEL is the whole story
+            print(f"  `{command('doctor')}` checks the driver, the GPU and Docker.", file=sys.stderr)
         return 2
     if not planned.fits:
         _show_plan_refusal(planned)
