@@ -264,3 +264,14 @@ def test_wsl2_vllm_runner_check(environ, status, blocking):
     assert vllm_runner_check(facts(), "8gb", environ) is None                          # the service: no vLLM
     assert vllm_runner_check(facts(platform=Platform("linux", "6.8.0", "")), "16gb", environ) is None
     assert "UVA is not available" in c.found if status == "fail" else "V1" in c.found or "V2" in c.found
+
+
+def test_doctor_saved_to_a_file_keeps_each_fix_on_one_line(capsys, monkeypatch, tmp_path):
+    """`make doctor > doctor.txt` (to share, or a CI log): a fix's command is never broken over lines."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("VLKIT_VIA_MAKE", raising=False)
+    run_cli(["doctor"])
+    lines = capsys.readouterr().out.splitlines()
+    assert any("→ install the NVIDIA driver (Ubuntu: `sudo ubuntu-drivers install`), then reboot" in line
+               for line in lines), "\n".join(lines)
+    assert any("`vlkit plan --gpu-memory 8GiB`" in line for line in lines)

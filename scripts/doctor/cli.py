@@ -45,7 +45,13 @@ def _render(checks, elapsed: float) -> None:
         if c.fix and c.status != "ok":
             cell.append("\n→ " + c.fix, style="cyan")
         table.add_row(MARKS[c.status][0] if console.is_terminal else MARKS[c.status][1], c.name, cell)
-    console.print(table)
+    if console.is_terminal:
+        console.print(table)
+    else:  # a file, a pipe, a CI log: no width to fit, so no fix's command broken over lines
+        wide = Console(highlight=False, width=10_000)
+        with wide.capture() as captured:
+            wide.print(table)
+        print("\n".join(line.rstrip() for line in captured.get().splitlines()))
     blocking = [c.name for c in checks if c.blocking]
     if blocking:
         console.print(f"[red bold]Not ready[/]: fix {', '.join(blocking)} first. ({elapsed:.1f} s)")
