@@ -274,4 +274,11 @@ def test_doctor_saved_to_a_file_keeps_each_fix_on_one_line(capsys, monkeypatch, 
     lines = capsys.readouterr().out.splitlines()
     assert any("→ install the NVIDIA driver (Ubuntu: `sudo ubuntu-drivers install`), then reboot" in line
                for line in lines), "\n".join(lines)
-    assert any("`vlkit plan --gpu-memory 8GiB`" in line for line in lines)
+    assert any("`vlkit plan --profile 16gb --gpu-memory 16GiB`" in line for line in lines)
+
+
+def test_without_a_gpu_each_plan_row_shows_a_plan_for_its_own_profile(monkeypatch):
+    monkeypatch.setenv("VLKIT_VIA_MAKE", "1")
+    rows = by_name(planning.plan_checks(facts(gpu=gpu.GpuProbe([], None, None, "nvidia-smi not found")), "auto"))
+    assert "`make plan PROFILE=8gb GPU_MEMORY=8GiB`" in rows["plan-8gb"].fix
+    assert "`make plan PROFILE=16gb GPU_MEMORY=16GiB`" in rows["plan-16gb"].fix
