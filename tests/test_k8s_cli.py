@@ -113,3 +113,10 @@ def test_make_k8s_passes_the_variables_to_the_cli():
     usage = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "k8s"], capture_output=True, text=True)
     assert usage.returncode != 0 and "usage: make k8s GPU_MEMORY=" in usage.stdout
 
+
+
+def test_make_k8s_refuses_the_8gb_profile_instead_of_ignoring_it():
+    """The manifests run vLLM: PROFILE=8gb asked for something else, so it is said, not dropped."""
+    res = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "k8s", "PROFILE=8gb", "GPU_MEMORY=24GiB"],
+                         capture_output=True, text=True)
+    assert res.returncode != 0 and "PROFILE=8gb is not for Kubernetes" in res.stderr and not res.stdout
