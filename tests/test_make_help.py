@@ -149,3 +149,16 @@ def test_a_bad_flag_in_args_is_named_as_args():
     assert res.returncode != 0 and "vlkit up: ARGS=--timeout: must be at least 1" in res.stderr, res.stderr
     unknown = _make("plan", "ARGS=--vram 8GiB")
     assert unknown.returncode != 0 and "unrecognized arguments: --vram 8GiB (from ARGS" in unknown.stderr
+
+
+def test_more_gpus_than_this_machine_has_says_how_to_plan_for_them(tmp_path):
+    """One H100 here (its recorded nvidia-smi), GPUS=2: the fix plans two such cards by their size."""
+    from tests.doctor_helpers import h100_smi
+
+    h100_smi(tmp_path / "bin")
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+    res = _make("plan", "GPUS=2", env=env)
+    assert res.returncode != 0
+    assert "GPUS=2, but 1 GPU(s) found here" in res.stderr and "GPUS=2 GPU_MEMORY=80GiB" in res.stderr, res.stderr
+    again = _make("plan", "GPUS=2", "GPU_MEMORY=80GiB", "ARGS=--json", env=env)
+    assert again.returncode == 0, again.stderr
