@@ -35,12 +35,14 @@ help: ## list the targets and the variables (this text)
 
 # The host CLI's small venv (no torch): made on first use, refreshed when pyproject.toml changes.
 # Tested on pip, not python: a venv made without python3-venv has python but no pip; rerunning
-# `python3 -m venv` over it (once python3-venv is installed) completes it.
+# `python3 -m venv` over it (once python3-venv is installed) completes it. All on stderr: stdout is the
+# command's own (`make plan ARGS=--json | jq` on a first run).
 $(HOST_STAMP): pyproject.toml
-	@if [[ -x $(VENV)/bin/pip ]]; then echo "vlkit: updating the host tools in $(VENV) (pyproject.toml changed)..."; \
-	 else echo "vlkit: first run: installing the host tools into $(VENV) (no torch; about 30 s, once)..."; fi
-	@test -x $(VENV)/bin/pip || python3 -m venv $(VENV) || { echo "vlkit: cannot make $(VENV): install python3-venv (sudo apt-get install python3-venv), then retry"; exit 1; }
-	@$(VENV)/bin/pip install -q --disable-pip-version-check --no-warn-conflicts -e . || { echo "vlkit: installing the host tools failed (pip's output above); fix that, then retry"; exit 1; }
+	@if [[ -e $@ ]]; then echo "vlkit: updating the host tools in $(VENV) (pyproject.toml changed)..." >&2; \
+	 elif [[ -x $(VENV)/bin/pip ]]; then echo "vlkit: installing the host tools into the existing $(VENV)..." >&2; \
+	 else echo "vlkit: first run: installing the host tools into $(VENV) (no torch; about 30 s, once)..." >&2; fi
+	@test -x $(VENV)/bin/pip || python3 -m venv $(VENV) >&2 || { echo "vlkit: cannot make $(VENV): install python3-venv (sudo apt-get install python3-venv), then retry" >&2; exit 1; }
+	@$(VENV)/bin/pip install -q --disable-pip-version-check --no-warn-conflicts -e . >&2 || { echo "vlkit: installing the host tools failed (pip's output above); fix that, then retry" >&2; exit 1; }
 	@touch $@
 
 up: $(HOST_STAMP) ## plan for this GPU, build if needed, start the API and wait until it is ready
