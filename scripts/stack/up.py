@@ -49,11 +49,11 @@ def _launch(args: argparse.Namespace, plan) -> cp.Launch:
                      hf_cache=hub_cache(), api_key=os.environ.get("VLKIT_API_KEY") or None)
 
 
-def _show_plan_refusal(plan) -> None:
+def _show_plan_refusal(plan, whole_budget: str) -> None:
     preflight.error(f"the plan for {plan.model} does not fit this card ({plan.profile} profile).")
     if plan.refusal:
         print(f"  next step: {plan.refusal}", file=sys.stderr)
-    print(f"  `{command('plan')}` shows the whole budget.", file=sys.stderr)
+    print(f"  `{whole_budget}` shows the whole budget.", file=sys.stderr)
 
 
 def _gate(plan) -> bool:
@@ -132,13 +132,17 @@ def _refused_before_planning(args: argparse.Namespace) -> int | None:
     return None
 
 
-def _same_up(args: argparse.Namespace, given_model: str | None, **changes) -> str:
-    """The `up` the user ran, with `changes`: a fix to copy keeps PROFILE, MODEL, --cpu, ..."""
-    gpu_memory = f"{args.gpu_memory / GIB:g}GiB" if args.gpu_memory else None
-    given = dict(profile=None if args.profile == "auto" else args.profile, model=given_model,
-                 context=args.context, gpu_memory=gpu_memory, port=args.port,
-                 gpu_memory_utilization=args.gpu_memory_utilization, cpu=args.cpu or None)
-    return command("up", **{**given, **changes})
+def _same(target: str, args: argparse.Namespace, given_model: str | None, **changes) -> str:
+    """The user's `up` as `target` ("up", or "plan" for its budget), with `changes`: a command to copy
+    keeps PROFILE, MODEL, ARGS=--cpu, ... (`plan` gets what --cpu plans for instead of --cpu)."""
+    cpu = target == "up" and args.cpu
+    gpu_memory = args.gpu_memory or (CPU_PLAN_MEMORY if args.cpu and target == "plan" else None)
+    profile = "8gb" if args.cpu and target == "plan" else args.profile
+    given = dict(profile=None if profile == "auto" else profile, model=given_model, context=args.context,
+                 gpu_memory=f"{gpu_memory / GIB:g}GiB" if gpu_memory else None,
+                 gpu_memory_utilization=args.gpu_memory_utilization,
+                 port=args.port if target == "up" else None, cpu=cpu or None)
+    return command(target, **{**given, **changes})
 
 
 def _port_taken(launch: cp.Launch) -> str | None:
@@ -180,7 +184,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"  `{command('doctor')}` checks the driver, the GPU and Docker.", file=sys.stderr)
         return 2
     if not planned.fits:
-        _show_plan_refusal(planned)
+        _show_plan_refusal(planned, _same("plan", args, given_model))
         return 2
     launch = _launch(args, planned)
     if launch.local_model_dir and launch.profile == "8gb":
@@ -202,7 +206,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     taken = _port_taken(launch)
     if taken:  # before the download and the build, which take minutes
         preflight.error(f"127.0.0.1:{launch.port} is taken by {taken}; nothing was started. Use another "
-                        f"port: `{_same_up(args, given_model, port=_free_port_after(launch.port))}`, "
+                        f"port: `{_same('up', args, given_model, port=_free_port_after(launch.port))}`, "
                         f"or stop that program.")
         return 1
     if not args.cpu and not args.skip_gate:
