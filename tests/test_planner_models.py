@@ -191,3 +191,8 @@ def test_another_hub_model_is_told_to_download_not_a_near_name(other, monkeypatc
 def test_a_missing_folder_is_named_as_a_folder(tmp_path):
     with pytest.raises(UnknownModelError, match="no such folder"):
         resolve_model(str(tmp_path / "not-saved-yet") + "/")
+
+
+def test_a_file_given_for_the_folder_names_the_folder(tiny_model_dir):
+    with pytest.raises(UnknownModelError, match=f"that is a file; give the folder .*\\({tiny_model_dir}\\)"):
+        resolve_model(str(tiny_model_dir / "config.json"))

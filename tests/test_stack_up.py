@@ -151,3 +151,9 @@ def test_up_publishes_vlkit_port_unless_a_port_is_given(tmp_path):
 
     assert url() == "http://127.0.0.1:8123"
     assert url("--port", "8124") == "http://127.0.0.1:8124"
+
+
+def test_a_models_file_given_for_its_folder_is_told_the_folder(tmp_path, tiny_model_dir):
+    res = _make_up(tmp_path, "PROFILE=8gb", f"MODEL={tiny_model_dir / 'model.safetensors'}", "ARGS=--cpu --dry-run")
+    assert res.returncode != 0
+    assert f"a file, not the model's folder: MODEL={tiny_model_dir}?" in res.stderr, res.stderr

@@ -306,6 +306,9 @@ def _unknown(id_or_path: str) -> str:
     close = difflib.get_close_matches(typed, same_numbers, n=1, cutoff=0.85)
     if close:
         return f"unknown model {id_or_path!r}: did you mean {setting('model', BUILTIN[close[0]].id)}?"
+    if Path(text).expanduser().is_file():
+        return (f"unknown model {id_or_path!r}: that is a file; give the folder that holds the model's "
+                f"config.json ({Path(text).expanduser().parent})")
     if text.count("/") != 1 or text.startswith((".", "~", "/")):
         return (f"unknown model {id_or_path!r}: no such folder ({Path(text).expanduser().absolute()}), and not "
                 f"a hub id (org/name); give the folder save_pretrained wrote, or a hub id such as {BUILTIN_IDS[0]}")

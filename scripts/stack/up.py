@@ -126,8 +126,10 @@ def _refused_before_planning(args: argparse.Namespace) -> int | None:
                         f"`{command('up', profile='8gb', cpu=True)}`.")
         return 2
     if preflight.looks_like_a_path(args.model) and not Path(args.model).expanduser().is_dir():
-        preflight.error(f"{setting('model', args.model)}: no such folder (a hub id looks like "
-                        "Qwen/Qwen3-VL-2B-Instruct).")
+        given = Path(args.model).expanduser()
+        preflight.error(f"{setting('model', args.model)}: a file, not the model's folder: {setting('model', given.parent)}?"
+                        if given.is_file() else f"{setting('model', args.model)}: no such folder (a hub id looks "
+                        "like Qwen/Qwen3-VL-2B-Instruct).")
         return 2
     return None
 
