@@ -58,7 +58,7 @@ status: $(HOST_STAMP) ## what runs, on which port, and whether it is ready
 	@$(VLKIT) status $(call opt,--port,$(PORT)) $(ARGS)
 
 doctor: $(HOST_STAMP) ## check this machine: WSL, driver, GPU, Docker and its GPU runtime, disk, port, the plan
-	@$(VLKIT) doctor $(call opt,--profile,$(PROFILE)) $(call opt,--model,$(MODEL)) $(ARGS)
+	@$(VLKIT) doctor $(call opt,--profile,$(PROFILE)) $(call opt,--model,$(MODEL)) $(call opt,--port,$(PORT)) $(ARGS)
 
 health: $(HOST_STAMP) ## the GPU health gate `make up` runs first
 	@$(VLKIT) health $(call opt,--profile,$(PROFILE)) $(call opt,--model,$(MODEL)) $(ARGS)

@@ -282,3 +282,17 @@ def test_without_a_gpu_each_plan_row_shows_a_plan_for_its_own_profile(monkeypatc
     rows = by_name(planning.plan_checks(facts(gpu=gpu.GpuProbe([], None, None, "nvidia-smi not found")), "auto"))
     assert "`make plan PROFILE=8gb GPU_MEMORY=8GiB`" in rows["plan-8gb"].fix
     assert "`make plan PROFILE=16gb GPU_MEMORY=16GiB`" in rows["plan-16gb"].fix
+
+
+def test_doctor_checks_the_port_it_is_given(capsys, monkeypatch, tmp_path):
+    """`make doctor PORT=8011` checks 8011, the port `make up PORT=8011` would publish."""
+    import socket
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        run_cli(["doctor", "--json", "--port", str(port)])
+    row = {r["name"]: r for r in json.loads(capsys.readouterr().out)}["port"]
+    assert row["status"] == "warn" and f"127.0.0.1:{port} is in use" in row["found"]

@@ -81,6 +81,7 @@ def test_variables_reach_the_cli():
     assert "--gpu-memory 8GiB" in build  # PROFILE=auto picks the profile for that card
     plan = words(_make("-n", "plan", "GPU_MEMORY=24GiB", "GPUS=2"), "vlkit plan")
     assert "--gpus 2" in plan  # the card count k8s plans for is the one `make plan` shows
+    assert "--port 8011" in words(_make("-n", "doctor", "PORT=8011"), "vlkit doctor")  # the port up would use
 
 
 def test_a_gpu_count_is_named_as_the_make_variable_it_came_from():

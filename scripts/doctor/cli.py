@@ -22,6 +22,7 @@ def register(subparsers) -> None:
                         help="also run `nvidia-smi` in a container with --gpus all (slow; cached for a day)")
     options.add(doctor, "profile", "model")
     doctor.add_argument("--wslconfig", type=Path, help="the .wslconfig to inspect (default: found through interop)")
+    doctor.add_argument("--port", type=options.port, help="the API port to check (default $VLKIT_PORT, else 8000)")
     doctor.set_defaults(func=doctor_command)
 
     health = subparsers.add_parser("health", help="the gate `make up` runs: driver answers, no ECC/Xid errors, enough free VRAM")
@@ -65,7 +66,8 @@ def doctor_command(args: argparse.Namespace) -> int:
     from scripts.doctor.run import ready, run_checks
 
     start = time.monotonic()
-    options = Options(profile=args.profile, model=args.model, gpu_container=args.gpu_container, wslconfig=args.wslconfig)
+    options = Options(profile=args.profile, model=args.model, gpu_container=args.gpu_container, wslconfig=args.wslconfig,
+                      port=args.port)
     checks = run_checks(options)
     if args.json:
         print(json.dumps([c.model_dump() for c in checks], indent=2))
