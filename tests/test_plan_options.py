@@ -21,6 +21,7 @@ BAD = [
     ("--gpu-memory-utilization", "0", "must be in (0, 1]"),
     ("--gpu-memory", "8XB", "not a memory size"),
     ("--gpu-memory", "100MiB", "under 0.5 GiB"),
+    ("--gpu-memory", "8188", "for MiB (as nvidia-smi shows it) write 8188MiB"),  # pasted from nvidia-smi
 ]
 
 
