@@ -196,3 +196,10 @@ def test_a_missing_folder_is_named_as_a_folder(tmp_path):
 def test_a_file_given_for_the_folder_names_the_folder(tiny_model_dir):
     with pytest.raises(UnknownModelError, match=f"that is a file; give the folder .*\\({tiny_model_dir}\\)"):
         resolve_model(str(tiny_model_dir / "config.json"))
+
+
+def test_a_windows_path_is_told_where_wsl_sees_it(monkeypatch):
+    monkeypatch.setenv("VLKIT_VIA_MAKE", "1")
+    with pytest.raises(UnknownModelError) as refused:
+        resolve_model(r"C:\Users\Jane Doe\models\Qwen3-VL-2B-Instruct")
+    assert str(refused.value).endswith("in WSL that folder is MODEL='/mnt/c/Users/Jane Doe/models/Qwen3-VL-2B-Instruct'")
