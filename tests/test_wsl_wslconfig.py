@@ -329,3 +329,13 @@ def test_concurrent_runs_lose_nothing(tmp_path):
     assert sorted(backed_up + [final]) == sorted(["6GB"] + [f"{10 + i}GB" for i in range(8)])
     assert any(r.backup.read_bytes() == original for r in results)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_windows_path_is_refused_with_the_path_wsl_sees(tmp_path, monkeypatch, capsys):
+    """--wslconfig C:\\Users\\me\\.wslconfig inside WSL names no folder: it must not become a file of that
+    name in the current folder (which WSL never reads)."""
+    monkeypatch.chdir(tmp_path)
+    code = run_cli(["wsl", "config", "--wslconfig", r"C:\Users\me\.wslconfig", "--memory", "12GB", "--swap", "8GB",
+                    "--yes"])
+    assert code == 1 and list(tmp_path.iterdir()) == []
+    assert "in WSL it is --wslconfig /mnt/c/Users/me/.wslconfig" in capsys.readouterr().err

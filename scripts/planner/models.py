@@ -300,10 +300,11 @@ def _unknown(id_or_path: str) -> str:
     from scripts.usage import command, setting
 
     text = id_or_path.strip()
-    windows = re.match(r"([A-Za-z]):[\\/](.*)", text)
-    if windows:  # in WSL, Windows' drives are under /mnt (what `wslpath` prints)
-        inside = f"/mnt/{windows.group(1).lower()}/" + windows.group(2).replace("\\", "/")
-        return f"unknown model '{text}': a Windows path; in WSL that folder is {setting('model', inside)}"
+    if re.match(r"[A-Za-z]:[\\/]", text):  # in WSL, Windows' drives are under /mnt
+        from wsl.host import windows_to_wsl_path
+
+        return (f"unknown model '{text}': a Windows path; in WSL that folder is "
+                f"{setting('model', windows_to_wsl_path(text))}")
     typed = text.lower() if "/" in text else f"qwen/{text.lower()}"
     # A typo keeps the numbers: Qwen3-VL-32B is another model, not a misspelt 2B.
     same_numbers = [b for b in BUILTIN if re.findall(r"\d+", b) == re.findall(r"\d+", typed)]
