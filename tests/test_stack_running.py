@@ -68,3 +68,18 @@ def test_a_bad_vlkit_port_is_a_clear_error_naming_the_variable(tmp_path, command
     res = _vlkit(*command, PATH=str(tmp_path), VLKIT_PORT="80a0")
     assert res.returncode == 2, res.stdout + res.stderr
     assert "VLKIT_PORT='80a0'" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("fmt, name", [("WEBP", "photo"), ("PNG", "download (1)"), ("JPEG", "scan.jpg.part")])
+def test_caption_reads_what_the_image_is_not_what_its_name_says(server, tmp_path, fmt, name):
+    """A saved image without its extension (browsers, phones) is still the image: the real service captions it."""
+    from PIL import Image
+
+    img = tmp_path / name
+    Image.new("RGB", (64, 48), (20, 120, 200)).save(img, format=fmt)
+    res = _vlkit("caption", str(img), "--port", _port(server), VLKIT_API_KEY=API_KEY)
+    assert res.returncode == 0, res.stderr
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    refused = _vlkit("caption", str(text), "--port", _port(server), VLKIT_API_KEY=API_KEY)
+    assert refused.returncode == 1 and "not an image (type text/plain)" in refused.stderr

@@ -90,13 +90,27 @@ def _request(url: str, payload: dict | None = None, *, api_key: str | None, time
                            f"Start it with `{command('up')}` (`{command('status')}` shows what runs).") from None
 
 
+# The formats' own first bytes: what the file is, whatever its name says (and mimetypes knows .webp
+# only where /etc/mime.types exists, which a bare WSL distro may lack).
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF8", "image/gif"),
+               (b"BM", "image/bmp"))
+
+
+def _image_type(data: bytes, name: str) -> str:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    found = next((mime for magic, mime in _SIGNATURES if data.startswith(magic)), None)
+    return found or mimetypes.guess_type(name)[0] or "application/octet-stream"
+
+
 def image_data_url(path: Path) -> str:
     if not path.is_file():
         raise ServiceError(f"{path}: no such image file")
-    mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    data = path.read_bytes()
+    mime = _image_type(data, path.name)
     if not mime.startswith("image/"):
         raise ServiceError(f"{path}: not an image (type {mime}); give a .jpg, .png or .webp file")
-    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
 
 
 def caption(base_url: str, image: Path, *, prompt: str = DEFAULT_PROMPT, max_tokens: int = 256,
