@@ -42,6 +42,9 @@ def port_free(port: int) -> bool:
             return False
 
 
+NOT_THE_API = "a program"  # how what_answers begins when what listens cannot take a caption request
+
+
 def what_answers(port: int, api_key: str | None = None) -> str | None:
     """What listens on 127.0.0.1:port, in a few words, or None when nothing does: vlkit's service
     (it has /health/ready), another OpenAI-compatible server such as vLLM, or some other program."""
@@ -55,7 +58,7 @@ def what_answers(port: int, api_key: str | None = None) -> str | None:
     except http.client.HTTPException:
         ready = None
     if ready is None:
-        return "a program that does not answer HTTP"
+        return f"{NOT_THE_API} that does not answer HTTP"
     try:
         ids = [str(m.get("id")) for m in _request(f"{base_url}/v1/models", api_key=api_key, timeout=3)["data"]]
         listed = f"model {', '.join(ids)}" if ids else "no model listed"
@@ -66,7 +69,7 @@ def what_answers(port: int, api_key: str | None = None) -> str | None:
         return f"vlkit's service ({listed}, {state})" if listed else f"vlkit's service ({state})"
     if listed:
         return f"an OpenAI-compatible server ({listed})"
-    return f"a program that is not vlkit (HTTP {ready} on /health/ready)"
+    return f"{NOT_THE_API} that is not vlkit (HTTP {ready} on /health/ready)"
 
 
 def _request(url: str, payload: dict | None = None, *, api_key: str | None, timeout: float) -> dict:
