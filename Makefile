@@ -8,7 +8,7 @@ SHELL := /bin/bash
 PROFILE ?= auto#: 8gb (vlkit's service) | 16gb (vLLM) | auto (picked from the card's VRAM) | all (build)
 MODEL ?=#: hub id (Qwen/Qwen3-VL-4B-Instruct) or a local model folder
 GPU_MEMORY ?=#: plan for a card of this size instead of this machine's (8GiB, 16GB)
-CONTEXT ?=#: wanted context in tokens (prompt + answer)
+CONTEXT ?=#: wanted context in tokens (prompt + answer): 4096, or as vLLM reads it, 4K (4096), 4k (4000)
 PORT ?=#: the API's port on 127.0.0.1 (default 8000)
 IMG ?=#: the image `make caption` sends
 GPUS ?=#: GPUs to split the model over (tensor parallel): per pod for `make k8s`, and `make plan`
@@ -20,7 +20,8 @@ HOST_STAMP := $(VENV)/.vlkit-host
 
 export VLKIT_VIA_MAKE := 1
 
-opt = $(if $(2),$(1) $(2))
+# `--flag 'value'`, quoted for the shell: a folder with spaces (/mnt/c/Users/Jane Doe/...) stays one word.
+opt = $(if $(2),$(1) '$(subst ','\'',$(2))')
 PLAN_FLAGS = --profile $(PROFILE) $(call opt,--model,$(MODEL)) $(call opt,--context,$(CONTEXT)) $(call opt,--gpu-memory,$(GPU_MEMORY))
 
 .PHONY: help up down logs status doctor health plan build test bench wsl-config wsl-restart download caption k8s clean
@@ -34,12 +35,14 @@ help: ## list the targets and the variables (this text)
 
 # The host CLI's small venv (no torch): made on first use, refreshed when pyproject.toml changes.
 # Tested on pip, not python: a venv made without python3-venv has python but no pip; rerunning
-# `python3 -m venv` over it (once python3-venv is installed) completes it.
+# `python3 -m venv` over it (once python3-venv is installed) completes it. All on stderr: stdout is the
+# command's own (`make plan ARGS=--json | jq` on a first run).
 $(HOST_STAMP): pyproject.toml
-	@if [[ -x $(VENV)/bin/pip ]]; then echo "vlkit: updating the host tools in $(VENV) (pyproject.toml changed)..."; \
-	 else echo "vlkit: first run: installing the host tools into $(VENV) (no torch; about 30 s, once)..."; fi
-	@test -x $(VENV)/bin/pip || python3 -m venv $(VENV) || { echo "vlkit: cannot make $(VENV): install python3-venv (sudo apt-get install python3-venv), then retry"; exit 1; }
-	@$(VENV)/bin/pip install -q --disable-pip-version-check --no-warn-conflicts -e . || { echo "vlkit: installing the host tools failed (pip's output above); fix that, then retry"; exit 1; }
+	@if [[ -e $@ ]]; then echo "vlkit: updating the host tools in $(VENV) (pyproject.toml changed)..." >&2; \
+	 elif [[ -x $(VENV)/bin/pip ]]; then echo "vlkit: installing the host tools into the existing $(VENV)..." >&2; \
+	 else echo "vlkit: first run: installing the host tools into $(VENV) (no torch; about 30 s, once)..." >&2; fi
+	@test -x $(VENV)/bin/pip || python3 -m venv $(VENV) >&2 || { echo "vlkit: cannot make $(VENV): install python3-venv (sudo apt-get install python3-venv), then retry" >&2; exit 1; }
+	@$(VENV)/bin/pip install -q --disable-pip-version-check --no-warn-conflicts -e . >&2 || { echo "vlkit: installing the host tools failed (pip's output above); fix that, then retry" >&2; exit 1; }
 	@touch $@
 
 up: $(HOST_STAMP) ## plan for this GPU, build if needed, start the API and wait until it is ready
@@ -55,7 +58,7 @@ status: $(HOST_STAMP) ## what runs, on which port, and whether it is ready
 	@$(VLKIT) status $(call opt,--port,$(PORT)) $(ARGS)
 
 doctor: $(HOST_STAMP) ## check this machine: WSL, driver, GPU, Docker and its GPU runtime, disk, port, the plan
-	@$(VLKIT) doctor $(call opt,--profile,$(PROFILE)) $(call opt,--model,$(MODEL)) $(ARGS)
+	@$(VLKIT) doctor $(call opt,--profile,$(PROFILE)) $(call opt,--model,$(MODEL)) $(call opt,--port,$(PORT)) $(ARGS)
 
 health: $(HOST_STAMP) ## the GPU health gate `make up` runs first
 	@$(VLKIT) health $(call opt,--profile,$(PROFILE)) $(call opt,--model,$(MODEL)) $(ARGS)
@@ -82,8 +85,9 @@ wsl-restart: $(HOST_STAMP) ## wsl --shutdown, after listing what uses the GPU
 	@$(VLKIT) wsl restart $(ARGS)
 
 k8s: $(HOST_STAMP) ## Kubernetes manifests for vLLM planned for GPU_MEMORY= x GPUS= per pod (ARGS=--output DIR)
+	@test -z "$(filter 8gb 8GB 8Gb 8gB,$(PROFILE))" || { echo "make k8s: PROFILE=$(PROFILE) is not for Kubernetes: the manifests run vLLM (the 16gb profile); drop PROFILE=$(PROFILE)" >&2; exit 2; }
 	@test -n "$(GPU_MEMORY)" || { echo "usage: make k8s GPU_MEMORY=24GiB [GPUS=2] [MODEL=...] [CONTEXT=...] [ARGS='--output k8s/ --replicas 2']"; exit 2; }
-	@$(VLKIT) k8s --gpu-memory $(GPU_MEMORY) $(call opt,--gpus,$(GPUS)) $(call opt,--model,$(MODEL)) $(call opt,--context,$(CONTEXT)) $(ARGS)
+	@$(VLKIT) k8s $(call opt,--gpu-memory,$(GPU_MEMORY)) $(call opt,--gpus,$(GPUS)) $(call opt,--model,$(MODEL)) $(call opt,--context,$(CONTEXT)) $(ARGS)
 
 clean: $(HOST_STAMP) ## remove containers and built images (keeps models; MODEL=<id> removes one)
 	@$(VLKIT) clean $(call opt,--model,$(MODEL)) $(ARGS)

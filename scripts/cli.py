@@ -19,8 +19,20 @@ AREAS = (
 )
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad setting under make told as one line in make's terms (PROFILE, not
+    --profile), without a usage text of flags the user did not type. Subcommands inherit it."""
+
+    def error(self, message: str):
+        from scripts.usage import in_make_terms, via_make
+
+        if not via_make():
+            super().error(message)
+        self.exit(2, f"{self.prog}: {in_make_terms(message)}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlkit", description="Serve Qwen3-VL on one consumer NVIDIA GPU.")
+    parser = Parser(prog="vlkit", description="Serve Qwen3-VL on one consumer NVIDIA GPU.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in AREAS:
         importlib.import_module(name).register(sub)

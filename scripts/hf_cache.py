@@ -19,9 +19,10 @@ VARIABLE = "VLKIT_HF_CACHE"
 
 
 def hub_cache() -> Path:
-    """The hub cache directory (it may not exist yet)."""
+    """The hub cache directory (it may not exist yet), absolute: compose reads a relative bind
+    source as a volume name or relative to docker/, not to where the user ran vlkit."""
     if os.environ.get(VARIABLE):
-        return Path(os.environ[VARIABLE]).expanduser()
+        return Path(os.environ[VARIABLE]).expanduser().absolute()
     from huggingface_hub import constants  # reads HF_HUB_CACHE / HF_HOME / XDG_CACHE_HOME at import
 
-    return Path(constants.HF_HUB_CACHE).expanduser()
+    return Path(constants.HF_HUB_CACHE).expanduser().absolute()

@@ -7,6 +7,7 @@ every vlkit command it runs; every message that names a setting or a command goe
 from __future__ import annotations
 
 import os
+import re
 import shlex
 
 # vlkit flag (argparse dest) -> the make variable that sets it (the Makefile's header lists them).
@@ -52,3 +53,14 @@ def command(target: str, **settings: object) -> str:
     extra = " ".join(f"--{n.replace('_', '-')}" + ("" if v is True else f" {v}")
                      for n, v in given.items() if n not in MAKE_VARIABLES)
     return " ".join(["make", target, *parts, *([f"ARGS={shlex.quote(extra)}"] if extra else [])])
+
+
+def in_make_terms(argparse_message: str) -> str:
+    """An argparse error in the user's words under make: `argument --gpu-memory: ...` names
+    GPU_MEMORY, leftover words name ARGS (or a value with a space that make split)."""
+    def variable(m: re.Match) -> str:
+        return setting(m.group(1).replace("-", "_")) + ": "
+    message = re.sub(r"\bargument --([a-z][a-z0-9-]*)(?:/-\w)?: ", variable, argparse_message)
+    if message.startswith("unrecognized arguments: "):
+        message += " (from ARGS=: `make help` lists the targets, `.venv/bin/vlkit COMMAND -h` their flags)"
+    return message

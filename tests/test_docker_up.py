@@ -3,6 +3,7 @@ compose (published on 127.0.0.1), `vlkit caption`/`status`/`down`, and the real 
 missing GPU runtime translated into its fix."""
 from __future__ import annotations
 
+import os
 import shutil
 import textwrap
 import subprocess
@@ -111,3 +112,24 @@ def test_a_service_that_cannot_load_fails_fast_with_its_logs_and_is_stopped(stac
     ps = subprocess.run(["docker", "ps", "--filter", f"label=com.docker.compose.project={TEST_PROJECT}", "-q"],
                         capture_output=True, text=True)
     assert ps.stdout.strip() == ""  # stopped, not left restarting in a loop
+
+
+def test_a_port_held_by_another_program_is_refused_before_anything_starts(shared_model_dir, tmp_path):
+    """Checked before the download and the build (minutes): the fix keeps what the user typed."""
+    import socket
+
+    if not shutil.which("make"):
+        pytest.skip("make is not installed")
+    env = {**os.environ, "VLKIT_ENV_FILE": str(tmp_path / "vlkit.env"), "VLKIT_PROJECT": TEST_PROJECT,
+           "VLKIT_OVERRIDE_FILE": str(tmp_path / "o.yaml"), "VLKIT_SERVICE_IMAGE": "vlkit/never-built:port-test"}
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        res = subprocess.run(["make", "-s", "--no-print-directory", "-C", str(ROOT), "up", "PROFILE=8gb",
+                              f"MODEL={shared_model_dir}", f"PORT={port}", "ARGS=--cpu"],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0, res.stdout + res.stderr
+    assert f"127.0.0.1:{port} is taken by" in res.stderr and "nothing was started" in res.stderr, res.stderr
+    assert f"make up PROFILE=8gb MODEL={shared_model_dir} PORT=" in res.stderr and "ARGS=--cpu" in res.stderr
+    assert "building" not in res.stdout and not (tmp_path / "vlkit.env").exists()

@@ -264,3 +264,35 @@ def test_wsl2_vllm_runner_check(environ, status, blocking):
     assert vllm_runner_check(facts(), "8gb", environ) is None                          # the service: no vLLM
     assert vllm_runner_check(facts(platform=Platform("linux", "6.8.0", "")), "16gb", environ) is None
     assert "UVA is not available" in c.found if status == "fail" else "V1" in c.found or "V2" in c.found
+
+
+def test_doctor_saved_to_a_file_keeps_each_fix_on_one_line(capsys, monkeypatch, tmp_path):
+    """`make doctor > doctor.txt` (to share, or a CI log): a fix's command is never broken over lines."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("VLKIT_VIA_MAKE", raising=False)
+    run_cli(["doctor"])
+    lines = capsys.readouterr().out.splitlines()
+    assert any("→ install the NVIDIA driver (Ubuntu: `sudo ubuntu-drivers install`), then reboot" in line
+               for line in lines), "\n".join(lines)
+    assert any("`vlkit plan --profile 16gb --gpu-memory 16GiB`" in line for line in lines)
+
+
+def test_without_a_gpu_each_plan_row_shows_a_plan_for_its_own_profile(monkeypatch):
+    monkeypatch.setenv("VLKIT_VIA_MAKE", "1")
+    rows = by_name(planning.plan_checks(facts(gpu=gpu.GpuProbe([], None, None, "nvidia-smi not found")), "auto"))
+    assert "`make plan PROFILE=8gb GPU_MEMORY=8GiB`" in rows["plan-8gb"].fix
+    assert "`make plan PROFILE=16gb GPU_MEMORY=16GiB`" in rows["plan-16gb"].fix
+
+
+def test_doctor_checks_the_port_it_is_given(capsys, monkeypatch, tmp_path):
+    """`make doctor PORT=8011` checks 8011, the port `make up PORT=8011` would publish."""
+    import socket
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        run_cli(["doctor", "--json", "--port", str(port)])
+    row = {r["name"]: r for r in json.loads(capsys.readouterr().out)}["port"]
+    assert row["status"] == "warn" and f"127.0.0.1:{port} is in use" in row["found"]

@@ -40,6 +40,13 @@ def test_precedence_vlkit_then_huggingface_hub_rule(variables, expected):
     assert _resolved(_env("/home/u", **variables)) == expected
 
 
+@pytest.mark.parametrize("variable, folder", [("VLKIT_HF_CACHE", "models"), ("HF_HOME", "models/hub")])
+def test_a_relative_cache_is_the_folder_under_where_vlkit_runs(variable, folder):
+    """`VLKIT_HF_CACHE=models make up`: compose would read `models` as a named volume (or relative to
+    docker/), and download would fill ./models: every command gets the one absolute folder."""
+    assert _resolved(_env("/home/u", **{variable: "models"})) == str(ROOT / folder)
+
+
 def _seed_cache(cache, repo="acme/tiny-vl", revision="0123456789abcdef0123456789abcdef01234567"):
     """A complete snapshot as huggingface_hub lays it out, so offline look-ups find it."""
     repo_dir = cache / f"models--{repo.replace('/', '--')}"

@@ -2,6 +2,7 @@
 what was there (a changed file is backed up, an unchanged one is not touched)."""
 from __future__ import annotations
 
+import shlex
 import subprocess
 
 import pytest
@@ -105,10 +106,17 @@ def test_make_k8s_passes_the_variables_to_the_cli():
                           "MODEL=Qwen/Qwen3-VL-4B-Instruct", "CONTEXT=16384", "ARGS=--output deploy/k8s"],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    line = next(l for l in res.stdout.splitlines() if "vlkit k8s" in l)
+    line = " ".join(shlex.split(next(l for l in res.stdout.splitlines() if "vlkit k8s" in l)))
     for part in ("--gpu-memory 24GiB", "--gpus 2", "--model Qwen/Qwen3-VL-4B-Instruct", "--context 16384",
                  "--output deploy/k8s"):
         assert part in line
     usage = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "k8s"], capture_output=True, text=True)
     assert usage.returncode != 0 and "usage: make k8s GPU_MEMORY=" in usage.stdout
 
+
+
+def test_make_k8s_refuses_the_8gb_profile_instead_of_ignoring_it():
+    """The manifests run vLLM: PROFILE=8gb asked for something else, so it is said, not dropped."""
+    res = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "k8s", "PROFILE=8gb", "GPU_MEMORY=24GiB"],
+                         capture_output=True, text=True)
+    assert res.returncode != 0 and "PROFILE=8gb is not for Kubernetes" in res.stderr and not res.stdout

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 
 import pytest
 
 from scripts.usage import MAKE_VARIABLES
+from tests.conftest import free_port
 from tests.docker_helpers import ROOT
 
 ISSUE_TARGETS = {"help", "up", "down", "logs", "status", "doctor", "plan", "build", "test", "bench",
@@ -66,16 +68,20 @@ def test_help_lists_every_variable_and_says_they_are_not_flags():
 
 
 def test_variables_reach_the_cli():
+    def words(res, command):  # the vlkit command line make runs, as the shell splits it
+        return " ".join(shlex.split([l for l in res.stdout.splitlines() if command in l][0]))
+
     res = _make("-n", "up", "PROFILE=16gb", "MODEL=Qwen/Qwen3-VL-4B-Instruct-FP8", "GPU_MEMORY=16GiB", "PORT=8011",
                 "CONTEXT=4096")
     assert res.returncode == 0, res.stderr
-    line = [l for l in res.stdout.splitlines() if "vlkit up" in l][0]
+    line = words(res, "vlkit up")
     assert "--profile 16gb" in line and "--model Qwen/Qwen3-VL-4B-Instruct-FP8" in line
     assert "--gpu-memory 16GiB" in line and "--port 8011" in line and "--context 4096" in line
-    build = [l for l in _make("-n", "build", "GPU_MEMORY=8GiB").stdout.splitlines() if "vlkit build" in l][0]
+    build = words(_make("-n", "build", "GPU_MEMORY=8GiB"), "vlkit build")
     assert "--gpu-memory 8GiB" in build  # PROFILE=auto picks the profile for that card
-    plan = [l for l in _make("-n", "plan", "GPU_MEMORY=24GiB", "GPUS=2").stdout.splitlines() if "vlkit plan" in l][0]
+    plan = words(_make("-n", "plan", "GPU_MEMORY=24GiB", "GPUS=2"), "vlkit plan")
     assert "--gpus 2" in plan  # the card count k8s plans for is the one `make plan` shows
+    assert "--port 8011" in words(_make("-n", "doctor", "PORT=8011"), "vlkit doctor")  # the port up would use
 
 
 def test_a_gpu_count_is_named_as_the_make_variable_it_came_from():
@@ -104,7 +110,56 @@ def test_first_target_says_it_is_making_the_venv(tmp_path):
     (fake / "python3").write_text("#!/bin/sh\necho 'Error: ensurepip is not available' >&2\nexit 1\n")
     (fake / "python3").chmod(0o755)
     env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
-    res = _make("plan", cwd=checkout, env=env)
-    out = res.stdout + res.stderr
+    res = _make("plan", "ARGS=--json", cwd=checkout, env=env)
     assert res.returncode != 0
-    assert out.index("first run: installing the host tools") < out.index("install python3-venv")
+    assert res.stderr.index("first run: installing the host tools") < res.stderr.index("install python3-venv")
+    assert res.stdout == ""  # stdout is the command's own: `make plan ARGS=--json | jq` on a first run
+
+
+def test_a_value_with_spaces_reaches_the_cli_as_one_word(tmp_path, tiny_model_dir):
+    """Windows folders have spaces (/mnt/c/Users/Jane Doe/...): MODEL= and IMG= stay one argument,
+    as the messages that say `make caption IMG='my photo.jpg'` promise."""
+    folder = tmp_path / "my models" / "tiny"
+    shutil.copytree(tiny_model_dir, folder)
+    up = _make("up", "PROFILE=8gb", f"MODEL={folder}", "ARGS=--cpu --dry-run")
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert f"source: {folder}" in up.stdout
+    photo = tmp_path / "my photo.jpg"
+    photo.write_bytes(b"not read: nothing answers on the port")
+    caption = _make("caption", f"IMG={photo}", f"PORT={free_port()}")
+    assert "no such image" not in caption.stderr and "no vlkit service answers" in caption.stderr, caption.stderr
+
+
+@pytest.mark.parametrize("variables, named, why", [
+    (["PROFILE=16"], "PROFILE", "invalid choice: '16'"),
+    (["GPU_MEMORY=8XB"], "GPU_MEMORY", "not a memory size: '8XB'"),
+    (["GPU_MEMORY=8GiB", "CONTEXT=lots"], "CONTEXT", "not a number of tokens"),
+    (["GPU_MEMORY=8GiB", "GPUS=0"], "GPUS", "must be at least 1"),
+])
+def test_a_bad_variable_is_one_line_naming_the_variable(variables, named, why):
+    """`make plan PROFILE=16` is told PROFILE, not --profile, and no usage text of flags never typed."""
+    res = _make("plan", *variables)
+    assert res.returncode != 0
+    lines = [line for line in res.stderr.splitlines() if not line.startswith("make: ***")]
+    assert lines == [lines[0]] and f"vlkit plan: {named}: " in lines[0] and why in lines[0], res.stderr
+    assert "--" not in lines[0] and "usage:" not in res.stderr
+
+
+def test_a_bad_flag_in_args_is_named_as_args():
+    res = _make("up", "ARGS=--timeout 0")
+    assert res.returncode != 0 and "vlkit up: ARGS=--timeout: must be at least 1" in res.stderr, res.stderr
+    unknown = _make("plan", "ARGS=--vram 8GiB")
+    assert unknown.returncode != 0 and "unrecognized arguments: --vram 8GiB (from ARGS" in unknown.stderr
+
+
+def test_more_gpus_than_this_machine_has_says_how_to_plan_for_them(tmp_path):
+    """One H100 here (its recorded nvidia-smi), GPUS=2: the fix plans two such cards by their size."""
+    from tests.doctor_helpers import h100_smi
+
+    h100_smi(tmp_path / "bin")
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+    res = _make("plan", "GPUS=2", env=env)
+    assert res.returncode != 0
+    assert "GPUS=2, but 1 GPU(s) found here" in res.stderr and "GPUS=2 GPU_MEMORY=80GiB" in res.stderr, res.stderr
+    again = _make("plan", "GPUS=2", "GPU_MEMORY=80GiB", "ARGS=--json", env=env)
+    assert again.returncode == 0, again.stderr

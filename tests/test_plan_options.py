@@ -15,11 +15,13 @@ from tests.docker_helpers import ROOT
 GIB = 1024 ** 3
 BAD = [
     ("--context", "0", "must be at least 16"),
-    ("--context", "many", "not a whole number"),
+    ("--context", "many", "not a number of tokens"),
+    ("--context", "2.5K", "no decimals with the binary K"),
     ("--gpu-memory-utilization", "5", "must be in (0, 1]"),
     ("--gpu-memory-utilization", "0", "must be in (0, 1]"),
     ("--gpu-memory", "8XB", "not a memory size"),
     ("--gpu-memory", "100MiB", "under 0.5 GiB"),
+    ("--gpu-memory", "8188", "for MiB (as nvidia-smi shows it) write 8188MiB"),  # pasted from nvidia-smi
 ]
 
 
@@ -84,3 +86,19 @@ def test_the_default_model_is_vlkit_model_else_the_service_default(monkeypatch):
     monkeypatch.setenv("VLKIT_MODEL", "Qwen/Qwen3-VL-4B-Instruct")
     args = _subparser("plan").parse_args(["--gpu-memory", "8GiB"])
     assert options.plan_kwargs(args)["model"] == "Qwen/Qwen3-VL-4B-Instruct"
+
+
+@pytest.mark.parametrize("text, tokens", [("4096", 4096), ("4k", 4000), ("4K", 4096), ("25.6k", 25600),
+                                          ("1M", 2**20), (" 8K ", 8192)])
+def test_a_context_is_read_as_vllms_max_model_len_reads_it(text, tokens):
+    """CONTEXT=4k as `vllm serve --max-model-len 4k` takes it: k is 1000, K is 1024."""
+    assert options.context_tokens(text) == tokens
+    args = build_parser().parse_args(["plan", "--context", text])
+    assert args.context == tokens
+
+
+@pytest.mark.parametrize("command", ["plan", "up", "build", "doctor", "health"])
+def test_a_profile_in_capitals_is_the_profile(command):
+    """PROFILE=8GB, as the card is sold, is the 8gb profile, not an invalid choice."""
+    assert build_parser().parse_args([command, "--profile", "8GB"]).profile == "8gb"
+    assert build_parser().parse_args([command, "--profile", "16Gb"]).profile == "16gb"

@@ -166,3 +166,40 @@ def test_a_hub_model_is_found_in_the_cache_vlkit_uses(tmp_path, monkeypatch, tin
     monkeypatch.setenv("VLKIT_HF_CACHE", str(tmp_path / "elsewhere"))
     with pytest.raises(UnknownModelError):
         resolve_model("someone/qwen3-vl-tiny")
+
+
+@pytest.mark.parametrize("typed, meant", [("Qwen/Qwen3-VL-2B-Instuct", "Qwen/Qwen3-VL-2B-Instruct"),
+                                          ("Qwen3-VL-4B-Instruct-FP8", "Qwen/Qwen3-VL-4B-Instruct-FP8"),
+                                          ("Qwen/Qwen3-VL-2B-Instruct@main", "Qwen/Qwen3-VL-2B-Instruct")])
+def test_a_misspelt_model_is_told_the_id_it_is_close_to(typed, meant, monkeypatch):
+    monkeypatch.delenv("VLKIT_VIA_MAKE", raising=False)
+    with pytest.raises(UnknownModelError, match=f"did you mean --model {meant}\\?$"):
+        resolve_model(typed)
+
+
+@pytest.mark.parametrize("other", ["Qwen/Qwen3-VL-32B-Instruct", "someone/my-qwen3-vl-finetune"])
+def test_another_hub_model_is_told_to_download_not_a_near_name(other, monkeypatch, tmp_path):
+    """32B is another model, not a misspelt 2B: it is read once it is in the cache."""
+    monkeypatch.setenv("VLKIT_VIA_MAKE", "1")
+    monkeypatch.setenv("VLKIT_HF_CACHE", str(tmp_path))
+    with pytest.raises(UnknownModelError) as refused:
+        resolve_model(other)
+    assert "did you mean" not in str(refused.value)
+    assert f"`make download MODEL={other}`" in str(refused.value) and str(tmp_path) in str(refused.value)
+
+
+def test_a_missing_folder_is_named_as_a_folder(tmp_path):
+    with pytest.raises(UnknownModelError, match="no such folder"):
+        resolve_model(str(tmp_path / "not-saved-yet") + "/")
+
+
+def test_a_file_given_for_the_folder_names_the_folder(tiny_model_dir):
+    with pytest.raises(UnknownModelError, match=f"that is a file; give the folder .*\\({tiny_model_dir}\\)"):
+        resolve_model(str(tiny_model_dir / "config.json"))
+
+
+def test_a_windows_path_is_told_where_wsl_sees_it(monkeypatch):
+    monkeypatch.setenv("VLKIT_VIA_MAKE", "1")
+    with pytest.raises(UnknownModelError) as refused:
+        resolve_model(r"C:\Users\Jane Doe\models\Qwen3-VL-2B-Instruct")
+    assert str(refused.value).endswith("in WSL that folder is MODEL='/mnt/c/Users/Jane Doe/models/Qwen3-VL-2B-Instruct'")

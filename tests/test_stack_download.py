@@ -39,3 +39,12 @@ def test_offline_mode_is_named(tmp_path):
 def test_not_a_hub_id(tmp_path):
     res = _download(tmp_path, "not a model!")
     assert res.returncode == 1 and "neither a model folder here nor a hub id" in res.stderr
+
+
+def test_a_model_folder_is_not_said_to_be_in_the_cache(tmp_path, tiny_model_dir):
+    """`make download MODEL=/my/folder`: nothing is downloaded, and the cache is not where it is."""
+    res = _download(tmp_path, str(tiny_model_dir))
+    assert res.returncode == 0, res.stderr
+    assert "shared cache" not in res.stdout and not (tmp_path / "hub").exists()
+    assert f"{tiny_model_dir} is a model folder: nothing to download" in res.stdout
+    assert f"`make up MODEL={tiny_model_dir}` serves it" in res.stdout

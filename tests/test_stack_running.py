@@ -30,6 +30,7 @@ def test_status_without_docker_names_the_service_that_answers(server, tmp_path):
     assert "docker is not installed" in res.stdout
     assert f"127.0.0.1:{_port(server)} answers: vlkit's service (model {SERVED_NAME}, ready)" in res.stdout
     assert "not started by `make up`" in res.stdout
+    assert f"`make caption IMG=photo.jpg PORT={_port(server)}` talks to it" in res.stdout  # on that port
     assert "not running" not in res.stdout
     # Without the API key the model list is refused, and the service is still recognised.
     keyless = _vlkit("status", "--port", _port(server), PATH=str(no_docker))
@@ -68,3 +69,34 @@ def test_a_bad_vlkit_port_is_a_clear_error_naming_the_variable(tmp_path, command
     res = _vlkit(*command, PATH=str(tmp_path), VLKIT_PORT="80a0")
     assert res.returncode == 2, res.stdout + res.stderr
     assert "VLKIT_PORT='80a0'" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("fmt, name", [("WEBP", "photo"), ("PNG", "download (1)"), ("JPEG", "scan.jpg.part")])
+def test_caption_reads_what_the_image_is_not_what_its_name_says(server, tmp_path, fmt, name):
+    """A saved image without its extension (browsers, phones) is still the image: the real service captions it."""
+    from PIL import Image
+
+    img = tmp_path / name
+    Image.new("RGB", (64, 48), (20, 120, 200)).save(img, format=fmt)
+    res = _vlkit("caption", str(img), "--port", _port(server), VLKIT_API_KEY=API_KEY)
+    assert res.returncode == 0, res.stderr
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    refused = _vlkit("caption", str(text), "--port", _port(server), VLKIT_API_KEY=API_KEY)
+    assert refused.returncode == 1 and "not an image (type text/plain)" in refused.stderr
+
+
+def test_status_does_not_offer_caption_for_a_program_that_is_not_the_api(tmp_path):
+    """Another web server on the port: caption cannot talk to it; the way on is another port."""
+    import http.server
+    import threading
+
+    other = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        port = other.server_address[1]
+        res = _vlkit("status", "--port", str(port), PATH=str(tmp_path))
+    finally:
+        other.shutdown()
+    assert f"127.0.0.1:{port} answers: a program that is not vlkit" in res.stdout, res.stdout
+    assert "make caption" not in res.stdout and f"`make up PORT={port + 1}`" in res.stdout

@@ -72,6 +72,18 @@ def test_up_refuses_a_plan_that_does_not_fit_before_touching_docker(tmp_path):
     assert not (tmp_path / "vlkit.env").exists()
 
 
+def test_a_refused_plan_points_at_the_same_plan(tmp_path):
+    """`make plan` alone would plan another card (or none here): the budget to look at is this one."""
+    res = _make_up(tmp_path, "PROFILE=8gb", "GPU_MEMORY=8GiB", "CONTEXT=100k", "ARGS=--dry-run")
+    assert res.returncode != 0 and "does not fit" in res.stderr
+    assert "`make plan PROFILE=8gb CONTEXT=100000 GPU_MEMORY=8GiB` shows the whole budget" in res.stderr, res.stderr
+    again = subprocess.run(["make", "-s", "-C", str(ROOT), "plan", "PROFILE=8gb", "CONTEXT=100000", "GPU_MEMORY=8GiB"],
+                           capture_output=True, text=True, env=_env(tmp_path))
+    assert "largest context that fits" in again.stdout  # the same refusal, with its whole budget
+    cpu = _make_up(tmp_path, "MODEL=Qwen/Qwen3-VL-8B-Instruct", "CONTEXT=100000", "ARGS=--cpu")
+    assert "`make plan PROFILE=8gb MODEL=Qwen/Qwen3-VL-8B-Instruct CONTEXT=100000 GPU_MEMORY=8GiB`" in cpu.stderr
+
+
 def test_cpu_mode_is_refused_for_vllm(tmp_path):
     res = subprocess.run([sys.executable, "-m", "scripts", "up", "--profile", "16gb", "--cpu", "--dry-run"],
                          capture_output=True, text=True, env=_env(tmp_path), cwd=ROOT)
@@ -139,3 +151,9 @@ def test_up_publishes_vlkit_port_unless_a_port_is_given(tmp_path):
 
     assert url() == "http://127.0.0.1:8123"
     assert url("--port", "8124") == "http://127.0.0.1:8124"
+
+
+def test_a_models_file_given_for_its_folder_is_told_the_folder(tmp_path, tiny_model_dir):
+    res = _make_up(tmp_path, "PROFILE=8gb", f"MODEL={tiny_model_dir / 'model.safetensors'}", "ARGS=--cpu --dry-run")
+    assert res.returncode != 0
+    assert f"a file, not the model's folder: MODEL={tiny_model_dir}?" in res.stderr, res.stderr

@@ -87,9 +87,19 @@ def test_missing_section_and_missing_file(tmp_path):
     write(path, ["[boot]", "systemd=true"])
     wslconfig.apply(path, {"memory": "8GB"})
     assert path.read_text() == "[boot]\nsystemd=true\n\n[wsl2]\nmemory=8GB\n"
+    (tmp_path / "profile").mkdir()
     new = tmp_path / "profile" / ".wslconfig"
     result = wslconfig.apply(new, {"memory": "8GB", "swap": "4GB"})
     assert result.backup is None and new.read_bytes() == b"[wsl2]\r\nmemory=8GB\r\nswap=4GB\r\n"
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_a_folder_that_is_not_there_is_a_typo_not_created(tmp_path, dry_run):
+    """--wslconfig /mnt/c/Users/Jhon/.wslconfig: WSL never reads a file in a folder we would make up."""
+    typo = tmp_path / "Jhon" / ".wslconfig"
+    with pytest.raises(wslconfig.WslConfigError, match=f"there is no folder {typo.parent}"):
+        wslconfig.apply(typo, {"memory": "8GB"}, dry_run=dry_run)
+    assert not typo.parent.exists()
 
 
 def test_last_line_without_newline(tmp_path):
@@ -319,3 +329,13 @@ def test_concurrent_runs_lose_nothing(tmp_path):
     assert sorted(backed_up + [final]) == sorted(["6GB"] + [f"{10 + i}GB" for i in range(8)])
     assert any(r.backup.read_bytes() == original for r in results)
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_windows_path_is_refused_with_the_path_wsl_sees(tmp_path, monkeypatch, capsys):
+    """--wslconfig C:\\Users\\me\\.wslconfig inside WSL names no folder: it must not become a file of that
+    name in the current folder (which WSL never reads)."""
+    monkeypatch.chdir(tmp_path)
+    code = run_cli(["wsl", "config", "--wslconfig", r"C:\Users\me\.wslconfig", "--memory", "12GB", "--swap", "8GB",
+                    "--yes"])
+    assert code == 1 and list(tmp_path.iterdir()) == []
+    assert "in WSL it is --wslconfig /mnt/c/Users/me/.wslconfig" in capsys.readouterr().err

@@ -6,12 +6,13 @@ The command line of `wsl config` is a contract other tools script against:
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
 from scripts.usage import command, setting
 from wsl import wslconfig
-from wsl.host import detect_platform, host_ram, meminfo_total_bytes, windows_userprofile
+from wsl.host import detect_platform, host_ram, meminfo_total_bytes, windows_to_wsl_path, windows_userprofile
 
 
 def register(subparsers) -> None:
@@ -26,7 +27,7 @@ def register(subparsers) -> None:
     config.add_argument("--memory", help="WSL VM memory, e.g. 12GB (default: recommended for this PC)")
     config.add_argument("--swap", help="swap size, e.g. 8GB (default: recommended)")
     config.add_argument("--processors", type=int, help="logical processors for WSL (default: leave as is)")
-    config.add_argument("--profile", choices=("8gb", "16gb"), default="8gb", help="the profile to size for (default 8gb)")
+    config.add_argument("--profile", type=str.lower, choices=("8gb", "16gb"), default="8gb", help="the profile to size for (default 8gb)")
     config.add_argument("--dry-run", action="store_true", help="show the change as a diff; write nothing")
     config.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     config.set_defaults(func=config_command)
@@ -56,6 +57,8 @@ def _host_ram_bytes(applied_memory: int | None) -> tuple[int | None, str]:
 
 def config_command(args: argparse.Namespace) -> int:
     path = args.wslconfig
+    if path is not None and re.match(r"[A-Za-z]:[\\/]", str(path)):  # else a file named C:\... in this folder
+        return _err(f"{path} is a Windows path; in WSL it is {setting('wslconfig', windows_to_wsl_path(str(path)))}")
     if path is None:
         if not detect_platform().is_wsl:
             return _err(f"not running inside WSL; to edit a .wslconfig anyway, name it: {setting('wslconfig', 'PATH')}")

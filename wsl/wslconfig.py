@@ -264,6 +264,10 @@ def _writable(target: Path) -> None:
 
 def apply(path: Path, values: dict[str, str], dry_run: bool = False) -> ApplyResult:
     """Set [wsl2] values in the file at path: backup, then atomic write. dry_run changes nothing."""
+    folder = _target(Path(path)).parent
+    if not folder.is_dir():  # the Windows profile folder always exists: a missing one is a typo
+        raise WslConfigError(f"there is no folder {folder}; WSL reads .wslconfig from your Windows profile "
+                             "folder (C:\\Users\\<you>, in WSL /mnt/c/Users/<you>): check the path")
     with contextlib.nullcontext() if dry_run else edit_lock(_target(Path(path))):
         old = load(path)
         new = with_values(old, values)
@@ -277,8 +281,6 @@ def apply(path: Path, values: dict[str, str], dry_run: bool = False) -> ApplyRes
         if old.exists:
             _writable(old.target)
             backup = make_backup(old.path, old.to_bytes(), like=old.target.stat())
-        else:
-            old.target.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(old.target, new.to_bytes(), expect=old.to_bytes() if old.exists else None)
         return ApplyResult(True, text_diff, backup, True, notes)
 

@@ -22,6 +22,7 @@ def register(subparsers) -> None:
                         help="also run `nvidia-smi` in a container with --gpus all (slow; cached for a day)")
     options.add(doctor, "profile", "model")
     doctor.add_argument("--wslconfig", type=Path, help="the .wslconfig to inspect (default: found through interop)")
+    doctor.add_argument("--port", type=options.port, help="the API port to check (default $VLKIT_PORT, else 8000)")
     doctor.set_defaults(func=doctor_command)
 
     health = subparsers.add_parser("health", help="the gate `make up` runs: driver answers, no ECC/Xid errors, enough free VRAM")
@@ -45,7 +46,13 @@ def _render(checks, elapsed: float) -> None:
         if c.fix and c.status != "ok":
             cell.append("\n→ " + c.fix, style="cyan")
         table.add_row(MARKS[c.status][0] if console.is_terminal else MARKS[c.status][1], c.name, cell)
-    console.print(table)
+    if console.is_terminal:
+        console.print(table)
+    else:  # a file, a pipe, a CI log: no width to fit, so no fix's command broken over lines
+        wide = Console(highlight=False, width=10_000)
+        with wide.capture() as captured:
+            wide.print(table)
+        print("\n".join(line.rstrip() for line in captured.get().splitlines()))
     blocking = [c.name for c in checks if c.blocking]
     if blocking:
         console.print(f"[red bold]Not ready[/]: fix {', '.join(blocking)} first. ({elapsed:.1f} s)")
@@ -59,7 +66,8 @@ def doctor_command(args: argparse.Namespace) -> int:
     from scripts.doctor.run import ready, run_checks
 
     start = time.monotonic()
-    options = Options(profile=args.profile, model=args.model, gpu_container=args.gpu_container, wslconfig=args.wslconfig)
+    options = Options(profile=args.profile, model=args.model, gpu_container=args.gpu_container, wslconfig=args.wslconfig,
+                      port=args.port)
     checks = run_checks(options)
     if args.json:
         print(json.dumps([c.model_dump() for c in checks], indent=2))

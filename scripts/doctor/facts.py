@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -13,6 +12,7 @@ from pathlib import Path
 
 from scripts.gpu import GpuProbe, probe
 from scripts.hf_cache import hub_cache
+from scripts.stack.client import port_free
 from wsl import wslconfig
 from wsl.host import HostRam, Platform, detect_platform, host_ram, interop_enabled, systemd_running, windows_userprofile
 
@@ -25,6 +25,7 @@ class Options:
     model: str | None = None
     gpu_container: bool = False
     wslconfig: Path | None = None
+    port: int | None = None  # the port `make up PORT=` would publish; None: $VLKIT_PORT, else 8000
 
 
 @dataclass
@@ -98,16 +99,6 @@ def _wslconfig(platform: Platform, given: Path | None) -> tuple[Path | None, wsl
         return path, wslconfig.load(path), None
     except wslconfig.WslConfigError as exc:
         return path, None, str(exc)
-
-
-def _port_free(port: int) -> bool:
-    """Can the API bind 127.0.0.1:port? (What Docker will need to publish it.)"""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def model_in_cache(model: str, cache: Path) -> bool:
@@ -189,7 +180,8 @@ def collect(options: Options) -> Facts:
         f_wslcfg = pool.submit(_wslconfig, platform, options.wslconfig)
         f_ram = pool.submit(host_ram, QUICK_TIMEOUT_S)
         f_interop = pool.submit(interop_enabled) if platform.is_wsl else None
-        f_port = pool.submit(_port_free, settings.port)
+        port = options.port or settings.port
+        f_port = pool.submit(port_free, port)
         f_cached = {m: pool.submit(model_in_cache, m, cache) for m in set(models.values())}
         gpu = f_gpu.result()
         f_plans = pool.submit(_plans, gpu, models)
@@ -203,7 +195,7 @@ def collect(options: Options) -> Facts:
             interop=f_interop.result() if f_interop else False,
             wslconfig_path=wsl_path, wslconfig=wsl_cfg, wslconfig_error=wsl_err,
             host_ram=f_ram.result(), hf_cache=cache, disk_free=f_disk.result(),
-            port=settings.port, port_free=f_port.result(), models=models, settings_error=settings_error,
+            port=port, port_free=f_port.result(), models=models, settings_error=settings_error,
             model_cached={m: f.result() for m, f in f_cached.items()}, plans=f_plans.result(),
         )
     facts.gpu_container = docker_checks.container_gpu_result(facts, run_now=options.gpu_container)

@@ -6,9 +6,9 @@ from scripts.usage import command
 
 
 def plan_checks(facts, profile: str) -> list[Check]:
-    if not facts.gpu.gpus:
-        fix = f"plan for a card by its size: `{command('plan', gpu_memory='8GiB')}`"
-        return [warn(f"plan-{p}", "not planned: no GPU", fix) for p in ("8gb", "16gb")]
+    if not facts.gpu.gpus:  # each profile's row shows the card it is named after
+        return [warn(f"plan-{p}", "not planned: no GPU", "plan for a card by its size: "
+                     f"`{command('plan', profile=p, gpu_memory=p.replace('gb', 'GiB'))}`") for p in ("8gb", "16gb")]
     out = []
     fitting = []
     for p in ("8gb", "16gb"):

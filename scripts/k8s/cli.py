@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from scripts.k8s import names
-from scripts.planner.options import MIN_CONTEXT, at_least
+from scripts.planner.options import at_least, context_tokens
 from scripts.planner.sizes import memory_arg, parse_size
 from scripts.usage import command
 
@@ -44,7 +44,7 @@ def register(subparsers) -> None:
                    help="memory of ONE GPU on the cluster's nodes (24GiB, 48GB, 80GiB)")
     p.add_argument("--gpus", type=_count, default=1, metavar="N",
                    help="GPUs per pod: vLLM's --tensor-parallel-size (a node must have N free)")
-    p.add_argument("--context", type=at_least(MIN_CONTEXT), metavar="TOKENS", help="wanted context (prompt + answer)")
+    p.add_argument("--context", type=context_tokens, metavar="TOKENS", help="wanted context (prompt + answer)")
     p.add_argument("--replicas", type=_count, default=1, metavar="N",
                    help="pods behind the Service, N x GPUS GPUs in all (default: 1)")
     p.add_argument("--name", type=names.object_name, help="StatefulSet and Service name (default: vlkit-<model>)")

@@ -41,7 +41,10 @@ def card_for(gpus, gpu_memory_bytes: int | None, gpu_count: int) -> Card:
         raise ValueError(f"no NVIDIA GPU found: plan for a card with {setting('gpu_memory')} "
                          f"(e.g. {setting('gpu_memory', '8GiB')})")
     if gpu_count > len(gpus):
-        raise ValueError(f"{setting('gpus', gpu_count)}, but {len(gpus)} GPU(s) found")
+        size = f"{min(g.total_bytes for g in gpus) / GIB:.0f}GiB"
+        raise ValueError(f"{setting('gpus', gpu_count)}, but {len(gpus)} GPU(s) found here; to plan for "
+                         f"{gpu_count} cards like them elsewhere give their size too: "
+                         f"{setting('gpus', gpu_count)} {setting('gpu_memory', size)}")
     # The first N by index: compose reserves `count: N` GPUs, which Docker takes from index 0 (the
     # health gate and the doctor look at GPU 0 too), so planning for the emptiest card would plan
     # for a GPU the container does not get.

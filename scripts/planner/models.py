@@ -8,6 +8,7 @@ the safetensors index or headers) or from the local Hugging Face cache, offline.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 from typing import Literal
@@ -287,9 +288,38 @@ def resolve_model(id_or_path: str) -> ModelSpec:
         cached = _from_hf_cache(id_or_path)
         if cached is not None:
             return spec_from_dir(cached, model_id=id_or_path)
-    raise UnknownModelError(
-        f"unknown model {id_or_path!r}: not a local directory with a config.json, not in the local "
-        f"Hugging Face cache, and not built in. Built in: {', '.join(BUILTIN_IDS)}")
+    raise UnknownModelError(_unknown(id_or_path))
+
+
+def _unknown(id_or_path: str) -> str:
+    """Why `id_or_path` names no model, with the step that helps: the built-in id it is a typo of,
+    the folder that is not there, or downloading a hub model vlkit has no table for."""
+    import difflib
+
+    from scripts.hf_cache import hub_cache
+    from scripts.usage import command, setting
+
+    text = id_or_path.strip()
+    if re.match(r"[A-Za-z]:[\\/]", text):  # in WSL, Windows' drives are under /mnt
+        from wsl.host import windows_to_wsl_path
+
+        return (f"unknown model '{text}': a Windows path; in WSL that folder is "
+                f"{setting('model', windows_to_wsl_path(text))}")
+    typed = text.lower() if "/" in text else f"qwen/{text.lower()}"
+    # A typo keeps the numbers: Qwen3-VL-32B is another model, not a misspelt 2B.
+    same_numbers = [b for b in BUILTIN if re.findall(r"\d+", b) == re.findall(r"\d+", typed)]
+    close = difflib.get_close_matches(typed, same_numbers, n=1, cutoff=0.85)
+    if close:
+        return f"unknown model {id_or_path!r}: did you mean {setting('model', BUILTIN[close[0]].id)}?"
+    if Path(text).expanduser().is_file():
+        return (f"unknown model {id_or_path!r}: that is a file; give the folder that holds the model's "
+                f"config.json ({Path(text).expanduser().parent})")
+    if text.count("/") != 1 or text.startswith((".", "~", "/")):
+        return (f"unknown model {id_or_path!r}: no such folder ({Path(text).expanduser().absolute()}), and not "
+                f"a hub id (org/name); give the folder save_pretrained wrote, or a hub id such as {BUILTIN_IDS[0]}")
+    return (f"unknown model {id_or_path!r}: vlkit knows {', '.join(BUILTIN_IDS)}; another Qwen3-VL checkpoint "
+            f"is read from its config.json, so download it first (`{command('download', model=text)}`: "
+            f"not in the cache {hub_cache()}) or give its folder")
 
 
 def variants_to_try(spec: ModelSpec) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 
 from .sizes import memory_arg
 
@@ -38,6 +39,24 @@ def at_least(minimum: int):
     return parse
 
 
+def context_tokens(text: str) -> int:
+    """A context length as vLLM's --max-model-len reads it (vllm/utils/argparse_utils.py
+    human_readable_int): 4096, 4k (4000), 4K (4096), 25.6k; at least MIN_CONTEXT."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([kKmM])", text.strip())
+    if m is None:
+        value = _number(text, int, "a number of tokens (4096, 4k = 4000, 4K = 4096)")
+    elif m.group(2).islower():
+        value = int(float(m.group(1)) * {"k": 10**3, "m": 10**6}[m.group(2)])
+    elif "." in m.group(1):
+        raise argparse.ArgumentTypeError(f"{text}: no decimals with the binary {m.group(2)} (as in vLLM); "
+                                         f"write {m.group(1)}{m.group(2).lower()} (decimal) or a whole number")
+    else:
+        value = int(m.group(1)) * {"K": 2**10, "M": 2**20}[m.group(2)]
+    if value < MIN_CONTEXT:
+        raise argparse.ArgumentTypeError(f"must be at least {MIN_CONTEXT} tokens, got {text}")
+    return value
+
+
 def port(text: str) -> int:
     value = _number(text, int, "a port number")
     if not 1 <= value <= 65535:
@@ -60,8 +79,8 @@ _OPTIONS = {
     "model": ("--model", dict(metavar="ID_OR_DIR",
                               help="hub id or local model folder (default: $VLKIT_MODEL, else the service's "
                                    "default, Qwen/Qwen3-VL-2B-Instruct)")),
-    "context": ("--context", dict(type=at_least(MIN_CONTEXT), metavar="TOKENS",
-                                  help="wanted context (prompt + answer) in tokens")),
+    "context": ("--context", dict(type=context_tokens, metavar="TOKENS",
+                                  help="wanted context (prompt + answer) in tokens: 4096, 4K (4096), 4k (4000)")),
     "gpu_memory": ("--gpu-memory", dict(type=memory_arg, metavar="SIZE",
                                         help="plan for a card of this size instead of this machine's "
                                              "(8GiB, 8GB, 8192MiB, 16G)")),
@@ -79,7 +98,8 @@ def add(parser: argparse.ArgumentParser, *names: str, profiles: tuple[str, ...] 
     --profile choices (`vlkit build` adds "all")."""
     for name in names or tuple(_OPTIONS):
         flag, kwargs = _OPTIONS[name]
-        kwargs = dict(kwargs, choices=profiles) if name == "profile" else kwargs
+        # type before choices: PROFILE=8GB (how cards are sold) is the 8gb profile
+        kwargs = dict(kwargs, choices=profiles, type=str.lower) if name == "profile" else kwargs
         parser.add_argument(flag, dest=name, **kwargs)
 
 

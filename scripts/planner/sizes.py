@@ -24,12 +24,19 @@ def parse_size(text: str) -> int:
     return value
 
 
+MAX_BARE_GIB = 1024  # no GPU has a TiB: a bare number above it is nvidia-smi's MiB, pasted
+
+
 def memory_arg(text: str) -> int:
     """parse_size as an argparse type (`--gpu-memory`), so every command reads sizes alike."""
     try:
-        return parse_size(text)
+        value = parse_size(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+    if str(text).strip().replace(".", "", 1).isdigit() and value > MAX_BARE_GIB * 2**30:
+        raise argparse.ArgumentTypeError(f"{text.strip()} without a unit is GiB, more than any GPU has; for MiB "
+                                         f"(as nvidia-smi shows it) write {text.strip()}MiB")
+    return value
 
 
 def gib(n: int | float) -> str:

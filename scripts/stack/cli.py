@@ -30,6 +30,10 @@ def cmd_download(args: argparse.Namespace) -> int:
     if not model:
         preflight.error(f"which model? `{command('download', model='Qwen/Qwen3-VL-4B-Instruct')}`")
         return 2
+    if Path(model).expanduser().is_dir():
+        print(f"{model} is a model folder: nothing to download; `{command('up', model=model)}` serves it "
+              "from there.")
+        return 0
     try:
         path = download(model)
     except DownloadError as e:

@@ -32,6 +32,19 @@ def probe(url: str, timeout: float = 3.0) -> int | None:
         return None
 
 
+def port_free(port: int) -> bool:
+    """Can the API bind 127.0.0.1:port? (What Docker will need to publish it.)"""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+NOT_THE_API = "a program"  # how what_answers begins when what listens cannot take a caption request
+
+
 def what_answers(port: int, api_key: str | None = None) -> str | None:
     """What listens on 127.0.0.1:port, in a few words, or None when nothing does: vlkit's service
     (it has /health/ready), another OpenAI-compatible server such as vLLM, or some other program."""
@@ -45,7 +58,7 @@ def what_answers(port: int, api_key: str | None = None) -> str | None:
     except http.client.HTTPException:
         ready = None
     if ready is None:
-        return "a program that does not answer HTTP"
+        return f"{NOT_THE_API} that does not answer HTTP"
     try:
         ids = [str(m.get("id")) for m in _request(f"{base_url}/v1/models", api_key=api_key, timeout=3)["data"]]
         listed = f"model {', '.join(ids)}" if ids else "no model listed"
@@ -56,7 +69,7 @@ def what_answers(port: int, api_key: str | None = None) -> str | None:
         return f"vlkit's service ({listed}, {state})" if listed else f"vlkit's service ({state})"
     if listed:
         return f"an OpenAI-compatible server ({listed})"
-    return f"a program that is not vlkit (HTTP {ready} on /health/ready)"
+    return f"{NOT_THE_API} that is not vlkit (HTTP {ready} on /health/ready)"
 
 
 def _request(url: str, payload: dict | None = None, *, api_key: str | None, timeout: float) -> dict:
@@ -80,13 +93,27 @@ def _request(url: str, payload: dict | None = None, *, api_key: str | None, time
                            f"Start it with `{command('up')}` (`{command('status')}` shows what runs).") from None
 
 
+# The formats' own first bytes: what the file is, whatever its name says (and mimetypes knows .webp
+# only where /etc/mime.types exists, which a bare WSL distro may lack).
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF8", "image/gif"),
+               (b"BM", "image/bmp"))
+
+
+def _image_type(data: bytes, name: str) -> str:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    found = next((mime for magic, mime in _SIGNATURES if data.startswith(magic)), None)
+    return found or mimetypes.guess_type(name)[0] or "application/octet-stream"
+
+
 def image_data_url(path: Path) -> str:
     if not path.is_file():
         raise ServiceError(f"{path}: no such image file")
-    mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    data = path.read_bytes()
+    mime = _image_type(data, path.name)
     if not mime.startswith("image/"):
         raise ServiceError(f"{path}: not an image (type {mime}); give a .jpg, .png or .webp file")
-    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
 
 
 def caption(base_url: str, image: Path, *, prompt: str = DEFAULT_PROMPT, max_tokens: int = 256,

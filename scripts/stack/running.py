@@ -10,7 +10,7 @@ import os
 from scripts.stack import compose as cp
 from scripts.stack import docker as dk
 from scripts.stack import preflight
-from scripts.stack.client import probe, what_answers
+from scripts.stack.client import NOT_THE_API, probe, what_answers
 from scripts.usage import command
 
 
@@ -56,8 +56,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     other = _outside_docker(port)
     if docker_problem:
         print(f"no vlkit container can run here yet: {docker_problem}")
-    if other:
-        print(f"{other}: `{command('caption', image='photo.jpg')}` talks to it; stop it where it was started.")
+    if other and f"answers: {NOT_THE_API} " in other:
+        print(f"{other}: it holds the port vlkit uses; stop it, or use another port: "
+              f"`{command('up', port=port + 1)}`.")
+    elif other:
+        print(f"{other}: `{command('caption', image='photo.jpg', port=args.port)}` talks to it; "
+              "stop it where it was started.")
     elif not docker_problem:
         print(f"vlkit is not running, and nothing answers on 127.0.0.1:{port} (`{command('up')}` starts it).")
     return 0

@@ -49,11 +49,11 @@ def _launch(args: argparse.Namespace, plan) -> cp.Launch:
                      hf_cache=hub_cache(), api_key=os.environ.get("VLKIT_API_KEY") or None)
 
 
-def _show_plan_refusal(plan) -> None:
+def _show_plan_refusal(plan, whole_budget: str) -> None:
     preflight.error(f"the plan for {plan.model} does not fit this card ({plan.profile} profile).")
     if plan.refusal:
         print(f"  next step: {plan.refusal}", file=sys.stderr)
-    print(f"  `{command('plan')}` shows the whole budget.", file=sys.stderr)
+    print(f"  `{whole_budget}` shows the whole budget.", file=sys.stderr)
 
 
 def _gate(plan) -> bool:
@@ -126,13 +126,44 @@ def _refused_before_planning(args: argparse.Namespace) -> int | None:
                         f"`{command('up', profile='8gb', cpu=True)}`.")
         return 2
     if preflight.looks_like_a_path(args.model) and not Path(args.model).expanduser().is_dir():
-        preflight.error(f"{setting('model', args.model)}: no such folder (a hub id looks like "
-                        "Qwen/Qwen3-VL-2B-Instruct).")
+        given = Path(args.model).expanduser()
+        preflight.error(f"{setting('model', args.model)}: a file, not the model's folder: {setting('model', given.parent)}?"
+                        if given.is_file() else f"{setting('model', args.model)}: no such folder (a hub id looks "
+                        "like Qwen/Qwen3-VL-2B-Instruct).")
         return 2
     return None
 
 
+def _same(target: str, args: argparse.Namespace, given_model: str | None, **changes) -> str:
+    """The user's `up` as `target` ("up", or "plan" for its budget), with `changes`: a command to copy
+    keeps PROFILE, MODEL, ARGS=--cpu, ... (`plan` gets what --cpu plans for instead of --cpu)."""
+    cpu = target == "up" and args.cpu
+    gpu_memory = args.gpu_memory or (CPU_PLAN_MEMORY if args.cpu and target == "plan" else None)
+    profile = "8gb" if args.cpu and target == "plan" else args.profile
+    given = dict(profile=None if profile == "auto" else profile, model=given_model, context=args.context,
+                 gpu_memory=f"{gpu_memory / GIB:g}GiB" if gpu_memory else None,
+                 gpu_memory_utilization=args.gpu_memory_utilization,
+                 port=args.port if target == "up" else None, cpu=cpu or None)
+    return command(target, **{**given, **changes})
+
+
+def _port_taken(launch: cp.Launch) -> str | None:
+    """What holds the port when it is not one of vlkit's own containers (compose replaces those)."""
+    from scripts.stack.client import port_free, what_answers
+
+    if port_free(launch.port) or launch.port in {dk.published_port(s) for s in cp.SERVICES.values()}:
+        return None
+    return what_answers(launch.port, launch.api_key) or "a program that does not accept connections"
+
+
+def _free_port_after(port: int) -> int:
+    from scripts.stack.client import port_free
+
+    return next((p for p in range(port + 1, min(port + 100, 65536)) if port_free(p)), port + 1)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
+    given_model = args.model
     args.model = args.model or options.default_model()
     args.port = args.port or preflight.default_port()
     code = _refused_before_planning(args)
@@ -148,11 +179,14 @@ def cmd_up(args: argparse.Namespace) -> int:
             preflight.error(preflight.no_gpu_line(str(e), "nothing was started"))
         return 2 if args.dry_run else 3
     except (ValueError, FileNotFoundError, LookupError) as e:
+        from scripts.planner import UnknownModelError
+
         preflight.error(f"cannot plan for {args.model}: {e}")
-        print(f"  `{command('doctor')}` checks the driver, the GPU and Docker.", file=sys.stderr)
+        if not isinstance(e, UnknownModelError):  # a bad MODEL is the whole story
+            print(f"  `{command('doctor')}` checks the driver, the GPU and Docker.", file=sys.stderr)
         return 2
     if not planned.fits:
-        _show_plan_refusal(planned)
+        _show_plan_refusal(planned, _same("plan", args, given_model))
         return 2
     launch = _launch(args, planned)
     if launch.local_model_dir and launch.profile == "8gb":
@@ -170,6 +204,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         if not _gate(planned):
             return 3
     if not preflight.docker_ok():
+        return 1
+    taken = _port_taken(launch)
+    if taken:  # before the download and the build, which take minutes
+        preflight.error(f"127.0.0.1:{launch.port} is taken by {taken}; nothing was started. Use another "
+                        f"port: `{_same('up', args, given_model, port=_free_port_after(launch.port))}`, "
+                        f"or stop that program.")
         return 1
     if not args.cpu and not args.skip_gate:
         problem = preflight.docker_gpu_problem(cp.run(["docker", "info", "--format", "{{json .}}"], capture=True).stdout)
