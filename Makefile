@@ -85,9 +85,8 @@ wsl-restart: $(HOST_STAMP) ## wsl --shutdown, after listing what uses the GPU
 	@$(VLKIT) wsl restart $(ARGS)
 
 k8s: $(HOST_STAMP) ## Kubernetes manifests for vLLM planned for GPU_MEMORY= x GPUS= per pod (ARGS=--output DIR)
-	@test -z "$(filter 8gb 8GB 8Gb 8gB,$(PROFILE))" || { echo "make k8s: PROFILE=$(PROFILE) is not for Kubernetes: the manifests run vLLM (the 16gb profile); drop PROFILE=$(PROFILE)" >&2; exit 2; }
 	@test -n "$(GPU_MEMORY)" || { echo "usage: make k8s GPU_MEMORY=24GiB [GPUS=2] [MODEL=...] [CONTEXT=...] [ARGS='--output k8s/ --replicas 2']"; exit 2; }
-	@$(VLKIT) k8s $(call opt,--gpu-memory,$(GPU_MEMORY)) $(call opt,--gpus,$(GPUS)) $(call opt,--model,$(MODEL)) $(call opt,--context,$(CONTEXT)) $(ARGS)
+	@$(VLKIT) k8s --profile $(PROFILE) $(call opt,--gpu-memory,$(GPU_MEMORY)) $(call opt,--gpus,$(GPUS)) $(call opt,--model,$(MODEL)) $(call opt,--context,$(CONTEXT)) $(ARGS)
 
 clean: $(HOST_STAMP) ## remove containers and built images (keeps models; MODEL=<id> removes one)
 	@$(VLKIT) clean $(call opt,--model,$(MODEL)) $(ARGS)

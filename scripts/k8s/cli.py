@@ -11,7 +11,7 @@ from pathlib import Path
 from scripts.k8s import names
 from scripts.planner.options import at_least, context_tokens
 from scripts.planner.sizes import memory_arg, parse_size
-from scripts.usage import command
+from scripts.usage import command, setting
 
 EXIT_WRITTEN, EXIT_ERROR, EXIT_DOES_NOT_FIT = 0, 1, 2
 GIB = 1024**3
@@ -42,6 +42,9 @@ def register(subparsers) -> None:
                    help="Hugging Face hub id the pods download and serve (default: %(default)s)")
     p.add_argument("--gpu-memory", type=memory_arg, required=True, metavar="SIZE",
                    help="memory of ONE GPU on the cluster's nodes (24GiB, 48GB, 80GiB)")
+    # Only to say so: the manifests run vLLM, so `make k8s PROFILE=8gb` is refused, not ignored.
+    p.add_argument("--profile", type=str.lower, choices=("auto", "16gb", "8gb"), default="16gb",
+                   help="16gb (vLLM), the only profile the manifests run; auto means 16gb here")
     p.add_argument("--gpus", type=_count, default=1, metavar="N",
                    help="GPUs per pod: vLLM's --tensor-parallel-size (a node must have N free)")
     p.add_argument("--context", type=context_tokens, metavar="TOKENS", help="wanted context (prompt + answer)")
@@ -79,6 +82,10 @@ def run(args: argparse.Namespace) -> int:
     from scripts.k8s import resources as res
     from scripts.planner import UnknownModelError, plan_for, resolve_model
 
+    if args.profile == "8gb":
+        _err(f"{setting('profile', '8gb')} is not for Kubernetes: the manifests run vLLM (the 16gb profile); "
+             f"drop {setting('profile', '8gb')}")
+        return EXIT_ERROR
     if Path(args.model).expanduser().is_dir():
         _err(f"--model {args.model} is a local directory, which the cluster's pods cannot see: pass the "
              "model's Hugging Face hub id (the pods download it into their cache volume)")
