@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 import socket
 import threading
 from dataclasses import dataclass
@@ -27,6 +28,11 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 # `make test` exports VLKIT_VIA_MAKE=1 (the Makefile does for every command): messages would name
 # make variables. Tests read them as a direct `vlkit` user does unless a test sets it itself.
 os.environ.pop("VLKIT_VIA_MAKE", None)
+# The tests run make themselves: `make test ARGS=-k...` would hand its ARGS (and any other of the
+# Makefile's variables, with MAKEFLAGS) to every make a test starts, as the variables a user typed.
+_MAKEFILE_VARIABLES = re.findall(r"^([A-Z_]+) \?=", (Path(__file__).parents[1] / "Makefile").read_text(), re.M)
+for _name in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", *_MAKEFILE_VARIABLES):
+    os.environ.pop(_name, None)
 
 API_KEY = "test-key"
 SERVED_NAME = "tiny-qwen3-vl"
