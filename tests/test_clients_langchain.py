@@ -46,3 +46,16 @@ def test_streaming_reports_usage(llm):
     chunks = list(llm.bind(max_tokens=12).stream(QUESTION, stream_usage=True))
     usage = sum(chunks[1:], chunks[0]).usage_metadata
     assert usage["output_tokens"] == 12 and usage["input_tokens"] > 0
+
+
+def test_the_completions_llm_sends_its_batch_as_one_list(long_context_server):
+    # langchain_openai.OpenAI (the completions LLM) puts up to 20 prompts in one /v1/completions request.
+    from langchain_openai import OpenAI
+
+    llm = OpenAI(model=SERVED_NAME, base_url=long_context_server.base_url + "/v1", api_key=API_KEY, max_retries=0,
+                 timeout=60, max_tokens=4, temperature=0)
+    result = llm.generate(["The street in the morning", "A red car", "hi"])
+    assert [len(g) for g in result.generations] == [1, 1, 1]
+    assert [g[0].text for g in result.generations] == [llm.invoke(p) for p in ("The street in the morning",
+                                                                              "A red car", "hi")]
+    assert result.llm_output["token_usage"]["completion_tokens"] <= 12

@@ -274,6 +274,35 @@ def test_completions_with_the_openai_sdk(server):
     assert by_ids.choices[0].text == reply.choices[0].text
 
 
+def test_completions_with_a_list_of_prompts_answer_each_in_turn_as_vllm(server):
+    # LangChain's OpenAI LLM sends its batch as one list; vLLM answers prompt i's choice j at i * n + j.
+    client = server.client()
+    ids = server.engine.tokenizer.encode("A red car")
+    alone = [client.completions.create(model=SERVED_NAME, prompt=p, max_tokens=5, temperature=0,
+                                       extra_body={"ignore_eos": True})
+             for p in ("The street in the morning", ids)]
+    both = client.completions.create(model=SERVED_NAME, prompt=["The street in the morning", "A red car"],
+                                     max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    assert [c.text for c in both.choices] == [alone[0].choices[0].text, alone[1].choices[0].text]
+    assert both.usage.prompt_tokens == alone[0].usage.prompt_tokens + alone[1].usage.prompt_tokens
+    sampled = client.completions.create(model=SERVED_NAME, prompt=["The street in the morning", "A red car"], n=2,
+                                        max_tokens=5, temperature=1, extra_body={"ignore_eos": True})
+    assert [c.index for c in sampled.choices] == [0, 1, 2, 3] and sampled.usage.completion_tokens == 20
+    assert sampled.usage.prompt_tokens == both.usage.prompt_tokens  # each prompt counted once, not per choice
+    by_ids = post(server, "/v1/completions", {"model": SERVED_NAME, "prompt": [ids, ids], "max_tokens": 5,
+                                              "temperature": 0}).json()
+    assert [c["text"] for c in by_ids["choices"]] == [alone[1].choices[0].text] * 2
+    one = client.completions.create(model=SERVED_NAME, prompt=["A red car"], max_tokens=5, temperature=0)
+    assert [c.text for c in one.choices] == [alone[1].choices[0].text]
+    # Refused as a whole, nothing generated: a stream of several, a bad prompt among them, more than the queue.
+    assert_error(post(server, "/v1/completions", {"model": SERVED_NAME, "prompt": ["a", "b"], "stream": True}),
+                 400, "several prompts")
+    assert_error(post(server, "/v1/completions", {"model": SERVED_NAME, "prompt": ["a", ""]}), 400, "empty")
+    many = server.engine.settings.max_queue + 1
+    assert_error(post(server, "/v1/completions", {"model": SERVED_NAME, "prompt": ["a"] * many}), 400, "prompts")
+    assert client.completions.create(model=SERVED_NAME, prompt="hi", max_tokens=2).usage.completion_tokens == 2
+
+
 def test_completions_token_ids_and_usage_where_vllm_puts_them(server):
     body = {"model": SERVED_NAME, "prompt": "hi there", "max_tokens": 4, "n": 2, "temperature": 1.0, "seed": 3,
             "ignore_eos": True, "return_token_ids": True}
@@ -309,7 +338,6 @@ def test_completions_logprobs_in_vllms_shape(server):
     assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["top_logprobs"]) == 4
     assert "".join(logprobs["tokens"]) == reply["choices"][0]["text"]
     assert logprobs["text_offset"][0] == 0 and all(len(top) >= 2 for top in logprobs["top_logprobs"])
-    assert_error(post(server, "/v1/completions", {"model": SERVED_NAME, "prompt": ["a", "b"]}), 400, "one prompt")
     assert_error(post(server, "/v1/completions", {"model": SERVED_NAME, "prompt": "hi", "suffix": "x"}), 400, "suffix")
     assert_error(post(server, "/v1/completions", {"model": "nope", "prompt": "hi"}), 404, "does not exist")
     assert_error(post(server, "/v1/completions", {"model": SERVED_NAME, "prompt": ""}), 400, "empty")

@@ -1,4 +1,4 @@
-"""Where a chat request's engine handle ends: the one place that cancels it, however the answer ends.
+"""Where a request's engine handles end: the one place that cancels them, however the answer ends.
 
 The mechanism is vLLM's `with_cancellation` (vllm/entrypoints/utils.py): the answer races a
 listener for the client's `http.disconnect`, and whichever finishes first cancels the other. vLLM races the
@@ -9,7 +9,8 @@ the moment the request is submitted, and one `finally` cancels the handle. So th
   the listener wins, the answer's task is cancelled;
 - the server shuts down: uvicorn cancels the request's task after its graceful timeout;
 - the answer fails (an error event, a bug): the exception leaves through the `finally`.
-Cancelling a finished request is a no-op, so the normal end goes the same way.
+Cancelling a finished request is a no-op, so the normal end goes the same way. A response may hold
+several engine requests (/v1/completions with a list of prompts): all are submitted and all cancelled.
 """
 from __future__ import annotations
 
@@ -30,34 +31,40 @@ async def listen_for_disconnect(receive: Receive) -> None:
 
 
 class GenerationResponse(Response):
-    """The answer to a prepared request, as a response: submitting it, sending what `respond` makes
-    of its handle (a JSONResponse once complete, or an event stream), and cancelling the handle."""
+    """The answer to prepared requests, as a response: submitting them, sending what `respond` makes
+    of their handles (a JSONResponse once complete, or an event stream), and cancelling the handles."""
 
-    def __init__(self, engine: Engine, request: GenerationRequest, arrived: float,
-                 respond: Callable[[RequestHandle], Awaitable[Response]]):
-        self.engine, self.request, self.arrived, self.respond = engine, request, arrived, respond
+    def __init__(self, engine: Engine, requests: list[GenerationRequest], arrived: float,
+                 respond: Callable[[list[RequestHandle]], Awaitable[Response]]):
+        self.engine, self.requests, self.arrived, self.respond = engine, requests, arrived, respond
         self.background = None  # the route machinery sets it; nothing runs after the answer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # Submitted here, not in the route, so that no moment separates the handle from its `finally`.
-        handle = self.engine.submit(self.request, asyncio.get_running_loop(), self.arrived)
-        answer = asyncio.ensure_future(self._answer(handle, scope, send))
-        listener = asyncio.ensure_future(listen_for_disconnect(receive))
+        handles: list[RequestHandle] = []
+        tasks: list[asyncio.Future] = []
         try:
-            await asyncio.wait((answer, listener), return_when=asyncio.FIRST_COMPLETED)
+            # Submitted here, not in the route, so that no moment separates a handle from the
+            # `finally` (a full queue refusing the second request cancels the first).
+            for request in self.requests:
+                handles.append(self.engine.submit(request, asyncio.get_running_loop(), self.arrived))
+            tasks = [asyncio.ensure_future(self._answer(handles, scope, send)),
+                     asyncio.ensure_future(listen_for_disconnect(receive))]
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
             # First, before anything here waits: at shutdown the engine stops right after uvicorn
             # has cancelled the requests. A queued request leaves the queue now, a running one the
             # batch at its next step.
-            handle.cancel()
-            answer.cancel()  # a no-op when it is done
-            listener.cancel()
-            await asyncio.gather(answer, listener, return_exceptions=True)  # neither outlives the request
+            for handle in handles:
+                handle.cancel()
+            for task in tasks:
+                task.cancel()  # a no-op when it is done
+            await asyncio.gather(*tasks, return_exceptions=True)  # neither outlives the request
+        answer = tasks[0]
         if not answer.cancelled():
             answer.result()  # its error, if any, goes to the error handlers
 
-    async def _answer(self, handle: RequestHandle, scope: Scope, send: Send) -> None:
-        response = await self.respond(handle)
+    async def _answer(self, handles: list[RequestHandle], scope: Scope, send: Send) -> None:
+        response = await self.respond(handles)
         await response(scope, _no_receive, send)  # the listener above owns `receive`
 
 

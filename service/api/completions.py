@@ -1,5 +1,6 @@
-"""POST /v1/completions as vLLM's OpenAIServingCompletion: a text prompt (or its token ids), no chat
-template, the same sampling surface as chat, vLLM's `text_completion` bodies and stream chunks."""
+"""POST /v1/completions as vLLM's OpenAIServingCompletion: a text prompt (or its token ids), or a list
+of them, no chat template, the same sampling surface as chat, vLLM's `text_completion` bodies and
+stream chunks."""
 from __future__ import annotations
 
 import time
@@ -40,12 +41,19 @@ class CompletionRequest(SamplingFields):
             data = {key: value for key, value in data.items() if key != "max_tokens"}
         return check_response_format(data)
 
+    @property
+    def prompts(self) -> list[Union[str, list[int]]]:
+        """The prompts, each a text or its token ids: a list of several (LangChain's OpenAI LLM sends
+        its batch so) is answered as vLLM answers it, one engine request each."""
+        if isinstance(self.prompt, str) or not self.prompt or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
+
     @model_validator(mode="after")
-    def _one_prompt(self) -> "CompletionRequest":
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], (str, list)):
-            if len(self.prompt) != 1:
-                raise InvalidRequest("This server takes one prompt per completion request.", param="prompt")
-            self.prompt = self.prompt[0]
+    def _checks(self) -> "CompletionRequest":
+        if len(self.prompts) > 1 and self.stream:
+            raise InvalidRequest("stream with several prompts is not supported here: stream one prompt per "
+                                 "request, or leave stream off for the list", param="stream")
         if self.echo and self.logprobs is not None:
             raise InvalidRequest("echo with logprobs needs prompt logprobs, which this server does not compute.",
                                  param="echo")
@@ -74,25 +82,34 @@ class CompletionServing:
 
     async def create_completion(self, body: CompletionRequest, engine: Engine, arrived: float) -> GenerationResponse:
         self.chat.check_model(body.model)
+        prompts, max_queue = body.prompts, self.chat.settings.max_queue
+        if len(prompts) > max_queue:  # each prompt is a queued request
+            raise InvalidRequest(f"{len(prompts)} prompts in one request, more than this server queues "
+                                 f"({max_queue}); send at most {max_queue}", param="prompt")
         options = body.to_engine_options()
         constraint = structured_constraint(body.response_format, body.structured_outputs)
         options["grammar"] = await off_loop(engine.compile_grammar, constraint) if constraint is not None else None
-        prompt = body.prompt
-        if isinstance(prompt, str):
-            request = await off_loop(engine.prepare_text, prompt, add_special_tokens=body.add_special_tokens, **options)
-        else:
-            request = await off_loop(engine.prepare_tokens, list(prompt), **options)
-        request.id = response_id("cmpl", body.request_id)
-        echo = "" if not body.echo else prompt if isinstance(prompt, str) else engine.tokenizer.decode(list(prompt))
-        shape = AnswerShape.of(body, request, engine, echo=echo)
+        answer_id = response_id("cmpl", body.request_id)
+        requests, shapes = [], []
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                request = await off_loop(engine.prepare_text, prompt, add_special_tokens=body.add_special_tokens,
+                                         **options)
+            else:
+                request = await off_loop(engine.prepare_tokens, list(prompt), **options)
+            request.id = answer_id
+            echo = "" if not body.echo else prompt if isinstance(prompt, str) else engine.tokenizer.decode(list(prompt))
+            requests.append(request)
+            shapes.append(AnswerShape.of(body, request, engine, echo=echo))
         model = self.chat.settings.model_name
 
-        async def respond(handle: RequestHandle) -> Response:
-            if body.stream:
-                return EventStreamResponse(stream(handle, request.id, model, body.include_usage, self.metrics, shape))
-            return JSONResponse(await whole(handle, request.id, model, shape))
+        async def respond(handles: list[RequestHandle]) -> Response:
+            if body.stream:  # one prompt (the request's checks)
+                return EventStreamResponse(stream(handles[0], answer_id, model, body.include_usage, self.metrics,
+                                                  shapes[0]))
+            return JSONResponse(await whole(handles, answer_id, model, shapes))
 
-        return GenerationResponse(engine, request, arrived, respond)
+        return GenerationResponse(engine, requests, arrived, respond)
 
 
 def stream(handle: RequestHandle, request_id: str, model: str, include_usage: bool, metrics: ServiceMetrics,
@@ -134,13 +151,19 @@ def stream(handle: RequestHandle, request_id: str, model: str, include_usage: bo
     return stream_answer(handle, shape, include_usage, metrics, head, render, lambda total: chunk([], total))
 
 
-async def whole(handle: RequestHandle, request_id: str, model: str, shape: AnswerShape) -> dict:
-    """vLLM's CompletionResponse."""
-    choices = await gather(handle, shape.n)
-    out = []
-    for index, c in enumerate(choices):
-        logprobs = None if c.logprobs is None else completion_logprobs(c.logprobs, shape.tokenizer, shape.tokens_as_ids)
-        out.append(_choice(index, shape.echo + "".join(c.text), logprobs, c.last.finish_reason, c.last.stop_reason,
-                           c.token_ids if shape.return_token_ids else None, shape.prompt_token_ids))
+async def whole(handles: list[RequestHandle], request_id: str, model: str, shapes: list[AnswerShape]) -> dict:
+    """vLLM's CompletionResponse: each prompt's n choices in turn (prompt i's choice j at index
+    i * n + j), the usage summed over the prompts."""
+    out, prompt_tokens, completion_tokens = [], 0, 0
+    for handle, shape in zip(handles, shapes):  # all run in the engine at once; read in order
+        choices = await gather(handle, shape.n)
+        for c in choices:
+            logprobs = None if c.logprobs is None else \
+                completion_logprobs(c.logprobs, shape.tokenizer, shape.tokens_as_ids)
+            out.append(_choice(len(out), shape.echo + "".join(c.text), logprobs, c.last.finish_reason,
+                               c.last.stop_reason, c.token_ids if shape.return_token_ids else None,
+                               shape.prompt_token_ids))
+        usage = usage_of(choices)
+        prompt_tokens, completion_tokens = prompt_tokens + usage.prompt_tokens, completion_tokens + usage.completion_tokens
     return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": out, "usage": usage_of(choices).model_dump()}
+            "choices": out, "usage": Usage.count(prompt_tokens, completion_tokens).model_dump()}

@@ -96,13 +96,14 @@ class ChatServing:
                                prompt_text=request.prompt.text if chat.return_prompt_text else None,
                                tool_calls=chat.tool_call_answer())
 
-        async def respond(handle: RequestHandle) -> Response:
+        async def respond(handles: list[RequestHandle]) -> Response:
+            (handle,) = handles
             if chat.stream:
                 return EventStreamResponse(stream_chunks(handle, request.id, model, chat.include_usage, self.metrics,
                                                          shape))
             return JSONResponse((await complete(handle, request.id, model, shape)).model_dump())
 
-        return GenerationResponse(engine, request, arrived, respond)
+        return GenerationResponse(engine, [request], arrived, respond)
 
     def check_model(self, model: str | None) -> None:
         """vLLM's _is_model_supported: no model or an empty one is the served model."""
