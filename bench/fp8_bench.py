@@ -11,10 +11,11 @@
    each step's tokens read one step behind, as the engine does): FP8 / bf16 and FP8 against its
    roofline, the issue's targets (>= 1.6x where bandwidth-bound, >= 50% of the roofline).
 3. Accuracy (bench/fp8_accuracy.py): FP8 against the bf16 model of the dequantized weights.
-4. The service's engine on FP8 checkpoints written to disk in Qwen's layout, in a fresh process
-   each (bench/engine_bench.py), with the 8 GiB plan's settings (7.0 GiB budget, 4096 context):
-   time to ready, TTFT, decode at 1 and 8 concurrent requests, peak process memory against the
-   budget. ``--engine 4b-nf4`` runs the bf16 checkpoint with ``--quantization nf4`` the same way.
+4. The service's engine on random-weight checkpoints written to disk, in a fresh process each
+   (bench/engine_bench.py), with the settings ``vlkit plan --profile 8gb --gpu-memory CARD``
+   gives them: ``--engine 4b-fp8@8GiB`` (a checkpoint in Qwen's FP8 layout on an 8 GiB card),
+   ``8b@12GiB`` (the bf16 checkpoint, which the plan quantizes to nf4 there): time to ready,
+   TTFT, decode at 1 and 8 concurrent requests, peak process memory against the budget.
 
 One table at the end (also ``$OUT/fp8.md``). The in-process phases compile into the engine's
 compile cache (``--workdir``), so the engines start with the kernels of the shapes seen before.
@@ -31,7 +32,6 @@ from types import SimpleNamespace
 import torch
 
 CONSUMER_CARDS = {"RTX 5060": 448.0, "RTX 4060": 272.0}  # GB/s, NVIDIA's figures
-PLAN_8GIB = ["--memory-budget-gib", "7.0", "--max-model-len", "4096"]  # vlkit plan --gpu-memory 8GiB
 
 
 def say(message: str) -> None:
@@ -111,18 +111,23 @@ def measure_shape(size: str, args, device, bandwidth: float, row: dict) -> None:
 
 
 def engine_entry(entry: str, args, row: dict) -> None:
-    """``2b-fp8``: the engine on a checkpoint in Qwen's FP8 layout; ``4b-nf4``: on the bf16
-    checkpoint with ``--quantization nf4`` (bitsandbytes); with the 8 GiB plan's settings."""
-    from bench.engine_bench import engine_rows
+    """``4b-fp8@8GiB``: the engine on a checkpoint in Qwen's FP8 layout, ``8b@12GiB`` on the bf16
+    checkpoint, each with the 8gb profile's plan for that card (its quantization included)."""
+    from bench.engine_bench import checkpoint_for, engine_rows
+    from bench.planned import Plan
     from bench.workload import Workload
 
-    size, _, kind = entry.partition("-")
-    checkpoint, flags = (entry, PLAN_8GIB) if kind == "fp8" else (size, [*PLAN_8GIB, "--quantization", kind])
+    checkpoint, _, card = entry.partition("@")
+    plan = Plan(checkpoint_for(checkpoint, args.workdir, "cuda"), "8gb", card or "8GiB")
+    if not plan.fits:
+        raise RuntimeError(f"vlkit plan --profile 8gb --gpu-memory {card} does not fit {checkpoint}")
+    flags = plan.service_flags()
     say(f"{entry}: the service's engine, flags {' '.join(flags)}")
     options = SimpleNamespace(device="cuda", engine_concurrency=[1, 8], new_tokens=args.new_tokens)
-    roofline = args.rooflines.get(size) if kind == "fp8" else None
+    size = checkpoint.partition("-")[0]
+    roofline = args.rooflines.get(size) if checkpoint.endswith("-fp8") else None
     for metric, value in engine_rows(checkpoint, options, Workload(new_tokens=args.new_tokens), roofline,
-                                     args.workdir, flags, 1, label=f"engine {entry} (8 GiB plan)"):
+                                     args.workdir, flags, 1, label=f"engine {entry}"):
         row[metric] = value
 
 
@@ -130,10 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.fp8_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="2b,4b,8b", help="architectures for the bf16 / FP8 decode rows")
     parser.add_argument("--accuracy", default="2b,4b", help="architectures for the accuracy row")
-    parser.add_argument("--engine", default="2b-fp8,4b-fp8",
-                        help="engine runs: SIZE-fp8 (FP8 checkpoint) or SIZE-nf4 (bf16 checkpoint, --quantization "
-                             "nf4: needs bitsandbytes); '' for none")
+    parser.add_argument("--engine", default="2b-fp8@8GiB,4b-fp8@8GiB",
+                        help="engine runs: SIZE-fp8@CARD (FP8 checkpoint) or SIZE@CARD (bf16 checkpoint), each with "
+                             "the 8gb plan for that card (nf4 where it plans nf4: needs bitsandbytes); '' for none")
     parser.add_argument("--kernel-models", default="2b,4b,8b", help="shapes of the kernel table ('' for none)")
+    parser.add_argument("--kernel-rows", default="1,8,16,32,64,1024", help="M of the kernel table")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--steps", type=int, default=128, help="greedy steps of the accuracy row")
     parser.add_argument("--max-len", type=int, default=2048, help="KV slot length of the decode rows")
@@ -162,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     kernels = ""
     if args.kernel_models:
         say("FP8 GEMMs against cuBLAS bf16")
-        kernels = kernel_table(kernel_rows(args.kernel_models.split(","), (1, 2, 4, 8, 16, 32, 64, 1024), device))
+        rows = tuple(int(m) for m in args.kernel_rows.split(","))
+        kernels = kernel_table(kernel_rows(args.kernel_models.split(","), rows, device))
         print(kernels, flush=True)
     results: dict[str, dict[str, str]] = {}
     for size in [s for s in args.models.split(",") if s]:
@@ -179,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             engine_entry(entry, args, row)
         except Exception as exc:  # noqa: BLE001
-            row[f"engine {entry} (8 GiB plan)"] = f"failed: {type(exc).__name__}: {exc}"
+            row[f"engine {entry}"] = f"failed: {type(exc).__name__}: {exc}"
         say(f"{entry} engine: {time.perf_counter() - phase:.0f} s")
     report = (f"FP8 benchmark ({environment(device)}; copy {bandwidth:.0f} GB/s; FP8 path: {path}; "
               f"{time.perf_counter() - started:.0f} s)\n\n{table(results)}\n\n{kernels}\n")

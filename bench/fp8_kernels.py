@@ -3,8 +3,10 @@
 
 For each model's fused q/k/v, o, fused gate/up and down projection and each M: microseconds per
 call and the weight bytes streamed per second, for cuBLAS bf16 (``F.linear``), the Triton
-weight-only kernel, the Triton FP8 tensor-core kernel (activation quantization included) and, on
-Hopper, ``torch._scaled_mm`` with block scales. Each figure is the median CUDA-graph replay over
+weight-only kernels (split over K, and the skinny one for M <= 16) with each way of decoding the
+weight bytes (integer operations; sm_89+'s conversion; the product in bf16 or fp16), the Triton
+FP8 tensor-core kernel (activation quantization included) and, on Hopper, ``torch._scaled_mm``
+with block scales (those two from M = 16: below it the weight-only kernels win, measured). Each figure is the median CUDA-graph replay over
 copies of the weight that together exceed the L2 cache, so every call reads its weight from
 memory, as a decode step does. The last column names the fastest FP8 path: where the service's
 ``WEIGHT_ONLY_MAX_ROWS`` (service/decode/fp8.py) should sit.
@@ -23,7 +25,7 @@ from service.decode.fp8 import TritonGemm, quantize_blockwise
 from service.model_shapes import shape as model_shape
 
 L2_FLUSH_BYTES = 256 * 1024**2  # weights rotated per timing: several times an H200's 60 MB L2
-ROWS = (1, 2, 4, 8, 16, 32, 64, 1024)
+ROWS = (1, 8, 16, 32, 64, 1024)
 
 
 def projection_shapes(size: str) -> dict[str, tuple[int, int]]:
@@ -33,6 +35,14 @@ def projection_shapes(size: str) -> dict[str, tuple[int, int]]:
         text["num_key_value_heads"] * text["head_dim"]
     inter = text["intermediate_size"]
     return {"qkv": (q + 2 * kv, hidden), "o": (hidden, q), "gate_up": (2 * inter, hidden), "down": (hidden, inter)}
+
+
+def decodes(native_available: bool) -> list[tuple[str, bool, bool]]:
+    """(name, native, dot_f16): the ways the weight-only kernels can decode FP8 bytes here."""
+    ways = [("integer decode", False, False), ("integer decode, fp16 product", False, True)]
+    if native_available:
+        ways += [("native decode", True, False), ("native decode, fp16 product", True, True)]
+    return ways
 
 
 def graph_seconds(calls: list) -> float:
@@ -55,15 +65,20 @@ def kernel_rows(sizes: list[str], rows: tuple[int, ...], device: torch.device) -
                          for i in range(max(2, -(-L2_FLUSH_BYTES // weights)))]
             for m in rows:
                 x = torch.randn(m, in_features, device=device, dtype=torch.bfloat16)
-                paths = {
-                    "bf16 cuBLAS": [lambda w=w: F.linear(x, w) for w in dense],
-                    "weight-only": [lambda w=w, s=s: fp8_kernels.weight_only_matmul(x, w, s) for w, s in quantized],
-                }
-                if gemm.fp8_tensor_cores:
+                paths = {"bf16 cuBLAS": [lambda w=w: F.linear(x, w) for w in dense]}
+                for decode, native, dot_f16 in decodes(gemm.fp8_tensor_cores):
+                    paths[f"weight-only, {decode}"] = [
+                        lambda w=w, s=s, n=native, d=dot_f16: fp8_kernels.weight_only_matmul(x, w, s, native=n, dot_f16=d)
+                        for w, s in quantized]
+                    if m <= 16 and native == gemm.fp8_tensor_cores:
+                        paths[f"skinny, {decode}"] = [
+                            lambda w=w, s=s, n=native, d=dot_f16: fp8_kernels.skinny_matmul(x, w, s, native=n, dot_f16=d)
+                            for w, s in quantized]
+                if gemm.fp8_tensor_cores and m >= 16:
                     triton_w8a8 = TritonGemm(device, fp8_tensor_cores=True, scaled_mm=False)
                     paths["FP8 tensor cores (Triton)"] = [lambda w=w, s=s: triton_w8a8.w8a8(x, w, s)
                                                           for w, s in quantized]
-                if gemm.scaled_mm:
+                if gemm.scaled_mm and m >= 16:
                     paths["FP8 tensor cores (_scaled_mm)"] = [lambda w=w, s=s: gemm.w8a8(x, w, s) for w, s in quantized]
                 seconds = {}
                 for path, calls in paths.items():

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from bench.engine_mode import measure_streams
+from bench.planned import Plan
 from service.smoke import PROMPT, _image_url, _PeakMemory
 
 GIB = 1024**3
@@ -146,22 +147,6 @@ def table(rows: list[tuple[str, float, float]], better_low: set[str]) -> str:
         ratio = ours / theirs if theirs else float("nan")
         lines.append(f"| {name} | {ours:.3f} | {theirs:.3f} | {ratio:.2f}{' (lower is better)' if any(b in name for b in better_low) else ''} |")
     return "\n".join(lines)
-
-
-class Plan:
-    """What `vlkit plan --json` says (run from the checkout: the image has no host tools)."""
-
-    def __init__(self, ckpt: Path, profile: str, card: str):
-        import json
-
-        root = Path(__file__).resolve().parents[1]
-        out = subprocess.run([sys.executable, "-m", "scripts", "plan", "--json", "--model", str(ckpt), "--profile",
-                              profile, "--gpu-memory", card], capture_output=True, text=True, cwd=root)
-        if out.returncode not in (0, 2):
-            raise RuntimeError(f"vlkit plan failed: {out.stderr.strip()}")
-        plan = json.loads(out.stdout)
-        self.fits, self.service_env, self.vllm_args = plan["fits"], plan["service_env"], plan["vllm_args"]
-        self.gpu_total_bytes = plan["gpu_total_bytes"]
 
 
 def main(argv: list[str] | None = None) -> int:

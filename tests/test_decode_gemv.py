@@ -61,9 +61,16 @@ def test_a_candidate_kernel_is_kept_only_where_it_agrees_and_is_clearly_faster(m
     choice.measure("faster, wrong", exact, wrong, tolerance=1e-2)
     choice.measure("2% faster only", exact, lambda: F.linear(x, weight), tolerance=1e-2)  # 9.8 us
     choice.measure("cannot run", exact, broken, tolerance=1e-2)
-    assert choice.chosen == {"faster, agrees"}
+    assert choice.chosen == {"faster, agrees": "candidate"}
     assert "faster, agrees" in choice and "faster, wrong" not in choice
-    assert choice.timings["faster, agrees"] == (10.0, 9.0) and "cannot run" not in choice.timings
+    assert choice.timings["faster, agrees"] == {"baseline": 10.0, "candidate": 9.0}
+    assert choice.timings["cannot run"] == {"baseline": 10.0}
+    faster = lambda: F.linear(x, weight) * (1 - 1e-4)  # noqa: E731
+    micros[faster] = 8.0
+    choice.measure("several", exact, {"slow": slightly, "wrong": wrong, "fast": faster, "broken": broken},
+                   tolerance=1e-2)
+    assert choice.get("several") == "fast"  # the fastest that agrees; the wrong one (5 us) never counts
+    assert choice.get("faster, wrong") is None
     choice.measure("faster, wrong", exact, slightly, tolerance=1e-2)  # measured once per shape
     assert "faster, wrong" not in choice
     choice.report()
@@ -79,12 +86,12 @@ def test_a_choice_routes_only_the_chosen_shapes_to_the_kernel(monkeypatch):
     x = torch.randn(2, 64, device=DEVICE)
     expected = F.linear(silu_mul(*x.chunk(2, dim=-1)), weight)
     assert torch.allclose(choice(x, weight, activation=silu_mul), expected, atol=1e-5) and not calls
-    choice.skinny.chosen.add((2, 24, 32, True))  # as measure() keeps a shape the kernel ran faster
+    choice.skinny.chosen[(2, 24, 32, True)] = "skinny"  # as measure() keeps a shape the kernel ran faster
     assert torch.allclose(choice(x, weight, activation=silu_mul), expected, atol=1e-5) and calls == [(2, 64)]
     assert torch.allclose(choice(x[:, :32], weight), F.linear(x[:, :32], weight), atol=1e-5)  # another key
     assert calls == [(2, 64)]
     choice.measure([(weight, False)], [1, 2], silu_mul)  # nothing to time without a GPU: no choice changes
-    assert choice.skinny.chosen == {(2, 24, 32, True)} or DEVICE == "cuda"
+    assert choice.skinny.chosen == {(2, 24, 32, True): "skinny"} or DEVICE == "cuda"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU, tests/test_decode_step.py runs the real kernels")
@@ -106,7 +113,7 @@ def test_the_decode_step_on_the_triton_kernels_decodes_like_transformers():
     for m in (1, 2):
         for weight, silu in ((decoder.qkv_proj[0].weight, False), (decoder.gate_up_proj[0].weight, False),
                              (layer.self_attn.o_proj.weight, False), (layer.mlp.down_proj.weight, True)):
-            decoder.linear.skinny.chosen.add((m, weight.shape[0], weight.shape[1], silu))
+            decoder.linear.skinny.chosen[(m, weight.shape[0], weight.shape[1], silu)] = "skinny"
     runner = DecodeRunner(decoder, context_step=64)
     pf = prefill(model, **inputs)
     slots = [cache.allocate(40) for _ in rows]

@@ -52,7 +52,7 @@ DTYPES = (torch.float16,) if INTERPRETED else (torch.bfloat16, torch.float16)
 def interpreter_device_facts(monkeypatch):
     """Under the interpreter there is no GPU to ask for its SM count and shared memory."""
     if INTERPRETED:
-        monkeypatch.setattr(fp8_kernels, "_device_facts", lambda index: (8, False))
+        monkeypatch.setattr(fp8_kernels, "_device_facts", lambda index: fp8_kernels.DeviceFacts(8, False, True))
         monkeypatch.setattr(fp8_kernels, "_index", lambda device: 0)
 
 
@@ -72,16 +72,38 @@ def dequantized_product(x, weight, scale):
     return F.linear(x.float(), dequantize_blockwise(weight, scale, torch.float32))
 
 
+# How the weight bytes are decoded (native: sm_89+'s conversion, else integer operations) and
+# whether the product is fp16: every combination a device can take.
+DECODES = [(native, dot_f16) for native in (False, True) for dot_f16 in (False, True)
+           if not native or fp8_tensor_cores()]
+DECODE_IDS = [f"{'native' if n else 'integer'}-{'f16dot' if d else 'xdot'}" for n, d in DECODES]
+
+
 @needs_kernels
+@pytest.mark.parametrize("native, dot_f16", DECODES, ids=DECODE_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("model", list(REAL_SHAPES))
-def test_the_weight_only_kernel_is_the_dequantized_product(model, rows, dtype):
+def test_the_weight_only_kernel_is_the_dequantized_product(model, rows, dtype, native, dot_f16):
     for index, (out_features, in_features) in enumerate(REAL_SHAPES[model]):
         x, weight, scale = problem(rows, out_features, in_features, dtype, seed=rows * 10 + index)
-        y = fp8_kernels.weight_only_matmul(x, weight, scale)
+        y = fp8_kernels.weight_only_matmul(x, weight, scale, native=native, dot_f16=dot_f16)
         assert y.shape == (rows, out_features) and y.dtype == dtype
         assert relative_error(y, dequantized_product(x, weight, scale)) < 1e-2, (out_features, in_features)
+
+
+@needs_kernels
+@pytest.mark.parametrize("native, dot_f16", DECODES, ids=DECODE_IDS)
+def test_activations_past_fp16s_range_survive_the_fp16_product(native, dot_f16):
+    """A bf16 activation of 1e5 (past fp16's 65504: an outlier channel) stays finite and exact
+    to the kernels' precision when the product is taken in fp16."""
+    dtype = torch.bfloat16 if ON_GPU else torch.float32  # the interpreter: bf16 dots are wrong there
+    x, weight, scale = problem(3, 96, 384, dtype, seed=7)
+    x[:, 5] = 1e5
+    for kernel in (fp8_kernels.weight_only_matmul, fp8_kernels.skinny_matmul):
+        y = kernel(x, weight, scale, native=native, dot_f16=dot_f16)
+        assert torch.isfinite(y.float()).all()
+        assert relative_error(y, dequantized_product(x, weight, scale)) < 1e-2
 
 
 @needs_kernels
@@ -130,6 +152,22 @@ def test_the_gpu_gets_its_fp8_path_checked_and_named():
     for rows in (1, 32, 33, 300):  # both sides of the weight-only threshold
         x, weight, scale = problem(rows, 1024, 2048, torch.bfloat16, seed=rows)
         assert relative_error(gemm(x, weight, scale), dequantized_product(x, weight, scale)) < 6e-2
+
+
+@needs_gpu
+def test_the_decode_shapes_take_the_fastest_variant_and_it_is_the_product():
+    """The start-up's measured choice on a 4B projection: a choice for every decode shape timed,
+    and whichever kernel it routes to computes the dequantized product."""
+    from service.decode.fp8 import gemm_for
+
+    gemm = gemm_for(torch.device("cuda"))
+    x, weight, scale = problem(1, 2560, 9728, torch.bfloat16, seed=11)
+    gemm.measure([(weight, scale)], [1, 8, 32])
+    assert set(gemm.decode.timings) == {(1, 2560, 9728), (8, 2560, 9728), (32, 2560, 9728)}
+    assert all(v in gemm.variants for v in gemm.decode.chosen.values())
+    for rows in (1, 8, 32):
+        x, _, _ = problem(rows, 2560, 9728, torch.bfloat16, seed=rows)
+        assert relative_error(gemm(x, weight, scale), dequantized_product(x, weight, scale)) < 1e-2
 
 
 @needs_gpu
@@ -193,12 +231,14 @@ def test_an_fp8_checkpoint_on_the_gpu_holds_one_byte_per_fp8_weight(tmp_path):
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows, out, cols", [(1, 256, 384), (5, 200, 300), (16, 384, 256)])
-def test_the_skinny_decode_kernel_is_the_weight_only_math(rows, out, cols):
+@pytest.mark.parametrize("native, dot_f16", DECODES, ids=DECODE_IDS)
+@pytest.mark.parametrize("rows, out, cols", [(1, 256, 384), (5, 200, 300), (16, 384, 256), (2, 64, 640)])
+def test_the_skinny_decode_kernel_is_the_weight_only_math(rows, out, cols, native, dot_f16):
     """The decode step's no-split kernel (under Triton's interpreter here, in fp16): the dequantized
-    product, whole and partial blocks in N and K."""
+    product, whole and partial blocks in N and K, K's blocks not a multiple of a step's."""
     pytest.importorskip("triton")
     from service.decode.fp8_kernels import skinny_matmul
 
     x, weight, scale = problem(rows, out, cols, torch.float16, seed=rows + out)
-    assert relative_error(skinny_matmul(x, weight, scale), dequantized_product(x, weight, scale)) < 2e-3
+    y = skinny_matmul(x, weight, scale, native=native, dot_f16=dot_f16)
+    assert relative_error(y, dequantized_product(x, weight, scale)) < 2e-3

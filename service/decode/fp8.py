@@ -19,8 +19,11 @@ Which GEMM a device takes (:func:`gemm_for`, logged at load; docs/SERVICE.md has
   Hopper (cuBLASLt's 1x128 x 128x128 block scaling is sm_90 only), a Triton kernel elsewhere;
 - below 7.5, or CUDA without Triton: refused (:class:`Fp8Unsupported`).
 
-Each kernel is checked at load on a small problem against the torch reference; one that fails
-(a Triton or driver that cannot build it) is dropped with a warning, the weight-only kernel last.
+For the decode step's shapes (each projection at each batch size up to ``WEIGHT_ONLY_MAX_ROWS``)
+the engine's start-up times the weight-only kernel against its variants (the skinny kernel, the
+product in fp16; ``TritonGemm.measure``) and keeps the fastest per shape on this GPU. Each kernel
+is checked at load on a small problem against the torch reference; one that fails (a Triton or
+driver that cannot build it) is dropped with a warning, the weight-only kernel last.
 """
 from __future__ import annotations
 
@@ -182,27 +185,37 @@ class TritonGemm:
         self.fp8_tensor_cores = fp8_tensor_cores
         self.scaled_mm = scaled_mm and fp8_tensor_cores
         self.weight_only_max_rows = weight_only_max_rows
-        self.skinny = KernelChoice("FP8 decode projections (M, N, K), the weight-only vs the skinny kernel")
+        self.decode = KernelChoice("FP8 decode projections (M, N, K), the weight-only kernel vs its variants")
+        # The candidates for a decode step's shape: the same math, another kernel or product dtype.
+        self.variants = {
+            "weight-only, fp16 product": lambda x, w, s: fp8_kernels.weight_only_matmul(x, w, s, dot_f16=True),
+            "skinny": lambda x, w, s: fp8_kernels.skinny_matmul(x, w, s, dot_f16=False),
+            "skinny, fp16 product": lambda x, w, s: fp8_kernels.skinny_matmul(x, w, s, dot_f16=True),
+        }
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        if (x.shape[0], *weight.shape) in self.skinny:
-            return self.kernels.skinny_matmul(x, weight, scale)
+        variant = self.decode.get((x.shape[0], *weight.shape))
+        if variant is not None:
+            return self.variants[variant](x, weight, scale)
         if not self.fp8_tensor_cores or x.shape[0] <= self.weight_only_max_rows:
             return self.kernels.weight_only_matmul(x, weight, scale)
         return self.w8a8(x, weight, scale)
 
     @torch.no_grad()
     def measure(self, weights: list[tuple[torch.Tensor, torch.Tensor]], batch_sizes: list[int]) -> None:
-        """For the decode step's shapes (one layer's projections at each batch size <= 16): time the
-        weight-only kernel and the skinny one (service/decode/kernel_choice.py) and keep the skinny
-        one where it is faster and agrees."""
+        """For the decode step's shapes (one layer's projections at each batch size the weight-only
+        kernel takes): time it and its variants (service/decode/kernel_choice.py) and keep the
+        fastest that agrees (the skinny kernel up to 16 rows; the fp16 product for bf16 activations)."""
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         for weight, scale in weights:
-            for rows in sorted({m for m in batch_sizes if m <= 16}):
+            for rows in sorted({m for m in batch_sizes if m <= self.weight_only_max_rows}):
                 x = torch.randn(rows, weight.shape[1], device=weight.device, dtype=dtype)
-                self.skinny.measure((rows, *weight.shape), lambda: self.kernels.weight_only_matmul(x, weight, scale),
-                                    lambda: self.kernels.skinny_matmul(x, weight, scale), tolerance=1e-2)
-        self.skinny.report()
+                candidates = {name: (lambda f=f: f(x, weight, scale)) for name, f in self.variants.items()
+                              if (rows <= 16 or not name.startswith("skinny"))
+                              and (dtype == torch.bfloat16 or "fp16" not in name)}
+                self.decode.measure((rows, *weight.shape), lambda: self.kernels.weight_only_matmul(x, weight, scale),
+                                    candidates, tolerance=1e-2)
+        self.decode.report()
 
     def w8a8(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """FP8 tensor cores at any row count (the benchmark times it against the weight-only kernel)."""
@@ -253,6 +266,15 @@ class TritonGemm:
         except Exception as exc:
             raise Fp8Unsupported(f"the FP8 weight-only Triton kernel does not run on this GPU ({type(exc).__name__}: "
                                  f"{exc}); use the bf16 checkpoint") from exc
+        for name in [n for n in self.variants if "fp16" in n and dtype == torch.bfloat16]:  # past fp16's 65504
+            try:
+                x, w, s = problem(2, 384, 96)
+                x[:, 5] = 1e5
+                if not error(self.variants[name](x, w, s), dequantize_gemm(x, w, s)) < 1e-2:
+                    raise RuntimeError("a bf16 activation of 1e5 comes out wrong")
+            except Exception as exc:  # noqa: BLE001 - the variant is left out; the others remain
+                log.warning("FP8 decode variant %r unavailable on this GPU (%s: %s)", name, type(exc).__name__, exc)
+                del self.variants[name]
         if not self.fp8_tensor_cores:
             return
         for path, shape in (("scaled_mm", (100, 512, 256)), ("block", (100, 320, 200))):

@@ -4,10 +4,15 @@
 - :func:`weight_only_matmul`: bf16/fp16 activations times the weight dequantized in registers,
   one 128-column block of K per step: the FP8 values (exact in fp16 and bf16) go to the tensor
   cores, each row's block scale multiplies the float32 product. Runs on every GPU Triton supports
-  (sm_75+): the FP8 bytes are decoded with three integer operations into fp16's bit layout
-  (Triton converts float8e4nv only on sm_89+). For the few rows of a decode step the grid is split over K
-  as well (partial sums in float32, then one small reduction kernel) so that enough blocks of work
-  stream the weights to keep the memory bus busy.
+  (sm_75+). Decoding the bytes is the kernel's main cost at decode batch sizes (it is bound by
+  instructions before bandwidth: measured 1300 GB/s of FP8 on an H200 with the integer decode
+  below, half of cuBLAS's bf16 rate), so sm_89+ use the hardware's conversion
+  (``cvt.rn.f16x2.e4m3x2``, Triton's float8e4nv) and older GPUs three integer operations into
+  fp16's bit layout. ``dot_f16``: the product in fp16 (the activations' tile converted, scaled by
+  1/16 so that no bf16 activation under ~1e6 overflows) instead of the weights' tile converted
+  on to bf16; which is faster is measured (bench/fp8_kernels.py). For the few rows of a decode
+  step the grid is split over K as well (partial sums in float32, then one small reduction
+  kernel) so that enough blocks of work stream the weights to keep the memory bus busy.
 - :func:`quantize_activations` + :func:`block_matmul` (sm_89+): activations quantized to FP8 per
   token and 128 columns, an FP8 x FP8 tensor-core product per 128-column block, scaled by the
   activations' and the weight's scale of that block, accumulated in float32.
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -27,6 +33,8 @@ except ImportError:  # pragma: no cover - depends on the torch build
 
 GROUP = 128  # the scale block: one K step of every kernel
 MAX_SPLIT_K = 8
+X_SCALE = 1.0 / 16  # activations' scale when the product is fp16: |x| up to ~1e6, bf16's precision from 1e-3
+DOT_F16 = False  # bf16 activations: the product in fp16 (True) or the weights' tile converted to bf16
 
 
 def triton_available() -> bool:
@@ -37,11 +45,26 @@ def _index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
+class DeviceFacts(NamedTuple):
+    sms: int
+    small_smem: bool  # Turing: 64 KiB of shared memory a block (the others have 99 KiB or more)
+    native_fp8: bool  # sm_89+: the hardware converts float8_e4m3fn
+
+
 @functools.lru_cache(maxsize=None)
-def _device_facts(index: int) -> tuple[int, bool]:
-    """SMs, and whether shared memory is Turing's 64 KiB a block (the others have 99 KiB or more)."""
+def _device_facts(index: int) -> DeviceFacts:
     properties = torch.cuda.get_device_properties(index)
-    return properties.multi_processor_count, (properties.major, properties.minor) < (8, 0)
+    capability = (properties.major, properties.minor)
+    return DeviceFacts(properties.multi_processor_count, capability < (8, 0), capability >= (8, 9))
+
+
+def _dequant_options(x: torch.Tensor, native: bool | None, dot_f16: bool | None) -> dict:
+    """The kernels' constexprs for decoding the weight bytes and the product's dtype; ``UNSCALE``
+    undoes the powers of two the decode and the activations' conversion leave in the product."""
+    native = _device_facts(_index(x.device)).native_fp8 if native is None else native
+    dot_f16 = (DOT_F16 and x.dtype == torch.bfloat16) if dot_f16 is None else dot_f16
+    unscale = (1.0 if native else 256.0) * (1.0 / X_SCALE if dot_f16 else 1.0)
+    return {"x_scale": X_SCALE, "NATIVE_FP8": native, "DOT_F16": dot_f16, "UNSCALE": unscale}
 
 
 def _rows_config(rows: int, small_smem: bool) -> tuple[int, int, int, int]:
@@ -57,20 +80,22 @@ def _rows_config(rows: int, small_smem: bool) -> tuple[int, int, int, int]:
 
 def _split_k(tiles: int, k_blocks: int, device: torch.device) -> int:
     """Splits of K that bring the grid to about two blocks of work per SM (at least 2 K steps each)."""
-    split, target = 1, 2 * _device_facts(_index(device))[0]
+    split, target = 1, 2 * _device_facts(_index(device)).sms
     while split < MAX_SPLIT_K and tiles * split < target and k_blocks >= 4 * split:
         split *= 2
     return split
 
 
-def weight_only_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x @ dequantize(weight, scale).T`` in ``x``'s dtype (bf16 or fp16), the weight read once as FP8."""
+def weight_only_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, native: bool | None = None,
+                       dot_f16: bool | None = None) -> torch.Tensor:
+    """``x @ dequantize(weight, scale).T`` in ``x``'s dtype (bf16 or fp16), the weight read once as FP8.
+    ``native`` / ``dot_f16`` (default: this device's) choose how the weight is decoded (benchmarks)."""
     rows, cols = x.shape
     out_features = weight.shape[0]
     if x.stride(1) != 1:
         x = x.contiguous()
-    small_smem = _device_facts(_index(x.device))[1]
-    block_m, block_n, warps, stages = _rows_config(rows, small_smem)
+    options = _dequant_options(x, native, dot_f16)
+    block_m, block_n, warps, stages = _rows_config(rows, _device_facts(_index(x.device)).small_smem)
     tiles = triton.cdiv(rows, block_m) * triton.cdiv(out_features, block_n)
     split = _split_k(tiles, triton.cdiv(cols, GROUP), x.device) if rows <= 32 else 1
     out = torch.empty((rows, out_features), device=x.device, dtype=x.dtype)
@@ -79,18 +104,20 @@ def weight_only_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     _weight_only_kernel[grid](
         x, weight.view(torch.uint8), scale, target, rows, out_features, cols,
         x.stride(0), weight.stride(0), scale.stride(0), target.stride(-2), target.stride(0) if split > 1 else 0,
-        BLOCK_M=block_m, BLOCK_N=block_n, GROUP=GROUP, SPLIT_K=split, num_warps=warps, num_stages=stages)
+        BLOCK_M=block_m, BLOCK_N=block_n, GROUP=GROUP, SPLIT_K=split, **options, num_warps=warps, num_stages=stages)
     if split > 1:
         total = rows * out_features
         _sum_splits_kernel[(triton.cdiv(total, 1024),)](target, out, total, SPLIT=split, BLOCK=1024, num_warps=4)
     return out
 
 
-def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *, native: bool | None = None,
+                  dot_f16: bool | None = None) -> torch.Tensor:
     """The decode step's shape (``x [M <= 16, K]``): each program streams a tile of output features
-    over the whole K, no split of K (so no partial sums and no second kernel), the tile shape
-    autotuned per (N, K) on the device. ``weight_only_matmul``'s math; TritonGemm keeps whichever
-    of the two the device runs faster for each shape."""
+    over the whole K, no split of K (so no partial sums and no second kernel), ``GROUPS`` scale
+    blocks of K a step (more bytes in flight for few tiles), the tile shape autotuned per (N, K)
+    on the device. ``weight_only_matmul``'s math; TritonGemm keeps whichever of the two the device
+    runs faster for each shape."""
     rows, cols = x.shape
     out_features = weight.shape[0]
     if rows > 16:
@@ -100,10 +127,11 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) ->
     out = torch.empty((rows, out_features), device=x.device, dtype=x.dtype)
     args = (x, weight.view(torch.uint8), scale, out, rows, out_features, cols, x.stride(0), weight.stride(0),
             scale.stride(0), out.stride(0))
+    options = _dequant_options(x, native, dot_f16)
     if os.environ.get("TRITON_INTERPRET") == "1":  # Triton's CPU interpreter: no device to autotune on
-        _skinny_kernel_jit[(triton.cdiv(out_features, 32),)](*args, GROUP=GROUP, BLOCK_N=32)
+        _skinny_kernel_jit[(triton.cdiv(out_features, 32),)](*args, GROUP=GROUP, **options, BLOCK_N=32, GROUPS=2)
     else:
-        _skinny_kernel[lambda meta: (triton.cdiv(out_features, meta["BLOCK_N"]),)](*args, GROUP=GROUP)
+        _skinny_kernel[lambda meta: (triton.cdiv(out_features, meta["BLOCK_N"]),)](*args, GROUP=GROUP, **options)
     return out
 
 
@@ -150,6 +178,26 @@ if triton is not None:
         return ((b + (b & 0x80)) << 7).to(tl.int16).to(tl.float16, bitcast=True)
 
     @triton.jit
+    def _weights_f16(bits, NATIVE_FP8: tl.constexpr):
+        """float8_e4m3fn bytes -> fp16: the value itself (sm_89+'s conversion), or value / 256 (integer decode)."""
+        if NATIVE_FP8:
+            return bits.to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        else:
+            return _e4m3_as_f16_over_256(bits)
+
+    @triton.jit
+    def _dequant_dot(x, bits, NATIVE_FP8: tl.constexpr, DOT_F16: tl.constexpr, x_scale):
+        """x [BM, 128] times the decoded weight tile [BN, 128] transposed, float32 [BM, BN], in the
+        powers of two the caller's ``UNSCALE`` undoes. (``x_scale`` is a run-time argument: as a
+        constant, compiled on an H200, bf16 activations past fp16's range came out infinite, as if
+        the scaling were folded after the conversion to fp16.)"""
+        w = _weights_f16(bits, NATIVE_FP8)
+        if DOT_F16:
+            return tl.dot((x.to(tl.float32) * x_scale).to(tl.float16), tl.trans(w))
+        else:
+            return tl.dot(x, tl.trans(w.to(x.dtype)))
+
+    @triton.jit
     def _tile(X, W, S, M, N, stride_xm, stride_wn, stride_sn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               GROUP: tl.constexpr):
         """This program's output tile (grid: N tiles, M tiles, ...): row and column offsets, their
@@ -164,7 +212,9 @@ if triton is not None:
 
     @triton.jit
     def _weight_only_kernel(X, W, S, OUT, M, N, K, stride_xm, stride_wn, stride_sn, stride_om, stride_os,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, SPLIT_K: tl.constexpr):
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, SPLIT_K: tl.constexpr,
+                            x_scale, NATIVE_FP8: tl.constexpr, DOT_F16: tl.constexpr,
+                            UNSCALE: tl.constexpr):
         pid_k = tl.program_id(2)
         offs_m, offs_n, offs_k, m_ok, n_ok, x_ptrs, w_ptrs, s_ptrs = _tile(
             X, W, S, M, N, stride_xm, stride_wn, stride_sn, BLOCK_M, BLOCK_N, GROUP)
@@ -179,8 +229,7 @@ if triton is not None:
             s = tl.load(s_ptrs + tl.minimum(kb, blocks - 1), mask=n_ok, other=0.0)
             # The FP8 values themselves (exact in fp16 and bf16) on the tensor cores; each row's
             # block scale (one per row in this K block) on the float32 product.
-            part = tl.dot(x, tl.trans(_e4m3_as_f16_over_256(w).to(x.dtype)))
-            acc += part * (s * 256.0)[None, :]
+            acc += _dequant_dot(x, w, NATIVE_FP8, DOT_F16, x_scale) * (s * UNSCALE)[None, :]
         out_ptrs = OUT + pid_k * stride_os + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
         tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -224,26 +273,33 @@ if triton is not None:
 
     @triton.jit
     def _skinny_kernel_jit(X, W, S, OUT, M, N, K, stride_xm, stride_wn, stride_sn, stride_om, GROUP: tl.constexpr,
-                           BLOCK_N: tl.constexpr):
+                           x_scale, NATIVE_FP8: tl.constexpr, DOT_F16: tl.constexpr,
+                           UNSCALE: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
         offs_m, offs_n, offs_k, m_ok, n_ok, x_ptrs, w_ptrs, s_ptrs = _tile(
             X, W, S, M, N, stride_xm, stride_wn, stride_sn, 16, BLOCK_N, GROUP)
         acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
-        for kb in range(0, tl.cdiv(K, GROUP)):
-            k_ok = kb * GROUP + offs_k < K
-            x = tl.load(x_ptrs + kb * GROUP, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs + kb * GROUP, mask=n_ok[:, None] & k_ok[None, :], other=0)
-            s = tl.load(s_ptrs + kb, mask=n_ok, other=0.0)
-            acc += tl.dot(x, tl.trans(_e4m3_as_f16_over_256(w).to(x.dtype))) * (s * 256.0)[None, :]
+        blocks = tl.cdiv(K, GROUP)
+        for step in range(0, tl.cdiv(blocks, GROUPS)):
+            for g in tl.static_range(GROUPS):  # independent loads: GROUPS blocks of K in flight a step
+                kb = step * GROUPS + g
+                k_ok = kb * GROUP + offs_k < K  # also false past the last block
+                x = tl.load(x_ptrs + kb * GROUP, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(w_ptrs + kb * GROUP, mask=n_ok[:, None] & k_ok[None, :], other=0)
+                s = tl.load(s_ptrs + tl.minimum(kb, blocks - 1), mask=n_ok, other=0.0)
+                acc += _dequant_dot(x, w, NATIVE_FP8, DOT_F16, x_scale) * (s * UNSCALE)[None, :]
         out_ptrs = OUT + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
         tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
     def _brief_bench(fn, quantiles):
         return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
-    _SKINNY_CONFIGS = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=st)
-                       for n, w, st in ((16, 4, 4), (32, 4, 4), (32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 2))]
+    # Narrow tiles with several K blocks a step for the few tiles of a small N, wide ones for a large N.
+    _SKINNY_CONFIGS = [triton.Config({"BLOCK_N": n, "GROUPS": g}, num_warps=w, num_stages=st)
+                       for n, g, w, st in ((16, 2, 4, 4), (16, 4, 4, 3), (32, 1, 4, 4), (32, 2, 4, 3), (32, 4, 4, 2),
+                                           (64, 1, 4, 3), (64, 2, 8, 3), (128, 1, 8, 2))]
+    _SKINNY_KEY = ["N", "K", "NATIVE_FP8", "DOT_F16"]
     try:
-        _skinny_kernel = triton.autotune(configs=_SKINNY_CONFIGS, key=["N", "K"], do_bench=_brief_bench,
+        _skinny_kernel = triton.autotune(configs=_SKINNY_CONFIGS, key=_SKINNY_KEY, do_bench=_brief_bench,
                                          cache_results=True)(_skinny_kernel_jit)
     except TypeError:  # an older Triton: its own (longer) timing, nothing cached
-        _skinny_kernel = triton.autotune(configs=_SKINNY_CONFIGS, key=["N", "K"])(_skinny_kernel_jit)
+        _skinny_kernel = triton.autotune(configs=_SKINNY_CONFIGS, key=_SKINNY_KEY)(_skinny_kernel_jit)

@@ -87,7 +87,7 @@ class LinearChoice:
             for rows in sorted({m for m in batch_sizes if m <= MAX_ROWS}):
                 x = torch.randn(rows, 2 * k if silu_mul else k, device=weight.device, dtype=weight.dtype)
                 self.skinny.measure((rows, n, k, silu_mul), lambda: self._cublas(x, weight, act),
-                                    lambda: skinny_linear(x, weight, silu_mul=silu_mul), tolerance=2e-2)
+                                    {"skinny": lambda: skinny_linear(x, weight, silu_mul=silu_mul)}, tolerance=2e-2)
         self.skinny.report()
 
     @staticmethod

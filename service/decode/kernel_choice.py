@@ -1,10 +1,12 @@
-"""Which of two kernels computes a decode-step product faster on this device, measured per shape.
+"""Which kernel computes a decode-step product fastest on this device, measured per shape.
 
 Both choices of the step's projections use it: cuBLAS or the skinny Triton GEMM for bf16 weights
-(service/decode/gemv.py ``LinearChoice``), the weight-only or the skinny kernel for FP8 weights
-(service/decode/fp8.py ``TritonGemm``). Each pair is timed once at start-up as the step runs them,
-inside a CUDA graph, before the decode graphs are captured (they keep what was chosen); the
-candidate replaces the baseline for a shape only where it agrees with it and is clearly faster.
+(service/decode/gemv.py ``LinearChoice``), the weight-only kernel or its variants (the skinny
+kernel, the product in fp16) for FP8 weights (service/decode/fp8.py ``TritonGemm``): which is
+fastest differs by GPU (the ratio of its instruction rate to its memory bandwidth) and by shape.
+The kernels are timed once at start-up as the step runs them, inside a CUDA graph, before the
+decode graphs are captured (they keep what was chosen); a candidate replaces the baseline for a
+shape only where it agrees with it and is clearly faster.
 """
 from __future__ import annotations
 
@@ -48,36 +50,58 @@ def graph_time(fn: Callable[[], object], repeats: int = REPEATS) -> float:
 
 
 class KernelChoice:
-    """The shapes (any hashable key) for which the candidate kernel replaces the baseline."""
+    """Per shape (any hashable key), the name of the candidate kernel that replaces the baseline;
+    a shape not in it keeps the baseline."""
 
     def __init__(self, what: str) -> None:
-        self.what = what  # for the log: "<what> (key: baseline us / candidate us)"
-        self.chosen: set[Hashable] = set()
-        self.timings: dict[Hashable, tuple[float, float]] = {}  # key -> (baseline us, candidate us)
+        self.what = what  # for the log: "<what> (key: baseline us / each candidate's us)"
+        self.chosen: dict[Hashable, str] = {}
+        self.timings: dict[Hashable, dict[str, float]] = {}  # key -> {"baseline" or a candidate: us}
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self.chosen
 
-    def measure(self, key: Hashable, baseline: Callable[[], torch.Tensor], candidate: Callable[[], torch.Tensor],
+    def get(self, key: Hashable) -> str | None:
+        return self.chosen.get(key)
+
+    def measure(self, key: Hashable, baseline: Callable[[], torch.Tensor],
+                candidates: dict[str, Callable[[], torch.Tensor]] | Callable[[], torch.Tensor],
                 tolerance: float) -> None:
-        """Time both products (no-argument calls on the same inputs), once per key; keep the candidate
-        where its relative error against the baseline is under ``tolerance`` and it is faster by the
-        margin. A candidate that cannot run here leaves the baseline."""
+        """Time the products (no-argument calls on the same inputs), once per key; keep the fastest
+        candidate among those whose relative error against the baseline is under ``tolerance``
+        where it is faster than the baseline by the margin. A candidate that cannot run here is
+        left out (the baseline must run)."""
         if key in self.timings:
             return
+        if callable(candidates):
+            candidates = {"candidate": candidates}
         try:
-            ours = candidate()  # first: it autotunes, or fails, here
             reference = baseline()
-            error = ((ours.float() - reference.float()).norm() / reference.float().norm().clamp_min(1e-6)).item()
-            timing = (graph_time(baseline), graph_time(candidate))
-        except Exception as exc:  # noqa: BLE001 - a kernel this Triton or driver cannot run: the baseline
-            log.warning("%s: the candidate is unavailable for %s: %s", self.what, key, exc)
+            timing = {"baseline": graph_time(baseline)}
+        except Exception as exc:  # noqa: BLE001 - nothing to compare against: no choice for this key
+            log.warning("%s: the baseline failed for %s: %s", self.what, key, exc)
             return
+        for name, candidate in candidates.items():
+            try:
+                ours = candidate()  # first: it autotunes, or fails, here
+                error = ((ours.float() - reference.float()).norm() / reference.float().norm().clamp_min(1e-6)).item()
+                if error < tolerance:
+                    timing[name] = graph_time(candidate)
+                else:
+                    log.warning("%s: %s disagrees with the baseline for %s (relative error %.3g)", self.what, name,
+                                key, error)
+            except Exception as exc:  # noqa: BLE001 - a kernel this Triton or driver cannot run: not chosen
+                log.warning("%s: %s is unavailable for %s: %s", self.what, name, key, exc)
         self.timings[key] = timing
-        if error < tolerance and timing[1] < FASTER_BY * timing[0]:
-            self.chosen.add(key)
+        best = min((t, name) for name, t in timing.items() if name != "baseline") if len(timing) > 1 else None
+        if best is not None and best[0] < FASTER_BY * timing["baseline"]:
+            self.chosen[key] = best[1]
 
     def report(self) -> None:
-        log.info("%s (key: baseline us / candidate us): %s; the candidate for %d of %d", self.what,
-                 ", ".join(f"{k}: {a:.1f}/{b:.1f}" for k, (a, b) in sorted(self.timings.items())),
+        def times(timing: dict[str, float]) -> str:
+            return " / ".join(f"{name} {us:.1f}" for name, us in timing.items())
+
+        log.info("%s (key: us): %s; a candidate for %d of %d", self.what,
+                 "; ".join(f"{k}: {times(t)}{' -> ' + self.chosen[k] if k in self.chosen else ''}"
+                           for k, t in sorted(self.timings.items())),
                  len(self.chosen), len(self.timings))
