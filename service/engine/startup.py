@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from service.decode import DecodeRunner, PagedKVCache, Qwen3VLDecoder, Qwen3VLPrefill
+from service.decode.kernel_choice import release_workspaces
 from service.decode.qwen3_step import fuse_linears, text_model_of
 from service.engine.batch import Batch
 from service.engine.memory import ProcessMemory
@@ -79,8 +80,9 @@ def build_batch(model: Any, largest: Prompt, settings: ServiceSettings, max_mode
     if on_cuda:
         started = time.perf_counter()
         decoder.measure_projections(runner.batch_sizes)  # before capture: the graphs keep what it chose
-        # The timing's buffers (Triton's autotuner flushes the L2 with a 256 MB tensor) go back to the
-        # driver: the budget was shared out before them (seen on an H200: 0.45 GiB over the plan).
+        # The timing's buffers (Triton's autotuner flushes the L2 with a 256 MB tensor; cuBLAS's
+        # workspace of each stream it ran on) go back to the driver: the budget was shared out before them.
+        release_workspaces()
         gc.collect()
         torch.cuda.empty_cache()
         if settings.cuda_graphs:
