@@ -65,10 +65,10 @@ def _budget_setting(card: Card) -> tuple[float, int]:
 
 def _rungs(spec: ModelSpec, contexts: tuple[int, ...]) -> Iterator[tuple[int, ServiceKnobs]]:
     """(min full-length sequences, knobs) in order of preference: nf4 only where neither bf16 nor fp8
-    fits (it loses the most, and has not run on a GPU); within that, KV blocks for two sequences of the
-    context before one (and one only at the shortest context); the longer context; the weights formats
-    in order (fp8 at 4096 before bf16 at 2048: Qwen's own FP8 format is close to bf16); full-size
-    images before smaller ones."""
+    fits (it loses the most: on an H200 8 concurrent requests made 1.6-4.1x one's aggregate, FP8 3.0-8.0x);
+    within that, KV blocks for two sequences of the context before one (and one only at the shortest
+    context); the longer context; the weights formats in order (fp8 at 4096 before bf16 at 2048:
+    Qwen's own FP8 format is close to bf16); full-size images before smaller ones."""
     formats = weight_formats(spec)
     for group in (tuple(f for f in formats if f != "nf4"), tuple(f for f in formats if f == "nf4")):
         for min_sequences, ctxs in ((2, contexts), (1, contexts[-1:])):
