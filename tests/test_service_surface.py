@@ -88,6 +88,22 @@ def test_prompt_fields_change_the_prompt(server):
     assert special["prompt_token_ids"] == chat(server, "hi", return_token_ids=True)["prompt_token_ids"]  # Qwen: no BOS
 
 
+def test_the_other_content_part_shapes_vllm_reads_give_the_same_prompt(server):
+    """vLLM's chat parser also takes bare strings, input_text / refusal parts, the Responses API's
+    input_image (image_url a string) and a part without type that has an image_url: each is the
+    same prompt, token for token, as the canonical text and image_url parts."""
+    url = png_data_url()
+    canonical = chat(server, [image_part(url), {"type": "text", "text": "what?"}, {"type": "text", "text": "no"}],
+                     return_token_ids=True)
+    for content in ([{"type": "input_image", "image_url": url}, {"type": "input_text", "text": "what?"},
+                     {"type": "refusal", "refusal": "no"}],
+                    [{"image_url": url}, "what?", "no"],
+                    [{"image_url": {"url": url}}, {"type": "text", "text": "what?"}, "no"]):
+        other = chat(server, content, return_token_ids=True)
+        assert other["prompt_token_ids"] == canonical["prompt_token_ids"], content
+        assert other["choices"][0]["message"]["content"] == canonical["choices"][0]["message"]["content"]
+
+
 def test_mm_processor_kwargs_resize_within_the_servers_limits(server):
     content = [image_part(png_data_url(128, 128)), {"type": "text", "text": "what?"}]
     full = chat(server, content)["usage"]["prompt_tokens"]

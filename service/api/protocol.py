@@ -97,6 +97,28 @@ class ImagePart(BaseModel):
 ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
 
 
+def _canonical_part(part: object) -> object:
+    """The content-part shapes vLLM's chat parser takes besides the two canonical ones, as those:
+    a bare string (text), ``input_text`` and ``refusal`` (text), ``input_image`` (the Responses
+    API's, ``image_url`` a string) and a part without ``type`` that has an ``image_url``."""
+    if isinstance(part, str):
+        return {"type": "text", "text": part}
+    if not isinstance(part, dict):
+        return part
+    kind = part.get("type")
+    if kind is None:
+        if part.get("image_url") is None:
+            raise ValueError("Missing 'type' field in multimodal part.")
+        return {**part, "type": "image_url"}
+    if kind == "input_text":
+        return {**part, "type": "text"}
+    if kind == "refusal":
+        return {"type": "text", "text": part.get("refusal")}
+    if kind == "input_image":
+        return {"type": "image_url", "image_url": part.get("image_url")}
+    return part
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")  # name ...: accepted, not used
 
@@ -104,6 +126,11 @@ class Message(BaseModel):
     content: Union[str, list[ContentPart], None] = None
     tool_calls: Optional[list[MessageToolCall]] = None  # assistant: the calls it made
     tool_call_id: Optional[str] = None  # tool: the call this is the result of
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _canonical_parts(cls, v: object) -> object:
+        return [_canonical_part(part) for part in v] if isinstance(v, list) else v
 
 
 def template_messages(messages: list[Message]) -> tuple[list[dict], list[str]]:
