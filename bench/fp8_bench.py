@@ -118,7 +118,8 @@ def engine_entry(entry: str, args, row: dict) -> None:
     from bench.workload import Workload
 
     checkpoint, _, card = entry.partition("@")
-    plan = Plan(checkpoint_for(checkpoint, args.workdir, "cuda"), "8gb", card or "8GiB")
+    card = card or "8GiB"
+    plan = Plan(checkpoint_for(checkpoint, args.workdir, "cuda"), "8gb", card)
     if not plan.fits:
         raise RuntimeError(f"vlkit plan --profile 8gb --gpu-memory {card} does not fit {checkpoint}")
     flags = plan.service_flags()

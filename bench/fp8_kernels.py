@@ -55,6 +55,7 @@ def kernel_rows(sizes: list[str], rows: tuple[int, ...], device: torch.device) -
     gemm = TritonGemm(device, fp8_tensor_cores=torch.cuda.get_device_capability(device) >= (8, 9),
                       scaled_mm=torch.cuda.get_device_capability(device)[0] == 9)
     gemm.check()
+    native_fp8 = torch.cuda.get_device_capability(device) >= (8, 9)  # the hardware decodes e4m3
     results = []
     for size in sizes:
         for name, (out_features, in_features) in projection_shapes(size).items():
@@ -66,11 +67,11 @@ def kernel_rows(sizes: list[str], rows: tuple[int, ...], device: torch.device) -
             for m in rows:
                 x = torch.randn(m, in_features, device=device, dtype=torch.bfloat16)
                 paths = {"bf16 cuBLAS": [lambda w=w: F.linear(x, w) for w in dense]}
-                for decode, native, dot_f16 in decodes(gemm.fp8_tensor_cores):
+                for decode, native, dot_f16 in decodes(native_fp8):
                     paths[f"weight-only, {decode}"] = [
                         lambda w=w, s=s, n=native, d=dot_f16: fp8_kernels.weight_only_matmul(x, w, s, native=n, dot_f16=d)
                         for w, s in quantized]
-                    if m <= 16 and native == gemm.fp8_tensor_cores:
+                    if m <= 16 and native == native_fp8:
                         paths[f"skinny, {decode}"] = [
                             lambda w=w, s=s, n=native, d=dot_f16: fp8_kernels.skinny_matmul(x, w, s, native=n, dot_f16=d)
                             for w, s in quantized]

@@ -162,12 +162,14 @@ def test_the_decode_shapes_take_the_fastest_variant_and_it_is_the_product():
 
     gemm = gemm_for(torch.device("cuda"))
     x, weight, scale = problem(1, 2560, 9728, torch.bfloat16, seed=11)
-    gemm.measure([(weight, scale)], [1, 8, 32])
-    assert set(gemm.decode.timings) == {(1, 2560, 9728), (8, 2560, 9728), (32, 2560, 9728)}
+    gemm.measure([(weight, scale)], [1, 8, 32], torch.bfloat16)
+    bf16 = torch.bfloat16
+    assert set(gemm.decode.timings) == {(1, 2560, 9728, bf16), (8, 2560, 9728, bf16), (32, 2560, 9728, bf16)}
     assert all(v in gemm.variants for v in gemm.decode.chosen.values())
     for rows in (1, 8, 32):
-        x, _, _ = problem(rows, 2560, 9728, torch.bfloat16, seed=rows)
-        assert relative_error(gemm(x, weight, scale), dequantized_product(x, weight, scale)) < 1e-2
+        for dtype in (torch.bfloat16, torch.float16):  # fp16 activations: no choice timed, the baseline
+            x, _, _ = problem(rows, 2560, 9728, dtype, seed=rows)
+            assert relative_error(gemm(x, weight, scale), dequantized_product(x, weight, scale)) < 1e-2
 
 
 @needs_gpu

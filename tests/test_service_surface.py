@@ -89,16 +89,18 @@ def test_prompt_fields_change_the_prompt(server):
 
 
 def test_the_other_content_part_shapes_vllm_reads_give_the_same_prompt(server):
-    """vLLM's chat parser also takes bare strings, input_text / refusal parts, the Responses API's
-    input_image (image_url a string) and a part without type that has an image_url: each is the
-    same prompt, token for token, as the canonical text and image_url parts."""
+    """vLLM's chat parser also takes bare strings, input_text / output_text / refusal / thinking
+    parts, the Responses API's input_image (image_url a string; vLLM wants its detail too, here it
+    is optional) and a part without type that has an image_url: each is the same prompt, token for
+    token, as the canonical text and image_url parts; a refusal without its text is skipped."""
     url = png_data_url()
     canonical = chat(server, [image_part(url), {"type": "text", "text": "what?"}, {"type": "text", "text": "no"}],
                      return_token_ids=True)
     for content in ([{"type": "input_image", "image_url": url}, {"type": "input_text", "text": "what?"},
                      {"type": "refusal", "refusal": "no"}],
                     [{"image_url": url}, "what?", "no"],
-                    [{"image_url": {"url": url}}, {"type": "text", "text": "what?"}, "no"]):
+                    [{"image_url": {"url": url}}, {"type": "output_text", "text": "what?"},
+                     {"type": "refusal"}, {"type": "thinking", "thinking": "no"}]):
         other = chat(server, content, return_token_ids=True)
         assert other["prompt_token_ids"] == canonical["prompt_token_ids"], content
         assert other["choices"][0]["message"]["content"] == canonical["choices"][0]["message"]["content"]

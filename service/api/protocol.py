@@ -97,10 +97,16 @@ class ImagePart(BaseModel):
 ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
 
 
+# Parts vLLM's chat parser reads as text, and the field that holds it.
+_TEXT_PARTS = {"input_text": "text", "output_text": "text", "refusal": "refusal", "thinking": "thinking"}
+
+
 def _canonical_part(part: object) -> object:
-    """The content-part shapes vLLM's chat parser takes besides the two canonical ones, as those:
-    a bare string (text), ``input_text`` and ``refusal`` (text), ``input_image`` (the Responses
-    API's, ``image_url`` a string) and a part without ``type`` that has an ``image_url``."""
+    """The content-part shapes vLLM's chat parser takes besides the two canonical ones, as those
+    (None: a part vLLM skips): a bare string, ``input_text`` / ``output_text`` / ``refusal`` /
+    ``thinking`` (text; a refusal or thinking without its text is skipped), ``input_image`` (the
+    Responses API's, ``image_url`` a string; vLLM also wants its ``detail``, here optional) and a part
+    without ``type`` that has an ``image_url``."""
     if isinstance(part, str):
         return {"type": "text", "text": part}
     if not isinstance(part, dict):
@@ -110,10 +116,11 @@ def _canonical_part(part: object) -> object:
         if part.get("image_url") is None:
             raise ValueError("Missing 'type' field in multimodal part.")
         return {**part, "type": "image_url"}
-    if kind == "input_text":
-        return {**part, "type": "text"}
-    if kind == "refusal":
-        return {"type": "text", "text": part.get("refusal")}
+    if kind in _TEXT_PARTS:
+        text = part.get(_TEXT_PARTS[kind])
+        if text is None and kind in ("refusal", "thinking"):
+            return None
+        return {"type": "text", "text": text}
     if kind == "input_image":
         return {"type": "image_url", "image_url": part.get("image_url")}
     return part
@@ -130,7 +137,9 @@ class Message(BaseModel):
     @field_validator("content", mode="before")
     @classmethod
     def _canonical_parts(cls, v: object) -> object:
-        return [_canonical_part(part) for part in v] if isinstance(v, list) else v
+        if not isinstance(v, list):
+            return v
+        return [p for p in (_canonical_part(part) for part in v) if p is not None]
 
 
 def template_messages(messages: list[Message]) -> tuple[list[dict], list[str]]:

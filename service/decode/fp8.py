@@ -186,15 +186,16 @@ class TritonGemm:
         self.scaled_mm = scaled_mm and fp8_tensor_cores
         self.weight_only_max_rows = weight_only_max_rows
         self.decode = KernelChoice("FP8 decode projections (M, N, K), the weight-only kernel vs its variants")
-        # The candidates for a decode step's shape: the same math, another kernel or product dtype.
+        # The candidates for a decode step's shape: the same math, another kernel or product dtype
+        # (the fp16 product for bf16 activations only: fp16 ones are products in fp16 already).
         self.variants = {
-            "weight-only, fp16 product": lambda x, w, s: fp8_kernels.weight_only_matmul(x, w, s, dot_f16=True),
-            "skinny": lambda x, w, s: fp8_kernels.skinny_matmul(x, w, s, dot_f16=False),
-            "skinny, fp16 product": lambda x, w, s: fp8_kernels.skinny_matmul(x, w, s, dot_f16=True),
+            "weight-only, fp16 product": lambda x, w, s: self.kernels.weight_only_matmul(x, w, s, dot_f16=True),
+            "skinny": lambda x, w, s: self.kernels.skinny_matmul(x, w, s, dot_f16=False),
+            "skinny, fp16 product": lambda x, w, s: self.kernels.skinny_matmul(x, w, s, dot_f16=True),
         }
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        variant = self.decode.get((x.shape[0], *weight.shape))
+        variant = self.decode.get((x.shape[0], *weight.shape, x.dtype))
         if variant is not None:
             return self.variants[variant](x, weight, scale)
         if not self.fp8_tensor_cores or x.shape[0] <= self.weight_only_max_rows:
@@ -202,18 +203,18 @@ class TritonGemm:
         return self.w8a8(x, weight, scale)
 
     @torch.no_grad()
-    def measure(self, weights: list[tuple[torch.Tensor, torch.Tensor]], batch_sizes: list[int]) -> None:
+    def measure(self, weights: list[tuple[torch.Tensor, torch.Tensor]], batch_sizes: list[int],
+                dtype: torch.dtype) -> None:
         """For the decode step's shapes (one layer's projections at each batch size the weight-only
-        kernel takes): time it and its variants (service/decode/kernel_choice.py) and keep the
-        fastest that agrees (the skinny kernel up to 16 rows; the fp16 product for bf16 activations)."""
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+        kernel takes, activations of ``dtype``): time it and its variants (service/decode/kernel_choice.py)
+        and keep the fastest that agrees (the skinny kernel up to 16 rows; the fp16 product for bf16)."""
         for weight, scale in weights:
             for rows in sorted({m for m in batch_sizes if m <= self.weight_only_max_rows}):
                 x = torch.randn(rows, weight.shape[1], device=weight.device, dtype=dtype)
                 candidates = {name: (lambda f=f: f(x, weight, scale)) for name, f in self.variants.items()
                               if (rows <= 16 or not name.startswith("skinny"))
                               and (dtype == torch.bfloat16 or "fp16" not in name)}
-                self.decode.measure((rows, *weight.shape), lambda: self.kernels.weight_only_matmul(x, weight, scale),
+                self.decode.measure((rows, *weight.shape, dtype), lambda: self.kernels.weight_only_matmul(x, weight, scale),
                                     candidates, tolerance=1e-2)
         self.decode.report()
 

@@ -116,8 +116,8 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *,
     """The decode step's shape (``x [M <= 16, K]``): each program streams a tile of output features
     over the whole K, no split of K (so no partial sums and no second kernel), ``GROUPS`` scale
     blocks of K a step (more bytes in flight for few tiles), the tile shape autotuned per (N, K)
-    on the device. ``weight_only_matmul``'s math; TritonGemm keeps whichever of the two the device
-    runs faster for each shape."""
+    on the device. ``weight_only_matmul``'s math; TritonGemm times it beside the weight-only kernel
+    (and each one's fp16 product) and keeps the fastest for each shape on this device."""
     rows, cols = x.shape
     out_features = weight.shape[0]
     if rows > 16:

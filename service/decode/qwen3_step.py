@@ -215,7 +215,7 @@ class Qwen3VLDecoder:
         fp8 = [m for m in (self.qkv_proj[index], self.gate_up_proj[index], layer.self_attn.o_proj, layer.mlp.down_proj)
                if isinstance(m, Fp8Linear) and hasattr(m.gemm, "measure")]
         if fp8 and fp8[0].weight.device.type == "cuda":
-            fp8[0].gemm.measure([(m.weight, m.weight_scale_inv) for m in fp8], list(batch_sizes))
+            fp8[0].gemm.measure([(m.weight, m.weight_scale_inv) for m in fp8], list(batch_sizes), self.cache.dtype)
 
     @torch.no_grad()
     def step(self, input_ids: torch.Tensor, positions: torch.Tensor, active: torch.Tensor,
