@@ -172,6 +172,38 @@ def test_the_decode_shapes_take_the_fastest_variant_and_it_is_the_product():
             assert relative_error(gemm(x, weight, scale), dequantized_product(x, weight, scale)) < 1e-2
 
 
+@needs_kernels
+def test_a_triton_that_cannot_build_the_hardware_decode_gets_the_integer_one(monkeypatch):
+    """sm_89+ decode FP8 bytes with the hardware's conversion; where a GPU's Triton cannot build
+    it (faked here: the kernel raises as a failed compile does), the load check falls back to the
+    integer decode instead of refusing the checkpoint, and refuses only when that fails too."""
+    if ON_GPU:
+        pytest.skip("the GPU's own path: test_the_gpu_gets_its_fp8_path_checked_and_named")
+    from service.decode.fp8 import Fp8Unsupported, TritonGemm
+
+    real = fp8_kernels.weight_only_matmul
+    broken = {"integer too": False}
+
+    def weight_only(x, w, s, **options):
+        native = options.get("native")
+        if (fp8_kernels.native_decode(x.device) if native is None else native) or broken["integer too"]:
+            raise RuntimeError("PassManager::run failed")
+        return real(x, w, s, **options)
+
+    monkeypatch.setattr(fp8_kernels, "weight_only_matmul", weight_only)
+    monkeypatch.setattr(fp8_kernels, "_NO_NATIVE_DECODE", set())
+    device = torch.device("cpu")
+    assert fp8_kernels.native_decode(device)
+    gemm = TritonGemm(device, fp8_tensor_cores=False, scaled_mm=False)
+    gemm.check()
+    assert not fp8_kernels.native_decode(device)
+    x, weight, scale = problem(3, 96, 384, torch.float16, seed=1)
+    assert relative_error(gemm(x, weight, scale), dequantized_product(x, weight, scale)) < 1e-2
+    broken["integer too"] = True
+    with pytest.raises(Fp8Unsupported, match="use the bf16 checkpoint"):
+        TritonGemm(device, fp8_tensor_cores=False, scaled_mm=False).check()
+
+
 @needs_gpu
 def test_scaled_mm_block_scaling_on_hopper():
     from service.decode.fp8 import TritonGemm

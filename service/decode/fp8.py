@@ -23,7 +23,8 @@ For the decode step's shapes (each projection at each batch size up to ``WEIGHT_
 the engine's start-up times the weight-only kernel against its variants (the skinny kernel, the
 product in fp16; ``TritonGemm.measure``) and keeps the fastest per shape on this GPU. Each kernel
 is checked at load on a small problem against the torch reference; one that fails (a Triton or
-driver that cannot build it) is dropped with a warning, the weight-only kernel last.
+driver that cannot build it) is dropped with a warning: the hardware decode of the FP8 bytes falls
+back to the integer one, and the weight-only kernel failing with both refuses the checkpoint.
 """
 from __future__ import annotations
 
@@ -258,12 +259,23 @@ class TritonGemm:
         def error(y: torch.Tensor, ref: torch.Tensor) -> float:
             return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
 
-        try:  # every row-count configuration of the weight-only kernel; partial blocks in N and K
+        def weight_only_runs() -> None:  # every row-count configuration; partial blocks in N and K
             for rows in (1, 24, 100):
                 x, w, s = problem(rows, 320, 200)
                 err = error(self.kernels.weight_only_matmul(x, w, s), dequantize_gemm(x, w, s))
                 if not err < 1e-2:
                     raise RuntimeError(f"relative error {err:.3g} at {rows} rows")
+
+        try:
+            try:
+                weight_only_runs()
+            except Exception as exc:  # noqa: BLE001 - a Triton that cannot build the hardware decode here
+                if not self.kernels.native_decode(self.device):
+                    raise
+                log.warning("the hardware FP8 decode does not run on this GPU (%s: %s); the integer decode instead",
+                            type(exc).__name__, exc)
+                self.kernels.disable_native_decode(self.device)
+                weight_only_runs()
         except Exception as exc:
             raise Fp8Unsupported(f"the FP8 weight-only Triton kernel does not run on this GPU ({type(exc).__name__}: "
                                  f"{exc}); use the bf16 checkpoint") from exc

@@ -58,10 +58,24 @@ def _device_facts(index: int) -> DeviceFacts:
     return DeviceFacts(properties.multi_processor_count, capability < (8, 0), capability >= (8, 9))
 
 
+_NO_NATIVE_DECODE: set[int] = set()  # devices whose hardware decode failed its check at load
+
+
+def native_decode(device: torch.device) -> bool:
+    """Whether the kernels decode FP8 bytes with the hardware's conversion on ``device`` by default."""
+    index = _index(device)
+    return _device_facts(index).native_fp8 and index not in _NO_NATIVE_DECODE
+
+
+def disable_native_decode(device: torch.device) -> None:
+    """The integer decode on ``device`` from now on (its Triton or driver cannot run the other)."""
+    _NO_NATIVE_DECODE.add(_index(device))
+
+
 def _dequant_options(x: torch.Tensor, native: bool | None, dot_f16: bool | None) -> dict:
     """The kernels' constexprs for decoding the weight bytes and the product's dtype; ``UNSCALE``
     undoes the powers of two the decode and the activations' conversion leave in the product."""
-    native = _device_facts(_index(x.device)).native_fp8 if native is None else native
+    native = native_decode(x.device) if native is None else native
     dot_f16 = (DOT_F16 and x.dtype == torch.bfloat16) if dot_f16 is None else dot_f16
     unscale = (1.0 if native else 256.0) * (1.0 / X_SCALE if dot_f16 else 1.0)
     return {"x_scale": X_SCALE, "NATIVE_FP8": native, "DOT_F16": dot_f16, "UNSCALE": unscale}
