@@ -57,10 +57,10 @@ def test_a_candidate_kernel_is_kept_only_where_it_agrees_and_is_clearly_faster(m
     micros = {exact: 10.0, slightly: 9.0, wrong: 5.0}
     monkeypatch.setattr(kernel_choice, "graph_time", lambda fn, repeats=10: micros.get(fn, 9.8))
     choice = kernel_choice.KernelChoice("test")
-    choice.measure("faster, agrees", exact, slightly, tolerance=1e-2)
-    choice.measure("faster, wrong", exact, wrong, tolerance=1e-2)
-    choice.measure("2% faster only", exact, lambda: F.linear(x, weight), tolerance=1e-2)  # 9.8 us
-    choice.measure("cannot run", exact, broken, tolerance=1e-2)
+    choice.measure("faster, agrees", exact, {"candidate": slightly}, tolerance=1e-2)
+    choice.measure("faster, wrong", exact, {"candidate": wrong}, tolerance=1e-2)
+    choice.measure("2% faster only", exact, {"candidate": lambda: F.linear(x, weight)}, tolerance=1e-2)  # 9.8 us
+    choice.measure("cannot run", exact, {"candidate": broken}, tolerance=1e-2)
     assert choice.chosen == {"faster, agrees": "candidate"}
     assert "faster, agrees" in choice and "faster, wrong" not in choice
     assert choice.timings["faster, agrees"] == {"baseline": 10.0, "candidate": 9.0}
@@ -71,7 +71,7 @@ def test_a_candidate_kernel_is_kept_only_where_it_agrees_and_is_clearly_faster(m
                    tolerance=1e-2)
     assert choice.get("several") == "fast"  # the fastest that agrees; the wrong one (5 us) never counts
     assert choice.get("faster, wrong") is None
-    choice.measure("faster, wrong", exact, slightly, tolerance=1e-2)  # measured once per shape
+    choice.measure("faster, wrong", exact, {"candidate": slightly}, tolerance=1e-2)  # measured once per shape
     assert "faster, wrong" not in choice
     choice.report()
 

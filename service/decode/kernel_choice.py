@@ -82,16 +82,13 @@ class KernelChoice:
         return self.chosen.get(key)
 
     def measure(self, key: Hashable, baseline: Callable[[], torch.Tensor],
-                candidates: dict[str, Callable[[], torch.Tensor]] | Callable[[], torch.Tensor],
-                tolerance: float) -> None:
+                candidates: dict[str, Callable[[], torch.Tensor]], tolerance: float) -> None:
         """Time the products (no-argument calls on the same inputs), once per key; keep the fastest
         candidate among those whose relative error against the baseline is under ``tolerance``
         where it is faster than the baseline by the margin. A candidate that cannot run here is
         left out (the baseline must run)."""
         if key in self.timings:
             return
-        if callable(candidates):
-            candidates = {"candidate": candidates}
         try:
             reference = baseline()
             timing = {"baseline": graph_time(baseline)}
