@@ -186,7 +186,7 @@ class TritonGemm:
         self.fp8_tensor_cores = fp8_tensor_cores
         self.scaled_mm = scaled_mm and fp8_tensor_cores
         self.weight_only_max_rows = weight_only_max_rows
-        self.decode = KernelChoice("FP8 decode projections (M, N, K), the weight-only kernel vs its variants")
+        self.decode = KernelChoice("FP8 decode projections (M, N, K, dtype), the weight-only kernel vs its variants")
         # The candidates for a decode step's shape: the same math, another kernel or product dtype
         # (the fp16 product for bf16 activations only: fp16 ones are products in fp16 already).
         self.variants = {
