@@ -18,6 +18,7 @@ import torch
 from bench.hf_prefill import prefill_position_ids
 from bench.workload import Workload, build_inputs, build_model
 from service.decode import PagedKVCache, Qwen3VLDecoder, Qwen3VLPrefill
+from service.decode.qwen3_prefill import split_images
 from service.decode.qwen3_step import fuse_linears, text_model_of
 
 GIB = 1024**3
@@ -74,15 +75,25 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             cache.free(slot)
 
+    images = split_images(inputs["pixel_values"], grid)
+
     def vision():
-        return ours.encode_images(inputs["pixel_values"], grid)
+        return ours.vision.encode(images)
+
+    def four_alone():  # a wave of four same-size image requests, each image its own forward
+        for _ in range(4):
+            ours.vision.encode(images[:1])
+
+    def four_together():  # the same four in one forward (the engine batches a pass's images)
+        return ours.vision.encode(images[:1] * 4)
 
     for _ in range(3):
         transformers_forward()
         our_prefill()
     rows = [("prompt tokens / image patches", f"{len(ids)} / {inputs['pixel_values'].shape[0]}")]
     for name, fn in (("transformers forward", transformers_forward), ("ours (Qwen3VLPrefill)", our_prefill),
-                     ("vision tower alone", vision)):
+                     ("vision tower alone", vision), ("vision tower, 4 images one forward each", four_alone),
+                     ("vision tower, the 4 images in one forward", four_together)):
         wall, launch = timed(fn, args.repeats)
         rows.append((f"{name}: wall / host launch", f"{wall * 1000:.1f} / {launch * 1000:.1f} ms"))
     rows.append(("peak allocated: transformers / ours", f"{peak_of(transformers_forward):.3f} / "

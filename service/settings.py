@@ -14,6 +14,8 @@ from typing import Literal, Optional
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.sizing import DEFAULT_BATCHED_TOKENS
+
 ENV_PREFIX = "VLKIT_"
 
 
@@ -45,6 +47,7 @@ class ServiceSettings(BaseSettings):
     max_headers: int = Field(100, ge=8, description="headers in one request, at most (else 431)")
     max_tokens_default: Optional[int] = Field(None, ge=1, description="new tokens at most when a request sets no max_tokens; unset: the rest of the context, as vLLM (each such request reserves its whole context in KV blocks)")
     max_batch_size: int = Field(8, ge=1, description="requests decoded together (they join and leave between steps)")
+    max_num_batched_tokens: int = Field(DEFAULT_BATCHED_TOKENS, ge=64, description="prompt tokens one prefill pass computes at most, pieces of several prompts packed (vLLM's --max-num-batched-tokens); larger passes serve bursts faster and make running requests wait longer between tokens, and the start-up measures what they cost in memory")
     max_queue: int = Field(64, ge=1, description="requests waiting beyond the running batch; more get 429")
     memory_budget_gib: float = Field(6.0, gt=0, description="the whole process on the GPU (as NVML sees it) stays under this")
     cuda_graphs: bool = Field(True, description="capture the decode step in CUDA graphs at start-up (Qwen3-VL on CUDA)")

@@ -15,7 +15,11 @@ GIB = 1024**3
 MIB = 1024**2
 
 BLOCK_SIZE = 64  # tokens per KV block; also the split-KV attention kernel's block of work
-PREFILL_CHUNK = 1024  # tokens of one decoder pass of a prefill: bounds its activations
+# Prompt tokens one prefill pass computes at most where nothing sets it (VLKIT_MAX_NUM_BATCHED_TOKENS,
+# the planner's per-card choice): bounds the decoder's activations and, through vision_batch_tokens,
+# the vision tower's. On an H200 (2B, 32 image requests at once, engine only) passes of 4096 tokens
+# made 1.4x the throughput of 1024-token ones: each pass's kernels are launched once for more prompts.
+DEFAULT_BATCHED_TOKENS = 2048
 # Batch sizes the decode step is captured for (up to max_batch_size); a batch in between runs in
 # the next larger graph. The planner's batch cap stops at the largest.
 DECODE_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
@@ -37,6 +41,14 @@ def blocks_for(tokens: int, block_size: int = BLOCK_SIZE) -> int:
 def kv_bytes_per_token(*, layers: int, kv_heads: int, head_dim: int, dtype_bytes: int, tp: int = 1) -> int:
     """K and V of one token over every layer (per GPU when ``tp`` GPUs split the KV heads)."""
     return 2 * layers * max(1, kv_heads // tp) * head_dim * dtype_bytes
+
+
+def vision_batch_tokens(batched_tokens: int, image_tokens: int, images: int) -> int:
+    """Image tokens one forward of the vision tower holds at most: as many whole images of the
+    largest admissible request (``images`` of ``image_tokens`` each) as a pass of ``batched_tokens``
+    holds, at least one. The memory plan measures that request's prefill, whose images go through the
+    tower in batches of this size, so no batch of any pass goes beyond what was measured."""
+    return max(1, min(images, batched_tokens // max(1, image_tokens))) * image_tokens
 
 
 def images_in_largest_request(max_images: int, max_model_len: int, prompt_length: Callable[[int], int]) -> int:

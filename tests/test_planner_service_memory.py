@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from dataclasses import replace
 
 import pytest
 
@@ -36,7 +37,7 @@ def _knobs_of(plan) -> tuple[ServiceKnobs, int]:
     env = plan.service_env
     knobs = ServiceKnobs(_weights(env["VLKIT_QUANTIZATION"], plan.model), int(env["VLKIT_MAX_PIXELS"]),
                          int(env["VLKIT_MAX_IMAGES_PER_REQUEST"]), int(env["VLKIT_MAX_BATCH_SIZE"]),
-                         int(env["VLKIT_MAX_MODEL_LEN"]))
+                         int(env["VLKIT_MAX_MODEL_LEN"]), int(env["VLKIT_MAX_NUM_BATCHED_TOKENS"]))
     return knobs, int(float(env["VLKIT_MEMORY_BUDGET_GIB"]) * GIB)   # as the service reads the budget
 
 
@@ -83,16 +84,26 @@ def test_each_image_adds_its_tokens_and_two_wrappers(tiny_model_dir):
 def test_prefill_reserve_brackets_the_h100_measurements(images, context, measured_gib):
     """Qwen3-VL-2B bf16 (random weights) on an H100: the engine's start-up log measured these prefill
     reserves for its largest request (`max_images_per_request` images of the default max_pixels,
-    text to max_model_len - 1). The prediction is at or above each, by at most 0.05 GiB."""
-    b = predict_service(resolve_model(TWO_B), ServiceKnobs("bf16", FULL_PX, images, 8, context), 80 * GIB)
+    text to max_model_len - 1), in passes of 1024 tokens, one image at a time through the vision tower.
+    The prediction is at or above each, by at most 0.05 GiB."""
+    b = predict_service(resolve_model(TWO_B), ServiceKnobs("bf16", FULL_PX, images, 8, context, 1024), 80 * GIB)
+    assert b.prefill.vision_batch == min(images, 1)
     assert b.prefill.images == images
     assert b.prefill.vision_peak > b.prefill.decoder_peak    # these requests are bound by the vision phase
     assert measured_gib <= b.prefill.reserve / GIB <= measured_gib + 0.05
 
 
+def test_prefill_reserve_covers_four_images_in_one_vision_forward():
+    """The 16 GiB card's 2B plan (4 images, 4096-token passes: the vision tower takes the four at once):
+    the engine's start-up log on an H200 measured a 0.94 GiB reserve. The prediction is at or above it."""
+    b = predict_service(resolve_model(TWO_B), ServiceKnobs("bf16", FULL_PX, 4, 32, 4096, 4096), 80 * GIB)
+    assert b.prefill.vision_batch == 4
+    assert 0.94 <= b.prefill.reserve / GIB <= 0.94 + 0.05
+
+
 # The same measurement (the engine's `prefill_peak`: max of allocated, reserved and NVML growth, expandable
-# segments) of the service's prefill code, random-weight shapes on an H100, images of 961 tokens:
-# (shape, images, max_model_len, measured GiB). The 2B rows reproduce the engine's log above.
+# segments) of the service's prefill code, random-weight shapes on an H100, images of 961 tokens, passes of
+# 1024 tokens and one image at a time: (shape, images, max_model_len, measured GiB). The 2B rows reproduce the engine's log above.
 PROBE = [
     ("2B", 1, 2048, 0.236), ("2B", 2, 2048, 0.256), ("2B", 4, 4096, 0.297),
     ("2B", 0, 2048, 0.121), ("2B", 0, 4096, 0.160), ("2B", 0, 16384, 0.356),
@@ -108,7 +119,7 @@ def test_prefill_reserve_extends_to_the_other_shapes(size, images, context, meas
     """The shape-based terms cover the 4B and 8B shapes and long text-only prefixes too (the decoder
     constants are fit to these): never under the measurement, at most 0.1 GiB over."""
     b = predict_service(resolve_model(f"Qwen/Qwen3-VL-{size}-Instruct"),
-                        ServiceKnobs("bf16", FULL_PX, images, 8, context), 80 * GIB)
+                        ServiceKnobs("bf16", FULL_PX, images, 8, context, 1024), 80 * GIB)
     assert b.prefill.images == images
     assert measured_gib <= b.prefill.reserve / GIB <= measured_gib + 0.10
 
@@ -121,16 +132,33 @@ def test_what_an_image_holds_is_its_pixels_and_vision_output(size, measured_gib)
 
 
 def test_the_reserve_follows_the_prefills_structure():
-    """One image at a time: more images add only what they hold; the decoder's chunk attends to the
-    whole context, so a longer context grows only the decoder phase; nf4 adds a dequantized weight."""
+    """One image at a time (1024-token passes): more images add only what they hold; the decoder's pass
+    attends to the whole context, so a longer context grows only the decoder phase; nf4 adds a
+    dequantized weight."""
     spec = resolve_model(TWO_B)
-    one, two = (predict_service(spec, ServiceKnobs("bf16", FULL_PX, n, 8, 8192), 80 * GIB).prefill for n in (1, 2))
+    one, two = (predict_service(spec, ServiceKnobs("bf16", FULL_PX, n, 8, 8192, 1024), 80 * GIB).prefill
+                for n in (1, 2))
     assert two.reserve - one.reserve == image_held_bytes(spec, one.image_tokens)
     assert one.vision_peak == two.vision_peak
-    short, long = (predict_service(spec, ServiceKnobs("bf16", FULL_PX, 0, 8, n), 80 * GIB).prefill for n in (4096, 32768))
+    short, long = (predict_service(spec, ServiceKnobs("bf16", FULL_PX, 0, 8, n, 1024), 80 * GIB).prefill
+                   for n in (4096, 32768))
     assert short.vision_peak == long.vision_peak == 0 and long.decoder_peak > short.decoder_peak
-    nf4 = predict_service(spec, ServiceKnobs("nf4", FULL_PX, 0, 8, 4096), 80 * GIB).prefill
+    nf4 = predict_service(spec, ServiceKnobs("nf4", FULL_PX, 0, 8, 4096, 1024), 80 * GIB).prefill
     assert nf4.decoder_peak - short.decoder_peak == 2 * spec.text.hidden * spec.text.intermediate
+
+
+@pytest.mark.parametrize("tokens, batch", [(1024, 1), (2048, 2), (4096, 4), (8192, 4)])
+def test_larger_passes_put_whole_images_through_the_vision_tower_together(tokens, batch):
+    """A pass of max_num_batched_tokens holds that many tokens of images (981 each here) in one forward
+    of the vision tower, at most the largest request's 4: its peak grows with them, what they hold
+    does not; the decoder's pass grows with its tokens."""
+    spec = resolve_model(TWO_B)
+    one = predict_service(spec, ServiceKnobs("bf16", FULL_PX, 4, 8, 4096, 1024), 80 * GIB).prefill
+    more = predict_service(spec, ServiceKnobs("bf16", FULL_PX, 4, 8, 4096, tokens), 80 * GIB).prefill
+    assert more.vision_batch == batch
+    assert more.vision_peak == pytest.approx(batch * one.vision_peak, rel=1e-6)
+    assert more.images_held == one.images_held
+    assert (more.decoder_peak > one.decoder_peak) == (tokens > 1024)
 
 
 def test_resident_matches_the_measured_figure():
@@ -150,7 +178,8 @@ def test_the_service_defaults_start_the_2b_model_with_two_full_sequences():
     batch full-length requests (shorter ones share the blocks, up to max_batch_size)."""
     d = ServiceSettings.model_fields
     knobs = ServiceKnobs(_weights(d["quantization"].default, d["model"].default), d["max_pixels"].default,
-                         d["max_images_per_request"].default, d["max_batch_size"].default, d["max_model_len"].default)
+                         d["max_images_per_request"].default, d["max_batch_size"].default, d["max_model_len"].default,
+                         d["max_num_batched_tokens"].default)
     b = predict_service(resolve_model(d["model"].default), knobs, int(d["memory_budget_gib"].default * GIB))
     assert b.sequences >= 2 and b.kv.used <= b.kv.budget
     # The images the defaults allow are what fits the default context (no silent lower limit).
@@ -162,9 +191,9 @@ def test_the_old_defaults_start_now_and_a_longer_context_is_refused():
     transformers (1.03 GiB measured); the own prefill's reserve (0.30 measured) leaves blocks for one.
     The control: 8192 tokens (129 blocks a sequence) do not fit."""
     spec = resolve_model(TWO_B)
-    b = predict_service(spec, ServiceKnobs("bf16", FULL_PX, 4, 8, 4096), int(6.0 * GIB))
+    b = predict_service(spec, ServiceKnobs("bf16", FULL_PX, 4, 8, 4096, 1024), int(6.0 * GIB))
     assert b.sequences == 1 and b.kv.used <= b.kv.budget
-    b = predict_service(spec, ServiceKnobs("bf16", FULL_PX, 4, 8, 8192), int(6.0 * GIB))
+    b = predict_service(spec, ServiceKnobs("bf16", FULL_PX, 4, 8, 8192, 1024), int(6.0 * GIB))
     assert b.sequences == 0 and not b.fits
     assert b.one_sequence_bytes > b.kv.budget
 
@@ -187,6 +216,24 @@ def test_every_8gb_plan_starts_by_the_services_rule(model, gb):
     assert plan.required_free_bytes <= gb * GIB - 800 * MIB   # what the desktop leaves
     assert plan.context in (4096, 2048)
     assert b.sequences >= 2 or plan.context == 2048       # never a long context for one request
+
+
+@pytest.mark.parametrize("gb, tokens", [(8, 1024), (16, 4096)])
+def test_prefill_passes_grow_only_while_the_batch_keeps_its_requests(gb, tokens):
+    """2B: on a 16 GiB card passes of 4096 tokens still leave KV blocks for the 32-request batch; on an
+    8 GiB card 2048 would take blocks from the 8 typical requests it holds, so it stays at 1024."""
+    from scripts.planner.service_plan import _requests_held
+
+    spec = resolve_model(TWO_B)
+    plan = plan_for(model=TWO_B, profile="8gb", gpu_memory_bytes=gb * GIB)
+    knobs, budget = _knobs_of(plan)
+    assert knobs.batched_tokens == tokens
+    chosen = predict_service(spec, knobs, budget)
+    floor = predict_service(spec, replace(knobs, batched_tokens=1024), budget)
+    assert _requests_held(spec, chosen) == _requests_held(spec, floor)
+    if tokens < 4096:  # the next step would lose a request
+        larger = predict_service(spec, replace(knobs, batched_tokens=tokens * 2), budget)
+        assert _requests_held(spec, larger) < _requests_held(spec, floor)
 
 
 def test_2b_on_an_8gb_card_batches_at_least_two():
@@ -218,8 +265,8 @@ def test_a_planned_env_is_what_the_service_reads(monkeypatch):
         monkeypatch.setenv(key, value)
     s = ServiceSettings()
     knobs, budget = _knobs_of(plan)
-    assert (s.max_model_len, s.max_batch_size, s.max_images_per_request) == (
-        knobs.max_model_len, knobs.max_batch_size, knobs.max_images)
+    assert (s.max_model_len, s.max_batch_size, s.max_images_per_request, s.max_num_batched_tokens) == (
+        knobs.max_model_len, knobs.max_batch_size, knobs.max_images, knobs.batched_tokens)
     assert int(s.memory_budget_gib * GIB) == budget
 
 
@@ -229,7 +276,7 @@ def test_a_refusal_names_what_one_sequence_needs_by_the_block_rule():
     plan = plan_for(model=TWO_B, profile="8gb", gpu_memory_bytes=4 * GIB)
     assert not plan.fits and not plan.service_env
     spec, px = resolve_model(TWO_B), PIXEL_STEPS[-1]
-    knobs = ServiceKnobs("nf4", px, images_that_fit(spec, px, 4, 2048), 8, 2048)
+    knobs = ServiceKnobs("nf4", px, images_that_fit(spec, px, 4, 2048), 8, 2048, 1024)
     b = predict_service(spec, knobs, 0)
     need = b.kv.resident + b.prefill.reserve + b.kv.headroom + (blocks_for(2048) + 1) * b.kv.block_bytes
     assert predict_service(spec, knobs, need).sequences == 1

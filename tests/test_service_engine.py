@@ -212,6 +212,20 @@ def test_prompts_prefilled_in_small_shared_passes_get_their_own_output(engine, c
     assert [h.token_ids for h in handles] == alone
 
 
+def test_the_prefill_runs_passes_of_the_setting_and_vision_batches_of_the_largest_requests_images(tiny_model_dir):
+    """max_num_batched_tokens sets the pass; the vision tower takes as many of the largest request's
+    images as such a pass holds (the memory plan measures that request's prefill the same way)."""
+    from service.sizing import vision_batch_tokens
+
+    eng = Engine.load(engine_settings(tiny_model_dir, max_num_batched_tokens=128, max_images_per_request=3,
+                                     max_pixels=65536))
+    prefiller = eng.scheduler.batch.prefiller
+    largest = eng.prompts.largest()
+    per_image = int(largest.image_grid_thw.prod(-1).max()) // 4
+    assert prefiller.chunk == 128 and largest.images == 3 and per_image == 64
+    assert prefiller.vision.batch_tokens == vision_batch_tokens(128, per_image, 3) == 2 * per_image  # two of the three
+
+
 def test_running_requests_keep_decoding_while_a_long_prompt_is_prefilled(engine):
     """A long prompt is prefilled a pass at a time with a decode step between passes: a request
     that is running gets tokens all along, not only after the new prompt's whole prefill."""

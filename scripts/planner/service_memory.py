@@ -10,10 +10,11 @@ shapes the two parts the service measures:
                     as fit the context (sizing.images_in_largest_request, at most
                     max_images_per_request), then text up to max_model_len - 1 tokens (the service
                     measures it once at start-up). The prefill (service/decode/qwen3_prefill.py) runs
-                    the vision tower one image at a time and the decoder over PREFILL_CHUNK-token
-                    chunks, writing K/V straight into the cache's blocks:
-                    reserve = fixed + held for all images + max(one image's vision peak,
-                                                               one chunk over the whole prefix)
+                    the vision tower over batches of whole images (sizing.vision_batch_tokens) and
+                    the decoder over passes of max_num_batched_tokens, writing K/V straight into the
+                    cache's blocks:
+                    reserve = fixed + held for all images + max(one vision batch's peak,
+                                                               one pass over the whole prefix)
 and the rest is sizing.plan_kv_blocks: KV blocks of BLOCK_SIZE tokens after HEADROOM_BYTES, at most
 max_batch_size full-length sequences, one scratch block. A request reserves its blocks when it is
 admitted, so up to max_batch_size short requests share the pool; the service refuses to start when
@@ -24,7 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from service.sizing import (
-    BLOCK_SIZE, CUDA_CONTEXT_BYTES, MIB, PREFILL_CHUNK, KVPlan, blocks_for, images_in_largest_request, plan_kv_blocks,
+    BLOCK_SIZE, CUDA_CONTEXT_BYTES, DEFAULT_BATCHED_TOKENS, MIB, KVPlan, blocks_for, images_in_largest_request,
+    plan_kv_blocks, vision_batch_tokens,
 )
 
 from .model_facts import decoder_bytes_per_token, encoder_output_bytes, max_image_tokens, vision_bytes_per_patch
@@ -38,11 +40,13 @@ from .models import ModelSpec, WeightFormat
 # segments in 20 MiB pages (2 MiB for small tensors) and NVML counts what is mapped (2B, vision phase:
 # 13-29 MiB above the allocated peak).
 PREFILL_FIXED_BYTES = 32 * MIB
-# One image through the vision tower (on top of what is held for the images), x vision_bytes_per_patch:
-# torch's allocated peak was 1.31 (2B/4B tower) and 1.33 (8B tower) x patches x vision_bytes_per_patch;
-# 1.4 (with the fixed part) predicts the three 2B measurements +0.011, +0.017 and +0.030 GiB high.
-VISION_PEAK_FACTOR = 1.4
-# One decoder chunk: x PREFILL_CHUNK x decoder_bytes_per_token (projections, MLP, rotary and norm
+# One image through the vision tower (on top of what is held for the images), x vision_bytes_per_patch
+# (a batch of several: their patches together, the tower's tensors being per patch): torch's allocated
+# peak was 1.31 (2B/4B tower) and 1.33 (8B tower) x patches x vision_bytes_per_patch for one image
+# (H100); four images in one forward (2B, 4096-token passes, H200) measured a 0.94 GiB reserve, which
+# 1.46 (with the fixed part) meets, +0.019 to +0.038 GiB above the three one-image 2B measurements.
+VISION_PEAK_FACTOR = 1.46
+# One decoder pass: x its tokens x decoder_bytes_per_token (projections, MLP, rotary and norm
 # temporaries, allocator fragmentation), plus x the prefix's bytes per token (attention_prefix_bytes).
 # The three 2B measurements are bound by the vision phase, so these two are fit to text-only
 # prefills measured as the engine measures them (random-weight 2B/4B/8B shapes, prefixes of 2047,
@@ -64,6 +68,7 @@ class ServiceKnobs:
     max_images: int            # max_images_per_request
     max_batch_size: int
     max_model_len: int
+    batched_tokens: int = DEFAULT_BATCHED_TOKENS  # max_num_batched_tokens: prompt tokens of one prefill pass
 
 
 @dataclass(frozen=True)
@@ -73,8 +78,9 @@ class PrefillEstimate:
     image_tokens: int          # per image
     fixed: int                 # PREFILL_FIXED_BYTES
     images_held: int           # every image's pixels and vision output, held until the text is done
-    vision_peak: int           # one image through the vision tower, beyond what is held
-    decoder_peak: int          # one chunk of the decoder over a prefix of max_model_len - 1 tokens
+    vision_batch: int          # images in one forward of the vision tower
+    vision_peak: int           # one such forward, beyond what is held
+    decoder_peak: int          # one pass of the decoder over a prefix of max_model_len - 1 tokens
 
     @property
     def reserve(self) -> int:
@@ -122,7 +128,7 @@ def image_held_bytes(spec: ModelSpec, image_tokens: int) -> int:
     return pixels + encoder_output_bytes(spec, image_tokens)
 
 
-def attention_prefix_bytes(spec: ModelSpec, chunk: int = PREFILL_CHUNK) -> int:
+def attention_prefix_bytes(spec: ModelSpec, chunk: int) -> int:
     """Bytes per prefix token of a chunk's attention, one layer at a time: K and V of the prefix
     repeated to every query head, the gathered K and V before the repeat (bf16), and the
     [chunk, prefix] bool mask with SDPA's bf16 form of it."""
@@ -133,18 +139,19 @@ def attention_prefix_bytes(spec: ModelSpec, chunk: int = PREFILL_CHUNK) -> int:
 def predict_prefill(spec: ModelSpec, knobs: ServiceKnobs) -> PrefillEstimate:
     image_tokens = max_image_tokens(spec, knobs.max_pixels)
     images = images_that_fit(spec, knobs.max_pixels, knobs.max_images, knobs.max_model_len)
-    # The vision tower runs one image at a time; every image's pixels and output stay until the end.
+    # The vision tower runs batches of whole images; every image's pixels and output stay until the end.
     held = images * image_held_bytes(spec, image_tokens)
-    patches = image_tokens * spec.vision.merge**2 if images else 0
+    batch = vision_batch_tokens(knobs.batched_tokens, image_tokens, images) // image_tokens if images else 0
+    patches = batch * image_tokens * spec.vision.merge**2
     vision = int(patches * vision_bytes_per_patch(spec) * VISION_PEAK_FACTOR)
-    # The decoder runs PREFILL_CHUNK-token chunks; the last one attends to all max_model_len - 1 tokens.
+    # The decoder runs passes of batched_tokens; the last one attends to all max_model_len - 1 tokens.
     prefix = max(0, knobs.max_model_len - 1)
-    chunk = min(PREFILL_CHUNK, prefix)
+    chunk = min(knobs.batched_tokens, prefix)
     decoder = int(chunk * decoder_bytes_per_token(spec) * DECODER_CHUNK_FACTOR
                   + prefix * attention_prefix_bytes(spec, chunk) * ATTENTION_PREFIX_FACTOR)
     if knobs.weights == "nf4":  # bitsandbytes dequantizes each weight to bf16 for a many-token
         decoder += 2 * spec.text.hidden * spec.text.intermediate  # matmul: the largest (not measured)
-    return PrefillEstimate(images, image_tokens, PREFILL_FIXED_BYTES, held, vision, decoder)
+    return PrefillEstimate(images, image_tokens, PREFILL_FIXED_BYTES, held, batch, vision, decoder)
 
 
 # FP8 weights: what the engine holds beyond the tensors' bytes. Measured on an H200 (2026-12-01,

@@ -12,8 +12,9 @@ length, and it launches ~40 small kernels a layer from Python. Here:
 - the pieces of one pass go through the decoder together, with the decode step's own layer code
   (fused q/k/v and gate/up weights): projections, norms and the MLP once for all of them, attention
   per piece over its own slot's tokens so far (gathered from the blocks, causal within the piece);
-- each image goes through the vision tower alone (attention is per image anyway), when its
-  prompt's first piece that holds image tokens comes; no block waits for the device;
+- a prompt's images go through the vision tower when its first piece that holds image tokens
+  comes, together with the images of the other prompts doing so in the same pass (VisionEncoder:
+  one forward for several images, up to ``vision_tokens``); no block waits for the device;
 - DeepStack adds the image features of the vision tower's early layers to the first decoder layers'
   hidden states at the image tokens, as ``Qwen3VLTextModel`` does.
 
@@ -26,10 +27,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers.models.qwen3_vl import modeling_qwen3_vl as qwen3_vl
 
+from service.decode.vision import VisionEncoder
 from service.decode.qwen3_step import Qwen3VLDecoder, add_rms_norm, qk_norm_rotary, silu_mul
-from service.sizing import PREFILL_CHUNK
+from service.sizing import DEFAULT_BATCHED_TOKENS
+
+
+def split_images(pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The processor's patches of several images (``pixel_values``, in order; ``grid_thw`` ``[images,
+    3]`` on the host) as ``(pixels, grid [1, 3])`` per image, for VisionEncoder.encode."""
+    pixels = pixel_values.split(grid_thw.prod(-1).tolist())
+    return [(p, grid_thw[i:i + 1]) for i, p in enumerate(pixels)]
 
 
 class PrefillJob:
@@ -87,14 +95,17 @@ class Qwen3VLPrefill:
     """Fills allocated slots of the decoder's cache with prompts: ``run(jobs)`` one pass at a time,
     or ``prefill(slot, ...)`` for one whole prompt (its next-token logits, float32 ``[vocab]``)."""
 
-    def __init__(self, model: Any, decoder: Qwen3VLDecoder, chunk: int = PREFILL_CHUNK):
+    def __init__(self, model: Any, decoder: Qwen3VLDecoder, chunk: int = DEFAULT_BATCHED_TOKENS,
+                 vision_tokens: int | None = None):
+        """chunk: prompt tokens one pass computes at most; vision_tokens: image tokens one forward of
+        the vision tower holds at most (None: all of a pass's images at once)."""
         if chunk < 1:
             raise ValueError("the prefill chunk needs at least one token")
         self.model = model
         self.decoder = decoder
         self.cache = decoder.cache
         self.chunk = chunk
-        self.visual = model.model.visual
+        self.vision = VisionEncoder(model.model.visual, vision_tokens)
         self.image_token_id = model.config.image_token_id
 
     def job(self, slot: int, input_ids: torch.Tensor, mrope_positions: torch.Tensor | None = None,
@@ -143,10 +154,13 @@ class Qwen3VLPrefill:
         holds the prompt (``cache.set_prefilled``)."""
         decoder, device = self.decoder, self.cache.device
         hidden = decoder.embed_tokens(torch.cat([job.ids[start:end] for job, start, end in pieces]))
+        # The images of the prompts whose image tokens start in this pass: through the tower together.
+        starting = [job for job, start, end in pieces
+                    if job.images is None and job.holds_images and bool(job.is_image[start:end].any())]
+        if starting:
+            self._encode_images(starting)
         image_at, deepstack_rows, offset = [], [], 0
         for job, start, end in pieces:
-            if job.images is None and job.holds_images and bool(job.is_image[start:end].any()):
-                self._encode_images(job)
             if job.images is not None and bool(job.is_image[start:end].any()):
                 # Index lists made on the host: boolean masks on the device would make it wait.
                 at = job.is_image[start:end].nonzero()[:, 0] + offset
@@ -177,64 +191,25 @@ class Qwen3VLPrefill:
                 self.cache.register_prefix(job.slot, job.block_hashes)  # prompts that start the same way share them
         return [job for job, _, _ in pieces]
 
-    def _encode_images(self, job: PrefillJob) -> None:
-        """The features of the job's images after those wholly in the cached prefix, one image at a time."""
-        grid = job._grid
-        per_image = (grid.prod(-1) // self.visual.spatial_merge_size ** 2).tolist()
-        skip, skipped = 0, 0
-        while skip < len(per_image) and skipped + per_image[skip] <= int(job.before[job.done]):
-            skipped += per_image[skip]
-            skip += 1
-        pixels = job._pixels.to(self.cache.device, self.visual.patch_embed.proj.weight.dtype, non_blocking=True)
-        job.images, job.deepstack = self.encode_images(pixels, grid, skip)
-        job.skipped_tokens = skipped
-
-    def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
-                      skip: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Image features ``[tokens, hidden]`` and DeepStack features (one such tensor per DeepStack
-        layer), one image at a time, for the images after the first ``skip``. ``grid_thw`` is the
-        processor's ``[images, 3]`` on the host; ``pixel_values`` holds the patches of all of them."""
-        embeds, deepstack = [], []
-        start = 0
-        for index, (t, h, w) in enumerate(grid_thw.tolist()):
-            patches = t * h * w
-            if index >= skip:
-                image, features = self._encode_image(pixel_values[start:start + patches], grid_thw[index:index + 1])
-                embeds.append(image)
-                deepstack.append(features)
-            start += patches
-        return torch.cat(embeds), [torch.cat(layer) for layer in zip(*deepstack)]
-
-    def _encode_image(self, pixels: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """``Qwen3VLVisionModel.forward`` for one image, over the same modules. transformers' version
-        splits attention per image with a host read of the lengths in every block (the host then
-        waits for the device 24 times); with one image there is nothing to split."""
-        visual = self.visual
-        device = pixels.device
-        # Positions from the grid (host): interpolated learned embeddings and the 2D rotary.
-        indices, weights = qwen3_vl.get_vision_interpolation_indices_and_weights(
-            grid, num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
-            align_corners=visual.interpolation_align_corners, spatial_merge_size=visual.spatial_merge_size)
-        position_ids = qwen3_vl.get_vision_position_ids(grid, visual.spatial_merge_size).to(device, non_blocking=True)
-        hidden = visual.patch_embed(pixels)
-        pos = visual.pos_embed(indices.to(device, non_blocking=True)) * weights.to(device, non_blocking=True)[:, :, None]
-        hidden = hidden + pos.sum(1).to(hidden.dtype)
-        cos, sin = visual.rotary_pos_emb(hidden, position_ids)
-        patches = hidden.shape[0]
-        deepstack = []
-        for number, block in enumerate(visual.blocks):
-            attn = block.attn
-            qkv = attn.qkv(block.norm1(hidden)).view(patches, 3, attn.num_heads, -1)
-            q, k, v = qkv.unbind(1)
-            q, k = qwen3_vl.apply_rotary_pos_emb_vision(q, k, cos, sin)
-            out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
-                                                 v.transpose(0, 1)[None], scale=attn.scaling)
-            hidden = hidden + attn.proj(out[0].transpose(0, 1).reshape(patches, -1))
-            hidden = hidden + block.mlp(block.norm2(hidden))
-            if number in visual.deepstack_visual_indexes:
-                merger = visual.deepstack_merger_list[visual.deepstack_visual_indexes.index(number)]
-                deepstack.append(merger(hidden))
-        return visual.merger(hidden), deepstack
+    def _encode_images(self, jobs: list[PrefillJob]) -> None:
+        """The features of these jobs' images after those wholly in their cached prefix, through the
+        vision tower together (VisionEncoder's batches)."""
+        images, counts = [], []
+        for job in jobs:
+            grid = job._grid
+            per_image = self.vision.tokens(grid)
+            skip, skipped = 0, 0
+            while skip < len(per_image) and skipped + per_image[skip] <= int(job.before[job.done]):
+                skipped += per_image[skip]
+                skip += 1
+            images += split_images(job._pixels, grid)[skip:]
+            counts.append(len(per_image) - skip)
+            job.skipped_tokens = skipped
+        features = iter(self.vision.encode(images))
+        for job, count in zip(jobs, counts):
+            own = [next(features) for _ in range(count)]
+            job.images = torch.cat([embeds for embeds, _ in own]) if count > 1 else own[0][0]
+            job.deepstack = [torch.cat(layer) for layer in zip(*(deep for _, deep in own))] if count > 1 else own[0][1]
 
     def _layers(self, hidden: torch.Tensor, positions: torch.Tensor, pieces: list, deepstack) -> torch.Tensor:
         """The decoder over the pass's pieces (tokens ``start..end-1`` of each job's slot, packed in

@@ -4,9 +4,10 @@ On CUDA the KV cache is sized from measurements (service/sizing.py has the rules
 mirrors): after the weights load, a prefill of the largest request the settings admit is run
 (twice: the first loads kernels and workspaces, which stay resident) and its activation peak
 measured; what NVML then sees the process hold is resident; the KV cache gets what the budget
-leaves, in blocks. The prefill runs image by image and chunk by chunk, so that request bounds the
-activations of every prefill. On the CPU there is no budget (system RAM is not what it protects):
-the cache holds max_batch_size sequences of max_model_len.
+leaves, in blocks. The prefill runs in passes of max_num_batched_tokens and the vision tower in
+batches of that request's images (prefill_for), so that request bounds the activations of every
+pass. On the CPU there is no budget (system RAM is not what it protects): the cache holds
+max_batch_size sequences of max_model_len.
 """
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ from service.engine.memory import ProcessMemory
 from service.engine.requests import Prompt
 from service.errors import ModelUnavailable
 from service.settings import ServiceSettings
-from service.sizing import BLOCK_SIZE, DECODE_BATCH_SIZES, GIB, KVPlan, blocks_for, plan_kv_blocks
+from service.sizing import (
+    BLOCK_SIZE, DECODE_BATCH_SIZES, GIB, KVPlan, blocks_for, plan_kv_blocks, vision_batch_tokens,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,15 +103,26 @@ def build_batch(model: Any, largest: Prompt, settings: ServiceSettings, max_mode
                         "prefill reserve: the budget may be exceeded by %.2f GiB", used / GIB,
                         (plan.budget - plan.prefill_peak) / GIB, (used + plan.prefill_peak - plan.budget) / GIB)
     # A pass holds at most the largest request's images, whose features the memory plan measured.
-    return Batch(runner, Qwen3VLPrefill(model, decoder), max_images_per_pass=max(1, settings.max_images_per_request),
-                 reserved_ceiling=ceiling), plan
+    return Batch(runner, prefill_for(model, decoder, largest, settings),
+                 max_images_per_pass=max(1, settings.max_images_per_request), reserved_ceiling=ceiling), plan
+
+
+def prefill_for(model: Any, decoder: Qwen3VLDecoder, largest: Prompt, settings: ServiceSettings) -> Qwen3VLPrefill:
+    """The prefill the engine runs, and the memory plan measures on ``largest``: passes of
+    max_num_batched_tokens, the vision tower in batches of whole images of the largest request
+    (sizing.vision_batch_tokens; one image at a time where that request holds none)."""
+    vision = 1
+    if largest.images:
+        per_image = int(largest.image_grid_thw.prod(-1).max()) // model.model.visual.spatial_merge_size ** 2
+        vision = vision_batch_tokens(settings.max_num_batched_tokens, per_image, largest.images)
+    return Qwen3VLPrefill(model, decoder, settings.max_num_batched_tokens, vision)
 
 
 def plan_memory(model: Any, largest: Prompt, settings: ServiceSettings, max_model_len: int, dtype: torch.dtype,
                 device: torch.device, memory: ProcessMemory) -> KVPlan:
     """Measure the largest request's prefill, then fit as many KV blocks as the budget allows."""
     try:
-        peak = prefill_peak(model, largest, max_model_len, dtype, device, memory)
+        peak = prefill_peak(model, largest, settings, max_model_len, dtype, device, memory)
     except torch.cuda.OutOfMemoryError:
         raise ModelUnavailable(
             f"the largest request this configuration admits ({largest.length} tokens with {largest.images} image(s) "
@@ -128,12 +142,13 @@ def plan_memory(model: Any, largest: Prompt, settings: ServiceSettings, max_mode
     return plan
 
 
-def prefill_peak(model: Any, prompt: Prompt, max_model_len: int, dtype: torch.dtype, device: torch.device,
-                 memory: ProcessMemory) -> int:
+def prefill_peak(model: Any, prompt: Prompt, settings: ServiceSettings, max_model_len: int, dtype: torch.dtype,
+                 device: torch.device, memory: ProcessMemory) -> int:
     """Bytes the prefill of this prompt adds at its peak (torch's peak, or what NVML saw grow),
-    beyond the K/V it writes: it runs into a pool of its own, made before measuring."""
+    beyond the K/V it writes, run as the engine runs it (prefill_for): into a pool of its own, made
+    before measuring."""
     pool = PagedKVCache(model.config, 1, max_model_len, dtype=dtype, device=device)
-    prefiller = Qwen3VLPrefill(model, Qwen3VLDecoder(model, pool, fuse_projections=True))
+    prefiller = prefill_for(model, Qwen3VLDecoder(model, pool, fuse_projections=True), prompt, settings)
     slot = pool.allocate(prompt.length)
 
     def run() -> None:

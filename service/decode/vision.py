@@ -1,0 +1,118 @@
+"""Qwen3-VL's vision tower over several images at once, without waiting for the device.
+
+The tower's launches, not its arithmetic, bound one image on a fast GPU (a 1280x704 image: ~600
+kernels, 15-25 ms of host time for ~5 ms of device work, H200): images of several prompts go
+through it together, up to ``batch_tokens`` merged tokens a forward, so a wave of image requests
+pays the launches once per batch. Everything but attention is per patch, so the batch's patches are
+simply concatenated; attention stays within each image: runs of images with the same patch count
+go to one ``scaled_dot_product_attention`` call as its batch dimension (the usual case: a burst of
+same-size images is one call a block), others one call each. transformers' forward splits
+attention with a host read of the lengths in every block; here the lengths come from the grids,
+which are on the host already.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers.models.qwen3_vl import modeling_qwen3_vl as qwen3_vl
+
+Features = tuple[torch.Tensor, list[torch.Tensor]]  # merged embeddings [tokens, hidden], one DeepStack tensor per layer
+
+
+class VisionEncoder:
+    def __init__(self, visual: Any, batch_tokens: int | None = None):
+        """``visual``: the model's ``Qwen3VLVisionModel``; ``batch_tokens``: merged tokens one forward
+        holds at most (the engine's memory plan measured a batch that large); a larger image goes alone.
+        None: every image given to one ``encode`` call in one forward."""
+        self.visual = visual
+        self.batch_tokens = batch_tokens
+        self.merge = visual.spatial_merge_size ** 2  # patches per merged token
+        self.dtype = visual.patch_embed.proj.weight.dtype
+
+    def tokens(self, grid: torch.Tensor) -> list[int]:
+        """Merged tokens of each image of a host grid ``[images, 3]``."""
+        return (grid.prod(-1) // self.merge).tolist()
+
+    def encode(self, images: list[tuple[torch.Tensor, torch.Tensor]]) -> list[Features]:
+        """The features of each ``(pixels [patches, C], grid [1, 3] on the host)``, in order, in
+        forwards of up to ``batch_tokens`` tokens (images in order, each batch as many as fit)."""
+        out: list[Features] = []
+        batch: list[tuple[torch.Tensor, torch.Tensor]] = []
+        held = 0
+        for pixels, grid in images:
+            tokens = int(grid.prod()) // self.merge
+            if batch and self.batch_tokens is not None and held + tokens > self.batch_tokens:
+                out += self._forward(batch)
+                batch, held = [], 0
+            batch.append((pixels, grid))
+            held += tokens
+        if batch:
+            out += self._forward(batch)
+        return out
+
+    def _forward(self, images: list[tuple[torch.Tensor, torch.Tensor]]) -> list[Features]:
+        """``Qwen3VLVisionModel.forward`` over these images' patches concatenated, attention per image."""
+        visual = self.visual
+        device = visual.patch_embed.proj.weight.device
+        grid = torch.cat([g for _, g in images])
+        pixels = torch.cat([p for p, _ in images]) if len(images) > 1 else images[0][0]
+        pixels = pixels.to(device, self.dtype, non_blocking=True)
+        # Positions from the grids (host): interpolated learned embeddings and the 2D rotary.
+        indices, weights = qwen3_vl.get_vision_interpolation_indices_and_weights(
+            grid, num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
+            align_corners=visual.interpolation_align_corners, spatial_merge_size=visual.spatial_merge_size)
+        position_ids = qwen3_vl.get_vision_position_ids(grid, visual.spatial_merge_size).to(device, non_blocking=True)
+        hidden = visual.patch_embed(pixels)
+        pos = visual.pos_embed(indices.to(device, non_blocking=True)) * weights.to(device, non_blocking=True)[:, :, None]
+        hidden = hidden + pos.sum(1).to(hidden.dtype)
+        cos, sin = visual.rotary_pos_emb(hidden, position_ids)
+        runs = _equal_runs(grid.prod(-1).tolist())
+        patches = hidden.shape[0]
+        deepstack = []
+        for number, block in enumerate(visual.blocks):
+            attn = block.attn
+            qkv = attn.qkv(block.norm1(hidden)).view(patches, 3, attn.num_heads, -1)
+            q, k, v = qkv.unbind(1)
+            q, k = qwen3_vl.apply_rotary_pos_emb_vision(q, k, cos, sin)
+            out = torch.cat([_attention(q, k, v, start, count, length, attn.scaling) for start, count, length in runs]) \
+                if len(runs) > 1 else _attention(q, k, v, *runs[0], attn.scaling)
+            hidden = hidden + attn.proj(out.reshape(patches, -1))
+            hidden = hidden + block.mlp(block.norm2(hidden))
+            if number in visual.deepstack_visual_indexes:
+                merger = visual.deepstack_merger_list[visual.deepstack_visual_indexes.index(number)]
+                deepstack.append(merger(hidden))
+        merged = visual.merger(hidden)
+        if len(images) == 1:
+            return [(merged, deepstack)]
+        sizes = self.tokens(grid)
+        per_layer = [layer.split(sizes) for layer in deepstack]
+        return [(embeds, [layer[i] for layer in per_layer]) for i, embeds in enumerate(merged.split(sizes))]
+
+
+def _equal_runs(patch_counts: list[int]) -> list[tuple[int, int, int]]:
+    """Consecutive images of the same patch count as ``(first patch, images, patches each)``."""
+    runs: list[tuple[int, int, int]] = []
+    start = 0
+    for count in patch_counts:
+        if runs and runs[-1][2] == count:
+            first, images, _ = runs[-1]
+            runs[-1] = (first, images + 1, count)
+        else:
+            runs.append((start, 1, count))
+        start += count
+    return runs
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, images: int, length: int,
+               scale: float) -> torch.Tensor:
+    """Attention of ``images`` images of ``length`` patches each, from patch ``start`` of ``q, k, v``
+    ``[patches, heads, D]``: one call, the images as its batch. Returns ``[images * length, heads, D]``."""
+    end = start + images * length
+
+    def heads_first(x: torch.Tensor) -> torch.Tensor:
+        return x[start:end].view(images, length, x.shape[1], x.shape[2]).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), scale=scale)
+    return out.transpose(1, 2).reshape(images * length, q.shape[1], q.shape[2])
