@@ -3,6 +3,7 @@ own ``Qwen3VLVisionModel.forward``: images of different and equal sizes in one f
 batches ``batch_tokens`` cuts. The tiny float32 Qwen3-VL of tests/test_decode_step.py."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from service.decode.qwen3_prefill import split_images
@@ -84,3 +85,20 @@ def test_a_vision_batch_is_whole_images_of_the_largest_request_that_a_pass_holds
     assert vision_batch_tokens(8192, 981, 4) == 4 * 981  # never more than the measured request holds
     assert vision_batch_tokens(512, 981, 4) == 981  # a pass shorter than an image: one image at a time
     assert vision_batch_tokens(4096, 981, 1) == 981
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the pinned staging and the compiled rotary are CUDA's")
+@torch.no_grad()
+def test_on_cuda_the_staged_copies_and_the_compiled_rotary_give_transformers_features(model):
+    """Three forwards through one pinned buffer (each batch's copy waits for the previous one to have
+    left it) with the rotary compiled for any patch count: transformers' features for every image."""
+    import copy
+
+    gpu = copy.deepcopy(model).cuda()
+    encoder = VisionEncoder(gpu.model.visual, batch_tokens=12, compile_backend="inductor")
+    given = images()
+    features = encoder.encode(given)
+    assert encoder._staging is not None and encoder._staging.is_pinned()
+    for ours, (pixels, grid) in zip(features, given):
+        reference = transformers_features(gpu, pixels.cuda(), grid.cuda())
+        assert_close(ours, reference)

@@ -96,16 +96,17 @@ class Qwen3VLPrefill:
     or ``prefill(slot, ...)`` for one whole prompt (its next-token logits, float32 ``[vocab]``)."""
 
     def __init__(self, model: Any, decoder: Qwen3VLDecoder, chunk: int = DEFAULT_BATCHED_TOKENS,
-                 vision_tokens: int | None = None):
+                 vision_tokens: int | None = None, compile_backend: str | None = None):
         """chunk: prompt tokens one pass computes at most; vision_tokens: image tokens one forward of
-        the vision tower holds at most (None: all of a pass's images at once)."""
+        the vision tower holds at most (None: all of a pass's images at once); compile_backend: the
+        vision tower's (VisionEncoder)."""
         if chunk < 1:
             raise ValueError("the prefill chunk needs at least one token")
         self.model = model
         self.decoder = decoder
         self.cache = decoder.cache
         self.chunk = chunk
-        self.vision = VisionEncoder(model.model.visual, vision_tokens)
+        self.vision = VisionEncoder(model.model.visual, vision_tokens, compile_backend)
         self.image_token_id = model.config.image_token_id
 
     def job(self, slot: int, input_ids: torch.Tensor, mrope_positions: torch.Tensor | None = None,

@@ -31,6 +31,10 @@ class PromptBuilder:
         self.max_model_len = max_model_len
         self.image_token_id = model.config.image_token_id
         self._get_rope_index = model.model.get_rope_index
+        # The processor's patches are float32; the vision tower casts them to its own dtype (bf16 on
+        # the GPU). Cast here, in the request's thread: half the bytes to hold while queued and to copy
+        # to the device in the engine's (the same rounding either side).
+        self._pixel_dtype = model.model.visual.patch_embed.proj.weight.dtype
         self._image_kwargs = image_kwargs(processor, settings)
         self._takes_images = settings.max_images_per_request > 0 and hasattr(processor, "image_processor")
         self.tokenizer = getattr(processor, "tokenizer", processor)
@@ -212,6 +216,8 @@ class PromptBuilder:
             mrope, delta = positions[:, 0], int(deltas.reshape(-1)[0])
         hashes = prompt_block_hashes(input_ids, self.image_token_id, [image_digest(image) for image in images],
                                      salt=cache_salt.encode("utf-8") if cache_salt else b"")
+        if pixel_values is not None and pixel_values.is_floating_point():
+            pixel_values = pixel_values.to(self._pixel_dtype)
         return Prompt(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=grid, mrope_positions=mrope,
                       rope_delta=delta, block_hashes=hashes)
 

@@ -110,12 +110,14 @@ def build_batch(model: Any, largest: Prompt, settings: ServiceSettings, max_mode
 def prefill_for(model: Any, decoder: Qwen3VLDecoder, largest: Prompt, settings: ServiceSettings) -> Qwen3VLPrefill:
     """The prefill the engine runs, and the memory plan measures on ``largest``: passes of
     max_num_batched_tokens, the vision tower in batches of whole images of the largest request
-    (sizing.vision_batch_tokens; one image at a time where that request holds none)."""
+    (sizing.vision_batch_tokens; one image at a time where that request holds none), its rotary
+    compiled where the decode step is."""
     vision = 1
     if largest.images:
         per_image = int(largest.image_grid_thw.prod(-1).max()) // model.model.visual.spatial_merge_size ** 2
         vision = vision_batch_tokens(settings.max_num_batched_tokens, per_image, largest.images)
-    return Qwen3VLPrefill(model, decoder, settings.max_num_batched_tokens, vision)
+    compile_backend = "inductor" if decoder.cache.device.type == "cuda" and settings.compile else None
+    return Qwen3VLPrefill(model, decoder, settings.max_num_batched_tokens, vision, compile_backend)
 
 
 def plan_memory(model: Any, largest: Prompt, settings: ServiceSettings, max_model_len: int, dtype: torch.dtype,
