@@ -15,11 +15,12 @@ GIB = 1024**3
 MIB = 1024**2
 
 BLOCK_SIZE = 64  # tokens per KV block; also the split-KV attention kernel's block of work
-# Prompt tokens one prefill pass computes at most where nothing sets it (VLKIT_MAX_NUM_BATCHED_TOKENS,
-# the planner's per-card choice): bounds the decoder's activations and, through vision_batch_tokens,
-# the vision tower's. On an H200 (2B, 32 image requests at once, engine only) passes of 4096 tokens
-# made 1.4x the throughput of 1024-token ones: each pass's kernels are launched once for more prompts.
-DEFAULT_BATCHED_TOKENS = 2048
+# Prompt tokens one prefill pass computes at most where nothing sets it (VLKIT_MAX_NUM_BATCHED_TOKENS):
+# bounds the decoder's activations and, through vision_batch_tokens, the vision tower's. The planner
+# raises it per card where the KV cache can spare the memory (scripts/planner/service_plan.py): on an
+# H200 (2B, 32 image requests at once, engine only) passes of 4096 tokens made 1.8x the throughput of
+# 1024-token ones, each pass's kernels launched once for more prompts.
+DEFAULT_BATCHED_TOKENS = 1024
 # Batch sizes the decode step is captured for (up to max_batch_size); a batch in between runs in
 # the next larger graph. The planner's batch cap stops at the largest.
 DECODE_BATCH_SIZES = (1, 2, 4, 8, 16, 32)

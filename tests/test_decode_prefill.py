@@ -211,3 +211,45 @@ def test_a_slot_forks_into_held_slots_sharing_its_full_prompt_blocks():
     held = cache.allocate(24, forks=2, prompt_tokens=20)
     cache.free(held)  # freed before its prefill finished: the held room comes back too
     assert cache.can_allocate(64 - 8, forks=3, prompt_tokens=0) is False and cache.allocate(8, forks=3) == 0
+
+
+@pytest.mark.parametrize("vision_tokens", [None, 4, 6, 10, 12])
+@pytest.mark.parametrize("order", ["cached first", "cached last"])
+@torch.no_grad()
+def test_images_of_several_prompts_in_one_pass_skip_the_cached_ones_and_keep_their_order(model, vision_tokens,
+                                                                                          order):
+    """One pass starts two prompts: one whose first image lies in a cached prefix (not encoded again),
+    one with two images. Their three encoded images go through the vision tower together, in
+    forwards of up to ``vision_tokens`` (4: one image each; 6, 10: a prompt's images split across
+    forwards; None and 12: all at once); each prompt gets transformers' logits and K/V."""
+    runner = make_runner(model, slots=4, max_len=64, num_blocks=30)
+    cache = runner.cache
+    prefiller = Qwen3VLPrefill(model, runner.decoder, chunk=64, vision_tokens=vision_tokens)
+    head, head_pixels = image_prompt(1, 9, (1, 4, 4), seed=95)  # 16 tokens: 2 blocks with the first image
+    second_image, second_pixels = image_prompt(0, 1, (1, 4, 6), seed=96)
+    cached_pixels, cached_grids = torch.cat([head_pixels, second_pixels]), [(1, 4, 4), (1, 4, 6)]
+    digests = [bytes([i]) * 16 for i in range(2)]
+
+    def job(ids, pixels, grids, image_digests=()):
+        grid = torch.tensor(grids)
+        positions, deltas = prefill_position_ids(model, ids[None], None, (ids == IMAGE).int()[None], grid)
+        hashes = prompt_block_hashes(ids, IMAGE, list(image_digests), block_size=8) if image_digests else []
+        slot = cache.allocate(len(ids) + 8, hashes[:(len(ids) - 1) // 8])
+        return prefiller.job(slot, ids, positions[1:, 0], int(deltas[0]), pixels, grid, hashes)
+
+    first = job(torch.cat([head, text_prompt(6, seed=93), second_image]), cached_pixels, cached_grids, digests)
+    while not first.finished:  # its blocks are registered: the next prompt that starts so shares them
+        prefiller.run([first])
+    cached_ids = torch.cat([head, text_prompt(6, seed=94), second_image])
+    cached = job(cached_ids, cached_pixels, cached_grids, digests)
+    assert cache.cached_tokens[cached.slot] == 16
+    two_ids, two_pixels, two_grids = two_image_prompt(seed=70)
+    fresh = job(two_ids, two_pixels, two_grids)
+    jobs = [cached, fresh] if order == "cached first" else [fresh, cached]
+    prefiller.run(jobs)
+    assert all(j.finished for j in jobs)  # one pass
+    for j, ids, pixels, grids in ((cached, cached_ids, cached_pixels, cached_grids), (fresh, two_ids, two_pixels, two_grids)):
+        inputs = batch_inputs([ids], list(zip(torch.split(pixels, [t * h * w for t, h, w in grids]), grids)))
+        reference = prefill(model, **inputs)
+        assert (j.logits - reference.logits[0]).abs().max() < TOLERANCE
+        assert_slot_matches(model, runner, j.slot, j.logits, reference, inputs, steps=3)

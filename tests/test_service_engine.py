@@ -456,3 +456,42 @@ def test_a_request_that_waits_for_blocks_as_the_engine_drains_gets_503_not_silen
         assert isinstance(events[-1].error, Unavailable) and events[-1].error.status == 503
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize("length, chunk, context, fillers", [
+    (4095, 4096, 4096, [1]),            # the 16 GiB card's 2B plan: one pass, one token short
+    (4095, 1024, 4096, [1]),            # 8 GiB: four passes, the last 1023 tokens
+    (1999, 4096, 2000, [1999, 98]),     # a short context: other prompts fill the pass, each under the context
+    (2048, 1024, 4096, []),             # the last pass is full already
+])
+def test_the_memory_plan_fills_the_largest_prompts_last_pass(length, chunk, context, fillers):
+    from service.engine.startup import filler_lengths
+
+    assert filler_lengths(length, chunk, context) == fillers
+    assert (length - 1) % chunk + 1 + sum(fillers) == chunk
+    assert all(0 < n < context for n in fillers)
+
+
+def test_the_measured_prefill_ends_with_a_full_pass_at_the_whole_prefix(engine):
+    """run_largest_pass (what the start-up measures on CUDA): the largest prompt's passes, its last
+    piece packed with text prompts to a full pass; the prompt is prefilled as the engine does it."""
+    from service.decode.qwen3_prefill import Qwen3VLPrefill
+    from service.engine.startup import filler_lengths, run_largest_pass
+
+    prompt = engine.prompts.largest()
+    chunk = 100
+    fillers = filler_lengths(prompt.length, chunk, engine.max_model_len)
+    assert fillers
+    pool = PagedKVCache(engine.model.config, 1 + len(fillers), engine.max_model_len, dtype=engine.dtype,
+                        device=engine.device)
+    prefiller = Qwen3VLPrefill(engine.model, Batch.over(engine.model, pool, like=engine.scheduler.batch).runner.decoder,
+                               chunk)
+    passes = []
+    plan = prefiller.plan_pass
+    prefiller.plan_pass = lambda jobs, max_images=None: passes.append(plan(jobs, max_images)) or passes[-1]
+    slots = [pool.allocate(n) for n in [prompt.length, *fillers]]
+    run_largest_pass(prefiller, prompt, slots, fillers)
+    last = passes[-1]
+    assert sum(end - start for _, start, end in last) == chunk  # a full pass
+    assert last[0][2] == prompt.length  # whose first piece ends the largest prompt, after all of its prefix
+    assert pool.lengths[slots[0]] == prompt.length

@@ -144,9 +144,10 @@ def predict_prefill(spec: ModelSpec, knobs: ServiceKnobs) -> PrefillEstimate:
     batch = vision_batch_tokens(knobs.batched_tokens, image_tokens, images) // image_tokens if images else 0
     patches = batch * image_tokens * spec.vision.merge**2
     vision = int(patches * vision_bytes_per_patch(spec) * VISION_PEAK_FACTOR)
-    # The decoder runs passes of batched_tokens; the last one attends to all max_model_len - 1 tokens.
+    # The decoder runs passes of batched_tokens (short prompts packed: a pass is full whatever the
+    # context); the largest prompt's last piece attends to all max_model_len - 1 tokens.
     prefix = max(0, knobs.max_model_len - 1)
-    chunk = min(knobs.batched_tokens, prefix)
+    chunk = knobs.batched_tokens
     decoder = int(chunk * decoder_bytes_per_token(spec) * DECODER_CHUNK_FACTOR
                   + prefix * attention_prefix_bytes(spec, chunk) * ATTENTION_PREFIX_FACTOR)
     if knobs.weights == "nf4":  # bitsandbytes dequantizes each weight to bf16 for a many-token

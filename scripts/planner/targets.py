@@ -19,7 +19,6 @@ IMAGE_LIMIT = 4                    # images per request (both profiles), fewer w
 # Requests decoded at once, both profiles: at least this many (8 rows of logits cost ~40 MiB), more
 # where the KV cache holds more typical requests (min_useful_context each).
 MIN_BATCH = 8
-THROUGHPUT_SHARE = 0.05            # at most this share of the KV cache goes to larger steps (both profiles)
 
 
 def min_useful_context(spec: ModelSpec, max_pixels: int) -> int:

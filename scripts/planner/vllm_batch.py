@@ -16,12 +16,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from .models import ModelSpec
-from .targets import MIN_BATCH, THROUGHPUT_SHARE, min_useful_context
+from .targets import MIN_BATCH, min_useful_context
 from .vllm_memory import VllmBudget, VllmKnobs, predict
 
 MIN_MAX_NUM_SEQS = MIN_BATCH
 SEQ_STEPS = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 BATCHED_TOKEN_STEPS = (2048, 4096, 8192)
+THROUGHPUT_SHARE = 0.05                # at most this share of the KV cache goes to throughput
 
 
 @dataclass(frozen=True)

@@ -91,8 +91,12 @@ class VisionEncoder:
             qkv = attn.qkv(block.norm1(hidden)).view(patches, 3, attn.num_heads, -1)
             q, k, v = qkv.unbind(1)
             q, k = self._rotary(q, k, cos, sin)
-            out = torch.cat([_attention(q, k, v, start, count, length, attn.scaling) for start, count, length in runs]) \
-                if len(runs) > 1 else _attention(q, k, v, *runs[0], attn.scaling)
+            if len(runs) == 1:
+                out = _attention(q, k, v, *runs[0], attn.scaling)
+            else:  # each run's output into its rows of one tensor (no second copy of all of them)
+                out = torch.empty_like(q)
+                for start, count, length in runs:
+                    out[start:start + count * length] = _attention(q, k, v, start, count, length, attn.scaling)
             hidden = hidden + attn.proj(out.reshape(patches, -1))
             hidden = hidden + block.mlp(block.norm2(hidden))
             if number in visual.deepstack_visual_indexes:
@@ -109,7 +113,7 @@ class VisionEncoder:
     def _to_device(self, pixels: list[torch.Tensor]) -> torch.Tensor:
         """The images' patches ``[patches, C]`` on the device in the tower's dtype. From the host on
         CUDA: through a pinned buffer (kept for the next batch), so the copy does not block the host."""
-        if self.device.type != "cuda" or pixels[0].device.type != "cpu":
+        if self.device.type != "cuda" or any(p.device.type != "cpu" for p in pixels):
             joined = torch.cat(pixels) if len(pixels) > 1 else pixels[0]
             return joined.to(self.device, self.dtype, non_blocking=True)
         rows, width = sum(p.shape[0] for p in pixels), pixels[0].shape[1]
@@ -124,7 +128,7 @@ class VisionEncoder:
             start += p.shape[0]
         on_device = host.to(self.device, non_blocking=True)
         self._staged = torch.cuda.Event()
-        self._staged.record()
+        self._staged.record(torch.cuda.current_stream(self.device))
         return on_device
 
 

@@ -5,8 +5,8 @@ mirrors): after the weights load, a prefill of the largest request the settings 
 (twice: the first loads kernels and workspaces, which stay resident) and its activation peak
 measured; what NVML then sees the process hold is resident; the KV cache gets what the budget
 leaves, in blocks. The prefill runs in passes of max_num_batched_tokens and the vision tower in
-batches of that request's images (prefill_for), so that request bounds the activations of every
-pass. On the CPU there is no budget (system RAM is not what it protects): the cache holds
+batches of that request's images (prefill_for); its last pass is filled to a full one with text
+prompts (filler_lengths), so the measurement bounds the activations of every pass. On the CPU there is no budget (system RAM is not what it protects): the cache holds
 max_batch_size sequences of max_model_len.
 """
 from __future__ import annotations
@@ -120,6 +120,25 @@ def prefill_for(model: Any, decoder: Qwen3VLDecoder, largest: Prompt, settings: 
     return Qwen3VLPrefill(model, decoder, settings.max_num_batched_tokens, vision, compile_backend)
 
 
+def filler_lengths(prompt_length: int, chunk: int, max_model_len: int) -> list[int]:
+    """Lengths of the text prompts that fill the largest prompt's last prefill pass to ``chunk``
+    tokens, each shorter than the context: the engine packs short prompts after a long one's last
+    piece, so its largest pass is a full one whose first piece attends to the whole largest prefix."""
+    room = chunk - ((prompt_length - 1) % chunk + 1)
+    longest = max(1, max_model_len - 1)
+    return [min(longest, room - start) for start in range(0, room, longest)]
+
+
+def run_largest_pass(prefiller: Qwen3VLPrefill, prompt: Prompt, slots: list[int], fillers: list[int]) -> None:
+    """The prompt's prefill into ``slots[0]``, its last pass packed with the filler prompts (one
+    token repeated) in the other slots."""
+    jobs = [prefiller.job(slots[0], prompt.input_ids, prompt.mrope_positions, prompt.rope_delta,
+                          prompt.pixel_values, prompt.image_grid_thw)]
+    jobs += [prefiller.job(slot, prompt.input_ids[-1:].repeat(n)) for slot, n in zip(slots[1:], fillers)]
+    while not all(job.finished for job in jobs):
+        prefiller.run([job for job in jobs if not job.finished])
+
+
 def plan_memory(model: Any, largest: Prompt, settings: ServiceSettings, max_model_len: int, dtype: torch.dtype,
                 device: torch.device, memory: ProcessMemory) -> KVPlan:
     """Measure the largest request's prefill, then fit as many KV blocks as the budget allows."""
@@ -146,16 +165,18 @@ def plan_memory(model: Any, largest: Prompt, settings: ServiceSettings, max_mode
 
 def prefill_peak(model: Any, prompt: Prompt, settings: ServiceSettings, max_model_len: int, dtype: torch.dtype,
                  device: torch.device, memory: ProcessMemory) -> int:
-    """Bytes the prefill of this prompt adds at its peak (torch's peak, or what NVML saw grow),
-    beyond the K/V it writes, run as the engine runs it (prefill_for): into a pool of its own, made
+    """Bytes the largest prefill pass adds at its peak (torch's peak, or what NVML saw grow), beyond
+    the K/V it writes, run as the engine runs it (prefill_for): the prompt's prefill with its last
+    piece packed with text prompts to a full pass (filler_lengths), into a pool of its own made
     before measuring."""
-    pool = PagedKVCache(model.config, 1, max_model_len, dtype=dtype, device=device)
+    fillers = filler_lengths(prompt.length, settings.max_num_batched_tokens, max_model_len)
+    blocks = max(blocks_for(max_model_len), sum(blocks_for(n) for n in [prompt.length, *fillers]))
+    pool = PagedKVCache(model.config, 1 + len(fillers), max_model_len, blocks, dtype=dtype, device=device)
     prefiller = prefill_for(model, Qwen3VLDecoder(model, pool, fuse_projections=True), prompt, settings)
-    slot = pool.allocate(prompt.length)
+    slots = [pool.allocate(n) for n in [prompt.length, *fillers]]
 
     def run() -> None:
-        prefiller.prefill(slot, prompt.input_ids, prompt.mrope_positions, prompt.rope_delta, prompt.pixel_values,
-                          prompt.image_grid_thw)
+        run_largest_pass(prefiller, prompt, slots, fillers)
         torch.cuda.synchronize(device)
 
     # Once first: kernels and library workspaces loaded at their first use stay resident (they are
@@ -172,5 +193,6 @@ def prefill_peak(model: Any, prompt: Prompt, settings: ServiceSettings, max_mode
     del pool, prefiller
     gc.collect()
     torch.cuda.empty_cache()
-    log.info("prefill of %d tokens with %d image(s): peak %.2f GiB", prompt.length, prompt.images, peak / GIB)
+    log.info("prefill of %d tokens with %d image(s) in passes of %d tokens (the last filled with %d more): peak %.2f GiB",
+             prompt.length, prompt.images, settings.max_num_batched_tokens, sum(fillers), peak / GIB)
     return peak
