@@ -9,7 +9,10 @@ it takes the card's bytes of this GPU; then the same requests through the offici
 streaming: each request its own 1280x704 JPEG (nothing from a prefix cache) and the same text, 128
 new tokens, greedy, ``ignore_eos``; 1, 8 and 32 at once. Prints both columns and their ratio
 (vlkit / vLLM; above 1 is better for every row but TTFT, where below 1 is better), and writes the
-table to $OUT/versus_vllm.md. vLLM must be importable, or installed apart with its folder in
+table to $OUT/versus_vllm.md. ``--repeats N``: each concurrency N times (fresh images each time),
+every figure the median of the N bursts (one burst varies by several percent). ``--vlkit-env K=V``:
+settings for our server over the plan's (``OMP_NUM_THREADS=4``, ``VLKIT_MAX_NUM_BATCHED_TOKENS=2048``),
+for A/B runs on one host. vLLM must be importable, or installed apart with its folder in
 $VLLM_PYTHONPATH (see docs/BENCHMARKS.md for the device's install); the model is a random-weight checkpoint of the real shape (vLLM: ``--load-format dummy``).
 """
 from __future__ import annotations
@@ -22,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import median
 
 from bench.engine_mode import measure_streams
 from bench.planned import Plan
@@ -87,8 +91,9 @@ class Server:
                 self.proc.wait(10)
 
 
-def start_vlkit(ckpt: Path, plan, port: int, log: Path) -> Server:
+def start_vlkit(ckpt: Path, plan, port: int, log: Path, overrides: dict[str, str] | None = None) -> Server:
     env = {k: v for k, v in plan.service_env.items() if k != "VLKIT_MODEL"}
+    env.update(overrides or {})
     env.update(HF_HUB_OFFLINE="1", VLKIT_MODEL=str(ckpt), VLKIT_SERVED_MODEL_NAME="bench", VLKIT_PORT=str(port))
     return Server("vlkit", [sys.executable, "-m", "service"], env, port, "/health/ready", log)
 
@@ -113,8 +118,8 @@ def start_vllm(ckpt: Path, plan, card: int, port: int, log: Path) -> Server:
     return Server("vLLM", cmd, env, port, "/health", log)
 
 
-def drive(server: Server, concurrency: list[int], max_tokens: int, urls: list[str]) -> dict:
-    """The same requests for every server: figures per concurrency."""
+def drive(server: Server, concurrency: list[int], max_tokens: int, urls: list[str], repeats: int = 1) -> dict:
+    """The same requests for every server: figures per concurrency, each the median of ``repeats`` bursts."""
     from openai import OpenAI
 
     client = OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0, timeout=600)
@@ -134,10 +139,14 @@ def drive(server: Server, concurrency: list[int], max_tokens: int, urls: list[st
     measure_streams(open_stream(next(used)), 1)  # the first request after start-up: not counted
     figures = {}
     for n in concurrency:
-        own = [next(used) for _ in range(n)]
-        result = measure_streams(lambda i, own=own: open_stream(own[i])(i), n)
-        figures[n] = {"median TTFT (s)": result.median_ttft_s, "per-stream decode (tok/s)": result.decode_tok_s_per_stream,
-                      "aggregate (tok/s)": result.aggregate_tok_s}
+        bursts = []
+        for _ in range(repeats):
+            own = [next(used) for _ in range(n)]
+            result = measure_streams(lambda i, own=own: open_stream(own[i])(i), n)
+            bursts.append({"median TTFT (s)": result.median_ttft_s,
+                           "per-stream decode (tok/s)": result.decode_tok_s_per_stream,
+                           "aggregate (tok/s)": result.aggregate_tok_s})
+        figures[n] = {metric: median(b[metric] for b in bursts) for metric in bursts[0]}
     return figures
 
 
@@ -158,13 +167,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/vlkit-versus"))
     parser.add_argument("--only", choices=("vlkit", "vllm"), help="run one side (e.g. where vLLM is not installed)")
+    parser.add_argument("--repeats", type=int, default=1, help="bursts per concurrency; figures are their medians")
+    parser.add_argument("--vlkit-env", action="append", default=[], metavar="K=V",
+                        help="a setting for our server over the plan's (repeatable)")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    overrides = {}
+    for item in args.vlkit_env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--vlkit-env takes KEY=VALUE, not {item!r}")
+        overrides[key] = value
     args.workdir.mkdir(parents=True, exist_ok=True)
     concurrency = [int(n) for n in args.concurrency.split(",")]
     ckpt = checkpoint(args.workdir, args.shape)
-    urls = [_image_url("jpeg", seed) for seed in range(1 + sum(concurrency))]
+    urls = [_image_url("jpeg", seed) for seed in range(1 + args.repeats * sum(concurrency))]
     report = [f"vlkit vs vLLM, Qwen3-VL {args.shape} random weights, each request its own 1280x704 JPEG, "
-              f"{args.max_tokens} new tokens, openai SDK streaming"]
+              f"{args.max_tokens} new tokens, openai SDK streaming"
+              + (f", every figure the median of {args.repeats} bursts" if args.repeats > 1 else "")]
     for card_text in args.cards.split(","):
         plans = {"vlkit": Plan(ckpt, "8gb", card_text), "vLLM": Plan(ckpt, "16gb", card_text)}
         card = plans["vLLM"].gpu_total_bytes
@@ -175,12 +196,12 @@ def main(argv: list[str] | None = None) -> int:
             port = free_port()
             log = args.workdir / f"{name}-{card_text}.log"
             memory = _PeakMemory()  # the device's use before the server: what the server adds is its own
-            server = (start_vlkit(ckpt, plan, port, log) if name == "vlkit"
+            server = (start_vlkit(ckpt, plan, port, log, overrides) if name == "vlkit"
                       else start_vllm(ckpt, plan, card, port, log))
             try:
                 ready[name] = server.wait(900)
                 print(f"[versus] {card_text}: {name} ready in {ready[name]:.0f} s", flush=True)
-                results[name] = drive(server, concurrency, args.max_tokens, urls)
+                results[name] = drive(server, concurrency, args.max_tokens, urls, args.repeats)
                 results[name]["peak"] = (memory.peak - memory.baseline) / GIB
             except Exception as exc:  # noqa: BLE001 - the other side's figures still stand
                 print(f"[versus] {card_text}: {name} failed: {type(exc).__name__}: {exc}", flush=True)
@@ -195,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((f"{card_text}: peak GPU memory above idle (GiB)", results.get("vlkit", {}).get("peak", float("nan")),
                      results.get("vLLM", {}).get("peak", float("nan"))))
         rows.append((f"{card_text}: time to ready (s)", ready.get("vlkit", float("nan")), ready.get("vLLM", float("nan"))))
-        settings = (f"vlkit: {' '.join(f'{k}={v}' for k, v in plans['vlkit'].service_env.items())}; "
+        ours = {**plans["vlkit"].service_env, **overrides}
+        settings = (f"vlkit: {' '.join(f'{k}={v}' for k, v in ours.items())}; "
                     f"vLLM: {' '.join(plans['vLLM'].vllm_args)}")
         report += ["", f"### {card_text} card", "", settings, "", table(rows, {"TTFT", "memory", "ready"})]
         print("\n".join(report[-3:]), flush=True)
