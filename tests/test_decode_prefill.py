@@ -248,7 +248,8 @@ def test_images_of_several_prompts_in_one_pass_skip_the_cached_ones_and_keep_the
     jobs = [cached, fresh] if order == "cached first" else [fresh, cached]
     prefiller.run(jobs)
     assert all(j.finished for j in jobs)  # one pass
-    for j, ids, pixels, grids in ((cached, cached_ids, cached_pixels, cached_grids), (fresh, two_ids, two_pixels, two_grids)):
+    for j, ids, pixels, grids in ((cached, cached_ids, cached_pixels, cached_grids),
+                                  (fresh, two_ids, two_pixels, two_grids)):
         inputs = batch_inputs([ids], list(zip(torch.split(pixels, [t * h * w for t, h, w in grids]), grids)))
         reference = prefill(model, **inputs)
         assert (j.logits - reference.logits[0]).abs().max() < TOLERANCE

@@ -30,10 +30,10 @@ SERVICE_CONTEXTS = (4096, 2048)   # no --context: 4096 with two full sequences, 
 SERVICE_MAX_BATCH = DECODE_BATCH_SIZES[-1]
 # VLKIT_MAX_NUM_BATCHED_TOKENS: prompt tokens of one prefill pass. A larger pass launches each kernel
 # once for more prompts (H200, 2B, 32 image requests at once, engine alone: 1.8x the throughput and
-# 0.57x the median TTFT at 4096, with the pass's images in one vision forward, against 1024) and costs activations (a longer decoder pass, more
-# images through the vision tower at once) out of the KV cache: the largest step that keeps the
-# rung's full-length sequences and the batch (the typical requests the blocks hold, up to
-# SERVICE_MAX_BATCH) that the smallest step gives.
+# 0.57x the median TTFT at 4096, the pass's images in one vision forward, against 1024) and costs
+# activations (a longer decoder pass, more images through the vision tower at once) out of the KV
+# cache: the largest step that keeps the rung's full-length sequences and the batch (the typical
+# requests the blocks hold, up to SERVICE_MAX_BATCH) that the smallest step gives.
 SERVICE_BATCHED_TOKENS = (DEFAULT_BATCHED_TOKENS, 2048, 4096)
 WEIGHTS_NOTE: dict[WeightFormat, str] = {"bf16": "bf16", "fp8": "fp8 (128x128 blocks)", "nf4": "nf4 (bitsandbytes)"}
 
@@ -177,8 +177,9 @@ def _budget_rows(sb: ServiceBudget, card: Card, budget_gib: float) -> list[Budge
         BudgetRow(name="  weights", gib=g(sb.weights), note=WEIGHTS_NOTE[k.weights]),
         BudgetRow(name="  CUDA context", gib=g(sb.cuda_context), note="+ cuBLAS/attention workspaces (measured)"),
         BudgetRow(name="  prefill reserve", gib=g(pre.reserve),
-                  note=(f"largest request: {pre.images} image(s) of {pre.image_tokens} tokens, {pre.vision_batch} at a time, "
-                        f"text in {k.batched_tokens}-token passes to {ctx - 1} tokens: images held {pre.images_held / GIB:.2f} + "
+                  note=(f"largest request: {pre.images} image(s) of {pre.image_tokens} tokens, {pre.vision_batch} "
+                        f"at a time, text in {k.batched_tokens}-token passes to {ctx - 1} tokens: images held "
+                        f"{pre.images_held / GIB:.2f} + "
                         f"max(vision {pre.vision_peak / GIB:.2f}, decoder {pre.decoder_peak / GIB:.2f}) + "
                         f"{pre.fixed / MIB:.0f} MiB")),
         BudgetRow(name="  headroom", gib=g(kv.headroom), note="decode graphs' pool, allocator rounding"),

@@ -80,7 +80,8 @@ class VisionEncoder:
             align_corners=visual.interpolation_align_corners, spatial_merge_size=visual.spatial_merge_size)
         position_ids = qwen3_vl.get_vision_position_ids(grid, visual.spatial_merge_size).to(device, non_blocking=True)
         hidden = F.linear(pixels, self._embed_weight, self._embed_bias)
-        pos = visual.pos_embed(indices.to(device, non_blocking=True)) * weights.to(device, non_blocking=True)[:, :, None]
+        weights = weights.to(device, non_blocking=True)[:, :, None]
+        pos = visual.pos_embed(indices.to(device, non_blocking=True)) * weights
         hidden = hidden + pos.sum(1).to(hidden.dtype)
         cos, sin = visual.rotary_pos_emb(hidden, position_ids)
         runs = _equal_runs(grid.prod(-1).tolist())
@@ -108,7 +109,6 @@ class VisionEncoder:
         sizes = self.tokens(grid)
         per_layer = [layer.split(sizes) for layer in deepstack]
         return [(embeds, [layer[i] for layer in per_layer]) for i, embeds in enumerate(merged.split(sizes))]
-
 
     def _to_device(self, pixels: list[torch.Tensor]) -> torch.Tensor:
         """The images' patches ``[patches, C]`` on the device in the tower's dtype. From the host on

@@ -6,8 +6,9 @@ mirrors): after the weights load, a prefill of the largest request the settings 
 measured; what NVML then sees the process hold is resident; the KV cache gets what the budget
 leaves, in blocks. The prefill runs in passes of max_num_batched_tokens and the vision tower in
 batches of that request's images (prefill_for); its last pass is filled to a full one with text
-prompts (filler_lengths), so the measurement bounds the activations of every pass. On the CPU there is no budget (system RAM is not what it protects): the cache holds
-max_batch_size sequences of max_model_len.
+prompts (filler_lengths), so the measurement bounds the activations of every pass. On the CPU
+there is no budget (system RAM is not what it protects): the cache holds max_batch_size sequences
+of max_model_len.
 """
 from __future__ import annotations
 
@@ -193,6 +194,7 @@ def prefill_peak(model: Any, prompt: Prompt, settings: ServiceSettings, max_mode
     del pool, prefiller
     gc.collect()
     torch.cuda.empty_cache()
-    log.info("prefill of %d tokens with %d image(s) in passes of %d tokens (the last filled with %d more): peak %.2f GiB",
+    log.info("prefill of %d tokens with %d image(s) in passes of %d tokens (the last filled with %d more): "
+             "peak %.2f GiB",
              prompt.length, prompt.images, settings.max_num_batched_tokens, sum(fillers), peak / GIB)
     return peak
