@@ -467,9 +467,17 @@ def test_a_request_that_waits_for_blocks_as_the_engine_drains_gets_503_not_silen
 def test_the_memory_plan_fills_the_largest_prompts_last_pass(length, chunk, context, fillers):
     from service.engine.startup import filler_lengths
 
-    assert filler_lengths(length, chunk, context) == fillers
+    assert filler_lengths(length, chunk, context, max_prompts=8) == fillers
     assert (length - 1) % chunk + 1 + sum(fillers) == chunk
     assert all(0 < n < context for n in fillers)
+
+
+def test_no_more_prompts_fill_the_pass_than_the_batch_has_rows():
+    """A pass far larger than the batch's prompts can fill is measured as full as they make it."""
+    from service.engine.startup import filler_lengths
+
+    assert filler_lengths(511, 100_000, 512, max_prompts=4) == [511, 511, 511]
+    assert filler_lengths(511, 100_000, 512, max_prompts=1) == []
 
 
 def test_the_measured_prefill_ends_with_a_full_pass_at_the_whole_prefix(engine):
@@ -480,7 +488,7 @@ def test_the_measured_prefill_ends_with_a_full_pass_at_the_whole_prefix(engine):
 
     prompt = engine.prompts.largest()
     chunk = 100
-    fillers = filler_lengths(prompt.length, chunk, engine.max_model_len)
+    fillers = filler_lengths(prompt.length, chunk, engine.max_model_len, engine.settings.max_batch_size)
     assert fillers
     pool = PagedKVCache(engine.model.config, 1 + len(fillers), engine.max_model_len, dtype=engine.dtype,
                         device=engine.device)

@@ -121,12 +121,13 @@ def prefill_for(model: Any, decoder: Qwen3VLDecoder, largest: Prompt, settings: 
     return Qwen3VLPrefill(model, decoder, settings.max_num_batched_tokens, vision, compile_backend)
 
 
-def filler_lengths(prompt_length: int, chunk: int, max_model_len: int) -> list[int]:
+def filler_lengths(prompt_length: int, chunk: int, max_model_len: int, max_prompts: int) -> list[int]:
     """Lengths of the text prompts that fill the largest prompt's last prefill pass to ``chunk``
-    tokens, each shorter than the context: the engine packs short prompts after a long one's last
-    piece, so its largest pass is a full one whose first piece attends to the whole largest prefix."""
-    room = chunk - ((prompt_length - 1) % chunk + 1)
+    tokens, each shorter than the context, at most ``max_prompts`` - 1 of them (the batch's rows):
+    the engine packs short prompts after a long one's last piece, so its largest pass is a full one
+    whose first piece attends to the whole largest prefix."""
     longest = max(1, max_model_len - 1)
+    room = min(chunk - ((prompt_length - 1) % chunk + 1), (max_prompts - 1) * longest)
     return [min(longest, room - start) for start in range(0, room, longest)]
 
 
@@ -148,8 +149,9 @@ def plan_memory(model: Any, largest: Prompt, settings: ServiceSettings, max_mode
     except torch.cuda.OutOfMemoryError:
         raise ModelUnavailable(
             f"the largest request this configuration admits ({largest.length} tokens with {largest.images} image(s) "
-            f"of up to {settings.max_pixels} pixels) does not fit the GPU: lower --max-model-len, --max-pixels "
-            "or --max-images-per-request, or use a smaller or FP8 checkpoint") from None
+            f"of up to {settings.max_pixels} pixels, in prefill passes of {settings.max_num_batched_tokens} tokens) "
+            "does not fit the GPU: lower --max-model-len, --max-pixels, --max-images-per-request or "
+            "--max-num-batched-tokens, or use a smaller or FP8 checkpoint") from None
     block_bytes = PagedKVCache.bytes_per_token(model.config, dtype) * BLOCK_SIZE
     plan = plan_kv_blocks(budget_bytes=int(settings.memory_budget_gib * GIB), resident_bytes=memory.used(),
                           prefill_peak_bytes=peak, block_bytes=block_bytes, max_len=max_model_len,
@@ -170,7 +172,7 @@ def prefill_peak(model: Any, prompt: Prompt, settings: ServiceSettings, max_mode
     the K/V it writes, run as the engine runs it (prefill_for): the prompt's prefill with its last
     piece packed with text prompts to a full pass (filler_lengths), into a pool of its own made
     before measuring."""
-    fillers = filler_lengths(prompt.length, settings.max_num_batched_tokens, max_model_len)
+    fillers = filler_lengths(prompt.length, settings.max_num_batched_tokens, max_model_len, settings.max_batch_size)
     blocks = max(blocks_for(max_model_len), sum(blocks_for(n) for n in [prompt.length, *fillers]))
     pool = PagedKVCache(model.config, 1 + len(fillers), max_model_len, blocks, dtype=dtype, device=device)
     prefiller = prefill_for(model, Qwen3VLDecoder(model, pool, fuse_projections=True), prompt, settings)
