@@ -225,6 +225,18 @@ if triton is not None:
         return offs_m, offs_n, offs_k, offs_m < M, offs_n < N, x_ptrs, w_ptrs, S + (offs_n // GROUP) * stride_sn
 
     @triton.jit
+    def _k_block(x_ptrs, w_ptrs, s_ptrs, kb, blocks, K, offs_k, m_ok, n_ok, GROUP: tl.constexpr, x_scale,
+                 NATIVE_FP8: tl.constexpr, DOT_F16: tl.constexpr, UNSCALE: tl.constexpr):
+        """K block ``kb``'s share of the tile, float32: the FP8 values themselves (exact in fp16 and
+        bf16) on the tensor cores, each weight row's block scale (one per row in this K block) on the
+        float32 product. Past the last block the loaded tiles are zeros (any in-range scale will do)."""
+        k_ok = kb * GROUP + offs_k < K
+        x = tl.load(x_ptrs + kb * GROUP, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs + kb * GROUP, mask=n_ok[:, None] & k_ok[None, :], other=0)
+        s = tl.load(s_ptrs + tl.minimum(kb, blocks - 1), mask=n_ok, other=0.0)
+        return _dequant_dot(x, w, NATIVE_FP8, DOT_F16, x_scale) * (s * UNSCALE)[None, :]
+
+    @triton.jit
     def _weight_only_kernel(X, W, S, OUT, M, N, K, stride_xm, stride_wn, stride_sn, stride_om, stride_os,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, SPLIT_K: tl.constexpr,
                             x_scale, NATIVE_FP8: tl.constexpr, DOT_F16: tl.constexpr,
@@ -235,15 +247,8 @@ if triton is not None:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         blocks = tl.cdiv(K, GROUP)
         for step in range(0, tl.cdiv(blocks, SPLIT_K)):  # K blocks pid_k, pid_k + SPLIT_K, ...
-            kb = step * SPLIT_K + pid_k
-            k_ok = kb * GROUP + offs_k < K  # also false past the last block
-            x = tl.load(x_ptrs + kb * GROUP, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs + kb * GROUP, mask=n_ok[:, None] & k_ok[None, :], other=0)
-            # (Past the last block the tiles above are zeros: any in-range scale will do.)
-            s = tl.load(s_ptrs + tl.minimum(kb, blocks - 1), mask=n_ok, other=0.0)
-            # The FP8 values themselves (exact in fp16 and bf16) on the tensor cores; each row's
-            # block scale (one per row in this K block) on the float32 product.
-            acc += _dequant_dot(x, w, NATIVE_FP8, DOT_F16, x_scale) * (s * UNSCALE)[None, :]
+            acc += _k_block(x_ptrs, w_ptrs, s_ptrs, step * SPLIT_K + pid_k, blocks, K, offs_k, m_ok, n_ok, GROUP,
+                            x_scale, NATIVE_FP8, DOT_F16, UNSCALE)
         out_ptrs = OUT + pid_k * stride_os + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
         tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
@@ -295,12 +300,8 @@ if triton is not None:
         blocks = tl.cdiv(K, GROUP)
         for step in range(0, tl.cdiv(blocks, GROUPS)):
             for g in tl.static_range(GROUPS):  # independent loads: GROUPS blocks of K in flight a step
-                kb = step * GROUPS + g
-                k_ok = kb * GROUP + offs_k < K  # also false past the last block
-                x = tl.load(x_ptrs + kb * GROUP, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-                w = tl.load(w_ptrs + kb * GROUP, mask=n_ok[:, None] & k_ok[None, :], other=0)
-                s = tl.load(s_ptrs + tl.minimum(kb, blocks - 1), mask=n_ok, other=0.0)
-                acc += _dequant_dot(x, w, NATIVE_FP8, DOT_F16, x_scale) * (s * UNSCALE)[None, :]
+                acc += _k_block(x_ptrs, w_ptrs, s_ptrs, step * GROUPS + g, blocks, K, offs_k, m_ok, n_ok, GROUP,
+                                x_scale, NATIVE_FP8, DOT_F16, UNSCALE)
         out_ptrs = OUT + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
         tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
