@@ -87,11 +87,11 @@ def test_a_vision_batch_is_whole_images_of_the_largest_request_that_a_pass_holds
     assert vision_batch_tokens(4096, 981, 1) == 981
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the pinned staging and the compiled rotary are CUDA's")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the pinned staging and the compiled blocks are CUDA's")
 @torch.no_grad()
-def test_on_cuda_the_staged_copies_and_the_compiled_rotary_give_transformers_features(model):
+def test_on_cuda_the_staged_copies_and_the_compiled_blocks_give_transformers_features(model):
     """Three forwards through one pinned buffer (each batch's copy waits for the previous one to have
-    left it) with the rotary compiled for any patch count: transformers' features for every image."""
+    left it) with the blocks compiled for any patch count: transformers' features for every image."""
     import copy
 
     gpu = copy.deepcopy(model).cuda()
@@ -102,3 +102,21 @@ def test_on_cuda_the_staged_copies_and_the_compiled_rotary_give_transformers_fea
     for ours, (pixels, grid) in zip(features, given):
         reference = transformers_features(gpu, pixels.cuda(), grid.cuda())
         assert_close(ours, reference)
+
+
+@torch.no_grad()
+def test_the_compiled_blocks_are_two_graphs_for_any_image_size_count_and_mix(model):
+    """Compiled (here with dynamo's aot_eager, which needs no compiler), every block and every batch
+    (one image, several of one size, of mixed sizes, in any order) reuses the same two graphs: a
+    request never waits for a compilation after the first, and the features are transformers'."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    encoder = VisionEncoder(model.model.visual, compile_backend="aot_eager")
+    given = images()
+    for batch in ([given[0]], [given[2]], given[:2], [given[2]] * 3, given, [given[4]]):
+        for ours, (pixels, grid) in zip(encoder.encode(batch), batch):
+            assert_close(ours, transformers_features(model, pixels, grid))
+    assert counters["stats"]["unique_graphs"] == 2
+    torch._dynamo.reset()

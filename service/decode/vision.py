@@ -12,9 +12,13 @@ which are on the host already.
 
 What else a forward's device time went to (four 1280x704 images, 59 ms on an H200): the pixels'
 copy from pageable memory (13 ms, the host blocked), now staged in a pinned buffer and copied
-asynchronously; the rotary embedding's float32 chains (11 ms in ~10 kernels a block), compiled into
-one kernel where the engine compiles (``compile_backend``); the patch embedding's Conv3d (2.4 ms in
-a generic convolution kernel), whose kernel equals its stride, so it is one matmul.
+asynchronously; the rotary embedding's float32 chains (11 ms in ~10 kernels a block); the patch
+embedding's Conv3d (2.4 ms in a generic convolution kernel), whose kernel equals its stride, so it
+is one matmul. Where the engine compiles (``compile_backend``), each block's work before and after
+attention (norms, projections, the rotary's chains, GELU, residuals) is one compiled graph for every
+block, patch count and batch (~4000 eager torch calls a forward before; H200 host, 2B: four
+1280x704 images one forward each 114 -> 92 ms, four in one forward 57 -> 46 ms). Compiling the whole
+tower as one graph took ~170 s at start-up and its memory went past the plan: not done.
 """
 from __future__ import annotations
 
@@ -32,7 +36,8 @@ class VisionEncoder:
         """``visual``: the model's ``Qwen3VLVisionModel``; ``batch_tokens``: merged tokens one forward
         holds at most (the engine's memory plan measured a batch that large); a larger image goes alone.
         None: every image given to one ``encode`` call in one forward. ``compile_backend`` (e.g.
-        ``"inductor"``, CUDA): the rotary embedding compiled for any patch count (at its first use)."""
+        ``"inductor"``, CUDA): each block's work before and after attention compiled, for any patch
+        count and every block (at its first use)."""
         self.visual = visual
         self.batch_tokens = batch_tokens
         self.merge = visual.spatial_merge_size ** 2  # patches per merged token
@@ -42,9 +47,11 @@ class VisionEncoder:
         # Conv3d with kernel == stride over one patch each: the patch's values times the flattened kernel.
         self._embed_weight = proj.weight.detach().reshape(proj.out_channels, -1)
         self._embed_bias = proj.bias.detach() if proj.bias is not None else None
-        self._rotary = qwen3_vl.apply_rotary_pos_emb_vision
-        if compile_backend:
-            self._rotary = torch.compile(self._rotary, backend=compile_backend, dynamic=True, fullgraph=True)
+        self._before_attention, self._after_attention = before_attention, after_attention
+        if compile_backend:  # one graph each for every block (their weights are its inputs) and patch count
+            self._before_attention, self._after_attention = (
+                torch.compile(f, backend=compile_backend, dynamic=True, fullgraph=True)
+                for f in (before_attention, after_attention))
         self._staging: torch.Tensor | None = None  # pinned host buffer of a batch's patches (CUDA)
         self._staged: Any = None  # the event after its last copy to the device
 
@@ -88,18 +95,17 @@ class VisionEncoder:
         patches = hidden.shape[0]
         deepstack = []
         for number, block in enumerate(visual.blocks):
-            attn = block.attn
-            qkv = attn.qkv(block.norm1(hidden)).view(patches, 3, attn.num_heads, -1)
-            q, k, v = qkv.unbind(1)
-            q, k = self._rotary(q, k, cos, sin)
+            q, k, v = self._before_attention(block, hidden, cos, sin)
+            scale = block.attn.scaling
             if len(runs) == 1:
-                out = _attention(q, k, v, *runs[0], attn.scaling)
+                out = _attention(q, k, v, *runs[0], scale)
             else:  # each run's output into its rows of one tensor (no second copy of all of them)
-                out = torch.empty_like(q)
+                out = q.new_empty(patches, q.shape[1] * q.shape[2])
                 for start, count, length in runs:
-                    out[start:start + count * length] = _attention(q, k, v, start, count, length, attn.scaling)
-            hidden = hidden + attn.proj(out.reshape(patches, -1))
-            hidden = hidden + block.mlp(block.norm2(hidden))
+                    out[start:start + count * length] = _attention(q, k, v, start, count, length, scale)
+            # detach(): not a view (whether it is one depends on the attention backend's layout and the
+            # image count), so the compiled graph's guards on a view's base never ask for another one.
+            hidden = self._after_attention(block, hidden, out.detach())
             if number in visual.deepstack_visual_indexes:
                 merger = visual.deepstack_merger_list[visual.deepstack_visual_indexes.index(number)]
                 deepstack.append(merger(hidden))
@@ -132,6 +138,21 @@ class VisionEncoder:
         return on_device
 
 
+def before_attention(block: Any, hidden: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A ``Qwen3VLVisionBlock``'s norm1, q/k/v projection and 2D rotary: q, k, v ``[patches, heads, D]``."""
+    attn = block.attn
+    q, k, v = attn.qkv(block.norm1(hidden)).view(hidden.shape[0], 3, attn.num_heads, -1).unbind(1)
+    q, k = qwen3_vl.apply_rotary_pos_emb_vision(q, k, cos, sin)
+    return q, k, v
+
+
+def after_attention(block: Any, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The rest of the block: the attention's output projection, the residuals, norm2 and the MLP."""
+    hidden = hidden + block.attn.proj(out)
+    return hidden + block.mlp(block.norm2(hidden))
+
+
 def _equal_runs(patch_counts: list[int]) -> list[tuple[int, int, int]]:
     """Consecutive images of the same patch count as ``(first patch, images, patches each)``."""
     runs: list[tuple[int, int, int]] = []
@@ -149,11 +170,11 @@ def _equal_runs(patch_counts: list[int]) -> list[tuple[int, int, int]]:
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, images: int, length: int,
                scale: float) -> torch.Tensor:
     """Attention of ``images`` images of ``length`` patches each, from patch ``start`` of ``q, k, v``
-    ``[patches, heads, D]``: one call, the images as its batch. Returns ``[images * length, heads, D]``."""
+    ``[patches, heads, D]``: one call, the images as its batch. Returns ``[images * length, heads * D]``."""
     end = start + images * length
 
     def heads_first(x: torch.Tensor) -> torch.Tensor:
         return x[start:end].view(images, length, x.shape[1], x.shape[2]).transpose(1, 2)
 
     out = F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v), scale=scale)
-    return out.transpose(1, 2).reshape(images * length, q.shape[1], q.shape[2])
+    return out.transpose(1, 2).reshape(images * length, q.shape[1] * q.shape[2])
