@@ -503,3 +503,20 @@ def test_the_measured_prefill_ends_with_a_full_pass_at_the_whole_prefix(engine):
     assert sum(end - start for _, start, end in last) == chunk  # a full pass
     assert last[0][2] == prompt.length  # whose first piece ends the largest prompt, after all of its prefix
     assert pool.lengths[slots[0]] == prompt.length
+
+
+@pytest.mark.parametrize(("device", "omp", "expected"), [("cuda", None, [1]), ("cuda", "4", []), ("cpu", None, [])])
+def test_on_a_gpu_requests_prepare_with_one_cpu_thread_each_unless_omp_num_threads_says(monkeypatch, device, omp,
+                                                                                         expected):
+    """vLLM's rule for its processor: torch's intra-op threads are 1 on a GPU (each request's image
+    processing runs in a thread of its own), OMP_NUM_THREADS where set; on the CPU the model needs them."""
+    from service.engine.startup import limit_cpu_threads
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    limit_cpu_threads(torch.device(device))
+    assert calls == expected

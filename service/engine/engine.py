@@ -29,7 +29,7 @@ from service.engine.memory import ProcessMemory
 from service.engine.prompts import PromptBuilder
 from service.engine.requests import Completion, GenerationRequest, RequestHandle
 from service.engine.scheduler import Scheduler
-from service.engine.startup import build_batch, configure_torch
+from service.engine.startup import build_batch, configure_torch, limit_cpu_threads
 from service.engine.structured import Constraint, Grammar, GrammarCompiler
 from service.errors import InvalidRequest, ModelUnavailable
 from service.metrics import ServiceMetrics
@@ -55,6 +55,7 @@ class Engine:
         self.tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
         self.device = loaded.device
         self.dtype = loaded.dtype
+        limit_cpu_threads(self.device)
         self.metrics = metrics or ServiceMetrics(settings.model_name)
         text_config = self.model.config.get_text_config()
         model_max = getattr(text_config, "max_position_embeddings", None) or settings.max_model_len

@@ -38,6 +38,15 @@ log = logging.getLogger(__name__)
 DEFAULT_COMPILE_CACHE = Path.home() / ".cache" / "vlkit" / "compile"
 
 
+def limit_cpu_threads(device: torch.device) -> None:
+    """On a GPU, torch's CPU work is the requests' image processing, each request in a thread of its
+    own: with an intra-op pool of every core for each of them, they oversubscribed the cores the
+    scheduler thread launches kernels from. One thread each, as vLLM runs its processor;
+    OMP_NUM_THREADS (torch reads it itself) overrides. On the CPU the model's own work needs the pool."""
+    if device.type != "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
+
+
 def configure_torch(settings: ServiceSettings) -> Path:
     """Environment torch reads lazily; call before the process first touches CUDA.
 
@@ -111,8 +120,8 @@ def build_batch(model: Any, largest: Prompt, settings: ServiceSettings, max_mode
 def prefill_for(model: Any, decoder: Qwen3VLDecoder, largest: Prompt, settings: ServiceSettings) -> Qwen3VLPrefill:
     """The prefill the engine runs, and the memory plan measures on ``largest``: passes of
     max_num_batched_tokens, the vision tower in batches of whole images of the largest request
-    (sizing.vision_batch_tokens; one image at a time where that request holds none), its rotary
-    compiled where the decode step is."""
+    (sizing.vision_batch_tokens; one image at a time where that request holds none), its blocks'
+    work around attention compiled where the decode step is."""
     vision = 1
     if largest.images:
         per_image = int(largest.image_grid_thw.prod(-1).max()) // model.model.visual.spatial_merge_size ** 2
