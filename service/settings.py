@@ -51,7 +51,7 @@ class ServiceSettings(BaseSettings):
     max_queue: int = Field(64, ge=1, description="requests waiting beyond the running batch; more get 429")
     memory_budget_gib: float = Field(6.0, gt=0, description="the whole process on the GPU (as NVML sees it) stays under this")
     cuda_graphs: bool = Field(True, description="capture the decode step in CUDA graphs at start-up (Qwen3-VL on CUDA)")
-    compile: bool = Field(True, description="torch.compile the decode step's elementwise kernels at start-up (Qwen3-VL on CUDA)")
+    compile: bool = Field(True, description="torch.compile the decode step's elementwise kernels and the vision tower's blocks at start-up (Qwen3-VL on CUDA)")
     compile_cache_dir: Optional[Path] = Field(None, description="where compiled kernels are cached across restarts (TorchInductor and Triton caches; put it on a volume); default ~/.cache/vlkit/compile")
     api_key: Optional[str] = Field(None, description="when set, requests need `Authorization: Bearer <key>`")
     allow_remote_urls: bool = Field(False, description="fetch http(s) image URLs (off: refused with 400)")
