@@ -79,7 +79,7 @@ bench: $(HOST_STAMP) ## measure decode speed and memory on this GPU (python -m b
 	@$(VLKIT) bench $(ARGS)
 
 wsl-config: $(HOST_STAMP) ## set WSL2's memory/swap in .wslconfig for the profile (backup + atomic)
-	@$(VLKIT) wsl config $(call opt,--profile,$(filter-out auto,$(PROFILE))) $(ARGS)
+	@$(VLKIT) wsl config $(call opt,--profile,$(PROFILE)) $(ARGS)
 
 wsl-restart: $(HOST_STAMP) ## wsl --shutdown, after listing what uses the GPU
 	@$(VLKIT) wsl restart $(ARGS)

@@ -339,3 +339,31 @@ def test_a_windows_path_is_refused_with_the_path_wsl_sees(tmp_path, monkeypatch,
                     "--yes"])
     assert code == 1 and list(tmp_path.iterdir()) == []
     assert "in WSL it is --wslconfig /mnt/c/Users/me/.wslconfig" in capsys.readouterr().err
+
+
+def test_auto_sizes_for_the_profile_this_gpu_gets(tmp_path, capsys, monkeypatch):
+    """`make wsl-config` (PROFILE=auto): the planner's pick for the card (a recorded H100's nvidia-smi
+    answers: vLLM's 16gb profile, whose VM wants 12 GB), as `vlkit up` picks it."""
+    import os
+
+    from tests.doctor_helpers import h100_smi
+
+    h100_smi(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    path = tmp_path / ".wslconfig"
+    write(path, ["[wsl2]", "memory=4GB"])
+    assert run_cli(["wsl", "config", "--wslconfig", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "Recommended for the 16gb profile" in out and "profile: the one this GPU gets" in out
+    assert path.read_text() == "[wsl2]\nmemory=4GB\n"  # a dry run
+
+
+def test_auto_without_a_gpu_sizes_for_8gb_and_says_why(tmp_path, capsys, monkeypatch):
+    """This machine has no GPU (neither NVML nor an nvidia-smi on PATH answers)."""
+    monkeypatch.setenv("PATH", str(tmp_path))
+    path = tmp_path / ".wslconfig"
+    write(path, ["[wsl2]", "memory=4GB"])
+    assert run_cli(["wsl", "config", "--wslconfig", str(path), "--dry-run", "--profile", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert "Recommended for the 8gb profile" in out
+    assert "profile: none picked for this machine (" in out and "--profile 16gb" in out

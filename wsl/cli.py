@@ -27,7 +27,9 @@ def register(subparsers) -> None:
     config.add_argument("--memory", help="WSL VM memory, e.g. 12GB (default: recommended for this PC)")
     config.add_argument("--swap", help="swap size, e.g. 8GB (default: recommended)")
     config.add_argument("--processors", type=int, help="logical processors for WSL (default: leave as is)")
-    config.add_argument("--profile", type=str.lower, choices=("8gb", "16gb"), default="8gb", help="the profile to size for (default 8gb)")
+    config.add_argument("--profile", type=str.lower, choices=("8gb", "16gb", "auto"), default="auto",
+                        help="the profile to size for (default auto: the one `vlkit up` picks for this GPU; 8gb "
+                             "when no GPU answers)")
     config.add_argument("--dry-run", action="store_true", help="show the change as a diff; write nothing")
     config.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     config.set_defaults(func=config_command)
@@ -40,6 +42,21 @@ def register(subparsers) -> None:
 def _err(message: str) -> int:
     print(f"vlkit wsl config: {message}", file=sys.stderr)
     return 1
+
+
+def _profile(asked: str) -> tuple[str, str]:
+    """The profile to size for, and why: the one asked, or under auto the one the planner picks for
+    this machine's GPU (as `vlkit up` does); 8gb, said so, when it cannot pick."""
+    if asked != "auto":
+        return asked, "asked"
+    from scripts.planner import plan_for
+    from scripts.planner.options import plan_kwargs
+
+    try:
+        profile = plan_for(**plan_kwargs(argparse.Namespace(profile="auto"))).profile
+    except (ValueError, LookupError) as exc:  # NoGpu is a LookupError
+        return "8gb", f"none picked for this machine ({exc}); {setting('profile', '16gb')} sizes for vLLM's"
+    return profile, "the one this GPU gets"
 
 
 def _host_ram_bytes(applied_memory: int | None) -> tuple[int | None, str]:
@@ -93,9 +110,10 @@ def config_command(args: argparse.Namespace) -> int:
         ram, source = _host_ram_bytes(wslconfig.applied_size(current, "memory"))
         if ram is None:
             return _err(f"cannot tell this PC's RAM; give {setting('memory', '12GB')} and {setting('swap', '8GB')}")
-        rec = wslconfig.recommend(ram, args.profile)
-        print(f"Recommended for the {args.profile} profile: {rec.rule}")
-        print(f"  (host RAM from {source})")
+        profile, why = _profile(args.profile)
+        rec = wslconfig.recommend(ram, profile)
+        print(f"Recommended for the {profile} profile: {rec.rule}")
+        print(f"  (profile: {why}; host RAM from {source})")
         if rec.warning:
             print(f"  warning: {rec.warning}")
         values.setdefault("memory", rec.memory)
