@@ -2,17 +2,19 @@
 # Settings are make variables (`make plan GPU_MEMORY=8GiB`), never flags: make reads `--gpu-memory`
 # as an option of its own. Any other vlkit flag goes in ARGS (`make up ARGS='--cpu --timeout 600'`).
 # A variable's `#:` comment is its line in `make help`; scripts/usage.py maps them to vlkit's flags.
+# They come from make's command line only: a PORT or MODEL exported in your shell for something else
+# does not steer make (plain `=`, which the environment does not override; `make -e` lets it).
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-PROFILE ?= auto#: 8gb (vlkit's service) | 16gb (vLLM) | auto (picked from the card's VRAM) | all (build)
-MODEL ?=#: hub id (Qwen/Qwen3-VL-4B-Instruct) or a local model folder
-GPU_MEMORY ?=#: plan for a card of this size instead of this machine's (8GiB, 16GB)
-CONTEXT ?=#: wanted context in tokens (prompt + answer): 4096, or as vLLM reads it, 4K (4096), 4k (4000)
-PORT ?=#: the API's port on 127.0.0.1 (default 8000)
-IMG ?=#: the image `make caption` sends
-GPUS ?=#: GPUs to split the model over (tensor parallel): per pod for `make k8s`, and `make plan`
-ARGS ?=#: more vlkit flags, e.g. ARGS=--cpu (no GPU: the service on the CPU), ARGS=--dry-run
+PROFILE = auto#: 8gb (vlkit's service) | 16gb (vLLM) | auto (picked from the card's VRAM) | all (build)
+MODEL =#: hub id (Qwen/Qwen3-VL-4B-Instruct) or a local model folder
+GPU_MEMORY =#: plan for a card of this size instead of this machine's (8GiB, 16GB)
+CONTEXT =#: wanted context in tokens (prompt + answer): 4096, or as vLLM reads it, 4K (4096), 4k (4000)
+PORT =#: the API's port on 127.0.0.1 (default 8000)
+IMG =#: the image `make caption` sends
+GPUS =#: GPUs to split the model over (tensor parallel): per pod for `make k8s`, and `make plan`
+ARGS =#: more vlkit flags, e.g. ARGS=--cpu (no GPU: the service on the CPU), ARGS=--dry-run
 
 VENV := .venv
 VLKIT := $(VENV)/bin/vlkit
@@ -30,8 +32,8 @@ help: ## list the targets and the variables (this text)
 	@echo "usage: make TARGET [VARIABLE=value ...]"
 	@echo "targets:"
 	@grep -E '^[a-z][a-z0-9-]*:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z0-9-]+):.*## (.*)/  \1\t\2/' | expand -t 16
-	@echo "variables (make's own, not flags: GPU_MEMORY=8GiB, not --gpu-memory 8GiB):"
-	@grep -E '^[A-Z_]+ \?=.*#: ' $(MAKEFILE_LIST) | sed -E 's/^([A-Z_]+) \?=.*#: (.*)/  \1\t\2/' | expand -t 16
+	@echo "variables (make's own, set on its command line; not flags: GPU_MEMORY=8GiB, not --gpu-memory 8GiB):"
+	@grep -E '^[A-Z_]+ =.*#: ' $(MAKEFILE_LIST) | sed -E 's/^([A-Z_]+) =.*#: (.*)/  \1\t\2/' | expand -t 16
 
 # The host CLI's small venv (no torch): made on first use, refreshed when pyproject.toml changes.
 # Tested on pip, not python: a venv made without python3-venv has python but no pip; rerunning

@@ -30,7 +30,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.pop("VLKIT_VIA_MAKE", None)
 # The tests run make themselves: `make test ARGS=-k...` would hand its ARGS (and any other of the
 # Makefile's variables, with MAKEFLAGS) to every make a test starts, as the variables a user typed.
-_MAKEFILE_VARIABLES = re.findall(r"^([A-Z_]+) \?=", (Path(__file__).parents[1] / "Makefile").read_text(), re.M)
+_MAKEFILE_VARIABLES = re.findall(r"^([A-Z_]+) =.*#: ", (Path(__file__).parents[1] / "Makefile").read_text(), re.M)
 for _name in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", *_MAKEFILE_VARIABLES):
     os.environ.pop(_name, None)
 

@@ -31,7 +31,7 @@ def _makefile_targets() -> set[str]:
 
 
 def _makefile_variables() -> set[str]:
-    return set(re.findall(r"^([A-Z_]+) \?=", (ROOT / "Makefile").read_text(), re.M))
+    return set(re.findall(r"^([A-Z_]+) =.*#: ", (ROOT / "Makefile").read_text(), re.M))
 
 
 def _help_sections() -> dict[str, list[str]]:
@@ -82,6 +82,19 @@ def test_variables_reach_the_cli():
     plan = words(_make("-n", "plan", "GPU_MEMORY=24GiB", "GPUS=2"), "vlkit plan")
     assert "--gpus 2" in plan  # the card count k8s plans for is the one `make plan` shows
     assert "--port 8011" in words(_make("-n", "doctor", "PORT=8011"), "vlkit doctor")  # the port up would use
+
+
+def test_variables_exported_in_the_shell_do_not_steer_make():
+    """A PORT or MODEL exported for something else (a web app's PORT=3000) is not make's: only the
+    command line sets make's variables (and `make -e`, asked for)."""
+    env = {**os.environ, "PORT": "3000", "MODEL": "someone/else", "PROFILE": "16gb", "ARGS": "--cpu", "GPU_MEMORY": "1GiB"}
+    res = _make("-n", "up", env=env)
+    assert res.returncode == 0, res.stderr
+    line = [l for l in res.stdout.splitlines() if "vlkit up" in l][0]
+    assert "--profile auto" in line
+    assert not any(word in line for word in ("3000", "someone/else", "--cpu", "1GiB")), line
+    line = [l for l in _make("-n", "up", "PORT=3000", env=env).stdout.splitlines() if "vlkit up" in l][0]
+    assert "--port '3000'" in line  # the command line still does
 
 
 def test_a_gpu_count_is_named_as_the_make_variable_it_came_from():
