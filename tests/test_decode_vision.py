@@ -104,18 +104,22 @@ def test_on_cuda_the_staged_copies_and_the_compiled_blocks_give_transformers_fea
         assert_close(ours, reference)
 
 
+@pytest.mark.parametrize("first", [(1, 4, 6), (1, 4, 8), (1, 4, 4)])  # 24 patches; the hidden size (32); the head dim (16)
 @torch.no_grad()
-def test_the_compiled_blocks_are_two_graphs_for_any_image_size_count_and_mix(model):
+def test_the_compiled_blocks_are_two_graphs_for_any_image_size_count_and_mix(model, first):
     """Compiled (here with dynamo's aot_eager, which needs no compiler), every block and every batch
-    (one image, several of one size, of mixed sizes, in any order) reuses the same two graphs: a
-    request never waits for a compilation after the first, and the features are transformers'."""
+    (one image, several of one size, of mixed sizes, in any order) reuses the same two graphs, whatever
+    size the first image has: a request never waits for a compilation after the first, and the
+    features are transformers'."""
     from torch._dynamo.utils import counters
 
+    assert model.config.vision_config.hidden_size == 32 and model.config.vision_config.num_heads == 2
     torch._dynamo.reset()
     counters.clear()
     encoder = VisionEncoder(model.model.visual, compile_backend="aot_eager")
     given = images()
-    for batch in ([given[0]], [given[2]], given[:2], [given[2]] * 3, given, [given[4]]):
+    opening = (image_prompt(0, 0, first, seed=39)[1], torch.tensor([first]))
+    for batch in ([opening], [given[0]], [given[2]], given[:2], [given[2]] * 3, given, [given[4]]):
         for ours, (pixels, grid) in zip(encoder.encode(batch), batch):
             assert_close(ours, transformers_features(model, pixels, grid))
     assert counters["stats"]["unique_graphs"] == 2

@@ -50,7 +50,7 @@ class VisionEncoder:
         self._before_attention, self._after_attention = before_attention, after_attention
         if compile_backend:  # one graph each for every block (their weights are its inputs) and patch count
             self._before_attention, self._after_attention = (
-                torch.compile(f, backend=compile_backend, dynamic=True, fullgraph=True)
+                _patches_dynamic(torch.compile(f, backend=compile_backend, fullgraph=True))
                 for f in (before_attention, after_attention))
         self._staging: torch.Tensor | None = None  # pinned host buffer of a batch's patches (CUDA)
         self._staged: Any = None  # the event after its last copy to the device
@@ -136,6 +136,17 @@ class VisionEncoder:
         self._staged = torch.cuda.Event()
         self._staged.record(torch.cuda.current_stream(self.device))
         return on_device
+
+
+def _patches_dynamic(compiled):
+    """``compiled(block, *tensors)`` with the tensors' first dimension (the patches) dynamic and every
+    other one static. (With ``dynamic=True`` a first patch count equal to the hidden size or the head
+    dimension shared their symbol, and the graph held for that count only.)"""
+    def call(block: Any, *tensors: torch.Tensor):
+        for tensor in tensors:
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        return compiled(block, *tensors)
+    return call
 
 
 def before_attention(block: Any, hidden: torch.Tensor, cos: torch.Tensor,
