@@ -80,8 +80,8 @@ caption: $(HOST_STAMP) ## send IMG=<path> through the API and print the answer
 bench: $(HOST_STAMP) ## measure decode speed and memory on this GPU (python -m bench; in the 8gb image without torch here)
 	@$(VLKIT) bench $(ARGS)
 
-wsl-config: $(HOST_STAMP) ## set WSL2's memory/swap in .wslconfig for the profile (backup + atomic)
-	@$(VLKIT) wsl config $(call opt,--profile,$(PROFILE)) $(ARGS)
+wsl-config: $(HOST_STAMP) ## set WSL2's memory/swap in .wslconfig for the profile (auto: up's pick; backup + atomic)
+	@$(VLKIT) wsl config $(PLAN_FLAGS) $(ARGS)
 
 wsl-restart: $(HOST_STAMP) ## wsl --shutdown, after listing what uses the GPU
 	@$(VLKIT) wsl restart $(ARGS)

@@ -354,8 +354,23 @@ def test_auto_sizes_for_the_profile_this_gpu_gets(tmp_path, capsys, monkeypatch)
     write(path, ["[wsl2]", "memory=4GB"])
     assert run_cli(["wsl", "config", "--wslconfig", str(path), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "Recommended for the 16gb profile" in out and "profile: the one this GPU gets" in out
+    assert "Recommended for the 16gb profile" in out
+    assert "profile: the one vlkit up picks for Qwen/Qwen3-VL-2B-Instruct on this card" in out
     assert path.read_text() == "[wsl2]\nmemory=4GB\n"  # a dry run
+
+
+@pytest.mark.parametrize(("flags", "profile", "why"), [
+    (["--gpu-memory", "12GiB"], "16gb", "the one vlkit up picks for Qwen/Qwen3-VL-2B-Instruct"),
+    (["--gpu-memory", "12GiB", "--model", "Qwen/Qwen3-VL-8B-Instruct"], "8gb",  # vLLM cannot hold 8B there
+     "the one vlkit up picks for Qwen/Qwen3-VL-8B-Instruct"),
+    (["--gpu-memory", "2GiB"], "8gb", "Qwen/Qwen3-VL-2B-Instruct fits neither profile on this card"),
+])
+def test_auto_plans_with_the_model_context_and_card_up_would_get(tmp_path, capsys, flags, profile, why):
+    path = tmp_path / ".wslconfig"
+    write(path, ["[wsl2]", "memory=4GB"])
+    assert run_cli(["wsl", "config", "--wslconfig", str(path), "--dry-run", *flags]) == 0
+    out = capsys.readouterr().out
+    assert f"Recommended for the {profile} profile" in out and why in out
 
 
 def test_auto_without_a_gpu_sizes_for_8gb_and_says_why(tmp_path, capsys, monkeypatch):

@@ -10,6 +10,7 @@ import re
 import sys
 from pathlib import Path
 
+from scripts.planner import options
 from scripts.usage import command, setting
 from wsl import wslconfig
 from wsl.host import detect_platform, host_ram, meminfo_total_bytes, windows_to_wsl_path, windows_userprofile
@@ -27,9 +28,8 @@ def register(subparsers) -> None:
     config.add_argument("--memory", help="WSL VM memory, e.g. 12GB (default: recommended for this PC)")
     config.add_argument("--swap", help="swap size, e.g. 8GB (default: recommended)")
     config.add_argument("--processors", type=int, help="logical processors for WSL (default: leave as is)")
-    config.add_argument("--profile", type=str.lower, choices=("8gb", "16gb", "auto"), default="auto",
-                        help="the profile to size for (default auto: the one `vlkit up` picks for this GPU; 8gb "
-                             "when no GPU answers)")
+    # The profile to size for, and what `vlkit up` would be given to pick it under auto.
+    options.add(config, "profile", "model", "context", "gpu_memory")
     config.add_argument("--dry-run", action="store_true", help="show the change as a diff; write nothing")
     config.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     config.set_defaults(func=config_command)
@@ -44,19 +44,21 @@ def _err(message: str) -> int:
     return 1
 
 
-def _profile(asked: str) -> tuple[str, str]:
-    """The profile to size for, and why: the one asked, or under auto the one the planner picks for
-    this machine's GPU (as `vlkit up` does); 8gb, said so, when it cannot pick."""
-    if asked != "auto":
-        return asked, "asked"
+def _profile(args: argparse.Namespace) -> tuple[str, str]:
+    """The profile to size for, and why: the one asked, or under auto the one `vlkit up` picks with
+    the same model, context and card; 8gb, said so, when it picks none."""
+    if args.profile != "auto":
+        return args.profile, "asked"
     from scripts.planner import plan_for
-    from scripts.planner.options import plan_kwargs
 
+    other = f"{setting('profile', '16gb')} sizes for vLLM's"
     try:
-        profile = plan_for(**plan_kwargs(argparse.Namespace(profile="auto"))).profile
+        plan = plan_for(**options.plan_kwargs(args))
     except (ValueError, LookupError) as exc:  # NoGpu is a LookupError
-        return "8gb", f"none picked for this machine ({exc}); {setting('profile', '16gb')} sizes for vLLM's"
-    return profile, "the one this GPU gets"
+        return "8gb", f"none picked for this machine ({exc}); {other}"
+    if not plan.fits:
+        return "8gb", f"{plan.model} fits neither profile on this card ({command('plan')} says what would); {other}"
+    return plan.profile, f"the one {command('up')} picks for {plan.model} on this card"
 
 
 def _host_ram_bytes(applied_memory: int | None) -> tuple[int | None, str]:
@@ -110,7 +112,7 @@ def config_command(args: argparse.Namespace) -> int:
         ram, source = _host_ram_bytes(wslconfig.applied_size(current, "memory"))
         if ram is None:
             return _err(f"cannot tell this PC's RAM; give {setting('memory', '12GB')} and {setting('swap', '8GB')}")
-        profile, why = _profile(args.profile)
+        profile, why = _profile(args)
         rec = wslconfig.recommend(ram, profile)
         print(f"Recommended for the {profile} profile: {rec.rule}")
         print(f"  (profile: {why}; host RAM from {source})")
