@@ -9,8 +9,9 @@ the engine is started with ENGINE FLAGS (the service's, e.g. the 8 GiB card's pl
 prepared beforehand (the engine's own speed), then one burst per ``--threads`` count of requests
 prepared in their own threads (JPEG decode, chat template, image processor: what the HTTP layer does),
 torch's intra-op threads set to that count. Per burst: aggregate tok/s, median TTFT, and the scheduler
-thread's time in prefill passes and in decode steps (a pass waits for the device at its end). Prints a
-table; with $OUT set, $OUT/engine_burst.md gets it too.
+thread's host time in prefill passes (each waits for the device at its end, so this is their wall time)
+and in launching decode steps (which it does not wait for). Prints a table; with $OUT set,
+$OUT/engine_burst.md gets it too.
 """
 from __future__ import annotations
 
@@ -97,16 +98,19 @@ def main(argv: list[str] | None = None) -> int:
                 f"{phases.calls['prefill']} / {phases.seconds['prefill']:.2f}",
                 f"{phases.calls['decode']} / {phases.seconds['decode']:.2f}"]
 
-    default_threads = torch.get_num_threads()
+    default_threads = torch.get_num_threads()  # the engine's own (one on a GPU)
     burst(2, None)  # the first requests' one-time work (kernels, workspaces) is not counted
     rows = []
-    for n in (int(x) for x in args.concurrency.split(",")):
-        rows.append(burst(n, None))
-        for threads in (int(x) for x in args.threads.split(",")):
-            rows.append(burst(n, threads))
+    try:
+        for n in (int(x) for x in args.concurrency.split(",")):
+            rows.append(burst(n, None))
+            for threads in (int(x) for x in args.threads.split(",")):
+                rows.append(burst(n, threads))
+            torch.set_num_threads(default_threads)
+    finally:
         torch.set_num_threads(default_threads)
-    engine.stop()
-    header = ["at once", "prepared", "aggregate tok/s", "median TTFT (s)", "prefill passes / s", "decode steps / s"]
+        engine.stop()
+    header = ["at once", "prepared", "aggregate tok/s", "median TTFT (s)", "prefill passes / s", "decode launches / s"]
     lines = [f"engine alone: {args.checkpoint}, {' '.join(engine_flags) or 'default settings'}; each request its own "
              f"1280x704 JPEG, {MAX_TOKENS} new tokens", "", "| " + " | ".join(header) + " |",
              "|" + "---|" * len(header)]
