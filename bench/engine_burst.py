@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import base64
 import itertools
+import logging
 import os
 import sys
 import time
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     from service.engine import Engine
     from service.smoke import PROMPT
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings_from_args(["--model", args.checkpoint, *engine_flags])
     engine = Engine.load(settings)
     engine.start()
@@ -123,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         engine.stop()
     header = ["at once", "prepared", "prefill passes", "aggregate tok/s", "median TTFT (s)", "prefill passes / s", "decode launches / s"]
     lines = [f"engine alone: {args.checkpoint}, {' '.join(engine_flags) or 'default settings'}; each request its own "
-             f"1280x704 JPEG, {MAX_TOKENS} new tokens", "", "| " + " | ".join(header) + " |",
+             f"1280x704 JPEG, {MAX_TOKENS} new tokens"]
+    if engine.plan is not None:
+        lines.append(f"memory plan: {engine.plan.describe()}")
+    lines += ["", "| " + " | ".join(header) + " |",
              "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     text = "\n".join(lines) + "\n"
