@@ -1,19 +1,17 @@
 """The engine alone (no HTTP) under a burst of image requests: prepared beforehand or in each
 request's own thread, with torch's intra-op threads at each count given.
 
-    python -m bench.engine_burst CHECKPOINT [--concurrency 8,32] [--threads 1,16] [--overlap on,off] [ENGINE FLAGS ...]
+    python -m bench.engine_burst CHECKPOINT [--concurrency 8,32] [--threads 1,16] [ENGINE FLAGS ...]
 
 Each request has its own 1280x704 JPEG (the smoke's prompt), 128 new tokens, greedy, ``ignore_eos``;
 the engine is started with ENGINE FLAGS (the service's, e.g. the 8 GiB card's plan: ``--memory-budget-gib
 7 --max-batch-size 8 --max-num-batched-tokens 1024``). For each concurrency: one burst of requests
 prepared beforehand (the engine's own speed), then one burst per ``--threads`` count of requests
 prepared in their own threads (JPEG decode, chat template, image processor: what the HTTP layer does),
-torch's intra-op threads set to that count. ``--overlap on,off``: every burst once with prefill passes
-advanced between decode steps (the scheduler's ``overlap_prefill``, on by default on a GPU) and once
-with passes run whole (default: the engine's own). Per burst: aggregate tok/s, median TTFT, and the
-scheduler thread's prefill passes and host time in them (a pass waits for the device at its end) and
-its decode launches and host time in them (it does not wait for those). Prints a table; with $OUT
-set, $OUT/engine_burst.md gets it too.
+torch's intra-op threads set to that count. Per burst: aggregate tok/s, median TTFT, and the scheduler
+thread's host time in prefill passes (each waits for the device at its end, so this is their wall time)
+and in launching decode steps (which it does not wait for). Prints a table; with $OUT set,
+$OUT/engine_burst.md gets it too.
 """
 from __future__ import annotations
 
@@ -32,23 +30,22 @@ MAX_TOKENS = 128
 
 
 class PhaseTimes:
-    """Wraps a batch's ``prefill`` and ``decode``: the passes ended and the decode calls, and the host
-    seconds in each, from ``reset()`` on."""
+    """Wraps a batch's ``prefill`` and ``decode``: their count and host seconds, from ``reset()`` on."""
 
     def __init__(self, batch):
         self.seconds = {"prefill": 0.0, "decode": 0.0}
         self.calls = {"prefill": 0, "decode": 0}
         for name in self.seconds:
-            setattr(batch, name, self._timed(batch, name, getattr(batch, name)))
+            setattr(batch, name, self._timed(name, getattr(batch, name)))
 
-    def _timed(self, batch, name: str, method):
+    def _timed(self, name: str, method):
         def timed(*args, **kwargs):
             started = time.perf_counter()
             try:
                 return method(*args, **kwargs)
             finally:
                 self.seconds[name] += time.perf_counter() - started
-                self.calls[name] += name == "decode" or not batch.prefilling  # a pass: counted as it ends
+                self.calls[name] += 1
         return timed
 
     def reset(self) -> None:
@@ -67,8 +64,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint")
     parser.add_argument("--concurrency", default="8,32")
     parser.add_argument("--threads", default="1,16", help="torch intra-op threads for the bursts prepared in threads")
-    parser.add_argument("--overlap", default=None,
-                        help="on, off or on,off: prefill passes between decode steps, or whole (default: the engine's)")
     args, engine_flags = parser.parse_known_args(argv)
     import torch
 
@@ -90,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         return engine.prepare(messages, [decode_image(data, settings)], max_tokens=MAX_TOKENS, temperature=0.0,
                               ignore_eos=True)
 
-    def burst(n: int, threads: int | None, overlap: bool | None = None) -> list:
+    def burst(n: int, threads: int | None) -> list:
         datas = [jpeg(next(seeds)) for _ in range(n)]
         if threads is None:
             ready = [prepare(d) for d in datas]
@@ -98,32 +93,26 @@ def main(argv: list[str] | None = None) -> int:
         else:
             torch.set_num_threads(threads)  # the burst's threads are new: they take this count
             opener = lambda i: engine_token_stream(engine, prepare(datas[i]))  # noqa: E731
-        if overlap is not None:
-            engine.scheduler.overlap_prefill = overlap
         phases.reset()
         result = measure_streams(opener, n)
         label = "beforehand" if threads is None else f"in its thread, {threads} torch thread(s)"
-        overlapped = "between steps" if engine.scheduler.overlap_prefill else "whole"
-        return [n, label, overlapped, f"{result.aggregate_tok_s:.0f}", f"{result.median_ttft_s:.3f}",
+        return [n, label, f"{result.aggregate_tok_s:.0f}", f"{result.median_ttft_s:.3f}",
                 f"{phases.calls['prefill']} / {phases.seconds['prefill']:.2f}",
                 f"{phases.calls['decode']} / {phases.seconds['decode']:.2f}"]
 
     default_threads = torch.get_num_threads()  # the engine's own (one on a GPU)
-    overlaps = [None] if args.overlap is None else [{"on": True, "off": False}[x] for x in args.overlap.split(",")]
     burst(2, None)  # the first requests' one-time work (kernels, workspaces) is not counted
     rows = []
     try:
         for n in (int(x) for x in args.concurrency.split(",")):
-            for overlap in overlaps:
-                rows.append(burst(n, None, overlap))
+            rows.append(burst(n, None))
             for threads in (int(x) for x in args.threads.split(",")):
-                for overlap in overlaps:
-                    rows.append(burst(n, threads, overlap))
+                rows.append(burst(n, threads))
             torch.set_num_threads(default_threads)
     finally:
         torch.set_num_threads(default_threads)
         engine.stop()
-    header = ["at once", "prepared", "prefill passes", "aggregate tok/s", "median TTFT (s)", "prefill passes / s", "decode launches / s"]
+    header = ["at once", "prepared", "aggregate tok/s", "median TTFT (s)", "prefill passes / s", "decode launches / s"]
     lines = [f"engine alone: {args.checkpoint}, {' '.join(engine_flags) or 'default settings'}; each request its own "
              f"1280x704 JPEG, {MAX_TOKENS} new tokens"]
     if engine.plan is not None:

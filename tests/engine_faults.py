@@ -10,38 +10,25 @@ import threading
 import time
 
 
-def fail_next_forward(engine, exc: BaseException, *, prefill: bool = True, decode: bool = True,
-                      after_steps: int = 0) -> None:
+def fail_next_forward(engine, exc: BaseException, *, prefill: bool = True, decode: bool = True) -> None:
     """Make the next prefill pass or decode step of ``engine`` (those chosen) raise ``exc``, once;
-    then the batch's own methods are back. A pass raises after ``after_steps`` of its steps (vision
-    blocks, decoder layers: a pass that fails part way, decode steps maybe run between)."""
+    then the batch's own methods are back."""
     batch = engine.scheduler.batch
-    targets = [(obj, name) for obj, name, on in ((batch.prefiller, "pass_steps", prefill), (batch, "decode", decode))
+    targets = [(obj, name) for obj, name, on in ((batch.prefiller, "run_pass", prefill), (batch, "decode", decode))
                if on]
     once = threading.Lock()
 
-    def restore() -> None:
-        for obj, name in targets:
-            vars(obj).pop(name, None)
-
-    def failing_pass(steps):
-        for _ in range(after_steps):
-            next(steps)
-            yield
-        raise exc
-
-    def wrap(obj, name, method):
+    def wrap(method):
         def call(*args, **kwargs):
             if once.acquire(blocking=False):
-                restore()
-                if name == "pass_steps":
-                    return failing_pass(method(*args, **kwargs))
+                for obj, name in targets:
+                    vars(obj).pop(name, None)
                 raise exc
             return method(*args, **kwargs)
         return call
 
     for obj, name in targets:
-        setattr(obj, name, wrap(obj, name, getattr(obj, name)))
+        setattr(obj, name, wrap(getattr(obj, name)))
 
 
 def slow_decode(engine, seconds: float) -> None:

@@ -26,14 +26,11 @@ def engine_settings(model_dir, **overrides) -> ServiceSettings:
     return ServiceSettings(**{**options, **overrides})
 
 
-@pytest.fixture(scope="module", params=["whole passes", "passes between steps"])
-def engine(tiny_model_dir, request):
-    """The engine as the service runs it: Qwen3-VL decoding from the paged cache with service.decode's
-    step; every test twice: prefill passes run whole between decode steps (the CPU's way), and a
-    step at a time while decode steps run (a GPU's way, here one step of a pass a decode step)."""
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    """The engine as the service runs it: Qwen3-VL decoding from the paged cache with service.decode's step."""
     eng = Engine.load(engine_settings(tiny_model_dir))
     assert eng.scheduler.batch.cache.num_slots == 4
-    eng.scheduler.overlap_prefill = request.param == "passes between steps"
     eng.start()
     yield eng
     eng.stop()
@@ -485,11 +482,9 @@ def test_no_more_prompts_fill_the_pass_than_the_batch_has_rows():
 
 def test_the_measured_prefill_ends_with_a_full_pass_at_the_whole_prefix(engine):
     """run_largest_pass (what the start-up measures on CUDA): the largest prompt's passes, its last
-    piece packed with text prompts to a full pass; the prompt is prefilled as the engine does it,
-    with a decode step's sampling of the batch's rows after every step of every pass (vision blocks,
-    decoder layers), as the scheduler may run one there."""
+    piece packed with text prompts to a full pass; the prompt is prefilled as the engine does it."""
     from service.decode.qwen3_prefill import Qwen3VLPrefill
-    from service.engine.startup import filler_lengths, run_largest_pass, step_sampling
+    from service.engine.startup import filler_lengths, run_largest_pass
 
     prompt = engine.prompts.largest()
     chunk = 100
@@ -503,10 +498,7 @@ def test_the_measured_prefill_ends_with_a_full_pass_at_the_whole_prefix(engine):
     plan = prefiller.plan_pass
     prefiller.plan_pass = lambda jobs, max_images=None: passes.append(plan(jobs, max_images)) or passes[-1]
     slots = [pool.allocate(n) for n in [prompt.length, *fillers]]
-    sampling, sampled = step_sampling(engine.settings.max_batch_size, engine.prompts.vocab_size, engine.device), []
-    run_largest_pass(prefiller, prompt, slots, fillers, between=lambda: sampled.append(sampling()))
-    vision_blocks = len(engine.model.model.visual.blocks)
-    assert prompt.images and len(sampled) == len(passes) * len(prefiller.decoder.layers) + vision_blocks
+    run_largest_pass(prefiller, prompt, slots, fillers)
     last = passes[-1]
     assert sum(end - start for _, start, end in last) == chunk  # a full pass
     assert last[0][2] == prompt.length  # whose first piece ends the largest prompt, after all of its prefix
@@ -528,111 +520,3 @@ def test_on_a_gpu_requests_prepare_with_one_cpu_thread_each_unless_omp_num_threa
         monkeypatch.setenv("OMP_NUM_THREADS", omp)
     limit_cpu_threads(torch.device(device))
     assert calls == expected
-
-
-
-@pytest.fixture(scope="module")
-def overlapping_engine(tiny_model_dir):
-    """The engine with prefill passes advanced a step at a time between decode steps, as on a GPU."""
-    eng = Engine.load(engine_settings(tiny_model_dir))
-    eng.scheduler.overlap_prefill = True
-    eng.start()
-    yield eng
-    eng.stop()
-
-
-def _count_decode_steps_during_passes(batch) -> list[int]:
-    """From now on, the decode steps ``batch`` runs while a prefill pass is under way: a one-item
-    list, counted up (the batch's decode wrapped in the instance)."""
-    counted = [0]
-    decode = batch.decode
-
-    def counting(*args, **kwargs):
-        counted[0] += batch.prefilling
-        return decode(*args, **kwargs)
-
-    batch.decode = counting
-    return counted
-
-
-def test_with_overlap_decode_steps_run_inside_passes_and_every_request_gets_its_own_output(overlapping_engine):
-    """Prefill passes advanced a step (vision block, decoder layer) at a time between decode steps:
-    image and text requests joining a running batch, in passes that pack several prompts and cut
-    others, get the tokens each gets alone, and decode steps did run while passes were under way."""
-    eng = overlapping_engine
-    alone = [eng.generate(request(eng, t, i, max_tokens=30)).token_ids for t, i in PROMPTS]
-    keep_talking = request(eng, "keep talking", max_tokens=60)
-    expected = eng.generate(keep_talking).token_ids
-    pool = PagedKVCache(eng.model.config, 4, eng.max_model_len, dtype=eng.dtype, device=eng.device)
-    with decoding_from(eng, pool, chunk=40):
-        counted = _count_decode_steps_during_passes(eng.scheduler.batch)
-        first = eng.submit(keep_talking)
-        while len(first.token_ids) < 2:
-            time.sleep(0.001)
-        handles = [eng.submit(request(eng, t, i, max_tokens=30)) for t, i in PROMPTS[1:]]
-        for h in [first, *handles]:
-            list(h)
-    assert [h.token_ids for h in handles] == alone[1:] and first.token_ids == expected
-    assert counted[0] >= 5
-    assert pool.free_slots == pool.num_slots and pool.free_blocks == pool.num_blocks
-
-
-def test_with_overlap_a_request_cancelled_mid_pass_frees_its_slot_once_the_pass_ends(overlapping_engine):
-    """A request cancelled while a pass is computing its prompt and another's (decode steps between
-    the pass's steps): it ends Cancelled, the other prompt and the running request get their own
-    output, and every slot and block comes back."""
-    eng = overlapping_engine
-    running, kept = request(eng, "keep talking", max_tokens=80), request(eng, *PROMPTS[1], max_tokens=20)
-    expected = [eng.generate(running).token_ids, eng.generate(kept).token_ids]
-    pool = PagedKVCache(eng.model.config, 4, eng.max_model_len, dtype=eng.dtype, device=eng.device)
-    with decoding_from(eng, pool):
-        batch = eng.scheduler.batch
-        steps = batch.prefiller.pass_steps
-        in_pass, go_on = threading.Event(), threading.Event()
-
-        def pass_that_waits(pieces):  # holds the scheduler in the pass of both prompts until the test cancels
-            for i, _ in enumerate(steps(pieces)):
-                if i == 1 and len(pieces) == 2:
-                    in_pass.set()
-                    assert go_on.wait(10)
-                yield
-
-        first = eng.submit(running)
-        while len(first.token_ids) < 2:
-            time.sleep(0.001)
-        batch.prefiller.pass_steps = pass_that_waits
-        with eng.paused():
-            doomed = eng.submit(request(eng, *PROMPTS[3], max_tokens=20))
-            other = eng.submit(kept)
-        assert in_pass.wait(10)
-        doomed.cancel()
-        go_on.set()
-        assert isinstance(list(doomed)[-1].error, Cancelled) and doomed.first_token_at is None
-        list(other), list(first)
-        assert [first.token_ids, other.token_ids] == expected
-    assert not batch.prefilling and pool.free_slots == pool.num_slots and pool.free_blocks == pool.num_blocks
-
-
-def test_with_overlap_out_of_memory_part_way_through_a_pass_fails_its_requests_only(overlapping_engine):
-    """CUDA out of memory after some steps of a pass, decode steps run between them: the pass's
-    requests get 503, the running one finishes with its own output, nothing leaks, the next works."""
-    eng = overlapping_engine
-    running = request(eng, "already running", max_tokens=60)
-    expected = eng.generate(running).token_ids
-    pool = PagedKVCache(eng.model.config, 4, eng.max_model_len, dtype=eng.dtype, device=eng.device)
-    with decoding_from(eng, pool):
-        counted = _count_decode_steps_during_passes(eng.scheduler.batch)
-        first = eng.submit(running)
-        while len(first.token_ids) < 3:
-            time.sleep(0.001)
-        with eng.paused():
-            newcomers = [eng.submit(request(eng, f"newcomer {i}", (gradient(64, 64),))) for i in range(2)]
-            fail_next_forward(eng, torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)"), decode=False,
-                              after_steps=3)
-        for handle in newcomers:
-            error = list(handle)[-1].error
-            assert isinstance(error, OutOfMemory) and error.status == 503
-        list(first)
-        assert first.token_ids == expected and counted[0] >= 3
-        assert eng.generate(request(eng, "a")).completion_tokens == 24
-    assert pool.free_slots == pool.num_slots and pool.free_blocks == pool.num_blocks

@@ -28,7 +28,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from service.decode.steps import Steps, run_steps
 from service.decode.vision import VisionEncoder
 from service.decode.qwen3_step import Qwen3VLDecoder, add_rms_norm, qk_norm_rotary, silu_mul
 from service.sizing import DEFAULT_BATCHED_TOKENS
@@ -154,20 +153,13 @@ class Qwen3VLPrefill:
     def run_pass(self, pieces: list[tuple[PrefillJob, int, int]]) -> list[PrefillJob]:
         """Compute the pieces. Returns their jobs; those it finished have ``logits`` and their slot
         holds the prompt (``cache.set_prefilled``)."""
-        return run_steps(self.pass_steps(pieces))
-
-    @torch.no_grad()
-    def pass_steps(self, pieces: list[tuple[PrefillJob, int, int]]) -> Steps:
-        """``run_pass`` as steps (service/decode/steps.py): it yields after each vision block and each
-        decoder layer. Between two steps the caller may launch work that touches neither these jobs'
-        slots nor their tensors (a decode step of other rows); the result is the same."""
         decoder, device = self.decoder, self.cache.device
         hidden = decoder.embed_tokens(torch.cat([job.ids[start:end] for job, start, end in pieces]))
         # The images of the prompts whose image tokens start in this pass: through the tower together.
         starting = [job for job, start, end in pieces
                     if job.images is None and job.holds_images and bool(job.is_image[start:end].any())]
         if starting:
-            yield from self._encode_images(starting)
+            self._encode_images(starting)
         image_at, deepstack_rows, offset = [], [], 0
         for job, start, end in pieces:
             if job.images is not None and bool(job.is_image[start:end].any()):
@@ -184,7 +176,7 @@ class Qwen3VLPrefill:
             at = torch.cat(image_at).to(device, non_blocking=True)
             deepstack = (at, [torch.cat(layer) for layer in zip(*deepstack_rows)])
         positions = torch.cat([job.mrope[:, start:end] for job, start, end in pieces], dim=1)
-        normed = yield from self._layers(hidden, positions, pieces, deepstack)
+        normed = self._layers(hidden, positions, pieces, deepstack)
         ends, offset = [], 0
         for job, start, end in pieces:
             offset += end - start
@@ -200,9 +192,9 @@ class Qwen3VLPrefill:
                 self.cache.register_prefix(job.slot, job.block_hashes)  # prompts that start the same way share them
         return [job for job, _, _ in pieces]
 
-    def _encode_images(self, jobs: list[PrefillJob]) -> Steps:
+    def _encode_images(self, jobs: list[PrefillJob]) -> None:
         """The features of these jobs' images after those wholly in their cached prefix, through the
-        vision tower together (VisionEncoder's batches; a step a block)."""
+        vision tower together (VisionEncoder's batches)."""
         images, counts = [], []
         for job in jobs:
             grid = job._grid
@@ -214,15 +206,15 @@ class Qwen3VLPrefill:
             images += split_images(job._pixels, grid)[skip:]
             counts.append(len(per_image) - skip)
             job.skipped_tokens = skipped
-        features = iter((yield from self.vision.encode_steps(images)))
+        features = iter(self.vision.encode(images))
         for job, count in zip(jobs, counts):
             own = [next(features) for _ in range(count)]
             job.images = torch.cat([embeds for embeds, _ in own]) if count > 1 else own[0][0]
             job.deepstack = [torch.cat(layer) for layer in zip(*(deep for _, deep in own))] if count > 1 else own[0][1]
 
-    def _layers(self, hidden: torch.Tensor, positions: torch.Tensor, pieces: list, deepstack) -> Steps:
+    def _layers(self, hidden: torch.Tensor, positions: torch.Tensor, pieces: list, deepstack) -> torch.Tensor:
         """The decoder over the pass's pieces (tokens ``start..end-1`` of each job's slot, packed in
-        ``hidden``), a step a layer; returns the final-normed hidden states of every token."""
+        ``hidden``); returns the final-normed hidden states of every token."""
         decoder, cache = self.decoder, self.cache
         heads, kv_heads, dim = decoder.num_heads, decoder.num_kv_heads, decoder.head_dim
         groups = heads // kv_heads
@@ -267,5 +259,4 @@ class Qwen3VLPrefill:
                 normed = F.rms_norm(hidden, hidden.shape[-1:], following.weight, following.variance_epsilon)
             else:
                 hidden, normed = add_rms_norm(hidden, update, following.weight, following.variance_epsilon)
-            yield
         return normed

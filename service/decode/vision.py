@@ -28,8 +28,6 @@ import torch
 import torch.nn.functional as F
 from transformers.models.qwen3_vl import modeling_qwen3_vl as qwen3_vl
 
-from service.decode.steps import Steps, run_steps
-
 Features = tuple[torch.Tensor, list[torch.Tensor]]  # merged embeddings [tokens, hidden], one DeepStack tensor per layer
 
 
@@ -64,28 +62,22 @@ class VisionEncoder:
     def encode(self, images: list[tuple[torch.Tensor, torch.Tensor]]) -> list[Features]:
         """The features of each ``(pixels [patches, C], grid [1, 3] on the host)``, in order, in
         forwards of up to ``batch_tokens`` tokens (images in order, each batch as many as fit)."""
-        return run_steps(self.encode_steps(images))
-
-    def encode_steps(self, images: list[tuple[torch.Tensor, torch.Tensor]]) -> Steps:
-        """``encode`` one block at a time: a generator that yields after each block's launches (so a
-        caller can launch other work between them) and returns the features."""
         out: list[Features] = []
         batch: list[tuple[torch.Tensor, torch.Tensor]] = []
         held = 0
         for pixels, grid in images:
             tokens = int(grid.prod()) // self.merge
             if batch and self.batch_tokens is not None and held + tokens > self.batch_tokens:
-                out += yield from self._forward(batch)
+                out += self._forward(batch)
                 batch, held = [], 0
             batch.append((pixels, grid))
             held += tokens
         if batch:
-            out += yield from self._forward(batch)
+            out += self._forward(batch)
         return out
 
-    def _forward(self, images: list[tuple[torch.Tensor, torch.Tensor]]) -> Steps:
-        """``Qwen3VLVisionModel.forward`` over these images' patches concatenated, attention per image
-        (yields after each block)."""
+    def _forward(self, images: list[tuple[torch.Tensor, torch.Tensor]]) -> list[Features]:
+        """``Qwen3VLVisionModel.forward`` over these images' patches concatenated, attention per image."""
         visual, device = self.visual, self.device
         grid = torch.cat([g for _, g in images])
         pixels = self._to_device([p for p, _ in images])
@@ -117,7 +109,6 @@ class VisionEncoder:
             if number in visual.deepstack_visual_indexes:
                 merger = visual.deepstack_merger_list[visual.deepstack_visual_indexes.index(number)]
                 deepstack.append(merger(hidden))
-            yield
         merged = visual.merger(hidden)
         if len(images) == 1:
             return [(merged, deepstack)]

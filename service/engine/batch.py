@@ -2,9 +2,9 @@
 
 The one place that touches the KV cache. The scheduler starts requests (`start`: a slot and the
 blocks for prompt + max_tokens, sharing the blocks of a cached prefix), runs their prefill a pass
-at a time (`prefill`: up to one chunk of prompt tokens, pieces of several prompts packed; whole, or
-a few steps at a time between decode steps), decodes every prefilled row a step (`decode`), and
-keeps or frees rows (`keep`, `drop`, `release`); it never sees slots or blocks.
+at a time (`prefill`: up to one chunk of prompt tokens, pieces of several prompts packed), decodes
+every prefilled row a step (`decode`), and keeps or frees rows (`keep`, `drop`, `release`); it
+never sees slots or blocks.
 
 Rows keep their order: a row's index is its place in ``slots``, and prompts that finish their
 prefill join after the running rows, in the order they were started. Each decode step is replayed
@@ -12,7 +12,6 @@ from CUDA graphs on CUDA.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -46,8 +45,6 @@ class Batch:
         self._max_images = max_images_per_pass
         self._forks: dict[int, list[Any]] = {}  # a started job's slot -> the owners of its request's other choices
         self._reserved_ceiling = reserved_ceiling
-        self._pass: tuple[list, Any] | None = None  # the pass under way: its pieces and its steps
-        self._freed_after_pass: list[int] = []  # slots of jobs dropped during the pass, which still writes them
 
     @classmethod
     def over(cls, model, cache: PagedKVCache, *, chunk: int | None = None, like: "Batch | None" = None,
@@ -63,11 +60,6 @@ class Batch:
     def prefill_tokens(self) -> int:
         """Prompt tokens the started requests still need computed."""
         return sum(job.remaining for job in self.jobs)
-
-    @property
-    def prefilling(self) -> bool:
-        """Whether a prefill pass is under way (begun by ``prefill(until)``, not ended yet)."""
-        return self._pass is not None
 
     @property
     def chunk(self) -> int:
@@ -107,26 +99,20 @@ class Batch:
         """Rows the started requests will decode (a request of n choices: n)."""
         return sum(1 + len(self._forks[job.slot]) for job in self.jobs)
 
-    def prefill(self, until: Callable[[], bool] | None = None) -> tuple[list[Any], torch.Tensor | None, int]:
-        """Run the prefill pass under way (the next one if none is) to its end, or (``until``) a step
-        at a time until ``until()`` is true, so the caller can launch a decode step between (the pass
-        then goes on at the next call). Once the pass ends, returns the owners of the prompts it
-        finished (now the last rows, in order), the logits after each of them ``[n, vocab]`` and the
-        prompt tokens they took from the prefix cache; ``([], None, 0)`` while it is under way or when
-        it finished none. Raises PrefillFailed, its requests dropped."""
-        if self._pass is None:
-            pieces = self.prefiller.plan_pass(self.jobs, self._max_images)
-            self._pass = pieces, self.prefiller.pass_steps(pieces)
-        steps = self._pass[1]
+    def prefill(self) -> tuple[list[Any], torch.Tensor | None, int]:
+        """One prefill pass. Returns the owners of the prompts it finished (now the last rows, in
+        order), the logits after each of them ``[n, vocab]`` (None if none finished) and the prompt
+        tokens they took from the prefix cache. Raises PrefillFailed, its requests dropped."""
+        pieces = self.prefiller.plan_pass(self.jobs, self._max_images)
         try:
-            while True:
-                next(steps)
-                if until is not None and until():
-                    return [], None, 0
-        except StopIteration:
-            self._end_pass()
+            self.prefiller.run_pass(pieces)
         except BaseException as exc:
-            self._end_pass(failed=exc)
+            failed = [job for job, _, _ in pieces]
+            for job in failed:
+                self._drop_job(job)
+            raise PrefillFailed([job.owner for job in failed], exc) from exc
+        finally:
+            self._trim_allocator()
         done = [job for job in self.jobs if job.finished]
         if not done:
             return [], None, 0
@@ -153,44 +139,15 @@ class Batch:
         self.slots = kept
 
     def drop(self, owners: list[Any]) -> None:
-        """Stop the prefill of these started requests and free what they took (a job of the pass
-        under way: its slot once the pass ends, as the pass still writes there and marks it prefilled)."""
-        in_pass = [job for job, _, _ in self._pass[0]] if self._pass is not None else []
+        """Stop the prefill of these started requests and free what they took."""
         for job in [job for job in self.jobs if any(job.owner is owner for owner in owners)]:
-            if any(job is other for other in in_pass):
-                self.jobs.remove(job)
-                self._forks.pop(job.slot, None)
-                self._freed_after_pass.append(job.slot)
-            else:
-                self._drop_job(job)
-        if self._pass is not None and not any(job in self.jobs for job in in_pass):
-            self._pass = None  # nobody waits for it: its launches ran before anything launched later
-            self._free_after_pass()
+            self._drop_job(job)
 
     def release(self) -> None:
-        """Free everything: every row and every started prefill (a pass under way is abandoned)."""
+        """Free everything: every row and every started prefill."""
         self.keep([])
         for job in list(self.jobs):
             self._drop_job(job)
-        self._pass = None
-        self._free_after_pass()
-
-    def _end_pass(self, failed: BaseException | None = None) -> None:
-        """The pass under way ended (or raised ``failed``: its jobs are dropped and PrefillFailed raised)."""
-        pieces = self._pass[0]
-        self._pass = None
-        self._free_after_pass()
-        self._trim_allocator()
-        if failed is not None:
-            jobs = [job for job, _, _ in pieces if job in self.jobs]
-            for job in jobs:
-                self._drop_job(job)
-            raise PrefillFailed([job.owner for job in jobs], failed) from failed
-
-    def _free_after_pass(self) -> None:
-        for slot in self._freed_after_pass:
-            self.cache.free(slot)
-        self._freed_after_pass = []
 
     def _drop_job(self, job: PrefillJob) -> None:
         self.jobs.remove(job)

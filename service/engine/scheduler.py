@@ -3,21 +3,17 @@
 Each iteration: drop cancelled requests; start queued requests, in order, while the batch has rows
 to spare, the KV cache has a slot and the blocks for their prompt and max_tokens, and the next
 prefill pass has room (a prompt whose leading blocks a started prompt is computing waits for them,
-to share them); launch one decode step for every running row; read the previous step's tokens
-while this one runs (the host never waits for a step it has not queued the next one behind);
-stream text and retire finished rows. Prefill runs in passes (up to one chunk of prompt tokens,
-pieces of several prompts packed, service/decode/qwen3_prefill.py) whose prompts, once a pass ends,
-sample their first token and join the running rows. While rows decode on a GPU, a pass goes on
-between the step's launch and the read of the previous step's tokens, a vision block or decoder
-layer at a time for as long as that step runs on the device: launching a pass's ~50 units takes the
-host longer than the device needs for them on a fast GPU, so the device would otherwise sit idle
-through it, and the running rows would wait. With no rows decoding, a pass runs whole.
-A step with structured-output rows is sampled only after that read (their grammars need the
-previous token), still while its forward runs; steps without such rows are sampled as they are
-launched. A cancelled request leaves at the next iteration (one whose prompt a pass is computing:
-its slot once the pass ends). An error (CUDA out of memory) in a prefill pass or its sampling fails
-only that pass's requests; anywhere else in an iteration (a decode step) it fails every request the
-batch holds and frees it all. The loop goes on.
+to share them); run one prefill pass (up to one chunk of prompt tokens, pieces of several
+prompts packed, service/decode/qwen3_prefill.py): the prompts it finishes sample their first token
+and join the running rows; launch one decode step for every running row; read the previous step's
+tokens while this one runs (the host never waits for a step it has not queued the next one
+behind); stream text and retire finished rows. A step with structured-output rows is sampled only
+after that read (their grammars need the previous token), still while its forward runs; steps
+without such rows are sampled as they are launched. So running rows keep decoding while a wave of new
+prompts is prefilled, pass by pass, and each prompt's first token comes as soon as its own prefill
+is done. A cancelled request leaves at the next iteration. An error (CUDA out of memory) in a
+prefill pass or its sampling fails only that pass's requests; anywhere else in an iteration (a
+decode step) it fails every request the batch holds and frees it all. The loop goes on.
 """
 from __future__ import annotations
 
@@ -28,7 +24,6 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 
 import torch
 
@@ -71,10 +66,6 @@ class _Step:
             self._copied.record()
         else:
             self._host, self._copied = tokens, None
-
-    def ready(self) -> bool:
-        """Whether its tokens are on the host already (reading them would not wait)."""
-        return self._copied is None or self._copied.query()
 
     def host_tokens(self) -> list[int]:
         if self._copied is not None:
@@ -119,9 +110,6 @@ class Scheduler:
         self._ending: BaseException | None = None  # end_running's error: what still runs fails with it
         self._thread: threading.Thread | None = None
         self.max_batch_seen = 0  # the most rows one step decoded (benchmarks, tests)
-        # Prefill passes advanced between decode steps, while a step runs on the device. On the CPU
-        # the host is the device, so nothing runs beside it and passes run whole (tests set it).
-        self.overlap_prefill = batch.cache.device.type == "cuda"
 
     # ---- the caller's side (any thread) ----------------------------------------------------------
     def start(self) -> None:
@@ -219,17 +207,12 @@ class Scheduler:
                 self._drop_cancelled()
                 if not self._paused:
                     self._admit()
-                # Pipelined: launch this step, then read the previous step's tokens while it runs. A
-                # prefill pass goes on meanwhile, a step at a time until they are there; with no step
-                # running, it runs whole first.
-                previous, self._inflight = self._inflight, None
-                overlap = self.overlap_prefill and previous is not None
-                if self.batch.jobs and not overlap:
+                if self.batch.jobs:
                     self._prefill()
+                # Pipelined: launch this step, then read the previous step's tokens while it runs.
+                previous, self._inflight = self._inflight, None
                 if self._rows:
                     self._inflight = self._launch_step(previous)
-                if self.batch.jobs and overlap:
-                    self._prefill(until=previous.ready)
                 if previous is not None:
                     self._collect_step(previous)
                 if self._inflight is not None and self._inflight.tokens is None:
@@ -272,12 +255,11 @@ class Scheduler:
         self.metrics.queue_depth.set(len(self._waiting))
         self.metrics.running.set(self.running)
 
-    def _prefill(self, until: Callable[[], bool] | None = None) -> None:
-        """A prefill pass (or, ``until``, part of one: Batch.prefill); the prompts a pass finishes
-        sample their first token and join the running rows."""
+    def _prefill(self) -> None:
+        """One prefill pass; the prompts it finishes sample their first token and join the running rows."""
         running = len(self._rows)
         try:
-            rows, logits, cached = self.batch.prefill(until)
+            rows, logits, cached = self.batch.prefill()
         except PrefillFailed as failed:
             self._fail([row.handle for row in failed.owners], failed.cause)
             self.metrics.running.set(self.running)

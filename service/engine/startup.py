@@ -6,10 +6,7 @@ mirrors): after the weights load, a prefill of the largest request the settings 
 measured; what NVML then sees the process hold is resident; the KV cache gets what the budget
 leaves, in blocks. The prefill runs in passes of max_num_batched_tokens and the vision tower in
 batches of that request's images (prefill_for); its last pass is filled to a full one with text
-prompts (filler_lengths), so the measurement bounds the activations of every pass. After each step
-of a pass (a vision block, a decoder layer) a decode step of max_batch_size rows is sampled, as the
-scheduler may sample one there (every processor, top-k/top-p/min-p and 20 logprobs each: the most a
-step's sampling allocates), so the peak counts a pass and a step's sampling at once. On the CPU
+prompts (filler_lengths), so the measurement bounds the activations of every pass. On the CPU
 there is no budget (system RAM is not what it protects): the cache holds max_batch_size sequences
 of max_model_len.
 """
@@ -19,7 +16,6 @@ import gc
 import logging
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +25,8 @@ from service.decode import DecodeRunner, PagedKVCache, Qwen3VLDecoder, Qwen3VLPr
 from service.decode.kernel_choice import release_workspaces
 from service.decode.qwen3_step import fuse_linears, text_model_of
 from service.engine.batch import Batch
-from service.engine.logits import LogitsProcessors, RowLogits, StepLogprobs
 from service.engine.memory import ProcessMemory
 from service.engine.requests import Prompt
-from service.engine.sampling import MAX_LOGPROBS, SamplingParams, sample
 from service.errors import ModelUnavailable
 from service.settings import ServiceSettings
 from service.sizing import (
@@ -146,33 +140,14 @@ def filler_lengths(prompt_length: int, chunk: int, max_model_len: int, max_promp
     return [min(longest, room - start) for start in range(0, room, longest)]
 
 
-def run_largest_pass(prefiller: Qwen3VLPrefill, prompt: Prompt, slots: list[int], fillers: list[int],
-                     between: Callable[[], Any] = lambda: None) -> None:
+def run_largest_pass(prefiller: Qwen3VLPrefill, prompt: Prompt, slots: list[int], fillers: list[int]) -> None:
     """The prompt's prefill into ``slots[0]``, its last pass packed with the filler prompts (one
-    token repeated) in the other slots; ``between`` runs after each step of every pass."""
+    token repeated) in the other slots."""
     jobs = [prefiller.job(slots[0], prompt.input_ids, prompt.mrope_positions, prompt.rope_delta,
                           prompt.pixel_values, prompt.image_grid_thw)]
     jobs += [prefiller.job(slot, prompt.input_ids[-1:].repeat(n)) for slot, n in zip(slots[1:], fillers)]
     while not all(job.finished for job in jobs):
-        for _ in prefiller.pass_steps(prefiller.plan_pass([job for job in jobs if not job.finished])):
-            between()
-
-
-def step_sampling(rows: int, vocab: int, device: torch.device) -> Callable[[], Any]:
-    """The most a decode step's sampling allocates, as a call: ``rows`` rows of random logits (the
-    decode graphs' output, resident anyway) through every logits processor, temperature, min-p,
-    top-k, top-p and 20 logprobs each (the structured-output mask is one bitmask a row: left out)."""
-    params = SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, top_k=50, min_p=0.05, presence_penalty=0.5,
-                            frequency_penalty=0.5, repetition_penalty=1.1, logit_bias=((0, 1.0),), min_tokens=2,
-                            bad_words_token_ids=((1, 2),), logprobs=MAX_LOGPROBS)
-    states = [RowLogits(params, torch.tensor([0, 1]), frozenset({2}), vocab, device) for _ in range(rows)]
-    logits = torch.randn(rows, vocab, device=device)
-
-    def sample_one_step() -> None:
-        processors = LogitsProcessors.for_rows(states, [0] * rows)
-        tokens = sample(logits, [params] * rows, [None] * rows, processors)
-        StepLogprobs.gather(logits, [params.logprobs] * rows, tokens)
-    return sample_one_step
+        prefiller.run([job for job in jobs if not job.finished])
 
 
 def plan_memory(model: Any, largest: Prompt, settings: ServiceSettings, max_model_len: int, dtype: torch.dtype,
@@ -205,16 +180,15 @@ def prefill_peak(model: Any, prompt: Prompt, settings: ServiceSettings, max_mode
     """Bytes the largest prefill pass adds at its peak (torch's peak, or what NVML saw grow), beyond
     the K/V it writes, run as the engine runs it (prefill_for): the prompt's prefill with its last
     piece packed with text prompts to a full pass (filler_lengths), into a pool of its own made
-    before measuring, a decode step's sampling after each of its steps (step_sampling)."""
+    before measuring."""
     fillers = filler_lengths(prompt.length, settings.max_num_batched_tokens, max_model_len, settings.max_batch_size)
     blocks = max(blocks_for(max_model_len), sum(blocks_for(n) for n in [prompt.length, *fillers]))
     pool = PagedKVCache(model.config, 1 + len(fillers), max_model_len, blocks, dtype=dtype, device=device)
     prefiller = prefill_for(model, Qwen3VLDecoder(model, pool, fuse_projections=True), prompt, settings)
     slots = [pool.allocate(n) for n in [prompt.length, *fillers]]
-    sampling = step_sampling(settings.max_batch_size, int(model.config.get_text_config().vocab_size), device)
 
     def run() -> None:
-        run_largest_pass(prefiller, prompt, slots, fillers, between=sampling)
+        run_largest_pass(prefiller, prompt, slots, fillers)
         torch.cuda.synchronize(device)
 
     # Once first: kernels and library workspaces loaded at their first use stay resident (they are
@@ -228,7 +202,7 @@ def prefill_peak(model: Any, prompt: Prompt, settings: ServiceSettings, max_mode
     run()
     peak = max(torch.cuda.max_memory_allocated(device) - allocated, torch.cuda.max_memory_reserved(device) - reserved,
                memory.used() - used)
-    del pool, prefiller, sampling
+    del pool, prefiller
     gc.collect()
     torch.cuda.empty_cache()
     log.info("prefill of %d tokens with %d image(s) in passes of %d tokens (the last filled with %d more): "
