@@ -157,3 +157,35 @@ def test_a_models_file_given_for_its_folder_is_told_the_folder(tmp_path, tiny_mo
     res = _make_up(tmp_path, "PROFILE=8gb", f"MODEL={tiny_model_dir / 'model.safetensors'}", "ARGS=--cpu --dry-run")
     assert res.returncode != 0
     assert f"a file, not the model's folder: MODEL={tiny_model_dir}?" in res.stderr, res.stderr
+
+
+def _card(tmp_path, *, compute: str = "9.0", cuda: str = "13.0", driver: str = "580.159.04"):
+    """A fake nvidia-smi replaying the H100's recordings with another compute capability, CUDA
+    version or driver: the card or driver a user has."""
+    from tests.doctor_helpers import H100, fake_nvidia_smi
+
+    data = tmp_path / "smi"
+    data.mkdir()
+    row = (H100 / "query-gpu.csv").read_text().replace(", 9.0,", f", {compute},").replace("580.159.04", driver)
+    (data / "query-gpu.csv").write_text(row)
+    table = (H100 / "nvidia-smi.txt").read_text().replace("CUDA Version: 13.0", f"CUDA Version: {cuda}")
+    (data / "nvidia-smi.txt").write_text(table.replace("580.159.04", driver))
+    fake_nvidia_smi(tmp_path / "bin", table=data / "nvidia-smi.txt", query_gpu=data / "query-gpu.csv",
+                    query_apps=H100 / "query-apps.csv", q=H100 / "nvidia-smi-q.txt")
+    return {**_env(tmp_path), "PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+
+
+@pytest.mark.parametrize(("card", "said"), [
+    ({"compute": "6.1"}, "older than compute 7.5"),
+    ({"cuda": "12.0", "driver": "526.98"}, "image needs CUDA"),
+])
+def test_up_refuses_a_card_or_driver_the_image_cannot_run_before_building_anything(tmp_path, tiny_model_dir,
+                                                                                  card, said):
+    """What the doctor calls blocking stops `up` too, with its fix, before the download and the build
+    (which would end in a container that cannot start)."""
+    env = _card(tmp_path, **card)
+    res = subprocess.run([sys.executable, "-m", "scripts", "up", "--profile", "8gb", "--model", str(tiny_model_dir),
+                          "--no-build", "--no-download"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert res.returncode == 3, res.stderr
+    assert said in res.stderr and "nothing was started" in res.stderr and "fix:" in res.stderr, res.stderr
+    assert "not built" not in res.stderr and not (tmp_path / "vlkit.env").exists()

@@ -56,6 +56,27 @@ def _show_plan_refusal(plan, whole_budget: str) -> None:
     print(f"  `{whole_budget}` shows the whole budget.", file=sys.stderr)
 
 
+def _gpu_fits_image(profile: str) -> bool:
+    """The doctor's driver and GPU checks for this profile's image (a driver too old for its CUDA, a
+    card older than it was built for): refused before the download and the build, which would end in
+    a container that cannot start."""
+    from types import SimpleNamespace
+
+    from scripts.doctor.driver import driver_check, gpu_check
+    from scripts.gpu import probe
+    from wsl.host import detect_platform
+
+    facts = SimpleNamespace(gpu=probe(), platform=detect_platform())
+    if not facts.gpu.gpus:
+        return True  # the health gate says why
+    refused = [c for c in (driver_check(facts, profile), gpu_check(facts, profile)) if c.status == "fail" and c.blocking]
+    for check in refused:
+        preflight.error(f"{check.name}: {check.found}; nothing was started.")
+        if check.fix:
+            print(f"  fix: {check.fix}", file=sys.stderr)
+    return not refused
+
+
 def _gate(plan) -> bool:
     from wsl.health import gate
 
@@ -201,7 +222,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         if missing:
             preflight.error(preflight.no_gpu_line(missing, "nothing was started"))
             return 3
-        if not _gate(planned):
+        if not _gate(planned) or not _gpu_fits_image(launch.profile):
             return 3
     if not preflight.docker_ok():
         return 1
