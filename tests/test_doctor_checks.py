@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from scripts import gpu
-from scripts.doctor import docker, driver, planning, system
+from scripts.doctor import docker, driver, planning, storage, system
 from scripts.doctor import facts as facts_module
 from scripts.doctor.facts import CommandResult, Facts, Options
 from scripts.doctor.run import judge, ready
@@ -182,6 +182,26 @@ def test_plan_verdicts():
     assert rows["plan-16gb"].status == "fail" and rows["plan-16gb"].blocking
     rows = by_name(planning.plan_checks(facts(plans={"8gb": no, "16gb": no}), "auto"))
     assert rows["plan"].blocking
+
+
+def test_a_model_the_planner_cannot_read_is_one_blocking_row_with_what_to_give(monkeypatch, tmp_path):
+    """A folder that is not a checkpoint (as `vlkit up` refuses it): one blocking `model` row, with
+    the planner's reason and no Python class names; the cache row does not offer to download a folder."""
+    from scripts.doctor.facts import _plans
+
+    bad = tmp_path / "models" / "empty"
+    bad.mkdir(parents=True)
+    h100_smi(tmp_path / "bin")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    probe = gpu.probe()
+    models = {"8gb": str(bad), "16gb": str(bad)}
+    f = facts(gpu=probe, models=models, plans=_plans(probe, models), model_cached={str(bad): False})
+    rows = planning.plan_checks(f, "auto")
+    assert [(r.name, r.status, r.blocking) for r in rows] == [("model", "fail", True)]
+    assert f"cannot plan for {bad}: {bad} has no config.json" == rows[0].found and "Error" not in rows[0].found
+    assert "Qwen/Qwen3-VL-2B-Instruct" in rows[0].fix
+    cache = storage.model_cache_check(f)
+    assert "download" not in cache.fix and "not a model folder" in cache.found
 
 
 def test_whole_judgement_wsl_machine_is_not_ready_for_the_right_reasons():

@@ -141,6 +141,53 @@ def test_malformed_config_is_a_clear_error(tmp_path):
         resolve_model(str(d))
 
 
+def _text_config(**changes) -> dict:
+    cfg = shape("tiny")
+    return {**cfg, "text_config": {**cfg["text_config"], **changes}}
+
+
+@pytest.mark.parametrize(("config", "said"), [
+    ("[1, 2]", "is not a JSON object"),
+    ("null", "is not a JSON object"),
+    (json.dumps({"model_type": "qwen3_vl", "text_config": "x", "vision_config": {}}), "are not JSON objects"),
+    (json.dumps({"model_type": "qwen3_vl", **_text_config(num_attention_heads=0, head_dim=None)}),
+     "a value a Qwen3-VL config cannot have"),
+    (json.dumps({"model_type": "qwen3_vl", **_text_config(hidden_size="wide")}), "a value a Qwen3-VL config cannot have"),
+])
+def test_a_config_of_the_wrong_shape_is_a_clear_error(tmp_path, config, said):
+    d = tmp_path / "odd"
+    d.mkdir()
+    (d / "config.json").write_text(config)
+    with pytest.raises(UnknownModelError, match=said):
+        resolve_model(str(d))
+
+
+def test_a_config_saved_as_utf16_is_told_to_be_utf8(tmp_path):
+    d = tmp_path / "utf16"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "qwen3_vl", **shape("tiny")}), encoding="utf-16")
+    with pytest.raises(UnknownModelError, match="config.json is not UTF-8.*save it as UTF-8"):
+        resolve_model(str(d))
+
+
+def test_weights_cloned_without_git_lfs_are_named_with_the_fix(tmp_path):
+    """A clone without git-lfs leaves pointer files where the weights should be: the planner says so
+    (it read their first bytes as a header length and ran out of memory)."""
+    d = _checkpoint(tmp_path / "clone", shape("tiny"))
+    (d / "model-00001-of-00002.safetensors").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:4d7a2146\nsize 3986000000\n")
+    with pytest.raises(UnknownModelError, match=r"model-00001-of-00002.safetensors is a Git LFS pointer.*git lfs pull"):
+        resolve_model(str(d))
+
+
+def test_odd_weight_files_fall_back_to_the_estimate(tmp_path):
+    """An index whose metadata is not an object, a header longer than its file: the bytes are estimated."""
+    d = _checkpoint(tmp_path / "odd", shape("tiny"))
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": [1]}))
+    (d / "model.safetensors").write_bytes(struct.pack("<Q", 10**12) + b"{}")
+    assert resolve_model(str(d)).weight_bytes == resolve_model(str(_checkpoint(tmp_path / "plain", shape("tiny")))).weight_bytes
+
+
 def test_alternatives_are_fp8_then_smaller():
     assert variants_to_try(resolve_model("Qwen/Qwen3-VL-8B-Instruct"))[:3] == [
         "Qwen/Qwen3-VL-8B-Instruct-FP8", "Qwen/Qwen3-VL-4B-Instruct-FP8", "Qwen/Qwen3-VL-4B-Instruct"]

@@ -160,9 +160,16 @@ def _plans(gpu: GpuProbe, models: dict[str, str]) -> dict[str, object]:
     for profile, model in models.items():
         try:
             out[profile] = plan_for(model=model, profile=profile, gpus=gpu.gpus)
-        except Exception as exc:  # an unknown model etc.: reported, not fatal to the doctor
+        except (ValueError, FileNotFoundError, LookupError) as exc:  # what `vlkit up` refuses the model for
+            out[profile] = ModelProblem(str(exc))
+        except Exception as exc:  # noqa: BLE001 - reported, not fatal to the doctor
             out[profile] = f"{type(exc).__name__}: {exc}"
     return out
+
+
+class ModelProblem(str):
+    """Why the planner cannot plan the model at all (unknown id, a folder that is not a checkpoint):
+    `vlkit up` refuses it the same way."""
 
 
 def collect(options: Options) -> Facts:

@@ -9,6 +9,14 @@ def plan_checks(facts, profile: str) -> list[Check]:
     if not facts.gpu.gpus:  # each profile's row shows the card it is named after
         return [warn(f"plan-{p}", "not planned: no GPU", "plan for a card by its size: "
                      f"`{command('plan', profile=p, gpu_memory=p.replace('gb', 'GiB'))}`") for p in ("8gb", "16gb")]
+    from scripts.doctor.facts import ModelProblem
+
+    problems = {str(plan) for plan in facts.plans.values() if isinstance(plan, ModelProblem)}
+    if problems:  # the same model for both profiles: one row, blocking, as `vlkit up` refuses it
+        model = next(iter(facts.models.values()), "?")
+        return [fail("model", f"cannot plan for {model}: {'; '.join(sorted(problems))}",
+                     "give MODEL= a Qwen3-VL checkpoint: a Hugging Face id such as Qwen/Qwen3-VL-2B-Instruct, "
+                     "or a local folder with its config.json and weights")]
     out = []
     fitting = []
     for p in ("8gb", "16gb"):

@@ -1,6 +1,8 @@
 """Disk space, the Hugging Face cache and the API port."""
 from __future__ import annotations
 
+import os
+
 from scripts.doctor.model import Check, fail, gib, ok, warn
 from scripts.usage import command, setting
 
@@ -29,6 +31,10 @@ def model_cache_check(facts) -> Check:
     missing = [m for m in models if not facts.model_cached.get(m)]
     found = f"cache {facts.hf_cache}: " + ", ".join(
         f"{m} {'present' if facts.model_cached.get(m) else 'not downloaded'}" for m in models)
+    folders = [m for m in missing if os.path.isdir(m) or os.path.isabs(m) or m.startswith(".")]
+    if folders:  # a local path: nothing to download; the model row says what is wrong with it
+        return warn("model-cache", f"{folders[0]} is not a model folder (no config.json)",
+                    "give MODEL= the folder that holds config.json and the weights")
     if missing:
         return warn("model-cache", found, f"`{command('up')}` downloads it first, or now: `{command('download', model=missing[0])}`")
     return ok("model-cache", found)

@@ -135,6 +135,8 @@ class ModelSpec(BaseModel):
 
 def _shape_from_config(cfg: dict) -> tuple[TextShape, VisionShape]:
     text, vis = cfg.get("text_config") or {}, cfg.get("vision_config") or {}
+    if not isinstance(text, dict) or not isinstance(vis, dict):
+        raise UnknownModelError("config.json's text_config and vision_config are not JSON objects: not a Qwen3-VL config")
     try:
         heads = text["num_attention_heads"]
         t = TextShape(
@@ -157,6 +159,9 @@ def _shape_from_config(cfg: dict) -> tuple[TextShape, VisionShape]:
         )
     except KeyError as e:
         raise UnknownModelError(f"config.json lacks {e.args[0]!r}: not a Qwen3-VL config") from None
+    except (TypeError, ValueError, ZeroDivisionError) as e:  # a value of the wrong type, zero heads
+        first = str(e).splitlines()[0]
+        raise UnknownModelError(f"config.json has a value a Qwen3-VL config cannot have ({first})") from None
     return t, v
 
 
@@ -187,11 +192,21 @@ BUILTIN: dict[str, ModelSpec] = _builtin_specs()
 BUILTIN_IDS: tuple[str, ...] = tuple(s.id for s in BUILTIN.values())
 
 
+class LfsPointer(Exception):
+    """A .safetensors file that is a Git LFS pointer (a clone without git-lfs), not the weights."""
+
+    def __init__(self, path: Path):
+        super().__init__(str(path))
+        self.path = path
+
+
 def _safetensors_bytes(directory: Path) -> int | None:
     """Bytes of all tensors: the index's total_size, else the sum over each file's header."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        total = (json.loads(index.read_text(encoding="utf-8")).get("metadata") or {}).get("total_size")
+        metadata = json.loads(index.read_text(encoding="utf-8"))
+        metadata = metadata.get("metadata") if isinstance(metadata, dict) else None
+        total = metadata.get("total_size") if isinstance(metadata, dict) else None
         if total:
             return int(total)
     files = sorted(directory.glob("*.safetensors"))
@@ -200,7 +215,12 @@ def _safetensors_bytes(directory: Path) -> int | None:
     total = 0
     for f in files:
         with f.open("rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
+            head = fh.read(8)
+            if head.startswith(b"version"):  # "version https://git-lfs.github.com/spec/v1": a pointer
+                raise LfsPointer(f)
+            (n,) = struct.unpack("<Q", head)
+            if n > f.stat().st_size - 8:
+                raise ValueError(f"{f.name}: a header longer than the file")
             header = json.loads(fh.read(n))
         for name, meta in header.items():
             if name == "__metadata__":
@@ -232,8 +252,12 @@ def spec_from_dir(directory: Path, model_id: str | None = None) -> ModelSpec:
         raise UnknownModelError(f"{directory} has no config.json")
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UnknownModelError(f"{cfg_path} is not UTF-8 (transformers reads it as UTF-8): save it as UTF-8") from None
     except (OSError, json.JSONDecodeError) as e:
         raise UnknownModelError(f"{cfg_path} is not readable JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise UnknownModelError(f"{cfg_path} is not a JSON object: not a model's config")
     if cfg.get("model_type") not in SUPPORTED_MODEL_TYPES:
         raise UnknownModelError(
             f"{directory}: model_type {cfg.get('model_type')!r} is not supported; vlkit plans "
@@ -247,7 +271,11 @@ def spec_from_dir(directory: Path, model_id: str | None = None) -> ModelSpec:
     # Real bytes on disk when the weights are there (they load 1:1 for bf16 and fp8 checkpoints).
     try:
         on_disk = _safetensors_bytes(directory)
-    except (OSError, ValueError, KeyError, TypeError, struct.error):  # a truncated or odd file
+    except LfsPointer as e:
+        raise UnknownModelError(
+            f"{e.path} is a Git LFS pointer, not the weights (the folder was cloned without git-lfs): run "
+            f"`git lfs pull` in {directory}, or download the model again") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, struct.error):  # a truncated or odd file
         on_disk = None
     spec.weight_bytes = on_disk or (_fp8_weight_bytes(t, v, spec.vision_quantized) if fp8 else spec.bf16_weight_bytes)
     pre = directory / "preprocessor_config.json"
