@@ -156,8 +156,19 @@ def test_sizes():
     for bad in ("lots", "12gb", "1.5GB", "12 GB", "12GiB"):
         with pytest.raises(ValueError, match="not a size WSL reads"):
             wslconfig.parse_size(bad)
-    with pytest.raises(ValueError, match="upper-case: 12GB"):
-        wslconfig.parse_size("12gb")
+    for typed, why in (("12gb", "WSL reads upper-case units: 12GB"), ("12 GB", "WSL reads no spaces: 12GB"),
+                       ("12GiB", "GB, not GiB: its GB is 1024^3 already: 12GB")):
+        with pytest.raises(ValueError, match=why.replace("^", "\\^")):
+            wslconfig.parse_size(typed)
+
+
+@pytest.mark.parametrize("typed", ["-1", "+12GB", "99999999999TB", "18446744073709551616"])
+def test_sizes_wsl_reads_but_nobody_means_are_not_written(typed):
+    """WSL reads -1 as 2^64-1 bytes and wraps past 2^64 (the VM then takes all of the PC's RAM):
+    the values we write are digits and a unit that stay below it."""
+    with pytest.raises(ValueError):
+        wslconfig.parse_size_to_write(typed)
+    assert wslconfig.parse_size_to_write("12GB") == 12 * 1024 ** 3
 
 
 @pytest.mark.parametrize("host_gib, profile, memory, swap, warned", [
@@ -236,7 +247,7 @@ def test_symlink_is_kept_and_its_target_edited(tmp_path, relative):
 @pytest.mark.parametrize("make, message", [
     (lambda p: p.symlink_to(p.parent / "missing"), "symbolic link to .*missing, which cannot be opened"),
     (lambda p: p.symlink_to(p), "symbolic link"),  # a loop
-    (lambda p: p.mkdir(), "it is a folder, which WSL cannot open"),
+    (lambda p: p.mkdir(), "it is a folder: name the file in it"),
     (lambda p: os.mkfifo(p), "not a regular file"),  # reading it would block forever
 ])
 def test_paths_that_are_not_a_file_are_refused(tmp_path, make, message):

@@ -140,7 +140,10 @@ def test_cli_reports_what_wsl_will_still_skip(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--memory", "12gb"], "upper-case: 12GB"),
+    (["--memory", "12gb"], "upper-case units: 12GB"),
+    (["--memory", "-1"], "not a size to give WSL"),
+    (["--swap", "+8GB"], "not a size to give WSL"),
+    (["--memory", "99999999999TB"], "not a size to give WSL"),
     (["--memory", "1.5GB"], "not a size WSL reads"),
     (["--memory", "12"], "12 bytes, under WSL's 256MB minimum (to WSL a number without a unit is bytes"),
     (["--memory", "100MB"], "under WSL's 256MB minimum"),
@@ -152,3 +155,50 @@ def test_cli_refuses_sizes_wsl_would_misread(tmp_path, capsys, args, message):
     assert run_cli(["wsl", "config", "--wslconfig", str(path), "--memory", "12GB", "--swap", "8GB", *args, "--yes"]) == 1
     assert message in capsys.readouterr().err
     assert path.read_bytes() == b"[wsl2]\nmemory=4GB\n"
+
+
+def _windows_host_with(tmp_path, monkeypatch, ram_gib: int) -> None:
+    """The Windows host's RAM as the doctor cached it from Win32_ComputerSystem (this machine has no Windows)."""
+    import json
+    import time
+
+    cache = tmp_path / "xdg" / "vlkit"
+    cache.mkdir(parents=True)
+    (cache / "windows-host.json").write_text(json.dumps({"host_ram_bytes": {"at": time.time(), "value": ram_gib * 2**30}}))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+
+
+@pytest.mark.parametrize("memory", ["64GB", "1TB"])
+def test_memory_beyond_the_pcs_ram_is_refused(tmp_path, monkeypatch, capsys, memory):
+    """WSL caps memory at the host's RAM, so 64GB on a 32 GB PC gives the VM all of it: refused."""
+    _windows_host_with(tmp_path, monkeypatch, 32)
+    path = tmp_path / ".wslconfig"
+    path.write_bytes(b"[wsl2]\nmemory=4GB\n")
+    assert run_cli(["wsl", "config", "--wslconfig", str(path), "--memory", memory, "--swap", "8GB", "--yes"]) == 1
+    assert "more than this PC's 32 GB of RAM" in capsys.readouterr().err
+    assert path.read_bytes() == b"[wsl2]\nmemory=4GB\n"
+
+
+def test_one_value_given_keeps_the_others_the_file_sets(tmp_path, monkeypatch):
+    """--memory alone changes memory: the user's own swap=0 (with its comment) stays."""
+    _windows_host_with(tmp_path, monkeypatch, 32)
+    path = tmp_path / ".wslconfig"
+    path.write_bytes(b"[wsl2]\r\nmemory=4GB\r\nswap=0 # no swap on my SSD\r\n")
+    assert run_cli(["wsl", "config", "--wslconfig", str(path), "--memory", "12GB", "--yes"]) == 0
+    assert path.read_bytes() == b"[wsl2]\r\nmemory=12GB\r\nswap=0 # no swap on my SSD\r\n"
+    assert run_cli(["wsl", "config", "--wslconfig", str(path), "--yes"]) == 0  # nothing given: the recommendation
+    assert applied(path.read_text(), "memory") == "24GB" and applied(path.read_text(), "swap") == "8GB"
+
+
+def test_ctrl_d_at_the_question_changes_nothing(tmp_path, monkeypatch, capsys):
+    _windows_host_with(tmp_path, monkeypatch, 32)
+    path = tmp_path / ".wslconfig"
+    path.write_bytes(b"[wsl2]\nmemory=4GB\n")
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+
+    def ctrl_d(prompt=""):
+        raise EOFError
+
+    monkeypatch.setattr("builtins.input", ctrl_d)
+    assert run_cli(["wsl", "config", "--wslconfig", str(path), "--memory", "12GB", "--swap", "8GB"]) == 0
+    assert "Nothing changed." in capsys.readouterr().out and path.read_bytes() == b"[wsl2]\nmemory=4GB\n"

@@ -25,8 +25,10 @@ def register(subparsers) -> None:
                             description="Apply the recommended [wsl2] values (or yours) to .wslconfig: "
                                         "backup first, atomic write, same encoding and line endings.")
     config.add_argument("--wslconfig", type=Path, help="the file to edit (default: %%USERPROFILE%%\\.wslconfig found through interop)")
-    config.add_argument("--memory", help="WSL VM memory, e.g. 12GB (default: recommended for this PC)")
-    config.add_argument("--swap", help="swap size, e.g. 8GB (default: recommended)")
+    config.add_argument("--memory", help="WSL VM memory, e.g. 12GB (default: recommended for this PC; with "
+                        "--swap or --processors given, the file's own value where it has one)")
+    config.add_argument("--swap", help="swap size, e.g. 8GB (default: recommended; with --memory or --processors "
+                        "given, the file's own value where it has one)")
     config.add_argument("--processors", type=int, help="logical processors for WSL (default: leave as is)")
     # The profile to size for, and what `vlkit up` would be given to pick it under auto.
     options.add(config, "profile", "model", "context", "gpu_memory")
@@ -96,7 +98,7 @@ def config_command(args: argparse.Namespace) -> int:
         for key in wslconfig.SIZE_KEYS:
             given = getattr(args, key)
             if given is not None:
-                size = wslconfig.parse_size(given.strip())  # validate before touching anything
+                size = wslconfig.parse_size_to_write(given.strip())  # validate before touching anything
                 if key == "memory" and size < wslconfig.MIN_MEMORY:
                     bare = " (to WSL a number without a unit is bytes: did you mean 12GB?)" if given.strip().isdigit() else ""
                     return _err(f"{setting('memory', given)} is {size} bytes, under WSL's 256MB minimum{bare}")
@@ -108,8 +110,16 @@ def config_command(args: argparse.Namespace) -> int:
             return _err(f"{setting('processors')} must be at least 1")
         values["processors"] = str(args.processors)
 
+    if values:  # the user edits these keys: what else the file sets WSL to, it keeps
+        for key in wslconfig.SIZE_KEYS:
+            if key not in values and wslconfig.applied_size(current, key) is not None:
+                values[key] = wslconfig.get(current, key).strip()
+    ram, source = _host_ram_bytes(wslconfig.applied_size(current, "memory"))
+    if "memory" in values and ram is not None and wslconfig.parse_size(values["memory"]) > ram:
+        return _err(f"{setting('memory', values['memory'])} is more than this PC's {ram / wslconfig.GIB:.0f} GB of RAM "
+                    f"({source}): WSL would give the VM all of it and leave Windows none; give less, or leave it out "
+                    "for the recommendation")
     if "memory" not in values or "swap" not in values:
-        ram, source = _host_ram_bytes(wslconfig.applied_size(current, "memory"))
         if ram is None:
             return _err(f"cannot tell this PC's RAM; give {setting('memory', '12GB')} and {setting('swap', '8GB')}")
         profile, why = _profile(args)
@@ -138,7 +148,11 @@ def config_command(args: argparse.Namespace) -> int:
         if not sys.stdin.isatty():
             return _err("not changing .wslconfig without confirmation and there is no terminal to ask on; "
                         f"add {setting('yes')} (or {setting('dry_run')} to only look)")
-        answer = input(f"Write these changes to {path}? [y/N] ")
+        try:
+            answer = input(f"Write these changes to {path}? [y/N] ")
+        except EOFError:  # Ctrl-D: no answer is no
+            answer = ""
+            print()
         if answer.strip().lower() not in ("y", "yes"):
             print("Nothing changed.")
             return 0

@@ -50,8 +50,25 @@ def parse_size(text: str) -> int:
     n = parser.parse_memory_size(text or "")
     if n is None:
         hint = text.strip().upper().replace(" ", "").replace("IB", "B") if text else ""
-        better = f" (WSL's units are upper-case: {hint})" if hint != text and parser.parse_memory_size(hint) is not None else ""
+        if hint != text and parser.parse_memory_size(hint) is not None and re.fullmatch(r"\d+[A-Z]*", hint):
+            why = [w for w, bad in (("no spaces", " " in text), ("GB, not GiB: its GB is 1024^3 already", "ib" in text.lower()),
+                                    ("upper-case units", any(c.islower() for c in text.replace("iB", "").replace("ib", ""))))
+                   if bad]
+            better = f" (WSL reads {', '.join(why)}: {hint})"
+        else:
+            better = ""
         raise ValueError(f"not a size WSL reads: {text!r}{better}; write digits then B, KB, MB, GB or TB, e.g. 12GB or 8192MB")
+    return n
+
+
+def parse_size_to_write(text: str) -> int:
+    """A size we write for the user: what WSL reads (parse_size), but only digits and a unit, no sign
+    and no wrap past 2^64 (WSL would read -1 as 16 EiB, and take all of the PC's RAM)."""
+    n = parse_size(text)
+    m = re.fullmatch(r"(\d+)([A-Z]*)", text)
+    factor = next((f for unit, f in parser._SIZE_UNITS if m and m.group(2) in (unit, unit[0])), 1)
+    if m is None or int(m.group(1)) * factor >= parser.U64:
+        raise ValueError(f"{text!r} is not a size to give WSL: write digits then B, KB, MB, GB or TB, e.g. 12GB")
     return n
 
 
@@ -121,7 +138,8 @@ def load(path: Path) -> WslConfig:
     except OSError as exc:
         raise WslConfigError(f"cannot read it: {exc.strerror}") from None
     if stat.S_ISDIR(st.st_mode):
-        raise WslConfigError("it is a folder, which WSL cannot open (it then uses its defaults); rename or remove it")
+        raise WslConfigError(f"it is a folder: name the file in it ({path / '.wslconfig'}); if WSL reads this "
+                             "folder as its .wslconfig, it cannot open it and uses its defaults")
     try:
         with open_regular(target) as f:
             data = f.read(MAX_BYTES + 1)
