@@ -102,6 +102,26 @@ def test_regex_choice_and_grammars_are_matched(engine):
         assert finish == "stop" and matches(text), (constraint, text)
 
 
+def test_text_that_spells_an_added_token_is_produced_and_the_answer_matches(engine):
+    """llguidance's masks offered the added token <tool_call> where a JSON value or regex spells its
+    text, and its matcher then refused that token: the answer ended as a plain "stop" mid-value.
+    Spelt out here, in plain tokens, and free string values never hold an added token either."""
+    tool_call = {"type": "object", "properties": {"tag": {"const": "<tool_call>"}, "think": {"enum": ["</think>"]}},
+                 "required": ["tag", "think"]}
+    free = {"type": "object", "properties": {"note": {"type": "string", "maxLength": 40}}, "required": ["note"]}
+    cases = [
+        (Constraint("json", json.dumps(tool_call)), lambda t: json.loads(t) == {"tag": "<tool_call>", "think": "</think>"}),
+        (Constraint("regex", r'Sure <tool_call>\n\{"name": "get_weather"\}'),
+         lambda t: t == 'Sure <tool_call>\n{"name": "get_weather"}'),
+        (Constraint("json", json.dumps(free)), lambda t: isinstance(json.loads(t)["note"], str)),
+    ]
+    results = run_all(engine, [ask(engine, c, max_tokens=200, temperature=1.0, seed=i) for c, _ in cases for i in range(3)])
+    added = set(engine.tokenizer.added_tokens_decoder) - {engine.tokenizer.eos_token_id}
+    for (text, finish, ids), (constraint, matches) in zip(results, [case for case in cases for _ in range(3)]):
+        assert finish == "stop" and matches(text), (constraint, text)
+        assert not added & set(ids[:-1]), (constraint, ids)  # plain tokens only (the last one ends the answer)
+
+
 def test_regex_and_schema_patterns_read_digits_and_words_as_ecmascript_does(engine):
     """\\d is [0-9] and \\w [0-9A-Za-z_], as in JSON Schema (ECMA-262) and vLLM's xgrammar; the regex
     engine under llguidance would take any script's digits and letters."""

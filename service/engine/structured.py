@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 ConstraintKind = Literal["json", "json_object", "regex", "choice", "grammar", "lark"]
 CACHE_SIZE = 256  # compiled grammars kept (agent frameworks send the same tools and schemas each turn)
 WHITESPACE_RUN = 8  # whitespace-only tokens in a row, at most, in JSON
+MAX_TOKEN_BYTES = 64  # longer than any token of Qwen's vocabulary
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,11 @@ class Vocabulary:
     words: int  # int32 words of one row's bitmask
     whitespace_ids: frozenset[int]  # tokens that are only spaces, tabs and line breaks
     not_whitespace: torch.Tensor  # [words] int32: every bit set but those of whitespace_ids
+    # Added tokens (llguidance takes them all as special: <tool_call>, <think>, ... too) but EOS. Its
+    # precomputed masks for JSON strings and the like ("slices") can allow them where consume_token
+    # then refuses them (llguidance 1.7.6), which ended the answer as a plain "stop" mid-value.
+    special_ids: tuple[int, ...] = ()
+    plain_tokens: dict[bytes, int] = field(default_factory=dict)  # a token's bytes -> it, added tokens left out
 
 
 class Grammar:
@@ -153,6 +159,22 @@ class RowGrammar:
     def fill(self, bitmask: torch.Tensor, index: int) -> None:
         row = bitmask[index]
         self._matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
+        words = row.numpy().view("uint32")
+        dropped = False
+        for token in self._vocabulary.special_ids:  # allowed, but would the matcher take it?
+            word, bit = token >> 5, 1 << (token & 31)
+            if words[word] & bit and not self._matcher.validate_tokens([token]):
+                words[word] &= ~bit & 0xFFFFFFFF
+                dropped = True
+        if dropped and not words.any():
+            # The grammar forces text that spells an added token ("<tool_call>" as a JSON value): the
+            # mask held only that token, which the matcher refuses. Its text in plain tokens instead.
+            forced = self._matcher.compute_ff_bytes()
+            for end in range(min(len(forced), MAX_TOKEN_BYTES), 0, -1):  # the longest plain token it starts with
+                token = self._vocabulary.plain_tokens.get(forced[:end])
+                if token is not None and self._matcher.validate_tokens([token]):
+                    words[token >> 5] |= 1 << (token & 31)
+                    break
         if self._limit_whitespace and self._whitespace_run >= WHITESPACE_RUN:
             limited = row & self._vocabulary.not_whitespace
             if limited.any():  # something else is allowed: take it
@@ -267,7 +289,13 @@ def _vocabulary(tokenizer, eos_ids: frozenset[int], vocab_size: int) -> Vocabula
     bits = np.full(words, 0xFFFFFFFF, dtype=np.uint32)
     for token in whitespace:
         bits[token >> 5] &= ~np.uint32(1 << (token & 31))
-    return Vocabulary(eos_ids, words, frozenset(whitespace), torch.from_numpy(bits.view(np.int32)))
+    special = [i for i in range(min(tokenizer.vocab_size, vocab_size)) if tokenizer.is_special_token(i)]
+    plain = {}
+    for i in range(min(tokenizer.vocab_size, vocab_size)):
+        if not tokenizer.is_special_token(i):
+            plain.setdefault(tokenizer.decode_bytes([i]), i)
+    return Vocabulary(eos_ids, words, frozenset(whitespace), torch.from_numpy(bits.view(np.int32)),
+                      tuple(i for i in special if i not in eos_ids), plain)
 
 
 def _llguidance_grammar(constraint: Constraint) -> str:
