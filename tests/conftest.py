@@ -43,7 +43,7 @@ def png_data_url(width: int = 96, height: int = 64, color=(200, 30, 30), fmt: st
 
     buf = io.BytesIO()
     Image.new("RGB", (width, height), color).save(buf, fmt)
-    mime = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp", "GIF": "gif"}[fmt]
+    mime = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}[fmt]
     return f"data:image/{mime};base64," + base64.b64encode(buf.getvalue()).decode()
 
 

@@ -124,6 +124,32 @@ def test_a_call_and_its_result_in_the_history_are_in_the_prompt(long_context_ser
     assert answer.choices[0].finish_reason == "length"
 
 
+def test_a_tool_result_with_a_screenshot_is_in_the_prompt_with_its_image(long_context_server):
+    """A tool result holding an image (a GUI agent's screenshot), as vLLM takes it: the template puts
+    the image inside <tool_response>; images in system or assistant turns, which the template would
+    drop, are still a 400 naming the message."""
+    calls = [{"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": '{"word": "cat"}'}}]
+
+    def history(result):
+        return MESSAGES + [{"role": "assistant", "content": None, "tool_calls": calls},
+                           {"role": "tool", "tool_call_id": "call_1", "content": result}]
+
+    text_only = create(long_context_server, messages=history([{"type": "text", "text": "here"}]), max_tokens=4)
+    shot = create(long_context_server, max_tokens=4, messages=history(
+        [{"type": "text", "text": "here"}, {"type": "image_url", "image_url": {"url": png_data_url(128, 128)}}]))
+    assert shot.usage.prompt_tokens >= text_only.usage.prompt_tokens + 16  # 128x128 px: 16 merged tokens at least
+    tokenized = httpx.post(long_context_server.base_url + "/tokenize", headers={"Authorization": f"Bearer {API_KEY}"},
+                           json={"messages": history([{"type": "image_url", "image_url": {"url": png_data_url()}}])},
+                           timeout=60).json()
+    assert tokenized["count"] > 0
+    for role in ("system", "assistant"):
+        payload = {"model": SERVED_NAME, "max_tokens": 4, "messages": [
+            {"role": role, "content": [{"type": "image_url", "image_url": {"url": png_data_url()}}]}, *MESSAGES]}
+        reply = httpx.post(long_context_server.base_url + "/v1/chat/completions", json=payload,
+                           headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == "messages.0.content", reply.text
+
+
 def test_a_tool_call_about_an_image(long_context_server):
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url()}},
                                              {"type": "text", "text": "Look this up."}]}]

@@ -26,7 +26,9 @@ from service.api.offload import off_loop
 from service.errors import InvalidRequest, PayloadTooLarge
 from service.settings import ServiceSettings
 
-FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
+# What cameras, browsers and screenshot tools write. vLLM opens whatever PIL reads; PIL's rarer
+# decoders (FLI, PCX, ...) are where its security fixes have been, so they stay out.
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 # Images decoded at once, over all requests: a decode can take ~1 GB at max_image_source_pixels, and
 # it runs before the queue limit applies, so a burst of large images must not decode all at once.
 CONCURRENT_DECODES = 4

@@ -149,10 +149,11 @@ def template_messages(messages: list[Message]) -> tuple[list[dict], list[str]]:
     for i, message in enumerate(messages):
         role = "system" if message.role == "developer" else message.role
         content = message.content if isinstance(message.content, list) else []
-        if role != "user" and any(part.type != "text" for part in content):
-            raise InvalidRequest(f"Images are accepted in user messages only (message {i} is {role!r}).",
+        images = any(part.type != "text" for part in content)
+        if images and role not in ("user", "tool"):  # Qwen3-VL's template drops them elsewhere
+            raise InvalidRequest(f"Images are accepted in user and tool messages only (message {i} is {role!r}).",
                                  param=f"messages.{i}.content", kind="unsupported")
-        if role == "assistant" or role == "tool":
+        if role == "assistant" or role == "tool" and not images:
             rendered.append(template_turn(message, role, i))
             continue
         if message.content is None or isinstance(message.content, str):
@@ -165,7 +166,8 @@ def template_messages(messages: list[Message]) -> tuple[list[dict], list[str]]:
             else:
                 parts.append({"type": "image"})
                 urls.append(part.image_url.url)
-        rendered.append({"role": role, "content": parts})
+        # A tool result with images (a screenshot agent's): its parts, as the template renders them.
+        rendered.append({"role": role, "content": parts, **({"tool_call_id": message.tool_call_id} if role == "tool" else {})})
     return rendered, urls
 
 
