@@ -292,6 +292,21 @@ def test_completions_with_the_openai_sdk(server):
     assert by_ids.choices[0].text == reply.choices[0].text
 
 
+def test_echo_with_max_tokens_0_answers_with_the_prompt_alone_as_vllm(server):
+    """vLLM's echo without generation: the prompt, finish_reason length, the one token it samples
+    counted in the usage and not shown; streamed the same. max_tokens 0 without echo stays a 400."""
+    client = server.client()
+    whole = client.completions.create(model=SERVED_NAME, prompt="The street", max_tokens=0, echo=True)
+    assert whole.choices[0].text == "The street" and whole.choices[0].finish_reason == "length"
+    assert whole.usage.completion_tokens == 1
+    chunks = list(client.completions.create(model=SERVED_NAME, prompt="The street", max_tokens=0, echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "The street"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    refused = httpx.post(server.base_url + "/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                         json={"model": SERVED_NAME, "prompt": "The street", "max_tokens": 0}, timeout=60)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens", refused.text
+
+
 def test_completions_with_a_list_of_prompts_answer_each_in_turn_as_vllm(server):
     # LangChain's OpenAI LLM sends its batch as one list; vLLM answers prompt i's choice j at i * n + j.
     client = server.client()

@@ -4,6 +4,7 @@ stream chunks."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any, AsyncIterator, Optional, Union
 
 import orjson
@@ -59,8 +60,14 @@ class CompletionRequest(SamplingFields):
                                  param="echo")
         return self
 
+    @property
+    def echo_only(self) -> bool:
+        """vLLM's echo without generation: echo with max_tokens 0 answers with the prompt alone (it
+        samples one token, counted in the usage, and does not show it)."""
+        return bool(self.echo) and self.max_tokens == 0
+
     def to_engine_options(self) -> dict:
-        return self.sampling_options(self.max_tokens, self.logprobs)
+        return self.sampling_options(1 if self.echo_only else self.max_tokens, self.logprobs)
 
 
 def _choice(index: int, text: str, logprobs: Any = None, finish_reason: Optional[str] = None, stop_reason: Any = None,
@@ -100,7 +107,7 @@ class CompletionServing:
             request.id = answer_id
             echo = "" if not body.echo else prompt if isinstance(prompt, str) else engine.tokenizer.decode(list(prompt))
             requests.append(request)
-            shapes.append(AnswerShape.of(body, request, engine, echo=echo))
+            shapes.append(AnswerShape.of(body, request, engine, echo=echo, echo_only=body.echo_only))
         model = self.chat.settings.model_name
 
         async def respond(handles: list[RequestHandle]) -> Response:
@@ -139,6 +146,8 @@ def stream(handle: RequestHandle, request_id: str, model: str, include_usage: bo
             for index in range(shape.n)] if shape.echo else []
 
     def render(event: Event, usage: StreamUsage) -> bytes | None:
+        if shape.echo_only:  # the prompt went out in the head; of the token, only how it ended
+            event = replace(event, text="", token_ids=[], logprobs=None)
         if not (event.text or event.finish_reason or event.logprobs):
             return None
         logprobs = None if event.logprobs is None else \
@@ -160,8 +169,9 @@ async def whole(handles: list[RequestHandle], request_id: str, model: str, shape
         for c in choices:
             logprobs = None if c.logprobs is None else \
                 completion_logprobs(c.logprobs, shape.tokenizer, shape.tokens_as_ids)
-            out.append(_choice(len(out), shape.echo + "".join(c.text), logprobs, c.last.finish_reason,
-                               c.last.stop_reason, c.token_ids if shape.return_token_ids else None,
+            text = shape.echo + ("" if shape.echo_only else "".join(c.text))
+            token_ids = c.token_ids if shape.return_token_ids and not shape.echo_only else [] if shape.return_token_ids else None
+            out.append(_choice(len(out), text, logprobs, c.last.finish_reason, c.last.stop_reason, token_ids,
                                shape.prompt_token_ids))
         usage = usage_of(choices)
         prompt_tokens, completion_tokens = prompt_tokens + usage.prompt_tokens, completion_tokens + usage.completion_tokens

@@ -47,6 +47,7 @@ class AnswerShape:
     prompt_token_ids: list[int] | None = None
     stream_interval: int | None = None
     echo: str = ""
+    echo_only: bool = False  # completions' echo with max_tokens 0: the prompt alone (one token is generated, unshown)
     # Chat's own.
     role: str = "assistant"
     prompt_text: str | None = None
