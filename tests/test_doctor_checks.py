@@ -6,6 +6,7 @@ import codecs
 import json
 import os
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -130,6 +131,37 @@ def test_wslconfig_check_states(tmp_path, monkeypatch):
     assert c.status == "warn" and "line 2" in c.found
 
 
+def test_wslconfig_on_a_small_pc_is_judged_by_what_the_pc_can_give(tmp_path):
+    """An 8 GB PC: `wsl config` writes memory=6GB, and the doctor says why that is all there is
+    instead of sending the user back to `wsl config` (which has nothing to change)."""
+    path = tmp_path / ".wslconfig"
+    path.write_text("[wsl2]\nmemory=6GB\nswap=4GB\n")
+    pc = HostRam(8 * 2 ** 30, "Windows (Win32_ComputerSystem)")
+    c = system.wslconfig_check(facts(wslconfig_path=path, wslconfig=wslconfig.load(path), host_ram=pc), "8gb")
+    assert c.status == "warn" and "this PC has 8 GB of RAM" in c.found and c.fix is None
+    path.write_text("[wsl2]\nmemory=4GB\nswap=4GB\n")  # less than it can give: the fix again
+    c = system.wslconfig_check(facts(wslconfig_path=path, wslconfig=wslconfig.load(path), host_ram=pc), "8gb")
+    assert c.status == "warn" and "under the 6.0 GiB" in c.found and "wsl config" in c.fix
+
+
+@pytest.mark.parametrize("memory", ["-1", "64GB"])
+def test_wslconfig_memory_above_the_pcs_ram_is_a_warning(tmp_path, memory):
+    path = tmp_path / ".wslconfig"
+    path.write_text(f"[wsl2]\nmemory={memory}\nswap=8GB\n")
+    c = system.wslconfig_check(facts(wslconfig_path=path, wslconfig=wslconfig.load(path)), "8gb")
+    assert c.status == "warn" and "more than this PC's 32.0 GiB of RAM" in c.found, c.found
+
+
+def test_a_wslconfig_the_user_named_is_the_one_the_fixes_edit(tmp_path):
+    path = tmp_path / "my.wslconfig"
+    path.write_text("[wsl2]\nmemory=4GB\n")
+    c = system.wslconfig_check(facts(wslconfig_path=path, wslconfig=wslconfig.load(path), wslconfig_given=True), "8gb")
+    assert f"vlkit wsl config --wslconfig {path}" in c.fix
+    windows = Path(r"C:\Users\Jane Doe\.wslconfig")
+    _, cfg, error = facts_module._wslconfig(Platform("wsl2", "6.6", ""), windows)
+    assert cfg is None and error == "a Windows path; in WSL it is /mnt/c/Users/Jane Doe/.wslconfig"
+
+
 @pytest.mark.parametrize("text, status, found", [
     # the doctor reports the value WSL applies, read by WSL's own rules (wsl/wslconfig_parser.py)
     ("[wsl2]\nmemory=24GB#was 8GB\nswap=8GB\n", "ok", "memory=24GB swap=8GB"),
@@ -151,7 +183,7 @@ def test_wslconfig_check_reads_what_wsl_applies(tmp_path, text, status, found):
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda p: p.mkdir(), "it is a folder, which WSL cannot open"),
+    (lambda p: p.mkdir(), "it is a folder: name the file in it"),
     (lambda p: p.write_bytes(codecs.BOM_UTF16_BE + "[wsl2]\n".encode("utf-16-be")), "big-endian, which WSL cannot open"),
     (lambda p: p.write_bytes("[wsl2]\nmemory=24GB\n".encode("utf-16-le")), "WSL reads it as UTF-8 and finds no settings"),
 ])

@@ -4,6 +4,7 @@ of the Facts this returns."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +15,9 @@ from scripts.gpu import GpuProbe, probe
 from scripts.hf_cache import hub_cache
 from scripts.stack.client import port_free
 from wsl import wslconfig
-from wsl.host import HostRam, Platform, detect_platform, host_ram, interop_enabled, systemd_running, windows_userprofile
+from wsl.host import (
+    HostRam, Platform, detect_platform, host_ram, interop_enabled, systemd_running, windows_to_wsl_path, windows_userprofile,
+)
 
 QUICK_TIMEOUT_S = 2.5
 
@@ -52,6 +55,7 @@ class Facts:
     wslconfig_path: Path | None = None
     wslconfig: wslconfig.WslConfig | None = None
     wslconfig_error: str | None = None
+    wslconfig_given: bool = False  # the user named the file (--wslconfig): the fixes name it too
     host_ram: HostRam | None = None
     hf_cache: Path | None = None
     disk_free: dict[str, int] = field(default_factory=dict)  # path -> free bytes
@@ -88,6 +92,8 @@ def _docker_info(docker: str | None) -> CommandResult | None:
 
 def _wslconfig(platform: Platform, given: Path | None) -> tuple[Path | None, wslconfig.WslConfig | None, str | None]:
     path = given
+    if path is not None and re.match(r"[A-Za-z]:[\\/]", str(path)):  # as `vlkit wsl config` reads one
+        return path, None, f"a Windows path; in WSL it is {windows_to_wsl_path(str(path))}"
     if path is None:
         if not platform.is_wsl:
             return None, None, None
@@ -200,7 +206,7 @@ def collect(options: Options) -> Facts:
             platform=platform, systemd=systemd_running(), gpu=gpu, ldconfig=f_ld.result(),
             docker_path=docker, docker_info=docker_info,
             interop=f_interop.result() if f_interop else False,
-            wslconfig_path=wsl_path, wslconfig=wsl_cfg, wslconfig_error=wsl_err,
+            wslconfig_path=wsl_path, wslconfig=wsl_cfg, wslconfig_error=wsl_err, wslconfig_given=options.wslconfig is not None,
             host_ram=f_ram.result(), hf_cache=cache, disk_free=f_disk.result(),
             port=port, port_free=f_port.result(), models=models, settings_error=settings_error,
             model_cached={m: f.result() for m, f in f_cached.items()}, plans=f_plans.result(),

@@ -52,20 +52,24 @@ def wslconfig_check(facts, profile: str) -> Check:
     name = "wslconfig"
     if not facts.platform.is_wsl and facts.wslconfig_path is None:
         return ok(name, "not WSL: no .wslconfig involved")
+    given = {"wslconfig": facts.wslconfig_path} if facts.wslconfig_given else {}  # the fixes edit that file
     if facts.wslconfig_error:
         where = f"{facts.wslconfig_path}: " if facts.wslconfig_path else ""
         return warn(name, f"{where}{facts.wslconfig_error}",
                     f"fix the file by hand, or give another: {setting('wslconfig', 'PATH')}; "
-                    f"`{command('wsl-config', dry_run=True)}` shows what we would write")
+                    f"`{command('wsl-config', dry_run=True, **given)}` shows what we would write")
     cfg = facts.wslconfig
     if cfg is None:
         return warn(name, "the Windows profile folder is out of reach, so .wslconfig was not read",
                     f"`{command('doctor', wslconfig='/mnt/c/Users/<you>/.wslconfig')}`")
     profile = profile if profile in wslconfig.PROFILE_MIN_VM_GIB else "8gb"
     rec = wslconfig.recommend(facts.host_ram.bytes, profile) if facts.host_ram and facts.host_ram.is_windows_total else None
-    want = f"recommended memory={rec.memory} swap={rec.swap}" if rec else f"recommended: see `{command('wsl-config', dry_run=True)}`"
-    fix = f"`{command('wsl-config')}`, then `{command('wsl-restart')}`"
+    want = f"recommended memory={rec.memory} swap={rec.swap}" if rec else \
+        f"recommended: see `{command('wsl-config', dry_run=True, **given)}`"
+    fix = f"`{command('wsl-config', **given)}`, then `{command('wsl-restart')}`"
     need = wslconfig.PROFILE_MIN_VM_GIB[profile] * wslconfig.GIB
+    if rec is not None:  # a PC too small for the profile's VM: what it can give is the bar, not the profile's wish
+        need = min(need, wslconfig.parse_size(rec.memory))
     if not cfg.exists:
         # WSL's defaults: half the host RAM, swap a quarter of that
         found = f"{cfg.path} not found: WSL uses half the host RAM"
@@ -79,6 +83,11 @@ def wslconfig_check(facts, profile: str) -> Check:
     cpus = wslconfig_parser.parse_int(processors) if processors is not None else None
     if mem_bytes and mem_bytes < need:
         return warn(name, f"{shown}: under the {gib(need)} the {profile} profile needs; {want}{also}", fix)
+    if rec is not None and mem_bytes and mem_bytes > facts.host_ram.bytes:
+        return warn(name, f"{shown}: more than this PC's {gib(facts.host_ram.bytes)} of RAM, so WSL gives the VM "
+                    f"all of it and Windows none; {want}{also}", fix)
+    if rec is not None and rec.warning:  # what is set is what this PC can give: say so, with no loop to run
+        return warn(name, f"{shown} ({want}): {rec.warning}", None)
     if cpus == 1:
         return warn(name, f"{shown}: one processor makes loading and image decoding slow; {want}{also}", fix)
     if swap is not None and wslconfig.applied_size(cfg, "swap") == 0:
