@@ -22,9 +22,10 @@ HOST_STAMP := $(VENV)/.vlkit-host
 
 export VLKIT_VIA_MAKE := 1
 
-# `--flag 'value'`, quoted for the shell: a folder with spaces (/mnt/c/Users/Jane Doe/...) stays one word.
-opt = $(if $(2),$(1) '$(subst ','\'',$(2))')
-PLAN_FLAGS = --profile $(PROFILE) $(call opt,--model,$(MODEL)) $(call opt,--context,$(CONTEXT)) $(call opt,--gpu-memory,$(GPU_MEMORY))
+# `--flag='value'`, quoted for the shell: a folder with spaces (/mnt/c/Users/Jane Doe/...) stays one word, and a
+# value that starts with - (GPU_MEMORY=-8GiB) is the flag's value, not another flag. Empty: left out.
+opt = $(if $(2),$(1)='$(subst ','\'',$(2))')
+PLAN_FLAGS = $(call opt,--profile,$(PROFILE)) $(call opt,--model,$(MODEL)) $(call opt,--context,$(CONTEXT)) $(call opt,--gpu-memory,$(GPU_MEMORY))
 
 .PHONY: help up down logs status doctor health plan build test bench wsl-config wsl-restart download caption k8s clean
 
@@ -88,7 +89,7 @@ wsl-restart: $(HOST_STAMP) ## wsl --shutdown, after listing what uses the GPU
 
 k8s: $(HOST_STAMP) ## Kubernetes manifests for vLLM planned for GPU_MEMORY= x GPUS= per pod (ARGS=--output DIR)
 	@test -n "$(GPU_MEMORY)" || { echo "usage: make k8s GPU_MEMORY=24GiB [GPUS=2] [MODEL=...] [CONTEXT=...] [ARGS='--output k8s/ --replicas 2']"; exit 2; }
-	@$(VLKIT) k8s --profile $(PROFILE) $(call opt,--gpu-memory,$(GPU_MEMORY)) $(call opt,--gpus,$(GPUS)) $(call opt,--model,$(MODEL)) $(call opt,--context,$(CONTEXT)) $(ARGS)
+	@$(VLKIT) k8s $(call opt,--profile,$(PROFILE)) $(call opt,--gpu-memory,$(GPU_MEMORY)) $(call opt,--gpus,$(GPUS)) $(call opt,--model,$(MODEL)) $(call opt,--context,$(CONTEXT)) $(ARGS)
 
 clean: $(HOST_STAMP) ## remove containers and built images (keeps models; MODEL=<id> removes one)
 	@$(VLKIT) clean $(call opt,--model,$(MODEL)) $(ARGS)

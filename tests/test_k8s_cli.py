@@ -107,7 +107,7 @@ def test_make_k8s_passes_the_variables_to_the_cli():
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     line = " ".join(shlex.split(next(l for l in res.stdout.splitlines() if "vlkit k8s" in l)))
-    for part in ("--gpu-memory 24GiB", "--gpus 2", "--model Qwen/Qwen3-VL-4B-Instruct", "--context 16384",
+    for part in ("--gpu-memory=24GiB", "--gpus=2", "--model=Qwen/Qwen3-VL-4B-Instruct", "--context=16384",
                  "--output deploy/k8s"):
         assert part in line
     usage = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "k8s"], capture_output=True, text=True)

@@ -75,13 +75,16 @@ def test_variables_reach_the_cli():
                 "CONTEXT=4096")
     assert res.returncode == 0, res.stderr
     line = words(res, "vlkit up")
-    assert "--profile 16gb" in line and "--model Qwen/Qwen3-VL-4B-Instruct-FP8" in line
-    assert "--gpu-memory 16GiB" in line and "--port 8011" in line and "--context 4096" in line
+    assert "--profile=16gb" in line and "--model=Qwen/Qwen3-VL-4B-Instruct-FP8" in line
+    assert "--gpu-memory=16GiB" in line and "--port=8011" in line and "--context=4096" in line
     build = words(_make("-n", "build", "GPU_MEMORY=8GiB"), "vlkit build")
-    assert "--gpu-memory 8GiB" in build  # PROFILE=auto picks the profile for that card
+    assert "--gpu-memory=8GiB" in build  # PROFILE=auto picks the profile for that card
     plan = words(_make("-n", "plan", "GPU_MEMORY=24GiB", "GPUS=2"), "vlkit plan")
-    assert "--gpus 2" in plan  # the card count k8s plans for is the one `make plan` shows
-    assert "--port 8011" in words(_make("-n", "doctor", "PORT=8011"), "vlkit doctor")  # the port up would use
+    assert "--gpus=2" in plan  # the card count k8s plans for is the one `make plan` shows
+    assert "--port=8011" in words(_make("-n", "doctor", "PORT=8011"), "vlkit doctor")  # the port up would use
+    # A value that starts with - stays the flag's value; an empty one leaves the flag out (the CLI's default).
+    assert "--gpu-memory=-8GiB" in words(_make("-n", "plan", "GPU_MEMORY=-8GiB"), "vlkit plan")
+    assert "--profile" not in words(_make("-n", "plan", "PROFILE="), "vlkit plan")
 
 
 def test_variables_exported_in_the_shell_do_not_steer_make():
@@ -91,10 +94,10 @@ def test_variables_exported_in_the_shell_do_not_steer_make():
     res = _make("-n", "up", env=env)
     assert res.returncode == 0, res.stderr
     line = [l for l in res.stdout.splitlines() if "vlkit up" in l][0]
-    assert "--profile auto" in line
+    assert "--profile='auto'" in line
     assert not any(word in line for word in ("3000", "someone/else", "--cpu", "1GiB")), line
     line = [l for l in _make("-n", "up", "PORT=3000", env=env).stdout.splitlines() if "vlkit up" in l][0]
-    assert "--port '3000'" in line  # the command line still does
+    assert "--port='3000'" in line  # the command line still does
 
 
 def test_a_gpu_count_is_named_as_the_make_variable_it_came_from():
