@@ -91,6 +91,12 @@ def test_docker_engine_without_nvidia_runtime():
     assert gpu_rt.status == "fail" and gpu_rt.blocking and "nvidia-ctk runtime configure" in gpu_rt.fix
 
 
+def test_a_stopped_engine_on_plain_linux_is_not_told_about_wsl_conf():
+    fix = docker.explain_daemon_error("Cannot connect to the Docker daemon", False, False, wsl=False)
+    assert fix == "start the engine: `sudo service docker start`"
+    assert "/etc/wsl.conf" in docker.explain_daemon_error("Cannot connect to the Docker daemon", False, False, wsl=True)
+
+
 def test_docker_daemon_down():
     checks = by_name(docker.checks(facts(docker_info=INFO_DOWN, systemd=True)))
     assert checks["docker"].status == "fail"

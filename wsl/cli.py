@@ -135,6 +135,8 @@ def config_command(args: argparse.Namespace) -> int:
         preview = wslconfig.apply(path, values, dry_run=True)
     except (wslconfig.WslConfigError, OSError) as exc:
         return _err(f"{path}: {exc}. The file was not changed.")
+    if preview.notes:
+        print("What WSL will still skip or reject (line numbers of the file as written):")
     for note in preview.notes:
         print(f"  note: {note}")
     if not preview.changed:

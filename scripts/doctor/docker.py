@@ -80,8 +80,9 @@ def docker_root_dir(result) -> str | None:
     return info.get("DockerRootDir") or None
 
 
-def explain_daemon_error(stderr: str, desktop_cli: bool, systemd: bool) -> str:
-    """The fix for a daemon that did not answer, from the CLI's error text."""
+def explain_daemon_error(stderr: str, desktop_cli: bool, systemd: bool, wsl: bool | None = None) -> str:
+    """The fix for a daemon that did not answer, from the CLI's error text (``wsl``: inside WSL, where
+    systemd is a /etc/wsl.conf setting; None: this machine's)."""
     text = stderr.lower()
     if "permission denied" in text:
         return "add yourself to the docker group: `sudo usermod -aG docker $USER`, then log out and in (or `newgrp docker`)"
@@ -89,7 +90,12 @@ def explain_daemon_error(stderr: str, desktop_cli: bool, systemd: bool) -> str:
         return ("start Docker Desktop and enable this distro under Settings > Resources > WSL integration")
     if systemd:
         return "start the engine: `sudo systemctl enable --now docker`"
-    return "start the engine: `sudo service docker start` (or enable systemd in /etc/wsl.conf: [boot] systemd=true)"
+    if wsl is None:
+        from wsl.host import detect_platform
+        wsl = detect_platform().is_wsl
+    if wsl:
+        return "start the engine: `sudo service docker start` (or enable systemd in /etc/wsl.conf: [boot] systemd=true)"
+    return "start the engine: `sudo service docker start`"
 
 
 def explain_gpu_run_error(output: str) -> tuple[str, str]:
@@ -208,7 +214,7 @@ def checks(facts) -> list[Check]:
     if info is None:
         error = facts.docker_info.first_error if facts.docker_info else "no answer"
         out.append(fail("docker", f"daemon not reachable: {error}",
-                        explain_daemon_error(error, desktop_cli, facts.systemd)))
+                        explain_daemon_error(error, desktop_cli, facts.systemd, facts.platform.is_wsl)))
     else:
         kind = "Docker Desktop" if is_docker_desktop(info) else f"Docker Engine on {info.get('OperatingSystem', '?')}"
         if wsl and not is_docker_desktop(info):
