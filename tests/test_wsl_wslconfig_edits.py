@@ -202,3 +202,14 @@ def test_ctrl_d_at_the_question_changes_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("builtins.input", ctrl_d)
     assert run_cli(["wsl", "config", "--wslconfig", str(path), "--memory", "12GB", "--swap", "8GB"]) == 0
     assert "Nothing changed." in capsys.readouterr().out and path.read_bytes() == b"[wsl2]\nmemory=4GB\n"
+
+
+@pytest.mark.parametrize(("before", "flags"), [("memory=64GB", ["--swap", "8GB"]), ("memory=-1", ["--processors", "4"])])
+def test_a_value_the_file_has_that_nobody_means_is_not_kept(tmp_path, monkeypatch, before, flags):
+    """Editing swap or processors keeps the file's memory, but not one above the PC's RAM or one WSL
+    reads as all of it: the recommendation takes its place (the user did not type it, so it is no error)."""
+    _windows_host_with(tmp_path, monkeypatch, 32)
+    path = tmp_path / ".wslconfig"
+    path.write_bytes(f"[wsl2]\n{before}\n".encode())
+    assert run_cli(["wsl", "config", "--wslconfig", str(path), *flags, "--yes"]) == 0
+    assert applied(path.read_text(), "memory") == "24GB"

@@ -63,6 +63,12 @@ def _profile(args: argparse.Namespace) -> tuple[str, str]:
     return plan.profile, f"the one {command('up')} picks for {plan.model} on this card"
 
 
+def _windows_ram_bytes() -> int | None:
+    """The Windows host's RAM where Windows said it (not an estimate)."""
+    ram = host_ram()
+    return ram.bytes if ram is not None and ram.is_windows_total else None
+
+
 def _host_ram_bytes(applied_memory: int | None) -> tuple[int | None, str]:
     ram = host_ram()
     if ram is not None and ram.is_windows_total:
@@ -110,16 +116,24 @@ def config_command(args: argparse.Namespace) -> int:
             return _err(f"{setting('processors')} must be at least 1")
         values["processors"] = str(args.processors)
 
-    if values:  # the user edits these keys: what else the file sets WSL to, it keeps
+    windows_ram = _windows_ram_bytes() if values else None
+    if "memory" in values and windows_ram is not None and wslconfig.parse_size(values["memory"]) > windows_ram:
+        return _err(f"{setting('memory', values['memory'])} is more than this PC's {windows_ram / wslconfig.GIB:.0f} GB "
+                    "of RAM: WSL would give the VM all of it and leave Windows none; give less, or leave it out for "
+                    "the recommendation")
+    if values:  # the user edits these keys: what else the file sets WSL to, it keeps (if it is a sane value)
         for key in wslconfig.SIZE_KEYS:
             if key not in values and wslconfig.applied_size(current, key) is not None:
-                values[key] = wslconfig.get(current, key).strip()
-    ram, source = _host_ram_bytes(wslconfig.applied_size(current, "memory"))
-    if "memory" in values and ram is not None and wslconfig.parse_size(values["memory"]) > ram:
-        return _err(f"{setting('memory', values['memory'])} is more than this PC's {ram / wslconfig.GIB:.0f} GB of RAM "
-                    f"({source}): WSL would give the VM all of it and leave Windows none; give less, or leave it out "
-                    "for the recommendation")
+                kept = wslconfig.get(current, key).strip()
+                try:
+                    size = wslconfig.parse_size_to_write(kept)
+                except ValueError:
+                    continue  # -1 and the like: the recommendation instead
+                if key == "memory" and windows_ram is not None and size > windows_ram:
+                    continue
+                values[key] = kept
     if "memory" not in values or "swap" not in values:
+        ram, source = _host_ram_bytes(wslconfig.applied_size(current, "memory"))
         if ram is None:
             return _err(f"cannot tell this PC's RAM; give {setting('memory', '12GB')} and {setting('swap', '8GB')}")
         profile, why = _profile(args)
