@@ -145,9 +145,13 @@ def test_wslconfig_on_a_small_pc_is_judged_by_what_the_pc_can_give(tmp_path):
     pc = HostRam(8 * 2 ** 30, "Windows (Win32_ComputerSystem)")
     c = system.wslconfig_check(facts(wslconfig_path=path, wslconfig=wslconfig.load(path), host_ram=pc), "8gb")
     assert c.status == "warn" and "this PC has 8 GB of RAM" in c.found and c.fix is None
-    path.write_text("[wsl2]\nmemory=4GB\nswap=4GB\n")  # less than it can give: the fix again
-    c = system.wslconfig_check(facts(wslconfig_path=path, wslconfig=wslconfig.load(path), host_ram=pc), "8gb")
-    assert c.status == "warn" and "under the 6.0 GiB" in c.found and "wsl config" in c.fix
+    for text, said in (("[wsl2]\nmemory=4GB\nswap=4GB\n", "under the 6.0 GiB"),  # less than it can give
+                       ("[wsl2]\nswap=4GB\n", "under the 6.0 GiB"),  # no memory=: WSL gives half, 4 GB
+                       ("[wsl2]\nmemory=6GB\nswap=0\n", "no swap"), ("[wsl2]\nmemory=6GB\nprocessors=1\n", "one processor"),
+                       ("[wsl2]\nmemory=6GB\nswap=4 GB\n", "WSL rejects swap='4 GB'")):  # what the fix changes: said
+        path.write_text(text)
+        c = system.wslconfig_check(facts(wslconfig_path=path, wslconfig=wslconfig.load(path), host_ram=pc), "8gb")
+        assert c.status == "warn" and said in c.found and "wsl config" in c.fix, (text, c)
 
 
 @pytest.mark.parametrize("memory", ["-1", "64GB"])
@@ -166,6 +170,9 @@ def test_a_wslconfig_the_user_named_is_the_one_the_fixes_edit(tmp_path):
     windows = Path(r"C:\Users\Jane Doe\.wslconfig")
     _, cfg, error = facts_module._wslconfig(Platform("wsl2", "6.6", ""), windows)
     assert cfg is None and error == "a Windows path; in WSL it is /mnt/c/Users/Jane Doe/.wslconfig"
+    c = system.wslconfig_check(facts(wslconfig_path=windows, wslconfig=None, wslconfig_error=error, wslconfig_given=True),
+                               "8gb")
+    assert c.fix == "`vlkit doctor --wslconfig '/mnt/c/Users/Jane Doe/.wslconfig'`", c.fix
 
 
 @pytest.mark.parametrize("text, status, found", [

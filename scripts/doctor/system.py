@@ -1,10 +1,12 @@
 """Platform checks: WSL2 / WSL1 / Linux, kernel, systemd, and the Windows .wslconfig."""
 from __future__ import annotations
 
+import re
+
 from scripts.doctor.model import Check, fail, gib, ok, warn
 from scripts.usage import command, setting
 from wsl import wslconfig, wslconfig_parser
-from wsl.host import kernel_version
+from wsl.host import kernel_version, windows_to_wsl_path
 
 # NVIDIA's CUDA on WSL guide: GPU compute needs a WSL2 kernel of 5.10.43.3 or later.
 MIN_WSL_KERNEL = (5, 10, 43, 3)
@@ -53,6 +55,9 @@ def wslconfig_check(facts, profile: str) -> Check:
     if not facts.platform.is_wsl and facts.wslconfig_path is None:
         return ok(name, "not WSL: no .wslconfig involved")
     given = {"wslconfig": facts.wslconfig_path} if facts.wslconfig_given else {}  # the fixes edit that file
+    if facts.wslconfig_path is not None and re.match(r"[A-Za-z]:[\\/]", str(facts.wslconfig_path)):
+        return warn(name, f"{facts.wslconfig_path}: {facts.wslconfig_error}",
+                    f"`{command('doctor', wslconfig=windows_to_wsl_path(str(facts.wslconfig_path)))}`")
     if facts.wslconfig_error:
         where = f"{facts.wslconfig_path}: " if facts.wslconfig_path else ""
         return warn(name, f"{where}{facts.wslconfig_error}",
@@ -80,14 +85,14 @@ def wslconfig_check(facts, profile: str) -> Check:
     notes = wslconfig.findings(cfg)
     also = f"; WSL: {'; '.join(notes)}" if notes else ""
     mem_bytes = wslconfig.applied_size(cfg, "memory")
+    # Without a memory= WSL applies, WSL gives the VM half the PC's RAM.
+    effective = mem_bytes or (facts.host_ram.bytes // 2 if rec is not None else None)
     cpus = wslconfig_parser.parse_int(processors) if processors is not None else None
-    if mem_bytes and mem_bytes < need:
+    if effective and effective < need:
         return warn(name, f"{shown}: under the {gib(need)} the {profile} profile needs; {want}{also}", fix)
     if rec is not None and mem_bytes and mem_bytes > facts.host_ram.bytes:
         return warn(name, f"{shown}: more than this PC's {gib(facts.host_ram.bytes)} of RAM, so WSL gives the VM "
                     f"all of it and Windows none; {want}{also}", fix)
-    if rec is not None and rec.warning:  # what is set is what this PC can give: say so, with no loop to run
-        return warn(name, f"{shown} ({want}): {rec.warning}", None)
     if cpus == 1:
         return warn(name, f"{shown}: one processor makes loading and image decoding slow; {want}{also}", fix)
     if swap is not None and wslconfig.applied_size(cfg, "swap") == 0:
@@ -95,4 +100,6 @@ def wslconfig_check(facts, profile: str) -> Check:
     if notes:
         return warn(name, f"{cfg.path}: {'; '.join(notes)} ({shown}; {want})",
                     f"fix those lines by hand, or {fix} (it rewrites values WSL rejects)")
+    if rec is not None and rec.warning:  # all set as this PC can give it: say so, with no loop to run
+        return warn(name, f"{shown} ({want}): {rec.warning}", None)
     return ok(name, f"{shown} ({want})")
