@@ -178,6 +178,10 @@ def test_weights_cloned_without_git_lfs_are_named_with_the_fix(tmp_path):
         "version https://git-lfs.github.com/spec/v1\noid sha256:4d7a2146\nsize 3986000000\n")
     with pytest.raises(UnknownModelError, match=r"model-00001-of-00002.safetensors is a Git LFS pointer.*git lfs pull"):
         resolve_model(str(d))
+    # Sharded (4B, 8B): the index is a real file with the total size, only the shards are pointers.
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 8 * GIB}, "weight_map": {}}))
+    with pytest.raises(UnknownModelError, match="Git LFS pointer"):
+        resolve_model(str(d))
 
 
 def test_odd_weight_files_fall_back_to_the_estimate(tmp_path):

@@ -202,6 +202,11 @@ class LfsPointer(Exception):
 
 def _safetensors_bytes(directory: Path) -> int | None:
     """Bytes of all tensors: the index's total_size, else the sum over each file's header."""
+    files = sorted(directory.glob("*.safetensors"))
+    for f in files:  # a clone without git-lfs: its index is real, its shards pointers
+        with f.open("rb") as fh:
+            if fh.read(7) == b"version":
+                raise LfsPointer(f)
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         metadata = json.loads(index.read_text(encoding="utf-8"))
@@ -209,16 +214,12 @@ def _safetensors_bytes(directory: Path) -> int | None:
         total = metadata.get("total_size") if isinstance(metadata, dict) else None
         if total:
             return int(total)
-    files = sorted(directory.glob("*.safetensors"))
     if not files:
         return None
     total = 0
     for f in files:
         with f.open("rb") as fh:
-            head = fh.read(8)
-            if head.startswith(b"version"):  # "version https://git-lfs.github.com/spec/v1": a pointer
-                raise LfsPointer(f)
-            (n,) = struct.unpack("<Q", head)
+            (n,) = struct.unpack("<Q", fh.read(8))
             if n > f.stat().st_size - 8:
                 raise ValueError(f"{f.name}: a header longer than the file")
             header = json.loads(fh.read(n))
