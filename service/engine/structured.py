@@ -116,7 +116,7 @@ class Vocabulary:
     # Added tokens (llguidance takes them all as special: <tool_call>, <think>, ... too) but EOS. Its
     # precomputed masks for JSON strings and the like ("slices") can allow them where consume_token
     # then refuses them (llguidance 1.7.6), which ended the answer as a plain "stop" mid-value.
-    special_ids: tuple[int, ...] = ()
+    special_bits: Any = None  # numpy uint32 [words]: the bits of those tokens
     plain_tokens: dict[bytes, int] = field(default_factory=dict)  # a token's bytes -> it, added tokens left out
 
 
@@ -161,11 +161,15 @@ class RowGrammar:
         self._matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * row.element_size())
         words = row.numpy().view("uint32")
         dropped = False
-        for token in self._vocabulary.special_ids:  # allowed, but would the matcher take it?
-            word, bit = token >> 5, 1 << (token & 31)
-            if words[word] & bit and not self._matcher.validate_tokens([token]):
-                words[word] &= ~bit & 0xFFFFFFFF
-                dropped = True
+        hits = words & self._vocabulary.special_bits  # the added tokens the mask allows (usually none)
+        for word in hits.nonzero()[0]:
+            bits = int(hits[word])
+            while bits:  # each one: would the matcher take it?
+                bit = bits & -bits
+                bits ^= bit
+                if not self._matcher.validate_tokens([int(word) * 32 + bit.bit_length() - 1]):
+                    words[word] &= ~bit & 0xFFFFFFFF
+                    dropped = True
         if dropped and not words.any():
             # The grammar forces text that spells an added token ("<tool_call>" as a JSON value): the
             # mask held only that token, which the matcher refuses. Its text in plain tokens instead.
@@ -289,13 +293,14 @@ def _vocabulary(tokenizer, eos_ids: frozenset[int], vocab_size: int) -> Vocabula
     bits = np.full(words, 0xFFFFFFFF, dtype=np.uint32)
     for token in whitespace:
         bits[token >> 5] &= ~np.uint32(1 << (token & 31))
-    special = [i for i in range(min(tokenizer.vocab_size, vocab_size)) if tokenizer.is_special_token(i)]
+    special = np.zeros(words, dtype=np.uint32)
     plain = {}
     for i in range(min(tokenizer.vocab_size, vocab_size)):
         if not tokenizer.is_special_token(i):
             plain.setdefault(tokenizer.decode_bytes([i]), i)
-    return Vocabulary(eos_ids, words, frozenset(whitespace), torch.from_numpy(bits.view(np.int32)),
-                      tuple(i for i in special if i not in eos_ids), plain)
+        elif i not in eos_ids:
+            special[i >> 5] |= np.uint32(1 << (i & 31))
+    return Vocabulary(eos_ids, words, frozenset(whitespace), torch.from_numpy(bits.view(np.int32)), special, plain)
 
 
 def _llguidance_grammar(constraint: Constraint) -> str:
