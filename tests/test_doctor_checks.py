@@ -246,7 +246,9 @@ def test_a_model_the_planner_cannot_read_is_one_blocking_row_with_what_to_give(m
     assert f"cannot plan for {bad}: {bad} has no config.json" == rows[0].found and "Error" not in rows[0].found
     assert "Qwen/Qwen3-VL-2B-Instruct" in rows[0].fix
     cache = storage.model_cache_check(f)
-    assert "download" not in cache.fix and "not a model folder" in cache.found
+    assert "download" not in cache.fix and "not a model folder (no config.json in it)" in cache.found
+    gone = facts(models={"8gb": str(tmp_path / "nowhere"), "16gb": str(tmp_path / "nowhere")}, model_cached={})
+    assert "not a model folder (no such folder)" in storage.model_cache_check(gone).found
 
 
 def test_whole_judgement_wsl_machine_is_not_ready_for_the_right_reasons():

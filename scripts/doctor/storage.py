@@ -33,7 +33,8 @@ def model_cache_check(facts) -> Check:
         f"{m} {'present' if facts.model_cached.get(m) else 'not downloaded'}" for m in models)
     folders = [m for m in missing if os.path.isdir(m) or os.path.isabs(m) or m.startswith(".")]
     if folders:  # a local path: nothing to download; the model row says what is wrong with it
-        return warn("model-cache", f"{folders[0]} is not a model folder (no config.json)",
+        why = "no config.json in it" if os.path.isdir(folders[0]) else "no such folder"
+        return warn("model-cache", f"{folders[0]} is not a model folder ({why})",
                     "give MODEL= the folder that holds config.json and the weights")
     if missing:
         return warn("model-cache", found, f"`{command('up')}` downloads it first, or now: `{command('download', model=missing[0])}`")
