@@ -150,8 +150,9 @@ def test_wslconfig_on_a_small_pc_is_judged_by_what_the_pc_can_give(tmp_path):
                        ("[wsl2]\nmemory=6GB\nswap=0\n", "no swap"), ("[wsl2]\nmemory=6GB\nprocessors=1\n", "one processor"),
                        ("[wsl2]\nmemory=6GB\nswap=4 GB\n", "WSL rejects swap='4 GB'")):  # what the fix changes: said
         path.write_text(text)
-        c = system.wslconfig_check(facts(wslconfig_path=path, wslconfig=wslconfig.load(path), host_ram=pc), "8gb")
-        assert c.status == "warn" and said in c.found and "wsl config" in c.fix, (text, c)
+        rows = system.wslconfig_checks(facts(wslconfig_path=path, wslconfig=wslconfig.load(path), host_ram=pc), "8gb")
+        c = next(r for r in rows if said in r.found)
+        assert c.status == "warn" and "wsl config" in c.fix, (text, c)
 
 
 @pytest.mark.parametrize("memory", ["-1", "64GB"])
@@ -189,10 +190,13 @@ def test_a_wslconfig_the_user_named_is_the_one_the_fixes_edit(tmp_path):
     ("# a\u2028b\x0c\n[wsl2]\r\nmemory=24GB\r\nswap=8GB\r\n", "ok", "memory=24GB swap=8GB"),
 ])
 def test_wslconfig_check_reads_what_wsl_applies(tmp_path, text, status, found):
+    """The verdict, then one row per line WSL skips, ignores or rejects (one problem a line)."""
     path = tmp_path / ".wslconfig"
     path.write_bytes(text.encode())
-    c = system.wslconfig_check(facts(wslconfig_path=path, wslconfig=wslconfig.load(path)), "16gb")
-    assert c.status == status and found in c.found, c.found
+    rows = system.wslconfig_checks(facts(wslconfig_path=path, wslconfig=wslconfig.load(path)), "16gb")
+    assert ("warn" if any(r.status == "warn" for r in rows) else "ok") == status
+    assert any(found in r.found for r in rows), [r.found for r in rows]
+    assert all(r.found.count("WSL ") <= 1 for r in rows)
 
 
 @pytest.mark.parametrize("make, message", [

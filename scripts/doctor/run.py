@@ -11,7 +11,7 @@ def judge(facts: Facts, options: Options) -> list[Check]:
     """All checks, in the order a person fixes things: platform, driver, Docker, disk, plan (pure)."""
     rows: list[Check | None] = [
         *system.platform_checks(facts),
-        system.wslconfig_check(facts, options.profile),
+        *system.wslconfig_checks(facts, options.profile),
         driver.driver_check(facts, options.profile),
         driver.gpu_check(facts, options.profile),
         driver.vram_check(facts),

@@ -50,6 +50,17 @@ def settings_check(facts) -> Check | None:
                 "fix or unset them (`unset VLKIT_...`); service/settings.py lists the valid values")
 
 
+def wslconfig_checks(facts, profile: str) -> list[Check]:
+    """The .wslconfig's verdict, then one row for each line WSL will skip, ignore or reject."""
+    rows = [wslconfig_check(facts, profile)]
+    cfg = facts.wslconfig
+    if cfg is not None and cfg.exists and not facts.wslconfig_error:
+        given = {"wslconfig": facts.wslconfig_path} if facts.wslconfig_given else {}
+        fix = f"fix the line by hand, or `{command('wsl-config', **given)}` (it rewrites values WSL rejects)"
+        rows += [warn("wslconfig", f"{cfg.path}: {note}", fix) for note in wslconfig.findings(cfg)]
+    return rows
+
+
 def wslconfig_check(facts, profile: str) -> Check:
     name = "wslconfig"
     if not facts.platform.is_wsl and facts.wslconfig_path is None:
@@ -82,24 +93,19 @@ def wslconfig_check(facts, profile: str) -> Check:
     # the values WSL applies, read by the port of WSL's own parser (wsl/wslconfig_parser.py)
     memory, swap, processors = (wslconfig.get(cfg, k) for k in ("memory", "swap", "processors"))
     shown = f"[wsl2] memory={memory or 'default'} swap={swap or 'default'} processors={processors or 'default'}"
-    notes = wslconfig.findings(cfg)
-    also = f"; WSL: {'; '.join(notes)}" if notes else ""
     mem_bytes = wslconfig.applied_size(cfg, "memory")
     # Without a memory= WSL applies, WSL gives the VM half the PC's RAM.
     effective = mem_bytes or (facts.host_ram.bytes // 2 if rec is not None else None)
     cpus = wslconfig_parser.parse_int(processors) if processors is not None else None
     if effective and effective < need:
-        return warn(name, f"{shown}: under the {gib(need)} the {profile} profile needs; {want}{also}", fix)
+        return warn(name, f"{shown}: under the {gib(need)} the {profile} profile needs; {want}", fix)
     if rec is not None and mem_bytes and mem_bytes > facts.host_ram.bytes:
         return warn(name, f"{shown}: more than this PC's {gib(facts.host_ram.bytes)} of RAM, so WSL gives the VM "
-                    f"all of it and Windows none; {want}{also}", fix)
+                    f"all of it and Windows none; {want}", fix)
     if cpus == 1:
-        return warn(name, f"{shown}: one processor makes loading and image decoding slow; {want}{also}", fix)
+        return warn(name, f"{shown}: one processor makes loading and image decoding slow; {want}", fix)
     if swap is not None and wslconfig.applied_size(cfg, "swap") == 0:
-        return warn(name, f"{shown}: no swap, so a loading peak ends in the OOM killer; {want}{also}", fix)
-    if notes:
-        return warn(name, f"{cfg.path}: {'; '.join(notes)} ({shown}; {want})",
-                    f"fix those lines by hand, or {fix} (it rewrites values WSL rejects)")
+        return warn(name, f"{shown}: no swap, so a loading peak ends in the OOM killer; {want}", fix)
     if rec is not None and rec.warning:  # all set as this PC can give it: say so, with no loop to run
         return warn(name, f"{shown} ({want}): {rec.warning}", None)
     return ok(name, f"{shown} ({want})")
