@@ -100,3 +100,24 @@ def test_status_does_not_offer_caption_for_a_program_that_is_not_the_api(tmp_pat
         other.shutdown()
     assert f"127.0.0.1:{port} answers: a program that is not vlkit" in res.stdout, res.stdout
     assert "make caption" not in res.stdout and f"`make up PORT={port + 1}`" in res.stdout
+
+
+def test_a_port_whose_server_just_stopped_is_free_though_its_connections_linger():
+    """A server stopped a moment ago leaves its closed connections in TIME_WAIT for a minute; Docker
+    (SO_REUSEADDR) binds the port anyway, so `up` and the doctor must not call it taken."""
+    import socket
+
+    from scripts.stack.client import port_free
+
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    assert not port_free(port)  # listening: taken
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = server.accept()
+    accepted.close()  # the server side closes first: its end waits in TIME_WAIT
+    client.close()
+    server.close()
+    assert port_free(port)

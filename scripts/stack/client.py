@@ -33,8 +33,11 @@ def probe(url: str, timeout: float = 3.0) -> int | None:
 
 
 def port_free(port: int) -> bool:
-    """Can the API bind 127.0.0.1:port? (What Docker will need to publish it.)"""
+    """Can the API bind 127.0.0.1:port? (What Docker will need to publish it.) SO_REUSEADDR, as
+    docker-proxy and uvicorn bind: connections of a server just stopped, in TIME_WAIT for a minute,
+    do not hold the port."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
             return True
