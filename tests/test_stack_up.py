@@ -189,3 +189,14 @@ def test_up_refuses_a_card_or_driver_the_image_cannot_run_before_building_anythi
     assert res.returncode == 3, res.stderr
     assert said in res.stderr and "nothing was started" in res.stderr and "fix:" in res.stderr, res.stderr
     assert "not built" not in res.stderr and not (tmp_path / "vlkit.env").exists()
+
+
+def test_the_no_gpu_hint_of_a_dry_run_keeps_the_users_settings(tmp_path):
+    """Without a GPU, a dry run is told to give the card's size: in the command the user ran, with
+    PROFILE, MODEL and CONTEXT kept (and a 16 GiB card for the 16gb profile)."""
+    env = {**_env(tmp_path), "PATH": "/usr/bin:/bin"}  # no nvidia-smi here either way
+    res = subprocess.run([sys.executable, "-m", "scripts", "up", "--profile", "16gb", "--model", FP8_4B,
+                          "--context", "8K", "--dry-run"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert res.returncode == 2
+    assert (f"`vlkit up --profile 16gb --model {FP8_4B} --context 8192 --gpu-memory 16GiB --dry-run`"
+            in res.stderr), res.stderr

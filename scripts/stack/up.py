@@ -184,7 +184,7 @@ def _free_port_after(port: int) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    given_model = args.model
+    given_model, given_port = args.model, args.port
     args.model = args.model or options.default_model()
     args.port = args.port or preflight.default_port()
     code = _refused_before_planning(args)
@@ -194,8 +194,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         planned = plan(args)
     except options.NoGpu as e:
         if args.dry_run:
+            card = "16GiB" if args.profile == "16gb" else "8GiB"
             preflight.error(f"no NVIDIA GPU answers here ({e}): give the card's size to plan for, "
-                            f"`{command('up', gpu_memory='8GiB', dry_run=True)}`.")
+                            f"`{_same('up', args, given_model, gpu_memory=card, port=given_port, dry_run=True)}`.")
         else:
             preflight.error(preflight.no_gpu_line(str(e), "nothing was started"))
         return 2 if args.dry_run else 3
