@@ -200,3 +200,22 @@ def test_the_no_gpu_hint_of_a_dry_run_keeps_the_users_settings(tmp_path):
     assert res.returncode == 2
     assert (f"`vlkit up --profile 16gb --model {FP8_4B} --context 8192 --gpu-memory 16GiB --dry-run`"
             in res.stderr), res.stderr
+
+
+def test_clean_without_docker_still_removes_a_model_and_says_what_it_left(tmp_path):
+    """`clean MODEL=` needs no Docker for the model cache; a cache folder that does not exist yet is
+    'nothing cached', not a traceback. Docker is faked as a stopped engine (this machine's real one
+    holds the CI's images)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "docker"
+    fake.write_text("#!/bin/sh\necho 'Cannot connect to the Docker daemon at unix:///var/run/docker.sock.' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    (tmp_path / "vlkit.env").write_text("VLKIT_MODEL=x\n")
+    env = {**_env(tmp_path), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           "VLKIT_HF_CACHE": str(tmp_path / "no-cache-yet"), "HF_HUB_CACHE": str(tmp_path / "no-cache-yet")}
+    res = subprocess.run([sys.executable, "-m", "scripts", "clean", "--model", "foo/bar"], cwd=ROOT,
+                         capture_output=True, text=True, env=env)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "left as they are (Docker is not available)" in res.stdout and "foo/bar is not in the cache" in res.stdout
+    assert (tmp_path / "vlkit.env").exists()  # a stack that may still run keeps its files

@@ -63,17 +63,19 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
-    if not preflight.docker_ok():
-        return 1
-    cp.run(cp.compose_cmd(None, "down", "--remove-orphans"))
-    removed = []
-    for tag in (images.SERVICE_IMAGE, images.VLLM_SERVICE_IMAGE):
-        if dk.image_exists(tag):
-            cp.run(["docker", "image", "rm", tag])
-            removed.append(tag)
-    for path in (cp.ENV_FILE, cp.OVERRIDE_FILE):
-        path.unlink(missing_ok=True)
-    print(f"removed the images {', '.join(removed)}." if removed else "no vlkit image to remove.")
+    docker = preflight.docker_ok()  # without it, what needs no Docker is still cleaned (the model cache)
+    if docker:
+        cp.run(cp.compose_cmd(None, "down", "--remove-orphans"))
+        removed = []
+        for tag in (images.SERVICE_IMAGE, images.VLLM_SERVICE_IMAGE):
+            if dk.image_exists(tag):
+                cp.run(["docker", "image", "rm", tag])
+                removed.append(tag)
+        for path in (cp.ENV_FILE, cp.OVERRIDE_FILE):
+            path.unlink(missing_ok=True)
+        print(f"removed the images {', '.join(removed)}." if removed else "no vlkit image to remove.")
+    else:
+        print("containers, images and the generated files left as they are (Docker is not available).")
     if args.model:
         from scripts.stack.download import remove_from_cache
 
@@ -82,7 +84,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
               f"{args.model} is not in the cache {hub_cache()}: nothing removed.")
     else:
         print(f"kept the model cache ({hub_cache()}); `{command('clean', model='org/name')}` removes a model.")
-    return 0
+    return 0 if docker else 1
 
 
 def _bench_needs_no_gpu(bench_args: list[str]) -> bool:

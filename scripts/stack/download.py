@@ -65,8 +65,12 @@ def download(model: str, cache_dir: Path | None = None) -> Path:
 def remove_from_cache(model: str, cache_dir: Path | None = None) -> int:
     """Delete every cached revision of `model`; returns the bytes freed (0 when not cached)."""
     from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
 
-    info = scan_cache_dir(cache_dir or hub_cache())
+    try:
+        info = scan_cache_dir(cache_dir or hub_cache())
+    except CacheNotFound:  # no cache folder yet: nothing cached
+        return 0
     revisions = [rev.commit_hash for repo in info.repos if repo.repo_id == model for rev in repo.revisions]
     if not revisions:
         return 0
