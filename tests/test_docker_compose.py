@@ -32,7 +32,7 @@ def compose_config(profile: str, *extra_files: Path, env: dict | None = None) ->
 def test_each_profile_reserves_a_gpu_and_publishes_on_loopback_only(profile, tmp_path):
     env_file = tmp_path / "vlkit.env"
     env_file.write_text("VLKIT_MAX_PIXELS=12345\nVLKIT_HOST=192.0.2.1\n")
-    cfg = compose_config(profile, env={"VLKIT_PORT": "8123", "VLKIT_ENV_FILE": str(env_file)})
+    cfg = compose_config(profile, env={"VLKIT_PORT": "8123", "VLKIT_UP_ENV_FILE": str(env_file)})
     assert list(cfg["services"]) == [cp.SERVICES[profile]]
     svc = cfg["services"][cp.SERVICES[profile]]
     devices = svc["deploy"]["resources"]["reservations"]["devices"]

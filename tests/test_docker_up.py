@@ -19,7 +19,7 @@ pytestmark = pytest.mark.docker
 
 @pytest.fixture
 def stack_env(tmp_path, service_image):
-    env = build_env(VLKIT_ENV_FILE=str(tmp_path / "vlkit.env"),
+    env = build_env(VLKIT_UP_ENV_FILE=str(tmp_path / "vlkit.env"),
                     VLKIT_OVERRIDE_FILE=str(tmp_path / "vlkit.compose.yaml"),
                     HF_HUB_CACHE=str(tmp_path / "hub"))
     yield env
@@ -120,7 +120,7 @@ def test_a_port_held_by_another_program_is_refused_before_anything_starts(shared
 
     if not shutil.which("make"):
         pytest.skip("make is not installed")
-    env = {**os.environ, "VLKIT_ENV_FILE": str(tmp_path / "vlkit.env"), "VLKIT_PROJECT": TEST_PROJECT,
+    env = {**os.environ, "VLKIT_UP_ENV_FILE": str(tmp_path / "vlkit.env"), "VLKIT_PROJECT": TEST_PROJECT,
            "VLKIT_OVERRIDE_FILE": str(tmp_path / "o.yaml"), "VLKIT_SERVICE_IMAGE": "vlkit/never-built:port-test"}
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))

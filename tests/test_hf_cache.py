@@ -62,7 +62,7 @@ def test_doctor_download_and_up_use_the_cache_the_doctor_names(tmp_path):
     cache = tmp_path / "big-disk" / "hub"
     repo, snapshot = _seed_cache(cache)
     env = _env(str(tmp_path / "home"), VLKIT_HF_CACHE=str(cache), HF_HUB_OFFLINE="1",
-               VLKIT_ENV_FILE=str(tmp_path / "vlkit.env"), VLKIT_OVERRIDE_FILE=str(tmp_path / "o.yaml"))
+               VLKIT_UP_ENV_FILE=str(tmp_path / "vlkit.env"), VLKIT_OVERRIDE_FILE=str(tmp_path / "o.yaml"))
     vlkit = [sys.executable, "-m", "scripts"]
 
     doctor = subprocess.run([*vlkit, "doctor", "--json", "--model", repo], env=env, cwd=ROOT,

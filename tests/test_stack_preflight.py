@@ -40,7 +40,7 @@ def _vlkit_lines(res: subprocess.CompletedProcess) -> list[str]:
 
 @pytest.mark.parametrize("make_vars", [[], ["GPU_MEMORY=8GiB"], ["PROFILE=8gb", "MODEL=Qwen/Qwen3-VL-4B-Instruct"]])
 def test_up_without_a_gpu_says_so_at_once_and_points_at_doctor_and_cpu_mode(no_gpu, make_vars, tmp_path):
-    env = {**os.environ, "VLKIT_ENV_FILE": str(tmp_path / "vlkit.env"), "VLKIT_OVERRIDE_FILE": str(tmp_path / "o.yaml")}
+    env = {**os.environ, "VLKIT_UP_ENV_FILE": str(tmp_path / "vlkit.env"), "VLKIT_OVERRIDE_FILE": str(tmp_path / "o.yaml")}
     res = _make("up", *make_vars, env=env)
     assert res.returncode != 0
     (line,) = _vlkit_lines(res)

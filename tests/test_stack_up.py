@@ -20,7 +20,7 @@ FP8_4B = "Qwen/Qwen3-VL-4B-Instruct-FP8"
 
 
 def _env(tmp_path) -> dict[str, str]:
-    return {**os.environ, "VLKIT_ENV_FILE": str(tmp_path / "vlkit.env"),
+    return {**os.environ, "VLKIT_UP_ENV_FILE": str(tmp_path / "vlkit.env"),
             "VLKIT_OVERRIDE_FILE": str(tmp_path / "vlkit.compose.yaml"), "VLKIT_PROJECT": "vlkit-test"}
 
 
@@ -95,17 +95,57 @@ def test_env_file_is_written_whole_and_rejects_multiline_values(tmp_path):
                        service_env={"VLKIT_MAX_PIXELS": "401408", "VLKIT_DTYPE": "bfloat16"})
     text = cp.render_env_file(launch.env_file_values(), "header line")
     target = tmp_path / "vlkit.env"
-    write_atomic(target, text.encode())
+    assert cp.write_generated(target, text) is None
     lines = target.read_text().splitlines()
-    assert lines[0] == "# header line"
-    assert "VLKIT_MAX_PIXELS=401408" in lines and "VLKIT_MODEL=Qwen/Qwen3-VL-2B-Instruct" in lines
+    assert lines[0] == "# header line" and lines[-1].startswith(cp.STAMP)
+    assert "VLKIT_MAX_PIXELS='401408'" in lines and "VLKIT_MODEL='Qwen/Qwen3-VL-2B-Instruct'" in lines
     assert [p.name for p in tmp_path.iterdir()] == ["vlkit.env"]  # no temporary left behind
-    target.write_text("# edited by hand\n")
     target.chmod(0o640)
-    write_atomic(target, text.encode())  # regenerated on every start: replaced whatever it holds
-    assert target.read_text() == text and target.stat().st_mode & 0o777 == 0o640
+    assert cp.write_generated(target, text) is None  # as vlkit wrote it: replaced, no backup
+    assert target.stat().st_mode & 0o777 == 0o640
     with pytest.raises(ValueError):
         cp.render_env_file({"VLKIT_API_KEY": "a\nVLKIT_HOST=0.0.0.0"}, "h")
+
+
+def test_edits_to_the_generated_files_are_kept_in_a_backup(tmp_path):
+    """Nothing of the user's is lost: a line added to vlkit.env, or a file there vlkit did not write,
+    is kept beside it before `up` rewrites it (and before `clean` removes it)."""
+    target = tmp_path / "vlkit.env"
+    cp.write_generated(target, "# plan\nVLKIT_MAX_BATCH_SIZE='8'\n")
+    edited = target.read_bytes() + b"VLKIT_LOG_LEVEL=debug  # mine\n"
+    target.write_bytes(edited)
+    backup = cp.write_generated(target, "# plan\nVLKIT_MAX_BATCH_SIZE='4'\n")
+    assert backup is not None and backup.read_bytes() == edited and "VLKIT_MAX_BATCH_SIZE='4'" in target.read_text()
+    own = tmp_path / "my-service.env"
+    own.write_text("VLKIT_API_KEY=s3cret\n")
+    kept = cp.discard_generated(own)
+    assert not own.exists() and kept.read_text() == "VLKIT_API_KEY=s3cret\n"
+    assert cp.discard_generated(target) is None and not target.exists()  # unedited: just removed
+
+
+@pytest.mark.parametrize("folder", ["tiny #2", "tiny$HOME", "Jane's models", 'a "quoted" \\ name'])
+def test_a_model_folder_name_reaches_the_container_as_it_is(tmp_path, folder):
+    """` #` would start a comment and `$HOME` be interpolated in compose's env file and YAML: both
+    files are written so that compose (and python-dotenv) read the name back unchanged."""
+    from dotenv import dotenv_values
+
+    model = tmp_path / folder
+    model.mkdir()
+    launch = cp.Launch(profile="8gb", model=str(model), service_env={})
+    env_file = tmp_path / "vlkit.env"
+    cp.write_generated(env_file, cp.render_env_file(launch.env_file_values(), "h"))
+    assert dotenv_values(env_file)["VLKIT_MODEL"] == launch.model_in_container
+    override = tmp_path / "o.yaml"
+    cp.write_generated(override, launch.override_text())
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        cfg = subprocess.run(["docker", "compose", "-f", str(ROOT / "docker" / "compose.yaml"), "-f", str(override),
+                              "--profile", "8gb", "config", "--format", "json"], capture_output=True, text=True,
+                             env={**os.environ, "VLKIT_UP_ENV_FILE": str(env_file)})
+        assert cfg.returncode == 0, cfg.stderr
+        service = json.loads(cfg.stdout.replace("$$", "$"))["services"]["service-8gb"]  # config writes $ as $$
+        assert service["environment"]["VLKIT_MODEL"] == launch.model_in_container
+        assert {(v["source"], v["target"]) for v in service["volumes"] if v["type"] == "bind"} >= \
+            {(str(model), launch.model_in_container)}
 
 
 def test_served_name_of_a_local_model_is_its_directory_name(tmp_path):

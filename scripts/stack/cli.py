@@ -72,7 +72,9 @@ def cmd_clean(args: argparse.Namespace) -> int:
                 cp.run(["docker", "image", "rm", tag])
                 removed.append(tag)
         for path in (cp.ENV_FILE, cp.OVERRIDE_FILE):
-            path.unlink(missing_ok=True)
+            backup = cp.discard_generated(path)
+            if backup:
+                print(f"removed {path.name}; it had changes vlkit did not write: kept in {backup.name}.")
         print(f"removed the images {', '.join(removed)}." if removed else "no vlkit image to remove.")
     else:
         print("containers, images and the generated files left as they are (Docker is not available).")

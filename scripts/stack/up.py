@@ -12,7 +12,6 @@ from pathlib import Path
 
 from scripts import images
 from scripts.hf_cache import hub_cache
-from scripts.safe_file import write_atomic
 from scripts.planner import options
 from scripts.stack import compose as cp
 from scripts.stack import docker as dk
@@ -262,8 +261,12 @@ def _start(args: argparse.Namespace, launch: cp.Launch) -> int:
         if code:
             return code
     env = launch.interpolation_env()
-    write_atomic(cp.ENV_FILE, cp.render_env_file(launch.env_file_values(), _env_header(launch)).encode())
-    write_atomic(cp.OVERRIDE_FILE, launch.override_text().encode())
+    for path, text in ((cp.ENV_FILE, cp.render_env_file(launch.env_file_values(), _env_header(launch))),
+                       (cp.OVERRIDE_FILE, launch.override_text())):
+        backup = cp.write_generated(path, text)
+        if backup:
+            print(f"{path} had changes vlkit did not write: kept in {backup.name}. vlkit rewrites it from the plan "
+                  f"on every start; change the plan's inputs instead (`{command('up', model='...', context='...')}`).")
     Path(env["VLKIT_HF_CACHE"]).mkdir(parents=True, exist_ok=True)  # bind source: the host's hub cache
     cp.run(cp.compose_cmd(None, "rm", "--stop", "--force", *launch.other_services()), env=env, capture=True)
     res = cp.run(launch.compose_up(), env=env, capture=True)
