@@ -21,6 +21,11 @@ class ServiceError(Exception):
     def to_dict(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """HTTP headers the response carries beside the body."""
+        return {}
+
 
 class InvalidRequest(ServiceError):
     status, type, kind = 400, "BadRequestError", "invalid_request"
@@ -46,6 +51,16 @@ class PayloadTooLarge(ServiceError):
 
 class QueueFull(ServiceError):
     status, type, kind = 429, "RateLimitError", "queue_full"
+
+    def __init__(self, message: str, *, retry_after_s: int | None = None, **kwargs):
+        super().__init__(message, **kwargs)
+        self.retry_after_s = retry_after_s
+
+    @property
+    def headers(self) -> dict[str, str]:
+        # The openai SDK (and LangChain, LiteLLM through it) waits as long as Retry-After says, up to
+        # 60 s, before it retries; without it, its own 0.5-8 s backoff.
+        return {"Retry-After": str(self.retry_after_s)} if self.retry_after_s else {}
 
 
 class OutOfMemory(ServiceError):

@@ -319,6 +319,8 @@ def test_api_key_is_required_but_health_is_open(server):
 def test_full_queue_is_429_and_all_queued_requests_finish(server):
     limit = server.settings.max_queue
     client = server.client()
+    for i in range(2):  # requests finished before: the pace the 429's Retry-After comes from
+        ask(client, f"before {i}", max_tokens=2)
     with ThreadPoolExecutor(limit) as pool:
         with server.engine.paused():
             futures = [pool.submit(ask, client, f"queued {i}", max_tokens=4) for i in range(limit)]
@@ -329,6 +331,9 @@ def test_full_queue_is_429_and_all_queued_requests_finish(server):
             with pytest.raises(openai.RateLimitError) as info:
                 ask(client, "one too many")
             assert "queue is full" in info.value.body["message"]
+            # The server has finished requests before: it says when to come back, from their pace.
+            retry = int(info.value.response.headers["retry-after"])
+            assert 1 <= retry <= 60 and f"retry in {retry} s" in info.value.body["message"]
         replies = [f.result(timeout=60) for f in futures]
     assert all(r.usage.completion_tokens == 4 for r in replies)
     assert server.engine.queue_depth == 0

@@ -24,7 +24,7 @@ def count_error(metrics: ServiceMetrics, error: ServiceError) -> None:
 def install_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
     def respond(error: ServiceError) -> JSONResponse:
         count_error(metrics, error)
-        return JSONResponse(error.to_dict(), status_code=error.status)
+        return JSONResponse(error.to_dict(), status_code=error.status, headers=error.headers)
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -110,6 +111,7 @@ class Scheduler:
         self._ending: BaseException | None = None  # end_running's error: what still runs fails with it
         self._thread: threading.Thread | None = None
         self.max_batch_seen = 0  # the most rows one step decoded (benchmarks, tests)
+        self._finished_at: deque[float] = deque(maxlen=64)  # when the last requests finished (Retry-After)
 
     # ---- the caller's side (any thread) ----------------------------------------------------------
     def start(self) -> None:
@@ -124,11 +126,22 @@ class Scheduler:
             if self._stopping:
                 raise Unavailable(SHUTTING_DOWN)
             if len(self._waiting) >= self.settings.max_queue:
-                raise QueueFull(f"The request queue is full ({self.settings.max_queue} waiting); retry later.")
+                wait = self._drain_seconds()
+                raise QueueFull(f"The request queue is full ({self.settings.max_queue} waiting); retry "
+                                + (f"in {wait} s." if wait else "later."), retry_after_s=wait)
             self._waiting.append((request, handle))
             self.metrics.queue_depth.set(len(self._waiting))
             self._cv.notify_all()
         return handle
+
+    def _drain_seconds(self) -> int | None:
+        """About how long the queue as it is takes to start, at the pace requests finished lately (1 to
+        60 s: what a client's Retry-After may ask); None before enough have finished to tell."""
+        done = self._finished_at
+        if len(done) < 2 or done[-1] <= done[0]:
+            return None
+        pace = (len(done) - 1) / (done[-1] - done[0])  # requests finished a second
+        return max(1, min(60, math.ceil(len(self._waiting) / pace)))
 
     def drain(self) -> None:
         """Refuse new requests and fail the queued ones (503); running ones go on."""
@@ -357,6 +370,7 @@ class Scheduler:
         if event is not None:
             handle.push(event)
         if row.finish_reason is not None:
+            self._finished_at.append(now)
             self.metrics.requests.labels(row.finish_reason).inc()
             self.metrics.latency.observe(time.monotonic() - handle.arrived)
 
