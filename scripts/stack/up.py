@@ -274,6 +274,8 @@ def _start(args: argparse.Namespace, launch: cp.Launch) -> int:
         preflight.error("docker compose could not start the service:")
         print((res.stderr or res.stdout).strip(), file=sys.stderr)
         _print_failure(launch, res.stderr + res.stdout, dk.container_id(launch.service))
+        # A container compose created but could not start (no GPU runtime, say) is not left behind.
+        cp.run(cp.compose_cmd(launch.profile, "rm", "--stop", "--force", launch.service), env=env, capture=True)
         return 1
     ok, why = wait_ready(launch, args.timeout)
     if not ok:
