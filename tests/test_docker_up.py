@@ -43,7 +43,7 @@ def test_make_up_cpu_serves_the_tiny_model_then_caption_status_down(stack_env, s
     assert "curl http://127.0.0.1" in res.stdout and "openai.OpenAI(" in res.stdout
     _run_the_printed_examples(res.stdout, tmp_path)
     env_file = (tmp_path / "vlkit.env").read_text()
-    assert "VLKIT_MODEL=/models/tiny-qwen3-vl" in env_file and "VLKIT_DEVICE=cpu" in env_file
+    assert "VLKIT_MODEL='/models/tiny-qwen3-vl'" in env_file and "VLKIT_DEVICE='cpu'" in env_file
 
     from PIL import Image
     img = tmp_path / "red.png"
