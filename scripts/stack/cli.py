@@ -74,7 +74,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
         for path in (cp.ENV_FILE, cp.OVERRIDE_FILE):
             backup = cp.discard_generated(path)
             if backup:
-                print(f"removed {path.name}; it had changes vlkit did not write: kept in {backup.name}.")
+                print(f"removed {path.name}; it had changes vlkit did not write (or came from an older vlkit): kept in {backup.name}.")
         print(f"removed the images {', '.join(removed)}." if removed else "no vlkit image to remove.")
     else:
         print("containers, images and the generated files left as they are (Docker is not available).")

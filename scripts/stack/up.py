@@ -265,8 +265,9 @@ def _start(args: argparse.Namespace, launch: cp.Launch) -> int:
                        (cp.OVERRIDE_FILE, launch.override_text())):
         backup = cp.write_generated(path, text)
         if backup:
-            print(f"{path} had changes vlkit did not write: kept in {backup.name}. vlkit rewrites it from the plan "
-                  f"on every start; change the plan's inputs instead (`{command('up', model='...', context='...')}`).")
+            print(f"{path} had changes vlkit did not write (or came from an older vlkit): kept in {backup.name}. "
+                  "vlkit rewrites it from the plan on every start; change the plan's inputs instead "
+                  f"(`{command('up', model='...', context='...')}`).")
     Path(env["VLKIT_HF_CACHE"]).mkdir(parents=True, exist_ok=True)  # bind source: the host's hub cache
     cp.run(cp.compose_cmd(None, "rm", "--stop", "--force", *launch.other_services()), env=env, capture=True)
     res = cp.run(launch.compose_up(), env=env, capture=True)
