@@ -6,14 +6,13 @@ The command line of `wsl config` is a contract other tools script against:
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
 from scripts.planner import options
 from scripts.usage import command, setting
 from wsl import wslconfig
-from wsl.host import detect_platform, host_ram, meminfo_total_bytes, windows_to_wsl_path, windows_userprofile
+from wsl.host import detect_platform, host_ram, is_windows_path, meminfo_total_bytes, windows_to_wsl_path, windows_userprofile
 
 
 def register(subparsers) -> None:
@@ -84,7 +83,7 @@ def _host_ram_bytes(applied_memory: int | None) -> tuple[int | None, str]:
 
 def config_command(args: argparse.Namespace) -> int:
     path = args.wslconfig
-    if path is not None and re.match(r"[A-Za-z]:[\\/]", str(path)):  # else a file named C:\... in this folder
+    if path is not None and is_windows_path(path):  # else a file named C:\... in this folder
         return _err(f"{path} is a Windows path; in WSL it is {setting('wslconfig', windows_to_wsl_path(str(path)))}")
     if path is None:
         if not detect_platform().is_wsl:

@@ -90,6 +90,12 @@ def interop_enabled() -> bool:
     return state.startswith("enabled") and windows_exe("cmd.exe") is not None
 
 
+def is_windows_path(text: str) -> bool:
+    """'C:\\...' or 'C:/...': a path as Windows writes it (in WSL, a file of that name would be in
+    this folder, which is never what was meant)."""
+    return re.match(r"[A-Za-z]:[\\/]", str(text).strip()) is not None
+
+
 def windows_to_wsl_path(win_path: str, mount_root: str = "/mnt/") -> str:
     """'C:\\Users\\Ana' -> '/mnt/c/Users/Ana' (what `wslpath -u` does with the default automount)."""
     win_path = win_path.strip()

@@ -4,7 +4,6 @@ of the Facts this returns."""
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +15,8 @@ from scripts.hf_cache import hub_cache
 from scripts.stack.client import port_free
 from wsl import wslconfig
 from wsl.host import (
-    HostRam, Platform, detect_platform, host_ram, interop_enabled, systemd_running, windows_to_wsl_path, windows_userprofile,
+    HostRam, Platform, detect_platform, host_ram, interop_enabled, is_windows_path, systemd_running, windows_to_wsl_path,
+    windows_userprofile,
 )
 
 QUICK_TIMEOUT_S = 2.5
@@ -92,7 +92,7 @@ def _docker_info(docker: str | None) -> CommandResult | None:
 
 def _wslconfig(platform: Platform, given: Path | None) -> tuple[Path | None, wslconfig.WslConfig | None, str | None]:
     path = given
-    if path is not None and re.match(r"[A-Za-z]:[\\/]", str(path)):  # as `vlkit wsl config` reads one
+    if path is not None and is_windows_path(path):  # as `vlkit wsl config` reads one
         return path, None, f"a Windows path; in WSL it is {windows_to_wsl_path(str(path))}"
     if path is None:
         if not platform.is_wsl:

@@ -1,12 +1,10 @@
 """Platform checks: WSL2 / WSL1 / Linux, kernel, systemd, and the Windows .wslconfig."""
 from __future__ import annotations
 
-import re
-
 from scripts.doctor.model import Check, fail, gib, ok, warn
 from scripts.usage import command, setting
 from wsl import wslconfig, wslconfig_parser
-from wsl.host import kernel_version, windows_to_wsl_path
+from wsl.host import is_windows_path, kernel_version, windows_to_wsl_path
 
 # NVIDIA's CUDA on WSL guide: GPU compute needs a WSL2 kernel of 5.10.43.3 or later.
 MIN_WSL_KERNEL = (5, 10, 43, 3)
@@ -66,7 +64,7 @@ def wslconfig_check(facts, profile: str) -> Check:
     if not facts.platform.is_wsl and facts.wslconfig_path is None:
         return ok(name, "not WSL: no .wslconfig involved")
     given = {"wslconfig": facts.wslconfig_path} if facts.wslconfig_given else {}  # the fixes edit that file
-    if facts.wslconfig_path is not None and re.match(r"[A-Za-z]:[\\/]", str(facts.wslconfig_path)):
+    if facts.wslconfig_path is not None and is_windows_path(facts.wslconfig_path):
         return warn(name, f"{facts.wslconfig_path}: {facts.wslconfig_error}",
                     f"`{command('doctor', wslconfig=windows_to_wsl_path(str(facts.wslconfig_path)))}`")
     if facts.wslconfig_error:

@@ -329,8 +329,9 @@ def _unknown(id_or_path: str) -> str:
     from scripts.usage import command, setting
 
     text = id_or_path.strip()
-    if re.match(r"[A-Za-z]:[\\/]", text):  # in WSL, Windows' drives are under /mnt
-        from wsl.host import windows_to_wsl_path
+    from wsl.host import is_windows_path, windows_to_wsl_path
+
+    if is_windows_path(text):  # in WSL, Windows' drives are under /mnt
 
         return (f"unknown model '{text}': a Windows path; in WSL that folder is "
                 f"{setting('model', windows_to_wsl_path(text))}")
