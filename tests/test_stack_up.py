@@ -72,6 +72,17 @@ def test_up_refuses_a_plan_that_does_not_fit_before_touching_docker(tmp_path):
     assert not (tmp_path / "vlkit.env").exists()
 
 
+@pytest.mark.parametrize(("flags", "said"), [
+    (["--gpu-memory", "8GiB"], "does not fit this card in either profile (8gb, 16gb)"),  # auto tried both
+    (["--gpu-memory", "8GiB", "--profile", "16gb"], "does not fit this card (16gb profile)"),
+    (["--cpu", "--context", "100000"], "does not fit this card (8gb profile)"),  # CPU mode plans the 8gb one
+])
+def test_a_refusal_names_the_profiles_that_were_tried(tmp_path, flags, said):
+    res = subprocess.run([sys.executable, "-m", "scripts", "up", "--model", "Qwen/Qwen3-VL-8B-Instruct", "--dry-run",
+                          *flags], capture_output=True, text=True, env=_env(tmp_path), cwd=ROOT)
+    assert res.returncode == 2 and said in res.stderr, res.stderr
+
+
 def test_a_refused_plan_points_at_the_same_plan(tmp_path):
     """`make plan` alone would plan another card (or none here): the budget to look at is this one."""
     res = _make_up(tmp_path, "PROFILE=8gb", "GPU_MEMORY=8GiB", "CONTEXT=100k", "ARGS=--dry-run")

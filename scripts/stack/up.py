@@ -48,8 +48,10 @@ def _launch(args: argparse.Namespace, plan) -> cp.Launch:
                      hf_cache=hub_cache(), api_key=os.environ.get("VLKIT_API_KEY") or None)
 
 
-def _show_plan_refusal(plan, whole_budget: str) -> None:
-    preflight.error(f"the plan for {plan.model} does not fit this card ({plan.profile} profile).")
+def _show_plan_refusal(plan, whole_budget: str, asked: str) -> None:
+    """``asked``: the profile the user asked for (auto tried both; the plan shown is the last one)."""
+    which = "in either profile (8gb, 16gb)" if asked == "auto" else f"({plan.profile} profile)"
+    preflight.error(f"the plan for {plan.model} does not fit this card {which}.")
     if plan.refusal:
         print(f"  next step: {plan.refusal}", file=sys.stderr)
     print(f"  `{whole_budget}` shows the whole budget.", file=sys.stderr)
@@ -207,7 +209,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"  `{command('doctor')}` checks the driver, the GPU and Docker.", file=sys.stderr)
         return 2
     if not planned.fits:
-        _show_plan_refusal(planned, _same("plan", args, given_model))
+        _show_plan_refusal(planned, _same("plan", args, given_model), "8gb" if args.cpu else args.profile)
         return 2
     launch = _launch(args, planned)
     if launch.local_model_dir and launch.profile == "8gb":
