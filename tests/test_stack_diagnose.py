@@ -38,6 +38,9 @@ VLLM_FREE = ("(EngineCore_DP0 pid=212) ValueError: Free memory on device cuda:0 
     (WSL_LIBCUDA, ["/usr/lib/wsl/lib", "wsl --shutdown"]),
     (VLLM_UVA, ["pinned host memory", "VLLM_USE_V2_MODEL_RUNNER=0", "vlkit up"]),
     (VLLM_FREE, ["other programs took GPU memory", "Windows desktop", "vlkit up"]),
+    # service/engine/loading.py's own words for a model path with no checkpoint in it
+    ("error: model '/models/tiny' is neither a checkpoint directory nor a hub id like 'Qwen/Qwen3-VL-2B-Instruct'",
+     ["no checkpoint at the model path", "config.json", "vlkit doctor"]),
 ])
 def test_known_failures_name_their_fix(text, words):
     found = diagnose("some unrelated line\n" + text + "\nanother line")

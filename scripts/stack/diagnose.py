@@ -94,6 +94,10 @@ def _rules() -> tuple[_Rule, ...]:
               r"We couldn't connect to 'https://huggingface.co'|Cannot find an appropriate cached snapshot",
               "The model is not (completely) in the Hugging Face cache the containers read.",
               f"Download it first: `{command('download', model='org/name')}` (it resumes partial downloads), then {up}."),
+        _rule(r"is neither a checkpoint directory nor a hub id",
+              "The service found no checkpoint at the model path it was given (its config.json and weights).",
+              f"Check that MODEL= names the folder that holds config.json and the weights; {doctor} checks it, "
+              f"then {up}."),
         _rule(r"(Permission denied|No such file or directory): '/models/",
               f"The container's user (uid {images.SERVICE_UID}) cannot read the model folder mounted at /models.",
               "Make it readable: `chmod -R a+rX <the folder>`, then "

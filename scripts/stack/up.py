@@ -130,6 +130,8 @@ def wait_ready(launch: cp.Launch, timeout: float, poll: float = 1.0) -> tuple[bo
             if state is None:
                 return False, "the container is gone"
             if state.status in ("exited", "dead") or state.restarts > 0 or state.status == "restarting":
+                if state.status == "running":  # its restart policy started it again: the exit code is gone
+                    return False, f"the container exited and Docker restarted it ({state.restarts} time(s))"
                 return False, f"the container stopped (exit code {state.exit_code}) {state.error}"
             if state.health == "unhealthy":
                 return False, "the container's health check failed"
