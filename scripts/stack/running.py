@@ -51,8 +51,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             code = probe(f"http://127.0.0.1:{found}{cp.READY_PATHS[profile]}")
             state = {200: "ready", 503: "loading"}.get(code, "not answering" if code is None else f"HTTP {code}")
             print(f"{service}: http://127.0.0.1:{found}/v1  {state}")
-    if published:
-        return 0
+    if published and getattr(args, "port", None) in (None, *published):
+        return 0  # else: the port asked about is another one; say what answers there too
     other = _outside_docker(port)
     if docker_problem:
         print(f"no vlkit container can run here yet: {docker_problem}")
@@ -62,6 +62,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     elif other:
         print(f"{other}: `{command('caption', image='photo.jpg', port=args.port)}` talks to it; "
               "stop it where it was started.")
+    elif published:
+        print(f"nothing answers on 127.0.0.1:{port}.")
     elif not docker_problem:
         print(f"vlkit is not running, and nothing answers on 127.0.0.1:{port} (`{command('up')}` starts it).")
     return 0
