@@ -60,6 +60,13 @@ def test_make_up_cpu_serves_the_tiny_model_then_caption_status_down(stack_env, s
                             "8000"], env=stack_env, capture_output=True, text=True)
     assert ports.stdout.strip() == f"127.0.0.1:{port}", ports.stdout + ports.stderr
 
+    # Asked about another port, it says what answers there too; stopped, it says so.
+    other = free_port()
+    assert f"nothing answers on 127.0.0.1:{other}." in _vlkit(stack_env, "status", "--port", str(other)).stdout
+    subprocess.run(["docker", "compose", "--project-name", TEST_PROJECT, "-f", str(ROOT / "docker" / "compose.yaml"),
+                    "--profile", "8gb", "stop", "service-8gb"], env=stack_env, capture_output=True, timeout=120)
+    assert "vlkit's container is not running" in _vlkit(stack_env, "status").stdout
+
     down = _vlkit(stack_env, "down")
     assert down.returncode == 0
     assert "vlkit is not running, and nothing answers" in _vlkit(stack_env, "status", "--port", str(port)).stdout

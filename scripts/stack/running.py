@@ -40,8 +40,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     except dk.DockerError as e:
         docker_problem = str(e)
     published: set[int] = set()
+    containers = []
     if docker_problem is None:
-        if _containers():
+        containers = _containers()
+        if containers:
             print(cp.run(cp.compose_cmd(None, "ps", "-a"), capture=True).stdout.rstrip())
         for profile, service in cp.SERVICES.items():
             found = dk.published_port(service)
@@ -64,6 +66,9 @@ def cmd_status(args: argparse.Namespace) -> int:
               "stop it where it was started.")
     elif published:
         print(f"nothing answers on 127.0.0.1:{port}.")
+    elif containers:  # created or stopped, published nowhere
+        print(f"vlkit's container is not running (listed above): `{command('logs')}` shows why it stopped, "
+              f"`{command('up')}` starts it again.")
     elif not docker_problem:
         print(f"vlkit is not running, and nothing answers on 127.0.0.1:{port} (`{command('up')}` starts it).")
     return 0
