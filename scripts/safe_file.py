@@ -60,6 +60,12 @@ def make_backup(path: Path, data: bytes, like: os.stat_result | None = None, now
     raise FileEditError(f"1000 backups of {path.name} in one second already exist; nothing was written")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _current_bytes(path: Path) -> bytes | None:
     try:
         return path.read_bytes()
@@ -80,11 +86,10 @@ def write_atomic(path: Path, data: bytes, expect: bytes | None | object = _UNCHE
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        if path.exists():
-            try:
-                os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
-            except OSError:
-                pass  # drvfs (/mnt/c) may not keep Unix modes; the content is what matters
+        try:  # the file's own mode, or a new file's as open() would make it (mkstemp's is 0600)
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask())
+        except OSError:
+            pass  # drvfs (/mnt/c) may not keep Unix modes; the content is what matters
         if expect is not _UNCHECKED and _current_bytes(path) != expect:
             raise FileEditError("another program changed it while vlkit was editing it; nothing was written, run again")
         os.replace(tmp, path)
