@@ -2,6 +2,7 @@
 what was there (a changed file is backed up, an unchanged one is not touched)."""
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 
@@ -120,3 +121,36 @@ def test_make_k8s_refuses_the_8gb_profile_instead_of_ignoring_it():
     res = subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), "k8s", "PROFILE=8gb", "GPU_MEMORY=24GiB"],
                          capture_output=True, text=True)
     assert res.returncode != 0 and "PROFILE=8gb is not for Kubernetes" in res.stderr and not res.stdout
+
+
+def test_a_refusal_offers_only_next_steps_kubernetes_can_take(capsys):
+    """The manifests run vLLM: the planner's other profile (vlkit's own service) is no next step here."""
+    rc, out, err = run(capsys, "--gpu-memory", "8GiB", "--model", "Qwen/Qwen3-VL-4B-Instruct")
+    assert rc == 2 and out == ""
+    assert "--profile 8gb" not in err and "8gb profile" not in err
+    assert "--model Qwen/Qwen3-VL-4B-Instruct-FP8 (profile 16gb" in err
+
+
+def test_an_output_folder_holding_a_fifo_is_refused_before_anything_is_written(capsys, tmp_path):
+    out_dir = tmp_path / "k8s"
+    out_dir.mkdir()
+    os.mkfifo(out_dir / "statefulset.yaml")  # read as a file, it would block for ever
+    rc, _, err = run(capsys, "--gpu-memory", "24GiB", "--output", str(out_dir))
+    assert rc == 1 and "not a regular file" in err
+    assert sorted(p.name for p in out_dir.iterdir()) == ["statefulset.yaml"]  # service.yaml not written either
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--output", ""], "--output is empty"),  # Path("") would be the current folder
+    (["--no-download", "--hf-token-secret", "hf-token"], "nothing reads it"),
+])
+def test_options_that_would_do_something_else_than_asked_are_refused(capsys, tmp_path, monkeypatch, args, says):
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = run(capsys, "--gpu-memory", "24GiB", *args)
+    assert rc == 1 and says in err and out == "" and list(tmp_path.iterdir()) == []
+
+
+def test_the_apply_hint_for_a_folder_with_spaces_can_be_pasted(capsys, tmp_path):
+    out_dir = tmp_path / "my manifests"
+    rc, _, err = run(capsys, "--gpu-memory", "24GiB", "--output", str(out_dir))
+    assert rc == 0 and f"apply with: kubectl apply -f '{out_dir}'" in err

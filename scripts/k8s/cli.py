@@ -1,16 +1,19 @@
 """`vlkit k8s`: the plan for a GPU size and count, as Kubernetes manifests (stdout or a folder).
 
-Exit 0 written, 1 bad input, 2 the plan does not fit (the planner's refusal; nothing is written).
+Exit 0 written, 1 bad input it checks (one line), 2 the plan does not fit (the planner's refusal;
+nothing is written) or a flag argparse refuses (its usage line).
 """
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
 from scripts.k8s import names
 from scripts.planner.options import at_least, context_tokens
 from scripts.planner.sizes import memory_arg, parse_size
+from scripts.safe_file import FileEditError
 from scripts.usage import command, setting
 
 EXIT_WRITTEN, EXIT_ERROR, EXIT_DOES_NOT_FIT = 0, 1, 2
@@ -37,7 +40,8 @@ def register(subparsers) -> None:
         description="Kubernetes manifests for the 16gb profile (vLLM) from the plan for one GPU size and "
                     "count: a StatefulSet (the planned vLLM flags, tensor parallel over the pod's GPUs, a "
                     "cache volume per replica, probes) and its ClusterIP Service. To stdout, or one file "
-                    "per object with --output. Exit 0 written, 1 bad input, 2 the plan does not fit.")
+                    "per object with --output. Exit 0 written, 1 bad input, 2 the plan does not fit "
+                    "(or a malformed flag).")
     p.add_argument("--model", default=ServiceSettings.model_fields["model"].default,
                    help="Hugging Face hub id the pods download and serve (default: %(default)s)")
     p.add_argument("--gpu-memory", type=memory_arg, required=True, metavar="SIZE",
@@ -68,7 +72,7 @@ def register(subparsers) -> None:
                    help="schedule only on nodes with this label, e.g. nvidia.com/gpu.product=NVIDIA-L4 (repeatable)")
     p.add_argument("--no-download", dest="download", action="store_false",
                    help="no download init container: the volumes are populated beforehand (air-gapped clusters)")
-    p.add_argument("-o", "--output", type=Path, metavar="DIR",
+    p.add_argument("-o", "--output", metavar="DIR",
                    help="write service.yaml and statefulset.yaml into DIR (default: one YAML stream to stdout)")
     p.set_defaults(func=run)
 
@@ -90,12 +94,19 @@ def run(args: argparse.Namespace) -> int:
         _err(f"--model {args.model} is a local directory, which the cluster's pods cannot see: pass the "
              "model's Hugging Face hub id (the pods download it into their cache volume)")
         return EXIT_ERROR
+    if args.output is not None and not args.output.strip():  # Path("") would be this folder
+        _err("--output is empty: give a folder (created if missing), or leave it out for one stream on stdout")
+        return EXIT_ERROR
+    args.output = Path(args.output).expanduser() if args.output is not None else None
     if args.output is not None and args.output.exists() and not args.output.is_dir():
         _err(f"--output {args.output} is a file: give a folder (created if missing)")
         return EXIT_ERROR
+    if args.hf_token_secret and not args.download:
+        _err("--hf-token-secret is for the download the pods do; with --no-download nothing reads it: drop one")
+        return EXIT_ERROR
     try:
         plan = plan_for(model=args.model, profile="16gb", gpu_memory_bytes=args.gpu_memory,
-                        gpu_count=args.gpus, context=args.context)
+                        gpu_count=args.gpus, context=args.context, service_option=False)
         weight_bytes = resolve_model(args.model).weight_bytes
     except (UnknownModelError, ValueError) as e:
         _err(str(e))
@@ -123,23 +134,30 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_WRITTEN
     try:
         write_folder(args.output, mf.files(plan, objects))
-    except OSError as e:
+    except (OSError, FileEditError) as e:
         _err(f"cannot write {args.output}: {e}")
         return EXIT_ERROR
-    print(f"apply with: kubectl apply -f {args.output}", file=sys.stderr)
+    print(f"apply with: kubectl apply -f {shlex.quote(str(args.output))}", file=sys.stderr)
     return EXIT_WRITTEN
 
 
 def write_folder(folder: Path, contents: dict[str, str]) -> None:
     """Each file atomically; a file that would change is backed up first (it may hold the user's
     edits), one that would not is left alone."""
-    from scripts.safe_file import make_backup, write_atomic
+    from scripts.safe_file import make_backup, open_regular, write_atomic
 
     folder.mkdir(parents=True, exist_ok=True)
+    olds = {}
+    for name in contents:  # all read before any is written: a refused one leaves the folder as it was
+        path = folder / name
+        olds[name] = None
+        if path.exists() or path.is_symlink():
+            with open_regular(path) as f:  # a FIFO or a device there is refused, not read for ever
+                olds[name] = f.read()
     for name, text in contents.items():
         path = folder / name
         data = text.encode("utf-8")
-        old = path.read_bytes() if path.exists() else None
+        old = olds[name]
         if old == data:
             print(f"{path}: unchanged", file=sys.stderr)
             continue

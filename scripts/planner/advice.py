@@ -40,6 +40,7 @@ class Options:
     vllm: VllmOutcome | None = None             # this model, the 16gb profile
     service: ServiceOutcome | None = None       # this model, the 8gb profile (one GPU only)
     smaller: tuple[str, Plan] | None = None     # the first smaller or FP8 built-in model that fits
+    service_option: bool = True                 # vlkit's service is a way to serve it here (not on Kubernetes)
 
 
 def advise(profile: str, o: Options) -> Plan:

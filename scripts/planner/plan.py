@@ -22,8 +22,9 @@ from .vllm_weights import tensor_parallel_error
 
 def plan_for(*, model: str, profile: Literal["8gb", "16gb", "auto"] = "auto", gpus=None,
              gpu_memory_bytes: int | None = None, gpu_count: int = 1, context: int | None = None,
-             gpu_memory_utilization: float | None = None) -> Plan:
-    """The settings for `model` on the card(s); see docs/PLANNER.md."""
+             gpu_memory_utilization: float | None = None, service_option: bool = True) -> Plan:
+    """The settings for `model` on the card(s); see docs/PLANNER.md. ``service_option``: False where
+    only vLLM can run (Kubernetes): a refusal's next steps then never name the 8gb profile."""
     if profile not in ("8gb", "16gb", "auto"):
         raise ValueError(f"profile must be 8gb, 16gb or auto, not {profile!r}")
     if context is not None and context < MIN_CONTEXT:
@@ -38,7 +39,7 @@ def plan_for(*, model: str, profile: Literal["8gb", "16gb", "auto"] = "auto", gp
     if card.count > 1 and profile == "8gb":
         raise ValueError(f"{setting('gpus', card.count)}: the 8gb profile's service runs on one GPU; split the "
                          f"model over {card.count} with {setting('profile', '16gb')} (vLLM), or use {setting('gpus', 1)}")
-    options = Options(spec, card, context)
+    options = Options(spec, card, context, service_option=service_option)
     if gpu_memory_utilization is not None:
         if profile == "8gb":
             raise ValueError(f"{setting('gpu_memory_utilization')} is a vLLM setting: use it with "
@@ -55,7 +56,7 @@ def _fill(o: Options, profile: str) -> None:
     """Make the plans advice will name: the profile's own (both for auto); when none fits, this model
     under the other profile and the first smaller model that fits. Over several GPUs only vLLM's:
     the service runs on one."""
-    single = o.card.count == 1
+    single = o.card.count == 1 and o.service_option
     if profile != "8gb":
         o.vllm = plan_vllm(o.spec, o.card, o.wanted)
     if profile != "16gb" and single:
@@ -69,7 +70,7 @@ def _fill(o: Options, profile: str) -> None:
 
 
 def _smaller_model(spec: ModelSpec, o: Options) -> tuple[str, Plan] | None:
-    ladders = (plan_vllm, plan_service) if o.card.count == 1 else (plan_vllm,)
+    ladders = (plan_vllm, plan_service) if o.card.count == 1 and o.service_option else (plan_vllm,)
     for alt_id in variants_to_try(spec):
         alt = resolve_model(alt_id)
         for ladder in ladders:
