@@ -64,8 +64,28 @@ def settings_from_args(argv: list[str] | None = None) -> ServiceSettings:
     return ServiceSettings(**overrides)
 
 
+def settings_errors(exc) -> list[str]:
+    """A pydantic ValidationError of ServiceSettings as one line per setting, named as the user gives
+    it: the flag and the environment variable (an env file's line names the variable)."""
+    from service.settings import ENV_PREFIX
+
+    lines = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else ""
+        name = f"--{field.replace('_', '-')} / {ENV_PREFIX}{field.upper()}" if field else "settings"
+        given = f" (got {error['input']!r})" if field and not isinstance(error.get("input"), dict) else ""
+        lines.append(f"error: {name}: {error['msg'].removeprefix('Value error, ')}{given}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
-    settings = settings_from_args(argv)
+    from pydantic import ValidationError
+
+    try:
+        settings = settings_from_args(argv)
+    except ValidationError as exc:  # a value out of range, or a malformed VLKIT_* variable
+        print("\n".join(settings_errors(exc)), file=sys.stderr)
+        return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from service.errors import ModelUnavailable
     from service.engine.loading import resolve_model_path

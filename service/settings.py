@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.sizing import DEFAULT_BATCHED_TOKENS
@@ -64,6 +64,15 @@ class ServiceSettings(BaseSettings):
     @classmethod
     def _empty_key_is_none(cls, v: object) -> object:
         return None if v in ("", None) else v
+
+    @field_validator("min_pixels")
+    @classmethod
+    def _min_pixels_not_above_max(cls, v: int, info: ValidationInfo) -> int:
+        # Checked here, not at the first image: the processor would refuse every image, warm-up's too.
+        high = info.data.get("max_pixels")  # validated first: declared first
+        if high is not None and v > high:
+            raise ValueError(f"{v} is above --max-pixels {high}: give min_pixels at most max_pixels")
+        return v
 
     @property
     def cors_origins(self) -> list[str]:

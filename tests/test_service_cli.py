@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
 from service.__main__ import build_parser, settings_from_args
 from service.readiness import wait_ready
@@ -43,6 +44,20 @@ def test_model_missing_from_cache_says_how_to_download(tmp_path):
     assert proc.returncode == 2
     assert "not in the local Hugging Face cache" in out
     assert "make download MODEL=Qwen/Qwen3-VL-2B-Instruct" in out
+
+
+@pytest.mark.parametrize(("args", "env", "said"), [
+    (["--max-batch-size", "0"], {}, "error: --max-batch-size / VLKIT_MAX_BATCH_SIZE: Input should be greater than or equal to 1 (got 0)"),
+    ([], {"VLKIT_MAX_MODEL_LEN": "abc"}, "error: --max-model-len / VLKIT_MAX_MODEL_LEN: Input should be a valid integer"),
+    (["--max-pixels", "50000"], {}, "error: --min-pixels / VLKIT_MIN_PIXELS: 65536 is above --max-pixels 50000"),
+])
+def test_a_bad_setting_is_one_line_naming_it_before_anything_loads(tiny_model_dir, args, env, said):
+    """Range checks and VLKIT_* values went through pydantic to a 21-line traceback; min_pixels over
+    max_pixels was found only at warm-up, after the model loaded, as a request field's error."""
+    proc = run_service(["--model", str(tiny_model_dir), *args], env=env)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and said in out and "Traceback" not in out, out
+    assert len(out.strip().splitlines()) == 1
 
 
 def test_model_path_that_is_no_checkpoint_is_refused(tmp_path):
