@@ -520,3 +520,16 @@ def test_on_a_gpu_requests_prepare_with_one_cpu_thread_each_unless_omp_num_threa
         monkeypatch.setenv("OMP_NUM_THREADS", omp)
     limit_cpu_threads(torch.device(device))
     assert calls == expected
+
+
+def test_a_context_too_short_for_the_warm_up_image_warms_up_with_text(tiny_model_dir):
+    """min_pixels scales the warm-up's small image to 88 tokens: with --max-model-len 80 the service
+    died at warm-up with a context error for a request nobody sent; the warm-up is text there."""
+    eng = Engine.load(engine_settings(tiny_model_dir, max_model_len=80, min_pixels=65536, max_pixels=1003520))
+    warmup = eng.prompts.warmup_request()
+    assert warmup.prompt.images == 0 and warmup.prompt_tokens + 2 <= 80
+    eng.start()
+    try:
+        assert eng.ready
+    finally:
+        eng.stop()

@@ -245,15 +245,18 @@ class PromptBuilder:
         return self._prompt(input_ids, prompt.pixel_values, prompt.image_grid_thw, types, images[:count])
 
     def warmup_request(self) -> GenerationRequest:
-        """One short request through the whole path (an image included when the model takes images)."""
-        content: list[dict] = [{"type": "text", "text": "Describe the image."}]
-        images = []
+        """One short request through the whole path (an image included when the model takes images
+        and one fits the context: min_pixels can make even a small image longer than a short one)."""
+        text = [{"type": "text", "text": "Describe the image."}]
         if self._takes_images:
             from PIL import Image
 
-            images = [Image.new("RGB", (64, 64), (127, 127, 127))]
-            content.insert(0, {"type": "image"})
-        return self.request([{"role": "user", "content": content}], images, max_tokens=2, temperature=0.0)
+            try:
+                return self.request([{"role": "user", "content": [{"type": "image"}, *text]}],
+                                    [Image.new("RGB", (64, 64), (127, 127, 127))], max_tokens=2, temperature=0.0)
+            except InvalidRequest:  # longer than the context: the warm-up is text only
+                pass
+        return self.request([{"role": "user", "content": text}], [], max_tokens=2, temperature=0.0)
 
 
 def _sampling_defaults(generation_config: Any) -> tuple[dict, int | None]:
