@@ -48,13 +48,17 @@ def settings_check(facts) -> Check | None:
                 "fix or unset them (`unset VLKIT_...`); service/settings.py lists the valid values")
 
 
+def _named_file(facts) -> dict:
+    """`--wslconfig PATH` for the fixes' commands when the user named the file: they edit that one."""
+    return {"wslconfig": facts.wslconfig_path} if facts.wslconfig_given else {}
+
+
 def wslconfig_checks(facts, profile: str) -> list[Check]:
     """The .wslconfig's verdict, then one row for each line WSL will skip, ignore or reject."""
     rows = [wslconfig_check(facts, profile)]
     cfg = facts.wslconfig
     if cfg is not None and cfg.exists and not facts.wslconfig_error:
-        given = {"wslconfig": facts.wslconfig_path} if facts.wslconfig_given else {}
-        fix = f"fix the line by hand, or `{command('wsl-config', **given)}` (it rewrites values WSL rejects)"
+        fix = f"fix the line by hand, or `{command('wsl-config', **_named_file(facts))}` (it rewrites values WSL rejects)"
         rows += [warn("wslconfig", f"{cfg.path}: {note}", fix) for note in wslconfig.findings(cfg)]
     return rows
 
@@ -63,7 +67,7 @@ def wslconfig_check(facts, profile: str) -> Check:
     name = "wslconfig"
     if not facts.platform.is_wsl and facts.wslconfig_path is None:
         return ok(name, "not WSL: no .wslconfig involved")
-    given = {"wslconfig": facts.wslconfig_path} if facts.wslconfig_given else {}  # the fixes edit that file
+    given = _named_file(facts)
     if facts.wslconfig_path is not None and is_windows_path(facts.wslconfig_path):
         return warn(name, f"{facts.wslconfig_path}: {facts.wslconfig_error}",
                     f"`{command('doctor', wslconfig=windows_to_wsl_path(str(facts.wslconfig_path)))}`")
