@@ -170,7 +170,7 @@ async def whole(handles: list[RequestHandle], request_id: str, model: str, shape
             logprobs = None if c.logprobs is None else \
                 completion_logprobs(c.logprobs, shape.tokenizer, shape.tokens_as_ids)
             text = shape.echo + ("" if shape.echo_only else "".join(c.text))
-            token_ids = c.token_ids if shape.return_token_ids and not shape.echo_only else [] if shape.return_token_ids else None
+            token_ids = None if not shape.return_token_ids else [] if shape.echo_only else c.token_ids
             out.append(_choice(len(out), text, logprobs, c.last.finish_reason, c.last.stop_reason, token_ids,
                                shape.prompt_token_ids))
         usage = usage_of(choices)
