@@ -60,6 +60,14 @@ class ServiceSettings(BaseSettings):
     warmup: bool = Field(True, description="run one request at start-up before /health/ready says ready")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="server log level")
 
+    @field_validator("model")
+    @classmethod
+    def _model_not_empty(cls, v: str) -> str:
+        # Path("") is the current folder: an empty --model would be looked for there.
+        if not v.strip():
+            raise ValueError("is empty: give a checkpoint directory or a hub id like 'Qwen/Qwen3-VL-2B-Instruct'")
+        return v
+
     @field_validator("api_key", mode="before")
     @classmethod
     def _empty_key_is_none(cls, v: object) -> object:

@@ -50,6 +50,7 @@ def test_model_missing_from_cache_says_how_to_download(tmp_path):
     (["--max-batch-size", "0"], {}, "error: --max-batch-size / VLKIT_MAX_BATCH_SIZE: Input should be greater than or equal to 1 (got 0)"),
     ([], {"VLKIT_MAX_MODEL_LEN": "abc"}, "error: --max-model-len / VLKIT_MAX_MODEL_LEN: Input should be a valid integer"),
     (["--max-pixels", "50000"], {}, "error: --min-pixels / VLKIT_MIN_PIXELS: 65536 is above --max-pixels 50000"),
+    (["--model", ""], {}, "error: --model / VLKIT_MODEL: is empty"),  # was read as the current folder
 ])
 def test_a_bad_setting_is_one_line_naming_it_before_anything_loads(tiny_model_dir, args, env, said):
     """Range checks and VLKIT_* values went through pydantic to a 21-line traceback; min_pixels over
