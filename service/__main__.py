@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import types
 import typing
@@ -114,11 +115,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.run()
     except KeyboardInterrupt:  # Ctrl-C: uvicorn re-raises it once shut down (uvicorn.run swallows it too)
-        pass
+        if app.state.service.loading or failed:  # failed: the shutdown cut the warm-up short
+            interrupted_while_loading()
     if failed:
         print(f"error: {failed[0]}", file=sys.stderr)
         return 1
     return 0
+
+
+def interrupted_while_loading() -> typing.NoReturn:
+    """Exit at once, status 130 (Ctrl-C's): the load thread may be inside torch, and the interpreter's
+    exit would tear torch down under it (SIGABRT, "terminate called without an active exception").
+    A load has nothing to save."""
+    print("interrupted while the model was loading", file=sys.stderr)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 if __name__ == "__main__":
