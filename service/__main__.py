@@ -11,7 +11,6 @@ import os
 import sys
 import types
 import typing
-from pathlib import Path
 
 from service.settings import ServiceSettings
 
@@ -45,7 +44,7 @@ def _flag_type(annotation) -> tuple[type, list | None]:
         return _flag_type(args[0])
     if annotation in (bool, int, float):
         return annotation, None
-    return (Path if annotation is Path else str), None
+    return str, None  # paths too: the settings make the Path (argparse's would turn '' into '.' first)
 
 
 def settings_table() -> str:

@@ -55,7 +55,7 @@ class ServiceSettings(BaseSettings):
     compile_cache_dir: Optional[Path] = Field(None, description="where compiled kernels are cached across restarts (TorchInductor and Triton caches; put it on a volume); default ~/.cache/vlkit/compile")
     api_key: Optional[str] = Field(None, description="when set, requests need `Authorization: Bearer <key>`")
     allow_remote_urls: bool = Field(False, description="fetch http(s) image URLs (off: refused with 400)")
-    allowed_media_dir: Optional[Path] = Field(None, description="file:// images only from under this directory")
+    allowed_media_dir: Optional[Path] = Field(None, description="file:// images only from under this directory (which must exist); unset: none")
     allowed_origins: str = Field("*", description="CORS: the origins (comma-separated) whose web pages may call the API from a browser; `*`: any, vLLM's default; empty: none")
     warmup: bool = Field(True, description="run one request at start-up before /health/ready says ready")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="server log level")
@@ -66,6 +66,20 @@ class ServiceSettings(BaseSettings):
         # Path("") is the current folder: an empty --model would be looked for there.
         if not v.strip():
             raise ValueError("is empty: give a checkpoint directory or a hub id like 'Qwen/Qwen3-VL-2B-Instruct'")
+        return v
+
+    @field_validator("allowed_media_dir", mode="before")
+    @classmethod
+    def _media_dir_is_a_directory(cls, v: object) -> object:
+        # Checked at start-up: otherwise every file:// image fails later, each request on its own.
+        # Before Path(): Path("") is the current folder.
+        if v is None:
+            return v
+        if not str(v).strip():
+            raise ValueError("is empty: give a directory, or leave it unset to refuse local image files")
+        path = Path(str(v)).expanduser()
+        if not path.is_dir():
+            raise ValueError("is a file, not a directory" if path.exists() else "no such directory")
         return v
 
     @field_validator("api_key", mode="before")

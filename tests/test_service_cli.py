@@ -23,6 +23,18 @@ def run_service(args: list[str], env: dict | None = None, **kwargs) -> subproces
                             stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
+def refusal(args: list[str], env: dict | None = None) -> tuple[int | None, str]:
+    """Exit status and output of a start that should be refused at once; one that starts serving
+    instead is killed (its status then None), so the test fails without waiting on it."""
+    proc = run_service(args, env)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return None, proc.communicate()[0]
+    return proc.returncode, out
+
+
 def test_every_setting_has_a_flag():
     flags = {a.dest for a in build_parser()._actions if a.dest != "help"}
     assert flags == set(ServiceSettings.model_fields)
@@ -59,6 +71,19 @@ def test_a_bad_setting_is_one_line_naming_it_before_anything_loads(tiny_model_di
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2 and said in out and "Traceback" not in out, out
     assert len(out.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("name", "said"), [
+    ("no-such-dir", "no such directory"),
+    ("config.json", "is a file, not a directory"),
+    ("", "is empty: give a directory, or leave it unset to refuse local image files"),
+])
+def test_allowed_media_dir_that_is_no_directory_is_a_settings_error(tiny_model_dir, name, said):
+    """It was accepted, and every file:// image then failed, request by request ('' was the current folder)."""
+    given = str(tiny_model_dir / name) if name else ""
+    status, out = refusal(["--model", str(tiny_model_dir), "--port", str(free_port()), "--allowed-media-dir", given])
+    assert status == 2 and "Traceback" not in out, out
+    assert out.strip() == f"error: --allowed-media-dir / VLKIT_ALLOWED_MEDIA_DIR: {said} (got {given!r})"
 
 
 def test_model_path_that_is_no_checkpoint_is_refused(tmp_path):
