@@ -80,11 +80,15 @@ def settings_errors(exc) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
     try:
         settings = settings_from_args(argv)
     except ValidationError as exc:  # a value out of range, or a malformed VLKIT_* variable
         print("\n".join(settings_errors(exc)), file=sys.stderr)
+        return 2
+    except SettingsError as exc:  # VLKIT_ENV_FILE missing or unreadable, or a line of it that does not parse
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from service.errors import ModelUnavailable

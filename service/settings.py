@@ -7,24 +7,55 @@ into the compose env file, so this module must stay importable without torch.
 """
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Literal, Optional
 
+from dotenv import dotenv_values
+from dotenv.parser import parse_stream
 from pydantic import Field, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, DotEnvSettingsSource, SettingsConfigDict, SettingsError
+from pydantic_settings.sources.utils import parse_env_vars
 
 from service.sizing import DEFAULT_BATCHED_TOKENS
 
 ENV_PREFIX = "VLKIT_"
+ENV_FILE_VARIABLE = ENV_PREFIX + "ENV_FILE"
+
+
+class EnvFile(DotEnvSettingsSource):
+    """The file VLKIT_ENV_FILE names, read strictly (a SettingsError naming the file, and the line):
+    pydantic-settings skips a missing file and dotenv drops a line it cannot parse with a log warning
+    only, so the settings in them silently kept their defaults. Read once (the file may be a pipe)."""
+
+    def _load_env_vars(self):
+        name = os.environ.get(ENV_FILE_VARIABLE)
+        if not name:
+            return {}
+        try:
+            text = Path(name).expanduser().read_text(encoding="utf-8")
+        except OSError as exc:
+            raise SettingsError(f"{ENV_FILE_VARIABLE} {name}: cannot read it: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise SettingsError(f"{ENV_FILE_VARIABLE} {name}: not UTF-8 text") from None
+        for binding in parse_stream(io.StringIO(text)):
+            if binding.error:  # its text starts with the blank lines before it
+                statement = binding.original.string
+                line = binding.original.line + statement[:len(statement) - len(statement.lstrip())].count("\n")
+                raise SettingsError(f"{ENV_FILE_VARIABLE} {name}, line {line}: cannot be parsed (want NAME=value)")
+        values = dotenv_values(stream=io.StringIO(text))
+        return parse_env_vars(values, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
 
 
 class ServiceSettings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX,
-        env_file=os.environ.get("VLKIT_ENV_FILE"),
-        extra="ignore",
-    )
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        # The same order (flags over environment over the env file), the env file strict (EnvFile).
+        return init_settings, env_settings, EnvFile(settings_cls), file_secret_settings
 
     model: str = Field("Qwen/Qwen3-VL-2B-Instruct", description="local path or hub id (resolved from the local Hugging Face cache)")
     served_model_name: Optional[str] = Field(None, description="name clients pass as `model`; defaults to --model")

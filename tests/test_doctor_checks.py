@@ -212,6 +212,12 @@ def test_wslconfig_check_names_files_wsl_cannot_read(tmp_path, make, message):
     assert c.status == "warn" and message in c.found and str(path) in c.found
 
 
+def test_a_vlkit_env_file_the_service_would_refuse_is_reported_not_a_crash(monkeypatch, tmp_path):
+    monkeypatch.setenv("VLKIT_ENV_FILE", str(tmp_path / "missing.env"))
+    settings, why = facts_module.service_settings()
+    assert settings.port == 8000 and why == f"VLKIT_ENV_FILE {tmp_path / 'missing.env'}: cannot read it: No such file or directory"
+
+
 def test_platform_checks_wsl1_and_systemd():
     wsl1 = Platform("wsl1", "4.4.0-18985-Microsoft", read(PUBLIC / "proc-version-wsl1-18985.txt"))
     rows = by_name(system.platform_checks(facts(platform=wsl1, systemd=False)))

@@ -50,6 +50,30 @@ def test_flags_override_environment(monkeypatch, tmp_path):
     assert settings.host == "127.0.0.1"
 
 
+def test_env_file_is_read_when_the_settings_are_made(monkeypatch, tmp_path):
+    env_file = tmp_path / "vlkit.env"
+    env_file.write_text("# settings\nVLKIT_PORT=9001\nexport VLKIT_MAX_PIXELS=500000\n")
+    monkeypatch.setenv("VLKIT_ENV_FILE", str(env_file))
+    monkeypatch.setenv("VLKIT_PORT", "9002")
+    settings = settings_from_args(["--max-model-len", "4096"])
+    assert (settings.port, settings.max_pixels, settings.max_model_len) == (9002, 500000, 4096)  # env over file
+
+
+@pytest.mark.parametrize(("text", "said"), [
+    (None, ": cannot read it: No such file or directory"),
+    ("VLKIT_PORT=9001\n\n# comment\nVLKIT_MAX_PIXELS 500000\n", ", line 4: cannot be parsed (want NAME=value)"),
+])
+def test_env_file_missing_or_malformed_is_a_settings_error(tiny_model_dir, tmp_path, text, said):
+    """A missing VLKIT_ENV_FILE was ignored, and a line python-dotenv cannot parse dropped with only
+    its warning: the settings in them silently kept their defaults."""
+    env_file = tmp_path / "vlkit.env"
+    if text is not None:
+        env_file.write_text(text)
+    status, out = refusal(["--model", str(tiny_model_dir), "--port", str(free_port())],
+                          env={"VLKIT_ENV_FILE": str(env_file)})
+    assert status == 2 and out.strip() == f"error: VLKIT_ENV_FILE {env_file}{said}", out
+
+
 def test_model_missing_from_cache_says_how_to_download(tmp_path):
     proc = run_service(["--model", "Qwen/Qwen3-VL-2B-Instruct"], env={"HF_HUB_CACHE": str(tmp_path)})
     out, _ = proc.communicate(timeout=120)

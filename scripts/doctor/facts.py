@@ -145,14 +145,17 @@ def service_settings():
     """(ServiceSettings from the environment, None) or, when a VLKIT_* variable is malformed, (the
     defaults with VLKIT_MODEL kept, what is wrong): the doctor reports it instead of crashing."""
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
     from service.settings import ENV_PREFIX, ServiceSettings
 
     try:
         return ServiceSettings(), None
     except ValidationError as exc:
         why = "; ".join(f"{ENV_PREFIX}{'.'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
-        model = os.environ.get(f"{ENV_PREFIX}MODEL") or ServiceSettings.model_fields["model"].default
-        return ServiceSettings.model_construct(model=model), why
+    except SettingsError as exc:  # VLKIT_ENV_FILE's file missing, unreadable or malformed
+        why = str(exc)
+    model = os.environ.get(f"{ENV_PREFIX}MODEL") or ServiceSettings.model_fields["model"].default
+    return ServiceSettings.model_construct(model=model), why
 
 
 def _plans(gpu: GpuProbe, models: dict[str, str]) -> dict[str, object]:
