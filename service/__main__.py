@@ -92,10 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from service.errors import ModelUnavailable
-    from service.engine.loading import resolve_model_path
+    from service.engine.loading import check_max_model_len, resolve_model_path
 
-    try:
-        resolve_model_path(settings.model)  # fail fast, before binding the port
+    try:  # fail fast, before binding the port and loading the weights
+        check_max_model_len(resolve_model_path(settings.model), settings)
     except ModelUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -110,6 +110,31 @@ def test_allowed_media_dir_that_is_no_directory_is_a_settings_error(tiny_model_d
     assert out.strip() == f"error: --allowed-media-dir / VLKIT_ALLOWED_MEDIA_DIR: {said} (got {given!r})"
 
 
+def test_max_model_len_above_the_models_maximum_is_refused_before_the_weights_load(tiny_model_dir, monkeypatch):
+    """It was clamped to the model's maximum without a word; vLLM refuses it ("User-specified
+    max_model_len ... is greater than the derived max_model_len"), and so does the service now."""
+    import json
+
+    from service.engine import loading
+    from service.errors import ModelUnavailable
+
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    limit = config["text_config"]["max_position_embeddings"]
+    said = (f"--max-model-len / VLKIT_MAX_MODEL_LEN: {limit + 1} is greater than the model's maximum context of "
+            f"{limit} tokens (max_position_embeddings in {tiny_model_dir.resolve() / 'config.json'}; vLLM refuses "
+            f"it too): give {limit} or less")
+    status, out = refusal(["--model", str(tiny_model_dir), "--port", str(free_port()), "--max-model-len", str(limit + 1)])
+    assert status == 2 and out.strip() == f"error: {said}", out
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights load")
+
+    monkeypatch.setattr(loading, "load_model", no_weights)  # Engine.load and the app's load too
+    with pytest.raises(ModelUnavailable) as refused:
+        loading.load(ServiceSettings(model=str(tiny_model_dir), max_model_len=limit + 1))
+    assert str(refused.value) == said
+
+
 def test_model_path_that_is_no_checkpoint_is_refused(tmp_path):
     proc = run_service(["--model", str(tmp_path)])
     out, _ = proc.communicate(timeout=120)

@@ -53,6 +53,28 @@ def resolve_model_path(model: str) -> Path:
         ) from None
 
 
+def model_max_len(config) -> int | None:
+    """The model's own longest context: its text config's max_position_embeddings (vLLM's derived
+    max_model_len for Qwen3-VL); None when the config does not say."""
+    return getattr(config.get_text_config(), "max_position_embeddings", None)
+
+
+def check_max_model_len(path: Path, settings: ServiceSettings) -> None:
+    """Refuse a --max-model-len above the model's maximum, from its config alone (before any weight
+    loads), as vLLM refuses it: positions past it are ones the model was never trained on."""
+    from transformers import AutoConfig
+
+    try:
+        limit = model_max_len(AutoConfig.from_pretrained(path))
+    except (OSError, ValueError) as exc:
+        raise ModelUnavailable(f"cannot read the model's config in {path}: {exc}") from exc
+    if limit is not None and settings.max_model_len > limit:
+        raise ModelUnavailable(
+            f"--max-model-len / VLKIT_MAX_MODEL_LEN: {settings.max_model_len} is greater than the model's maximum "
+            f"context of {limit} tokens (max_position_embeddings in {path / 'config.json'}; vLLM refuses it too): "
+            f"give {limit} or less")
+
+
 def pick_device(settings: ServiceSettings) -> torch.device:
     if settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
@@ -185,6 +207,7 @@ def _nf4_options(device: torch.device, dtype: torch.dtype) -> dict:
 def load(settings: ServiceSettings) -> LoadedModel:
     """Resolve, then load processor and weights once."""
     path = resolve_model_path(settings.model)
+    check_max_model_len(path, settings)
     device = pick_device(settings)
     dtype = pick_dtype(settings, device)
     log.info("loading %s on %s as %s", path, device, dtype)
