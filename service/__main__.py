@@ -6,6 +6,7 @@ stays the one source of truth; a flag overrides the matching ``VLKIT_*`` environ
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import sys
@@ -78,6 +79,24 @@ def settings_errors(exc) -> list[str]:
     return lines
 
 
+def exposure_warning(settings: ServiceSettings) -> str | None:
+    """The start-up warning for an address others may reach, with no API key; None on loopback or with a key."""
+    if settings.api_key or _is_loopback(settings.host):
+        return None
+    return (f"--host {settings.host}: the API is reachable from the network without an API key (anyone who reaches "
+            f"port {settings.port} can use it; in a container, wherever its port is published): "
+            "set --api-key / VLKIT_API_KEY to require one")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name (or ''): it may stand for any interface
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
     from pydantic_settings import SettingsError
@@ -91,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if warning := exposure_warning(settings):
+        logging.getLogger("service").warning(warning)
     from service.errors import ModelUnavailable
     from service.engine.loading import check_max_model_len, resolve_model_path
 

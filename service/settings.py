@@ -62,7 +62,7 @@ class ServiceSettings(BaseSettings):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="auto: bf16 on GPU (fp16 on Turing, which has no bf16), float32 on CPU")
     quantization: Literal["none", "fp8", "nf4"] = Field("none", description="fp8: quantize a bf16 checkpoint's decoder linears to FP8 while loading (128x128 blocks, as Qwen's -FP8 checkpoints, which load as FP8 anyway); nf4: 4-bit bitsandbytes weights (CUDA only), for what FP8 does not fit")
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: the first CUDA GPU when torch sees one, else the CPU")
-    host: str = Field("127.0.0.1", description="bind address; 127.0.0.1 unless you mean to expose it")
+    host: str = Field("127.0.0.1", description="bind address; 127.0.0.1 unless you mean to expose it (then set --api-key: without one, start-up warns)")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port")
     max_model_len: int = Field(2048, ge=64, description="max context: prompt (text + image tokens) + new tokens, at most the model's own maximum (max_position_embeddings; above it the start is refused, as by vLLM)")
     max_pixels: int = Field(1003520, ge=3136, description="images larger than this are resized down (default 1280x784; ~1000 image tokens for Qwen3-VL)")

@@ -135,6 +135,36 @@ def test_max_model_len_above_the_models_maximum_is_refused_before_the_weights_lo
     assert str(refused.value) == said
 
 
+EXPOSED = ("--host {host}: the API is reachable from the network without an API key (anyone who reaches port "
+           "{port} can use it; in a container, wherever its port is published): set --api-key / VLKIT_API_KEY to "
+           "require one")
+
+
+@pytest.mark.parametrize(("host", "api_key", "warned"), [
+    ("0.0.0.0", None, True), ("::", None, True), ("192.168.1.20", None, True), ("my-host.example", None, True),
+    ("", None, True), ("0.0.0.0", "key", False), ("127.0.0.1", None, False), ("127.0.0.2", None, False),
+    ("::1", None, False), ("localhost", None, False),
+])
+def test_exposure_warning_is_for_addresses_others_may_reach_without_a_key(host, api_key, warned):
+    from service.__main__ import exposure_warning
+
+    said = exposure_warning(ServiceSettings(host=host, port=8123, api_key=api_key))
+    assert said == (EXPOSED.format(host=host, port=8123) if warned else None)
+
+
+@pytest.mark.parametrize("api_key", [None, "key"])
+def test_a_bind_others_can_reach_without_an_api_key_is_warned_about_at_start_up(tmp_path, api_key):
+    """It was not. The model here is no checkpoint, so the start stops right after the warning: nothing
+    listens on a public address in the test."""
+    port = free_port()
+    status, out = refusal(["--model", str(tmp_path), "--host", "0.0.0.0", "--port", str(port),
+                           *(["--api-key", api_key] if api_key else [])])
+    *before, last = out.strip().splitlines()
+    assert status == 2 and "no config.json" in last, out
+    assert [line.split(" ", 2)[2] for line in before] == (
+        [] if api_key else ["WARNING service: " + EXPOSED.format(host="0.0.0.0", port=port)])
+
+
 def test_model_path_that_is_no_checkpoint_is_refused(tmp_path):
     proc = run_service(["--model", str(tmp_path)])
     out, _ = proc.communicate(timeout=120)
