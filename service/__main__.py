@@ -6,6 +6,7 @@ stays the one source of truth; a flag overrides the matching ``VLKIT_*`` environ
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import logging
 import os
@@ -121,6 +122,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
+    from service.http_limits import bind_sockets
+
+    try:
+        sockets = bind_sockets(settings.host, settings.port)  # now: uvicorn binds after the start-up, i.e. the load
+    except OSError as exc:
+        print(f"error: {bind_error(settings, exc)}", file=sys.stderr)
+        return 2
+
     import uvicorn
 
     from service.api import create_app
@@ -137,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(settings, on_load_failure=on_load_failure)
     server = uvicorn_server(app, settings)
     try:
-        server.run()
+        server.run(sockets=sockets)
     except KeyboardInterrupt:  # Ctrl-C: uvicorn re-raises it once shut down (uvicorn.run swallows it too)
         if app.state.service.loading or failed:  # failed: the shutdown cut the warm-up short
             interrupted_while_loading()
@@ -145,6 +154,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {failed[0]}", file=sys.stderr)
         return 1
     return 0
+
+
+def bind_error(settings: ServiceSettings, exc: OSError) -> str:
+    """Why the server cannot listen, naming the settings to change."""
+    where = f"{settings.host}:{settings.port}"
+    if exc.errno == errno.EADDRINUSE:
+        return (f"--port / VLKIT_PORT: {where} is taken (address already in use): another program listens there; "
+                "stop it or choose another port")
+    return f"--host / VLKIT_HOST, --port / VLKIT_PORT: cannot listen on {where}: {exc.strerror or exc}"
 
 
 def interrupted_while_loading() -> typing.NoReturn:

@@ -18,6 +18,7 @@ caps only the size, and only with the pure-Python h11 parser, half as fast when 
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -121,6 +122,31 @@ def uvicorn_config(app, settings, *, grace_s: float = SHUTDOWN_GRACE_S):
                           timeout_graceful_shutdown=grace_s + SHUTDOWN_BACKSTOP_S)
 
 
+def bind_sockets(host: str, port: int) -> list[socket.socket]:
+    """The server's sockets, bound now (OSError when they cannot be): uvicorn binds only after the
+    app's start-up, and a port in use should be said before the model loads. Bound as asyncio's
+    create_server binds them for uvicorn: one per address the host stands for, IPv6 ones v6-only, and
+    SO_REUSEADDR, with which Linux refuses a port another socket listens on, not one whose server
+    just stopped (its closed connections in TIME_WAIT)."""
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(
+                socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)):
+            try:
+                sockets.append(sock := socket.socket(family, kind, proto))
+            except OSError:  # a family this host lacks (IPv6 off): skipped, as asyncio skips it
+                continue
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
 class ServiceServer(uvicorn.Server):
     """uvicorn's server, telling the engine when a shutdown starts: queued requests get 503 at once
     and the running ones finish; those still running after the grace end with a 503 (streamed: an
@@ -129,6 +155,11 @@ class ServiceServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app, grace_s: float):
         super().__init__(config)
         self._app, self._grace_s = app, grace_s
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if sockets and self.started:  # uvicorn says where it listens only for the sockets it binds itself
+            self._log_started_message(sockets)
 
     async def shutdown(self, sockets=None) -> None:
         engine = self._app.state.service.engine

@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import signal
+import socket
 
-from tests.test_service_cli import run_service
+import httpx
+import pytest
+
+from service.readiness import wait_ready
 from tests.conftest import free_port
+from tests.test_service_cli import run_service
 
 LOADING = "service.engine.loading: loading"  # the log line the load thread writes as it starts
 
@@ -29,3 +34,39 @@ def test_ctrl_c_while_the_model_loads_exits_130_in_one_line(tiny_model_dir):
         raise AssertionError("the load finished before Ctrl-C every time")
     assert proc.returncode == 130, out
     assert out.rstrip().endswith("\ninterrupted while the model was loading"), out
+
+
+def test_a_port_in_use_is_said_in_one_line_before_anything_loads(tiny_model_dir):
+    """uvicorn binds after the app's start-up, which starts the load: the port was found taken only
+    then (after minutes on a GPU), in uvicorn's words, exit status 3."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run_service(["--model", str(tiny_model_dir), "--port", str(port), "--log-level", "info"])
+        out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and LOADING not in out, out
+    assert out.strip() == (f"error: --port / VLKIT_PORT: 127.0.0.1:{port} is taken (address already in use): "
+                           "another program listens there; stop it or choose another port"), out
+
+
+def test_the_port_of_a_server_that_just_stopped_is_not_taken(tiny_model_dir):
+    """The service binds its socket itself, as uvicorn would (SO_REUSEADDR): a port whose connections
+    still linger after its server stopped (FIN-WAIT-2, TIME_WAIT) binds again at once."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    args = ["--model", str(tiny_model_dir), "--port", str(port), "--no-warmup"]
+    with httpx.Client() as client:  # a keep-alive connection, which the stopping server closes first
+        proc = run_service(args)
+        assert wait_ready(base, 120, alive=lambda: proc.poll() is None), proc.stdout.read()
+        assert client.get(base + "/health").status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+        with socket.socket() as plain, pytest.raises(OSError):  # without SO_REUSEADDR: taken
+            plain.bind(("127.0.0.1", port))
+        proc = run_service(args)
+        try:
+            assert wait_ready(base, 120, alive=lambda: proc.poll() is None), proc.stdout.read()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=60)
