@@ -81,10 +81,14 @@ def settings_errors(exc) -> list[str]:
 
 
 def exposure_warning(settings: ServiceSettings) -> str | None:
-    """The start-up warning for an address others may reach, with no API key; None on loopback or with a key."""
-    if settings.api_key or _is_loopback(settings.host):
+    """The start-up warning for an address others may reach, with no API key; None on loopback or with a key.
+    In a container whose port is published on the host's loopback (vlkit's compose: --published-host),
+    binding 0.0.0.0 inside reaches no one else."""
+    if settings.api_key or _is_loopback(settings.published_host or settings.host):
         return None
-    return (f"--host {settings.host}: the API is reachable from the network without an API key (anyone who reaches "
+    where = (f"--published-host {settings.published_host}" if settings.published_host
+             else f"--host {settings.host}")
+    return (f"{where}: the API is reachable from the network without an API key (anyone who reaches "
             f"port {settings.port} can use it; in a container, wherever its port is published): "
             "set --api-key / VLKIT_API_KEY to require one")
 

@@ -64,6 +64,7 @@ class ServiceSettings(BaseSettings):
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: the first CUDA GPU when torch sees one, else the CPU")
     host: str = Field("127.0.0.1", description="bind address; 127.0.0.1 unless you mean to expose it (then set --api-key: without one, start-up warns)")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port")
+    published_host: Optional[str] = Field(None, description="in a container: the host address its port is published on (vlkit's compose sets 127.0.0.1); the start-up's no-API-key warning judges that address instead of --host")
     max_model_len: int = Field(2048, ge=64, description="max context: prompt (text + image tokens) + new tokens, at most the model's own maximum (max_position_embeddings; above it the start is refused, as by vLLM)")
     max_pixels: int = Field(1003520, ge=3136, description="images larger than this are resized down (default 1280x784; ~1000 image tokens for Qwen3-VL)")
     min_pixels: int = Field(65536, ge=1024, description="smaller images are scaled up to this (Qwen3-VL's processor default)")

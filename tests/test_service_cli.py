@@ -152,6 +152,19 @@ def test_exposure_warning_is_for_addresses_others_may_reach_without_a_key(host, 
     assert said == (EXPOSED.format(host=host, port=8123) if warned else None)
 
 
+@pytest.mark.parametrize(("published", "warned"), [("127.0.0.1", False), ("::1", False), ("0.0.0.0", True),
+                                                   ("192.168.1.20", True)])
+def test_in_a_container_the_published_address_decides_the_warning(published, warned):
+    """vlkit's compose binds 0.0.0.0 in the container and publishes the port on the host's loopback
+    (VLKIT_PUBLISHED_HOST=127.0.0.1): every `make up` without a key logged that the network could reach
+    the API, which it could not."""
+    from service.__main__ import exposure_warning
+
+    said = exposure_warning(ServiceSettings(host="0.0.0.0", published_host=published, port=8000))
+    assert said == (EXPOSED.replace("--host", "--published-host").format(host=published, port=8000)
+                    if warned else None)
+
+
 @pytest.mark.parametrize("api_key", [None, "key"])
 def test_a_bind_others_can_reach_without_an_api_key_is_warned_about_at_start_up(tmp_path, api_key):
     """It was not. The model here is no checkpoint, so the start stops right after the warning: nothing
