@@ -305,6 +305,24 @@ def test_the_budget_is_shared_out_in_blocks():
     assert MIB * 7 == block
 
 
+def test_the_batch_size_check_counts_what_the_cache_and_the_decode_step_allocate(engine):
+    """startup.check_batch_fits refuses a --max-batch-size from these figures (tests/test_service_startup.py
+    the refusal): each is what the engine's buffers hold, a slot at a time."""
+    from service.decode import DecodeRunner
+    from service.sizing import BLOCK_SIZE, blocks_for
+
+    cache, runner = engine.scheduler.batch.cache, engine.scheduler.batch.runner
+    slots = cache.num_slots
+
+    def per_slot(*tensors) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors) // slots
+
+    assert PagedKVCache.slot_bytes(cache.max_len) == per_slot(cache.block_table, cache.lengths_dev)
+    assert DecodeRunner.slot_bytes(runner.decoder.vocab_size) == per_slot(runner.logits, runner._inputs)
+    block_bytes = PagedKVCache.bytes_per_token(engine.model.config, engine.dtype) * BLOCK_SIZE
+    assert cache.nbytes == (slots * blocks_for(cache.max_len) + 1) * block_bytes  # the CPU's pool: whole contexts
+
+
 def test_generation_stops_at_the_context_limit(engine):
     req = request(engine, "fill the context", max_tokens=None)
     result = engine.generate(req)

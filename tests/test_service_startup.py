@@ -70,3 +70,16 @@ def test_the_port_of_a_server_that_just_stopped_is_not_taken(tiny_model_dir):
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.communicate(timeout=60)
+
+
+def test_a_batch_too_large_for_the_memory_names_max_batch_size_and_what_it_needs(tiny_model_dir):
+    """max_batch_size sizes a row of buffers per request (and on the CPU a whole context of KV cache
+    each): a huge one failed in the allocator, in torch's words ('DefaultCPUAllocator: can't allocate
+    memory: you tried to allocate 26214408192 bytes')."""
+    proc = run_service(["--model", str(tiny_model_dir), "--port", str(free_port()), "--max-batch-size", "100000000"])
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in out and "allocate" not in out, out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("error: --max-batch-size 100000000 needs "), out
+    assert "GiB (the rows' logits, inputs and block table: " in last and "the KV cache of 100000000 sequences" in last
+    assert last.endswith("GiB this machine has available: lower --max-batch-size or --max-model-len"), out

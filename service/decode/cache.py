@@ -129,6 +129,11 @@ class PagedKVCache:
         return kv_bytes_per_token(layers=text.num_hidden_layers, kv_heads=text.num_key_value_heads,
                                   head_dim=_head_dim(text), dtype_bytes=torch.empty((), dtype=dtype).element_size())
 
+    @staticmethod
+    def slot_bytes(max_len: int, block_size: int = BLOCK_SIZE) -> int:
+        """Device bytes one slot takes beside the K/V pools: its block-table row (int32) and length (int64)."""
+        return blocks_for(max_len, block_size) * 4 + 8
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))

@@ -61,6 +61,11 @@ class DecodeRunner:
         self.capture_error: str | None = None
         self.capture_seconds = 0.0
 
+    @staticmethod
+    def slot_bytes(vocab_size: int) -> int:
+        """Device bytes one slot takes: its row of logits (float32) and its column of inputs (4 int64)."""
+        return vocab_size * 4 + 4 * 8
+
     @property
     def uses_cuda_graphs(self) -> bool:
         return bool(self.graphs)

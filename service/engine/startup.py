@@ -25,7 +25,7 @@ from service.decode import DecodeRunner, PagedKVCache, Qwen3VLDecoder, Qwen3VLPr
 from service.decode.kernel_choice import release_workspaces
 from service.decode.qwen3_step import fuse_linears, text_model_of
 from service.engine.batch import Batch
-from service.engine.memory import ProcessMemory
+from service.engine.memory import ProcessMemory, available_host_memory
 from service.engine.requests import Prompt
 from service.errors import ModelUnavailable
 from service.settings import ServiceSettings
@@ -76,6 +76,7 @@ def build_batch(model: Any, largest: Prompt, settings: ServiceSettings, max_mode
     on_cuda = device.type == "cuda"
     started = time.perf_counter()
     plan = None
+    check_batch_fits(model, settings, max_model_len, dtype, device, memory)
     if on_cuda:
         for layer in text_model_of(model).layers:  # one matmul each, in place, before memory is measured
             fuse_linears([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
@@ -115,6 +116,34 @@ def build_batch(model: Any, largest: Prompt, settings: ServiceSettings, max_mode
     # A pass holds at most the largest request's images, whose features the memory plan measured.
     return Batch(runner, prefill_for(model, decoder, largest, settings),
                  max_images_per_pass=max(1, settings.max_images_per_request), reserved_ceiling=ceiling), plan
+
+
+def check_batch_fits(model: Any, settings: ServiceSettings, max_model_len: int, dtype: torch.dtype,
+                     device: torch.device, memory: ProcessMemory | None) -> None:
+    """Refuse a --max-batch-size whose buffers cannot fit, before they are allocated (torch's own
+    error names no setting). Each row has its logits, inputs and block-table row; on the CPU, where
+    no budget plans the KV cache, also a whole context of KV cache. On a GPU they must fit in what the
+    budget leaves beside what the process holds now (the KV cache is planned from what remains); on
+    the CPU in the memory the machine has available."""
+    rows = settings.max_batch_size
+    vocab = model.get_output_embeddings().weight.shape[0]
+    parts = {"the rows' logits, inputs and block table":
+             rows * (DecodeRunner.slot_bytes(vocab) + PagedKVCache.slot_bytes(max_model_len))}
+    if device.type == "cuda":
+        available = int(settings.memory_budget_gib * GIB) - memory.used()
+        room = f"--memory-budget-gib {settings.memory_budget_gib} leaves beside the weights and the CUDA context"
+        lower = "--max-batch-size"
+    else:
+        block_bytes = PagedKVCache.bytes_per_token(model.config, dtype) * BLOCK_SIZE
+        kv = f"the KV cache of {rows} sequences of --max-model-len {max_model_len}"
+        parts[kv] = (rows * blocks_for(max_model_len) + 1) * block_bytes  # + the scratch block
+        available, room = available_host_memory(), "this machine has available"
+        lower = "--max-batch-size or --max-model-len"
+    need = sum(parts.values())
+    if available is not None and need > available:
+        detail = ", ".join(f"{name}: {size / GIB:.2f} GiB" for name, size in parts.items())
+        raise ModelUnavailable(f"--max-batch-size {rows} needs {need / GIB:.2f} GiB ({detail}), more than the "
+                               f"{max(available, 0) / GIB:.2f} GiB {room}: lower {lower}")
 
 
 def prefill_for(model: Any, decoder: Qwen3VLDecoder, largest: Prompt, settings: ServiceSettings) -> Qwen3VLPrefill:
