@@ -256,6 +256,25 @@ def test_streamed_logprobs_join_into_the_whole_answers_on_both_routes(server):
     assert joined == whole  # text_offset counts on across chunks
 
 
+def test_system_fingerprint_on_whole_answers_and_each_streams_last_chunk_like_vllm(server):
+    """vLLM 0.27 (--fingerprint-mode full, its default) names its build and configuration in
+    system_fingerprint: on whole answers; streamed, on each choice's finishing chunk, or only on the
+    usage chunk when one is asked for. Ours is "vlkit-<version>-<hash8>", the same on every answer."""
+    chat_body = {"model": SERVED_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    completion_body = {"model": SERVED_NAME, "prompt": "hi", "max_tokens": 3}
+    fingerprint = post(server, "/v1/chat/completions", chat_body).json()["system_fingerprint"]
+    assert re.fullmatch(r"vlkit-[^-]+-[0-9a-f]{8}", fingerprint)
+    assert post(server, "/v1/completions", completion_body).json()["system_fingerprint"] == fingerprint
+    for path, body in (("/v1/chat/completions", chat_body), ("/v1/completions", completion_body)):
+        chunks = _stream(server, path, {**body, "stream": True, "n": 2, "temperature": 1.0, "ignore_eos": True})
+        stamped = [c for c in chunks if c.get("system_fingerprint")]
+        assert [c["choices"][0]["finish_reason"] for c in stamped] == ["length", "length"], path
+        assert {c["system_fingerprint"] for c in stamped} == {fingerprint}
+        with_usage = _stream(server, path, {**body, "stream": True, "stream_options": {"include_usage": True}})
+        assert [c["usage"] is not None for c in with_usage if c.get("system_fingerprint")] == [True], path
+        assert with_usage[-1]["system_fingerprint"] == fingerprint
+
+
 def test_cache_salt_keeps_prefixes_apart(server):
     text = "A long shared question about the street, the bakery and the tram stop. " * 6
     hits = lambda: metric(server, "vllm:prefix_cache_hits_total")  # noqa: E731

@@ -128,11 +128,13 @@ def stream(handle: RequestHandle, request_id: str, model: str, include_usage: bo
     offsets = [len(shape.echo)] * shape.n
     announced: set[int] = set()  # the choices whose prompt_token_ids went out
 
-    def chunk(choices: list[dict], usage: Usage | None = None) -> bytes:
+    def chunk(choices: list[dict], usage: Usage | None = None, fingerprint: str | None = None) -> bytes:
         body = {"id": request_id, "object": "text_completion", "created": created, "model": model,
                 "choices": choices}
         if usage is not None:
             body["usage"] = usage.model_dump()
+        if fingerprint is not None:  # vLLM's: each choice's last chunk, or the usage chunk when one follows
+            body["system_fingerprint"] = fingerprint
         return b"data: " + orjson.dumps(body) + b"\n\n"
 
     def prompt_token_ids(index: int) -> list[int] | None:
@@ -155,9 +157,11 @@ def stream(handle: RequestHandle, request_id: str, model: str, include_usage: bo
         offsets[event.index] += len(event.text)
         choice = _choice(event.index, event.text, logprobs, event.finish_reason, event.stop_reason,
                          event.token_ids if shape.return_token_ids else None, prompt_token_ids(event.index))
-        return chunk([choice], usage.of_choice(event.index) if shape.continuous_usage else None)
+        return chunk([choice], usage.of_choice(event.index) if shape.continuous_usage else None,
+                     shape.fingerprint if event.finish_reason is not None and not include_usage else None)
 
-    return stream_answer(handle, shape, include_usage, metrics, head, render, lambda total: chunk([], total))
+    return stream_answer(handle, shape, include_usage, metrics, head, render,
+                         lambda total: chunk([], total, shape.fingerprint))
 
 
 async def whole(handles: list[RequestHandle], request_id: str, model: str, shapes: list[AnswerShape]) -> dict:
@@ -176,4 +180,5 @@ async def whole(handles: list[RequestHandle], request_id: str, model: str, shape
         usage = usage_of(choices)
         prompt_tokens, completion_tokens = prompt_tokens + usage.prompt_tokens, completion_tokens + usage.completion_tokens
     return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": out, "usage": Usage.count(prompt_tokens, completion_tokens).model_dump()}
+            "choices": out, "system_fingerprint": shapes[0].fingerprint,
+            "usage": Usage.count(prompt_tokens, completion_tokens).model_dump()}

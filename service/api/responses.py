@@ -65,6 +65,7 @@ class ChatCompletionResponse(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list[Choice]
+    system_fingerprint: Optional[str] = None
     usage: Usage
     prompt_token_ids: Optional[list[int]] = None
     prompt_text: Optional[str] = None
@@ -92,6 +93,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChunkChoice]
     usage: Optional[Usage] = None
+    system_fingerprint: Optional[str] = None  # on the last chunk only (vLLM's)
     prompt_token_ids: Optional[list[int]] = None
     prompt_text: Optional[str] = None
 

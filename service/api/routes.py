@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 from service.api.completions import CompletionRequest
 from service.api.protocol import ChatCompletionRequest
 from service.api.responses import ModelCard, ModelList
+from service.api.serving import vlkit_version
 from service.api.state import ServiceState
 from service.errors import Cancelled, InvalidRequest, PayloadTooLarge, RequestTimeout, Unauthorized
 
@@ -50,12 +51,7 @@ async def health(state: ServiceState = Depends(service_state)) -> Response:
 
 @router.get("/version")
 async def version() -> dict:
-    from importlib import metadata
-
-    try:
-        return {"version": metadata.version("vlkit")}
-    except metadata.PackageNotFoundError:
-        return {"version": "unknown"}
+    return {"version": vlkit_version()}
 
 
 @router.get("/health/ready")

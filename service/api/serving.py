@@ -4,9 +4,12 @@ answer's shape, gathering the choices, the stream's skeleton and usage). No HTTP
 (routes.py) and no cancellation (cancellation.py owns the handle's end)."""
 from __future__ import annotations
 
+import functools
+import hashlib
 import time
 import uuid
 from dataclasses import dataclass, field
+from importlib import metadata
 from typing import AsyncIterator, Callable
 
 from starlette.responses import JSONResponse, Response
@@ -46,6 +49,7 @@ class AnswerShape:
     prompt_tokens: int = 0
     prompt_token_ids: list[int] | None = None
     stream_interval: int | None = None
+    fingerprint: str | None = None  # the answer's system_fingerprint (system_fingerprint(engine))
     echo: str = ""
     echo_only: bool = False  # completions' echo with max_tokens 0: the prompt alone (one token is generated, unshown)
     # Chat's own.
@@ -60,12 +64,34 @@ class AnswerShape:
                    return_token_ids=bool(body.return_token_ids), continuous_usage=body.continuous_usage,
                    prompt_tokens=request.prompt_tokens,
                    prompt_token_ids=request.prompt.input_ids.tolist() if body.return_token_ids else None,
-                   stream_interval=body.stream_interval, **route)
+                   stream_interval=body.stream_interval, fingerprint=system_fingerprint(engine), **route)
 
     @property
     def plain(self) -> bool:
         """Chunks carry text and finish reasons only (the pre-rendered frame serves them)."""
         return not (self.return_token_ids or self.continuous_usage or self.tool_calls)
+
+
+def vlkit_version() -> str:
+    try:
+        return metadata.version("vlkit")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@functools.cache
+def _fingerprint(facts: tuple) -> str:
+    return f"vlkit-{vlkit_version()}-{hashlib.sha256(repr(facts).encode()).hexdigest()[:8]}"
+
+
+def system_fingerprint(engine: Engine) -> str:
+    """vLLM's system_fingerprint (its default --fingerprint-mode full: "vllm-<version>-<hash8>", the
+    hash of its config): "vlkit-<version>-<hash8>", the hash of what the answers depend on besides
+    the request (the checkpoint, dtype, quantization, device, context), so that a client that sees
+    it change knows a seeded answer may change."""
+    settings = engine.settings
+    return _fingerprint((settings.model, str(engine.dtype), settings.quantization, engine.device.type,
+                         engine.max_model_len))
 
 
 def response_id(prefix: str, request_id: str | None) -> str:
@@ -228,7 +254,8 @@ async def complete(handle: RequestHandle, request_id: str, model: str,
         out.append(Choice(index=index, message=message, logprobs=logprobs, finish_reason=finish_reason,
                           stop_reason=c.last.stop_reason, token_ids=c.token_ids if shape.return_token_ids else None))
     return ChatCompletionResponse(id=request_id, model=model, usage=usage_of(choices), choices=out,
-                                  prompt_token_ids=shape.prompt_token_ids, prompt_text=shape.prompt_text)
+                                  system_fingerprint=shape.fingerprint, prompt_token_ids=shape.prompt_token_ids,
+                                  prompt_text=shape.prompt_text)
 
 
 def stream_chunks(handle: RequestHandle, request_id: str, model: str, include_usage: bool,
@@ -255,10 +282,12 @@ def stream_chunks(handle: RequestHandle, request_id: str, model: str, include_us
         if shape.echo:
             head.append(chunk([ChunkChoice(index=index, delta=Delta(content=shape.echo))], usage=start_usage()))
 
+    # vLLM's system_fingerprint: on each choice's last chunk, or on the usage chunk when one follows.
+    fingerprint_last = None if include_usage else shape.fingerprint
+
     def render(event: Event, usage: StreamUsage) -> bytes | None:
-        if shape.plain and event.logprobs is None and event.stop_reason is None:  # the common case, per token
-            return frames[event.index].render(event.text, event.finish_reason) \
-                if event.text or event.finish_reason else None
+        if shape.plain and event.logprobs is None and event.finish_reason is None:  # the common case, per token
+            return frames[event.index].render(event.text) if event.text else None
         content, calls, finish_reason = event.text, [], event.finish_reason
         if parsers is not None:
             texts[event.index] += event.text
@@ -272,6 +301,8 @@ def stream_chunks(handle: RequestHandle, request_id: str, model: str, include_us
         return chunk([ChunkChoice(index=event.index, delta=Delta(content=content, tool_calls=calls),
                                   logprobs=logprobs, finish_reason=finish_reason, stop_reason=event.stop_reason,
                                   token_ids=token_ids)],
-                     usage=usage.of_choice(event.index) if shape.continuous_usage else None)
+                     usage=usage.of_choice(event.index) if shape.continuous_usage else None,
+                     system_fingerprint=fingerprint_last if finish_reason is not None else None)
 
-    return stream_answer(handle, shape, include_usage, metrics, head, render, lambda total: chunk([], usage=total))
+    return stream_answer(handle, shape, include_usage, metrics, head, render,
+                         lambda total: chunk([], usage=total, system_fingerprint=shape.fingerprint))
