@@ -193,6 +193,30 @@ def test_metrics_count_tokens_and_latency(server):
     assert f'model_name="{SERVED_NAME}"' in text
 
 
+def test_metrics_count_only_clients_requests_not_the_warm_up(tiny_model_dir):
+    """The start-up's warm-up request was counted as a client's: one request, its tokens, its latencies
+    (vLLM's series start at zero)."""
+    from service.settings import ServiceSettings
+    from tests.conftest import free_port, start_server
+
+    settings = ServiceSettings(model=str(tiny_model_dir), served_model_name=SERVED_NAME, port=free_port(),
+                               max_model_len=256, min_pixels=3136, max_pixels=16384, log_level="warning")
+    assert settings.warmup
+    fresh, stop = start_server(settings)
+    try:
+        series = ("vllm:request_success_total", "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
+                  "vllm:time_to_first_token_seconds_count", "vllm:e2e_request_latency_seconds_count",
+                  "vllm:prefix_cache_queries_total", "vlkit_batch_size_count")
+        assert {name: metric(fresh, name) for name in series} == dict.fromkeys(series, 0)
+        reply = ask(fresh.client(api_key="unused"), "count me", max_tokens=3)
+        assert metric(fresh, "vllm:request_success_total") == 1
+        assert metric(fresh, "vllm:generation_tokens_total") == reply.usage.completion_tokens == 3
+        assert metric(fresh, "vllm:prompt_tokens_total") == reply.usage.prompt_tokens
+        assert metric(fresh, "vllm:time_to_first_token_seconds_count") == 1
+    finally:
+        stop()
+
+
 # ---- errors: each one is answered in OpenAI's shape, and the server keeps serving ------------------
 
 

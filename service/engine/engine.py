@@ -92,7 +92,12 @@ class Engine:
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         self.scheduler.start()
         if self.settings.warmup if warmup is None else warmup:
-            self.generate(self.prompts.warmup_request())
+            # No client's request: counted in metrics of its own, then dropped (vLLM's start at zero too).
+            self.scheduler.metrics = ServiceMetrics(self.settings.model_name)
+            try:
+                self.generate(self.prompts.warmup_request())
+            finally:
+                self.scheduler.metrics = self.metrics
         self.ready = True
         self.metrics.ready.set(1)
 

@@ -367,12 +367,12 @@ class Scheduler:
         elif row.last_token_at is not None:
             self.metrics.inter_token.observe(now - row.last_token_at)
         row.last_token_at = now
-        if event is not None:
-            handle.push(event)
         if row.finish_reason is not None:
             self._finished_at.append(now)
             self.metrics.requests.labels(row.finish_reason).inc()
             self.metrics.latency.observe(time.monotonic() - handle.arrived)
+        if event is not None:  # after the metrics: a caller that has the request's end finds it counted
+            handle.push(event)
 
     def _retire(self, indices: set[int]) -> None:
         for i in indices:
