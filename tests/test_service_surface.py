@@ -275,6 +275,44 @@ def test_system_fingerprint_on_whole_answers_and_each_streams_last_chunk_like_vl
         assert with_usage[-1]["system_fingerprint"] == fingerprint
 
 
+def _missing_keys(ours, vllms, path="") -> list[str]:
+    """The keys of `vllms` (a JSON body) that `ours` lacks, at any depth."""
+    if isinstance(ours, dict) and isinstance(vllms, dict):
+        return [m for key in vllms for m in ([f"{path}.{key}"] if key not in ours
+                                             else _missing_keys(ours[key], vllms[key], f"{path}.{key}"))]
+    if isinstance(ours, list) and isinstance(vllms, list):
+        return [m for i, (a, b) in enumerate(zip(ours, vllms)) for m in _missing_keys(a, b, f"{path}[{i}]")]
+    return []
+
+
+def test_whole_answers_carry_every_key_of_vllms_bodies(server):
+    """vLLM sends its whole answers as model_dump(): every field of its response models, null where
+    it has nothing (message.reasoning, refusal, audio; prompt_logprobs, service_tier, usage's
+    prompt_tokens_details, ...), so `reply.choices[0].message.reasoning` is None on vLLM, not an
+    AttributeError; a completion stream's choices carry token_ids and prompt_token_ids (null unless
+    asked for). Our bodies, read into vLLM's own models, must have each key their dump has."""
+    pytest.importorskip("vllm", reason="the pinned vLLM is installed by scripts/setup-test-env.sh")
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionResponse
+    from vllm.entrypoints.openai.completion.protocol import CompletionResponse, CompletionResponseStreamChoice
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    for fields in ({}, {"logprobs": True, "top_logprobs": 2, "return_token_ids": True, "n": 2, "temperature": 1.0},
+                   {"tools": tools, "tool_choice": "required", "max_tokens": 40}):
+        reply = chat(server, "hi", **fields)
+        assert reply["system_fingerprint"] and reply["choices"][0]["message"]["reasoning"] is None
+        expected = ChatCompletionResponse.model_validate(reply).model_dump()
+        assert not _missing_keys(reply, expected), (fields, _missing_keys(reply, expected))
+    for fields in ({}, {"logprobs": 2}, {"echo": True, "return_token_ids": True}, {"prompt": ["hi", "ho"], "n": 2}):
+        body = {"model": SERVED_NAME, "prompt": "hi", "max_tokens": 3, "temperature": 1.0, **fields}
+        reply = post(server, "/v1/completions", body).json()
+        expected = CompletionResponse.model_validate(reply).model_dump()
+        assert not _missing_keys(reply, expected), (fields, _missing_keys(reply, expected))
+    stream_keys = set(CompletionResponseStreamChoice.model_fields)  # vLLM sets each one on every chunk
+    for chunk in _stream(server, "/v1/completions", {"model": SERVED_NAME, "prompt": "hi", "max_tokens": 3,
+                                                     "stream": True}):
+        assert stream_keys <= set(chunk["choices"][0]), chunk
+
+
 def test_cache_salt_keeps_prefixes_apart(server):
     text = "A long shared question about the street, the bakery and the tram stop. " * 6
     hits = lambda: metric(server, "vllm:prefix_cache_hits_total")  # noqa: E731

@@ -15,7 +15,7 @@ from service.api.cancellation import GenerationResponse
 from service.api.logprobs import completion_logprobs
 from service.api.offload import off_loop
 from service.api.protocol import SamplingFields
-from service.api.responses import Usage
+from service.api.responses import AnswerUsage, Usage
 from service.api.serving import AnswerShape, StreamUsage, gather, response_id, stream_answer, usage_of
 from service.api.sse import EventStreamResponse
 from service.api.structured_outputs import ResponseFormat, StructuredOutputs, check_response_format, structured_constraint
@@ -72,14 +72,9 @@ class CompletionRequest(SamplingFields):
 
 def _choice(index: int, text: str, logprobs: Any = None, finish_reason: Optional[str] = None, stop_reason: Any = None,
             token_ids: Optional[list[int]] = None, prompt_token_ids: Optional[list[int]] = None) -> dict:
-    """vLLM's CompletionResponseChoice (and stream choice); the token ids only where asked for."""
-    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
-              "stop_reason": stop_reason}
-    if prompt_token_ids is not None:
-        choice["prompt_token_ids"] = prompt_token_ids
-    if token_ids is not None:
-        choice["token_ids"] = token_ids
-    return choice
+    """vLLM's CompletionResponseStreamChoice, key for key (the token ids null unless asked for)."""
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
+            "stop_reason": stop_reason, "prompt_token_ids": prompt_token_ids, "token_ids": token_ids}
 
 
 class CompletionServing:
@@ -175,10 +170,14 @@ async def whole(handles: list[RequestHandle], request_id: str, model: str, shape
                 completion_logprobs(c.logprobs, shape.tokenizer, shape.tokens_as_ids)
             text = shape.echo + ("" if shape.echo_only else "".join(c.text))
             token_ids = None if not shape.return_token_ids else [] if shape.echo_only else c.token_ids
-            out.append(_choice(len(out), text, logprobs, c.last.finish_reason, c.last.stop_reason, token_ids,
-                               shape.prompt_token_ids))
+            # vLLM's CompletionResponseChoice: the stream choice's keys, and prompt_logprobs and
+            # routed_experts (null: not computed; a dense model).
+            out.append({**_choice(len(out), text, logprobs, c.last.finish_reason, c.last.stop_reason, token_ids,
+                                  shape.prompt_token_ids), "prompt_logprobs": None, "routed_experts": None})
         usage = usage_of(choices)
         prompt_tokens, completion_tokens = prompt_tokens + usage.prompt_tokens, completion_tokens + usage.completion_tokens
+    # vLLM's CompletionResponse, key for key as its model_dump() sends it.
     return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": out, "system_fingerprint": shapes[0].fingerprint,
-            "usage": Usage.count(prompt_tokens, completion_tokens).model_dump()}
+            "choices": out, "service_tier": None, "system_fingerprint": shapes[0].fingerprint,
+            "usage": AnswerUsage.count(prompt_tokens, completion_tokens).model_dump(),
+            "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None}

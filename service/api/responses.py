@@ -21,6 +21,14 @@ class Usage(BaseModel):
                    total_tokens=prompt_tokens + completion_tokens)
 
 
+class AnswerUsage(Usage):
+    """A whole answer's usage, as vLLM dumps it: with its prompt_tokens_details (null: vLLM's
+    --enable-prompt-tokens-details is off by default). A stream's usage has no such key (vLLM's
+    chunks leave unset and null fields out)."""
+
+    prompt_tokens_details: Optional[dict] = None
+
+
 class _ToolCallsWhenMade(BaseModel):
     @model_serializer(mode="wrap")
     def _calls_only_when_made(self, handler):
@@ -33,7 +41,13 @@ class _ToolCallsWhenMade(BaseModel):
 class ResponseMessage(_ToolCallsWhenMade):
     role: str = "assistant"
     content: Optional[str]
+    # vLLM's ChatMessage has these keys, null here as there (no refusals, audio or reasoning parser).
+    refusal: Optional[str] = None
+    annotations: Optional[dict] = None
+    audio: Optional[dict] = None
+    function_call: Optional[dict] = None
     tool_calls: list[ToolCall] = Field(default_factory=list)
+    reasoning: Optional[str] = None
 
 
 class LogProb(BaseModel):
@@ -57,18 +71,27 @@ class Choice(BaseModel):
     finish_reason: str
     stop_reason: Union[int, str, None] = None
     token_ids: Optional[list[int]] = None
+    routed_experts: Optional[str] = None  # vLLM's, for MoE models: null for dense ones
 
 
 class ChatCompletionResponse(BaseModel):
+    """vLLM's ChatCompletionResponse, key for key as its model_dump() sends it (the fields this
+    server has nothing for are null there too)."""
+
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list[Choice]
+    service_tier: Optional[str] = None
     system_fingerprint: Optional[str] = None
-    usage: Usage
+    usage: AnswerUsage
+    prompt_logprobs: Optional[list] = None
     prompt_token_ids: Optional[list[int]] = None
     prompt_text: Optional[str] = None
+    kv_transfer_params: Optional[dict] = None
+    ec_transfer_params: Optional[dict] = None
+    metrics: Optional[dict] = None
 
 
 class Delta(_ToolCallsWhenMade):

@@ -21,6 +21,7 @@ from service.api.media import ImageLoader
 from service.api.offload import off_loop
 from service.api.protocol import ChatCompletionRequest, SamplingFields
 from service.api.responses import (
+    AnswerUsage,
     ChatCompletionChunk,
     ChatCompletionResponse,
     Choice,
@@ -187,8 +188,8 @@ async def gather(handle: RequestHandle, n: int) -> list[ChoiceText]:
     return choices
 
 
-def usage_of(choices: list[ChoiceText]) -> Usage:
-    return Usage.count(choices[0].last.prompt_tokens, sum(c.last.completion_tokens for c in choices))
+def usage_of(choices: list[ChoiceText]) -> AnswerUsage:
+    return AnswerUsage.count(choices[0].last.prompt_tokens, sum(c.last.completion_tokens for c in choices))
 
 
 class StreamUsage:
