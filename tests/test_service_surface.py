@@ -226,6 +226,20 @@ def _stream(server, path: str, body: dict) -> list[dict]:
         return [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
 
 
+def test_each_streamed_choice_starts_with_the_prompt_token_ids_and_text_like_vllm(server):
+    """vLLM's chat stream: every choice's first chunk (its role) carries prompt_token_ids (with
+    return_token_ids) and prompt_text (with return_prompt_text), not only choice 0's."""
+    body = {"model": SERVED_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "n": 2,
+            "temperature": 1.0, "stream": True, "return_token_ids": True, "return_prompt_text": True}
+    chunks = _stream(server, "/v1/chat/completions", body)
+    firsts = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("role") == "assistant"]
+    assert [c["choices"][0]["index"] for c in firsts] == [0, 1]
+    whole = chat(server, "hi", max_tokens=1, return_token_ids=True, return_prompt_text=True)
+    for first in firsts:
+        assert first["prompt_token_ids"] == whole["prompt_token_ids"] and first["prompt_text"] == whole["prompt_text"]
+    assert all(c.get("prompt_token_ids") is None for c in chunks if c not in firsts)
+
+
 def test_stream_interval_sends_chunks_of_that_many_tokens(server):
     body = {"model": SERVED_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 13, "temperature": 0,
             "stream": True, "stream_interval": 4, "return_token_ids": True, "ignore_eos": True}

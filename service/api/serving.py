@@ -276,10 +276,9 @@ def stream_chunks(handle: RequestHandle, request_id: str, model: str, include_us
         return Usage.count(shape.prompt_tokens, 0) if shape.continuous_usage else None
 
     head = []
-    for index in range(shape.n):
-        first = {"prompt_token_ids": shape.prompt_token_ids, "prompt_text": shape.prompt_text} if index == 0 else {}
+    for index in range(shape.n):  # vLLM: each choice's role chunk with the prompt's token ids and text
         head.append(chunk([ChunkChoice(index=index, delta=Delta(role=shape.role, content=""))], usage=start_usage(),
-                          **first))
+                          prompt_token_ids=shape.prompt_token_ids, prompt_text=shape.prompt_text))
         if shape.echo:
             head.append(chunk([ChunkChoice(index=index, delta=Delta(content=shape.echo))], usage=start_usage()))
 
