@@ -464,6 +464,22 @@ def test_tokenize_a_prompt_and_chat_messages_and_detokenize(server):
     assert_error(post(server, "/detokenize", {"tokens": [10**9]}), 400, "token ids")
 
 
+def test_the_model_list_has_the_keys_of_vllms(server):
+    """vLLM's /v1/models cards: id, object, created, owned_by, root, parent, max_model_len and the
+    `permission` list (one ModelPermission each)."""
+    pytest.importorskip("vllm", reason="the pinned vLLM is installed by scripts/setup-test-env.sh")
+    from vllm.entrypoints.openai.engine.protocol import ModelList, ModelPermission
+
+    listed = httpx.get(server.base_url + "/v1/models", headers=AUTH).json()
+    assert not _missing_keys(listed, ModelList.model_validate(listed).model_dump())
+    (card,) = listed["data"]
+    assert card["id"] == SERVED_NAME and card["max_model_len"] == server.engine.max_model_len
+    (permission,) = card["permission"]
+    assert set(permission) == set(ModelPermission.model_fields)
+    assert permission["object"] == "model_permission" and permission["allow_sampling"] is True
+    assert server.client().models.list().data[0].id == SERVED_NAME
+
+
 def test_version_and_health_like_vllm(server):
     assert httpx.get(server.base_url + "/version").json()["version"]
     health = httpx.get(server.base_url + "/health")

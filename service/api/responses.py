@@ -3,6 +3,7 @@ chunks), the usage both generation routes report, logprobs, the model list."""
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, Field, model_serializer
@@ -121,6 +122,23 @@ class ChatCompletionChunk(BaseModel):
     prompt_text: Optional[str] = None
 
 
+class ModelPermission(BaseModel):
+    """vLLM's ModelPermission, the one each of its model cards lists, with its values."""
+
+    id: str = Field(default_factory=lambda: f"modelperm-{uuid.uuid4().hex}")
+    object: Literal["model_permission"] = "model_permission"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    allow_create_engine: bool = False
+    allow_sampling: bool = True
+    allow_logprobs: bool = True
+    allow_search_indices: bool = False
+    allow_view: bool = True
+    allow_fine_tuning: bool = False
+    organization: str = "*"
+    group: Optional[str] = None
+    is_blocking: bool = False
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -129,6 +147,7 @@ class ModelCard(BaseModel):
     root: Optional[str] = None
     parent: Optional[str] = None
     max_model_len: Optional[int] = None
+    permission: list[ModelPermission] = Field(default_factory=lambda: [ModelPermission()])
 
 
 class ModelList(BaseModel):
