@@ -48,6 +48,30 @@ def test_logprobs_and_top_logprobs_in_openais_shape(server):
     assert [c["token"] for c in choice["logprobs"]["content"]] == [f"token_id:{t}" for t in choice["token_ids"]]
 
 
+def test_top_logprobs_put_the_sampled_token_first_like_vllm(server):
+    """vLLM's logprobs of a position are a dict of the sampled token, then the top ones by rank; the
+    chat API's top_logprobs are its first top_logprobs items. So a sampled token is always
+    top_logprobs[0], and one outside the top ones pushes the last of them out (completions list
+    them all, the sampled one first)."""
+    fields = {"max_tokens": 12, "temperature": 1.5, "seed": 3, "logprobs": True}
+    two = chat(server, "hi", top_logprobs=2, **fields)["choices"][0]["logprobs"]["content"]
+    wide = chat(server, "hi", top_logprobs=20, **fields)["choices"][0]["logprobs"]["content"]
+    assert [c["token"] for c in two] == [c["token"] for c in wide]  # the same seed: the same tokens
+    outside = 0
+    for narrow, full in zip(two, wide):
+        ranked = [t["token"] for t in full["top_logprobs"]]
+        assert ranked[0] == full["token"]  # sampled first, then by rank
+        assert [t["token"] for t in narrow["top_logprobs"]] == ranked[:2]
+        assert narrow["top_logprobs"][0]["logprob"] == narrow["logprob"]
+        outside += narrow["logprob"] < max(t["logprob"] for t in full["top_logprobs"])
+    assert outside  # some sampled token was not the likeliest
+    completion = post(server, "/v1/completions", {"model": SERVED_NAME, "prompt": "hi", "max_tokens": 12,
+                                                  "temperature": 1.5, "seed": 3, "logprobs": 2}).json()
+    logprobs = completion["choices"][0]["logprobs"]
+    for token, top in zip(logprobs["tokens"], logprobs["top_logprobs"]):
+        assert next(iter(top)) == token and len(top) <= 3
+
+
 def test_n_choices_non_streamed_and_streamed(server):
     client = server.client()
     reply = client.chat.completions.create(model=SERVED_NAME, messages=[{"role": "user", "content": "hi"}],
