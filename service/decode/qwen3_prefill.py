@@ -223,12 +223,14 @@ class Qwen3VLPrefill:
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [T, 1, D]: broadcast over heads
         signed_sin = torch.cat([-sin[..., :dim // 2], sin[..., dim // 2:]], dim=-1)
         written = torch.cat([job.physical[start:end] for job, start, end in pieces])
-        attention, offset = [], 0  # per piece: its rows in the pass, the positions it attends to, its mask
+        # Per piece: its rows in the pass, and where it has a prefix, the positions it attends to and its mask.
+        attention, offset = [], 0
         for job, start, end in pieces:
-            mask = None
+            seen = mask = None
             if start > 0:  # causal for the piece's queries, over everything before it too
+                seen = job.physical[:end]
                 mask = (torch.arange(end, device=device)[None, :] <= torch.arange(start, end, device=device)[:, None])
-            attention.append((slice(offset, offset + end - start), job.physical[:end], mask))
+            attention.append((slice(offset, offset + end - start), seen, mask))
             offset += end - start
         first = decoder.layers[0].input_layernorm
         normed = F.rms_norm(hidden, hidden.shape[-1:], first.weight, first.variance_epsilon)
@@ -241,12 +243,19 @@ class Qwen3VLPrefill:
             values.index_copy_(1, written, value.transpose(0, 1).to(values.dtype))
             outs = []
             for rows, seen, mask in attention:
-                # [1, H, C, D] queries over [1, H, end, D] keys (each KV head repeated for its query heads)
-                query = qk[rows, :heads].transpose(0, 1)[None]
-                past_k = keys[:, seen].repeat_interleave(groups, dim=0)[None]
-                past_v = values[:, seen].repeat_interleave(groups, dim=0)[None]
-                out = F.scaled_dot_product_attention(query, past_k, past_v, attn_mask=mask, is_causal=mask is None,
-                                                     scale=decoder.scaling)
+                query = qk[rows, :heads].transpose(0, 1)[None]  # [1, H, C, D]
+                if seen is None:
+                    # A whole prompt so far: its own keys, causal, in flash attention, which reads each KV
+                    # head once for its query heads (GQA): no gather from the blocks, no repeated copies.
+                    out = F.scaled_dot_product_attention(query, qk[rows, heads:].transpose(0, 1)[None],
+                                                         value[rows].transpose(0, 1)[None], is_causal=True,
+                                                         scale=decoder.scaling, enable_gqa=True)
+                else:
+                    # After a prefix: [1, H, end, D] keys from the blocks, each KV head repeated for its query
+                    # heads (flash takes no mask, and the kernels that do take no GQA).
+                    past_k = keys[:, seen].repeat_interleave(groups, dim=0)[None]
+                    past_v = values[:, seen].repeat_interleave(groups, dim=0)[None]
+                    out = F.scaled_dot_product_attention(query, past_k, past_v, attn_mask=mask, scale=decoder.scaling)
                 outs.append(out[0].transpose(0, 1).reshape(-1, heads * dim))
             post = layer.post_attention_layernorm
             hidden, normed = add_rms_norm(hidden, attn.o_proj(outs[0] if len(outs) == 1 else torch.cat(outs)),
