@@ -135,6 +135,19 @@ def test_max_model_len_above_the_models_maximum_is_refused_before_the_weights_lo
     assert str(refused.value) == said
 
 
+def test_an_engine_given_a_loaded_model_refuses_a_context_above_its_maximum_too(tiny_model_dir):
+    """A model loaded elsewhere (the benchmarks build the Engine from their own) was clamped there."""
+    import json
+
+    from service.engine import Engine, loading
+    from service.errors import ModelUnavailable
+
+    limit = json.loads((tiny_model_dir / "config.json").read_text())["text_config"]["max_position_embeddings"]
+    loaded = loading.load(ServiceSettings(model=str(tiny_model_dir), device="cpu", max_model_len=limit))
+    with pytest.raises(ModelUnavailable, match=f"{limit + 1} is greater than the model's maximum context of {limit}"):
+        Engine(ServiceSettings(model=str(tiny_model_dir), device="cpu", max_model_len=limit + 1), loaded)
+
+
 EXPOSED = ("--host {host}: the API is reachable from the network without an API key (anyone who reaches port "
            "{port} can use it; in a container, wherever its port is published): set --api-key / VLKIT_API_KEY to "
            "require one")

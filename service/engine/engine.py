@@ -24,7 +24,7 @@ import time
 import torch
 
 from service.decode import Qwen3VLDecoder
-from service.engine.loading import LoadedModel, load
+from service.engine.loading import LoadedModel, check_context, load
 from service.engine.memory import ProcessMemory
 from service.engine.prompts import PromptBuilder
 from service.engine.requests import Completion, GenerationRequest, RequestHandle
@@ -57,9 +57,8 @@ class Engine:
         self.dtype = loaded.dtype
         limit_cpu_threads(self.device)
         self.metrics = metrics or ServiceMetrics(settings.model_name)
-        text_config = self.model.config.get_text_config()
-        model_max = getattr(text_config, "max_position_embeddings", None) or settings.max_model_len
-        self.max_model_len = min(settings.max_model_len, model_max)
+        check_context(self.model.config, settings)  # a model loaded elsewhere (benchmarks) is checked here
+        self.max_model_len = settings.max_model_len
         self.prompts = PromptBuilder(self.model, self.processor, settings, self.max_model_len)
         if process_memory is None and self.device.type == "cuda":
             process_memory = ProcessMemory(self.device.index or 0)

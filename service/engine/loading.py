@@ -53,26 +53,27 @@ def resolve_model_path(model: str) -> Path:
         ) from None
 
 
-def model_max_len(config) -> int | None:
-    """The model's own longest context: its text config's max_position_embeddings (vLLM's derived
-    max_model_len for Qwen3-VL); None when the config does not say."""
-    return getattr(config.get_text_config(), "max_position_embeddings", None)
-
-
-def check_max_model_len(path: Path, settings: ServiceSettings) -> None:
-    """Refuse a --max-model-len above the model's maximum, from its config alone (before any weight
-    loads), as vLLM refuses it: positions past it are ones the model was never trained on."""
-    from transformers import AutoConfig
-
-    try:
-        limit = model_max_len(AutoConfig.from_pretrained(path))
-    except (OSError, ValueError) as exc:
-        raise ModelUnavailable(f"cannot read the model's config in {path}: {exc}") from exc
+def check_context(config, settings: ServiceSettings, where: str = "the model's config") -> None:
+    """Refuse a --max-model-len above the model's maximum (its text config's max_position_embeddings,
+    vLLM's derived max_model_len for Qwen3-VL), as vLLM refuses it: positions past it are ones the
+    model was never trained on. ``where``: the config's file, for the message."""
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
     if limit is not None and settings.max_model_len > limit:
         raise ModelUnavailable(
             f"--max-model-len / VLKIT_MAX_MODEL_LEN: {settings.max_model_len} is greater than the model's maximum "
-            f"context of {limit} tokens (max_position_embeddings in {path / 'config.json'}; vLLM refuses it too): "
+            f"context of {limit} tokens (max_position_embeddings in {where}; vLLM refuses it too): "
             f"give {limit} or less")
+
+
+def check_max_model_len(path: Path, settings: ServiceSettings) -> None:
+    """check_context from the checkpoint's config alone, before any weight loads."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelUnavailable(f"cannot read the model's config in {path}: {exc}") from exc
+    check_context(config, settings, str(path / "config.json"))
 
 
 def pick_device(settings: ServiceSettings) -> torch.device:
