@@ -72,6 +72,54 @@ def test_top_logprobs_put_the_sampled_token_first_like_vllm(server):
         assert next(iter(top)) == token and len(top) <= 3
 
 
+def test_logprob_tokens_of_split_characters_join_into_the_text_like_vllm(server):
+    """Qwen's byte-level tokens split a CJK character (or an emoji) into pieces that decode alone to
+    U+FFFD. vLLM 0.27 decodes such a token again with the sampled tokens before it: "" while the
+    character is incomplete, the whole character on the token that completes it; so the tokens'
+    texts join into the answer and a completion's text_offset counts the answer's characters."""
+    answer = "\u4e2d\u6587 ok"  # forced by a one-choice grammar: its characters come as byte tokens
+    fields = {"structured_outputs": {"choice": [answer]}, "max_tokens": 20, "temperature": 0,
+              "logprobs": True, "top_logprobs": 1, "return_token_ids": True}
+    reply = chat(server, "hi", **fields)
+    choice = reply["choices"][0]
+    content = choice["logprobs"]["content"]
+    tail = server.engine.tokenizer.decode(choice["token_ids"][-1:]) if choice["finish_reason"] == "stop" else ""
+    assert choice["message"]["content"] == answer
+    assert "".join(c["token"] for c in content) == answer + tail
+    assert "\u4e2d" in [c["token"] for c in content] and not any("\ufffd" in c["token"] for c in content)
+    assert all(c["bytes"] == list(c["token"].encode()) for c in content)
+    streamed = [entry for c in _stream(server, "/v1/chat/completions", {"model": SERVED_NAME, "stream": True,
+                                                                        "messages": [{"role": "user", "content": "hi"}],
+                                                                        **fields})
+                if c["choices"] and c["choices"][0]["logprobs"] for entry in c["choices"][0]["logprobs"]["content"]]
+    assert streamed == content  # the pieces before a character count across chunks
+    completion = post(server, "/v1/completions", {"model": SERVED_NAME, "prompt": "hi", **fields, "logprobs": 1}).json()
+    logprobs = completion["choices"][0]["logprobs"]
+    assert completion["choices"][0]["text"] == answer and "".join(logprobs["tokens"]).startswith(answer)
+    assert logprobs["text_offset"] == [len("".join(logprobs["tokens"][:i])) for i in range(len(logprobs["tokens"]))]
+
+
+def test_an_answer_cut_inside_a_character_ends_before_it_like_vllm(server):
+    """vLLM's detokenizer (tokenizers' DecodeStream) never emits an incomplete UTF-8 character: an
+    answer that max_tokens cuts between the byte tokens of one ends before it, not with U+FFFD,
+    whole or streamed, and its logprob tokens (the pieces' texts are "") still join into it."""
+    answer = "\u4e2d\u6587 ok"
+    fields = {"structured_outputs": {"choice": [answer]}, "temperature": 0, "return_token_ids": True}
+    ids = chat(server, "hi", max_tokens=20, **fields)["choices"][0]["token_ids"]
+    decode = server.engine.tokenizer.decode
+    cut = next(k for k in range(1, len(ids)) if decode(ids[:k]).endswith("\ufffd") and decode(ids[:k]).rstrip("\ufffd"))
+    reply = chat(server, "hi", max_tokens=cut, logprobs=True, **fields)["choices"][0]
+    text = reply["message"]["content"]
+    assert reply["finish_reason"] == "length" and text == decode(ids[:cut]).rstrip("\ufffd") and text
+    assert "".join(c["token"] for c in reply["logprobs"]["content"]) == text
+    streamed = _stream(server, "/v1/chat/completions", {"model": SERVED_NAME, "stream": True, "max_tokens": cut,
+                                                        "messages": [{"role": "user", "content": "hi"}], **fields})
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in streamed if c["choices"]) == text
+    completion = post(server, "/v1/completions", {"model": SERVED_NAME, "prompt": "hi", "max_tokens": cut,
+                                                  **fields}).json()
+    assert not completion["choices"][0]["text"].endswith("\ufffd")
+
+
 def test_n_choices_non_streamed_and_streamed(server):
     client = server.client()
     reply = client.chat.completions.create(model=SERVED_NAME, messages=[{"role": "user", "content": "hi"}],

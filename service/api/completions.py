@@ -121,6 +121,7 @@ def stream(handle: RequestHandle, request_id: str, model: str, include_usage: bo
     [DONE]."""
     created = int(time.time())
     offsets = [len(shape.echo)] * shape.n
+    token_texts = [shape.token_texts() for _ in range(shape.n)]  # each choice's, across its chunks
     announced: set[int] = set()  # the choices whose prompt_token_ids went out
 
     def chunk(choices: list[dict], usage: Usage | None = None, fingerprint: str | None = None) -> bytes:
@@ -148,7 +149,7 @@ def stream(handle: RequestHandle, request_id: str, model: str, include_usage: bo
         if not (event.text or event.finish_reason or event.logprobs):
             return None
         logprobs = None if event.logprobs is None else \
-            completion_logprobs(event.logprobs, shape.tokenizer, shape.tokens_as_ids, offsets[event.index])
+            completion_logprobs(event.logprobs, token_texts[event.index], offsets[event.index])
         offsets[event.index] += len(event.text)
         choice = _choice(event.index, event.text, logprobs, event.finish_reason, event.stop_reason,
                          event.token_ids if shape.return_token_ids else None, prompt_token_ids(event.index))
@@ -166,8 +167,7 @@ async def whole(handles: list[RequestHandle], request_id: str, model: str, shape
     for handle, shape in zip(handles, shapes):  # all run in the engine at once; read in order
         choices = await gather(handle, shape.n)
         for c in choices:
-            logprobs = None if c.logprobs is None else \
-                completion_logprobs(c.logprobs, shape.tokenizer, shape.tokens_as_ids)
+            logprobs = None if c.logprobs is None else completion_logprobs(c.logprobs, shape.token_texts())
             text = shape.echo + ("" if shape.echo_only else "".join(c.text))
             token_ids = None if not shape.return_token_ids else [] if shape.echo_only else c.token_ids
             # vLLM's CompletionResponseChoice: the stream choice's keys, and prompt_logprobs and

@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 
 from service.api.cancellation import GenerationResponse
 from service.api.error_handlers import count_error
-from service.api.logprobs import chat_logprobs
+from service.api.logprobs import TokenTexts, chat_logprobs
 from service.api.media import ImageLoader
 from service.api.offload import off_loop
 from service.api.protocol import ChatCompletionRequest, SamplingFields
@@ -66,6 +66,10 @@ class AnswerShape:
                    prompt_tokens=request.prompt_tokens,
                    prompt_token_ids=request.prompt.input_ids.tolist() if body.return_token_ids else None,
                    stream_interval=body.stream_interval, fingerprint=system_fingerprint(engine), **route)
+
+    def token_texts(self) -> TokenTexts:
+        """A choice's logprob token texts (one per choice, fed in order)."""
+        return TokenTexts(self.tokenizer, self.tokens_as_ids)
 
     @property
     def plain(self) -> bool:
@@ -246,7 +250,7 @@ async def complete(handle: RequestHandle, request_id: str, model: str,
     choices = await gather(handle, shape.n)
     out = []
     for index, c in enumerate(choices):
-        logprobs = None if c.logprobs is None else chat_logprobs(c.logprobs, shape.tokenizer, shape.tokens_as_ids)
+        logprobs = None if c.logprobs is None else chat_logprobs(c.logprobs, shape.token_texts())
         content, calls, finish_reason = "".join(c.text), [], c.last.finish_reason
         if shape.tool_calls is not None:
             content, calls, finish_reason = shape.tool_calls.message(content, finish_reason)
@@ -268,6 +272,7 @@ def stream_chunks(handle: RequestHandle, request_id: str, model: str, include_us
     frames = [ChunkFrame(request_id, created, model, index) for index in range(shape.n)]
     parsers = [StreamingToolParser() for _ in range(shape.n)] if shape.tool_calls is not None else None
     texts = [""] * shape.n
+    token_texts = [shape.token_texts() for _ in range(shape.n)]  # each choice's, across its chunks
 
     def chunk(choices: list[ChunkChoice], **extra) -> bytes:
         return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, **extra))
@@ -296,8 +301,7 @@ def stream_chunks(handle: RequestHandle, request_id: str, model: str, include_us
         token_ids = event.token_ids if shape.return_token_ids else None
         if not (content or calls or finish_reason or event.logprobs or token_ids):  # token ids go out all the same (vLLM)
             return None
-        logprobs = None if event.logprobs is None else \
-            chat_logprobs(event.logprobs, shape.tokenizer, shape.tokens_as_ids)
+        logprobs = None if event.logprobs is None else chat_logprobs(event.logprobs, token_texts[event.index])
         return chunk([ChunkChoice(index=event.index, delta=Delta(content=content, tool_calls=calls),
                                   logprobs=logprobs, finish_reason=finish_reason, stop_reason=event.stop_reason,
                                   token_ids=token_ids)],

@@ -1,9 +1,9 @@
 """Token ids -> streamed text, with stop strings.
 
 Byte-level BPE tokens can end inside a UTF-8 character, so text is released only once it decodes
-cleanly (vLLM's prefix/read offset scheme). Text that might be the start of a stop string is held
-back until it is known not to be; a matched stop string ends the text before it (OpenAI's rule),
-or after it with include_stop_str_in_output (vLLM's). Stop strings are matched by an automaton
+cleanly (vLLM's prefix/read offset scheme); an answer that ends inside one ends before it. Text
+that might be the start of a stop string is held back until it is known not to be; a matched stop
+string ends the text before it (OpenAI's rule), or after it with include_stop_str_in_output (vLLM's). Stop strings are matched by an automaton
 (service/engine/stops.py): the cost of a token is that of its new characters.
 """
 from __future__ import annotations
@@ -42,13 +42,9 @@ class IncrementalDetokenizer:
         return self._release()
 
     def flush(self) -> str:
-        """At the end: everything not yet sent (held-back partial stop strings included)."""
-        if not self.stopped and self._read_offset < len(self._ids):
-            # An incomplete character at the very end: send what the tokenizer makes of it.
-            full = self._decode(self._ids[self._prefix_offset:])
-            prefix = self._decode(self._ids[self._prefix_offset:self._read_offset])
-            self._extend(full[len(prefix):], True)
-            self._read_offset = len(self._ids)
+        """At the end: the text not yet sent (held-back partial stop strings). Tokens still waiting for
+        the rest of their character stay unsent, as in vLLM (tokenizers' DecodeStream never emits
+        an incomplete character): an answer cut inside one ends before it, not with U+FFFD."""
         delta = self.text[self._emitted:]
         self._emitted = len(self.text)
         return delta
