@@ -64,6 +64,16 @@ def body(**fields) -> bytes:
     return json.dumps(user("hi", **fields)).encode()
 
 
+def nested_schema(levels: int) -> str:
+    """A JSON schema `levels` arrays deep, as text (json.dumps itself cannot write it that deep)."""
+    return '{"type": "array", "items": ' * levels + '{"type": "string"}' + "}" * levels
+
+
+def with_raw(fields: str, **extra) -> bytes:
+    """A chat body with JSON text spliced in as its last fields (nesting json.dumps could not write)."""
+    return json.dumps(user("hi", **extra)).encode()[:-1] + b", " + fields.encode() + b"}"
+
+
 PAD, VIDEO = "<|image_pad|>", "<|video_pad|>"
 IMAGE = image_part(png_data_url())
 
@@ -138,6 +148,25 @@ CASES = {
     "a JSON array": (b"[1, 2]", 400, ["JSON object"]),
     "an empty body": (b"", 400, ["not valid JSON"]),
     "JSON nested 900 levels in an unknown field": (deep(900), 200, []),
+    # Nesting Python recurses through (each was a 500 RecursionError): within orjson's 1024 levels.
+    "a response_format schema nested 600 levels": (
+        with_raw('"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": %s}}'
+                 % nested_schema(600)), 400, ["nested too deeply"]),
+    "a response_format schema nested 990 levels": (
+        with_raw('"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": %s}}'
+                 % nested_schema(990)), 400, ["nested too deeply"]),
+    "a structured_outputs.json schema as text nested 5000 levels": (
+        user("hi", structured_outputs={"json": nested_schema(5000)}), 400, ["nested too deeply"]),
+    "a strict tool's parameters nested 600 levels": (
+        with_raw('"tools": [{"type": "function", "function": {"name": "f", "strict": true, "parameters": %s}}]'
+                 % nested_schema(600)), 400, ["nested too deeply"]),
+    "tool-call arguments in the history nested 5000 levels": (
+        {"model": SERVED_NAME, "max_tokens": 2, "tools": [{"type": "function", "function": {"name": "f"}}],
+         "messages": [{"role": "user", "content": "hi"},
+                      {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {
+                          "name": "f", "arguments": "[" * 5000 + "]" * 5000}}]},
+                      {"role": "tool", "tool_call_id": "c", "content": "done"}]},
+        400, ["arguments", "nested too deeply"]),
     # Images.
     "an image of 1x100000 pixels": (user([image_part(data_url(encoded(Image.new("RGB", (1, 100000)))))]), 400,
                                     ["aspect ratio"]),

@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.engine.structured import Constraint
+from service.engine.structured import Constraint, schema_json
 from service.errors import InvalidRequest
 
 _KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
@@ -105,7 +105,8 @@ def structured_constraint(response_format: Optional[ResponseFormat],
     options = {"compact": bool(structured and structured.disable_any_whitespace),
                "whitespace_pattern": structured.whitespace_pattern if structured else None}
     if kind == "json":
-        return Constraint("json", value if isinstance(value, str) else json.dumps(value), source=where, **options)
+        text = value if isinstance(value, str) else schema_json(value, where)
+        return Constraint("json", text, source=where, **options)
     if kind == "json_object":
         return Constraint("json_object", source=where, **options)
     if kind == "choice":

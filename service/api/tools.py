@@ -20,7 +20,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict
 
-from service.engine.structured import Constraint, json_grammar_schema
+from service.engine.structured import Constraint, json_grammar_schema, schema_json
 from service.errors import InvalidRequest
 
 _NAMED_USAGE = 'Correct usage: `{"type": "function", "function": {"name": "my_function"}}`'
@@ -152,6 +152,9 @@ def template_tool_calls(calls: list[MessageToolCall], where: str) -> list[dict]:
             except ValueError as exc:
                 raise InvalidRequest(f"{where}.tool_calls.{j}.function.arguments is not valid JSON: {exc}",
                                      param=f"{where}.tool_calls.{j}.function.arguments") from None
+            except RecursionError:
+                raise InvalidRequest(f"{where}.tool_calls.{j}.function.arguments are nested too deeply",
+                                     param=f"{where}.tool_calls.{j}.function.arguments") from None
         rendered.append({"id": call.id, "type": "function",
                          "function": {"name": call.function.name, "arguments": arguments or {}}})
     return rendered
@@ -181,7 +184,12 @@ def tool_call_constraint(tools: list[ToolParam], tool_choice: ToolChoice, parall
         # The template's layout, and the compact one (vLLM's structural tag allows both).
         lines.append(f'call_{i}: <tool_call> "\\n" {head} args_{i} "}}\\n" </tool_call> '
                      f'| <tool_call> {head} args_{i} "}}" </tool_call>')
-        lines.append(f"args_{i}: %json {json.dumps(json_grammar_schema(_parameters_schema(tool.function)))}")
+        try:
+            schema = json_grammar_schema(_parameters_schema(tool.function))
+        except RecursionError:
+            raise InvalidRequest(f"The parameters of tool {tool.function.name!r} are nested too deeply",
+                                 param="tools") from None
+        lines.append(f"args_{i}: %json {schema_json(schema, 'tools')}")
     return Constraint("lark", "\n".join(lines) + "\n", source="tools")
 
 

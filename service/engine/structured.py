@@ -40,6 +40,7 @@ ConstraintKind = Literal["json", "json_object", "regex", "choice", "grammar", "l
 CACHE_SIZE = 256  # compiled grammars kept (agent frameworks send the same tools and schemas each turn)
 WHITESPACE_RUN = 8  # whitespace-only tokens in a row, at most, in JSON
 MAX_TOKEN_BYTES = 64  # longer than any token of Qwen's vocabulary
+TOO_DEEP = "it is nested too deeply"  # a schema Python cannot recurse through (llguidance refuses ~300 levels anyway)
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,8 @@ class Constraint:
 
 def json_grammar_schema(schema: Any, *, compact: bool = False, whitespace_pattern: str | None = None) -> dict:
     """The schema as llguidance compiles it: objects closed unless they say otherwise (xgrammar's
-    strict mode, vLLM's default), whitespace options in its `x-guidance` key."""
+    strict mode, vLLM's default), whitespace options in its `x-guidance` key. RecursionError for
+    a schema nested deeper than Python recurses (`schema_json` and the compiler answer it)."""
     if schema is True:
         schema = {}  # any JSON value
     if not isinstance(schema, dict):
@@ -69,6 +71,15 @@ def json_grammar_schema(schema: Any, *, compact: bool = False, whitespace_patter
         options["whitespace_pattern"] = whitespace_pattern
     closed["x-guidance"] = {**options, **closed.get("x-guidance", {})}
     return closed
+
+
+def schema_json(schema: Any, source: str) -> str:
+    """A schema (a request's JSON value) as JSON text; InvalidRequest naming `source` when it is
+    nested deeper than Python recurses (orjson reads 1024 levels; json.dumps writes about 1000)."""
+    try:
+        return json.dumps(schema)
+    except RecursionError:
+        raise InvalidRequest(f"The JSON schema in {source} is nested too deeply", param=source) from None
 
 
 _ASCII_CLASSES = {"\\d": "[0-9]", "\\D": "[^0-9]", "\\w": "[0-9A-Za-z_]", "\\W": "[^0-9A-Za-z_]"}
@@ -263,6 +274,8 @@ class GrammarCompiler:
             error = llguidance.LLMatcher.validate_grammar(text, tokenizer)
         except (ValueError, TypeError) as exc:
             error = str(exc)
+        except RecursionError:  # reading or closing a schema nested deeper than Python recurses
+            error = TOO_DEEP
         if not error:
             matcher = llguidance.LLMatcher(tokenizer, text, log_level=0)
             error = matcher.get_error() if matcher.is_error() else ""
