@@ -218,6 +218,25 @@ def test_streamed_answers_give_the_deltas_vllm_gives(vllm_hermes, output, step):
             assert set(call) == {"index", "function"} and set(call["function"]) == {"arguments"}
 
 
+DEEP = "<tool_call>" + "[" * 5000  # a model's answer nested deeper than Python's json recurses
+
+
+def test_a_deeply_nested_answer_is_content_as_vllm_answers_it(vllm_hermes):
+    """json.loads raised RecursionError (a 500 after the whole generation); vLLM's parser takes any
+    error as "no tool calls": the answer is the content."""
+    make, request = vllm_hermes
+    theirs = make().extract_tool_calls(DEEP, request)
+    assert parse_tool_calls(DEEP) == (theirs.content, []) == (DEEP, [])
+    assert ToolCallAnswer().message(DEEP, "length") == (DEEP, [], "length")
+
+
+def test_a_deeply_nested_streamed_answer_is_read_without_an_error():
+    """The streaming parser tries each delta's block as JSON: that raised too (the stream broke off)."""
+    parser = StreamingToolParser()
+    assert parser.feed(DEEP) == (None, [])
+    assert parser.feed(DEEP + "]", finished=True) == (None, [])
+
+
 def test_a_held_back_tag_start_is_content_when_the_answer_ends():
     parser = StreamingToolParser()
     assert parser.feed("see <tool_") == ("see ", [])

@@ -186,3 +186,24 @@ def test_tokenize_renders_the_tools_as_a_chat_request_does(long_context_server):
     with_tools = tokenize(tools=TOOLS)
     assert with_tools > tokenize() + 100
     assert with_tools == create(long_context_server, max_tokens=1).usage.prompt_tokens
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_an_answer_nested_too_deep_for_json_is_its_content(long_context_server, stream):
+    """A tool-call block nested past Python's recursion (a regex makes the tiny model write one): the
+    answer was a 500 after its whole generation, the stream broke off without [DONE]. As on vLLM, a
+    block that does not parse leaves the whole answer as content; streamed, a block that never
+    names its function sends nothing (vLLM's streaming parser neither)."""
+    depth = 1100
+    fields = dict(max_tokens=depth + 20, tools=[{"type": "function", "function": {"name": "f"}}],
+                  extra_body={"structured_outputs": {"regex": "<tool_call>\\[{%d}" % depth}})
+    if stream:
+        chunks = list(create(long_context_server, stream=True, **fields))
+        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert not any(c.choices and c.choices[0].delta.tool_calls for c in chunks)
+        finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    else:
+        message = create(long_context_server, **fields).choices[0]
+        content, finish = message.message.content, [message.finish_reason]
+        assert not message.message.tool_calls
+    assert content == ("" if stream else "<tool_call>" + "[" * depth) and finish == ["stop"]

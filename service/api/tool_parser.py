@@ -3,7 +3,8 @@
 
 Whole answers (`parse_tool_calls`): every block's JSON parsed; `arguments` re-serialised as a JSON
 string; the text before the first block is the content (None when empty). A block that is not JSON,
-or lacks a name or arguments, leaves the whole answer as content, as vLLM does.
+or lacks a name or arguments (or is nested too deeply to read), leaves the whole answer as content,
+as vLLM does.
 
 Streams (`StreamingToolParser`): the full text so far is re-read at each delta; text before the first
 `<tool_call>` goes out as content (a suffix that may be the start of one held back); each call's
@@ -71,7 +72,7 @@ def parse_tool_calls(text: str) -> tuple[Optional[str], list[ToolCall]]:
             block = json.loads(closed or open_ended)
             calls.append(ToolCall(id=tool_call_id(), function=FunctionCall(
                 name=block["name"], arguments=json.dumps(block["arguments"], ensure_ascii=False))))
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: nested past what json reads
         return text, []
     content = text[:text.find(CALL_START)]
     return content or None, calls
@@ -194,6 +195,6 @@ class StreamingToolParser:
 def _is_json(text: str) -> bool:
     try:
         json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     return bool(text)
