@@ -450,6 +450,29 @@ def test_echo_with_max_tokens_0_answers_with_the_prompt_alone_as_vllm(server):
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens", refused.text
 
 
+def test_echo_with_return_token_ids_gives_the_prompt_as_its_ids_like_vllm(server):
+    """vLLM's completions do not detokenize the prompt for echo when return_token_ids is set: the
+    text has no echo (the prompt is in prompt_token_ids), and token_ids are the generated tokens,
+    with max_tokens 0 too (the one token it samples), whole and streamed."""
+    body = {"model": SERVED_NAME, "prompt": "The street", "max_tokens": 3, "temperature": 0, "echo": True,
+            "ignore_eos": True, "return_token_ids": True}
+    plain = post(server, "/v1/completions", {**body, "echo": False}).json()["choices"][0]
+    echoed = post(server, "/v1/completions", body).json()["choices"][0]
+    assert echoed["text"] == plain["text"] and echoed["token_ids"] == plain["token_ids"]
+    assert echoed["prompt_token_ids"] == plain["prompt_token_ids"]
+    assert post(server, "/v1/completions", {**body, "return_token_ids": False}).json()["choices"][0]["text"] \
+        == "The street" + plain["text"]
+    only = post(server, "/v1/completions", {**body, "max_tokens": 0}).json()
+    assert only["choices"][0]["text"] == "" and len(only["choices"][0]["token_ids"]) == 1
+    assert only["usage"]["completion_tokens"] == 1
+    chunks = [c for c in _stream(server, "/v1/completions", {**body, "max_tokens": 0, "stream": True}) if c["choices"]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == ""
+    assert [t for c in chunks for t in c["choices"][0]["token_ids"]] == only["choices"][0]["token_ids"]
+    assert chunks[0]["choices"][0]["prompt_token_ids"] == plain["prompt_token_ids"]
+    streamed = [c for c in _stream(server, "/v1/completions", {**body, "stream": True}) if c["choices"]]
+    assert "".join(c["choices"][0]["text"] for c in streamed) == plain["text"]
+
+
 def test_completions_with_a_list_of_prompts_answer_each_in_turn_as_vllm(server):
     # LangChain's OpenAI LLM sends its batch as one list; vLLM answers prompt i's choice j at i * n + j.
     client = server.client()

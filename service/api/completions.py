@@ -100,7 +100,10 @@ class CompletionServing:
             else:
                 request = await off_loop(engine.prepare_tokens, list(prompt), **options)
             request.id = answer_id
-            echo = "" if not body.echo else prompt if isinstance(prompt, str) else engine.tokenizer.decode(list(prompt))
+            # vLLM's echo: the prompt's text, but none with return_token_ids (the prompt comes as its
+            # prompt_token_ids then: vLLM does not detokenize it).
+            echo = "" if not body.echo or body.return_token_ids else \
+                prompt if isinstance(prompt, str) else engine.tokenizer.decode(list(prompt))
             requests.append(request)
             shapes.append(AnswerShape.of(body, request, engine, echo=echo, echo_only=body.echo_only))
         model = self.chat.settings.model_name
@@ -144,8 +147,8 @@ def stream(handle: RequestHandle, request_id: str, model: str, include_usage: bo
             for index in range(shape.n)] if shape.echo else []
 
     def render(event: Event, usage: StreamUsage) -> bytes | None:
-        if shape.echo_only:  # the prompt went out in the head; of the token, only how it ended
-            event = replace(event, text="", token_ids=[], logprobs=None)
+        if shape.echo_only:  # the prompt went out in the head; of the token, its id (vLLM's) and how it ended
+            event = replace(event, text="", logprobs=None)
         if not (event.text or event.finish_reason or event.logprobs):
             return None
         logprobs = None if event.logprobs is None else \
@@ -169,7 +172,7 @@ async def whole(handles: list[RequestHandle], request_id: str, model: str, shape
         for c in choices:
             logprobs = None if c.logprobs is None else completion_logprobs(c.logprobs, shape.token_texts())
             text = shape.echo + ("" if shape.echo_only else "".join(c.text))
-            token_ids = None if not shape.return_token_ids else [] if shape.echo_only else c.token_ids
+            token_ids = c.token_ids if shape.return_token_ids else None  # vLLM's: echo_only's sampled token too
             # vLLM's CompletionResponseChoice: the stream choice's keys, and prompt_logprobs and
             # routed_experts (null: not computed; a dense model).
             out.append({**_choice(len(out), text, logprobs, c.last.finish_reason, c.last.stop_reason, token_ids,
