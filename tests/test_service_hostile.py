@@ -356,3 +356,24 @@ def test_connections_held_by_slow_clients_are_bounded_and_dropped(small_server):
         sock.close()
     time.sleep(0.2)
     assert httpx.get(small_server.base_url + "/health", timeout=10).status_code == 200
+
+
+def test_a_stream_that_fails_in_the_http_layer_still_ends_with_an_error_and_done(server, monkeypatch):
+    """Any error while a stream's chunks are made (here the logprobs' rendering) was raised out of the
+    stream: the connection was cut mid-body, no error event, no [DONE]. vLLM sends both."""
+    import service.api.serving as serving
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("rendering failed")
+
+    monkeypatch.setattr(serving, "chat_logprobs", broken)
+    with httpx.stream("POST", server.base_url + "/v1/chat/completions", timeout=60,
+                      json=user("hi", stream=True, logprobs=True, max_tokens=8),
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as response:
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert response.status_code == 200
+    error = json.loads(lines[-2].removeprefix("data: "))["error"]
+    assert error["code"] == 500 and "rendering failed" in error["message"]
+    assert lines[-1] == "data: [DONE]"
+    monkeypatch.undo()
+    assert_still_serves(server)

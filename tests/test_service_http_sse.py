@@ -97,3 +97,24 @@ def test_stream_error_event_ends_with_the_error_body():
     parsed = parse(run_stream([Event(text="a", prompt_tokens=1, completion_tokens=1), Event(error=error)]))
     assert parsed[-2] == error.to_dict()
     assert parsed[-1] == "[DONE]"
+
+
+class FailingHandle(FakeHandle):
+    """A handle whose events stop with an exception that is no error event (a bug in the layer)."""
+
+    async def __aiter__(self):
+        for event in self.events:
+            yield event
+        raise RuntimeError("boom")
+
+
+def test_a_failure_while_streaming_ends_with_an_error_body_and_done():
+    """vLLM's stream generators too: any exception after the stream started is told in it."""
+    async def collect():
+        return [c async for c in stream_chunks(FailingHandle([Event(text="a", prompt_tokens=1, completion_tokens=1)]),
+                                               "chatcmpl-42", "m", True, ServiceMetrics())]
+
+    parsed = parse(asyncio.run(collect()))
+    assert parsed[1]["choices"][0]["delta"]["content"] == "a"
+    assert parsed[-2]["error"]["code"] == 500 and "RuntimeError: boom" in parsed[-2]["error"]["message"]
+    assert parsed[-1] == "[DONE]"

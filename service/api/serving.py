@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -33,9 +34,11 @@ from service.api.responses import (
 from service.api.sse import DONE, ChunkFrame, EventStreamResponse, sse, sse_error
 from service.api.tool_parser import StreamingToolParser, ToolCallAnswer
 from service.engine import Engine, Event, GenerationRequest, RequestHandle
-from service.errors import ModelNotFound
+from service.errors import ModelNotFound, ServiceError
 from service.metrics import ServiceMetrics
 from service.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -225,21 +228,28 @@ async def stream_answer(handle: RequestHandle, shape: AnswerShape, include_usage
                         usage_chunk: Callable[[Usage], bytes]) -> AsyncIterator[bytes]:
     """The SSE stream of either route: its `head`, each event as `render` makes it (None: nothing
     to send), the usage once every choice has ended (when asked), [DONE]. An error after the stream
-    started can only be told in the stream: its body, then [DONE]."""
+    started can only be told in the stream: its body, then [DONE]; so is a failure of this layer's
+    own (rendering a chunk), as vLLM's stream generators tell it, rather than a connection cut off."""
     for frame in head:
         yield frame
     usage = StreamUsage(shape)
-    async for event in in_intervals(handle.__aiter__(), shape.stream_interval):
-        if event.error is not None:
-            count_error(metrics, event.error)
-            yield sse_error(event.error)
-            break
-        usage.add(event)
-        frame = render(event, usage)
-        if frame is not None:
-            yield frame
-    if include_usage and (total := usage.total()) is not None:
-        yield usage_chunk(total)
+    try:
+        async for event in in_intervals(handle.__aiter__(), shape.stream_interval):
+            if event.error is not None:
+                count_error(metrics, event.error)
+                yield sse_error(event.error)
+                break
+            usage.add(event)
+            frame = render(event, usage)
+            if frame is not None:
+                yield frame
+        if include_usage and (total := usage.total()) is not None:
+            yield usage_chunk(total)
+    except Exception as exc:  # noqa: BLE001 - told to the client, then [DONE]; the handle is cancelled after
+        log.exception("streaming an answer failed")
+        error = ServiceError(f"internal error while streaming the answer: {type(exc).__name__}: {exc}")
+        count_error(metrics, error)
+        yield sse_error(error)
     yield DONE
 
 
