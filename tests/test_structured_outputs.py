@@ -255,3 +255,35 @@ def test_json_whitespace_runs_are_bounded(engine):
         row.accept(newline)
     logits = TokenMask.of([row]).apply(torch.zeros(1, logits.shape[1]))
     assert not torch.isfinite(logits[0, newline]) and torch.isfinite(logits[0]).any()
+
+
+def test_running_rows_keep_their_pace_when_a_large_grammar_starts(engine):
+    """A grammar's first mask builds llguidance's lexer states (a choice of 30000 strings: ~150 ms on
+    the tiny vocabulary, more on Qwen's 151k tokens). Computed by the first step of its row, in the
+    scheduler thread, it held every running row's next token as long; compile_grammar (a worker
+    thread: llguidance drops the GIL) computes it once, and each row's copy shares it."""
+    import threading
+
+    import llguidance
+
+    choices = json.dumps([f"option number {i} " + "y" * 30 for i in range(30000)])
+    grammar = engine.compile_grammar(Constraint("choice", choices))
+    cold = llguidance.LLMatcher(engine.grammars._llguidance_tokenizer()[0], llguidance.grammar_from("choice", choices),
+                                log_level=0)
+    started = time.perf_counter()
+    cold.compute_bitmask()  # what the first step of the row cost the scheduler thread
+    cold_s = time.perf_counter() - started
+
+    running = engine.submit(engine.prepare([{"role": "user", "content": "go on"}], [], max_tokens=500, ignore_eos=True))
+    stamps: list[float] = []
+    reader = threading.Thread(target=lambda: stamps.extend(time.perf_counter() for _ in running))
+    reader.start()
+    while len(stamps) < 20:
+        time.sleep(0.01)
+    joined = time.perf_counter()
+    events = list(engine.submit(engine.prepare([{"role": "user", "content": "pick one"}], [], grammar=grammar,
+                                               max_tokens=3)))
+    reader.join()
+    assert events[-1].error is None
+    gaps = [b - a for a, b in zip(stamps, stamps[1:]) if b > joined][:50]
+    assert max(gaps) < cold_s / 3, (max(gaps), cold_s)

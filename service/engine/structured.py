@@ -6,8 +6,9 @@ not xgrammar). Three parts, each used where its work belongs:
 - `Constraint`: what a request asks for; the HTTP layer builds it from `response_format`,
   `structured_outputs` or the tools. Hashable: it is the compile cache's key.
 - `GrammarCompiler.compile` (any thread; the serving layer calls it off the event loop, before the
-  request is queued): the constraint compiled against the tokenizer once and cached; a schema, regex
-  or grammar that does not compile is an InvalidRequest naming the request field it came from.
+  request is queued): the constraint compiled against the tokenizer once, its first mask computed
+  (not in the scheduler's step), and cached; a schema, regex or grammar that does not compile is an
+  InvalidRequest naming the request field it came from.
 - `RowGrammar` (the scheduler thread): one running request's matcher, advanced by every token the
   request samples. `TokenMask.of(rows)` fills the bitmask of the rows that have one; `apply` masks
   those rows' logits inside the batched sampling step. Rows without a grammar are never touched.
@@ -278,6 +279,10 @@ class GrammarCompiler:
             error = TOO_DEEP
         if not error:
             matcher = llguidance.LLMatcher(tokenizer, text, log_level=0)
+            # The first mask builds the lexer states every row's copy shares (a large choice: 150 ms
+            # on the tiny test vocabulary): here, off the scheduler thread (llguidance drops the GIL),
+            # not in the first step of a row, which held every running row's next token as long.
+            matcher.compute_bitmask()
             error = matcher.get_error() if matcher.is_error() else ""
         if error:
             what = {"json": "JSON schema", "json_object": "JSON object", "regex": "regex", "choice": "choice",
