@@ -372,6 +372,28 @@ def test_detokenizer_never_splits_a_character(engine):
     assert all("\ufffd" not in p for p in pieces)
 
 
+def test_detokenizer_work_per_token_stays_bounded_on_bytes_that_never_decode(engine):
+    """Byte 0xFF is never valid UTF-8, and allowed_token_ids (or logit_bias) can make a request sample
+    only it: the text never decodes cleanly, and every token decoded the whole run again (quadratic,
+    in the scheduler thread: 30000 such tokens cost each step of every row ~10 ms). The text is as
+    before: nothing while the run lasts, then its U+FFFDs with the character that ends it."""
+    tok = engine.tokenizer
+    decoded: list[int] = []
+
+    class Counting:
+        eos_token_id = tok.eos_token_id
+
+        def decode(self, ids, **kwargs):
+            decoded.append(len(ids))
+            return tok.decode(ids, **kwargs)
+
+    detok = IncrementalDetokenizer(Counting())
+    run = 3000
+    assert [detok.add(tok.convert_tokens_to_ids("\u00ff")) for _ in range(run)] == [""] * run
+    assert detok.add(tok.convert_tokens_to_ids("a")) == "\ufffd" * run + "a"
+    assert sum(decoded) < 100 * run, sum(decoded)  # it was ~run**2
+
+
 def test_sampling_filters_reduce_to_greedy():
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
     greedy = logits.argmax(-1)

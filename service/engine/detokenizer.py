@@ -10,6 +10,12 @@ from __future__ import annotations
 
 from service.engine.stops import StopMatcher
 
+# A character is at most 4 bytes and a byte-level token holds at least one: text that still ends in
+# U+FFFD this many tokens on is bytes that are not UTF-8 (0xFF, say), and whether it still does
+# shows in its last tokens alone. Decoding the whole run again at each token was quadratic, in the
+# scheduler thread: a request sampling only such bytes slowed every row's steps.
+TAIL_TOKENS = 32
+
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, stop: tuple[str, ...] = (), *, include_stop: bool = False,
@@ -34,6 +40,9 @@ class IncrementalDetokenizer:
         if self.stopped:
             return ""
         self._ids.append(token_id)
+        if len(self._ids) - self._read_offset > TAIL_TOKENS and \
+                self._decode(self._ids[-TAIL_TOKENS:]).endswith("\ufffd"):
+            return self._release()  # still not text: as the whole run would decode
         prefix = self._decode(self._ids[self._prefix_offset:self._read_offset])
         full = self._decode(self._ids[self._prefix_offset:])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
