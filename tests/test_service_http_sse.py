@@ -118,3 +118,89 @@ def test_a_failure_while_streaming_ends_with_an_error_body_and_done():
     assert parsed[1]["choices"][0]["delta"]["content"] == "a"
     assert parsed[-2]["error"]["code"] == 500 and "RuntimeError: boom" in parsed[-2]["error"]["message"]
     assert parsed[-1] == "[DONE]"
+
+
+def test_long_logprobs_are_rendered_off_the_event_loop(tiny_model_dir, monkeypatch):
+    """Logprobs cost ~0.3 ms a token to render with 20 top ones (each token's text, then pydantic):
+    an answer of n=8 x 2000 tokens held the event loop, so every other request and /health, for
+    seconds (a stream's too, once a client that stopped reading reads its backlog, merged into one
+    event). Past a few dozen tokens' they are rendered in a worker thread."""
+    import threading
+
+    from transformers import AutoTokenizer
+
+    import service.api.serving as serving
+    from service.api.serving import AnswerShape, complete
+    from service.engine.logits import TokenLogprob
+
+    shape = AnswerShape(tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir))
+    where = []
+    real = serving.chat_logprobs
+
+    def recording(entries, texts):
+        where.append((len(entries), threading.current_thread()))
+        return real(entries, texts)
+
+    monkeypatch.setattr(serving, "chat_logprobs", recording)
+
+    def answer(tokens: int) -> list[Event]:
+        entries = [TokenLogprob(5, -1.0, [(6, -2.0)] * 20) for _ in range(tokens)]
+        return [Event(text="x" * tokens, finish_reason="length", prompt_tokens=1, completion_tokens=tokens,
+                      token_ids=[5] * tokens, logprobs=entries)]
+
+    async def both(tokens: int):
+        loop_thread = threading.current_thread()
+        response = await complete(FakeHandle(answer(tokens)), "chatcmpl-1", "m", shape)
+        chunks = [c async for c in stream_chunks(FakeHandle(answer(tokens)), "chatcmpl-1", "m", False,
+                                                 ServiceMetrics(), shape)]
+        return loop_thread, response, chunks
+
+    loop_thread, response, chunks = asyncio.run(both(500))
+    assert len(json.loads(response.body)["choices"][0]["logprobs"]["content"]) == 500
+    assert len(parse(chunks)[1]["choices"][0]["logprobs"]["content"]) == 500
+    assert [n for n, _ in where] == [500, 500] and all(thread is not loop_thread for _, thread in where)
+    where.clear()
+    loop_thread, _, _ = asyncio.run(both(3))  # a few tokens' (a stream's usual event): no thread hop
+    assert [n for n, _ in where] == [3, 3] and all(thread is loop_thread for _, thread in where)
+
+
+def test_a_stream_with_a_backlog_lets_the_event_loop_run_between_its_chunks():
+    """Neither an event already waiting nor a send into a socket with room suspends a stream: one that
+    had a backlog to send (its client read nothing for a while) ran to its end before any other
+    request, /health included, got a turn."""
+    events = [Event(text=f"t{i}", prompt_tokens=1, completion_tokens=i + 1) for i in range(200)]
+    events.append(Event(text="", finish_reason="length", prompt_tokens=1, completion_tokens=201))
+
+    async def race():
+        turns = 0
+
+        async def other_request():
+            nonlocal turns
+            while True:
+                turns += 1
+                await asyncio.sleep(0)
+
+        other = asyncio.ensure_future(other_request())
+        await asyncio.sleep(0)
+        chunks = [c async for c in stream_chunks(FakeHandle(events), "chatcmpl-42", "m", False, ServiceMetrics())]
+        other.cancel()
+        return turns, chunks
+
+    turns, chunks = asyncio.run(race())
+    assert parse(chunks)[-1] == "[DONE]"
+    assert turns >= 200, turns  # a turn between chunks (it was one, before the stream began)
+
+
+def test_gathering_a_long_answers_logprobs_takes_linear_time():
+    """Each event's logprobs were appended by copying the choice's list so far: quadratic, in the
+    event loop (100000 tokens: seconds)."""
+    import time
+
+    from service.api.serving import ChoiceText
+    from service.engine.logits import TokenLogprob
+
+    entry, choice = TokenLogprob(1, -1.0, []), ChoiceText()
+    started = time.perf_counter()
+    for _ in range(100_000):
+        choice.add(Event(text="a", token_ids=[1], logprobs=[entry]))
+    assert len(choice.logprobs) == 100_000 and time.perf_counter() - started < 1.0

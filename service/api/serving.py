@@ -4,6 +4,7 @@ answer's shape, gathering the choices, the stream's skeleton and usage). No HTTP
 (routes.py) and no cancellation (cancellation.py owns the handle's end)."""
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import logging
@@ -136,7 +137,7 @@ class ChatServing:
             if chat.stream:
                 return EventStreamResponse(stream_chunks(handle, request.id, model, chat.include_usage, self.metrics,
                                                          shape))
-            return JSONResponse((await complete(handle, request.id, model, shape)).model_dump())
+            return await complete(handle, request.id, model, shape)
 
         return GenerationResponse(engine, [request], arrived, respond)
 
@@ -158,8 +159,9 @@ class ChoiceText:
     def add(self, event: Event) -> None:
         self.text.append(event.text)
         self.token_ids += event.token_ids
-        if event.logprobs is not None:
-            self.logprobs = (self.logprobs or []) + event.logprobs
+        if event.logprobs is not None:  # extended in place: a copy per event was quadratic in the answer's length
+            self.logprobs = self.logprobs or []
+            self.logprobs.extend(event.logprobs)
         if event.finish_reason is not None:
             self.last = event
 
@@ -223,6 +225,16 @@ class StreamUsage:
         return None if self.open else Usage.count(self.prompt_tokens, sum(self.generated))
 
 
+# Logprobs cost ~0.3 ms a token to render with 20 top ones (each token's text, then pydantic): an
+# answer's (or a stream's merged backlog) of more tokens than this is rendered in a worker thread, so
+# that n=8 x 2000 tokens do not hold the event loop, every other request and /health, for seconds.
+LOGPROBS_ON_LOOP = 64
+
+
+def long_logprobs(*entries: list | None) -> bool:
+    return sum(len(e) for e in entries if e) > LOGPROBS_ON_LOOP
+
+
 async def stream_answer(handle: RequestHandle, shape: AnswerShape, include_usage: bool, metrics: ServiceMetrics,
                         head: list[bytes], render: Callable[[Event, StreamUsage], bytes | None],
                         usage_chunk: Callable[[Usage], bytes]) -> AsyncIterator[bytes]:
@@ -240,9 +252,12 @@ async def stream_answer(handle: RequestHandle, shape: AnswerShape, include_usage
                 yield sse_error(event.error)
                 break
             usage.add(event)
-            frame = render(event, usage)
+            frame = await off_loop(render, event, usage) if long_logprobs(event.logprobs) else render(event, usage)
             if frame is not None:
                 yield frame
+            # Neither a waiting event nor a send into a socket with room suspends: a stream with a
+            # backlog (a client that read nothing for a while) held the event loop until it was sent.
+            await asyncio.sleep(0)
         if include_usage and (total := usage.total()) is not None:
             yield usage_chunk(total)
     except Exception as exc:  # noqa: BLE001 - told to the client, then [DONE]; the handle is cancelled after
@@ -254,23 +269,28 @@ async def stream_answer(handle: RequestHandle, shape: AnswerShape, include_usage
 
 
 async def complete(handle: RequestHandle, request_id: str, model: str,
-                   shape: AnswerShape | None = None) -> ChatCompletionResponse:
-    """The whole answer."""
+                   shape: AnswerShape | None = None) -> JSONResponse:
+    """The whole answer, as its response (made in a worker thread when its logprobs are long)."""
     shape = shape or AnswerShape()
     choices = await gather(handle, shape.n)
-    out = []
-    for index, c in enumerate(choices):
-        logprobs = None if c.logprobs is None else chat_logprobs(c.logprobs, shape.token_texts())
-        content, calls, finish_reason = "".join(c.text), [], c.last.finish_reason
-        if shape.tool_calls is not None:
-            content, calls, finish_reason = shape.tool_calls.message(content, finish_reason)
-        message = ResponseMessage(role=shape.role, content=shape.echo + content if content is not None else None,
-                                  tool_calls=calls)
-        out.append(Choice(index=index, message=message, logprobs=logprobs, finish_reason=finish_reason,
-                          stop_reason=c.last.stop_reason, token_ids=c.token_ids if shape.return_token_ids else None))
-    return ChatCompletionResponse(id=request_id, model=model, usage=usage_of(choices), choices=out,
-                                  system_fingerprint=shape.fingerprint, prompt_token_ids=shape.prompt_token_ids,
-                                  prompt_text=shape.prompt_text)
+
+    def response() -> JSONResponse:
+        out = []
+        for index, c in enumerate(choices):
+            logprobs = None if c.logprobs is None else chat_logprobs(c.logprobs, shape.token_texts())
+            content, calls, finish_reason = "".join(c.text), [], c.last.finish_reason
+            if shape.tool_calls is not None:
+                content, calls, finish_reason = shape.tool_calls.message(content, finish_reason)
+            message = ResponseMessage(role=shape.role, content=shape.echo + content if content is not None else None,
+                                      tool_calls=calls)
+            out.append(Choice(index=index, message=message, logprobs=logprobs, finish_reason=finish_reason,
+                              stop_reason=c.last.stop_reason,
+                              token_ids=c.token_ids if shape.return_token_ids else None))
+        return JSONResponse(ChatCompletionResponse(
+            id=request_id, model=model, usage=usage_of(choices), choices=out, system_fingerprint=shape.fingerprint,
+            prompt_token_ids=shape.prompt_token_ids, prompt_text=shape.prompt_text).model_dump())
+
+    return await off_loop(response) if long_logprobs(*(c.logprobs for c in choices)) else response()
 
 
 def stream_chunks(handle: RequestHandle, request_id: str, model: str, include_usage: bool,
