@@ -145,3 +145,20 @@ def test_completions_take_structured_outputs_too(server):
     bad = httpx.post(server.base_url + "/v1/completions", json={"prompt": "x", "structured_outputs": {"regex": "("}},
                      headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "structured_outputs.regex"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_a_choice_past_the_grammar_engines_limits_is_a_400_not_an_answer_outside_it(server, stream):
+    """2000+ choices: llguidance gives up at the first token; the answer was "o", finish_reason stop."""
+    body = {"model": SERVED_NAME, "max_tokens": 10, "stream": stream,
+            "structured_outputs": {"choice": [f"opt{i}" for i in range(2500)]}}
+    response = post(server, body)
+    if stream:
+        lines = [line for line in response.text.splitlines() if line.startswith("data: ")]
+        error = json.loads(lines[-2].removeprefix("data: "))["error"]
+        assert lines[-1] == "data: [DONE]"
+        assert not any('"content":"o' in line for line in lines)
+    else:
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+    assert error["code"] == 400 and "max is 2000" in error["message"]

@@ -10,6 +10,7 @@ from service.engine.logits import RowLogits, TokenLogprob
 from service.engine.requests import Event, GenerationRequest, RequestHandle
 from service.engine.sampling import SamplingParams, make_generator
 from service.engine.structured import RowGrammar
+from service.errors import InvalidRequest
 
 
 @dataclass
@@ -72,6 +73,10 @@ class Sequence:
         self.last_token = token
         if self.grammar is not None:
             self.grammar.accept(token)
+            if self.grammar.failure is not None:  # the request fails: no text its grammar does not match
+                self.finish_reason = "error"
+                return Event(error=InvalidRequest(f"The answer's grammar (structured output or tool calls) failed "
+                                                  f"while generating: {self.grammar.failure}"), index=self.index)
         self.token_ids.append(token)
         self._pending_ids.append(token)
         if logprob is not None:

@@ -154,6 +154,7 @@ class RowGrammar:
         self._whitespace_run = 0
         self.words = vocabulary.words
         self.ended = False  # an end-of-sequence token was sampled: from here on nothing is masked (vLLM)
+        self.failure: str | None = None  # why the matcher gave up (its request ends with the error)
 
     def accept(self, token: int) -> None:
         """Advance by the token the row sampled (its mask allowed it; ignore_eos may go on past the end)."""
@@ -164,9 +165,13 @@ class RowGrammar:
             return
         self._whitespace_run = self._whitespace_run + 1 if token in self._vocabulary.whitespace_ids else 0
         if not self._matcher.consume_token(token):
-            # Cannot happen for a masked token; the matcher now allows only end-of-sequence, so the
-            # row ends at its next step instead of producing output its grammar does not match.
-            log.warning("grammar rejected token %d: %s", token, self._matcher.get_error())
+            # Not the token (its mask allowed it): the grammar past llguidance's limits, e.g. a choice
+            # of 2000+ strings ("Current row has 2002 items; max is 2000"). The matcher would allow
+            # only the end now: an answer its grammar does not match. Its request fails instead, as
+            # on vLLM. The reason's first line only (llguidance's error holds the whole grammar).
+            error = self._matcher.get_error().strip()
+            self.failure = error.splitlines()[0][:500] if error else "the grammar's matcher stopped"
+            log.warning("grammar failed at token %d: %s", token, self.failure)
 
     def fill(self, bitmask: torch.Tensor, index: int) -> None:
         row = bitmask[index]
