@@ -176,6 +176,10 @@ CASES = {
                                                 ["not an image"]),
     "three 1x1 images": (user([image_part(data_url(encoded(Image.new("RGB", (1, 1)))))] * 3), 200, []),
     "many tiny images": (user([image_part(data_url(encoded(Image.new("RGB", (1, 1)))))] * 50), 400, ["at most"]),
+    # Local files (the server allows a media directory): paths the OS refuses were a 500.
+    "a file URL with a NUL byte": (user([image_part("file:///blue.png%00.png")]), 400, ["image file"]),
+    "a local path with a name too long": (user([image_part("x" * 5000 + ".png")]), 400, ["image file"]),
+    "a local path under an unknown user's home": (user([image_part("~no-such-user-here/x.png")]), 400, ["image file"]),
 }
 
 

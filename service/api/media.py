@@ -105,16 +105,21 @@ def _from_local_file(path_text: str, settings: ServiceSettings) -> bytes:
         raise InvalidRequest("Local image files are disabled on this server (no allowed media directory is set; "
                              "VLKIT_ALLOWED_MEDIA_DIR)", param="image_url", kind="local_file")
     root = Path(settings.allowed_media_dir).expanduser().resolve()
-    path = Path(path_text).expanduser()
-    path = (path if path.is_absolute() else root / path).resolve()  # resolve() follows symlinks out, too
-    if not path.is_relative_to(root):
-        raise InvalidRequest(f"Image file {path_text!r} is outside the allowed media directory", param="image_url",
-                             kind="local_file")
-    if not path.is_file():
-        raise InvalidRequest(f"Image file {path_text!r} does not exist", param="image_url", kind="local_file")
-    if path.stat().st_size > settings.max_image_bytes:
-        raise PayloadTooLarge(f"Image is over {settings.max_image_bytes} bytes", param="image_url")
-    return path.read_bytes()
+    try:  # a path the OS refuses (a NUL byte, a name too long, ~user unknown, unreadable) is the request's
+        path = Path(path_text).expanduser()
+        path = (path if path.is_absolute() else root / path).resolve()  # resolve() follows symlinks out, too
+        if not path.is_relative_to(root):
+            raise InvalidRequest(f"Image file {path_text!r} is outside the allowed media directory",
+                                 param="image_url", kind="local_file")
+        if not path.is_file():
+            raise InvalidRequest(f"Image file {path_text!r} does not exist", param="image_url", kind="local_file")
+        if path.stat().st_size > settings.max_image_bytes:
+            raise PayloadTooLarge(f"Image is over {settings.max_image_bytes} bytes", param="image_url")
+        return path.read_bytes()
+    except (OSError, ValueError, RuntimeError) as exc:
+        reason = getattr(exc, "strerror", None) or exc  # an OSError's own text repeats the whole path
+        raise InvalidRequest(f"Image file {path_text[:200]!r} cannot be read: {reason}", param="image_url",
+                             kind="local_file") from None
 
 
 def _from_remote(url: str, settings: ServiceSettings) -> bytes:
