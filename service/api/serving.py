@@ -229,6 +229,7 @@ class StreamUsage:
 # answer's (or a stream's merged backlog) of more tokens than this is rendered in a worker thread, so
 # that n=8 x 2000 tokens do not hold the event loop, every other request and /health, for seconds.
 LOGPROBS_ON_LOOP = 64
+YIELD_EVERY = 8  # a stream's events between its yields to the event loop
 
 
 def long_logprobs(*entries: list | None) -> bool:
@@ -245,6 +246,7 @@ async def stream_answer(handle: RequestHandle, shape: AnswerShape, include_usage
     for frame in head:
         yield frame
     usage = StreamUsage(shape)
+    sent = 0
     try:
         async for event in in_intervals(handle.__aiter__(), shape.stream_interval):
             if event.error is not None:
@@ -257,7 +259,10 @@ async def stream_answer(handle: RequestHandle, shape: AnswerShape, include_usage
                 yield frame
             # Neither a waiting event nor a send into a socket with room suspends: a stream with a
             # backlog (a client that read nothing for a while) held the event loop until it was sent.
-            await asyncio.sleep(0)
+            # Every few events, not each: a yield is a loop iteration, and this is every token's path.
+            sent += 1
+            if sent % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
         if include_usage and (total := usage.total()) is not None:
             yield usage_chunk(total)
     except Exception as exc:  # noqa: BLE001 - told to the client, then [DONE]; the handle is cancelled after
