@@ -418,6 +418,32 @@ def test_a_reader_that_fell_behind_gets_the_waiting_text_merged(engine):
     assert [(e.text, e.finish_reason, e.completion_tokens) for e in events] == [("abc", "stop", 3)]
 
 
+def test_merging_a_long_backlog_takes_linear_time(engine):
+    """Each waiting event was merged into a new event copying the text, token ids and logprobs so
+    far: quadratic, in the event loop (a stream whose client read nothing for 100000 tokens: ~13 s
+    there before anything was sent, every other request waiting)."""
+    import asyncio
+
+    from service.engine import Event, RequestHandle
+    from service.engine.logits import TokenLogprob
+
+    entry, count = TokenLogprob(1, -1.0, [(2, -2.0)]), 100_000
+
+    async def read():
+        handle = RequestHandle(request(engine, "x"), loop=asyncio.get_running_loop())
+        for _ in range(count):
+            handle._queue.put_nowait(Event(text="ab", token_ids=[1], logprobs=[entry]))
+        handle._queue.put_nowait(Event(text="!", finish_reason="length", completion_tokens=count + 1))
+        started = time.perf_counter()
+        events = [event async for event in handle]
+        return events, time.perf_counter() - started
+
+    events, seconds = asyncio.run(read())
+    assert [(len(e.text), len(e.token_ids), len(e.logprobs), e.finish_reason) for e in events] == \
+        [(2 * count + 1, count, count, "length")]
+    assert seconds < 2.0, seconds
+
+
 def _hits(engine) -> float:
     return engine.metrics.prefix_cache_hits._value.get()
 

@@ -100,12 +100,21 @@ class Event:
 
     def merged(self, following: "Event") -> "Event":
         """This event and the next one of the same choice as one."""
-        logprobs = None if self.logprobs is None and following.logprobs is None else \
-            (self.logprobs or []) + (following.logprobs or [])
-        return Event(text=self.text + following.text, finish_reason=following.finish_reason,
-                     prompt_tokens=following.prompt_tokens, completion_tokens=following.completion_tokens,
-                     index=self.index, stop_reason=following.stop_reason,
-                     token_ids=self.token_ids + following.token_ids, logprobs=logprobs)
+        return Event.joined([self, following])
+
+    @staticmethod
+    def joined(events: list["Event"]) -> "Event":
+        """Consecutive events of one choice as one, in one pass (merging them pair by pair copied
+        everything so far at each: quadratic in a backlog's length)."""
+        if len(events) == 1:
+            return events[0]
+        first, last = events[0], events[-1]
+        logprobs = None if all(e.logprobs is None for e in events) else \
+            [entry for e in events for entry in e.logprobs or ()]
+        return Event(text="".join(e.text for e in events), finish_reason=last.finish_reason,
+                     prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
+                     index=first.index, stop_reason=last.stop_reason,
+                     token_ids=[t for e in events for t in e.token_ids], logprobs=logprobs)
 
 
 @dataclass
@@ -178,14 +187,18 @@ class RequestHandle:
         is merged into one (fewer, larger chunks under load: the event loop keeps up)."""
         assert self._loop is not None, "submitted without a loop: use `for`"
         while True:
-            event = await self._queue.get()
-            while not event.last and not self._queue.empty():
+            waiting = [await self._queue.get()]
+            following = None
+            while not waiting[-1].last and not self._queue.empty():
                 following = self._queue.get_nowait()
-                if following.error is not None or following.index != event.index:
-                    yield event
-                    event = following
+                if following.error is not None or following.index != waiting[0].index:
                     break
-                event = event.merged(following)
+                waiting.append(following)
+                following = None
+            event = Event.joined(waiting)
+            if following is not None:
+                yield event
+                event = following
             yield event
             if self._ends(event):
                 return
