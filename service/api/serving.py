@@ -173,18 +173,19 @@ async def in_intervals(events: AsyncIterator[Event], interval: int | None) -> As
         async for event in events:
             yield event
         return
-    pending: dict[int, Event] = {}
+    pending: dict[int, list[Event]] = {}  # joined once sent (pair by pair was quadratic in `interval`)
+    tokens: dict[int, int] = {}
     started: set[int] = set()
     async for event in events:
         if event.error is not None:
             yield event
             return
-        merged = pending.pop(event.index).merged(event) if event.index in pending else event
-        if event.index not in started or merged.finish_reason is not None or len(merged.token_ids) >= interval:
+        pending.setdefault(event.index, []).append(event)
+        tokens[event.index] = tokens.get(event.index, 0) + len(event.token_ids)
+        if event.index not in started or event.finish_reason is not None or tokens[event.index] >= interval:
             started.add(event.index)
-            yield merged
-        else:
-            pending[event.index] = merged
+            tokens[event.index] = 0
+            yield Event.joined(pending.pop(event.index))
 
 
 async def gather(handle: RequestHandle, n: int) -> list[ChoiceText]:
