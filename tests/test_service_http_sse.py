@@ -228,3 +228,35 @@ def test_a_large_stream_interval_joins_its_events_in_linear_time():
     assert time.perf_counter() - started < 3.0
     texts = [p["choices"][0]["delta"]["content"] for p in parsed[1:-1]]
     assert texts == ["ab", "ab" * (count - 1) + "!"]  # the first at once, then the rest with the last
+
+
+def test_a_whole_completions_answer_renders_long_logprobs_off_the_event_loop(tiny_model_dir, monkeypatch):
+    """/v1/completions' whole answer too: its logprobs (each token's text and its top ones') were
+    rendered in the event loop, seconds for n=8 x 2000 tokens."""
+    import threading
+
+    from transformers import AutoTokenizer
+
+    import service.api.completions as completions
+    from service.api.serving import AnswerShape
+    from service.engine.logits import TokenLogprob
+
+    shape = AnswerShape(tokenizer=AutoTokenizer.from_pretrained(tiny_model_dir))
+    where = []
+    real = completions.completion_logprobs
+
+    def recording(entries, texts, *args):
+        where.append((len(entries), threading.current_thread()))
+        return real(entries, texts, *args)
+
+    monkeypatch.setattr(completions, "completion_logprobs", recording)
+    entries = [TokenLogprob(5, -1.0, [(6, -2.0)] * 5) for _ in range(500)]
+    events = [Event(text="x" * 500, finish_reason="length", prompt_tokens=1, completion_tokens=500,
+                    token_ids=[5] * 500, logprobs=entries)]
+
+    async def answer():
+        return threading.current_thread(), await completions.whole([FakeHandle(events)], "cmpl-1", "m", [shape])
+
+    loop_thread, body = asyncio.run(answer())
+    assert len(body["choices"][0]["logprobs"]["tokens"]) == 500
+    assert [n for n, _ in where] == [500] and where[0][1] is not loop_thread

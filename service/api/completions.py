@@ -16,7 +16,8 @@ from service.api.logprobs import completion_logprobs
 from service.api.offload import off_loop
 from service.api.protocol import SamplingFields
 from service.api.responses import AnswerUsage, Usage
-from service.api.serving import AnswerShape, StreamUsage, gather, response_id, stream_answer, usage_of
+from service.api.serving import (AnswerShape, StreamUsage, gather, long_logprobs, response_id, stream_answer,
+                                 usage_of)
 from service.api.sse import EventStreamResponse
 from service.api.structured_outputs import ResponseFormat, StructuredOutputs, check_response_format, structured_constraint
 from service.engine import Engine, Event, RequestHandle
@@ -170,7 +171,10 @@ async def whole(handles: list[RequestHandle], request_id: str, model: str, shape
     for handle, shape in zip(handles, shapes):  # all run in the engine at once; read in order
         choices = await gather(handle, shape.n)
         for c in choices:
-            logprobs = None if c.logprobs is None else completion_logprobs(c.logprobs, shape.token_texts())
+            logprobs, texts = None, shape.token_texts()
+            if c.logprobs is not None:  # a long answer's in a worker thread (seconds of the event loop else)
+                logprobs = await off_loop(completion_logprobs, c.logprobs, texts) if long_logprobs(c.logprobs) \
+                    else completion_logprobs(c.logprobs, texts)
             text = shape.echo + ("" if shape.echo_only else "".join(c.text))
             token_ids = c.token_ids if shape.return_token_ids else None  # vLLM's: echo_only's sampled token too
             # vLLM's CompletionResponseChoice: the stream choice's keys, and prompt_logprobs and
