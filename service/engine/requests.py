@@ -98,10 +98,6 @@ class Event:
         """The last event of its choice."""
         return self.finish_reason is not None or self.error is not None
 
-    def merged(self, following: "Event") -> "Event":
-        """This event and the next one of the same choice as one."""
-        return Event.joined([self, following])
-
     @staticmethod
     def joined(events: list["Event"]) -> "Event":
         """Consecutive events of one choice as one, in one pass (merging them pair by pair copied
