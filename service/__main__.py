@@ -152,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.run(sockets=sockets)
     except KeyboardInterrupt:  # Ctrl-C: uvicorn re-raises it once shut down (uvicorn.run swallows it too)
-        if app.state.service.loading or failed:  # failed: the shutdown cut the warm-up short
+        # Before the service was ready, whether or not the load thread has ended since (the signal
+        # and that thread race); failed: the shutdown cut the warm-up short.
+        if not app.state.service.ready or failed:
             interrupted_while_loading()
     if failed:
         print(f"error: {failed[0]}", file=sys.stderr)

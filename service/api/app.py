@@ -44,8 +44,7 @@ def create_app(settings: ServiceSettings, engine: Engine | None = None, *,
 async def _lifespan(app: FastAPI):
     state: ServiceState = app.state.service
     if state.engine is None:
-        state.loader = threading.Thread(target=_load, args=(state,), name="vlkit-load", daemon=True)
-        state.loader.start()
+        threading.Thread(target=_load, args=(state,), name="vlkit-load", daemon=True).start()
     elif not state.engine.ready:
         await asyncio.to_thread(state.engine.start, warmup=state.settings.warmup)
     yield

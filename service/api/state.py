@@ -1,7 +1,6 @@
 """What the routes share: settings, metrics, the serving layer, and the engine once it is loaded."""
 from __future__ import annotations
 
-import threading
 from typing import Callable
 
 from service.api.completions import CompletionServing
@@ -24,12 +23,6 @@ class ServiceState:
         self.tokenization = Tokenization(self.serving)
         self.on_load_failure = on_load_failure
         self.load_error: str | None = None
-        self.loader: threading.Thread | None = None  # the background load (create_app without an engine)
-
-    @property
-    def loading(self) -> bool:
-        """The background load (weights, memory plan, warm-up) is still running."""
-        return self.loader is not None and self.loader.is_alive()
 
     @property
     def ready(self) -> bool:
