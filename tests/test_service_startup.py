@@ -33,7 +33,7 @@ def test_ctrl_c_while_the_model_loads_exits_130_in_one_line(tiny_model_dir):
     else:
         raise AssertionError("the load finished before Ctrl-C every time")
     # A clean end either way. Where uvicorn hands the signal back (most runs) it is 130 with the line;
-    # where the signal landed as uvicorn was still starting, uvicorn ends the server itself, with 0.
+    # twice in CI it did not (the cause is not known) and the server ended as after a normal stop, with 0.
     assert proc.returncode in (0, 130), out
     if proc.returncode == 130:
         assert out.rstrip().endswith("\ninterrupted while the model was loading"), out
