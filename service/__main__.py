@@ -149,13 +149,16 @@ def main(argv: list[str] | None = None) -> int:
 
     app = create_app(settings, on_load_failure=on_load_failure)
     server = uvicorn_server(app, settings)
+    interrupted = False
     try:
         server.run(sockets=sockets)
     except KeyboardInterrupt:  # Ctrl-C: uvicorn re-raises it once shut down (uvicorn.run swallows it too)
-        # Before the service was ready, whether or not the load thread has ended since (the signal
-        # and that thread race); failed: the shutdown cut the warm-up short.
-        if not app.state.service.ready or failed:
-            interrupted_while_loading()
+        interrupted = True
+    # A shutdown before the load had ended that the load's own failure did not ask for was a signal's,
+    # whether or not asyncio turned the signal uvicorn re-raised into a KeyboardInterrupt (it does not
+    # always); a failure with the signal: the shutdown cut the warm-up short.
+    if not app.state.service.started and (interrupted or not failed):
+        interrupted_while_loading()
     if failed:
         print(f"error: {failed[0]}", file=sys.stderr)
         return 1

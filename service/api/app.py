@@ -45,8 +45,10 @@ async def _lifespan(app: FastAPI):
     state: ServiceState = app.state.service
     if state.engine is None:
         threading.Thread(target=_load, args=(state,), name="vlkit-load", daemon=True).start()
-    elif not state.engine.ready:
-        await asyncio.to_thread(state.engine.start, warmup=state.settings.warmup)
+    else:
+        if not state.engine.ready:
+            await asyncio.to_thread(state.engine.start, warmup=state.settings.warmup)
+        state.started = True
     yield
     if state.engine is not None:
         await asyncio.to_thread(state.engine.stop)
@@ -58,6 +60,7 @@ def _load(state: ServiceState) -> None:
         engine = Engine.load(settings, state.metrics)
         state.engine = engine  # not ready yet: requests get 503 until Engine.start has warmed it up
         engine.start(warmup=settings.warmup)
+        state.started = True
         log.info("ready: %s (max context %d)", settings.model_name, engine.max_model_len)
     except BaseException as exc:  # noqa: BLE001 - reported on /health/ready and to the launcher
         state.load_error = f"The model failed to load: {exc}"

@@ -23,6 +23,8 @@ class ServiceState:
         self.tokenization = Tokenization(self.serving)
         self.on_load_failure = on_load_failure
         self.load_error: str | None = None
+        self.started = False  # the engine loaded and Engine.start returned; stays True through the shutdown
+
 
     @property
     def ready(self) -> bool:
