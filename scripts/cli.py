@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # subcommand area -> module exposing register(subparsers)
@@ -40,6 +41,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return _run(argv)
+        finally:
+            sys.stdout.flush()  # here, not at exit, where a closed pipe could only be reported as a failure
+    except BrokenPipeError:
+        # The reader stopped early (`vlkit up --dry-run | head -1`): end quietly. Python's recipe
+        # (docs.python.org/3/library/signal.html#note-on-sigpipe), which rich's console follows too:
+        # stdout to devnull so that the exit's own flush has nowhere to fail, then status 1.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
