@@ -66,7 +66,7 @@ doctor: $(HOST_STAMP) ## check this machine: WSL, driver, GPU, Docker and its GP
 health: $(HOST_STAMP) ## the GPU health gate `make up` runs first
 	@$(VLKIT) health $(call opt,--profile,$(PROFILE)) $(call opt,--model,$(MODEL)) $(ARGS)
 
-plan: $(HOST_STAMP) ## print the VRAM budget and the settings for this card (GPU_MEMORY= for another)
+plan: $(HOST_STAMP) ## print the VRAM budget and the settings for this card (GPU_MEMORY= for another; exit 3: it does not fit)
 	@$(VLKIT) plan $(PLAN_FLAGS) $(call opt,--gpus,$(GPUS)) $(ARGS)
 
 build: $(HOST_STAMP) ## build the profile's image (PROFILE=8gb|16gb|all; auto: the one this card gets)

@@ -12,9 +12,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 class Plan:
     def __init__(self, ckpt: Path, profile: str, card: str):
+        from scripts.planner.cli import EXIT_DOES_NOT_FIT, EXIT_FITS  # the checkout's, as the command
+
         out = subprocess.run([sys.executable, "-m", "scripts", "plan", "--json", "--model", str(ckpt), "--profile",
                               profile, "--gpu-memory", card], capture_output=True, text=True, cwd=ROOT)
-        if out.returncode not in (0, 2):
+        if out.returncode not in (EXIT_FITS, EXIT_DOES_NOT_FIT):
             raise RuntimeError(f"vlkit plan failed: {out.stderr.strip()}")
         plan = json.loads(out.stdout)
         self.fits, self.service_env, self.vllm_args = plan["fits"], plan["service_env"], plan["vllm_args"]

@@ -24,24 +24,24 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
     return rc, out, err
 
 
-def test_a_plan_that_does_not_fit_exits_2_with_the_planners_refusal_and_writes_nothing(capsys, tmp_path):
+def test_a_plan_that_does_not_fit_exits_3_with_the_planners_refusal_and_writes_nothing(capsys, tmp_path):
     model = "Qwen/Qwen3-VL-8B-Instruct"
     plan = plan_for(model=model, profile="16gb", gpu_memory_bytes=8 * GIB)
     assert not plan.fits and plan.refusal
     out_dir = tmp_path / "k8s"
     rc, out, err = run(capsys, "--model", model, "--gpu-memory", "8GiB", "--output", str(out_dir))
-    assert rc == 2
+    assert rc == 3
     assert plan.refusal in err and "nothing was written" in err
     assert out == "" and not out_dir.exists()
     rc, out, err = run(capsys, "--model", model, "--gpu-memory", "8GiB")
-    assert rc == 2 and out == ""  # nothing on stdout either: `| kubectl apply -f -` applies nothing
+    assert rc == 3 and out == ""  # nothing on stdout either: `| kubectl apply -f -` applies nothing
 
 
 def test_a_context_beyond_the_card_is_refused_the_same_way(capsys):
     model = "Qwen/Qwen3-VL-4B-Instruct"
     plan = plan_for(model=model, profile="16gb", gpu_memory_bytes=16 * GIB, context=200000)
     rc, out, err = run(capsys, "--gpu-memory", "16GiB", "--model", model, "--context", "200000")
-    assert rc == 2 and out == "" and plan.refusal in err and "a shorter context: --context" in err
+    assert rc == 3 and out == "" and plan.refusal in err and "a shorter context: --context" in err
 
 
 @pytest.mark.parametrize("args, says", [
@@ -70,7 +70,7 @@ def test_bad_input_exits_1_with_one_line(capsys, tmp_path, args, says):
 ])
 def test_argument_errors_name_the_rule(capsys, args, says):
     rc, out, err = run(capsys, *(["--gpu-memory", "24GiB"] if args else []), *args)
-    assert rc == 2 and says in err and out == ""
+    assert rc == 2 and says in err and out == ""  # argparse's status: not the 3 of a plan that does not fit
 
 
 def test_a_local_model_directory_is_refused(capsys, tiny_model_dir):
@@ -126,7 +126,7 @@ def test_make_k8s_refuses_the_8gb_profile_instead_of_ignoring_it():
 def test_a_refusal_offers_only_next_steps_kubernetes_can_take(capsys):
     """The manifests run vLLM: the planner's other profile (vlkit's own service) is no next step here."""
     rc, out, err = run(capsys, "--gpu-memory", "8GiB", "--model", "Qwen/Qwen3-VL-4B-Instruct")
-    assert rc == 2 and out == ""
+    assert rc == 3 and out == ""
     assert "--profile 8gb" not in err and "8gb profile" not in err
     assert "--model Qwen/Qwen3-VL-4B-Instruct-FP8 (profile 16gb" in err
 

@@ -180,3 +180,10 @@ def test_more_gpus_than_this_machine_has_says_how_to_plan_for_them(tmp_path):
     assert "GPUS=2, but 1 GPU(s) found here" in res.stderr and "GPUS=2 GPU_MEMORY=80GiB" in res.stderr, res.stderr
     again = _make("plan", "GPUS=2", "GPU_MEMORY=80GiB", "ARGS=--json", env=env)
     assert again.returncode == 0, again.stderr
+
+
+def test_help_says_the_status_of_a_plan_that_does_not_fit():
+    from scripts.planner.cli import EXIT_DOES_NOT_FIT
+
+    plan = next(line for line in _help_sections()["targets"] if line.split()[0] == "plan")
+    assert f"exit {EXIT_DOES_NOT_FIT}: it does not fit" in plan

@@ -280,7 +280,7 @@ def test_cli_exit_codes_and_json(capsys):
     code, out, _ = _cli(["plan", "--gpu-memory", "8GiB", "--model", SEEDS_MODEL,
                          "--gpu-memory-utilization", "0.80", "--context", "4096", "--json"], capsys)
     data = json.loads(out)
-    assert code == 2 and data["fits"] is False and data["evaluated"] is True
+    assert code == 3 and data["fits"] is False and data["evaluated"] is True  # 2 is argparse's refusal
     assert any(r["name"].strip() == "KV cache" and r["gib"] < 0 for r in data["budget"])
     code, out, _ = _cli(["plan", "--gpu-memory", "16GB", "--model", SEEDS_MODEL, "--json"], capsys)
     data = json.loads(out)
@@ -303,6 +303,14 @@ def test_cli_bad_input_is_a_clear_error(capsys):
     with pytest.raises(SystemExit) as e:
         _cli(["plan", "--gpu-memory", "lots"], capsys)
     assert e.value.code == 2
+
+
+def test_the_benchmarks_read_a_plan_that_does_not_fit_as_one():
+    """bench/planned.py runs `vlkit plan --json` and reads its exit status: does not fit is a plan too."""
+    from bench.planned import Plan
+
+    assert Plan(Path(SEEDS_MODEL), "16gb", "4GiB").fits is False
+    assert Plan(Path(SEEDS_MODEL), "16gb", "16GiB").fits is True
 
 
 @pytest.mark.parametrize("card_gib, profile", [(6, "8gb"), (8, "8gb"), (11, "8gb"), (12, "16gb"), (16, "16gb"), (24, "16gb")])

@@ -1,7 +1,7 @@
 """`vlkit k8s`: the plan for a GPU size and count, as Kubernetes manifests (stdout or a folder).
 
-Exit 0 written, 1 bad input it checks (one line), 2 the plan does not fit (the planner's refusal;
-nothing is written) or a flag argparse refuses (its usage line).
+Exit 0 written, 1 bad input it checks (one line), 2 a flag argparse refuses (its usage line), 3 the
+plan does not fit (the planner's refusal; nothing is written).
 """
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ import sys
 from pathlib import Path
 
 from scripts.k8s import names
+from scripts.planner.cli import EXIT_DOES_NOT_FIT
 from scripts.planner.options import at_least, context_tokens
 from scripts.planner.sizes import memory_arg, parse_size
 from scripts.safe_file import FileEditError
 from scripts.usage import command, setting
 
-EXIT_WRITTEN, EXIT_ERROR, EXIT_DOES_NOT_FIT = 0, 1, 2
+EXIT_WRITTEN, EXIT_ERROR = 0, 1
 GIB = 1024**3
 _count = at_least(1)
 
@@ -40,8 +41,8 @@ def register(subparsers) -> None:
         description="Kubernetes manifests for the 16gb profile (vLLM) from the plan for one GPU size and "
                     "count: a StatefulSet (the planned vLLM flags, tensor parallel over the pod's GPUs, a "
                     "cache volume per replica, probes) and its ClusterIP Service. To stdout, or one file "
-                    "per object with --output. Exit 0 written, 1 bad input, 2 the plan does not fit "
-                    "(or a malformed flag).")
+                    "per object with --output. Exit 0 written, 1 bad input, 2 a malformed flag, 3 the "
+                    "plan does not fit.")
     p.add_argument("--model", default=ServiceSettings.model_fields["model"].default,
                    help="Hugging Face hub id the pods download and serve (default: %(default)s)")
     p.add_argument("--gpu-memory", type=memory_arg, required=True, metavar="SIZE",

@@ -1,4 +1,4 @@
-"""`vlkit plan`: print the plan (a budget table and the flags), or --json. Exit 0 fits, 2 does not."""
+"""`vlkit plan`: print the plan (a budget table and the flags), or --json. Exit 0 fits, 3 does not."""
 from __future__ import annotations
 
 import argparse
@@ -8,14 +8,17 @@ import sys
 
 from . import options
 
-EXIT_FITS, EXIT_ERROR, EXIT_DOES_NOT_FIT = 0, 1, 2
+# 2 is argparse's (a flag it refuses): a plan that does not fit is a status of its own, so that a
+# script tells "change the card, model or context" from "fix the command line". `vlkit k8s` shares it.
+EXIT_FITS, EXIT_ERROR, EXIT_DOES_NOT_FIT = 0, 1, 3
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "plan", help="compute the vLLM / service settings that fit the GPU",
         description="Plan the memory of a Qwen3-VL deployment: a budget table and the settings. "
-                    "Exit 0 when the plan fits, 2 when it cannot (the refusal names the next step).")
+                    "Exit 0 when the plan fits, 3 when it cannot (the refusal names the next step), "
+                    "1 on input the planner refuses, 2 on a flag argparse refuses.")
     options.add(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=run)
