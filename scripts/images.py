@@ -6,22 +6,11 @@ driver with MIN_DRIVER, and the planner reads VLLM_VERSION for the vLLM accounti
 from __future__ import annotations
 
 import os
-import re
-from importlib import metadata
-from pathlib import Path
 from typing import Literal
 
+from service.version import vlkit_version
 
-def _vlkit_version() -> str:
-    """The project's version (pyproject.toml is its one source; read it when not installed)."""
-    try:
-        return metadata.version("vlkit")
-    except metadata.PackageNotFoundError:
-        text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8")
-        return re.search(r'^version\s*=\s*"([^"]+)"', text, re.M).group(1)
-
-
-VLKIT_VERSION = _vlkit_version()
+VLKIT_VERSION = vlkit_version()
 
 # --- 16gb profile: the official vLLM OpenAI server image -------------------------------------------
 # Pinned: the planner models this version's memory accounting and its flags are checked against this

@@ -11,7 +11,6 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import AsyncIterator, Callable
 
 from starlette.responses import JSONResponse, Response
@@ -38,6 +37,7 @@ from service.engine import Engine, Event, GenerationRequest, RequestHandle
 from service.errors import ModelNotFound, ServiceError
 from service.metrics import ServiceMetrics
 from service.settings import ServiceSettings
+from service.version import vlkit_version
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +79,6 @@ class AnswerShape:
     def plain(self) -> bool:
         """Chunks carry text and finish reasons only (the pre-rendered frame serves them)."""
         return not (self.return_token_ids or self.continuous_usage or self.tool_calls)
-
-
-def vlkit_version() -> str:
-    try:
-        return metadata.version("vlkit")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 @functools.cache
