@@ -114,6 +114,14 @@ class ServiceSettings(BaseSettings):
             raise ValueError("is a file, not a directory" if path.exists() else "no such directory")
         return v
 
+    @field_validator("compile_cache_dir", mode="before")
+    @classmethod
+    def _compile_cache_dir_not_empty(cls, v: object) -> object:
+        # Before Path(): Path("") is the current folder, which would fill with compiled kernels.
+        if v is not None and not str(v).strip():
+            raise ValueError("is empty: give a directory, or leave it unset for ~/.cache/vlkit/compile")
+        return v
+
     @field_validator("api_key", mode="before")
     @classmethod
     def _empty_key_is_none(cls, v: object) -> object:

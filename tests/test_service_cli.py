@@ -110,6 +110,20 @@ def test_allowed_media_dir_that_is_no_directory_is_a_settings_error(tiny_model_d
     assert out.strip() == f"error: --allowed-media-dir / VLKIT_ALLOWED_MEDIA_DIR: {said} (got {given!r})"
 
 
+@pytest.mark.parametrize("given", [["--compile-cache-dir", ""], ["--compile-cache-dir", " "]])
+def test_an_empty_compile_cache_dir_is_a_settings_error(tiny_model_dir, given):
+    """'' was Path(''), the current folder, which then filled with TorchInductor's and Triton's caches."""
+    status, out = refusal(["--model", str(tiny_model_dir), "--port", str(free_port()), *given])
+    assert status == 2 and out.strip() == ("error: --compile-cache-dir / VLKIT_COMPILE_CACHE_DIR: is empty: give a "
+                                           f"directory, or leave it unset for ~/.cache/vlkit/compile (got {given[1]!r})"), out
+
+
+def test_an_empty_compile_cache_dir_in_the_environment_is_refused_too(tiny_model_dir):
+    status, out = refusal(["--model", str(tiny_model_dir), "--port", str(free_port())],
+                          env={"VLKIT_COMPILE_CACHE_DIR": ""})
+    assert status == 2 and "error: --compile-cache-dir / VLKIT_COMPILE_CACHE_DIR: is empty" in out, out
+
+
 def test_max_model_len_above_the_models_maximum_is_refused_before_the_weights_load(tiny_model_dir, monkeypatch):
     """It was clamped to the model's maximum without a word; vLLM refuses it ("User-specified
     max_model_len ... is greater than the derived max_model_len"), and so does the service now."""
