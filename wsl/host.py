@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from service.host_memory import meminfo
+
 WINDOWS_SYSTEM32 = "/mnt/c/Windows/System32"
 INTEROP_FLAG = "/proc/sys/fs/binfmt_misc/WSLInterop"
 CACHE_TTL_S = 7 * 24 * 3600  # the profile folder and the RAM of a PC change rarely
@@ -174,9 +176,7 @@ def windows_userprofile(timeout: float = 5.0, use_cache: bool = True) -> Path | 
 
 def meminfo_total_bytes(text: str | None = None) -> int | None:
     """MemTotal from /proc/meminfo (pure when given text). Inside WSL2 this is the VM's limit."""
-    text = _read("/proc/meminfo") if text is None else text
-    m = re.search(r"^MemTotal:\s+(\d+)\s*kB", text, re.MULTILINE)
-    return int(m.group(1)) * 1024 if m else None
+    return meminfo(_read("/proc/meminfo") if text is None else text).get("MemTotal")
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""GPU memory as NVML sees it: what this process holds, the figure the memory budget is about; and
-the host's memory still available (the CPU's only limit).
+"""GPU memory as NVML sees it: what this process holds, the figure the memory budget is about. (The
+host's memory, the CPU's only limit, is service/host_memory.py's.)
 
 The budget (``memory_budget_gib``) is for the whole process as NVML sees it: weights, the CUDA
 context and library workspaces (outside torch's allocator), the KV cache, CUDA graph pools and the
@@ -55,15 +55,3 @@ def _nvml_index(device_index: int) -> int:
     if visible != [""] and device_index < len(visible) and visible[device_index].strip().isdigit():
         return int(visible[device_index])
     return device_index
-
-
-def available_host_memory() -> int | None:
-    """Bytes the machine can still allocate without swapping (Linux's MemAvailable); None elsewhere."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None

@@ -25,9 +25,10 @@ from service.decode import DecodeRunner, PagedKVCache, Qwen3VLDecoder, Qwen3VLPr
 from service.decode.kernel_choice import release_workspaces
 from service.decode.qwen3_step import fuse_linears, text_model_of
 from service.engine.batch import Batch
-from service.engine.memory import ProcessMemory, available_host_memory
+from service.engine.memory import ProcessMemory
 from service.engine.requests import Prompt
 from service.errors import ModelUnavailable
+from service.host_memory import available_host_memory
 from service.settings import ServiceSettings
 from service.sizing import (
     BLOCK_SIZE, DECODE_BATCH_SIZES, GIB, KVPlan, blocks_for, plan_kv_blocks, vision_batch_tokens,
