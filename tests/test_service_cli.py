@@ -124,6 +124,26 @@ def test_an_empty_compile_cache_dir_in_the_environment_is_refused_too(tiny_model
     assert status == 2 and "error: --compile-cache-dir / VLKIT_COMPILE_CACHE_DIR: is empty" in out, out
 
 
+DEFAULT_CACHE = Path.home() / ".cache/vlkit/compile"
+
+
+@pytest.mark.parametrize("env, inductor, triton", [
+    ({"VLKIT_COMPILE_CACHE_DIR": "/c", "TORCHINDUCTOR_CACHE_DIR": "/t"}, "/c/inductor", "/c/triton"),  # ours wins
+    ({"TORCHINDUCTOR_CACHE_DIR": "/t"}, "/t", str(DEFAULT_CACHE / "triton")),  # torch's own, set by the user, stays
+    ({}, str(DEFAULT_CACHE / "inductor"), str(DEFAULT_CACHE / "triton")),
+])
+def test_the_compile_cache_is_where_the_settings_say(monkeypatch, env, inductor, triton):
+    from service.engine.startup import configure_torch
+
+    for name in ("VLKIT_COMPILE_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # it sets a default there too
+    configure_torch(ServiceSettings())
+    assert (os.environ["TORCHINDUCTOR_CACHE_DIR"], os.environ["TRITON_CACHE_DIR"]) == (inductor, triton)
+
+
 def test_max_model_len_above_the_models_maximum_is_refused_before_the_weights_load(tiny_model_dir, monkeypatch):
     """It was clamped to the model's maximum without a word; vLLM refuses it ("User-specified
     max_model_len ... is greater than the derived max_model_len"), and so does the service now."""

@@ -61,7 +61,7 @@ def configure_torch(settings: ServiceSettings) -> Path:
     """
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     torch.backends.cuda.enable_cudnn_sdp(False)
-    root = Path(settings.compile_cache_dir or os.environ.get("VLKIT_COMPILE_CACHE_DIR") or DEFAULT_COMPILE_CACHE)
+    root = settings.compile_cache_dir or DEFAULT_COMPILE_CACHE  # VLKIT_COMPILE_CACHE_DIR is read by the settings
     if settings.compile_cache_dir is not None or "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
     if settings.compile_cache_dir is not None or "TRITON_CACHE_DIR" not in os.environ:
