@@ -13,9 +13,9 @@ from starlette.responses import JSONResponse, Response
 from service.api.completions import CompletionRequest
 from service.api.protocol import ChatCompletionRequest
 from service.api.responses import ModelCard, ModelList
-from service.api.serving import vlkit_version
 from service.api.state import ServiceState
 from service.errors import Cancelled, InvalidRequest, PayloadTooLarge, RequestTimeout, Unauthorized
+from service.version import vlkit_version
 
 router = APIRouter()
 
