@@ -14,10 +14,14 @@ import sys
 import types
 import typing
 
-from service.settings import ServiceSettings
+# Only the standard library at the top: every other import happens inside main(), under its Ctrl-C guard.
+if typing.TYPE_CHECKING:
+    from service.settings import ServiceSettings
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from service.settings import ServiceSettings
+
     parser = argparse.ArgumentParser(
         prog="python -m service",
         description="OpenAI-compatible Qwen3-VL service (vlkit's 8gb profile). "
@@ -51,7 +55,7 @@ def _flag_type(annotation) -> tuple[type, list | None]:
 
 def settings_table() -> str:
     """The Markdown table of every setting (docs/SERVICE.md carries it; a test keeps the two equal)."""
-    from service.settings import ENV_PREFIX
+    from service.settings import ENV_PREFIX, ServiceSettings
 
     rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
     for name, field in ServiceSettings.model_fields.items():
@@ -62,6 +66,8 @@ def settings_table() -> str:
 
 
 def settings_from_args(argv: list[str] | None = None) -> ServiceSettings:
+    from service.settings import ServiceSettings
+
     overrides = vars(build_parser().parse_args(argv))
     return ServiceSettings(**overrides)
 
@@ -158,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     # whether or not asyncio turned the signal uvicorn re-raised into a KeyboardInterrupt (it does not
     # always); a failure with the signal: the shutdown cut the warm-up short.
     if not app.state.service.started and (interrupted or not failed):
-        interrupted_while_loading()
+        exit_interrupted("the model was loading")
     if failed:
         print(f"error: {failed[0]}", file=sys.stderr)
         return 1
@@ -174,11 +180,11 @@ def bind_error(settings: ServiceSettings, exc: OSError) -> str:
     return f"--host / VLKIT_HOST, --port / VLKIT_PORT: cannot listen on {where}: {exc.strerror or exc}"
 
 
-def interrupted_while_loading() -> typing.NoReturn:
-    """Exit at once, status 130 (Ctrl-C's): the load thread may be inside torch, and the interpreter's
-    exit would tear torch down under it (SIGABRT, "terminate called without an active exception").
-    A load has nothing to save."""
-    print("interrupted while the model was loading", file=sys.stderr)
+def exit_interrupted(during: str) -> typing.NoReturn:
+    """Ctrl-C's end: one line, status 130, at once: the load thread may be inside torch, and the
+    interpreter's exit would tear torch down under it (SIGABRT, "terminate called without an active
+    exception"). A start has nothing to save."""
+    print(f"interrupted while {during}", file=sys.stderr)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -186,4 +192,8 @@ def interrupted_while_loading() -> typing.NoReturn:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        status = main()
+    except KeyboardInterrupt:  # before the server ran (main answers it from there on): the imports take seconds
+        exit_interrupted("the service was starting")
+    raise SystemExit(status)

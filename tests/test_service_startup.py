@@ -36,6 +36,26 @@ def test_ctrl_c_while_the_model_loads_exits_130_in_one_line(tiny_model_dir):
     assert out.rstrip().endswith("\ninterrupted while the model was loading"), out
 
 
+@pytest.mark.parametrize("imported", ["typing", "service.settings"])  # then pydantic, then torch
+def test_ctrl_c_during_the_imports_exits_130_in_one_line(tiny_model_dir, imported):
+    """Before the load thread exists the service spends seconds importing (pydantic, then torch):
+    Ctrl-C there printed a KeyboardInterrupt traceback. Python's import-time report (stderr, one line
+    as each import ends) says where the start is: `typing` is the module's last top-level import,
+    so the signal lands in the imports main() makes."""
+    proc = run_service(["--model", str(tiny_model_dir), "--port", str(free_port())], {"PYTHONPROFILEIMPORTTIME": "1"})
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.rstrip().endswith(f"| {imported}"):
+            proc.send_signal(signal.SIGINT)
+            break
+    out = "".join(seen) + proc.communicate(timeout=60)[0]
+    assert LOADING not in out, out
+    said = [line for line in out.splitlines() if not line.startswith("import time:")]
+    assert said == ["interrupted while the service was starting"], out
+    assert proc.returncode == 130, out
+
+
 def test_a_port_in_use_is_said_in_one_line_before_anything_loads(tiny_model_dir):
     """uvicorn binds after the app's start-up, which starts the load: the port was found taken only
     then (after minutes on a GPU), in uvicorn's words, exit status 3."""
