@@ -364,6 +364,66 @@ def test_full_queue_is_429_and_all_queued_requests_finish(server):
     assert_still_serves(server)
 
 
+def test_a_full_queue_refuses_before_preparing_the_request(server):
+    """The 429 came only once the request was prepared (its grammar compiled, its images fetched and
+    decoded): under overload every refused request still cost the server that work, and one whose
+    image is no image got a 400 from decoding it. Now the queue is looked at first."""
+    limit = server.settings.max_queue
+    client = server.client()
+    refused_before = metric(server, "vlkit_request_errors_total", kind="queue_full")
+    not_an_image = user([image_part("data:image/png;base64," + base64.b64encode(b"no png at all").decode())])
+    bad_regex = {"model": SERVED_NAME, "prompt": "hi", "max_tokens": 2, "structured_outputs": {"regex": "(["}}
+    with ThreadPoolExecutor(limit) as pool:
+        with server.engine.paused():
+            futures = [pool.submit(ask, client, f"queued {i}", max_tokens=2) for i in range(limit)]
+            deadline = time.monotonic() + 30
+            while server.engine.queue_depth < limit and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert_error(raw_post(server, not_an_image), 429, "queue is full")
+            completion = httpx.post(server.base_url + "/v1/completions", json=bad_regex, timeout=60,
+                                    headers={"Authorization": f"Bearer {API_KEY}"})
+            assert_error(completion, 429, "queue is full")
+        assert all(f.result(timeout=60).usage.completion_tokens == 2 for f in futures)
+    assert metric(server, "vlkit_request_errors_total", kind="queue_full") == refused_before + 2
+    # Once there is room, the same requests are prepared and refused for what they are.
+    assert_error(raw_post(server, not_an_image), 400, "not an image")
+    assert_still_serves(server)
+
+
+def test_the_early_queue_check_counts_the_rows_about_to_start_as_room(server):
+    """A full queue beside free batch rows is a moment's state (the scheduler starts those requests
+    at its next iteration): a request arriving then would fit by the time it is prepared, and the
+    early check must let it through. Held here by a prefill pass that waits in the scheduler thread."""
+    from service.errors import QueueFull
+
+    engine = server.engine
+    prefiller = engine.scheduler.batch.prefiller
+    entered, release = threading.Event(), threading.Event()
+    run_pass = prefiller.run_pass
+
+    def held(*args, **kwargs):
+        vars(prefiller).pop("run_pass", None)  # once
+        entered.set()
+        release.wait(60)
+        return run_pass(*args, **kwargs)
+
+    prefiller.run_pass = held
+    prompt = [{"role": "user", "content": "hi"}]
+    try:
+        handles = [engine.submit(engine.prepare(prompt, [], max_tokens=2))]
+        assert entered.wait(30)
+        handles += [engine.submit(engine.prepare(prompt, [], max_tokens=2)) for _ in range(server.settings.max_queue)]
+        assert engine.queue_depth == server.settings.max_queue
+        engine.check_queue_room()  # 7 rows free: 7 of the queued start at the next iteration
+        with engine.paused(), pytest.raises(QueueFull):  # nothing starts while paused: full is full
+            engine.check_queue_room()
+    finally:
+        release.set()
+    for handle in handles:
+        assert [e.finish_reason for e in handle][-1] == "length"
+    assert_still_serves(server)
+
+
 def test_out_of_memory_is_503_then_next_request_works(server):
     errors_before = metric(server, "vlkit_request_errors_total", kind="out_of_memory")
     fail_next_forward(server.engine, torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)"))

@@ -89,6 +89,7 @@ class CompletionServing:
         if len(prompts) > max_queue:  # each prompt is a queued request
             raise InvalidRequest(f"{len(prompts)} prompts in one request, more than this server queues "
                                  f"({max_queue}); send at most {max_queue}", param="prompt")
+        engine.check_queue_room(len(prompts))  # a full queue's 429 before the grammar and the prompts' preparation
         options = body.to_engine_options()
         constraint = structured_constraint(body.response_format, body.structured_outputs)
         options["grammar"] = await off_loop(engine.compile_grammar, constraint) if constraint is not None else None

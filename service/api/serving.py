@@ -110,10 +110,12 @@ class ChatServing:
     async def create_chat_completion(self, chat: ChatCompletionRequest, engine: Engine,
                                      arrived: float) -> GenerationResponse:
         """The checks, the grammar, the images and the prompt: every refusal of the request itself
-        (400, 404, 413) comes from here; the queue's 429 comes when the response submits it."""
+        (400, 404, 413) comes from here, and a full queue's 429 before the request costs its grammar
+        and images (the response's submit checks the queue again)."""
         self.check_model(chat.model)
         messages, urls = chat.chat_messages()
         engine.check_image_count(len(urls))  # before fetching or decoding any of them
+        engine.check_queue_room()
         constraint = chat.answer_constraint()
         # Compiled off the event loop (cached: the same schema again costs a lookup), before the images.
         grammar = await off_loop(engine.compile_grammar, constraint) if constraint is not None else None

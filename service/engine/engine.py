@@ -5,6 +5,7 @@
     req = engine.prepare(messages, images, max_tokens=64, temperature=0)   # CPU work, any thread
     grammar = engine.compile_grammar(Constraint("json", schema_text))       # structured output: any thread, cached
     req = engine.prepare(messages, images, grammar=grammar, tools=[...])  # the answer follows the grammar
+    engine.check_queue_room()                   # QueueFull at once when the queue is full (before preparing)
     handle = engine.submit(req)                 # bounded queue: QueueFull when it is full
     for event in handle: ...                    # text deltas, then one event with finish_reason
     engine.stop()
@@ -131,6 +132,11 @@ class Engine:
         return self.scheduler.running
 
     # ---- requests --------------------------------------------------------------------------------
+    def check_queue_room(self, requests: int = 1) -> None:
+        """QueueFull when the queue could not take `requests` more (callers check before preparing
+        them: a full server refuses for free; submit checks again)."""
+        self.scheduler.check_room(requests)
+
     def check_image_count(self, count: int) -> None:
         """InvalidRequest when a request brings more images than the settings admit (callers check
         before decoding them; prepare checks again)."""

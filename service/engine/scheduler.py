@@ -126,13 +126,26 @@ class Scheduler:
             if self._stopping:
                 raise Unavailable(SHUTTING_DOWN)
             if len(self._waiting) >= self.settings.max_queue:
-                wait = self._drain_seconds()
-                raise QueueFull(f"The request queue is full ({self.settings.max_queue} waiting); retry "
-                                + (f"in {wait} s." if wait else "later."), retry_after_s=wait)
+                raise self._queue_full()
             self._waiting.append((request, handle))
             self.metrics.queue_depth.set(len(self._waiting))
             self._cv.notify_all()
         return handle
+
+    def check_room(self, requests: int = 1) -> None:
+        """QueueFull when `requests` more could not be queued even once the batch has started all the
+        queued requests it has rows for: a refusal before their preparation (images decoded, chat
+        template) that costs a full server nothing. Only a refusal that submit would give as the
+        queue stands now (rows about to take queued requests count as room); submit checks again."""
+        with self._cv:
+            starting = 0 if self._paused else max(0, self.settings.max_batch_size - self.running)
+            if len(self._waiting) - min(starting, len(self._waiting)) + requests > self.settings.max_queue:
+                raise self._queue_full()
+
+    def _queue_full(self) -> QueueFull:
+        wait = self._drain_seconds()
+        return QueueFull(f"The request queue is full ({self.settings.max_queue} waiting); retry "
+                         + (f"in {wait} s." if wait else "later."), retry_after_s=wait)
 
     def _drain_seconds(self) -> int | None:
         """About how long the queue as it is takes to start, at the pace requests finished lately (1 to
