@@ -94,6 +94,8 @@ def test_regex_choice_and_grammars_are_matched(engine):
     cases = [
         (Constraint("regex", r"[a-c]{2}-[0-9]{1,3}"), lambda t: re.fullmatch(r"[a-c]{2}-[0-9]{1,3}", t)),
         (Constraint("choice", json.dumps(["red", "green", "blue jeans"])), lambda t: t in ("red", "green", "blue jeans")),
+        # Prefixes of each other, and the empty string: each an answer of its own, nothing in between.
+        (Constraint("choice", json.dumps(["", "no", "no way", "n\\o"])), lambda t: t in ("", "no", "no way", "n\\o")),
         (Constraint("grammar", 'root ::= "x" ("y" | "z")+ "!"'), lambda t: re.fullmatch(r"x[yz]+!", t)),  # GBNF
         (Constraint("grammar", 'start: "(" NUMBER ")"\nNUMBER: /[0-9]{1,4}/'), lambda t: re.fullmatch(r"\(\d{1,4}\)", t)),
     ]
@@ -258,7 +260,7 @@ def test_json_whitespace_runs_are_bounded(engine):
 
 
 def test_running_rows_keep_their_pace_when_a_large_grammar_starts(engine):
-    """A grammar's first mask builds llguidance's lexer states (a choice of 30000 strings: ~150 ms on
+    """A grammar's first mask builds llguidance's lexer states (a rule of 30000 literals: ~120 ms on
     the tiny vocabulary, more on Qwen's 151k tokens). Computed by the first step of its row, in the
     scheduler thread, it held every running row's next token as long; compile_grammar (a worker
     thread: llguidance drops the GIL) computes it once, and each row's copy shares it."""
@@ -266,9 +268,9 @@ def test_running_rows_keep_their_pace_when_a_large_grammar_starts(engine):
 
     import llguidance
 
-    choices = json.dumps([f"option number {i} " + "y" * 30 for i in range(30000)])
-    grammar = engine.compile_grammar(Constraint("choice", choices))
-    cold = llguidance.LLMatcher(engine.grammars._llguidance_tokenizer()[0], llguidance.grammar_from("choice", choices),
+    lark = "start: " + " | ".join(json.dumps(f"option number {i} " + "y" * 30) for i in range(30000))
+    grammar = engine.compile_grammar(Constraint("grammar", lark))
+    cold = llguidance.LLMatcher(engine.grammars._llguidance_tokenizer()[0], llguidance.grammar_from("grammar", lark),
                                 log_level=0)
     started = time.perf_counter()
     cold.compute_bitmask()  # what the first step of the row cost the scheduler thread
@@ -281,7 +283,7 @@ def test_running_rows_keep_their_pace_when_a_large_grammar_starts(engine):
     while len(stamps) < 20:
         time.sleep(0.01)
     joined = time.perf_counter()
-    # It then fails (2000+ choices are past llguidance's parser: the test below); its mask came first.
+    # It then fails (2000+ alternatives are past llguidance's parser: the test below); its mask came first.
     events = list(engine.submit(engine.prepare([{"role": "user", "content": "pick one"}], [], grammar=grammar,
                                                max_tokens=3)))
     reader.join()
@@ -291,12 +293,12 @@ def test_running_rows_keep_their_pace_when_a_large_grammar_starts(engine):
 
 
 def test_a_grammar_past_llguidances_limits_fails_its_request_and_only_it(engine):
-    """A choice of 2000+ strings compiles, but llguidance's parser gives up at its first token
+    """A rule of 2000+ alternatives compiles, but llguidance's parser gives up at its first token
     ("Current row has 2502 items; max is 2000"): the row then could only end, and answered "o"
-    with finish_reason stop, none of the choices (and logged the whole grammar). vLLM ends such a
-    request with an error; here too, a 400 (the same grammar always fails: a retry cannot help),
+    with finish_reason stop, none of the alternatives (and logged the whole grammar). vLLM ends such
+    a request with an error; here too, a 400 (the same grammar always fails: a retry cannot help),
     and the requests beside it go on."""
-    grammar = engine.compile_grammar(Constraint("choice", json.dumps([f"opt{i}" for i in range(2500)])))
+    grammar = engine.compile_grammar(Constraint("grammar", "start: " + " | ".join(f'"opt{i}"' for i in range(2500))))
     bad = engine.prepare([{"role": "user", "content": "pick"}], [], grammar=grammar, max_tokens=20)
     good = [engine.prepare([{"role": "user", "content": f"hello {i}"}], [], max_tokens=8, ignore_eos=True)
             for i in range(2)]

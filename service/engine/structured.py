@@ -165,8 +165,8 @@ class RowGrammar:
             return
         self._whitespace_run = self._whitespace_run + 1 if token in self._vocabulary.whitespace_ids else 0
         if not self._matcher.consume_token(token):
-            # Not the token (its mask allowed it): the grammar past llguidance's limits, e.g. a choice
-            # of 2000+ strings ("Current row has 2002 items; max is 2000"). The matcher would allow
+            # Not the token (its mask allowed it): the grammar past llguidance's limits, e.g. a rule of
+            # 2000+ alternatives ("Current row has 2002 items; max is 2000"). The matcher would allow
             # only the end now: an answer its grammar does not match. Its request fails instead, as
             # on vLLM. The reason's first line only (llguidance's error holds the whole grammar).
             error = self._matcher.get_error().strip()
@@ -327,6 +327,15 @@ def _vocabulary(tokenizer, eos_ids: frozenset[int], vocab_size: int) -> Vocabula
                       special, plain)
 
 
+def choice_lark(choices: list[str]) -> str:
+    """vLLM's choice (the answer is exactly one of the strings, as written) as one lexer terminal,
+    an alternation of JSON-quoted literals (Lark's string syntax): llguidance's own `choice` makes a
+    parser alternative of each string, and its Earley parser gives up past 2000 of them ("Current row
+    has 2002 items; max is 2000"); the lexer takes tens of thousands (llguidance's syntax docs advise a
+    terminal for large alternations)."""
+    return "start: CHOICE\nCHOICE: " + " | ".join(json.dumps(choice) for choice in choices)
+
+
 def _llguidance_grammar(constraint: Constraint) -> str:
     """The constraint in llguidance's input form (it checks it; ValueError for what does not parse)."""
     import llguidance
@@ -342,7 +351,7 @@ def _llguidance_grammar(constraint: Constraint) -> str:
     if kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(ecma_regex(spec))
     if kind == "choice":
-        return llguidance.grammar_from("choice", spec)
+        return llguidance.LLMatcher.grammar_from_lark(choice_lark(json.loads(spec)))
     if kind == "grammar":
         return llguidance.grammar_from("grammar", spec)  # GBNF (root ::= ...) or Lark, as llguidance reads them
     return llguidance.LLMatcher.grammar_from_lark(spec)
