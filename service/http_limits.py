@@ -8,16 +8,20 @@ uvicorn's settings (`uvicorn_config`):
 - `timeout_graceful_shutdown`: at shutdown, requests still running after this are cancelled (a
   backstop: `ServiceServer` ends them with a 503 before, SHUTDOWN_GRACE_S after the shutdown began).
 What uvicorn (0.54, httptools parser) cannot do: put a deadline on a request's head (request line
-and headers) or its body, or cap the head's size and header count (h11's max_incomplete_event_size
-caps only the size, and only with the pure-Python h11 parser, half as fast when streaming). So:
+and headers) or its body, cap the head's size and header count (h11's max_incomplete_event_size
+caps only the size, and only with the pure-Python h11 parser, half as fast when streaming), or
+drop a client that stops reading its response (its send waits for ever, holding the request). So:
 - `LimitedHttpToolsProtocol` (here): uvicorn's httptools protocol with a deadline for each head
-  (408, `head_timeout_seconds`), a cap on its bytes and on its header count (431);
+  (408, `head_timeout_seconds`), a cap on its bytes and on its header count (431), and nginx's
+  send_timeout: a connection whose client takes none of the waiting response for
+  `send_timeout_seconds` is dropped, and its request cancelled as on a disconnect;
 - the body's deadline is the route's (service/api/routes.py `read_body`: 408 after
   `body_timeout_seconds`), where the body is read.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 
 import uvicorn
@@ -26,22 +30,59 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 SHUTDOWN_GRACE_S = 30.0  # at shutdown, running requests may finish for this long; then they end with 503
 SHUTDOWN_BACKSTOP_S = 5.0  # then uvicorn cancels the requests whose handlers have still not ended
 
+log = logging.getLogger(__name__)
+
 STATUS = {408: b"HTTP/1.1 408 Request Timeout\r\n", 431: b"HTTP/1.1 431 Request Header Fields Too Large\r\n"}
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
-    """Set by `limited_protocol`: the head's deadline (s), its bytes and its header count at most."""
+    """Set by `limited_protocol`: the head's deadline (s), its bytes and its header count at most; the
+    seconds a client may take none of its waiting response."""
 
     head_timeout: float = 10.0
     max_head_bytes: int = 65536
     max_headers: int = 100
+    send_timeout: float = 60.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._deadline: asyncio.TimerHandle | None = None
+        self._send_deadline: asyncio.TimerHandle | None = None
         self._refused: int | None = None
         self._head_bytes = 0
         super().connection_made(transport)
         self._arm()
+
+    # The send timeout. Writing pauses while the transport's buffer is over its high-water mark (the
+    # client's TCP window and the kernel's buffers are full): from then on the client must take some
+    # of it within each send_timeout, as nginx's send_timeout counts between two successful writes.
+    # A slow reader takes some each time and stays; one that reads nothing is dropped.
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._watch_send()
+
+    def resume_writing(self) -> None:
+        self._unwatch_send()
+        super().resume_writing()
+
+    def _watch_send(self) -> None:
+        self._unwatch_send()
+        self._send_waiting = self.transport.get_write_buffer_size()
+        self._send_deadline = self.loop.call_later(self.send_timeout, self._send_expired)
+
+    def _unwatch_send(self) -> None:
+        if self._send_deadline is not None:
+            self._send_deadline.cancel()
+            self._send_deadline = None
+
+    def _send_expired(self) -> None:
+        self._send_deadline = None
+        # Closing too (keep-alive's end, a 408): close() waits for the buffer to go, which it never would.
+        if self.transport.get_write_buffer_size() < self._send_waiting:  # it took some: slow, not gone
+            self._watch_send()
+            return
+        log.warning("dropped the connection of %s: it read none of its response for %g s (send_timeout_seconds)",
+                    "%s:%d" % self.client if self.client else "a client", self.send_timeout)
+        self.transport.abort()  # not close(): that waits for the buffer to be sent; connection_lost follows
 
     def _arm(self) -> None:
         self._disarm()
@@ -106,17 +147,21 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._unwatch_send()
         super().connection_lost(exc)
 
 
-def limited_protocol(head_timeout: float, max_head_bytes: int, max_headers: int) -> type[LimitedHttpToolsProtocol]:
+def limited_protocol(head_timeout: float, max_head_bytes: int, max_headers: int,
+                     send_timeout: float) -> type[LimitedHttpToolsProtocol]:
     return type("LimitedHttpToolsProtocol", (LimitedHttpToolsProtocol,),
-                {"head_timeout": head_timeout, "max_head_bytes": max_head_bytes, "max_headers": max_headers})
+                {"head_timeout": head_timeout, "max_head_bytes": max_head_bytes, "max_headers": max_headers,
+                 "send_timeout": send_timeout})
 
 
 def uvicorn_config(app, settings, *, grace_s: float = SHUTDOWN_GRACE_S):
     """The server's uvicorn.Config (python -m service and the tests' server alike)."""
-    protocol = limited_protocol(settings.head_timeout_seconds, settings.max_header_bytes, settings.max_headers)
+    protocol = limited_protocol(settings.head_timeout_seconds, settings.max_header_bytes, settings.max_headers,
+                                settings.send_timeout_seconds)
     return uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level, http=protocol,
                           timeout_keep_alive=5, limit_concurrency=settings.max_connections,
                           timeout_graceful_shutdown=grace_s + SHUTDOWN_BACKSTOP_S)

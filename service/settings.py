@@ -75,6 +75,7 @@ class ServiceSettings(BaseSettings):
     max_connections: int = Field(256, ge=1, description="open connections (and running requests) at most; past it a request gets 503 at once (uvicorn's limit_concurrency)")
     head_timeout_seconds: float = Field(10.0, gt=0, description="a request's line and headers must arrive within this (else 408): slow clients cannot hold connections")
     body_timeout_seconds: float = Field(60.0, gt=0, description="a request's body must arrive within this (else 408)")
+    send_timeout_seconds: float = Field(60.0, gt=0, description="a client that takes none of its waiting response for this long (it stopped reading) is dropped and its request cancelled, as nginx's send_timeout; slow readers stay")
     max_header_bytes: int = Field(65536, ge=1024, description="request line and headers together, at most (else 431)")
     max_headers: int = Field(100, ge=8, description="headers in one request, at most (else 431)")
     max_tokens_default: Optional[int] = Field(None, ge=1, description="new tokens at most when a request sets no max_tokens; unset: the rest of the context, as vLLM (each such request reserves its whole context in KV blocks)")

@@ -104,15 +104,16 @@ def running_engine(model_dir, **settings):
     engine.stop()
 
 
-def start_server(settings) -> tuple[RunningServer, callable]:
-    """The real app under uvicorn in a thread; returns once /health/ready says ready."""
+def start_server(settings, sockets=None) -> tuple[RunningServer, callable]:
+    """The real app under uvicorn in a thread (on `sockets` when given, as `python -m service` binds
+    its own); returns once /health/ready says ready."""
     from service.api import create_app
     from service.http_limits import uvicorn_server
     from service.readiness import wait_ready
 
     app = create_app(settings)
     server = uvicorn_server(app, settings)
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": sockets}, name="uvicorn", daemon=True)
     thread.start()
     base = f"http://{settings.host}:{settings.port}"
     if not wait_ready(base, 60, poll=0.05):

@@ -4,6 +4,7 @@ keeps serving everyone else. The cases of issue 15 first, then their siblings.""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import random
@@ -381,3 +382,88 @@ def test_a_stream_that_fails_in_the_http_layer_still_ends_with_an_error_and_done
     assert lines[-1] == "data: [DONE]"
     monkeypatch.undo()
     assert_still_serves(server)
+
+
+@pytest.fixture(scope="module")
+def send_server(tiny_model_dir):
+    """A server with a short send timeout, a small kernel send buffer on its connections (Linux grows
+    one up to 4 MB: that much of an answer would go out before the server's own buffer fills, as
+    on a slow network it would not), and decode steps slowed so that an answer is still being
+    generated when its client is dropped."""
+    from service.http_limits import bind_sockets
+    from service.settings import ServiceSettings
+    from tests.conftest import free_port, start_server
+    from tests.engine_faults import slow_decode
+
+    settings = ServiceSettings(model=str(tiny_model_dir), served_model_name=SERVED_NAME, host="127.0.0.1",
+                               port=free_port(), max_model_len=1024, min_pixels=3136, max_pixels=16384,
+                               warmup=False, log_level="warning", send_timeout_seconds=0.5)
+    sockets = bind_sockets(settings.host, settings.port)
+    for sock in sockets:  # accepted connections inherit it
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+    running, stop = start_server(settings, sockets)
+    slow_decode(running.engine, 0.01)
+    yield running
+    stop()
+
+
+def _stream_on_a_small_window(server, max_tokens: int, top_logprobs: int, n: int = 1) -> socket.socket:
+    """A raw connection asking for a long stream (large chunks: logprobs), its receive buffer small,
+    so that the server's buffers fill as soon as the client stops reading."""
+    host, port = server.base_url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: it sets the window
+    sock.settimeout(30)
+    sock.connect((host, int(port)))
+    payload = body(max_tokens=max_tokens, ignore_eos=True, stream=True, temperature=1, logprobs=True,
+                   top_logprobs=top_logprobs, n=n)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload)
+    return sock
+
+
+def test_a_client_that_stops_reading_is_dropped_and_its_request_cancelled(send_server, caplog):
+    """uvicorn had no send timeout: a client that never read its answer held the connection, and its
+    request the batch, for as long as it liked. Dropped once it takes nothing for the send timeout."""
+    from tests.test_service_api import metric
+
+    aborted = metric(send_server, "vllm:request_success_total", finished_reason="abort")
+    finished = metric(send_server, "vllm:request_success_total", finished_reason="length")
+    caplog.set_level("WARNING", logger="service.http_limits")
+    n = 2
+    sock = _stream_on_a_small_window(send_server, max_tokens=400, top_logprobs=20, n=n)  # ~2 MB; it reads nothing
+    sock_name = "%s:%d" % sock.getsockname()
+    deadline = time.monotonic() + 60
+    while metric(send_server, "vllm:request_success_total", finished_reason="abort") < aborted + n \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert metric(send_server, "vllm:request_success_total", finished_reason="abort") == aborted + n  # each choice
+    assert metric(send_server, "vllm:request_success_total", finished_reason="length") == finished
+    received = b""
+    with contextlib.suppress(ConnectionResetError):  # what the kernels held may still come, then the end
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert b"[DONE]" not in received, len(received)
+    sock.close()
+    assert [r.getMessage() for r in caplog.records].count(
+        f"dropped the connection of {sock_name}: it read none of its response for 0.5 s (send_timeout_seconds)") == 1
+    assert send_server.engine.running == 0
+    reply = send_server.client().chat.completions.create(model=SERVED_NAME, max_tokens=4,
+                                                         messages=[{"role": "user", "content": "still there?"}])
+    assert reply.usage.completion_tokens == 4
+
+
+def test_a_slow_client_that_keeps_reading_gets_its_whole_answer(send_server):
+    """Its window stays full for longer than the send timeout (the server's buffer drains below its
+    low-water mark only after a second or more), but it takes some within each: it is not cut."""
+    n = 8
+    sock = _stream_on_a_small_window(send_server, max_tokens=12, top_logprobs=20, n=n)  # ~150 kB, made fast
+    received = b""
+    while chunk := sock.recv(1024):  # ~20 kB/s: the server's 48 kB between its marks take 2 s or more
+        received += chunk
+        if b"data: [DONE]" in received[-64:]:
+            break
+        time.sleep(0.05)
+    sock.close()
+    assert b"data: [DONE]" in received, received[-300:]
+    assert received.count(b'"finish_reason":"length"') == n, len(received)
