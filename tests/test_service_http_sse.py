@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from service.api.responses import ChatCompletionChunk, ChunkChoice, Delta, Usage
+from service.api.responses import chat_chunk, token_choice, token_delta
 from service.api.serving import stream_chunks
-from service.api.sse import ChunkFrame
+from service.api.sse import ChunkFrame, sse
 from service.engine import Event
 from service.errors import OutOfMemory
 from service.metrics import ServiceMetrics
@@ -19,19 +19,13 @@ TEXTS = ["", " word", "caf\u00e9 \u00fcber \u4e2d\u6587", "\U0001F600\U0001F468\
          "\ufffd", "{\"json\": [1, 2]}", "/ slash"]
 
 
-def pydantic_sse(id: str, created: int, model: str, text: str, finish_reason: str | None) -> bytes:
-    body = ChatCompletionChunk(id=id, created=created, model=model,
-                               choices=[ChunkChoice(delta=Delta(content=text), finish_reason=finish_reason)])
-    return f"data: {body.model_dump_json()}\n\n".encode()
-
-
 @pytest.mark.parametrize("model", ["tiny-qwen3-vl", 'odd "name" \u00e9\\', "Qwen/Qwen3-VL-2B-Instruct"])
-@pytest.mark.parametrize("finish_reason", [None, "stop", "length"])
-def test_frame_bytes_equal_pydantic(model, finish_reason):
-    frame = ChunkFrame("chatcmpl-0123abcd", 1700000000, model)
-    for text in TEXTS + [chr(c) for c in range(0x00, 0x800)]:
-        assert frame.render(text, finish_reason) == pydantic_sse("chatcmpl-0123abcd", 1700000000, model, text,
-                                                                 finish_reason), repr(text)
+@pytest.mark.parametrize("index", [0, 3])
+def test_frame_bytes_equal_pydantic(model, index):
+    frame = ChunkFrame("chatcmpl-0123abcd", 1700000000, model, index)
+    for text in TEXTS[1:] + [chr(c) for c in range(0x00, 0x800)]:
+        chunk = chat_chunk("chatcmpl-0123abcd", 1700000000, model, [token_choice(index, token_delta(text), None, None)])
+        assert frame.render(text) == sse(chunk), repr(text)
 
 
 class FakeHandle:
@@ -62,22 +56,24 @@ def parse(chunks: list[bytes]) -> list:
     return out
 
 
-def test_stream_matches_the_pydantic_chunks():
+def test_stream_chunks_are_vllms():
+    """vLLM's chunks, key for key (model_dump_json(exclude_unset=True) of what its stream generator
+    builds): the role chunk with prompt_token_ids and prompt_text, token chunks with token_ids,
+    stop_reason on the last only, the usage chunk without nulls."""
     events = [Event(text=t, prompt_tokens=7, completion_tokens=i + 1) for i, t in enumerate(TEXTS[1:6])]
     events.append(Event(text="end", finish_reason="stop", prompt_tokens=7, completion_tokens=6))
     parsed = parse(run_stream(events))
-    created = parsed[0]["created"]
-
-    def expected(**kwargs) -> dict:
-        chunk = ChatCompletionChunk(id="chatcmpl-42", created=created, model="m", **kwargs)
-        return json.loads(chunk.model_dump_json())
-
-    assert parsed[0] == expected(choices=[ChunkChoice(delta=Delta(role="assistant", content=""))])
+    top = {"id": "chatcmpl-42", "object": "chat.completion.chunk", "created": parsed[0]["created"], "model": "m"}
+    assert parsed[0] == {**top, "prompt_token_ids": None, "prompt_text": None, "choices": [
+        {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]}
     assert len(parsed) == len(events) + 3
-    for got, event in zip(parsed[1:-2], events):
-        choice = ChunkChoice(delta=Delta(content=event.text), finish_reason=event.finish_reason)
-        assert got == expected(choices=[choice])
-    assert parsed[-2] == expected(choices=[], usage=Usage(prompt_tokens=7, completion_tokens=6, total_tokens=13))
+    for got, event in zip(parsed[1:-3], events):
+        assert got == {**top, "choices": [{"index": 0, "delta": {"content": event.text}, "logprobs": None,
+                                           "finish_reason": None, "token_ids": None}]}
+    assert parsed[-3] == {**top, "choices": [{"index": 0, "delta": {"content": "end"}, "logprobs": None,
+                                              "finish_reason": "stop", "stop_reason": None, "token_ids": None}]}
+    assert parsed[-2] == {**top, "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 6,
+                                                          "total_tokens": 13}}
     assert parsed[-1] == "[DONE]"
 
 
@@ -87,7 +83,7 @@ def test_stream_without_usage_and_empty_events_skipped():
               Event(text="", finish_reason="length", prompt_tokens=1, completion_tokens=3)]
     parsed = parse(run_stream(events, include_usage=False))
     assert [p["choices"][0]["delta"] for p in parsed[:-1]] == [
-        {"role": "assistant", "content": ""}, {"role": None, "content": "a"}, {"role": None, "content": ""}]
+        {"role": "assistant", "content": ""}, {"content": "a"}, {}]  # vLLM's (hermes) finishing delta of no text
     assert parsed[-2]["choices"][0]["finish_reason"] == "length"
     assert parsed[-1] == "[DONE]"
 

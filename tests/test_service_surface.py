@@ -399,6 +399,110 @@ def test_whole_answers_carry_every_key_of_vllms_bodies(server):
         assert stream_keys <= set(chunk["choices"][0]), chunk
 
 
+_TOP = {"id", "object", "created", "model", "choices"}
+_USAGE = {"prompt_tokens", "completion_tokens", "total_tokens"}
+
+
+def _chat_chunk_kind(chunk: dict, echo: bool, seen: int) -> str:
+    if not chunk["choices"]:
+        return "usage"
+    choice = chunk["choices"][0]
+    if "role" in choice["delta"]:
+        return "role"
+    if echo and seen == 1:
+        return "echo"
+    return "finish" if choice["finish_reason"] is not None else "token"
+
+
+def _expected_chat_keys(kind: str, continuous: bool, include_usage: bool) -> tuple[set, set | None]:
+    """vLLM 0.27's chat_completion_stream_generator: the keys each kind of chunk is built with (it
+    sends model_dump_json(exclude_unset=True); the usage chunk also without nulls)."""
+    usage = {"usage"} if continuous else set()
+    choice = {"index", "delta", "logprobs", "finish_reason"}
+    return {
+        "role": (_TOP | {"prompt_token_ids", "prompt_text"} | usage, choice),
+        "echo": (_TOP | usage, choice),
+        "token": (_TOP | usage, choice | {"token_ids"}),
+        "finish": (_TOP | usage | (set() if include_usage else {"system_fingerprint"}),
+                   choice | {"token_ids", "stop_reason"}),
+        "usage": (_TOP | {"usage", "system_fingerprint"}, None),
+    }[kind]
+
+
+def test_streamed_chat_chunks_carry_vllms_keys_and_no_others(server):
+    """vLLM sends each chunk as model_dump_json(exclude_unset=True): the role chunk, the echo, token
+    chunks (content, tool calls, logprobs), the finishing one, the usage chunk and continuous usage
+    each have their own keys, and none that vLLM leaves out (a client that tells a key set to null
+    from one left out sees the same chunks on both profiles)."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "string"}}, "required": ["x"]}}}]
+    messages = [{"role": "user", "content": "hi"}]
+    cases = [{}, {"stream_options": {"include_usage": True}},
+             {"stream_options": {"include_usage": True, "continuous_usage_stats": True}, "logprobs": True,
+              "top_logprobs": 2, "return_token_ids": True, "n": 2, "temperature": 1.0},
+             {"messages": messages + [{"role": "assistant", "content": "Well,"}], "echo": True,
+              "add_generation_prompt": False, "continue_final_message": True, "return_prompt_text": True},
+             {"tools": tools, "tool_choice": "required", "max_tokens": 40}]
+    for fields in cases:
+        body = {"model": SERVED_NAME, "messages": messages, "max_tokens": 6, "stream": True, **fields}
+        options = fields.get("stream_options", {})
+        seen: dict[int, int] = {}
+        kinds, calls = [], []
+        for chunk in _stream(server, "/v1/chat/completions", body):
+            index = chunk["choices"][0]["index"] if chunk["choices"] else -1
+            kind = _chat_chunk_kind(chunk, bool(fields.get("echo")), seen.get(index, 0))
+            seen[index] = seen.get(index, 0) + 1
+            kinds.append(kind)
+            top, choice = _expected_chat_keys(kind, bool(options.get("continuous_usage_stats")),
+                                              bool(options.get("include_usage")))
+            assert set(chunk) == top, (fields, kind, chunk)
+            if "usage" in chunk:
+                assert set(chunk["usage"]) == _USAGE, (fields, chunk)
+            if choice is None:
+                continue
+            got = chunk["choices"][0]
+            assert set(got) == choice, (fields, kind, chunk)
+            delta = got["delta"]
+            assert set(delta) <= {"role", "content", "tool_calls"} and None not in delta.values(), (fields, chunk)
+            calls += delta.get("tool_calls", [])
+            for entry in (got["logprobs"] or {}).get("content", []):
+                assert set(entry) == {"token", "logprob", "bytes", "top_logprobs"}, chunk
+                assert all(set(top_entry) == {"token", "logprob", "bytes"} for top_entry in entry["top_logprobs"])
+        assert "finish" in kinds and kinds[0] == "role", (fields, kinds)
+        assert ("usage" in kinds) == bool(options.get("include_usage")), (fields, kinds)
+        if fields.get("echo"):
+            assert kinds[1] == "echo"
+        # hermes's deltas: a call's index, id, type and name first, then its arguments' pieces.
+        assert [set(call) for call in calls[:2]] == ([{"index", "id", "type", "function"}, {"index", "function"}]
+                                                     if fields.get("tools") else []), calls
+        assert all(None not in call["function"].values() for call in calls)
+
+
+def test_streamed_completion_chunks_carry_vllms_keys_and_no_others(server):
+    """vLLM's completion stream: every choice with all seven keys, system_fingerprint on the last
+    chunk (or on the usage chunk), continuous usage of three keys, the usage chunk without nulls."""
+    choice = {"index", "text", "logprobs", "finish_reason", "stop_reason", "prompt_token_ids", "token_ids"}
+    for fields in ({}, {"stream_options": {"include_usage": True, "continuous_usage_stats": True}, "logprobs": 2,
+                        "return_token_ids": True},
+                   {"echo": True, "stream_options": {"include_usage": True}}):
+        body = {"model": SERVED_NAME, "prompt": "hi", "max_tokens": 4, "stream": True, **fields}
+        options = fields.get("stream_options", {})
+        chunks = _stream(server, "/v1/completions", body)
+        for chunk in chunks[:-1] if options.get("include_usage") else chunks:
+            got = chunk["choices"][0]
+            finishing = got["finish_reason"] is not None and not options.get("include_usage")
+            assert set(chunk) == _TOP | ({"usage"} if options.get("continuous_usage_stats") else set()) | (
+                {"system_fingerprint"} if finishing else set()), (fields, chunk)
+            assert set(got) == choice, (fields, chunk)
+            if "usage" in chunk:
+                assert set(chunk["usage"]) == _USAGE
+            if got["logprobs"] is not None:
+                assert set(got["logprobs"]) == {"text_offset", "token_logprobs", "tokens", "top_logprobs"}
+        if options.get("include_usage"):
+            assert set(chunks[-1]) == _TOP | {"usage", "system_fingerprint"} and chunks[-1]["choices"] == []
+            assert set(chunks[-1]["usage"]) == _USAGE
+
+
 def test_cache_salt_keeps_prefixes_apart(server):
     text = "A long shared question about the street, the bakery and the tram stop. " * 6
     hits = lambda: metric(server, "vllm:prefix_cache_hits_total")  # noqa: E731

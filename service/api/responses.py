@@ -1,5 +1,10 @@
 """Response bodies as vLLM's OpenAI server sends them: the chat completion (whole and streamed
-chunks), the usage both generation routes report, logprobs, the model list."""
+chunks), the usage both generation routes report, logprobs, the model list.
+
+Whole answers are sent whole (model_dump(): every key, null where there is nothing). Stream chunks
+are sent as vLLM sends them, model_dump_json(exclude_unset=True): a chunk has the keys it was built
+with and no others, so the builders below (`chat_chunk`, `token_choice`, `delta`) set the fields
+vLLM's stream generator sets for each kind of chunk, and nothing else."""
 from __future__ import annotations
 
 import time
@@ -34,8 +39,8 @@ class _ToolCallsWhenMade(BaseModel):
     @model_serializer(mode="wrap")
     def _calls_only_when_made(self, handler):
         data = handler(self)
-        if not data["tool_calls"]:
-            del data["tool_calls"]  # vLLM leaves the key out
+        if not data.get("tool_calls"):
+            data.pop("tool_calls", None)  # vLLM leaves the key out
         return data
 
 
@@ -101,6 +106,13 @@ class Delta(_ToolCallsWhenMade):
     tool_calls: list[DeltaToolCall] = Field(default_factory=list)
 
 
+def token_delta(content: Optional[str], tool_calls: list[DeltaToolCall] = ()) -> Delta:
+    """A token chunk's delta as vLLM's (with its `hermes` tool parser, which the 16gb profile runs)
+    makes it: the content when there is some, the tool calls when there are any; neither: {}."""
+    fields = {"content": content} if content else {}
+    return Delta(**fields, tool_calls=list(tool_calls)) if tool_calls else Delta(**fields)
+
+
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
@@ -108,6 +120,16 @@ class ChunkChoice(BaseModel):
     finish_reason: Optional[str] = None
     stop_reason: Union[int, str, None] = None
     token_ids: Optional[list[int]] = None
+
+
+def token_choice(index: int, delta: Delta, logprobs: Optional[ChoiceLogProbs], token_ids: Optional[list[int]],
+                 finish_reason: Optional[str] = None, stop_reason: Union[int, str, None] = None) -> ChunkChoice:
+    """vLLM's choice of a token chunk: logprobs, finish_reason and token_ids (null unless asked for),
+    and stop_reason on the finishing one only."""
+    if finish_reason is None:
+        return ChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=None, token_ids=token_ids)
+    return ChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason,
+                       stop_reason=stop_reason, token_ids=token_ids)
 
 
 class ChatCompletionChunk(BaseModel):
@@ -120,6 +142,13 @@ class ChatCompletionChunk(BaseModel):
     system_fingerprint: Optional[str] = None  # on the last chunk only (vLLM's)
     prompt_token_ids: Optional[list[int]] = None
     prompt_text: Optional[str] = None
+
+
+def chat_chunk(id: str, created: int, model: str, choices: list[ChunkChoice], **fields) -> ChatCompletionChunk:
+    """A chunk with the keys every chunk of vLLM's has, and `fields` (usage, system_fingerprint,
+    prompt_token_ids, prompt_text: the chunks of vLLM's that set them), each even when null."""
+    return ChatCompletionChunk(id=id, object="chat.completion.chunk", created=created, model=model, choices=choices,
+                               **fields)
 
 
 class ModelPermission(BaseModel):

@@ -23,13 +23,15 @@ from service.api.offload import off_loop
 from service.api.protocol import ChatCompletionRequest, SamplingFields
 from service.api.responses import (
     AnswerUsage,
-    ChatCompletionChunk,
     ChatCompletionResponse,
     Choice,
     ChunkChoice,
     Delta,
     ResponseMessage,
     Usage,
+    chat_chunk,
+    token_choice,
+    token_delta,
 )
 from service.api.sse import DONE, ChunkFrame, EventStreamResponse, sse, sse_error
 from service.api.tool_parser import StreamingToolParser, ToolCallAnswer
@@ -297,7 +299,8 @@ async def complete(handle: RequestHandle, request_id: str, model: str,
 def stream_chunks(handle: RequestHandle, request_id: str, model: str, include_usage: bool,
                   metrics: ServiceMetrics, shape: AnswerShape | None = None) -> AsyncIterator[bytes]:
     """The answer as chat chunks: the role (and echo) of each choice, the text as it comes (with
-    tools: content and tool-call deltas), then stream_answer's usage and [DONE]."""
+    tools: content and tool-call deltas), then stream_answer's usage and [DONE]. Each kind of chunk
+    has the keys vLLM's chat_completion_stream_generator gives it (responses.py's builders)."""
     shape = shape or AnswerShape()
     created = int(time.time())
     frames = [ChunkFrame(request_id, created, model, index) for index in range(shape.n)]
@@ -305,21 +308,21 @@ def stream_chunks(handle: RequestHandle, request_id: str, model: str, include_us
     texts = [""] * shape.n
     token_texts = [shape.token_texts() for _ in range(shape.n)]  # each choice's, across its chunks
 
-    def chunk(choices: list[ChunkChoice], **extra) -> bytes:
-        return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=choices, **extra))
+    def chunk(choices: list[ChunkChoice], **fields) -> bytes:
+        return sse(chat_chunk(request_id, created, model, choices, **fields))
 
-    def start_usage() -> Usage | None:  # vLLM's continuous usage before any token
-        return Usage.count(shape.prompt_tokens, 0) if shape.continuous_usage else None
+    # vLLM's continuous usage: on every chunk, before any token too.
+    start_usage = {"usage": Usage.count(shape.prompt_tokens, 0)} if shape.continuous_usage else {}
+    fingerprint = {"system_fingerprint": shape.fingerprint} if shape.fingerprint is not None else {}
 
     head = []
     for index in range(shape.n):  # vLLM: each choice's role chunk with the prompt's token ids and text
-        head.append(chunk([ChunkChoice(index=index, delta=Delta(role=shape.role, content=""))], usage=start_usage(),
-                          prompt_token_ids=shape.prompt_token_ids, prompt_text=shape.prompt_text))
+        head.append(chunk([ChunkChoice(index=index, delta=Delta(role=shape.role, content=""), logprobs=None,
+                                       finish_reason=None)],
+                          prompt_token_ids=shape.prompt_token_ids, prompt_text=shape.prompt_text, **start_usage))
         if shape.echo:
-            head.append(chunk([ChunkChoice(index=index, delta=Delta(content=shape.echo))], usage=start_usage()))
-
-    # vLLM's system_fingerprint: on each choice's last chunk, or on the usage chunk when one follows.
-    fingerprint_last = None if include_usage else shape.fingerprint
+            head.append(chunk([ChunkChoice(index=index, delta=Delta(content=shape.echo), logprobs=None,
+                                           finish_reason=None)], **start_usage))
 
     def render(event: Event, usage: StreamUsage) -> bytes | None:
         if shape.plain and event.logprobs is None and event.finish_reason is None:  # the common case, per token
@@ -333,11 +336,12 @@ def stream_chunks(handle: RequestHandle, request_id: str, model: str, include_us
         if not (content or calls or finish_reason or event.logprobs or token_ids):  # token ids go out all the same (vLLM)
             return None
         logprobs = None if event.logprobs is None else chat_logprobs(event.logprobs, token_texts[event.index])
-        return chunk([ChunkChoice(index=event.index, delta=Delta(content=content, tool_calls=calls),
-                                  logprobs=logprobs, finish_reason=finish_reason, stop_reason=event.stop_reason,
-                                  token_ids=token_ids)],
-                     usage=usage.of_choice(event.index) if shape.continuous_usage else None,
-                     system_fingerprint=fingerprint_last if finish_reason is not None else None)
+        fields = {"usage": usage.of_choice(event.index)} if shape.continuous_usage else {}
+        if finish_reason is not None and not include_usage:  # vLLM's: else on the usage chunk
+            fields.update(fingerprint)
+        return chunk([token_choice(event.index, token_delta(content, calls), logprobs, token_ids, finish_reason,
+                                   event.stop_reason)], **fields)
 
+    # vLLM's usage chunk (exclude_none): no choices, the whole answer's usage and system_fingerprint.
     return stream_answer(handle, shape, include_usage, metrics, head, render,
-                         lambda total: chunk([], usage=total, system_fingerprint=shape.fingerprint))
+                         lambda total: chunk([], usage=total, **fingerprint))

@@ -8,7 +8,7 @@ from pydantic import BaseModel
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from service.api.responses import ChatCompletionChunk, ChunkChoice, Delta
+from service.api.responses import chat_chunk, token_choice, token_delta
 from service.errors import ServiceError
 
 DONE = b"data: [DONE]\n\n"
@@ -16,8 +16,9 @@ DONE = b"data: [DONE]\n\n"
 _json_str = json.JSONEncoder(ensure_ascii=False).encode  # escapes exactly as pydantic's JSON does
 
 
-def sse(body: BaseModel) -> bytes:
-    return f"data: {body.model_dump_json()}\n\n".encode()
+def sse(chunk: BaseModel) -> bytes:
+    """A stream chunk as vLLM sends it: the fields it was built with (service/api/responses.py)."""
+    return f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n".encode()
 
 
 def sse_error(error: ServiceError) -> bytes:
@@ -25,20 +26,19 @@ def sse_error(error: ServiceError) -> bytes:
 
 
 class ChunkFrame:
-    """One stream's content chunks as SSE bytes: pydantic renders the frame once, json only the text
-    (a model + model_dump_json per token cost ~5x more, in the event loop's thread, under the GIL).
-    The bytes are those of ChatCompletionChunk(...).model_dump_json() (tests/test_service_http_sse.py)."""
+    """One stream's plain content chunks (text only: no logprobs, token ids or usage, not the last)
+    as SSE bytes: pydantic renders the frame once, json only the text (a model + model_dump_json per
+    token cost ~5x more, in the event loop's thread, under the GIL). The bytes are those of sse() of
+    the chunk it stands for (tests/test_service_http_sse.py)."""
 
-    _SLOT = "\x00"  # stands in for the text and the finish reason; id and model never hold a NUL
+    _SLOT = "\x00"  # stands in for the text; id and model never hold a NUL
 
     def __init__(self, id: str, created: int, model: str, index: int = 0):
-        frame = ChatCompletionChunk(id=id, created=created, model=model, choices=[
-            ChunkChoice(index=index, delta=Delta(content=self._SLOT), finish_reason=self._SLOT)]).model_dump_json()
-        self._head, self._middle, self._tail = frame.split('"\\u0000"')
+        frame = chat_chunk(id, created, model, [token_choice(index, token_delta(self._SLOT), None, None)])
+        self._head, self._tail = frame.model_dump_json(exclude_unset=True).split('"\\u0000"')
 
-    def render(self, text: str, finish_reason: str | None = None) -> bytes:
-        reason = "null" if finish_reason is None else _json_str(finish_reason)
-        return f"data: {self._head}{_json_str(text)}{self._middle}{reason}{self._tail}\n\n".encode()
+    def render(self, text: str) -> bytes:
+        return f"data: {self._head}{_json_str(text)}{self._tail}\n\n".encode()
 
 
 class EventStreamResponse(StreamingResponse):
