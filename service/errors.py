@@ -2,6 +2,10 @@
 
 The engine raises these too (it knows nothing of HTTP, only that e.g. out-of-memory is "try again
 later": 503). The API turns them into OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+A 400 is one of vLLM's two: InvalidBody, a body that does not validate against the request's model
+(vLLM's RequestValidationError handler: type "Bad Request", param "body.<path>"), or InvalidRequest,
+any other refusal of the request (vLLM's VLLMValidationError: type "BadRequestError", its message
+ending in "(parameter=..., value=...)" where it names them).
 """
 from __future__ import annotations
 
@@ -19,7 +23,12 @@ class ServiceError(Exception):
             self.kind = kind
 
     def to_dict(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}}
+        return {"error": {"message": self.wire_message, "type": self.type, "param": self.param, "code": self.status}}
+
+    @property
+    def wire_message(self) -> str:
+        """The body's message."""
+        return self.message
 
     @property
     def headers(self) -> dict[str, str]:
@@ -28,7 +37,30 @@ class ServiceError(Exception):
 
 
 class InvalidRequest(ServiceError):
+    """vLLM's VLLMValidationError: `param` and `value` (the value refused) where vLLM names them."""
+
     status, type, kind = 400, "BadRequestError", "invalid_request"
+
+    def __init__(self, message: str, *, value: object = None, **kwargs):
+        super().__init__(message, **kwargs)
+        self.value = value
+
+    @property
+    def wire_message(self) -> str:
+        """As vLLM's str(VLLMValidationError) writes it: "<message> (parameter=<param>, value=<value>)"."""
+        extras = [f"{name}={v}" for name, v in (("parameter", self.param), ("value", self.value)) if v is not None]
+        return f"{self.message} ({', '.join(extras)})" if extras else self.message
+
+
+class InvalidBody(InvalidRequest):
+    """The body is not JSON, or does not validate against the request's model (vLLM's
+    validation_exception_handler: its type, and `param` the path in the body, "body.<field>...")."""
+
+    type, kind = "Bad Request", "malformed"
+
+    @property
+    def wire_message(self) -> str:
+        return self.message
 
 
 class Unauthorized(ServiceError):

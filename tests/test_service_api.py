@@ -299,16 +299,25 @@ def test_unknown_routes_and_methods_answer_in_vllms_error_shape(server):
 
 
 def test_prompt_longer_than_context_names_both_lengths(server):
+    """vLLM 0.27's words, parameter and value (its TokenizeParams checks): the prompt's tokens and
+    the output tokens asked for against the context; max_tokens over the context alone."""
     long_text = "The quick brown fox jumps over the lazy dog. " * 120
     with pytest.raises(openai.BadRequestError) as info:
         ask(server.client(), long_text)
-    message = info.value.body["message"]
-    assert "maximum context length is 512 tokens" in message
-    prompt_tokens = int(message.split("your request has ")[1].split()[0])
-    assert prompt_tokens > 512
+    error = info.value.body
+    prompt_tokens = int(error["message"].split("your prompt contains ")[1].split()[0])
+    assert prompt_tokens > 512 and error["param"] == "input_tokens" and error["type"] == "BadRequestError"
+    assert error["message"] == (
+        "This model's maximum context length is 512 tokens. However, you requested 8 output tokens and your prompt "
+        f"contains {prompt_tokens} input tokens, for a total of {prompt_tokens + 8} tokens. Please reduce the length "
+        f"of the input prompt or the number of requested output tokens. (parameter=input_tokens, value={prompt_tokens})")
+    with pytest.raises(openai.BadRequestError) as info:
+        ask(server.client(), "short", max_tokens=505)
+    assert "you requested 505 output tokens" in info.value.body["message"]
     with pytest.raises(openai.BadRequestError) as info:
         ask(server.client(), "short", max_tokens=600)
-    assert "512" in info.value.body["message"] and "600 in the completion" in info.value.body["message"]
+    assert info.value.body["message"] == ("max_tokens=600 cannot be greater than max_model_len=max_total_tokens=512. "
+                                          "Please request fewer output tokens. (parameter=max_tokens, value=600)")
     assert_still_serves(server)
 
 

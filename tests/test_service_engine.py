@@ -333,9 +333,11 @@ def test_generation_stops_at_the_context_limit(engine):
 def test_prompt_too_long_names_both_lengths(engine):
     with pytest.raises(InvalidRequest) as info:
         request(engine, "word " * 400)
-    assert "maximum context length is 256 tokens" in info.value.message
-    assert int(info.value.message.split("your request has ")[1].split()[0]) > 256
-    with pytest.raises(InvalidRequest, match=r"\d+ in the messages, 300 in the completion"):
+    assert "maximum context length is 256 tokens" in info.value.message and info.value.param == "input_tokens"
+    assert int(info.value.message.split("your prompt contains ")[1].split()[0]) == info.value.value > 256
+    with pytest.raises(InvalidRequest, match=r"you requested 250 output tokens and your prompt contains \d+ input"):
+        request(engine, "short", max_tokens=250)
+    with pytest.raises(InvalidRequest, match="max_tokens=300 cannot be greater than max_model_len"):
         request(engine, "short", max_tokens=300)
 
 

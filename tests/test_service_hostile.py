@@ -86,7 +86,7 @@ CASES = {
     "1 video placeholder in text": (user(f"x {VIDEO} y"), 400, ["video"]),
     "2 seed of 2**64": (user("hi", seed=2**64, temperature=1), 400, ["seed"]),
     "2 seed of -2**63 - 1": (user("hi", seed=-(2**63) - 1, temperature=1), 400, ["seed"]),
-    "3 a text longer than any context could hold": (user("word " * 1_400_000), 400, ["at least", "context length"]),
+    "3 a text longer than any context could hold": (user("word " * 1_400_000), 400, ["characters", "context length"]),
     "4 JSON nested 3000 levels": (deep(3000), 400, ["depth"]),
     "5 JPEG with corrupt EXIF": (user([image_part(data_url(corrupt_exif_jpeg(), "image/jpeg")),
                                        {"type": "text", "text": "what?"}]), 200, []),
@@ -109,10 +109,10 @@ CASES = {
     "max_tokens 0": (user("hi", max_tokens=0), 400, ["max_tokens"]),
     "max_tokens negative": (user("hi", max_tokens=-5), 400, ["max_tokens"]),
     "max_tokens 10**30": (user("hi", max_tokens=10**30), 400, ["max_tokens"]),
-    "max_completion_tokens over the context": (user("hi", max_completion_tokens=10**6), 400, ["context length"]),
+    "max_completion_tokens over the context": (user("hi", max_completion_tokens=10**6), 400, ["cannot be greater than max_model_len"]),
     "n 10**20": (user("hi", n=10**20, temperature=1), 400, ["n"]),
     "top_k 10**20": (user("hi", top_k=10**20, temperature=1), 400, ["top_k"]),
-    "top_logprobs 10**6": (user("hi", logprobs=True, top_logprobs=10**6), 400, ["top_logprobs"]),
+    "top_logprobs 10**6": (user("hi", logprobs=True, top_logprobs=10**6), 400, ["logprobs of 1000000", "max allowed: 20"]),
     "min_tokens over max_tokens": (user("hi", min_tokens=10), 400, ["min_tokens"]),
     "logit_bias key out of the vocabulary": (user("hi", logit_bias={"99999999999999999999": 5}), 400, ["logit_bias"]),
     "logit_bias key not a number": (user("hi", logit_bias={"abc": 5}), 400, ["logit_bias"]),
@@ -193,7 +193,9 @@ def test_hostile_input_gets_its_own_answer_and_the_server_keeps_serving(server, 
         assert response.json()["choices"][0]["finish_reason"] in ("stop", "length")
     else:
         error = assert_error(response, status, *words)
-        assert error["type"] == "BadRequestError"
+        # vLLM's two 400s: a body that does not validate ("Bad Request"), any other refusal.
+        assert error["type"] == ("Bad Request" if error["param"] in (None, "body") or error["param"].startswith("body.")
+                                 else "BadRequestError"), error
     assert_still_serves(server)
 
 
@@ -217,7 +219,7 @@ def test_a_huge_prompt_does_not_hold_the_others_back(server):
     with ThreadPoolExecutor(2) as pool:
         huge = pool.submit(raw_post, server, user("word " * 1_400_000))
         answer = raw_post(server, normal)
-        assert_error(huge.result(timeout=60), 400, "at least")
+        assert_error(huge.result(timeout=60), 400, "characters")
     assert answer.status_code == 200
 
 

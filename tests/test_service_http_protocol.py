@@ -98,4 +98,4 @@ def test_a_bad_content_part_is_named_by_its_path_in_the_body(part, param):
     body = {"messages": [{"role": "user", "content": [part]}]}
     with pytest.raises(InvalidRequest) as info:
         ChatCompletionRequest.parse(json.dumps(body).encode())
-    assert info.value.param == param and info.value.message.startswith(param + ": ")
+    assert info.value.param == "body." + param and info.value.message.startswith(param + ": ")

@@ -503,6 +503,71 @@ def test_streamed_completion_chunks_carry_vllms_keys_and_no_others(server):
             assert set(chunks[-1]["usage"]) == _USAGE
 
 
+def test_error_bodies_are_vllms(server):
+    """vLLM 0.27's error bodies: a refusal its request models raise (VLLMValidationError) is the same
+    body key for key, as its create_error_response makes it ("BadRequestError", the message ending
+    in "(parameter=..., value=...)"); a body that does not validate is its validation handler's
+    "Bad Request" with param "body.<path>" (its message lists pydantic's errors with their input:
+    ours says the first in one line, docs/SERVICE.md); unknown model and route as vLLM's."""
+    pytest.importorskip("vllm", reason="the pinned vLLM is installed by scripts/setup-test-env.sh")
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.serve.utils.error_response import create_error_response
+    from vllm.exceptions import VLLMValidationError
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    chat_body = {"model": SERVED_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    refusals = [
+        ("/v1/chat/completions", ChatCompletionRequest, chat_body, fields) for fields in (
+            {"stream_options": {"include_usage": True}}, {"top_logprobs": 2}, {"logprobs": True, "top_logprobs": -2},
+            {"top_logprobs": "x"}, {"cache_salt": ""}, {"tools": []}, {"tool_choice": "required"},
+            {"tools": tools, "tool_choice": "bogus"}, {"tools": tools, "tool_choice": {"type": "function"}},
+            {"tools": tools, "tool_choice": {"type": "function", "function": {"name": "g"}}},
+            {"response_format": {"type": "json_schema"}},
+            {"tools": tools, "tool_choice": {"type": "function", "function": {"name": "f"}},
+             "structured_outputs": {"regex": "a"}})
+    ] + [
+        ("/v1/completions", CompletionRequest, {"model": SERVED_NAME, "prompt": "hi", "max_tokens": 2}, fields)
+        for fields in ({"prompt": ""}, {"logprobs": -1}, {"logprobs": "x"}, {"stream_options": {"include_usage": True}})
+    ]
+    for path, vllm_model, body, fields in refusals:
+        with pytest.raises(VLLMValidationError) as vllm_error:
+            vllm_model.model_validate({**body, **fields})
+        assert post(server, path, {**body, **fields}).json() == create_error_response(vllm_error.value).model_dump()
+    # What vLLM refuses past its request models, in its words (vllm/sampling_params.py, renderers/params.py).
+    for fields, error in (
+            ({"logprobs": True, "top_logprobs": 21}, {
+                "message": "Requested sample logprobs of 21, which is greater than max allowed: 20 "
+                           "(parameter=logprobs, value=21)", "param": "logprobs"}),
+            ({"logit_bias": {"a": 1}}, {
+                "message": "logit_bias contains key(s) that cannot be converted to integer token IDs: ['a'] "
+                           "(parameter=logit_bias, value=['a'])", "param": "logit_bias"}),
+            ({"max_tokens": 10**6}, {
+                "message": "max_tokens=1000000 cannot be greater than max_model_len=max_total_tokens=512. Please "
+                           "request fewer output tokens. (parameter=max_tokens, value=1000000)", "param": "max_tokens"}),
+            ({"add_generation_prompt": True, "continue_final_message": True}, {
+                "message": "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+                "param": None})):
+        assert post(server, "/v1/chat/completions", {**chat_body, **fields}).json() == {
+            "error": {**error, "type": "BadRequestError", "code": 400}}, fields
+    # vLLM's validation handler: "Bad Request", the path in the body.
+    for raw, param in ((b'{"model": ', "body.10"), (b'{"messages": [], "max_tokens": "x"}', "body.max_tokens"),
+                       (b'{"model": "m"}', "body.messages")):
+        reply = httpx.post(server.base_url + "/v1/chat/completions", content=raw, timeout=60,
+                           headers={**AUTH, "Content-Type": "application/json"})
+        error = reply.json()["error"]
+        assert reply.status_code == 400 and (error["type"], error["param"], error["code"]) == ("Bad Request", param, 400)
+    reply = httpx.post(server.base_url + "/v1/chat/completions", content=b"{}", timeout=60,
+                       headers={**AUTH, "Content-Type": "text/plain"})
+    assert reply.json() == {"error": {"message": "1 validation error:\n  Unsupported Media Type: Only "
+                                                 "'application/json' is allowed",
+                                      "type": "Bad Request", "param": None, "code": 400}}
+    assert post(server, "/v1/chat/completions", {**chat_body, "model": "nope"}).json() == {"error": {
+        "message": "The model `nope` does not exist.", "type": "NotFoundError", "param": "model", "code": 404}}
+    assert post(server, "/v1/nothing", {}).json() == {"error": {"message": "Not Found", "type": "Not Found",
+                                                                "param": None, "code": 404}}
+
+
 def test_cache_salt_keeps_prefixes_apart(server):
     text = "A long shared question about the street, the bakery and the tram stop. " * 6
     hits = lambda: metric(server, "vllm:prefix_cache_hits_total")  # noqa: E731

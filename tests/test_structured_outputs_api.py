@@ -93,7 +93,7 @@ def test_max_tokens_still_cuts_a_json_answer(server):
      "response_format", "Invalid JSON schema"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "structured_outputs", "none are"),
     ({"response_format": {"type": "structural_tag", "format": {}}}, "response_format", "not supported"),
-    ({"response_format": {"type": "yaml"}}, "response_format.type", ""),
+    ({"response_format": {"type": "yaml"}}, "body.response_format.type", ""),
     ({"structured_outputs": {"regex": "a(b"}}, "structured_outputs.regex", "Invalid regex"),
     ({"structured_outputs": {"grammar": "root ::= nothing_here"}}, "structured_outputs.grammar", "Invalid grammar"),
     ({"structured_outputs": {"json": "{not json"}}, "structured_outputs.json", "not valid JSON"),

@@ -8,7 +8,7 @@ from dataclasses import replace
 from typing import Any, AsyncIterator, Optional, Union
 
 import orjson
-from pydantic import Field, model_validator
+from pydantic import model_validator
 from starlette.responses import JSONResponse, Response
 
 from service.api.cancellation import GenerationResponse
@@ -21,7 +21,6 @@ from service.api.serving import (AnswerShape, StreamUsage, gather, long_logprobs
 from service.api.sse import EventStreamResponse
 from service.api.structured_outputs import ResponseFormat, StructuredOutputs, check_response_format, structured_constraint
 from service.engine import Engine, Event, RequestHandle
-from service.engine.sampling import MAX_LOGPROBS
 from service.errors import InvalidRequest
 from service.metrics import ServiceMetrics
 
@@ -30,7 +29,7 @@ class CompletionRequest(SamplingFields):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     max_tokens: int = 16  # vLLM's default for completions (null too)
     echo: Optional[bool] = False
-    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    logprobs: Optional[int] = None  # its maximum: the engine's SamplingParams checks it, as vLLM's does
     add_special_tokens: bool = True
     response_format: Optional[ResponseFormat] = None  # structured outputs, as on chat
     structured_outputs: Optional[StructuredOutputs] = None
@@ -38,8 +37,18 @@ class CompletionRequest(SamplingFields):
     @model_validator(mode="before")
     @classmethod
     def _completion_rules(cls, data: Any) -> Any:
-        """vLLM's validate_response_format, and its normalize_null_max_tokens (null is the default)."""
-        if isinstance(data, dict) and "max_tokens" in data and data["max_tokens"] is None:
+        """vLLM's validate_response_format, validate_prompt_and_prompt_embeds, check_logprobs (what is
+        not refused by name) and normalize_null_max_tokens (null is the default)."""
+        if not isinstance(data, dict):
+            return data
+        if data.get("prompt") in (None, ""):
+            raise InvalidRequest("Either prompt or prompt_embeds must be provided and non-empty.", param="prompt")
+        logprobs = data.get("logprobs")
+        if logprobs is not None and not isinstance(logprobs, (int, float)):
+            raise InvalidRequest("`logprobs` must be an integer.", param="logprobs", value=logprobs)
+        if logprobs is not None and logprobs < 0:
+            raise InvalidRequest("`logprobs` must be a positive value.", param="logprobs", value=logprobs)
+        if "max_tokens" in data and data["max_tokens"] is None:
             data = {key: value for key, value in data.items() if key != "max_tokens"}
         return check_response_format(data)
 

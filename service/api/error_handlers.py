@@ -4,21 +4,31 @@ from __future__ import annotations
 
 import logging
 from http import HTTPStatus
+from typing import Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
-from service.errors import InvalidRequest, ServiceError
+from service.errors import InvalidBody, ServiceError
 from service.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
 
-
 def count_error(metrics: ServiceMetrics, error: ServiceError) -> None:
     if error.kind != "cancelled":  # the engine counts those as finished requests
         metrics.errors.labels(error.kind).inc()
+
+
+def request_validation_error(errors: Sequence) -> InvalidBody:
+    """vLLM's validation_exception_handler, for what FastAPI itself validates (no route of ours takes
+    a typed body: protocol.py validates those): "N validation error(s):" and each error on its line,
+    `param` the first one's path."""
+    lines = "".join(f"  {error}\n" for error in errors)
+    message = f"{len(errors)} validation {'error' if len(errors) == 1 else 'errors'}:\n{lines}".rstrip()
+    loc = errors[0].get("loc") if errors and isinstance(errors[0], dict) else None
+    return InvalidBody(message, param=".".join(map(str, loc)) if loc else None)
 
 
 def install_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
@@ -32,7 +42,7 @@ def install_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return respond(InvalidRequest(str(exc.errors()[:3]), kind="malformed"))
+        return respond(request_validation_error(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -34,23 +34,24 @@ from service.api.tools import (
     tool_call_constraint,
 )
 from service.engine.structured import Constraint
-from service.errors import InvalidRequest
+from service.errors import InvalidBody, InvalidRequest
 
 def parse_json(body: bytes) -> Any:
     """Strict JSON (orjson: RFC 8259): no NaN or Infinity, no lone surrogates, valid UTF-8, at most
     1024 levels deep; anything else is the request's 400."""
     try:
         return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"The request body is not valid JSON: {exc}", kind="malformed") from None
+    except orjson.JSONDecodeError as exc:  # vLLM's param: where it stopped, "body.<char>"
+        raise InvalidBody(f"The request body is not valid JSON: {exc}", param=f"body.{exc.pos}") from None
 
 
 def validate(model: type[BaseModel], body: bytes | dict) -> Any:
-    """``model`` from a request body (or its parsed JSON); InvalidRequest (400) naming the first field
-    that does not validate."""
+    """``model`` from a request body (or its parsed JSON); InvalidBody (400) naming the first field
+    that does not validate, or InvalidRequest from the model's own rules (vLLM's, raised as vLLM
+    raises its VLLMValidationError)."""
     payload = parse_json(body) if isinstance(body, (bytes, bytearray)) else body
     if not isinstance(payload, dict):
-        raise InvalidRequest("The request body must be a JSON object.", kind="malformed")
+        raise InvalidBody("The request body must be a JSON object.", param="body")
     try:
         return model.model_validate(payload)
     except ValidationError as exc:
@@ -58,11 +59,12 @@ def validate(model: type[BaseModel], body: bytes | dict) -> Any:
     except InvalidRequest:
         raise
     except (ValueError, TypeError, RecursionError) as exc:  # a validator's own refusal
-        raise InvalidRequest(str(exc), kind="malformed") from None
+        raise InvalidBody(str(exc), param="body") from None
 
 
-def _validation_error(exc: ValidationError) -> InvalidRequest:
-    """The most specific of pydantic's errors (a union reports one per branch), with a readable path."""
+def _validation_error(exc: ValidationError) -> InvalidBody:
+    """The most specific of pydantic's errors (a union reports one per branch), with a readable path:
+    the message names it as in the body ("messages.0.content: ..."), `param` as vLLM's does ("body.")."""
     errors = sorted(exc.errors(), key=lambda e: len(e["loc"]), reverse=True)
     first = errors[0]
     # Drop union-branch labels such as "str" or "list[tagged-union[...]]" from the path, and a content
@@ -71,7 +73,15 @@ def _validation_error(exc: ValidationError) -> InvalidRequest:
     loc = [p for i, p in enumerate(loc) if not (0 < i < len(loc) - 1 and isinstance(loc[i - 1], int)
                                                 and isinstance(p, str) and loc[i + 1] == p)]
     where = ".".join(str(p) for p in loc)
-    return InvalidRequest(f"{where}: {first['msg']}", param=where or None, kind="malformed")
+    return InvalidBody(f"{where}: {first['msg']}" if where else first["msg"], param=".".join(["body", *map(str, loc)]))
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
 
 
 class ImageURL(BaseModel):
@@ -236,11 +246,11 @@ class SamplingFields(BaseModel):
     def logit_bias_ids(self) -> dict[int, float] | None:
         if self.logit_bias is None:
             return None
-        try:
-            return {int(token): bias for token, bias in self.logit_bias.items()}
-        except ValueError:
-            raise InvalidRequest("logit_bias contains key(s) that cannot be converted to integer token IDs",
-                                 param="logit_bias") from None
+        invalid = [token for token in self.logit_bias if not _is_int(token)]
+        if invalid:
+            raise InvalidRequest(f"logit_bias contains key(s) that cannot be converted to integer token IDs: "
+                                 f"{invalid!r}", param="logit_bias", value=invalid)
+        return {int(token): bias for token, bias in self.logit_bias.items()}
 
     def sampling_options(self, max_tokens: int | None, logprobs: int | None) -> dict:
         """Engine.prepare's sampling keyword arguments; None leaves the model's generation_config default."""
@@ -313,9 +323,9 @@ class ChatCompletionRequest(SamplingFields):
         if isinstance(data, dict):
             top = data.get("top_logprobs")
             if top is not None and not isinstance(top, int):
-                raise InvalidRequest("`top_logprobs` must be an integer.", param="top_logprobs")
+                raise InvalidRequest("`top_logprobs` must be an integer.", param="top_logprobs", value=top)
             if top is not None and top < 0 and top != -1:
-                raise InvalidRequest("`top_logprobs` must be a positive value or -1.", param="top_logprobs")
+                raise InvalidRequest("`top_logprobs` must be a positive value or -1.", param="top_logprobs", value=top)
             if top is not None and (top == -1 or top > 0) and not data.get("logprobs"):
                 raise InvalidRequest("when using `top_logprobs`, `logprobs` must be set to true.",
                                      param="top_logprobs")
@@ -343,8 +353,7 @@ class ChatCompletionRequest(SamplingFields):
         structured = structured_constraint(self.response_format, self.structured_outputs)
         if isinstance(self.tool_choice, NamedToolChoice) and self.structured_outputs is not None \
                 and structured is not None and structured.kind in ("json", "regex", "choice"):
-            raise InvalidRequest("You can only either use constraints for structured outputs or tools, not both.",
-                                 param="structured_outputs")
+            raise InvalidRequest("You can only either use constraints for structured outputs or tools, not both.")
         if self.tools:
             tools = tool_call_constraint(self.tools, self.tool_choice, self.parallel_tool_calls is not False)
             if tools is not None:

@@ -14,7 +14,7 @@ from service.api.completions import CompletionRequest
 from service.api.protocol import ChatCompletionRequest
 from service.api.responses import ModelCard, ModelList
 from service.api.state import ServiceState
-from service.errors import Cancelled, InvalidRequest, PayloadTooLarge, RequestTimeout, Unauthorized
+from service.errors import Cancelled, InvalidBody, PayloadTooLarge, RequestTimeout, Unauthorized
 from service.version import vlkit_version
 
 router = APIRouter()
@@ -37,7 +37,7 @@ async def require_json(request: Request) -> None:
     """vLLM's validate_json_request: a body sent as anything else (a web page's form or text/plain
     POST, which needs no CORS preflight) is refused before it is read."""
     if request.headers.get("content-type", "").split(";", 1)[0].strip().lower() != "application/json":
-        raise InvalidRequest("Unsupported Media Type: Only 'application/json' is allowed", kind="malformed")
+        raise InvalidBody("1 validation error:\n  Unsupported Media Type: Only 'application/json' is allowed")
 
 
 JSON_API = [Depends(require_key), Depends(require_json)]

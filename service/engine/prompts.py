@@ -75,17 +75,10 @@ class PromptBuilder:
         length = prompt.length
         if length == 0:
             raise InvalidRequest("The prompt is empty.", param="prompt")
-        if length >= self.max_model_len:
-            raise self.too_long(length)
+        self.check_length(length, max_tokens)
         room = self.max_model_len - length
         if max_tokens is None:  # vLLM: the rest of the context, or the configured default if smaller
             max_tokens = min(d for d in (room, self.settings.max_tokens_default, self.default_max_tokens) if d)
-        elif length + max_tokens > self.max_model_len:
-            raise InvalidRequest(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{length + max_tokens} tokens ({length} in the messages, {max_tokens} in the completion). "
-                "Please reduce the length of the messages or completion.",
-                param="max_tokens", kind="prompt_too_long")
         given = {k: v for k, v in sampling.items() if v is not None}
         for name in ("stop", "stop_token_ids", "allowed_token_ids"):
             if name in given:
@@ -105,12 +98,37 @@ class PromptBuilder:
                                  f"each choice is a batch row), got {params.n}.", param="n", kind="invalid_sampling")
         return GenerationRequest(prompt=prompt, params=params, stop_matcher=StopMatcher(stop) if stop else None)
 
-    def too_long(self, length: int, *, at_least: bool = False) -> InvalidRequest:
-        count = f"at least {length}" if at_least else str(length)
-        return InvalidRequest(
-            f"This model's maximum context length is {self.max_model_len} tokens. However, your request has "
-            f"{count} input tokens (text and images). Please reduce the length of the messages or images.",
-            param="messages", kind="prompt_too_long")
+    def check_length(self, length: int, max_tokens: int | None) -> None:
+        """vLLM 0.27's checks of a prompt of `length` tokens and the answer's max_tokens against the
+        context, in its words (TokenizeParams, then the input processor's for a prompt that fills it)."""
+        context, output = self.max_model_len, max_tokens or 0
+        if output > context:
+            raise InvalidRequest(f"max_tokens={output} cannot be greater than max_model_len=max_total_tokens={context}. "
+                                 "Please request fewer output tokens.", param="max_tokens", value=output,
+                                 kind="prompt_too_long")
+        if length + output > context:
+            raise InvalidRequest(
+                f"This model's maximum context length is {context} tokens. However, you requested {output} output "
+                f"tokens and your prompt contains {length} input tokens, for a total of {length + output} tokens. "
+                "Please reduce the length of the input prompt or the number of requested output tokens.",
+                param="input_tokens", value=length, kind="prompt_too_long")
+        if length == context:
+            raise InvalidRequest(
+                f"The decoder prompt (length {length}) plus the number of requested output tokens (at least 1) is "
+                f"longer than the maximum model length of {context}. Make sure that `max_model_len` is no smaller "
+                "than the number of text tokens (prompt + requested output tokens).", kind="prompt_too_long")
+
+    def check_text_length(self, text: str) -> None:
+        """vLLM's check of a text too long for its tokens to fit (before tokenizing it), in its words
+        but for the output tokens (its bound leaves room for them): no token stands for more
+        characters than the vocabulary's longest entry."""
+        limit = self.max_model_len * self._max_token_chars
+        if len(text) > limit:
+            raise InvalidRequest(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your prompt contains "
+                f"{len(text)} characters (more than {limit} characters, which is the upper bound for "
+                f"{self.max_model_len} input tokens). Please reduce the length of the input prompt.",
+                param="input_text", value=len(text), kind="prompt_too_long")
 
     def bad_words_token_ids(self, words: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
         """vLLM's update_from_tokenizer: each word as it is tokenized at the start of a text, and
@@ -130,8 +148,7 @@ class PromptBuilder:
                tools: list[dict] | None = None) -> str:
         """The chat template's text (InvalidRequest when the template refuses the messages)."""
         if continue_final_message and add_generation_prompt:
-            raise InvalidRequest("Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
-                                 param="continue_final_message")
+            raise InvalidRequest("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
         kwargs = dict(chat_template_kwargs or {})
         reserved = {"messages", "tools", "documents", "chat_template", "tokenize", "add_generation_prompt",
                     "continue_final_message", "return_dict", "return_assistant_tokens_mask"} & set(kwargs)
@@ -178,8 +195,7 @@ class PromptBuilder:
                    cache_salt: str | None = None, mm_processor_kwargs: dict | None = None) -> Prompt:
         """A prompt from its text (with one image placeholder per image)."""
         image_options = self.image_options(mm_processor_kwargs)
-        if len(text) > self.max_model_len * self._max_token_chars:
-            raise self.too_long(-(-len(text) // self._max_token_chars), at_least=True)
+        self.check_text_length(text)
         self._check_placeholders(text, len(images))
         try:
             inputs = self.processor(text=[text], images=images or None, return_tensors="pt",

@@ -73,8 +73,10 @@ class SamplingParams:
         _check(self.n >= 1, "n", f"n must be at least 1, got {self.n}.")
         _check(0 <= self.min_tokens <= self.max_tokens, "min_tokens",
                f"min_tokens must be between 0 and max_tokens={self.max_tokens}, got {self.min_tokens}.")
-        _check(self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "top_logprobs",
-               f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}.")
+        _check(self.logprobs is None or 0 <= self.logprobs, "logprobs", f"logprobs must be non-negative, got {self.logprobs}.")
+        if self.logprobs is not None and self.logprobs > MAX_LOGPROBS:  # vLLM's words (the routes check the sign)
+            raise InvalidRequest(f"Requested sample logprobs of {self.logprobs}, which is greater than max allowed: "
+                                 f"{MAX_LOGPROBS}", param="logprobs", value=self.logprobs, kind="invalid_sampling")
         _check(all(s for s in self.stop), "stop", "stop cannot contain an empty string.")
         _check(all(math.isfinite(b) for _, b in self.logit_bias), "logit_bias", "logit_bias values must be finite numbers.")
         _check(self.allowed_token_ids is None or len(self.allowed_token_ids) > 0, "allowed_token_ids",
