@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse, Response
 from service.api.cancellation import GenerationResponse
 from service.api.logprobs import completion_logprobs
 from service.api.offload import off_loop
-from service.api.protocol import SamplingFields
+from service.api.protocol import SamplingFields, echo_logprobs_refused
 from service.api.responses import AnswerUsage, Usage
 from service.api.serving import (AnswerShape, StreamUsage, gather, long_logprobs, response_id, stream_answer,
                                  usage_of)
@@ -66,8 +66,7 @@ class CompletionRequest(SamplingFields):
             raise InvalidRequest("stream with several prompts is not supported here: stream one prompt per "
                                  "request, or leave stream off for the list", param="stream")
         if self.echo and self.logprobs is not None:
-            raise InvalidRequest("echo with logprobs needs prompt logprobs, which this server does not compute.",
-                                 param="echo")
+            raise echo_logprobs_refused()
         return self
 
     @property

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from service.api.fields import check_refused
+from service.api.fields import REFUSED, check_refused
 from service.api.structured_outputs import (
     ResponseFormat,
     StructuredOutputs,
@@ -43,6 +43,13 @@ def parse_json(body: bytes) -> Any:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:  # vLLM's param: where it stopped, "body.<char>"
         raise InvalidBody(f"The request body is not valid JSON: {exc}", param=f"body.{exc.pos}") from None
+
+
+def echo_logprobs_refused() -> InvalidRequest:
+    """echo with logprobs: vLLM answers it with the prompt's logprobs as well (chat: prompt_logprobs;
+    completions: the echoed tokens' logprobs), which this server does not compute."""
+    return InvalidRequest("echo with logprobs is not supported by this server: vLLM answers it with the prompt's "
+                          f"logprobs too, and {REFUSED['prompt_logprobs'][1]}.", param="echo", kind="unsupported")
 
 
 def validate(model: type[BaseModel], body: bytes | dict) -> Any:
@@ -330,6 +337,14 @@ class ChatCompletionRequest(SamplingFields):
                 raise InvalidRequest("when using `top_logprobs`, `logprobs` must be set to true.",
                                      param="top_logprobs")
         return data
+
+    @model_validator(mode="after")
+    def _echo_rules(self) -> "ChatCompletionRequest":
+        """vLLM's whole answer to echo carries the prompt's logprobs (prompt_logprobs, top_logprobs of
+        them); its stream does not, so a streamed echo with logprobs is served as on vLLM."""
+        if self.echo and self.logprobs and not self.stream:
+            raise echo_logprobs_refused()
+        return self
 
     def chat_messages(self) -> tuple[list[dict], list[str]]:
         """The chat template's messages and the image URLs (`template_messages`)."""
