@@ -3,7 +3,7 @@ chunks), the usage both generation routes report, logprobs, the model list.
 
 Whole answers are sent whole (model_dump(): every key, null where there is nothing). Stream chunks
 are sent as vLLM sends them, model_dump_json(exclude_unset=True): a chunk has the keys it was built
-with and no others, so the builders below (`chat_chunk`, `token_choice`, `delta`) set the fields
+with and no others, so the builders below (`chat_chunk`, `token_choice`, `token_delta`) set the fields
 vLLM's stream generator sets for each kind of chunk, and nothing else."""
 from __future__ import annotations
 
