@@ -16,6 +16,7 @@ from service.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
 
+
 def count_error(metrics: ServiceMetrics, error: ServiceError) -> None:
     if error.kind != "cancelled":  # the engine counts those as finished requests
         metrics.errors.labels(error.kind).inc()
