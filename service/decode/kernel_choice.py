@@ -9,7 +9,7 @@ decode graphs are captured (they keep what was chosen); a candidate replaces the
 shape only where it agrees with it and is clearly faster.
 
 A known limit, not yet measured: the timed calls reuse one weight, so a weight smaller than the L2
-cache (50 MB on an H200, 24-32 MB on the consumer cards; most projections but gate_up) is read from
+cache (50 MB on an H200; 24-32 MB on Ada and Blackwell cards, 4 MB on an Ampere RTX 3070) is read from
 L2 after the first call, while the step reads each layer's weight from memory once.
 (bench/fp8_kernels.py times over copies beyond L2.) Whether that changes a choice is for a GPU run.
 """
