@@ -306,7 +306,7 @@ def test_cli_bad_input_is_a_clear_error(capsys):
 
 
 def test_the_benchmarks_read_a_plan_that_does_not_fit_as_one():
-    """bench/planned.py runs `vlkit plan --json` and reads its exit status: does not fit is a plan too."""
+    """bench/planned.py runs `vlkit plan --json`: a plan that does not fit (exit 3) is a plan too."""
     from bench.planned import Plan
 
     assert Plan(Path(SEEDS_MODEL), "16gb", "4GiB").fits is False

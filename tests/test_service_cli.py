@@ -17,10 +17,17 @@ from tests.conftest import free_port
 REPO = Path(__file__).resolve().parents[1]
 
 
+def as_from_a_terminal() -> None:
+    """SIGINT as a terminal's shell leaves it, whatever the test runner's parent did: a job a
+    non-interactive shell starts in the background inherits it ignored, and Python then installs no
+    KeyboardInterrupt handler (Ctrl-C tests would test nothing there)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_service(args: list[str], env: dict | None = None, **kwargs) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "service", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kwargs)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=as_from_a_terminal, **kwargs)
 
 
 def refusal(args: list[str], env: dict | None = None) -> tuple[int | None, str]:
@@ -136,7 +143,8 @@ def test_the_compile_cache_is_where_the_settings_say(monkeypatch, env, inductor,
     from service.engine.startup import configure_torch
 
     for name in ("VLKIT_COMPILE_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # so that the teardown restores it as it was, absent too
+        monkeypatch.delenv(name)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # it sets a default there too
