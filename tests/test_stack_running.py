@@ -121,3 +121,15 @@ def test_a_port_whose_server_just_stopped_is_free_though_its_connections_linger(
     client.close()
     server.close()
     assert port_free(port)
+
+
+def test_caption_of_an_image_over_the_request_limit_says_the_services_refusal(server, tmp_path):
+    """The service answers a body over its limit with a 413 before reading it, and closes the
+    connection; the caption still reports that answer (as curl and the openai SDK do), not 'no
+    vlkit service answers' about a service that is up."""
+    big = tmp_path / "huge.png"
+    big.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(server.settings.max_request_bytes))
+    res = _vlkit("caption", str(big), "--port", _port(server), VLKIT_API_KEY=API_KEY)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "the service answered 413" in res.stderr and "the limit is" in res.stderr, res.stderr
+    assert "no vlkit service answers" not in res.stderr

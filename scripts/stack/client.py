@@ -1,16 +1,15 @@
-"""Talking to a running vlkit from the host with the standard library only (no openai dep here):
-readiness polling, one-image captions, and the ready-to-paste examples `vlkit up` prints."""
+"""Talking to a running vlkit from the host (httpx; no openai dep here): readiness polling,
+one-image captions, and the ready-to-paste examples `vlkit up` prints."""
 from __future__ import annotations
 
 import base64
-import http.client
 import json
 import mimetypes
 import socket
 import textwrap
-import urllib.error
-import urllib.request
 from pathlib import Path
+
+import httpx
 
 from scripts.usage import command
 
@@ -22,13 +21,10 @@ class ServiceError(RuntimeError):
 
 
 def probe(url: str, timeout: float = 3.0) -> int | None:
-    """HTTP status of a GET, or None when nothing answers."""
+    """HTTP status of a GET, or None when nothing answers (or what answers does not speak HTTP)."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except (urllib.error.URLError, OSError, TimeoutError):
+        return httpx.get(url, timeout=timeout, trust_env=False).status_code
+    except httpx.HTTPError:
         return None
 
 
@@ -56,10 +52,7 @@ def what_answers(port: int, api_key: str | None = None) -> str | None:
     except OSError:
         return None
     base_url = f"http://127.0.0.1:{port}"
-    try:
-        ready = probe(base_url + "/health/ready", timeout=2)
-    except http.client.HTTPException:
-        ready = None
+    ready = probe(base_url + "/health/ready", timeout=2)
     if ready is None:
         return f"{NOT_THE_API} that does not answer HTTP"
     try:
@@ -76,24 +69,31 @@ def what_answers(port: int, api_key: str | None = None) -> str | None:
 
 
 def _request(url: str, payload: dict | None = None, *, api_key: str | None, timeout: float) -> dict:
-    data = json.dumps(payload).encode() if payload is not None else None
-    req = urllib.request.Request(url, data=data, method="POST" if data else "GET")
-    req.add_header("Content-Type", "application/json")
-    if api_key:
-        req.add_header("Authorization", f"Bearer {api_key}")
+    """The JSON a GET (or, with a payload, a POST) answers. httpx, not urllib: a server refuses a body
+    over its limit (413) before reading it and closes the connection; httpx still reads that answer
+    where urllib, writing on, reports only the reset. trust_env=False: a proxy from the environment
+    (HTTP_PROXY in a corporate shell) must not carry requests meant for 127.0.0.1."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        body = e.read().decode(errors="replace")
-        try:
-            message = json.loads(body)["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = body[:500]
-        raise ServiceError(f"the service answered {e.code}: {message}") from None
-    except (urllib.error.URLError, OSError, TimeoutError) as e:
-        raise ServiceError(f"no vlkit service answers at {url} ({getattr(e, 'reason', e)}). "
+        r = httpx.request("GET" if payload is None else "POST", url, json=payload, headers=headers,
+                          timeout=timeout, trust_env=False)
+    except httpx.TimeoutException:
+        raise ServiceError(f"{url} did not answer within {timeout:g} s (`{command('logs')}` shows what "
+                           "the service is doing)") from None
+    except httpx.TransportError as e:
+        raise ServiceError(f"no vlkit service answers at {url} ({e}). "
                            f"Start it with `{command('up')}` (`{command('status')}` shows what runs).") from None
+    if r.is_error:
+        try:
+            message = r.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = r.text[:500]
+        raise ServiceError(f"the service answered {r.status_code}: {message}")
+    try:
+        return r.json()
+    except ValueError:
+        raise ServiceError(f"{url} answered HTTP {r.status_code} with something that is not JSON: "
+                           f"{r.text[:200]!r}") from None
 
 
 # The formats' own first bytes: what the file is, whatever its name says (and mimetypes knows .webp
