@@ -133,3 +133,18 @@ def test_caption_of_an_image_over_the_request_limit_says_the_services_refusal(se
     assert res.returncode == 1, res.stdout + res.stderr
     assert "the service answered 413" in res.stderr and "the limit is" in res.stderr, res.stderr
     assert "no vlkit service answers" not in res.stderr
+
+
+def test_caption_and_status_reach_127_0_0_1_past_a_proxy_in_the_environment(server, tmp_path):
+    """A shell with HTTP_PROXY set (a corporate network) must not send the host's requests to the
+    local API through that proxy: here the proxy is a port nothing listens on."""
+    from PIL import Image
+
+    img = tmp_path / "red.png"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(img)
+    dead_proxy = f"http://127.0.0.1:{free_port()}"
+    proxied = {name: dead_proxy for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")}
+    res = _vlkit("caption", str(img), "--port", _port(server), VLKIT_API_KEY=API_KEY, **proxied)
+    assert res.returncode == 0, res.stderr
+    status = _vlkit("status", "--port", _port(server), PATH=str(tmp_path), VLKIT_API_KEY=API_KEY, **proxied)
+    assert "answers: vlkit's service (model" in status.stdout, status.stdout
