@@ -182,6 +182,14 @@ def test_recommendation_rule(host_gib, profile, memory, swap, warned):
     assert (rec.memory, rec.swap, rec.processors, rec.warning is not None) == (memory, swap, None, warned)
 
 
+def test_the_rule_shows_the_sum_it_made():
+    """Windows reports a 32 GB PC as a little less (hardware-reserved memory): the rule must show the
+    RAM it subtracted from, not '32 GB - 8 GB -> 23GB'."""
+    rec = wslconfig.recommend(int(31.8 * 1024 ** 3), "16gb")
+    assert rec.memory == "23GB"
+    assert rec.rule.startswith("host RAM 31.8 GB - 8 GB kept for Windows, at most 75% -> memory=23GB"), rec.rule
+
+
 def test_cli_config_yes_then_noop(tmp_path, capsys):
     path = tmp_path / ".wslconfig"
     write(path, USER_FILE, "utf-16-le", codecs.BOM_UTF16_LE, "\r\n")

@@ -333,6 +333,6 @@ def recommend(host_ram_bytes: int, profile: str = "8gb") -> Recommendation:
         memory_gib = max(memory_gib, min(need, int(host_gib) - 2))
     memory_gib = max(memory_gib, 2)
     swap_gib = 8 if host_gib >= 15.5 else 4
-    rule = (f"host RAM {host_gib:.0f} GB - {keep} GB kept for Windows, at most 75% -> memory={memory_gib}GB; "
+    rule = (f"host RAM {host_gib:.1f} GB - {keep} GB kept for Windows, at most 75% -> memory={memory_gib}GB; "
             f"swap={swap_gib}GB; processors left at WSL's default (all)")
     return Recommendation(f"{memory_gib}GB", f"{swap_gib}GB", None, rule, warning)
