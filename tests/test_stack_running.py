@@ -148,3 +148,11 @@ def test_caption_and_status_reach_127_0_0_1_past_a_proxy_in_the_environment(serv
     assert res.returncode == 0, res.stderr
     status = _vlkit("status", "--port", _port(server), PATH=str(tmp_path), VLKIT_API_KEY=API_KEY, **proxied)
     assert "answers: vlkit's service (model" in status.stdout, status.stdout
+
+
+def test_caption_of_a_folder_says_it_is_a_folder(tmp_path):
+    """IMG=photos/ (the folder, not a file in it) exists: 'no such image file' would send the user
+    looking for a typo."""
+    res = _vlkit("caption", str(tmp_path), "--port", str(free_port()))
+    assert res.returncode == 1
+    assert f"{tmp_path} is a folder; give one image file in it" in res.stderr, res.stderr

@@ -110,6 +110,8 @@ def _image_type(data: bytes, name: str) -> str:
 
 
 def image_data_url(path: Path) -> str:
+    if path.is_dir():
+        raise ServiceError(f"{path} is a folder; give one image file in it")
     if not path.is_file():
         raise ServiceError(f"{path}: no such image file")
     data = path.read_bytes()
