@@ -68,7 +68,9 @@ def test_up_refuses_a_plan_that_does_not_fit_before_touching_docker(tmp_path):
                           "Qwen/Qwen3-VL-8B-Instruct", "--gpu-memory", "4GiB"],
                          capture_output=True, text=True, env=_env(tmp_path), cwd=ROOT)
     assert res.returncode == 2, res.stdout + res.stderr
-    assert "does not fit" in res.stderr and "next step" in res.stderr
+    assert "does not fit" in res.stderr
+    # the planner's reason, then its next step, each said once (not 'next step: <the reason>. Next step: ...')
+    assert res.stderr.lower().count("next step") == 1 and "\n  why: " in res.stderr, res.stderr
     assert not (tmp_path / "vlkit.env").exists()
 
 

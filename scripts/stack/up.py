@@ -53,7 +53,7 @@ def _show_plan_refusal(plan, whole_budget: str, asked: str) -> None:
     which = "in either profile (8gb, 16gb)" if asked == "auto" else f"({plan.profile} profile)"
     preflight.error(f"the plan for {plan.model} does not fit this card {which}.")
     if plan.refusal:
-        print(f"  next step: {plan.refusal}", file=sys.stderr)
+        print(f"  why: {plan.refusal}", file=sys.stderr)  # the reason, then its own "Next step: ..."
     print(f"  `{whole_budget}` shows the whole budget.", file=sys.stderr)
 
 
