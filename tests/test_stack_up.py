@@ -272,3 +272,13 @@ def test_clean_without_docker_still_removes_a_model_and_says_what_it_left(tmp_pa
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
     assert "left as they are (Docker is not available)" in res.stdout and "foo/bar is not in the cache" in res.stdout
     assert (tmp_path / "vlkit.env").exists()  # a stack that may still run keeps its files
+
+
+def test_the_no_gpu_hint_to_try_the_cpu_keeps_the_users_model_and_context(tmp_path):
+    """`make up MODEL=<the model downloaded>` on a machine whose GPU does not answer: the CPU command
+    it offers serves that model, not the default one (which is a download of its own)."""
+    env = {**_env(tmp_path), "PATH": "/usr/bin:/bin", "VLKIT_VIA_MAKE": "1"}  # no nvidia-smi here either way
+    res = subprocess.run([sys.executable, "-m", "scripts", "up", "--model", FP8_4B, "--context", "4096"],
+                         cwd=ROOT, capture_output=True, text=True, env=env)
+    assert res.returncode == 3, res.stderr
+    assert f"`make up PROFILE=8gb MODEL={FP8_4B} CONTEXT=4096 ARGS=--cpu`" in res.stderr, res.stderr

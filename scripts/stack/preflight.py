@@ -59,11 +59,12 @@ def docker_gpu_problem(info_json: str) -> str | None:
             f"\"could not select device driver\"). Fix: {fix}; `{command('doctor')}` checks it.")
 
 
-def no_gpu_line(reason: str, doing: str) -> str:
-    """`doing` cannot work without a GPU: why, and the two ways on (the doctor, the CPU test mode)."""
+def no_gpu_line(reason: str, doing: str, on_the_cpu: str) -> str:
+    """`doing` cannot work without a GPU: why, and the two ways on (the doctor, the CPU test mode:
+    `on_the_cpu`, the user's own command with --cpu, so it serves the model they named)."""
     return (f"no NVIDIA GPU answers here ({reason}), so {doing}. `{command('doctor')}` says what to "
-            f"install; to try vlkit without a GPU: `{command('up', profile='8gb', cpu=True)}` "
-            "(the model runs on the CPU: slow, for trying it out).")
+            f"install; to try vlkit without a GPU: `{on_the_cpu}` (the model runs on the CPU: slow, for "
+            "trying it out).")
 
 
 def gpu_missing() -> str | None:

@@ -171,6 +171,11 @@ def _same(target: str, args: argparse.Namespace, given_model: str | None, **chan
     return command(target, **{**given, **changes})
 
 
+def _on_the_cpu(args: argparse.Namespace, given_model: str | None, given_port: int | None) -> str:
+    """The user's `up` in CPU mode (the 8gb service; no card to plan for)."""
+    return _same("up", args, given_model, profile="8gb", cpu=True, gpu_memory=None, port=given_port)
+
+
 def _port_taken(launch: cp.Launch) -> str | None:
     """What holds the port when it is not one of vlkit's own containers (compose replaces those)."""
     from scripts.stack.client import port_free, what_answers
@@ -201,7 +206,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             preflight.error(f"no NVIDIA GPU answers here ({e}): give the card's size to plan for, "
                             f"`{_same('up', args, given_model, gpu_memory=card, port=given_port, dry_run=True)}`.")
         else:
-            preflight.error(preflight.no_gpu_line(str(e), "nothing was started"))
+            preflight.error(preflight.no_gpu_line(str(e), "nothing was started",
+                                                  _on_the_cpu(args, given_model, given_port)))
         return 2 if args.dry_run else 3
     except (ValueError, FileNotFoundError, LookupError) as e:
         from scripts.planner import UnknownModelError
@@ -224,7 +230,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     if not args.cpu and not args.skip_gate:
         missing = preflight.gpu_missing() if args.gpu_memory else None  # else planning found the GPU
         if missing:
-            preflight.error(preflight.no_gpu_line(missing, "nothing was started"))
+            preflight.error(preflight.no_gpu_line(missing, "nothing was started",
+                                                  _on_the_cpu(args, given_model, given_port)))
             return 3
         if not _gate(planned) or not _gpu_fits_image(launch.profile):
             return 3
