@@ -373,3 +373,20 @@ def test_doctor_checks_the_port_it_is_given(capsys, monkeypatch, tmp_path):
         run_cli(["doctor", "--json", "--port", str(port)])
     row = {r["name"]: r for r in json.loads(capsys.readouterr().out)}["port"]
     assert row["status"] == "warn" and f"127.0.0.1:{port} is in use" in row["found"]
+
+
+def test_the_doctors_fixes_keep_the_model_the_user_named(monkeypatch):
+    """`make doctor MODEL=Qwen/Qwen3-VL-4B-Instruct-FP8`: the commands it offers plan, serve and
+    download that model, not the default one."""
+    monkeypatch.setenv("VLKIT_VIA_MAKE", "1")
+    model = "Qwen/Qwen3-VL-4B-Instruct-FP8"
+    named = dict(models={"8gb": model, "16gb": model}, model_cached={model: False}, model_given=model)
+    rows = by_name(planning.plan_checks(facts(gpu=gpu.GpuProbe([], None, None, "nvidia-smi not found"), **named),
+                                        "auto"))
+    assert f"`make plan PROFILE=8gb MODEL={model} GPU_MEMORY=8GiB`" in rows["plan-8gb"].fix, rows["plan-8gb"].fix
+    no = SimpleNamespace(fits=False, model=model, context=0, refusal="needs 7.2 GiB, 6.8 GiB free")
+    rows = by_name(planning.plan_checks(facts(plans={"8gb": no, "16gb": no}, **named), "auto"))
+    assert f"`make plan PROFILE=8gb MODEL={model}` shows the budget" in rows["plan-8gb"].fix
+    assert f"`make plan MODEL={model}` shows the next step" in rows["plan"].fix
+    cache = storage.model_cache_check(facts(**named))
+    assert f"`make up MODEL={model}` downloads it first" in cache.fix, cache.fix

@@ -63,6 +63,7 @@ class Facts:
     settings_error: str | None = None  # a malformed VLKIT_* variable in this shell
     port_free: bool | None = None
     models: dict[str, str] = field(default_factory=dict)  # profile -> model id
+    model_given: str | None = None  # the user named the model (--model): the fixes name it too
     model_cached: dict[str, bool] = field(default_factory=dict)  # model id -> in the HF cache
     plans: dict[str, object] = field(default_factory=dict)  # profile -> Plan, or an error str
     gpu_container: object | None = None  # docker.ContainerResult
@@ -211,7 +212,8 @@ def collect(options: Options) -> Facts:
             interop=f_interop.result() if f_interop else False,
             wslconfig_path=wsl_path, wslconfig=wsl_cfg, wslconfig_error=wsl_err, wslconfig_given=options.wslconfig is not None,
             host_ram=f_ram.result(), hf_cache=cache, disk_free=f_disk.result(),
-            port=port, port_free=f_port.result(), models=models, settings_error=settings_error,
+            port=port, port_free=f_port.result(), models=models, model_given=options.model,
+            settings_error=settings_error,
             model_cached={m: f.result() for m, f in f_cached.items()}, plans=f_plans.result(),
         )
     facts.gpu_container = docker_checks.container_gpu_result(facts, run_now=options.gpu_container)

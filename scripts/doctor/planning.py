@@ -8,7 +8,8 @@ from scripts.usage import command
 def plan_checks(facts, profile: str) -> list[Check]:
     if not facts.gpu.gpus:  # each profile's row shows the card it is named after
         return [warn(f"plan-{p}", "not planned: no GPU", "plan for a card by its size: "
-                     f"`{command('plan', profile=p, gpu_memory=p.replace('gb', 'GiB'))}`") for p in ("8gb", "16gb")]
+                     f"`{command('plan', profile=p, model=facts.model_given, gpu_memory=p.replace('gb', 'GiB'))}`")
+                for p in ("8gb", "16gb")]
     from scripts.doctor.facts import ModelProblem
 
     problems = {str(plan) for plan in facts.plans.values() if isinstance(plan, ModelProblem)}
@@ -33,8 +34,8 @@ def plan_checks(facts, profile: str) -> list[Check]:
             row = fail if chosen else warn
             kwargs = {"blocking": True} if chosen else {}
             out.append(row(f"plan-{p}", f"{plan.model} does not fit: {plan.refusal or 'over budget'}",
-                           f"`{command('plan', profile=p)}` shows the budget", **kwargs))
+                           f"`{command('plan', profile=p, model=facts.model_given)}` shows the budget", **kwargs))
     if profile == "auto" and not fitting and all(not isinstance(facts.plans.get(p), str) and facts.plans.get(p)
                                                  for p in ("8gb", "16gb")):
-        out.append(fail("plan", "no profile fits this GPU", f"`{command('plan')}` shows the next step"))
+        out.append(fail("plan", "no profile fits this GPU", f"`{command('plan', model=facts.model_given)}` shows the next step"))
     return out

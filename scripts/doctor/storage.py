@@ -37,7 +37,8 @@ def model_cache_check(facts) -> Check:
         return warn("model-cache", f"{folders[0]} is not a model folder ({why})",
                     "give MODEL= the folder that holds config.json and the weights")
     if missing:
-        return warn("model-cache", found, f"`{command('up')}` downloads it first, or now: `{command('download', model=missing[0])}`")
+        return warn("model-cache", found, f"`{command('up', model=facts.model_given)}` downloads it first, or now: "
+                    f"`{command('download', model=missing[0])}`")
     return ok("model-cache", found)
 
 
