@@ -390,3 +390,20 @@ def test_the_doctors_fixes_keep_the_model_the_user_named(monkeypatch):
     assert f"`make plan MODEL={model}` shows the next step" in rows["plan"].fix
     cache = storage.model_cache_check(facts(**named))
     assert f"`make up MODEL={model}` downloads it first" in cache.fix, cache.fix
+
+
+def test_the_port_row_names_what_holds_the_port(capsys, monkeypatch, tmp_path, server):
+    """`make doctor PORT=N` where a service already answers: the row says what answers (as `make up`
+    does), not 'vlkit already running?', and offers a port that is free."""
+    from tests.conftest import API_KEY, SERVED_NAME
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("VLKIT_API_KEY", API_KEY)
+    port = int(server.base_url.rsplit(":", 1)[1])
+    run_cli(["doctor", "--json", "--port", str(port)])
+    row = {r["name"]: r for r in json.loads(capsys.readouterr().out)}["port"]
+    assert row["status"] == "warn"
+    assert row["found"] == f"127.0.0.1:{port} is in use by vlkit's service (model {SERVED_NAME}, ready)", row["found"]
+    offered = int(row["fix"].rsplit("--port ", 1)[1].strip("`"))
+    from scripts.stack.client import port_free
+    assert offered > port and port_free(offered), row["fix"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from scripts.gpu import GpuProbe, probe
 from scripts.hf_cache import hub_cache
-from scripts.stack.client import port_free
+from scripts.stack.client import port_free, what_answers
 from wsl import wslconfig
 from wsl.host import (
     HostRam, Platform, detect_platform, host_ram, interop_enabled, is_windows_path, systemd_running, windows_to_wsl_path,
@@ -62,6 +62,7 @@ class Facts:
     port: int = 8000
     settings_error: str | None = None  # a malformed VLKIT_* variable in this shell
     port_free: bool | None = None
+    port_holder: str | None = None  # what answers on the port when it is taken (client.what_answers)
     models: dict[str, str] = field(default_factory=dict)  # profile -> model id
     model_given: str | None = None  # the user named the model (--model): the fixes name it too
     model_cached: dict[str, bool] = field(default_factory=dict)  # model id -> in the HF cache
@@ -133,6 +134,13 @@ def _disk_free(paths: list[Path]) -> dict[str, int]:
     return out
 
 
+def _port_state(port: int) -> tuple[bool, str | None]:
+    """(free, what answers there when it is not)."""
+    if port_free(port):
+        return True, None
+    return False, what_answers(port, os.environ.get("VLKIT_API_KEY"))
+
+
 def default_models(options: Options) -> dict[str, str]:
     """The model each profile would serve: --model, else the plan options' default (VLKIT_MODEL,
     else the service's default), the same for `vlkit plan` and `vlkit up`."""
@@ -198,7 +206,7 @@ def collect(options: Options) -> Facts:
         f_ram = pool.submit(host_ram, QUICK_TIMEOUT_S)
         f_interop = pool.submit(interop_enabled) if platform.is_wsl else None
         port = options.port or settings.port
-        f_port = pool.submit(port_free, port)
+        f_port = pool.submit(_port_state, port)
         f_cached = {m: pool.submit(model_in_cache, m, cache) for m in set(models.values())}
         gpu = f_gpu.result()
         f_plans = pool.submit(_plans, gpu, models)
@@ -206,14 +214,15 @@ def collect(options: Options) -> Facts:
         root = docker_checks.docker_root_dir(docker_info)
         f_disk = pool.submit(_disk_free, [cache] + ([Path(root)] if root else []))
         wsl_path, wsl_cfg, wsl_err = f_wslcfg.result()
+        port_is_free, port_holder = f_port.result()
         facts = Facts(
             platform=platform, systemd=systemd_running(), gpu=gpu, ldconfig=f_ld.result(),
             docker_path=docker, docker_info=docker_info,
             interop=f_interop.result() if f_interop else False,
             wslconfig_path=wsl_path, wslconfig=wsl_cfg, wslconfig_error=wsl_err, wslconfig_given=options.wslconfig is not None,
             host_ram=f_ram.result(), hf_cache=cache, disk_free=f_disk.result(),
-            port=port, port_free=f_port.result(), models=models, model_given=options.model,
-            settings_error=settings_error,
+            port=port, port_free=port_is_free, port_holder=port_holder,
+            models=models, model_given=options.model, settings_error=settings_error,
             model_cached={m: f.result() for m, f in f_cached.items()}, plans=f_plans.result(),
         )
     facts.gpu_container = docker_checks.container_gpu_result(facts, run_now=options.gpu_container)

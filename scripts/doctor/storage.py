@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 from scripts.doctor.model import Check, fail, gib, ok, warn
+from scripts.stack.client import free_port_after
 from scripts.usage import command, setting
 
 GIB = 1024 ** 3
@@ -45,5 +46,7 @@ def model_cache_check(facts) -> Check:
 def port_check(facts) -> Check:
     if facts.port_free:
         return ok("port", f"127.0.0.1:{facts.port} is free")
-    return warn("port", f"127.0.0.1:{facts.port} is in use (vlkit already running? `{command('status')}`)",
-                f"stop what listens there (`ss -ltnp 'sport = :{facts.port}'`) or use another port: {setting('port', facts.port + 1)}")
+    holder = facts.port_holder or "a program that does not accept connections"
+    return warn("port", f"127.0.0.1:{facts.port} is in use by {holder}",
+                f"stop it (`{command('down')}` for vlkit's container; `ss -ltnp 'sport = :{facts.port}'` names "
+                f"any program) or use another port: {setting('port', free_port_after(facts.port))}")

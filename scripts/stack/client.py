@@ -41,6 +41,11 @@ def port_free(port: int) -> bool:
             return False
 
 
+def free_port_after(port: int) -> int:
+    """The first port above `port` that is free (to offer when `port` is taken)."""
+    return next((p for p in range(port + 1, min(port + 100, 65536)) if port_free(p)), port + 1)
+
+
 NOT_THE_API = "a program"  # how what_answers begins when what listens cannot take a caption request
 
 

@@ -185,12 +185,6 @@ def _port_taken(launch: cp.Launch) -> str | None:
     return what_answers(launch.port, launch.api_key) or "a program that does not accept connections"
 
 
-def _free_port_after(port: int) -> int:
-    from scripts.stack.client import port_free
-
-    return next((p for p in range(port + 1, min(port + 100, 65536)) if port_free(p)), port + 1)
-
-
 def cmd_up(args: argparse.Namespace) -> int:
     given_model, given_port = args.model, args.port
     args.model = args.model or options.default_model()
@@ -240,7 +234,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     taken = _port_taken(launch)
     if taken:  # before the download and the build, which take minutes
         preflight.error(f"127.0.0.1:{launch.port} is taken by {taken}; nothing was started. Use another "
-                        f"port: `{_same('up', args, given_model, port=_free_port_after(launch.port))}`, "
+                        f"port: `{_same('up', args, given_model, port=free_port_after(launch.port))}`, "
                         f"or stop that program.")
         return 1
     if not args.cpu and not args.skip_gate:
