@@ -6,6 +6,7 @@ that `vlkit plan` never pays for what `vlkit up` needs.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
 import sys
@@ -40,6 +41,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the command `args` chose (`vlkit wsl config`: config's), whose flags a misspelt one meant."""
+    while True:
+        subs = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        name = subs and getattr(args, subs.dest, None)
+        if name not in getattr(subs, "choices", {}):
+            return parser
+        parser = subs.choices[name]
+
+
+def _resembles(unknown: list[str], parser: argparse.ArgumentParser) -> str:
+    """'; did you mean --dry-run?' for the first unknown flag close to one of the command's
+    (Python 3.14's argparse suggests them itself; the host may run 3.10)."""
+    from scripts.usage import MAKE_VARIABLES, setting, via_make
+
+    flags = [f for a in parser._actions for f in a.option_strings if f.startswith("--")]
+    for word in unknown:
+        close = difflib.get_close_matches(word.split("=", 1)[0], flags, n=1) if word.startswith("--") else []
+        if close:
+            name = close[0][2:].replace("-", "_")
+            meant = f"{MAKE_VARIABLES[name]}=" if via_make() and name in MAKE_VARIABLES else setting(name)
+            return f"; did you mean {meant}?"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         try:
@@ -56,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str] | None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{_resembles(unknown, _command_parser(parser, args))}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

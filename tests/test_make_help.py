@@ -7,6 +7,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -167,6 +168,19 @@ def test_a_bad_flag_in_args_is_named_as_args():
     assert res.returncode != 0 and "vlkit up: ARGS=--timeout: must be at least 1" in res.stderr, res.stderr
     unknown = _make("plan", "ARGS=--vram 8GiB")
     assert unknown.returncode != 0 and "unrecognized arguments: --vram 8GiB (from ARGS" in unknown.stderr
+
+
+def test_a_misspelt_flag_is_told_the_one_it_resembles():
+    """`ARGS=--cpuu`, `ARGS='--contxt 4096'`: the refusal names the flag meant, in make's words
+    (a flag that is a make variable is told as the variable)."""
+    cpu = _make("up", "ARGS=--cpuu --dry-run")
+    assert cpu.returncode != 0 and "unrecognized arguments: --cpuu; did you mean ARGS=--cpu?" in cpu.stderr, cpu.stderr
+    context = _make("plan", "ARGS=--contxt 4096")
+    assert "unrecognized arguments: --contxt 4096; did you mean CONTEXT=?" in context.stderr, context.stderr
+    direct = subprocess.run([sys.executable, "-m", "scripts", "wsl", "config", "--dryrun"], cwd=ROOT,
+                            capture_output=True, text=True)  # not through make: the flag itself
+    assert direct.returncode == 2, direct.stderr
+    assert "unrecognized arguments: --dryrun; did you mean --dry-run?" in direct.stderr, direct.stderr
 
 
 def test_more_gpus_than_this_machine_has_says_how_to_plan_for_them(tmp_path):
