@@ -75,3 +75,22 @@ def test_a_cache_mount_failure_names_the_cache_folder_in_use(text, monkeypatch, 
     monkeypatch.setenv("VLKIT_HF_CACHE", str(tmp_path / "hub"))
     (first, *_) = diagnose(text)
     assert "Hugging Face cache" in first.cause and str(tmp_path / "hub") in first.fix
+
+
+def test_a_failed_starts_fixes_repeat_the_users_own_command(capsys, monkeypatch):
+    """`make up MODEL=Qwen/Qwen3-VL-4B-Instruct-FP8 CONTEXT=4096` ended in vLLM's negative KV cache:
+    'run `make up` again' would start the default model instead (another download). The fixes printed
+    after the logs name the model and context the user gave."""
+    from types import SimpleNamespace
+
+    from scripts.cli import build_parser
+    from scripts.stack import up
+
+    monkeypatch.setenv("VLKIT_VIA_MAKE", "1")
+    model = "Qwen/Qwen3-VL-4B-Instruct-FP8"
+    args = build_parser().parse_args(["up", "--model", model, "--context", "4096"])
+    up._print_failure(SimpleNamespace(service="vllm-16gb"), VLLM_KV, None, up.users_command(args, model, None))
+    out = capsys.readouterr().out
+    assert f"then run `make up MODEL={model} CONTEXT=4096` again" in out, out
+    assert f"`make plan MODEL={model} CONTEXT=4096` to see the budget" in out, out
+    assert f"`make up PROFILE=8gb MODEL={model} CONTEXT=4096` for the service" in out, out

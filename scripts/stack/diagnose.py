@@ -6,6 +6,7 @@ Docker Desktop on WSL2); each maps to what to do next, in the user's terms.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from scripts import images
@@ -31,9 +32,15 @@ def _rule(regex: str, cause: str, fix: str) -> _Rule:
     return _Rule(re.compile(regex, re.IGNORECASE), cause, fix)
 
 
-def _rules() -> tuple[_Rule, ...]:
-    """The rules, their fixes in the user's terms (make variables under make, flags otherwise)."""
-    up, plan, doctor = (f"`{command(t)}`" for t in ("up", "plan", "doctor"))
+# The user's command for a target, with changes: `again("up", profile="8gb")`.
+Again = Callable[..., str]
+
+
+def _rules(again: Again) -> tuple[_Rule, ...]:
+    """The rules, their fixes in the user's terms (make variables under make, flags otherwise), the
+    commands to run again being the user's own (`again`), so they keep its MODEL, CONTEXT, ..."""
+    up, plan = (f"`{again(t)}`" for t in ("up", "plan"))
+    doctor = f"`{command('doctor')}`"
     return (
         # vLLM >= 0.25 under WSL2: its V2 model runner needs pinned host memory, which vLLM turns off there.
         _rule(r"UVA is not available",
@@ -56,7 +63,7 @@ def _rules() -> tuple[_Rule, ...]:
               "at start-up (another program holds GPU memory, or the card is smaller than planned).",
               "Close other GPU programs (browsers, games, other containers; `nvidia-smi` lists them), then run "
               f"{up} again: the plan is recomputed from the memory free now. Or {plan} to see the "
-              f"budget, and `{command('up', profile='8gb')}` for the service that needs no KV cache reservation."),
+              f"budget, and `{again('up', profile='8gb')}` for the service that needs no KV cache reservation."),
         _rule(r"CUDA out of memory|torch\.OutOfMemoryError|OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED|"
               r"cudaErrorMemoryAllocation",
               "The GPU ran out of memory while the model was loading or warming up.",
@@ -89,7 +96,7 @@ def _rules() -> tuple[_Rule, ...]:
               "Start Docker Desktop (Windows) or the Docker service (`sudo service docker start`), then retry."),
         _rule(r"port is already allocated|address already in use|bind: address already in use",
               "The port is taken by another program.",
-              f"Pick another one: `{command('up', port=8001)}` (or stop what uses it; `{command('down')}` if it is vlkit)."),
+              f"Pick another one: `{again('up', port=8001)}` (or stop what uses it; `{command('down')}` if it is vlkit)."),
         _rule(r"LocalEntryNotFoundError|outgoing traffic has been disabled|HF_HUB_OFFLINE|"
               r"We couldn't connect to 'https://huggingface.co'|Cannot find an appropriate cached snapshot",
               "The model is not (completely) in the Hugging Face cache the containers read.",
@@ -110,10 +117,11 @@ def _rules() -> tuple[_Rule, ...]:
     )
 
 
-def diagnose(text: str) -> list[Diagnosis]:
-    """Every known cause found in `text` (logs or error output), most specific first, no duplicates."""
+def diagnose(text: str, again: Again = command) -> list[Diagnosis]:
+    """Every known cause found in `text` (logs or error output), most specific first, no duplicates;
+    `again` writes the commands the fixes say to run (default: the bare target)."""
     found: list[Diagnosis] = []
-    for rule in _rules():
+    for rule in _rules(again):
         if rule.pattern.search(text):
             d = Diagnosis(rule.cause, rule.fix)
             if d not in found:

@@ -98,13 +98,14 @@ def _env_header(launch: cp.Launch) -> str:
             "not this file.")
 
 
-def _print_failure(launch: cp.Launch, text: str, cid: str | None) -> None:
+def _print_failure(launch: cp.Launch, text: str, cid: str | None, again) -> None:
+    """The container's last lines, then each known cause and its fix (`again`: the user's command)."""
     con = _console()
     logs = dk.logs_tail(cid, 40) if cid else ""
     if logs.strip():
         con.print(f"[bold]last log lines of {launch.service}:[/bold]")
         print(logs.rstrip(), flush=True)  # unwrapped, as the container wrote them
-    found = diagnose(text + "\n" + logs)
+    found = diagnose(text + "\n" + logs, again)
     for d in found:  # soft_wrap: a fix holds commands to copy, so rich must not break its lines
         con.print(f"[bold red]cause:[/bold red] {d.cause}", markup=True, soft_wrap=True)
         con.print(f"[bold green]fix:[/bold green] {d.fix}", markup=True, soft_wrap=True)
@@ -171,9 +172,14 @@ def _same(target: str, args: argparse.Namespace, given_model: str | None, **chan
     return command(target, **{**given, **changes})
 
 
-def _on_the_cpu(args: argparse.Namespace, given_model: str | None, given_port: int | None) -> str:
-    """The user's `up` in CPU mode (the 8gb service; no card to plan for)."""
-    return _same("up", args, given_model, profile="8gb", cpu=True, gpu_memory=None, port=given_port)
+# The user's `up` in CPU mode: the 8gb service, no card to plan for.
+ON_THE_CPU = dict(profile="8gb", cpu=True, gpu_memory=None)
+
+
+def users_command(args: argparse.Namespace, given_model: str | None, given_port: int | None):
+    """`again(target, **changes)`: the user's `up` (or `plan`) with changes, for fixes to copy."""
+    return lambda target, **changes: _same(target, args, given_model,
+                                           **{"port": given_port if target == "up" else None, **changes})
 
 
 def _port_taken(launch: cp.Launch) -> str | None:
@@ -189,6 +195,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     given_model, given_port = args.model, args.port
     args.model = args.model or options.default_model()
     args.port = args.port or preflight.default_port()
+    again = users_command(args, given_model, given_port)  # the commands fixes tell to run
     code = _refused_before_planning(args)
     if code is not None:
         return code
@@ -200,8 +207,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             preflight.error(f"no NVIDIA GPU answers here ({e}): give the card's size to plan for, "
                             f"`{_same('up', args, given_model, gpu_memory=card, port=given_port, dry_run=True)}`.")
         else:
-            preflight.error(preflight.no_gpu_line(str(e), "nothing was started",
-                                                  _on_the_cpu(args, given_model, given_port)))
+            preflight.error(preflight.no_gpu_line(str(e), "nothing was started", again("up", **ON_THE_CPU)))
         return 2 if args.dry_run else 3
     except (ValueError, FileNotFoundError, LookupError) as e:
         from scripts.planner import UnknownModelError
@@ -224,8 +230,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     if not args.cpu and not args.skip_gate:
         missing = preflight.gpu_missing() if args.gpu_memory else None  # else planning found the GPU
         if missing:
-            preflight.error(preflight.no_gpu_line(missing, "nothing was started",
-                                                  _on_the_cpu(args, given_model, given_port)))
+            preflight.error(preflight.no_gpu_line(missing, "nothing was started", again("up", **ON_THE_CPU)))
             return 3
         if not _gate(planned) or not _gpu_fits_image(launch.profile):
             return 3
@@ -250,10 +255,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         except DownloadError as e:
             preflight.error(str(e))
             return 1
-    return _start(args, launch)
+    return _start(args, launch, again)
 
 
-def _start(args: argparse.Namespace, launch: cp.Launch) -> int:
+def _start(args: argparse.Namespace, launch: cp.Launch, again) -> int:
     from scripts.stack.build import build
 
     why = dk.needs_build(launch.profile)
@@ -279,7 +284,7 @@ def _start(args: argparse.Namespace, launch: cp.Launch) -> int:
     if res.returncode != 0:
         preflight.error("docker compose could not start the service:")
         print((res.stderr or res.stdout).strip(), file=sys.stderr)
-        _print_failure(launch, res.stderr + res.stdout, dk.container_id(launch.service))
+        _print_failure(launch, res.stderr + res.stdout, dk.container_id(launch.service), again)
         # A container compose created but could not start (no GPU runtime, say) is not left behind.
         cp.run(cp.compose_cmd(launch.profile, "rm", "--stop", "--force", launch.service), env=env, capture=True)
         return 1
@@ -287,7 +292,7 @@ def _start(args: argparse.Namespace, launch: cp.Launch) -> int:
     if not ok:
         cid = dk.container_id(launch.service)
         preflight.error(f"{launch.service} did not become ready: {why}")
-        _print_failure(launch, why, cid)
+        _print_failure(launch, why, cid, again)
         cp.run(cp.compose_cmd(launch.profile, "stop", launch.service), env=env, capture=True)
         print(f"stopped {launch.service}; `{command('logs')}` shows everything, `{command('down')}` removes it.",
               file=sys.stderr)
