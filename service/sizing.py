@@ -21,6 +21,11 @@ BLOCK_SIZE = 64  # tokens per KV block; also the split-KV attention kernel's blo
 # H200 (2B, 32 image requests at once, engine only) passes of 4096 tokens made 1.8x the throughput of
 # 1024-token ones, each pass's kernels launched once for more prompts.
 DEFAULT_BATCHED_TOKENS = 1024
+# Prompt positions whose logits one lm_head call computes for a request with prompt logprobs (vLLM's
+# prompt_logprobs): with Qwen3-VL's 151936-token vocabulary, their bf16 logits, float32 copy and
+# log-softmax are 4.6 + 9.3 + 9.3 MiB. The memory plan's measured prefill computes them too
+# (service/engine/startup.py, run_largest_pass), so the prefill reserve holds them.
+PROMPT_LOGPROBS_ROWS = 16
 # Batch sizes the decode step is captured for (up to max_batch_size); a batch in between runs in
 # the next larger graph. The planner's batch cap stops at the largest.
 DECODE_BATCH_SIZES = (1, 2, 4, 8, 16, 32)

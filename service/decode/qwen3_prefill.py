@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from service.decode.vision import VisionEncoder
 from service.decode.qwen3_step import Qwen3VLDecoder, add_rms_norm, qk_norm_rotary, silu_mul
-from service.sizing import DEFAULT_BATCHED_TOKENS
+from service.sizing import DEFAULT_BATCHED_TOKENS, PROMPT_LOGPROBS_ROWS
 
 
 def split_images(pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -48,12 +48,16 @@ class PrefillJob:
     in order) may be on either side. The slot's first ``cache.cached_tokens[slot]`` tokens came
     from the prefix cache: they are not computed again, nor are the images whose tokens all lie
     among them. ``block_hashes``: the prompt's full blocks' prefix hashes, registered in the cache
-    once they are written. ``owner``: whatever the caller keeps with the job (the scheduler's sequence)."""
+    once they are written. ``owner``: whatever the caller keeps with the job (the scheduler's sequence).
+    ``prompt_logprobs`` (vLLM's): gather each position's next prompt token's logprob and rank and the
+    top that many there (every position is computed: nothing may come from the prefix cache); once
+    finished, ``prompt_logprob_tensors`` holds them (logprobs, ranks ``[T-1]``, top logprobs and ids
+    ``[T-1, k]``, on the device)."""
 
     def __init__(self, prefill: "Qwen3VLPrefill", slot: int, input_ids: torch.Tensor,
                  mrope_positions: torch.Tensor | None = None, rope_delta: int = 0,
                  pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
-                 block_hashes: list[bytes] = (), owner: Any = None):
+                 block_hashes: list[bytes] = (), owner: Any = None, prompt_logprobs: int | None = None):
         cache = prefill.cache
         device = cache.device
         self.slot, self.owner, self.rope_delta, self.block_hashes = slot, owner, rope_delta, list(block_hashes)
@@ -62,6 +66,8 @@ class PrefillJob:
         self.done = cache.cached_tokens[slot]
         if not 0 <= self.done < self.length:
             raise ValueError(f"{self.done} cached tokens leave nothing to compute of a {self.length}-token prompt")
+        if prompt_logprobs is not None and self.done:
+            raise ValueError("prompt logprobs need every position computed: allocate without the prefix cache")
         if mrope_positions is None:
             mrope_positions = torch.arange(self.length).expand(3, self.length)
         self.ids = input_ids.to(device, non_blocking=True)
@@ -73,6 +79,17 @@ class PrefillJob:
         self.deepstack: list[torch.Tensor] = []
         self.skipped_tokens = 0  # image tokens of the images wholly in the cached prefix
         self.logits: torch.Tensor | None = None  # float32 [vocab], once the last token is computed
+        self.prompt_logprobs = prompt_logprobs
+        self._prompt_logprob_parts: list[tuple[torch.Tensor, ...]] = []  # per group of positions computed
+
+    @property
+    def prompt_logprob_tensors(self) -> tuple[torch.Tensor, ...]:
+        parts = self._prompt_logprob_parts
+        if not parts:  # a one-token prompt has none
+            device, k = self.ids.device, self.prompt_logprobs
+            return (torch.zeros(0, device=device), torch.zeros(0, dtype=torch.long, device=device),
+                    torch.zeros(0, k, device=device), torch.zeros(0, k, dtype=torch.long, device=device))
+        return tuple(torch.cat(column) for column in zip(*parts))
 
     @property
     def remaining(self) -> int:
@@ -112,9 +129,9 @@ class Qwen3VLPrefill:
     def job(self, slot: int, input_ids: torch.Tensor, mrope_positions: torch.Tensor | None = None,
             rope_delta: int = 0, pixel_values: torch.Tensor | None = None,
             image_grid_thw: torch.Tensor | None = None, block_hashes: list[bytes] = (),
-            owner: Any = None) -> PrefillJob:
+            owner: Any = None, prompt_logprobs: int | None = None) -> PrefillJob:
         return PrefillJob(self, slot, input_ids, mrope_positions, rope_delta, pixel_values, image_grid_thw,
-                          block_hashes, owner)
+                          block_hashes, owner, prompt_logprobs)
 
     @torch.no_grad()
     def prefill(self, slot: int, input_ids: torch.Tensor, mrope_positions: torch.Tensor | None = None,
@@ -179,6 +196,8 @@ class Qwen3VLPrefill:
         normed = self._layers(hidden, positions, pieces, deepstack)
         ends, offset = [], 0
         for job, start, end in pieces:
+            if job.prompt_logprobs is not None:
+                self._gather_prompt_logprobs(job, normed[offset:offset + end - start], start)
             offset += end - start
             job.done = end
             if job.finished:
@@ -191,6 +210,20 @@ class Qwen3VLPrefill:
                 self.cache.set_prefilled(job.slot, job.length, job.rope_delta)
                 self.cache.register_prefix(job.slot, job.block_hashes)  # prompts that start the same way share them
         return [job for job, _, _ in pieces]
+
+    def _gather_prompt_logprobs(self, job: PrefillJob, normed: torch.Tensor, start: int) -> None:
+        """vLLM's prompt logprobs of a piece from position ``start`` (``normed``: its final-normed
+        hidden states): position p's logits give token p + 1's logprob (the last position's give the
+        first sampled token instead). The lm_head runs over PROMPT_LOGPROBS_ROWS positions at a time,
+        so their float32 logits and log-softmax stay a few MiB; only each position's token logprob,
+        rank (vLLM's: how many logprobs are >= it) and top k are kept."""
+        stop = min(start + normed.shape[0], job.length - 1)
+        for first in range(start, stop, PROMPT_LOGPROBS_ROWS):
+            last = min(first + PROMPT_LOGPROBS_ROWS, stop)
+            logprobs = torch.log_softmax(self.decoder.lm_head(normed[first - start:last - start]).float(), dim=-1)
+            chosen = logprobs.gather(1, job.ids[first + 1:last + 1, None])
+            top = torch.topk(logprobs, job.prompt_logprobs, dim=-1)
+            job._prompt_logprob_parts.append((chosen[:, 0], (logprobs >= chosen).sum(-1), top.values, top.indices))
 
     def _encode_images(self, jobs: list[PrefillJob]) -> None:
         """The features of these jobs' images after those wholly in their cached prefix, through the

@@ -71,17 +71,20 @@ class Batch:
         taken) when no slot or not enough blocks are free, or while a started prompt is computing
         the blocks it would share (it takes them once they are registered, instead of computing them
         beside it). ``forks``: the owners of the request's other choices, which get slots of their
-        own once the prompt is prefilled (held from now)."""
-        prompt = request.prompt
-        if self._prefix_in_progress(prompt.shareable_hashes):
+        own once the prompt is prefilled (held from now). A request for prompt logprobs reads
+        nothing from the prefix cache (vLLM's skip_reading_prefix_cache: every position is
+        computed); its blocks are registered as any prompt's."""
+        prompt, prompt_logprobs = request.prompt, request.params.prompt_logprobs
+        shareable = prompt.shareable_hashes if prompt_logprobs is None else []
+        if self._prefix_in_progress(shareable):
             return False
-        slot = self.cache.allocate(request.reserve, prompt.shareable_hashes, forks=len(forks),
-                                   prompt_tokens=prompt.length)
+        slot = self.cache.allocate(request.reserve, shareable, forks=len(forks), prompt_tokens=prompt.length)
         if slot is None:
             return False
         try:
             job = self.prefiller.job(slot, prompt.input_ids, prompt.mrope_positions, prompt.rope_delta,
-                                     prompt.pixel_values, prompt.image_grid_thw, prompt.block_hashes, owner)
+                                     prompt.pixel_values, prompt.image_grid_thw, prompt.block_hashes, owner,
+                                     prompt_logprobs)
         except BaseException:
             self.cache.free(slot)
             raise
@@ -99,10 +102,12 @@ class Batch:
         """Rows the started requests will decode (a request of n choices: n)."""
         return sum(1 + len(self._forks[job.slot]) for job in self.jobs)
 
-    def prefill(self) -> tuple[list[Any], torch.Tensor | None, int]:
+    def prefill(self) -> tuple[list[Any], torch.Tensor | None, int, list[tuple[torch.Tensor, ...] | None]]:
         """One prefill pass. Returns the owners of the prompts it finished (now the last rows, in
-        order), the logits after each of them ``[n, vocab]`` (None if none finished) and the prompt
-        tokens they took from the prefix cache. Raises PrefillFailed, its requests dropped."""
+        order), the logits after each of them ``[n, vocab]`` (None if none finished), the prompt
+        tokens they took from the prefix cache and, per owner, the prompt logprobs its request asked
+        for (PrefillJob.prompt_logprob_tensors, on its first choice; else None). Raises
+        PrefillFailed, its requests dropped."""
         pieces = self.prefiller.plan_pass(self.jobs, self._max_images)
         try:
             self.prefiller.run_pass(pieces)
@@ -115,16 +120,17 @@ class Batch:
             self._trim_allocator()
         done = [job for job in self.jobs if job.finished]
         if not done:
-            return [], None, 0
+            return [], None, 0, []
         self.jobs = [job for job in self.jobs if not job.finished]
         cached = sum(self.cache.cached_tokens[job.slot] for job in done)
-        owners, logits = [], []
+        owners, logits, prompt_logprobs = [], [], []
         for job in done:  # a request's other choices follow it, forked from its prefilled slot
             forks = self._forks.pop(job.slot)
             self.slots += [job.slot] + self.cache.fork(job.slot)
             owners += [job.owner] + forks
             logits += [job.logits] * (1 + len(forks))
-        return owners, torch.stack(logits), cached
+            prompt_logprobs += [None if job.prompt_logprobs is None else job.prompt_logprob_tensors] + [None] * len(forks)
+        return owners, torch.stack(logits), cached, prompt_logprobs
 
     def decode(self, tokens: list[int] | torch.Tensor) -> torch.Tensor:
         """Feed one token per row (host ints, or the previous step's tokens still on the device);

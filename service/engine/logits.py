@@ -163,6 +163,23 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]
+    rank: int | None = None  # the token's among the vocabulary (1: the likeliest), where it is reported
+
+
+class PromptLogprobs:
+    """vLLM's prompt logprobs of one prompt, on the host: for each position after the first, its
+    token's logprob and rank, and the top k there (from the prefill, service/decode/qwen3_prefill.py)."""
+
+    def __init__(self, prompt_ids: torch.Tensor, logprobs: torch.Tensor, ranks: torch.Tensor,
+                 top_logprobs: torch.Tensor, top_ids: torch.Tensor):
+        self.prompt_ids = prompt_ids.tolist()
+        self._tensors = tuple(t.cpu() for t in (logprobs, ranks, top_logprobs, top_ids))
+
+    def entries(self) -> list[TokenLogprob]:
+        """The prompt's positions after the first, in order."""
+        logprobs, ranks, top_logprobs, top_ids = (t.tolist() for t in self._tensors)
+        return [TokenLogprob(token, logprob, list(zip(ids, values)), rank)
+                for token, logprob, rank, values, ids in zip(self.prompt_ids[1:], logprobs, ranks, top_logprobs, top_ids)]
 
 
 class StepLogprobs:

@@ -53,6 +53,7 @@ class SamplingParams:
     allowed_token_ids: tuple[int, ...] | None = None
     bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
     logprobs: int | None = None  # top logprobs per token (0: only the sampled token's); None: none
+    prompt_logprobs: int | None = None  # vLLM's: each prompt token's logprob and the top k there (-1: all); None: none
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
 
@@ -74,6 +75,8 @@ class SamplingParams:
         _check(0 <= self.min_tokens <= self.max_tokens, "min_tokens",
                f"min_tokens must be between 0 and max_tokens={self.max_tokens}, got {self.min_tokens}.")
         _check(self.logprobs is None or 0 <= self.logprobs, "logprobs", f"logprobs must be non-negative, got {self.logprobs}.")
+        _check(self.prompt_logprobs is None or -1 <= self.prompt_logprobs, "prompt_logprobs",
+               f"prompt_logprobs must be non-negative or -1, got {self.prompt_logprobs}.")
         if self.logprobs is not None and self.logprobs > MAX_LOGPROBS:  # vLLM's words (the routes check the sign)
             raise InvalidRequest(f"Requested sample logprobs of {self.logprobs}, which is greater than max allowed: "
                                  f"{MAX_LOGPROBS}", param="logprobs", value=self.logprobs, kind="invalid_sampling")
@@ -97,7 +100,13 @@ class SamplingParams:
 
     def check_vocab(self, vocab_size: int) -> None:
         """InvalidRequest naming the field whose token ids lie outside the vocabulary (they index
-        the logits on the device: an id out of range would fail the whole step)."""
+        the logits on the device: an id out of range would fail the whole step), or prompt_logprobs
+        over --max-logprobs (-1 is the whole vocabulary: vLLM's words and order)."""
+        if self.prompt_logprobs:
+            wanted = vocab_size if self.prompt_logprobs == -1 else self.prompt_logprobs
+            if wanted > MAX_LOGPROBS:
+                raise InvalidRequest(f"Requested prompt logprobs of {wanted}, which is greater than max allowed: "
+                                     f"{MAX_LOGPROBS}", param="prompt_logprobs", value=wanted, kind="invalid_sampling")
         fields = {"logit_bias": [t for t, _ in self.logit_bias], "allowed_token_ids": self.allowed_token_ids or (),
                   "stop_token_ids": self.stop_token_ids,
                   "bad_words": [t for word in self.bad_words_token_ids for t in word]}

@@ -29,7 +29,7 @@ from collections import deque
 import torch
 
 from service.engine.batch import Batch, PrefillFailed
-from service.engine.logits import LogitsProcessors, StepLogprobs, TokenLogprob
+from service.engine.logits import LogitsProcessors, PromptLogprobs, StepLogprobs, TokenLogprob
 from service.engine.requests import Event, GenerationRequest, RequestHandle
 from service.engine.sampling import on_device, sample
 from service.engine.sequence import Sequence
@@ -285,7 +285,7 @@ class Scheduler:
         """One prefill pass; the prompts it finishes sample their first token and join the running rows."""
         running = len(self._rows)
         try:
-            rows, logits, cached = self.batch.prefill()
+            rows, logits, cached, prompt_logprobs = self.batch.prefill()
         except PrefillFailed as failed:
             self._fail([row.handle for row in failed.owners], failed.cause)
             self.metrics.running.set(self.running)
@@ -296,6 +296,9 @@ class Scheduler:
             sampled, logprobs = sample_rows(logits, rows, [0] * len(rows), TokenMask.of([row.grammar for row in rows]))
             tokens = sampled.tolist()
             entries = logprobs.entries(tokens) if logprobs is not None else [None] * len(rows)
+            for row, computed in zip(rows, prompt_logprobs):  # on the handle before its first event
+                if computed is not None:
+                    row.handle.prompt_logprobs = PromptLogprobs(row.request.prompt.input_ids, *computed)
         except BaseException as exc:  # noqa: BLE001 - these requests fail; the running ones go on
             self.batch.keep(list(range(running)))
             self._fail([row.handle for row in rows], exc)

@@ -27,6 +27,7 @@ from service.decode.qwen3_step import fuse_linears, text_model_of
 from service.engine.batch import Batch
 from service.engine.memory import ProcessMemory
 from service.engine.requests import Prompt
+from service.engine.sampling import MAX_LOGPROBS
 from service.errors import ModelUnavailable
 from service.host_memory import available_host_memory
 from service.settings import ServiceSettings
@@ -172,9 +173,10 @@ def filler_lengths(prompt_length: int, chunk: int, max_model_len: int, max_promp
 
 def run_largest_pass(prefiller: Qwen3VLPrefill, prompt: Prompt, slots: list[int], fillers: list[int]) -> None:
     """The prompt's prefill into ``slots[0]``, its last pass packed with the filler prompts (one
-    token repeated) in the other slots."""
+    token repeated) in the other slots. It gathers the most prompt logprobs a request may ask for,
+    so the measured peak holds their lm_head over PROMPT_LOGPROBS_ROWS positions too."""
     jobs = [prefiller.job(slots[0], prompt.input_ids, prompt.mrope_positions, prompt.rope_delta,
-                          prompt.pixel_values, prompt.image_grid_thw)]
+                          prompt.pixel_values, prompt.image_grid_thw, prompt_logprobs=MAX_LOGPROBS)]
     jobs += [prefiller.job(slot, prompt.input_ids[-1:].repeat(n)) for slot, n in zip(slots[1:], fillers)]
     while not all(job.finished for job in jobs):
         prefiller.run([job for job in jobs if not job.finished])
