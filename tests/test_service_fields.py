@@ -25,6 +25,7 @@ TOOLS = "tests.test_tools_api"
 API = "tests.test_service_api"
 SAMPLING = "tests.test_service_sampling"
 ENGINE = "tests.test_service_engine"
+PROMPT_LOGPROBS = "tests.test_service_prompt_logprobs"
 
 # Honoured field -> the test that shows its effect.
 CHAT_HONOURED = {
@@ -71,6 +72,7 @@ CHAT_HONOURED = {
     "tools": f"{TOOLS}::test_required_gives_one_or_more_valid_calls",
     "tool_choice": f"{TOOLS}::test_a_named_tool_is_called_once_with_finish_reason_stop",
     "parallel_tool_calls": f"{TOOLS}::test_parallel_tool_calls_false_gives_one_call",
+    "prompt_logprobs": f"{PROMPT_LOGPROBS}::test_chat_prompt_logprobs_with_an_image_match_transformers",
 }
 COMPLETION_HONOURED = {
     **{name: test for name, test in CHAT_HONOURED.items() if name in CompletionRequest.model_fields},
@@ -84,11 +86,12 @@ COMPLETION_HONOURED = {
     "add_special_tokens": f"{SURFACE}::test_tokenize_a_prompt_and_chat_messages_and_detokenize",
     "response_format": f"{STRUCTURED}::test_completions_take_structured_outputs_too",
     "structured_outputs": f"{STRUCTURED}::test_completions_take_structured_outputs_too",
+    "prompt_logprobs": f"{PROMPT_LOGPROBS}::test_completions_prompt_logprobs_over_several_passes_match_transformers",
 }
 # A value that is not neutral, for each refused field.
 NOT_NEUTRAL = {
     "reasoning_effort": "high", "thinking_token_budget": 10, "include_reasoning": False, "use_beam_search": True,
-    "length_penalty": 2.0, "truncate_prompt_tokens": 5, "truncation_side": "left", "prompt_logprobs": 1,
+    "length_penalty": 2.0, "truncate_prompt_tokens": 5, "truncation_side": "left",
     "logprob_token_ids": [1], "documents": [{"title": "t", "text": "x"}], "chat_template": "{{ messages }}",
     "media_io_kwargs": {"image": {}}, "priority": 1,
     "kv_transfer_params": {"a": 1}, "ec_transfer_params": {"a": 1}, "vllm_xargs": {"a": 1},

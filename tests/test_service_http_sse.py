@@ -33,6 +33,7 @@ class FakeHandle:
 
     def __init__(self, events):
         self.events = events
+        self.prompt_logprobs = None  # none of these requests asks for them
 
     async def __aiter__(self):
         for event in self.events:

@@ -568,25 +568,12 @@ def test_error_bodies_are_vllms(server):
                                                                 "param": None, "code": 404}}
 
 
-def test_prompt_logprobs_and_echo_with_logprobs_are_400s_naming_them(server):
-    """vLLM computes the prompt's logprobs for prompt_logprobs (0 too: each prompt token's own), and
-    for echo with logprobs (chat: prompt_logprobs of top_logprobs each; completions: the echoed
-    tokens' logprobs). This server does not compute them: a 400 naming the field, never a 200
-    without them. A streamed chat echo, to which vLLM adds no prompt logprobs, is served."""
+def test_a_streamed_chat_echo_with_logprobs_has_the_answers_logprobs_like_vllm(server):
+    """vLLM streams a chat echo as its own chunk, without logprobs (the prompt's, which its whole
+    answer has in prompt_logprobs, are not streamed); the tokens' logprobs follow as in a whole answer."""
     chat_body = {"model": SERVED_NAME, "messages": [{"role": "user", "content": "hi"},
                                                     {"role": "assistant", "content": "Well,"}],
                  "add_generation_prompt": False, "continue_final_message": True, "max_tokens": 3}
-    completion_body = {"model": SERVED_NAME, "prompt": "hi", "max_tokens": 3}
-    for path, body, fields, param in (
-            ("/v1/chat/completions", chat_body, {"prompt_logprobs": 0}, "prompt_logprobs"),
-            ("/v1/chat/completions", chat_body, {"prompt_logprobs": 2}, "prompt_logprobs"),
-            ("/v1/completions", completion_body, {"prompt_logprobs": 0}, "prompt_logprobs"),
-            ("/v1/chat/completions", chat_body, {"echo": True, "logprobs": True}, "echo"),
-            ("/v1/chat/completions", chat_body, {"echo": True, "logprobs": True, "top_logprobs": 2}, "echo"),
-            ("/v1/completions", completion_body, {"echo": True, "logprobs": 0}, "echo"),
-            ("/v1/completions", completion_body, {"echo": True, "logprobs": 1, "stream": True}, "echo")):
-        error = assert_error(post(server, path, {**body, **fields}), 400, "not supported", "logprobs")
-        assert (error["param"], error["type"]) == (param, "BadRequestError"), (path, fields, error)
     chunks = _stream(server, "/v1/chat/completions", {**chat_body, "echo": True, "logprobs": True, "stream": True,
                                                       "temperature": 0})
     assert chunks[1]["choices"][0]["delta"] == {"content": "Well,"} and chunks[1]["choices"][0]["logprobs"] is None

@@ -12,9 +12,9 @@ from pydantic import model_validator
 from starlette.responses import JSONResponse, Response
 
 from service.api.cancellation import GenerationResponse
-from service.api.logprobs import completion_logprobs
+from service.api.logprobs import Echoed, completion_logprobs, prompt_logprobs_body, prompt_positions
 from service.api.offload import off_loop
-from service.api.protocol import SamplingFields, echo_logprobs_refused
+from service.api.protocol import SamplingFields, check_integer, check_prompt_logprobs
 from service.api.responses import AnswerUsage, Usage
 from service.api.serving import (AnswerShape, StreamUsage, gather, long_logprobs, response_id, stream_answer,
                                  usage_of)
@@ -43,9 +43,10 @@ class CompletionRequest(SamplingFields):
             return data
         if data.get("prompt") in (None, ""):
             raise InvalidRequest("Either prompt or prompt_embeds must be provided and non-empty.", param="prompt")
+        for name in ("prompt_logprobs", "logprobs"):
+            check_integer(data, name)
+        check_prompt_logprobs(data)
         logprobs = data.get("logprobs")
-        if logprobs is not None and not isinstance(logprobs, (int, float)):
-            raise InvalidRequest("`logprobs` must be an integer.", param="logprobs", value=logprobs)
         if logprobs is not None and logprobs < 0:
             raise InvalidRequest("`logprobs` must be a positive value.", param="logprobs", value=logprobs)
         if "max_tokens" in data and data["max_tokens"] is None:
@@ -65,8 +66,6 @@ class CompletionRequest(SamplingFields):
         if len(self.prompts) > 1 and self.stream:
             raise InvalidRequest("stream with several prompts is not supported here: stream one prompt per "
                                  "request, or leave stream off for the list", param="stream")
-        if self.echo and self.logprobs is not None:
-            raise echo_logprobs_refused()
         return self
 
     @property
@@ -76,7 +75,10 @@ class CompletionRequest(SamplingFields):
         return bool(self.echo) and self.max_tokens == 0
 
     def to_engine_options(self) -> dict:
-        return self.sampling_options(1 if self.echo_only else self.max_tokens, self.logprobs)
+        # vLLM's: echo with logprobs asks for the prompt's logprobs, that many top ones, to echo them.
+        prompt_logprobs = self.prompt_logprobs if self.prompt_logprobs is not None else \
+            self.logprobs if self.echo else None
+        return self.sampling_options(1 if self.echo_only else self.max_tokens, self.logprobs, prompt_logprobs)
 
 
 def _choice(index: int, text: str, logprobs: Any = None, finish_reason: Optional[str] = None, stop_reason: Any = None,
@@ -115,7 +117,8 @@ class CompletionServing:
             echo = "" if not body.echo or body.return_token_ids else \
                 prompt if isinstance(prompt, str) else engine.tokenizer.decode(list(prompt))
             requests.append(request)
-            shapes.append(AnswerShape.of(body, request, engine, echo=echo, echo_only=body.echo_only))
+            shapes.append(AnswerShape.of(body, request, engine, echo=echo, echo_only=body.echo_only,
+                                         echo_logprobs=body.logprobs if body.echo else None))
         model = self.chat.settings.model_name
 
         async def respond(handles: list[RequestHandle]) -> Response:
@@ -129,13 +132,15 @@ class CompletionServing:
 
 def stream(handle: RequestHandle, request_id: str, model: str, include_usage: bool, metrics: ServiceMetrics,
            shape: AnswerShape) -> AsyncIterator[bytes]:
-    """vLLM's completion chunks: each choice's echo (when asked), its text as it comes (the first
-    chunk of each choice with the prompt's token ids, when asked), then stream_answer's usage and
-    [DONE]."""
+    """vLLM's completion chunks: each choice's text as it comes, its first chunk with the echo (the
+    prompt's text and, with logprobs, the prompt's logprobs before its tokens') and the prompt's
+    token ids (when asked), then stream_answer's usage and [DONE]."""
     created = int(time.time())
-    offsets = [len(shape.echo)] * shape.n
+    offsets = [0] * shape.n  # vLLM's: each choice's text so far, the echo not counted
     token_texts = [shape.token_texts() for _ in range(shape.n)]  # each choice's, across its chunks
     announced: set[int] = set()  # the choices whose prompt_token_ids went out
+    to_echo = set(range(shape.n)) if shape.echo or shape.echo_logprobs is not None else set()
+    echoed: list[Echoed] = []  # the prompt's logprobs, rendered at the first echo (every choice's the same)
 
     def chunk(choices: list[dict], usage: Usage | None = None, fingerprint: str | None = None) -> bytes:
         body = {"id": request_id, "object": "text_completion", "created": created, "model": model,
@@ -152,24 +157,32 @@ def stream(handle: RequestHandle, request_id: str, model: str, include_usage: bo
         announced.add(index)
         return shape.prompt_token_ids
 
-    start = Usage.count(shape.prompt_tokens, 0) if shape.continuous_usage else None
-    head = [chunk([_choice(index, shape.echo, prompt_token_ids=prompt_token_ids(index))], start)
-            for index in range(shape.n)] if shape.echo else []
+    def echo_logprobs() -> Echoed | None:
+        if shape.echo_logprobs is None:
+            return None
+        if not echoed:
+            prompt = handle.prompt_logprobs
+            echoed.append(Echoed(prompt.prompt_ids, prompt_positions(prompt, shape.tokenizer), shape.echo_logprobs))
+        return echoed[0]
 
     def render(event: Event, usage: StreamUsage) -> bytes | None:
-        if shape.echo_only:  # the prompt went out in the head; of the token, its id (vLLM's) and how it ended
+        echo, prompt = "", None
+        if event.index in to_echo:  # vLLM's: the echo comes with the choice's first tokens
+            to_echo.discard(event.index)
+            echo, prompt = shape.echo, echo_logprobs()
+        if shape.echo_only:  # the prompt alone; of the token, its id (vLLM's) and how it ended
             event = replace(event, text="", logprobs=None)
-        if not (event.text or event.finish_reason or event.logprobs):
+        if not (echo or prompt or event.text or event.finish_reason or event.logprobs):
             return None
-        logprobs = None if event.logprobs is None else \
-            completion_logprobs(event.logprobs, token_texts[event.index], offsets[event.index])
+        logprobs = None if event.logprobs is None and prompt is None else \
+            completion_logprobs(event.logprobs or [], token_texts[event.index], offsets[event.index], prompt)
         offsets[event.index] += len(event.text)
-        choice = _choice(event.index, event.text, logprobs, event.finish_reason, event.stop_reason,
+        choice = _choice(event.index, echo + event.text, logprobs, event.finish_reason, event.stop_reason,
                          event.token_ids if shape.return_token_ids else None, prompt_token_ids(event.index))
         return chunk([choice], usage.of_choice(event.index) if shape.continuous_usage else None,
                      shape.fingerprint if event.finish_reason is not None and not include_usage else None)
 
-    return stream_answer(handle, shape, include_usage, metrics, head, render,
+    return stream_answer(handle, shape, include_usage, metrics, [], render,
                          lambda total: chunk([], total, shape.fingerprint))
 
 
@@ -179,17 +192,27 @@ async def whole(handles: list[RequestHandle], request_id: str, model: str, shape
     out, prompt_tokens, completion_tokens = [], 0, 0
     for handle, shape in zip(handles, shapes):  # all run in the engine at once; read in order
         choices = await gather(handle, shape.n)
+        prompt, prompt_logprobs, echoed = handle.prompt_logprobs, None, None
+        if prompt is not None:  # asked for (prompt_logprobs, or echo with logprobs): every choice shows them
+            long = long_logprobs(prompt.prompt_ids)
+            positions = await off_loop(prompt_positions, prompt, shape.tokenizer) if long else \
+                prompt_positions(prompt, shape.tokenizer)
+            prompt_logprobs = prompt_logprobs_body(positions)
+            if shape.echo_logprobs is not None:
+                echoed = Echoed(prompt.prompt_ids, positions, shape.echo_logprobs)
         for c in choices:
             logprobs, texts = None, shape.token_texts()
             if c.logprobs is not None:  # a long answer's in a worker thread (seconds of the event loop else)
-                logprobs = await off_loop(completion_logprobs, c.logprobs, texts) if long_logprobs(c.logprobs) \
-                    else completion_logprobs(c.logprobs, texts)
+                entries = [] if shape.echo_only else c.logprobs  # vLLM's echo alone: the prompt's logprobs alone
+                long = long_logprobs(entries, echoed.prompt_ids if echoed is not None else None)
+                logprobs = await off_loop(completion_logprobs, entries, texts, 0, echoed) if long \
+                    else completion_logprobs(entries, texts, 0, echoed)
             text = shape.echo + ("" if shape.echo_only else "".join(c.text))
             token_ids = c.token_ids if shape.return_token_ids else None  # vLLM's: echo_only's sampled token too
             # vLLM's CompletionResponseChoice: the stream choice's keys, and prompt_logprobs and
-            # routed_experts (null: not computed; a dense model).
+            # routed_experts (null: a dense model).
             out.append({**_choice(len(out), text, logprobs, c.last.finish_reason, c.last.stop_reason, token_ids,
-                                  shape.prompt_token_ids), "prompt_logprobs": None, "routed_experts": None})
+                                  shape.prompt_token_ids), "prompt_logprobs": prompt_logprobs, "routed_experts": None})
         usage = usage_of(choices)
         prompt_tokens, completion_tokens = prompt_tokens + usage.prompt_tokens, completion_tokens + usage.completion_tokens
     # vLLM's CompletionResponse, key for key as its model_dump() sends it.

@@ -1,9 +1,10 @@
-"""The engine's token logprobs in vLLM's response shapes: the chat API's `logprobs.content` and the
-completions API's `tokens` / `token_logprobs` / `top_logprobs` / `text_offset`."""
+"""The engine's token logprobs in vLLM's response shapes: the chat API's `logprobs.content`, the
+completions API's `tokens` / `token_logprobs` / `top_logprobs` / `text_offset` (with echo, the
+prompt's first), and both APIs' `prompt_logprobs`."""
 from __future__ import annotations
 
 from service.api.responses import ChoiceLogProbs, LogProb, LogProbsContent
-from service.engine.logits import TokenLogprob
+from service.engine.logits import PromptLogprobs, TokenLogprob
 
 FLOOR = -9999.0  # vLLM's: -inf (a banned token) is reported as this
 _REPLACEMENT = "\ufffd"
@@ -65,6 +66,55 @@ def position_logprobs(entry: TokenLogprob) -> list[tuple[int, float]]:
     return list(by_id.items())
 
 
+# One prompt position as vLLM's dict of token id -> Logprob holds it: (token id, logprob, rank, decoded_token).
+Position = list[tuple[int, float, int, str]]
+
+
+def prompt_positions(prompt: PromptLogprobs, tokenizer) -> list[Position | None]:
+    """vLLM's prompt logprobs (LogprobsProcessor._update_prompt_logprobs): None for the first token;
+    for each later one the prompt's token (its rank among the vocabulary), then the top ones by rank
+    (a top one that is the prompt's token keeps the prompt token's place, with its top rank). The
+    texts are vLLM's decoded_token: an incomplete UTF-8 piece completed with the prompt tokens
+    before it (the first token is not among them: its position is None)."""
+    texts = TokenTexts(tokenizer)
+    positions: list[Position | None] = [None]
+    for entry in prompt.entries():
+        by_id = {entry.token_id: (entry.logprob, entry.rank)}
+        for rank, (token_id, logprob) in enumerate(entry.top, start=1):
+            by_id[token_id] = (logprob, rank)
+        positions.append([(token_id, logprob, rank, texts.decoded(token_id))
+                          for token_id, (logprob, rank) in by_id.items()])
+        texts.advance(entry.token_id)
+    return positions
+
+
+def prompt_logprobs_body(positions: list[Position | None]) -> list[dict | None]:
+    """`prompt_logprobs` as vLLM's responses dump them (-inf as FLOOR: clamp_prompt_logprobs)."""
+    return [None if position is None else
+            {str(token_id): {"logprob": max(logprob, FLOOR), "rank": rank, "decoded_token": text}
+             for token_id, logprob, rank, text in position}
+            for position in positions]
+
+
+class Echoed:
+    """The prompt's part of a completion's logprobs with echo (vLLM's _create_completion_logprobs
+    over the prompt logprobs): each prompt token named by its decoded_token, the first (no logprobs)
+    by its own decoding; of each position the first ``top`` + 1 entries (the request's logprobs)."""
+
+    def __init__(self, prompt_ids: list[int], positions: list[Position | None], top: int):
+        self.prompt_ids, self.positions, self.top = prompt_ids, positions, top
+
+    def rows(self, texts: TokenTexts) -> list[tuple[str, float | None, dict | None]]:
+        rows = []
+        for token_id, position in zip(self.prompt_ids, self.positions):
+            if position is None:
+                rows.append((texts.name(token_id, texts.tokenizer.decode([token_id])), None, None))
+                continue
+            top = {texts.name(t, text): max(logprob, FLOOR) for t, logprob, _, text in position[:self.top + 1]}
+            rows.append((texts.name(token_id, position[0][3]), max(position[0][1], FLOOR), top))
+        return rows
+
+
 def _utf8(text: str) -> list[int]:
     return list(text.encode("utf-8", errors="replace"))
 
@@ -86,9 +136,17 @@ def chat_logprobs(entries: list[TokenLogprob], texts: TokenTexts) -> ChoiceLogPr
     return ChoiceLogProbs(content=content)
 
 
-def completion_logprobs(entries: list[TokenLogprob], texts: TokenTexts, offset: int = 0) -> dict:
-    """vLLM's CompletionLogProbs for these tokens; ``offset``: the characters of text before them."""
+def completion_logprobs(entries: list[TokenLogprob], texts: TokenTexts, offset: int = 0,
+                        echoed: Echoed | None = None) -> dict:
+    """vLLM's CompletionLogProbs for these tokens, after the echoed prompt's when given; ``offset``:
+    the characters of token text before them (vLLM's offsets add up the tokens' texts)."""
     tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
+    for text, logprob, top in echoed.rows(texts) if echoed is not None else ():
+        tokens.append(text)
+        token_logprobs.append(logprob)
+        top_logprobs.append(top)
+        text_offset.append(offset)
+        offset += len(text)
     for entry in entries:
         text = texts.name(entry.token_id, texts.decoded(entry.token_id))
         tokens.append(text)

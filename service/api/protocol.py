@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from service.api.fields import REFUSED, check_refused
+from service.api.fields import check_refused
 from service.api.structured_outputs import (
     ResponseFormat,
     StructuredOutputs,
@@ -45,11 +45,24 @@ def parse_json(body: bytes) -> Any:
         raise InvalidBody(f"The request body is not valid JSON: {exc}", param=f"body.{exc.pos}") from None
 
 
-def echo_logprobs_refused() -> InvalidRequest:
-    """echo with logprobs: vLLM answers it with the prompt's logprobs as well (chat: prompt_logprobs;
-    completions: the echoed tokens' logprobs), which this server does not compute."""
-    return InvalidRequest("echo with logprobs is not supported by this server: vLLM answers it with the prompt's "
-                          f"logprobs too, and {REFUSED['prompt_logprobs'][1]}.", param="echo", kind="unsupported")
+def check_integer(data: dict, name: str) -> None:
+    """vLLM's check_logprobs: a logprobs count that is not a number is a 400 (not pydantic's)."""
+    value = data.get(name)
+    if value is not None and not isinstance(value, (int, float)):
+        raise InvalidRequest(f"`{name}` must be an integer.", param=name, value=value)
+
+
+def check_prompt_logprobs(data: dict) -> None:
+    """vLLM's check_logprobs on prompt_logprobs (both routes): -1 or at least 0, and none in a
+    stream beyond the tokens' own (0)."""
+    prompt_logprobs = data.get("prompt_logprobs")
+    if prompt_logprobs is None:
+        return
+    if data.get("stream") and (prompt_logprobs > 0 or prompt_logprobs == -1):
+        raise InvalidRequest("`prompt_logprobs` are not available when `stream=True`.", param="prompt_logprobs")
+    if prompt_logprobs < 0 and prompt_logprobs != -1:
+        raise InvalidRequest("`prompt_logprobs` must be a positive value or -1.", param="prompt_logprobs",
+                             value=prompt_logprobs)
 
 
 def validate(model: type[BaseModel], body: bytes | dict) -> Any:
@@ -229,6 +242,7 @@ class SamplingFields(BaseModel):
     return_token_ids: Optional[bool] = None
     cache_salt: Optional[str] = None
     stream_interval: Optional[int] = Field(None, ge=1)
+    prompt_logprobs: Optional[int] = None  # -1: the whole vocabulary (over --max-logprobs: refused, as on vLLM)
 
     @model_validator(mode="before")
     @classmethod
@@ -259,7 +273,7 @@ class SamplingFields(BaseModel):
                                  f"{invalid!r}", param="logit_bias", value=invalid)
         return {int(token): bias for token, bias in self.logit_bias.items()}
 
-    def sampling_options(self, max_tokens: int | None, logprobs: int | None) -> dict:
+    def sampling_options(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None) -> dict:
         """Engine.prepare's sampling keyword arguments; None leaves the model's generation_config default."""
         stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         return {
@@ -284,6 +298,7 @@ class SamplingFields(BaseModel):
             "allowed_token_ids": None if self.allowed_token_ids is None else tuple(self.allowed_token_ids),
             "bad_words": tuple(self.bad_words),
             "logprobs": logprobs,
+            "prompt_logprobs": prompt_logprobs,
             "cache_salt": self.cache_salt,
         }
 
@@ -328,23 +343,17 @@ class ChatCompletionRequest(SamplingFields):
     def _chat_rules(cls, data: Any) -> Any:
         """vLLM's check_logprobs (check_generation_prompt is the engine's: PromptBuilder.render)."""
         if isinstance(data, dict):
+            check_integer(data, "prompt_logprobs")
             top = data.get("top_logprobs")
             if top is not None and not isinstance(top, int):
                 raise InvalidRequest("`top_logprobs` must be an integer.", param="top_logprobs", value=top)
+            check_prompt_logprobs(data)
             if top is not None and top < 0 and top != -1:
                 raise InvalidRequest("`top_logprobs` must be a positive value or -1.", param="top_logprobs", value=top)
             if top is not None and (top == -1 or top > 0) and not data.get("logprobs"):
                 raise InvalidRequest("when using `top_logprobs`, `logprobs` must be set to true.",
                                      param="top_logprobs")
         return data
-
-    @model_validator(mode="after")
-    def _echo_rules(self) -> "ChatCompletionRequest":
-        """vLLM's whole answer to echo carries the prompt's logprobs (prompt_logprobs, top_logprobs of
-        them); its stream does not, so a streamed echo with logprobs is served as on vLLM."""
-        if self.echo and self.logprobs and not self.stream:
-            raise echo_logprobs_refused()
-        return self
 
     def chat_messages(self) -> tuple[list[dict], list[str]]:
         """The chat template's messages and the image URLs (`template_messages`)."""
@@ -353,7 +362,11 @@ class ChatCompletionRequest(SamplingFields):
     def to_engine_options(self) -> dict:
         """Engine.prepare's keyword arguments: the sampling fields and the prompt's."""
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return {**self.sampling_options(max_tokens, self.top_logprobs or 0 if self.logprobs else None),
+        # vLLM's: echo asks for the prompt's logprobs, top_logprobs of them (0 unless set: each token's
+        # own), shown in a whole answer's prompt_logprobs.
+        prompt_logprobs = self.prompt_logprobs if self.prompt_logprobs is not None else \
+            self.top_logprobs if self.echo else None
+        return {**self.sampling_options(max_tokens, self.top_logprobs or 0 if self.logprobs else None, prompt_logprobs),
                 "chat_template_kwargs": self.chat_template_kwargs,
                 "add_generation_prompt": self.add_generation_prompt,
                 "continue_final_message": self.continue_final_message,

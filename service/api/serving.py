@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 
 from service.api.cancellation import GenerationResponse
 from service.api.error_handlers import count_error
-from service.api.logprobs import TokenTexts, chat_logprobs
+from service.api.logprobs import TokenTexts, chat_logprobs, prompt_logprobs_body, prompt_positions
 from service.api.media import ImageLoader
 from service.api.offload import off_loop
 from service.api.protocol import ChatCompletionRequest, SamplingFields
@@ -59,6 +59,7 @@ class AnswerShape:
     fingerprint: str | None = None  # the answer's system_fingerprint (system_fingerprint(engine))
     echo: str = ""
     echo_only: bool = False  # completions' echo with max_tokens 0: the prompt alone (one token is generated, unshown)
+    echo_logprobs: int | None = None  # completions' echo with logprobs: the prompt's come first, that many top ones
     # Chat's own.
     role: str = "assistant"
     prompt_text: str | None = None
@@ -231,6 +232,7 @@ YIELD_EVERY = 8  # a stream's events between its yields to the event loop
 
 
 def long_logprobs(*entries: list | None) -> bool:
+    """Whether logprobs of these entries (or of a prompt's tokens) are rendered in a worker thread."""
     return sum(len(e) for e in entries if e) > LOGPROBS_ON_LOOP
 
 
@@ -252,7 +254,9 @@ async def stream_answer(handle: RequestHandle, shape: AnswerShape, include_usage
                 yield sse_error(event.error)
                 break
             usage.add(event)
-            frame = await off_loop(render, event, usage) if long_logprobs(event.logprobs) else render(event, usage)
+            # A stream that echoes logprobs renders the prompt's (their texts decoded) in its first chunks.
+            heavy = long_logprobs(event.logprobs) or shape.echo_logprobs is not None
+            frame = await off_loop(render, event, usage) if heavy else render(event, usage)
             if frame is not None:
                 yield frame
             # Neither a waiting event nor a send into a socket with room suspends: a stream with a
@@ -276,6 +280,7 @@ async def complete(handle: RequestHandle, request_id: str, model: str,
     """The whole answer, as its response (made in a worker thread when its logprobs are long)."""
     shape = shape or AnswerShape()
     choices = await gather(handle, shape.n)
+    prompt = handle.prompt_logprobs  # asked for (prompt_logprobs, or echo): vLLM's top-level prompt_logprobs
 
     def response() -> JSONResponse:
         out = []
@@ -291,9 +296,11 @@ async def complete(handle: RequestHandle, request_id: str, model: str,
                               token_ids=c.token_ids if shape.return_token_ids else None))
         return JSONResponse(ChatCompletionResponse(
             id=request_id, model=model, usage=usage_of(choices), choices=out, system_fingerprint=shape.fingerprint,
+            prompt_logprobs=None if prompt is None else prompt_logprobs_body(prompt_positions(prompt, shape.tokenizer)),
             prompt_token_ids=shape.prompt_token_ids, prompt_text=shape.prompt_text).model_dump())
 
-    return await off_loop(response) if long_logprobs(*(c.logprobs for c in choices)) else response()
+    long = long_logprobs(*(c.logprobs for c in choices), prompt.prompt_ids if prompt is not None else None)
+    return await off_loop(response) if long else response()
 
 
 def stream_chunks(handle: RequestHandle, request_id: str, model: str, include_usage: bool,

@@ -129,7 +129,8 @@ class Batch:
             self.slots += [job.slot] + self.cache.fork(job.slot)
             owners += [job.owner] + forks
             logits += [job.logits] * (1 + len(forks))
-            prompt_logprobs += [None if job.prompt_logprobs is None else job.prompt_logprob_tensors] + [None] * len(forks)
+            computed = None if job.prompt_logprobs is None else job.prompt_logprob_tensors
+            prompt_logprobs += [computed] + [None] * len(forks)
         return owners, torch.stack(logits), cached, prompt_logprobs
 
     def decode(self, tokens: list[int] | torch.Tensor) -> torch.Tensor:

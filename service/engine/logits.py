@@ -178,8 +178,8 @@ class PromptLogprobs:
     def entries(self) -> list[TokenLogprob]:
         """The prompt's positions after the first, in order."""
         logprobs, ranks, top_logprobs, top_ids = (t.tolist() for t in self._tensors)
-        return [TokenLogprob(token, logprob, list(zip(ids, values)), rank)
-                for token, logprob, rank, values, ids in zip(self.prompt_ids[1:], logprobs, ranks, top_logprobs, top_ids)]
+        return [TokenLogprob(token, logprob, list(zip(ids, values)), rank) for token, logprob, rank, values, ids
+                in zip(self.prompt_ids[1:], logprobs, ranks, top_logprobs, top_ids)]
 
 
 class StepLogprobs:

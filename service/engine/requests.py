@@ -132,7 +132,7 @@ class RequestHandle:
         self.id = request.id
         self.arrived = time.monotonic() if arrived is None else arrived  # TTFT and latency count from here
         self.first_token_at: float | None = None
-        self.prompt_logprobs: PromptLogprobs | None = None  # set before its first event, when the request asked for them
+        self.prompt_logprobs: PromptLogprobs | None = None  # set before its first event, if the request asks for them
         self.choice_token_ids: list[list[int]] = [[] for _ in range(request.params.n)]
         self._open = request.params.n  # choices not ended yet (the reader's side)
         self._on_cancel = on_cancel
