@@ -223,3 +223,32 @@ def test_prompt_logprobs_refusals_are_vllms(server):
     error = assert_error(post(server, "/v1/completions", {**completion, "echo": True, "logprobs": 21}), 400,
                          "Requested sample logprobs of 21")
     assert error["param"] == "logprobs"  # vLLM checks the sample logprobs first
+
+
+def test_prompt_logprobs_packed_with_another_prompt_change_nothing_of_it(server, monkeypatch):
+    """A prompt asking for prompt logprobs and one that does not, started together (the plain one
+    first: their pieces share a prefill pass): the plain one answers as it does alone and gets no
+    prompt logprobs; the other's match transformers'."""
+    engine = server.engine
+    other = "Another question about the tram."
+    alone = engine.generate(engine.prepare_text(other, max_tokens=6, temperature=0, ignore_eos=True))
+    prefiller, passes = engine.scheduler.batch.prefiller, []
+    run_pass = prefiller.run_pass
+
+    def recorded(pieces):
+        passes.append([job.prompt_logprobs for job, _, _ in pieces])
+        return run_pass(pieces)
+
+    monkeypatch.setattr(prefiller, "run_pass", recorded)
+    with engine.paused():
+        plain = engine.submit(engine.prepare_text(other, max_tokens=6, temperature=0, ignore_eos=True))
+        scored = engine.submit(engine.prepare_text(LONG, max_tokens=2, temperature=0, prompt_logprobs=2))
+    for handle in (plain, scored):
+        assert all(event.error is None for event in handle)
+    assert passes[0] == [None, 2]  # one pass computed both
+    assert plain.token_ids == alone.token_ids and plain.prompt_logprobs is None
+    ids, logprobs = reference(server, "/v1/completions", {"prompt": LONG})
+    entries = scored.prompt_logprobs.entries()
+    assert scored.prompt_logprobs.prompt_ids == ids and len(entries) == len(ids) - 1
+    assert [e.logprob for e in entries] == pytest.approx([logprobs[p - 1, ids[p]].item() for p in range(1, len(ids))],
+                                                         abs=1e-4)
