@@ -22,10 +22,11 @@ BLOCK_SIZE = 64  # tokens per KV block; also the split-KV attention kernel's blo
 # 1024-token ones, each pass's kernels launched once for more prompts.
 DEFAULT_BATCHED_TOKENS = 1024
 # Prompt positions whose logits one lm_head call computes for a request with prompt logprobs (vLLM's
-# prompt_logprobs): with Qwen3-VL's 151936-token vocabulary, their bf16 logits, float32 copy and
-# log-softmax are 4.6 + 9.3 + 9.3 MiB. The memory plan's measured prefill computes them too
+# prompt_logprobs): with Qwen3-VL's 151936-token vocabulary, their bf16 logits, float32 log-softmax
+# and rank mask are 9.3 + 18.6 + 4.6 MiB. Each call reads the whole lm_head weight, so fewer rows
+# would cost more passes over it. The memory plan's measured prefill computes them too
 # (service/engine/startup.py, run_largest_pass), so the prefill reserve holds them.
-PROMPT_LOGPROBS_ROWS = 16
+PROMPT_LOGPROBS_ROWS = 32
 # Batch sizes the decode step is captured for (up to max_batch_size); a batch in between runs in
 # the next larger graph. The planner's batch cap stops at the largest.
 DECODE_BATCH_SIZES = (1, 2, 4, 8, 16, 32)

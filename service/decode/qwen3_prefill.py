@@ -215,12 +215,13 @@ class Qwen3VLPrefill:
         """vLLM's prompt logprobs of a piece from position ``start`` (``normed``: its final-normed
         hidden states): position p's logits give token p + 1's logprob (the last position's give the
         first sampled token instead). The lm_head runs over PROMPT_LOGPROBS_ROWS positions at a time,
-        so their float32 logits and log-softmax stay a few MiB; only each position's token logprob,
+        so their logits and log-softmax stay a few tens of MiB; only each position's token logprob,
         rank (vLLM's: how many logprobs are >= it) and top k are kept."""
         stop = min(start + normed.shape[0], job.length - 1)
         for first in range(start, stop, PROMPT_LOGPROBS_ROWS):
             last = min(first + PROMPT_LOGPROBS_ROWS, stop)
-            logprobs = torch.log_softmax(self.decoder.lm_head(normed[first - start:last - start]).float(), dim=-1)
+            logits = self.decoder.lm_head(normed[first - start:last - start])
+            logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # vLLM's compute_logprobs
             chosen = logprobs.gather(1, job.ids[first + 1:last + 1, None])
             top = torch.topk(logprobs, job.prompt_logprobs, dim=-1)
             job._prompt_logprob_parts.append((chosen[:, 0], (logprobs >= chosen).sum(-1), top.values, top.indices))
