@@ -26,6 +26,7 @@ API = "tests.test_service_api"
 SAMPLING = "tests.test_service_sampling"
 ENGINE = "tests.test_service_engine"
 PROMPT_LOGPROBS = "tests.test_service_prompt_logprobs"
+REPETITION = "tests.test_repetition_detection"
 
 # Honoured field -> the test that shows its effect.
 CHAT_HONOURED = {
@@ -73,6 +74,7 @@ CHAT_HONOURED = {
     "tool_choice": f"{TOOLS}::test_a_named_tool_is_called_once_with_finish_reason_stop",
     "parallel_tool_calls": f"{TOOLS}::test_parallel_tool_calls_false_gives_one_call",
     "prompt_logprobs": f"{PROMPT_LOGPROBS}::test_chat_prompt_logprobs_with_an_image_match_transformers",
+    "repetition_detection": f"{REPETITION}::test_chat_ends_where_vllm_detects_the_repetition",
 }
 COMPLETION_HONOURED = {
     **{name: test for name, test in CHAT_HONOURED.items() if name in CompletionRequest.model_fields},
@@ -87,6 +89,7 @@ COMPLETION_HONOURED = {
     "response_format": f"{STRUCTURED}::test_completions_take_structured_outputs_too",
     "structured_outputs": f"{STRUCTURED}::test_completions_take_structured_outputs_too",
     "prompt_logprobs": f"{PROMPT_LOGPROBS}::test_completions_prompt_logprobs_over_several_passes_match_transformers",
+    "repetition_detection": f"{REPETITION}::test_completions_end_where_vllm_detects_the_repetition",
 }
 # A value that is not neutral, for each refused field.
 NOT_NEUTRAL = {
@@ -94,8 +97,7 @@ NOT_NEUTRAL = {
     "length_penalty": 2.0, "truncate_prompt_tokens": 5, "truncation_side": "left",
     "logprob_token_ids": [1], "documents": [{"title": "t", "text": "x"}], "chat_template": "{{ messages }}",
     "media_io_kwargs": {"image": {}}, "priority": 1,
-    "kv_transfer_params": {"a": 1}, "ec_transfer_params": {"a": 1}, "vllm_xargs": {"a": 1},
-    "repetition_detection": {"max_pattern_size": 2, "min_count": 2}, "suffix": "x",
+    "kv_transfer_params": {"a": 1}, "ec_transfer_params": {"a": 1}, "vllm_xargs": {"a": 1}, "suffix": "x",
     "prompt_embeds": "AAAA",
 }
 

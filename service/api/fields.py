@@ -30,7 +30,6 @@ REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     "kv_transfer_params": ((None,), "disaggregated serving is not supported"),
     "ec_transfer_params": ((None,), "disaggregated serving is not supported"),
     "vllm_xargs": ((None,), "there are no custom extensions"),
-    "repetition_detection": ((None,), "repetition detection is not supported"),
     "suffix": ((None,), "suffixes are not supported (vLLM refuses them too)"),
     "prompt_embeds": ((None,), "prompt embeddings are not accepted"),
 }

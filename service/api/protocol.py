@@ -33,6 +33,7 @@ from service.api.tools import (
     template_turn,
     tool_call_constraint,
 )
+from service.engine.stops import RepetitionDetectionParams
 from service.engine.structured import Constraint
 from service.errors import InvalidBody, InvalidRequest
 
@@ -243,6 +244,7 @@ class SamplingFields(BaseModel):
     cache_salt: Optional[str] = None
     stream_interval: Optional[int] = Field(None, ge=1)
     prompt_logprobs: Optional[int] = None  # -1: the whole vocabulary (over --max-logprobs: refused, as on vLLM)
+    repetition_detection: Optional[RepetitionDetectionParams] = None  # its rules: the dataclass's, as vLLM's
 
     @model_validator(mode="before")
     @classmethod
@@ -299,6 +301,7 @@ class SamplingFields(BaseModel):
             "bad_words": tuple(self.bad_words),
             "logprobs": logprobs,
             "prompt_logprobs": prompt_logprobs,
+            "repetition_detection": self.repetition_detection,
             "cache_salt": self.cache_salt,
         }
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from service.engine.stops import RepetitionDetectionParams
 from service.errors import InvalidRequest
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ class SamplingParams:
     bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
     logprobs: int | None = None  # top logprobs per token (0: only the sampled token's); None: none
     prompt_logprobs: int | None = None  # vLLM's: each prompt token's logprob and the top k there (-1: all); None: none
+    repetition_detection: RepetitionDetectionParams | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
 

@@ -9,6 +9,7 @@ from service.engine.detokenizer import IncrementalDetokenizer
 from service.engine.logits import RowLogits, TokenLogprob
 from service.engine.requests import Event, GenerationRequest, RequestHandle
 from service.engine.sampling import SamplingParams, make_generator
+from service.engine.stops import RepetitionDetector
 from service.engine.structured import RowGrammar
 from service.errors import InvalidRequest
 
@@ -32,6 +33,7 @@ class Sequence:
     last_token_at: float | None = None  # time.monotonic() of its last token (inter-token latency)
     retired: bool = False  # left the batch (finished, cancelled, failed): a step still in flight skips it
     grammar: RowGrammar | None = None  # structured output: the tokens it may sample next
+    repetition: RepetitionDetector | None = None  # repetition_detection: ends it on a repeated pattern
     token_ids: list[int] = field(init=False)
     _pending_ids: list[int] = field(default_factory=list)  # tokens whose text is not sent yet
     _pending_logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -53,7 +55,8 @@ class Sequence:
                                            matcher=request.new_stop_matcher())
             choices.append(cls(request, handle, detok, make_generator(params, device), eos_ids, max_model_len,
                                params, index, state,
-                               grammar=request.grammar.matcher() if request.grammar is not None else None))
+                               grammar=request.grammar.matcher() if request.grammar is not None else None,
+                               repetition=RepetitionDetector.of(params.repetition_detection, params.max_tokens)))
         choices[0].forks = choices[1:]
         return choices[0]
 
@@ -67,7 +70,8 @@ class Sequence:
 
     def append(self, token: int, logprob: TokenLogprob | None = None) -> Event | None:
         """One new token: the event to send (None while no text is ready), with finish_reason set
-        on the last one (a stop token or EOS, a stop string, max_tokens or the context)."""
+        on the last one (a stop token or EOS, a stop string, max_tokens or the context, a repeated
+        pattern: vLLM's order, a stop string winning over the last two as vLLM's detokenizer wins)."""
         params = self.params
         self.generated += 1
         self.last_token = token
@@ -97,6 +101,10 @@ class Sequence:
                 self.finish_reason, self.stop_reason = "stop", self.detok.stop_string
             elif self.generated >= params.max_tokens or self.prompt_tokens + self.generated >= self.max_model_len:
                 self.finish_reason = "length"
+                text += self.detok.flush()
+            # Fed every token (the detector keeps its own state); vLLM checks it from min_tokens on.
+            elif self.repetition is not None and self.repetition.add(token) and self.generated >= params.min_tokens:
+                self.finish_reason, self.stop_reason = "repetition", "repetition_detected"
                 text += self.detok.flush()
         if self.finish_reason is None and not text:
             return None

@@ -1,4 +1,6 @@
-"""Stop strings matched as the text streams, in time proportional to the new text, not to the list.
+"""How a choice's generation stops early: stop strings matched as the text streams, in time
+proportional to the new text, not to the list; and vLLM's repetition detection (the output's last
+tokens a pattern repeated min_count times), in time proportional to the pattern sizes checked.
 
 An Aho-Corasick automaton over the request's stop strings (built once, in Engine.prepare's thread):
 each new character moves one state, so a step costs the same with 1 stop string or 1000. Its state's
@@ -11,6 +13,11 @@ milliseconds: the work a request brings is bounded before it is done.
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.errors import InvalidRequest
 
 MAX_STOP_STRINGS = 256
 MAX_STOP_CHARS = 16384  # all stop strings together
@@ -74,3 +81,57 @@ class StopMatcher:
                 found = (self._fed + offset, match[state])
         self._state, self._fed = state, self._fed + len(text)
         return found
+
+
+@dataclass(frozen=True)
+class RepetitionDetectionParams:
+    """vLLM's RepetitionDetectionParams (its name too: pydantic's errors name it), with its rules and
+    words: the generation ends (finish_reason "repetition", stop_reason "repetition_detected") once
+    the output ends in a pattern of min_pattern_size (0: 1) to max_pattern_size tokens repeated
+    min_count times; max_pattern_size 0: off. The request models take it as the body gives it
+    (pydantic validates the fields, then these rules run)."""
+
+    max_pattern_size: int = 0
+    min_pattern_size: int = 0
+    min_count: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_pattern_size < 0 or self.min_pattern_size < 0 or self.min_pattern_size > self.max_pattern_size:
+            raise InvalidRequest("max_pattern_size, min_pattern_size must be >=0, with min_pattern_size <= "
+                                 "max_pattern_size. Set both to 0 to disable repetitive pattern detection.",
+                                 kind="invalid_sampling")
+        if self.max_pattern_size > 0 and self.min_count < 2:
+            raise InvalidRequest("min_count must be >= 2 to detect repetitive patterns in engine output. If you do "
+                                 "not wish to detect repetitive patterns, set max_pattern_size to 0.",
+                                 kind="invalid_sampling")
+
+
+class RepetitionDetector:
+    """One choice's repetition check (vLLM's check_sequence_repetition, which compares the tail
+    anew at every token), kept incrementally: for each pattern size p, how many of the last tokens
+    each equal the token p before them. A run of p * (min_count - 1) is the last p * min_count
+    tokens repeating a pattern of p, min_count times. A token costs a few vector operations over
+    the sizes checked (those that fit max_tokens min_count times), whatever the output's length."""
+
+    def __init__(self, params: RepetitionDetectionParams, max_tokens: int):
+        count = params.min_count
+        self._sizes = np.arange(max(params.min_pattern_size, 1), min(params.max_pattern_size, max_tokens // count) + 1)
+        self._needed = self._sizes * (count - 1)
+        self._runs = np.zeros(len(self._sizes), dtype=np.int64)
+        self._tokens = np.empty(max_tokens, dtype=np.int64)
+        self._length = 0
+
+    @classmethod
+    def of(cls, params: RepetitionDetectionParams | None, max_tokens: int) -> "RepetitionDetector | None":
+        """A detector when the request asks for one (max_pattern_size > 0), else None."""
+        return cls(params, max_tokens) if params is not None and params.max_pattern_size > 0 else None
+
+    def add(self, token: int) -> bool:
+        """The choice's next token; whether its output now ends in a repeated pattern."""
+        at = self._length
+        self._tokens[at] = token
+        self._length = at + 1
+        back = at - self._sizes  # where each size's previous occurrence of this position is
+        same = (back >= 0) & (self._tokens[np.maximum(back, 0)] == token)
+        self._runs = np.where(same, self._runs + 1, 0)
+        return bool((self._runs >= self._needed).any())
