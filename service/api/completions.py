@@ -14,7 +14,7 @@ from starlette.responses import JSONResponse, Response
 from service.api.cancellation import GenerationResponse
 from service.api.logprobs import Echoed, completion_logprobs, prompt_logprobs_body, prompt_positions
 from service.api.offload import off_loop
-from service.api.protocol import SamplingFields, check_integer, check_prompt_logprobs
+from service.api.protocol import SamplingFields, check_integer, check_logprob_token_ids_beam, check_prompt_logprobs
 from service.api.responses import AnswerUsage, Usage
 from service.api.serving import (AnswerShape, StreamUsage, gather, long_logprobs, response_id, stream_answer,
                                  usage_of)
@@ -43,6 +43,12 @@ class CompletionRequest(SamplingFields):
             return data
         if data.get("prompt") in (None, ""):
             raise InvalidRequest("Either prompt or prompt_embeds must be provided and non-empty.", param="prompt")
+        check_logprob_token_ids_beam(data)
+        if data.get("logprob_token_ids") and data.get("echo") and data.get("max_tokens") == 0:
+            raise InvalidRequest("`logprob_token_ids` is not supported when `echo=True` and `max_tokens=0` because no "
+                                 "output tokens are generated.", param="logprob_token_ids")
+        if data.get("logprob_token_ids") and data.get("logprobs") is None:
+            raise InvalidRequest("when using `logprob_token_ids`, `logprobs` must be set.", param="logprob_token_ids")
         for name in ("prompt_logprobs", "logprobs"):
             check_integer(data, name)
         check_prompt_logprobs(data)

@@ -21,7 +21,6 @@ REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     "length_penalty": ((1.0, None), "it applies to beam search, which is not supported"),
     "truncate_prompt_tokens": ((None,), "prompts are not truncated: one that does not fit is refused"),
     "truncation_side": ((None,), "prompts are not truncated"),
-    "logprob_token_ids": ((None,), "logprobs of chosen token ids are not supported; use top_logprobs"),
     "documents": ((None,), "the Qwen3-VL chat template takes no documents"),
     "chat_template": ((None,), "a request's own chat template is not trusted (vLLM refuses it too without "
                                "--trust-request-chat-template)"),

@@ -121,12 +121,14 @@ def _utf8(text: str) -> list[int]:
 
 def chat_logprobs(entries: list[TokenLogprob], texts: TokenTexts) -> ChoiceLogProbs:
     """vLLM's chat logprobs: its top_logprobs are the first top_logprobs of the position's logprobs,
-    so the sampled token comes first (a sampled token outside the top ones takes the last place).
+    so the sampled token comes first (a sampled token outside the top ones takes the last place);
+    with logprob_token_ids, all of them: the sampled token's, then those ids' (vLLM's return_all).
     The sampled token's `bytes` are its text's, also when it is named by its id (vLLM's)."""
     content = []
     for entry in entries:
         top = []
-        for token_id, logprob in position_logprobs(entry)[:len(entry.top)]:
+        shown = position_logprobs(entry)
+        for token_id, logprob in shown if entry.requested else shown[:len(entry.top)]:
             name = texts.name(token_id, texts.decoded(token_id))
             top.append(LogProb(token=name, logprob=max(logprob, FLOOR), bytes=_utf8(name)))
         decoded = texts.decoded(entry.token_id)

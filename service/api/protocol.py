@@ -66,6 +66,12 @@ def check_prompt_logprobs(data: dict) -> None:
                              value=prompt_logprobs)
 
 
+def check_logprob_token_ids_beam(data: dict) -> None:
+    """vLLM's first rule of logprob_token_ids on either route (before beam search is refused by name)."""
+    if data.get("logprob_token_ids") and data.get("use_beam_search"):
+        raise InvalidRequest("`logprob_token_ids` is not supported with beam search.", param="logprob_token_ids")
+
+
 def validate(model: type[BaseModel], body: bytes | dict) -> Any:
     """``model`` from a request body (or its parsed JSON); InvalidBody (400) naming the first field
     that does not validate, or InvalidRequest from the model's own rules (vLLM's, raised as vLLM
@@ -244,6 +250,7 @@ class SamplingFields(BaseModel):
     cache_salt: Optional[str] = None
     stream_interval: Optional[int] = Field(None, ge=1)
     prompt_logprobs: Optional[int] = None  # -1: the whole vocabulary (over --max-logprobs: refused, as on vLLM)
+    logprob_token_ids: Optional[list[int]] = None
     repetition_detection: Optional[RepetitionDetectionParams] = None  # its rules: the dataclass's, as vLLM's
 
     @model_validator(mode="before")
@@ -299,7 +306,8 @@ class SamplingFields(BaseModel):
             "spaces_between_special_tokens": self.spaces_between_special_tokens,
             "allowed_token_ids": None if self.allowed_token_ids is None else tuple(self.allowed_token_ids),
             "bad_words": tuple(self.bad_words),
-            "logprobs": logprobs,
+            "logprobs": None if self.logprob_token_ids else logprobs,  # vLLM: the ids take the top ones' place
+            "logprob_token_ids": tuple(self.logprob_token_ids) if self.logprob_token_ids else None,
             "prompt_logprobs": prompt_logprobs,
             "repetition_detection": self.repetition_detection,
             "cache_salt": self.cache_salt,
@@ -346,6 +354,10 @@ class ChatCompletionRequest(SamplingFields):
     def _chat_rules(cls, data: Any) -> Any:
         """vLLM's check_logprobs (check_generation_prompt is the engine's: PromptBuilder.render)."""
         if isinstance(data, dict):
+            check_logprob_token_ids_beam(data)
+            if data.get("logprob_token_ids") and not data.get("logprobs"):
+                raise InvalidRequest("when using `logprob_token_ids`, `logprobs` must be set to true.",
+                                     param="logprob_token_ids")
             check_integer(data, "prompt_logprobs")
             top = data.get("top_logprobs")
             if top is not None and not isinstance(top, int):

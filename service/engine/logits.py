@@ -158,12 +158,14 @@ class LogitsProcessors:
 
 @dataclass
 class TokenLogprob:
-    """One generated token's logprob and the top alternatives (vLLM's Logprob, per position)."""
+    """One generated token's logprob and the alternatives (vLLM's Logprob, per position): the top
+    ones by rank, or (``requested``) the logprobs of the request's logprob_token_ids, in its order."""
 
     token_id: int
     logprob: float
     top: list[tuple[int, float]]
     rank: int | None = None  # the token's among the vocabulary (1: the likeliest), where it is reported
+    requested: bool = False
 
 
 class PromptLogprobs:
@@ -183,19 +185,31 @@ class PromptLogprobs:
 
 
 class StepLogprobs:
-    """The logprobs of one step's rows that asked for them: gathered on the device, read with the tokens."""
+    """The logprobs of one step's rows that asked for them: gathered on the device, read with the
+    tokens. A row wants its top k (an int: vLLM's logprobs) or the logprobs of given token ids (a
+    tuple: vLLM's logprob_token_ids, which take the top ones' place)."""
 
-    def __init__(self, logits: torch.Tensor, wanted: list[int | None], tokens: torch.Tensor):
+    def __init__(self, logits: torch.Tensor, wanted: list[int | tuple[int, ...] | None], tokens: torch.Tensor):
         self.rows = [i for i, k in enumerate(wanted) if k is not None]
         self.wanted = wanted
-        index = on_device(self.rows, torch.long, logits.device)
+        device = logits.device
+        index = on_device(self.rows, torch.long, device)
         logprobs = torch.log_softmax(logits[index].float(), dim=-1)
         self.chosen = logprobs.gather(1, tokens[index].long()[:, None])[:, 0]
-        k = max(wanted[i] for i in self.rows)
+        k = max((wanted[i] for i in self.rows if isinstance(wanted[i], int)), default=0)
         self.top = torch.topk(logprobs, k, dim=-1) if k > 0 else None
+        # Rows with token ids: each gathers its own (padded to the longest list; the padding is never read).
+        listed = [(j, wanted[i]) for j, i in enumerate(self.rows) if isinstance(wanted[i], tuple)]
+        self.listed_at = {j: n for n, (j, _) in enumerate(listed)}
+        self.listed = None
+        if listed:
+            width = max(len(ids) for _, ids in listed)
+            ids = on_device([list(ids) + [0] * (width - len(ids)) for _, ids in listed], torch.long, device)
+            self.listed = logprobs[on_device([j for j, _ in listed], torch.long, device)].gather(1, ids)
 
     @classmethod
-    def gather(cls, logits: torch.Tensor, wanted: list[int | None], tokens: torch.Tensor) -> "StepLogprobs | None":
+    def gather(cls, logits: torch.Tensor, wanted: list[int | tuple[int, ...] | None],
+               tokens: torch.Tensor) -> "StepLogprobs | None":
         return cls(logits, wanted, tokens) if any(k is not None for k in wanted) else None
 
     def to_host(self) -> None:
@@ -203,14 +217,20 @@ class StepLogprobs:
         self.chosen = _to_host(self.chosen)
         if self.top is not None:
             self.top = (_to_host(self.top.values), _to_host(self.top.indices))
+        if self.listed is not None:
+            self.listed = _to_host(self.listed)
 
     def entries(self, tokens: list[int]) -> list[TokenLogprob | None]:
         """Per row of the step (after the step's tokens were read): its entry, or None."""
         out: list[TokenLogprob | None] = [None] * len(self.wanted)
         chosen = self.chosen.tolist()
         values, ids = (self.top[0].tolist(), self.top[1].tolist()) if self.top is not None else ([], [])
+        listed = self.listed.tolist() if self.listed is not None else []
         for j, i in enumerate(self.rows):
             k = self.wanted[i]
+            if isinstance(k, tuple):
+                out[i] = TokenLogprob(tokens[i], chosen[j], list(zip(k, listed[self.listed_at[j]])), requested=True)
+                continue
             top = list(zip(ids[j][:k], values[j][:k])) if k else []
             out[i] = TokenLogprob(tokens[i], chosen[j], top)
         return out

@@ -80,7 +80,7 @@ class PromptBuilder:
         if max_tokens is None:  # vLLM: the rest of the context, or the configured default if smaller
             max_tokens = min(d for d in (room, self.settings.max_tokens_default, self.default_max_tokens) if d)
         given = {k: v for k, v in sampling.items() if v is not None}
-        for name in ("stop", "stop_token_ids", "allowed_token_ids"):
+        for name in ("stop", "stop_token_ids", "allowed_token_ids", "logprob_token_ids"):
             if name in given:
                 given[name] = tuple(given[name])
         if "logit_bias" in given:

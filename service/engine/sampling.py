@@ -25,6 +25,7 @@ GREEDY_BELOW = 1e-5  # vLLM's rule: a temperature under this means greedy
 MIN_TEMPERATURE = 1e-2  # vLLM raises smaller positive temperatures to this (float32 overflows below)
 LOGIT_BIAS_LIMIT = 100.0  # vLLM clamps each bias to [-100, 100]
 MAX_LOGPROBS = 20  # vLLM's default --max-logprobs
+MAX_LOGPROB_TOKEN_IDS = 128  # vLLM's
 SEED_RANGE = (-(2**63), 2**63 - 1)  # vLLM's: a 64-bit signed integer
 
 
@@ -55,6 +56,7 @@ class SamplingParams:
     bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
     logprobs: int | None = None  # top logprobs per token (0: only the sampled token's); None: none
     prompt_logprobs: int | None = None  # vLLM's: each prompt token's logprob and the top k there (-1: all); None: none
+    logprob_token_ids: tuple[int, ...] | None = None  # these ids' logprobs per token, in place of the top ones
     repetition_detection: RepetitionDetectionParams | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
@@ -82,6 +84,10 @@ class SamplingParams:
         if self.logprobs is not None and self.logprobs > MAX_LOGPROBS:  # vLLM's words (the routes check the sign)
             raise InvalidRequest(f"Requested sample logprobs of {self.logprobs}, which is greater than max allowed: "
                                  f"{MAX_LOGPROBS}", param="logprobs", value=self.logprobs, kind="invalid_sampling")
+        if self.logprob_token_ids is not None and len(self.logprob_token_ids) > MAX_LOGPROB_TOKEN_IDS:
+            raise InvalidRequest(f"Requested logprob_token_ids of length {len(self.logprob_token_ids)}, which is greater "
+                                 f"than max allowed: {MAX_LOGPROB_TOKEN_IDS}", param="logprob_token_ids",
+                                 value=len(self.logprob_token_ids), kind="invalid_sampling")
         _check(all(s for s in self.stop), "stop", "stop cannot contain an empty string.")
         _check(all(math.isfinite(b) for _, b in self.logit_bias), "logit_bias", "logit_bias values must be finite numbers.")
         _check(self.allowed_token_ids is None or len(self.allowed_token_ids) > 0, "allowed_token_ids",
@@ -109,6 +115,11 @@ class SamplingParams:
             if wanted > MAX_LOGPROBS:
                 raise InvalidRequest(f"Requested prompt logprobs of {wanted}, which is greater than max allowed: "
                                      f"{MAX_LOGPROBS}", param="prompt_logprobs", value=wanted, kind="invalid_sampling")
+        outside = [t for t in self.logprob_token_ids or () if not 0 <= t < vocab_size]
+        if outside:  # vLLM's words
+            raise InvalidRequest(f"token_id(s) {outside} in logprob_token_ids contain out-of-vocab token ids. "
+                                 f"Vocabulary size: {vocab_size}", param="logprob_token_ids", value=outside,
+                                 kind="invalid_sampling")
         fields = {"logit_bias": [t for t, _ in self.logit_bias], "allowed_token_ids": self.allowed_token_ids or (),
                   "stop_token_ids": self.stop_token_ids,
                   "bad_words": [t for word in self.bad_words_token_ids for t in word]}

@@ -35,11 +35,14 @@ class Sequence:
     grammar: RowGrammar | None = None  # structured output: the tokens it may sample next
     repetition: RepetitionDetector | None = None  # repetition_detection: ends it on a repeated pattern
     token_ids: list[int] = field(init=False)
+    # Its logprobs each step: the top k (vLLM's logprobs), or given ids' (logprob_token_ids), or None.
+    wants_logprobs: int | tuple[int, ...] | None = field(init=False)
     _pending_ids: list[int] = field(default_factory=list)  # tokens whose text is not sent yet
     _pending_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.token_ids = self.handle.choice_token_ids[self.index]
+        self.wants_logprobs = self.params.logprob_token_ids or self.params.logprobs
 
     @classmethod
     def start(cls, request: GenerationRequest, handle: RequestHandle, tokenizer, device: torch.device,
@@ -63,10 +66,6 @@ class Sequence:
     @property
     def prompt_tokens(self) -> int:
         return self.request.prompt_tokens
-
-    @property
-    def wants_logprobs(self) -> int | None:
-        return self.params.logprobs
 
     def append(self, token: int, logprob: TokenLogprob | None = None) -> Event | None:
         """One new token: the event to send (None while no text is ready), with finish_reason set
@@ -109,7 +108,7 @@ class Sequence:
         if self.finish_reason is None and not text:
             return None
         event = Event(text=text, index=self.index, token_ids=self._pending_ids,
-                      logprobs=self._pending_logprobs if params.logprobs is not None else None)
+                      logprobs=self._pending_logprobs if self.wants_logprobs is not None else None)
         self._pending_ids, self._pending_logprobs = [], []
         if self.finish_reason is not None:
             event.finish_reason, event.stop_reason = self.finish_reason, self.stop_reason
