@@ -26,6 +26,7 @@ API = "tests.test_service_api"
 SAMPLING = "tests.test_service_sampling"
 ENGINE = "tests.test_service_engine"
 PROMPT_LOGPROBS = "tests.test_service_prompt_logprobs"
+TRUNCATION = "tests.test_prompt_truncation"
 LOGPROB_IDS = "tests.test_logprob_token_ids"
 REPETITION = "tests.test_repetition_detection"
 
@@ -75,6 +76,8 @@ CHAT_HONOURED = {
     "tool_choice": f"{TOOLS}::test_a_named_tool_is_called_once_with_finish_reason_stop",
     "parallel_tool_calls": f"{TOOLS}::test_parallel_tool_calls_false_gives_one_call",
     "prompt_logprobs": f"{PROMPT_LOGPROBS}::test_chat_prompt_logprobs_with_an_image_match_transformers",
+    "truncate_prompt_tokens": f"{TRUNCATION}::test_chat_prompts_are_cut_after_the_chat_template",
+    "truncation_side": f"{TRUNCATION}::test_chat_prompts_are_cut_after_the_chat_template",
     "logprob_token_ids": f"{LOGPROB_IDS}::test_chat_lists_the_given_ids_logprobs_at_every_position",
     "repetition_detection": f"{REPETITION}::test_chat_ends_where_vllm_detects_the_repetition",
 }
@@ -91,15 +94,16 @@ COMPLETION_HONOURED = {
     "response_format": f"{STRUCTURED}::test_completions_take_structured_outputs_too",
     "structured_outputs": f"{STRUCTURED}::test_completions_take_structured_outputs_too",
     "prompt_logprobs": f"{PROMPT_LOGPROBS}::test_completions_prompt_logprobs_over_several_passes_match_transformers",
+    "truncate_prompt_tokens": f"{TRUNCATION}::test_completions_run_the_last_or_first_tokens_vllm_keeps",
+    "truncation_side": f"{TRUNCATION}::test_completions_run_the_last_or_first_tokens_vllm_keeps",
     "logprob_token_ids": f"{LOGPROB_IDS}::test_completions_give_a_top_logprobs_dict_of_the_given_ids",
     "repetition_detection": f"{REPETITION}::test_completions_end_where_vllm_detects_the_repetition",
 }
 # A value that is not neutral, for each refused field.
 NOT_NEUTRAL = {
     "reasoning_effort": "high", "thinking_token_budget": 10, "include_reasoning": False, "use_beam_search": True,
-    "length_penalty": 2.0, "truncate_prompt_tokens": 5, "truncation_side": "left",
-    "documents": [{"title": "t", "text": "x"}], "chat_template": "{{ messages }}",
-    "media_io_kwargs": {"image": {}}, "priority": 1,
+    "length_penalty": 2.0, "documents": [{"title": "t", "text": "x"}],
+    "chat_template": "{{ messages }}", "media_io_kwargs": {"image": {}}, "priority": 1,
     "kv_transfer_params": {"a": 1}, "ec_transfer_params": {"a": 1}, "vllm_xargs": {"a": 1}, "suffix": "x",
     "prompt_embeds": "AAAA",
 }

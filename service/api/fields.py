@@ -19,8 +19,6 @@ REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     "include_reasoning": ((True, None), "this server has no reasoning parser"),
     "use_beam_search": ((False, None), "beam search is not supported"),
     "length_penalty": ((1.0, None), "it applies to beam search, which is not supported"),
-    "truncate_prompt_tokens": ((None,), "prompts are not truncated: one that does not fit is refused"),
-    "truncation_side": ((None,), "prompts are not truncated"),
     "documents": ((None,), "the Qwen3-VL chat template takes no documents"),
     "chat_template": ((None,), "a request's own chat template is not trusted (vLLM refuses it too without "
                                "--trust-request-chat-template)"),

@@ -37,6 +37,8 @@ from service.engine.stops import RepetitionDetectionParams
 from service.engine.structured import Constraint
 from service.errors import InvalidBody, InvalidRequest
 
+INT64_MAX = 2**63 - 1  # vLLM's bound of truncate_prompt_tokens
+
 def parse_json(body: bytes) -> Any:
     """Strict JSON (orjson: RFC 8259): no NaN or Infinity, no lone surrogates, valid UTF-8, at most
     1024 levels deep; anything else is the request's 400."""
@@ -250,6 +252,8 @@ class SamplingFields(BaseModel):
     cache_salt: Optional[str] = None
     stream_interval: Optional[int] = Field(None, ge=1)
     prompt_logprobs: Optional[int] = None  # -1: the whole vocabulary (over --max-logprobs: refused, as on vLLM)
+    truncate_prompt_tokens: Optional[Annotated[int, Field(ge=-1, le=INT64_MAX)]] = None
+    truncation_side: Optional[Literal["left", "right"]] = None
     logprob_token_ids: Optional[list[int]] = None
     repetition_detection: Optional[RepetitionDetectionParams] = None  # its rules: the dataclass's, as vLLM's
 
@@ -311,6 +315,8 @@ class SamplingFields(BaseModel):
             "prompt_logprobs": prompt_logprobs,
             "repetition_detection": self.repetition_detection,
             "cache_salt": self.cache_salt,
+            "truncate_prompt_tokens": self.truncate_prompt_tokens,
+            "truncation_side": self.truncation_side,
         }
 
     @property

@@ -22,8 +22,6 @@ import contextlib
 import sys
 import time
 
-import torch
-
 from service.decode import Qwen3VLDecoder
 from service.engine.loading import LoadedModel, check_context, load
 from service.engine.memory import ProcessMemory
@@ -159,21 +157,13 @@ class Engine:
         Raises InvalidRequest naming the constraint's field when it does not compile."""
         return self.grammars.compile(constraint)
 
-    def prepare_tokens(self, token_ids: list[int], *, cache_salt: str | None = None, grammar: Grammar | None = None,
-                       **sampling) -> GenerationRequest:
-        """A text prompt given as token ids (/v1/completions) -> a request."""
-        if any(not 0 <= t < self.prompts.vocab_size for t in token_ids):
-            raise InvalidRequest(f"prompt token ids must be in [0, {self.prompts.vocab_size})", param="prompt")
-        if any(t == self.prompts.image_token_id for t in token_ids):
-            raise InvalidRequest("a token-id prompt may not hold image placeholders", param="prompt")
-        prompt = self.prompts._prompt(torch.tensor(token_ids, dtype=torch.long), None, None, None, [], cache_salt)
-        return self._admissible(self.prompts.request_for(prompt, **sampling), grammar)
+    def prepare_tokens(self, token_ids: list[int], *, grammar: Grammar | None = None, **options) -> GenerationRequest:
+        """A text prompt given as token ids (/v1/completions) -> a request (PromptBuilder.request_tokens)."""
+        return self._admissible(self.prompts.request_tokens(token_ids, **options), grammar)
 
-    def prepare_text(self, text: str, *, add_special_tokens: bool = True, cache_salt: str | None = None,
-                     grammar: Grammar | None = None, **sampling) -> GenerationRequest:
-        """A plain text prompt (/v1/completions: no chat template) -> a request."""
-        prompt = self.prompts.build_text(text, [], add_special_tokens=add_special_tokens, cache_salt=cache_salt)
-        return self._admissible(self.prompts.request_for(prompt, **sampling), grammar)
+    def prepare_text(self, text: str, *, grammar: Grammar | None = None, **options) -> GenerationRequest:
+        """A plain text prompt (/v1/completions: no chat template) -> a request (PromptBuilder.request_text)."""
+        return self._admissible(self.prompts.request_text(text, **options), grammar)
 
     def _admissible(self, request: GenerationRequest, grammar: Grammar | None = None) -> GenerationRequest:
         """The request with its grammar; InvalidRequest for one the KV cache could never hold (it

@@ -1,16 +1,19 @@
-"""Chat messages and images -> a validated request: chat template, image processor, positions.
+"""Chat messages and images (or a completion's text or token ids) -> a validated request: chat
+template, image processor, vLLM's truncate_prompt_tokens, positions.
 
 CPU work that touches no weights, so it runs on any thread (the HTTP layer runs it off the event
 loop) while the scheduler thread keeps the device busy. The rules of what a request may be (how
 many images, how long a prompt and its answer, its sampling parameters) are checked here, once,
 and the work is bounded before it is done: a text longer than the context could hold is refused
-before it is tokenized (no token is longer than the vocabulary's longest entry), and stop and
-bad-word lists are capped. Whatever else fails while one request is prepared is that request's
-400: the processor's own errors on odd input included.
+before it is tokenized (no token is longer than the vocabulary's longest entry; one to be
+truncated is cut to that length first, as vLLM cuts it), and stop and bad-word lists are capped.
+Whatever else fails while one request is prepared is that request's 400: the processor's own
+errors on odd input included.
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
@@ -22,6 +25,48 @@ from service.engine.stops import MAX_STOP_CHARS, MAX_STOP_STRINGS, StopMatcher
 from service.errors import InvalidRequest, ServiceError
 from service.settings import ServiceSettings
 from service.sizing import images_in_largest_request
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """vLLM's truncate_prompt_tokens: the prompt cut to its last (side "left", vLLM's default for
+    generation) or first `keep` tokens before it is run. vLLM cuts the chat template's tokens before
+    its processor expands each image's one placeholder token to the image's tokens, so here too an
+    image counts as one token and is kept whole; a cut that would drop one is refused (vLLM's
+    processor then fails the request with a 500: it finds fewer placeholders than images)."""
+
+    keep: int
+    side: Literal["left", "right"] = "left"
+
+    def text(self, text: str, limit: int) -> str:
+        """vLLM's cut of a text longer than `limit` characters (more than its tokens could fill)
+        before it is tokenized, from the side the tokens are cut from: what it keeps holds more than
+        `keep` tokens, so the tokens kept are the same, and the tokenizer's work stays bounded."""
+        if len(text) <= limit:
+            return text
+        return text[-limit:] if self.side == "left" else text[:limit]
+
+    def span(self, input_ids: torch.Tensor, image_token_id: int) -> slice:
+        """The kept part of the (expanded) prompt's ids; InvalidRequest when it would drop an image."""
+        is_image = input_ids == image_token_id
+        expanded = torch.zeros_like(is_image)
+        expanded[1:] = is_image[1:] & is_image[:-1]  # an image's tokens after its first: vLLM's placeholder
+        counted = torch.nonzero(~expanded).flatten().tolist()  # where each token vLLM counts starts
+        if self.keep >= len(counted):
+            return slice(None)
+        if self.keep == 0:
+            kept = slice(0, 0)
+        elif self.side == "left":
+            kept = slice(counted[len(counted) - self.keep], None)
+        else:
+            kept = slice(0, counted[self.keep])
+        if int(is_image.sum()) != int(is_image[kept].sum()):
+            raise InvalidRequest(
+                f"truncate_prompt_tokens={self.keep} (truncation_side {self.side}) would cut an image out of the "
+                "prompt: each image counts as one token here, as vLLM counts it before its processor expands the "
+                "image, and an image is kept whole or not at all (vLLM fails such a request). Keep more tokens, or "
+                "cut from the other side.", param="truncate_prompt_tokens", value=self.keep)
+        return kept
 
 
 class PromptBuilder:
@@ -57,26 +102,71 @@ class PromptBuilder:
                 add_generation_prompt: bool = True, continue_final_message: bool = False,
                 add_special_tokens: bool = False, cache_salt: str | None = None,
                 mm_processor_kwargs: dict | None = None, tools: list[dict] | None = None,
+                truncate_prompt_tokens: int | None = None, truncation_side: str | None = None,
                 **sampling: Any) -> GenerationRequest:
         """A request the engine can run, or InvalidRequest. ``sampling``: SamplingParams fields; those
         left None take the model's generation_config defaults, as vLLM does (get_diff_sampling_param).
-        tools: the function tools the chat template shows the model."""
+        tools: the function tools the chat template shows the model. truncate_prompt_tokens,
+        truncation_side: vLLM's (`truncation`)."""
         self.check_image_count(len(images))
+        truncation = self.truncation(truncate_prompt_tokens, truncation_side, max_tokens)
         prompt = self.build(messages, images, chat_template_kwargs=chat_template_kwargs, tools=tools,
                             add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
                             add_special_tokens=add_special_tokens, cache_salt=cache_salt,
-                            mm_processor_kwargs=mm_processor_kwargs)
+                            mm_processor_kwargs=mm_processor_kwargs, truncation=truncation)
         return self.request_for(prompt, max_tokens=max_tokens, bad_words=bad_words, **sampling)
+
+    def request_text(self, text: str, *, add_special_tokens: bool = True, cache_salt: str | None = None,
+                     truncate_prompt_tokens: int | None = None, truncation_side: str | None = None,
+                     **sampling: Any) -> GenerationRequest:
+        """The request for a plain text prompt (no chat template), as `request`."""
+        truncation = self.truncation(truncate_prompt_tokens, truncation_side, sampling.get("max_tokens"))
+        prompt = self.build_text(text, [], add_special_tokens=add_special_tokens, cache_salt=cache_salt,
+                                 truncation=truncation)
+        return self.request_for(prompt, **sampling)
+
+    def request_tokens(self, token_ids: list[int], *, cache_salt: str | None = None,
+                       truncate_prompt_tokens: int | None = None, truncation_side: str | None = None,
+                       **sampling: Any) -> GenerationRequest:
+        """The request for a prompt of token ids, as `request` (their range is checked once they are
+        cut, as vLLM checks the ids it runs)."""
+        truncation = self.truncation(truncate_prompt_tokens, truncation_side, sampling.get("max_tokens"))
+        if self.image_token_id in token_ids:
+            raise InvalidRequest("a token-id prompt may not hold image placeholders", param="prompt")
+        input_ids = torch.tensor(token_ids, dtype=torch.long)
+        if truncation is not None:
+            input_ids = input_ids[truncation.span(input_ids, self.image_token_id)]
+        if any(not 0 <= t < self.vocab_size for t in input_ids.tolist()):
+            raise InvalidRequest(f"prompt token ids must be in [0, {self.vocab_size})", param="prompt")
+        return self.request_for(self._prompt(input_ids, None, None, None, [], cache_salt), **sampling)
+
+    def truncation(self, tokens: int | None, side: str | None, max_tokens: int | None) -> Truncation | None:
+        """vLLM's TokenizeParams for truncate_prompt_tokens (None: no truncation; -1: as many as the
+        context leaves the answer), with its checks, in its words, before the prompt is built."""
+        if tokens is None:
+            return None
+        output = max_tokens or 0
+        if output > self.max_model_len:  # vLLM says this first
+            self.check_length(0, output)
+        room = self.max_model_len - output
+        if tokens > room:
+            raise InvalidRequest(f"truncate_prompt_tokens={tokens} cannot be greater than max_model_len - max_tokens = "
+                                 f"{room}. Please request a smaller truncation size.", param="truncate_prompt_tokens",
+                                 value=tokens, kind="prompt_too_long")
+        return Truncation(room if tokens < 0 else tokens, side or "left")
 
     def request_for(self, prompt: Prompt, *, max_tokens: int | None = None, bad_words: tuple[str, ...] = (),
                     **sampling: Any) -> GenerationRequest:
         """The request for a built prompt: its length checked against the context, its sampling
         parameters validated (InvalidRequest names the field)."""
         length = prompt.length
-        if length == 0:
-            raise InvalidRequest("The prompt is empty.", param="prompt")
-        self.check_length(length, max_tokens)
+        if length == 0:  # vLLM's words (a prompt truncated to 0 tokens)
+            raise InvalidRequest("The decoder prompt cannot be empty")
         room = self.max_model_len - length
+        if max_tokens is None and room == 0:  # vLLM: the rest of the context, here none
+            raise InvalidRequest("max_tokens must be at least 1, got 0.", param="max_tokens", value=0,
+                                 kind="prompt_too_long")
+        self.check_length(length, max_tokens)
         if max_tokens is None:  # vLLM: the rest of the context, or the configured default if smaller
             max_tokens = min(d for d in (room, self.settings.max_tokens_default, self.default_max_tokens) if d)
         given = {k: v for k, v in sampling.items() if v is not None}
@@ -165,13 +255,14 @@ class PromptBuilder:
     def build(self, messages: list[dict], images: list, *, chat_template_kwargs: dict | None = None,
               add_generation_prompt: bool = True, continue_final_message: bool = False,
               add_special_tokens: bool = False, cache_salt: str | None = None,
-              mm_processor_kwargs: dict | None = None, tools: list[dict] | None = None) -> Prompt:
+              mm_processor_kwargs: dict | None = None, tools: list[dict] | None = None,
+              truncation: Truncation | None = None) -> Prompt:
         """Chat template (with the tools, when given) + processor + positions + prefix-cache hashes;
         InvalidRequest when the input cannot make a prompt."""
         text = self.render(messages, chat_template_kwargs=chat_template_kwargs, tools=tools,
                            add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message)
         return self.build_text(text, images, add_special_tokens=add_special_tokens, cache_salt=cache_salt,
-                               mm_processor_kwargs=mm_processor_kwargs)
+                               mm_processor_kwargs=mm_processor_kwargs, truncation=truncation)
 
     def image_options(self, mm_processor_kwargs: dict | None) -> dict:
         """The image processor's per-call options: the server's min/max pixels, or a request's own
@@ -192,21 +283,29 @@ class PromptBuilder:
         return options
 
     def build_text(self, text: str, images: list, *, add_special_tokens: bool = False,
-                   cache_salt: str | None = None, mm_processor_kwargs: dict | None = None) -> Prompt:
-        """A prompt from its text (with one image placeholder per image)."""
+                   cache_salt: str | None = None, mm_processor_kwargs: dict | None = None,
+                   truncation: Truncation | None = None) -> Prompt:
+        """A prompt from its text (with one image placeholder per image), cut as `truncation` says."""
         image_options = self.image_options(mm_processor_kwargs)
+        whole = text
+        if truncation is not None and not images:  # with images the text is whole (its placeholders with it)
+            text = truncation.text(text, self.max_model_len * self._max_token_chars)
         self.check_text_length(text)
         self._check_placeholders(text, len(images))
         try:
             inputs = self.processor(text=[text], images=images or None, return_tensors="pt",
                                     add_special_tokens=add_special_tokens, **(image_options if images else {}))
-            prompt = self._prompt(inputs["input_ids"][0], inputs.get("pixel_values"), inputs.get("image_grid_thw"),
-                                  inputs.get("mm_token_type_ids"), images, cache_salt)
+            input_ids, types = inputs["input_ids"][0], inputs.get("mm_token_type_ids")
+            if truncation is not None:
+                kept = truncation.span(input_ids, self.image_token_id)
+                input_ids, types = input_ids[kept], None if types is None else types[:, kept]
+            prompt = self._prompt(input_ids, inputs.get("pixel_values"), inputs.get("image_grid_thw"), types, images,
+                                  cache_salt)
         except ServiceError:
             raise
         except Exception as exc:  # noqa: BLE001 - StopIteration, IndexError ...: the processor refused this input
             raise InvalidRequest(f"cannot build the prompt: {type(exc).__name__}: {exc}", param="messages") from None
-        prompt.text = text
+        prompt.text = whole  # vLLM's prompt text is the whole one: it cuts the tokens only
         return prompt
 
     def _check_placeholders(self, text: str, images: int) -> None:
