@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import struct
 import threading
 import time
@@ -349,17 +350,26 @@ def test_api_key_is_required_but_health_is_open(server):
     assert_still_serves(server)
 
 
+@contextlib.contextmanager
+def queue_filled(server, pool: ThreadPoolExecutor, max_tokens: int):
+    """The engine paused and its queue full of `max_queue` requests sent from `pool` (yields their
+    futures; they finish once the engine runs again)."""
+    limit, client = server.settings.max_queue, server.client()
+    with server.engine.paused():
+        futures = [pool.submit(ask, client, f"queued {i}", max_tokens=max_tokens) for i in range(limit)]
+        deadline = time.monotonic() + 30
+        while server.engine.queue_depth < limit and time.monotonic() < deadline:
+            time.sleep(0.01)
+        yield futures
+
+
 def test_full_queue_is_429_and_all_queued_requests_finish(server):
     limit = server.settings.max_queue
     client = server.client()
     for i in range(2):  # requests finished before: the pace the 429's Retry-After comes from
         ask(client, f"before {i}", max_tokens=2)
     with ThreadPoolExecutor(limit) as pool:
-        with server.engine.paused():
-            futures = [pool.submit(ask, client, f"queued {i}", max_tokens=4) for i in range(limit)]
-            deadline = time.monotonic() + 30
-            while server.engine.queue_depth < limit and time.monotonic() < deadline:
-                time.sleep(0.01)
+        with queue_filled(server, pool, max_tokens=4) as futures:
             assert metric(server, "vllm:num_requests_waiting") == limit
             with pytest.raises(openai.RateLimitError) as info:
                 ask(client, "one too many")
@@ -383,11 +393,7 @@ def test_a_full_queue_refuses_before_preparing_the_request(server):
     not_an_image = user([image_part("data:image/png;base64," + base64.b64encode(b"no png at all").decode())])
     bad_regex = {"model": SERVED_NAME, "prompt": "hi", "max_tokens": 2, "structured_outputs": {"regex": "(["}}
     with ThreadPoolExecutor(limit) as pool:
-        with server.engine.paused():
-            futures = [pool.submit(ask, client, f"queued {i}", max_tokens=2) for i in range(limit)]
-            deadline = time.monotonic() + 30
-            while server.engine.queue_depth < limit and time.monotonic() < deadline:
-                time.sleep(0.01)
+        with queue_filled(server, pool, max_tokens=2) as futures:
             assert_error(raw_post(server, not_an_image), 429, "queue is full")
             completion = httpx.post(server.base_url + "/v1/completions", json=bad_regex, timeout=60,
                                     headers={"Authorization": f"Bearer {API_KEY}"})
