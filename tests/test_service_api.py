@@ -388,7 +388,6 @@ def test_a_full_queue_refuses_before_preparing_the_request(server):
     decoded): under overload every refused request still cost the server that work, and one whose
     image is no image got a 400 from decoding it. Now the queue is looked at first."""
     limit = server.settings.max_queue
-    client = server.client()
     refused_before = metric(server, "vlkit_request_errors_total", kind="queue_full")
     not_an_image = user([image_part("data:image/png;base64," + base64.b64encode(b"no png at all").decode())])
     bad_regex = {"model": SERVED_NAME, "prompt": "hi", "max_tokens": 2, "structured_outputs": {"regex": "(["}}
