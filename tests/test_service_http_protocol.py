@@ -72,7 +72,7 @@ def test_an_image_outside_a_user_message_is_refused_by_position():
 
 @pytest.mark.parametrize(("fields", "param"), [
     ({"use_beam_search": True}, "use_beam_search"), ({"priority": 1}, "priority"),
-    ({"chat_template": "{{ messages }}"}, "chat_template"), ({"truncate_prompt_tokens": 5}, "truncate_prompt_tokens"),
+    ({"chat_template": "{{ messages }}"}, "chat_template"), ({"documents": [{"text": "x"}]}, "documents"),
     ({"media_io_kwargs": {"image": {}}}, "media_io_kwargs"), ({"length_penalty": 2}, "length_penalty"),
     ({"stream_options": {"include_usage": True}}, "stream_options"), ({"top_logprobs": 2}, "top_logprobs"),
 ])

@@ -45,7 +45,8 @@ def test_up_without_a_gpu_says_so_at_once_and_points_at_doctor_and_cpu_mode(no_g
     assert res.returncode != 0
     (line,) = _vlkit_lines(res)
     assert "no NVIDIA GPU answers here" in line
-    assert "`make doctor`" in line and "`make up PROFILE=8gb ARGS=--cpu`" in line
+    model = "".join(f"{v} " for v in make_vars if v.startswith("MODEL="))  # the user's model stays in the hint
+    assert "`make doctor`" in line and f"`make up PROFILE=8gb {model}ARGS=--cpu`" in line
     assert "--gpu-memory" not in line and "health" not in line
     assert not (tmp_path / "vlkit.env").exists()
 

@@ -16,7 +16,7 @@ from scripts.planner import options
 from scripts.stack import compose as cp
 from scripts.stack import docker as dk
 from scripts.stack import preflight
-from scripts.stack.client import examples, probe
+from scripts.stack.client import examples, free_port_after, probe
 from scripts.stack.diagnose import diagnose
 from scripts.usage import command, setting
 
