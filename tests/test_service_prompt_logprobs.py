@@ -252,3 +252,17 @@ def test_prompt_logprobs_packed_with_another_prompt_change_nothing_of_it(server,
     assert scored.prompt_logprobs.prompt_ids == ids and len(entries) == len(ids) - 1
     assert [e.logprob for e in entries] == pytest.approx([logprobs[p - 1, ids[p]].item() for p in range(1, len(ids))],
                                                          abs=1e-4)
+
+
+def test_a_request_for_prompt_logprobs_is_no_prefix_cache_query(server):
+    """vLLM's get_computed_blocks returns before recording a query for a request that skips reading
+    the prefix cache: vllm:prefix_cache_queries counts only prompts that looked the cache up, so the
+    hit rate (hits / queries) of a server serving lm-evaluation-harness stays that of the others."""
+    queries = lambda: metric(server, "vllm:prefix_cache_queries_total")  # noqa: E731
+    body = {"prompt": "A quiet street, a tram and a bakery. " * 3, "max_tokens": 1}
+    before = queries()
+    ok(server, "/v1/completions", {**body, "prompt_logprobs": 0})
+    ok(server, "/v1/completions", {**body, "echo": True, "logprobs": 1, "max_tokens": 0})
+    assert queries() == before
+    ok(server, "/v1/completions", body)
+    assert queries() > before

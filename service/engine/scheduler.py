@@ -303,7 +303,9 @@ class Scheduler:
             self.batch.keep(list(range(running)))
             self._fail([row.handle for row in rows], exc)
             return
-        self.metrics.prefix_cache_queries.inc(sum(row.prompt_tokens for row in rows if row.index == 0))
+        # vLLM's: a prompt that skips the cache (prompt logprobs) is no query of it.
+        self.metrics.prefix_cache_queries.inc(sum(row.prompt_tokens for row in rows
+                                                  if row.index == 0 and row.params.prompt_logprobs is None))
         self.metrics.prefix_cache_hits.inc(cached)
         self._rows.extend(rows)
         for row, token, entry in zip(rows, tokens, entries):
