@@ -438,6 +438,38 @@ def test_the_early_queue_check_counts_the_rows_about_to_start_as_room(server):
     assert_still_serves(server)
 
 
+def test_the_early_queue_check_is_safe_beside_the_scheduler_thread(server):
+    """The early check runs on the event loop while the scheduler thread starts and finishes prompts:
+    it counted the starting rows by iterating the batch's jobs and reading each one's forks, which a
+    finishing prefill pops meanwhile (a KeyError: that request's 500). Requests of n > 1 prefilling
+    over and over beside a thread that checks all along; the check only ever says the queue is full."""
+    from service.errors import QueueFull
+
+    engine, done, failures = server.engine, threading.Event(), []
+
+    def check_all_along():
+        while not done.is_set():
+            try:
+                engine.check_queue_room()
+            except QueueFull:
+                pass
+            except Exception as exc:  # noqa: BLE001 - what the test looks for
+                failures.append(exc)
+                return
+
+    checker = threading.Thread(target=check_all_along)
+    checker.start()
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            replies = list(pool.map(lambda i: server.client().completions.create(
+                model=SERVED_NAME, prompt=f"request {i} " * 8, max_tokens=2, n=3, temperature=1.0), range(60)))
+    finally:
+        done.set()
+        checker.join()
+    assert failures == []
+    assert all(len(r.choices) == 3 for r in replies)
+
+
 def test_out_of_memory_is_503_then_next_request_works(server):
     errors_before = metric(server, "vlkit_request_errors_total", kind="out_of_memory")
     fail_next_forward(server.engine, torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)"))

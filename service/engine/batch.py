@@ -99,8 +99,10 @@ class Batch:
 
     @property
     def starting_rows(self) -> int:
-        """Rows the started requests will decode (a request of n choices: n)."""
-        return sum(1 + len(self._forks[job.slot]) for job in self.jobs)
+        """Rows the started requests will decode (a request of n choices: n). Other threads read it
+        (the queue's early check) while the scheduler's changes the jobs: the forks of each started
+        job, copied in one step, never iterated while a finishing prefill pops them."""
+        return sum(1 + len(forks) for forks in list(self._forks.values()))
 
     def prefill(self) -> tuple[list[Any], torch.Tensor | None, int, list[tuple[torch.Tensor, ...] | None]]:
         """One prefill pass. Returns the owners of the prompts it finished (now the last rows, in
