@@ -266,3 +266,29 @@ def test_a_request_for_prompt_logprobs_is_no_prefix_cache_query(server):
     assert queries() == before
     ok(server, "/v1/completions", body)
     assert queries() > before
+
+
+def test_out_of_memory_gathering_prompt_logprobs_fails_that_request_alone(server, monkeypatch):
+    """A CUDA OOM while a finished prompt's logprobs are put together (concatenated on the device)
+    came after the prefill pass had moved the prompt out of the batch's started jobs, out of any
+    request's own error path: the scheduler failed every running request, and the prompt's own,
+    in neither list, never ended (its client waited forever). Now it is the finishing prompt's error
+    (503 out of memory) and a request already decoding goes on."""
+    from service.decode.qwen3_prefill import PrefillJob
+
+    engine = server.engine
+
+    def out_of_memory(job):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    running = engine.submit(engine.prepare_text("A long answer, please.", max_tokens=300, temperature=0,
+                                                ignore_eos=True))
+    events = iter(running)
+    first = next(events)  # decoding now
+    monkeypatch.setattr(PrefillJob, "prompt_logprob_tensors", property(out_of_memory))
+    scored = httpx.post(server.base_url + "/v1/completions", headers=AUTH, timeout=30,
+                        json={"model": SERVED_NAME, "prompt": LONG, "max_tokens": 2, "prompt_logprobs": 1})
+    assert_error(scored, 503, "ran out of memory")
+    rest = [first, *events]
+    assert all(event.error is None for event in rest) and rest[-1].finish_reason == "length"
+    assert len(running.token_ids) == 300

@@ -104,12 +104,12 @@ class Batch:
         job, copied in one step, never iterated while a finishing prefill pops them."""
         return sum(1 + len(forks) for forks in list(self._forks.values()))
 
-    def prefill(self) -> tuple[list[Any], torch.Tensor | None, int, list[tuple[torch.Tensor, ...] | None]]:
+    def prefill(self) -> tuple[list[Any], torch.Tensor | None, int, list[PrefillJob | None]]:
         """One prefill pass. Returns the owners of the prompts it finished (now the last rows, in
         order), the logits after each of them ``[n, vocab]`` (None if none finished), the prompt
-        tokens they took from the prefix cache and, per owner, the prompt logprobs its request asked
-        for (PrefillJob.prompt_logprob_tensors, on its first choice; else None). Raises
-        PrefillFailed, its requests dropped."""
+        tokens they took from the prefix cache and, per owner, its finished job where its request
+        asked for prompt logprobs (on its first choice; else None: the caller reads them as the
+        owners' own work, which fails them alone). Raises PrefillFailed, its requests dropped."""
         pieces = self.prefiller.plan_pass(self.jobs, self._max_images)
         try:
             self.prefiller.run_pass(pieces)
@@ -131,8 +131,7 @@ class Batch:
             self.slots += [job.slot] + self.cache.fork(job.slot)
             owners += [job.owner] + forks
             logits += [job.logits] * (1 + len(forks))
-            computed = None if job.prompt_logprobs is None else job.prompt_logprob_tensors
-            prompt_logprobs += [computed] + [None] * len(forks)
+            prompt_logprobs += [None if job.prompt_logprobs is None else job] + [None] * len(forks)
         return owners, torch.stack(logits), cached, prompt_logprobs
 
     def decode(self, tokens: list[int] | torch.Tensor) -> torch.Tensor:

@@ -296,9 +296,10 @@ class Scheduler:
             sampled, logprobs = sample_rows(logits, rows, [0] * len(rows), TokenMask.of([row.grammar for row in rows]))
             tokens = sampled.tolist()
             entries = logprobs.entries(tokens) if logprobs is not None else [None] * len(rows)
-            for row, computed in zip(rows, prompt_logprobs):  # on the handle before its first event
-                if computed is not None:
-                    row.handle.prompt_logprobs = PromptLogprobs(row.request.prompt.input_ids, *computed)
+            for row, job in zip(rows, prompt_logprobs):  # on the handle before its first event
+                if job is not None:
+                    row.handle.prompt_logprobs = PromptLogprobs(row.request.prompt.input_ids,
+                                                                *job.prompt_logprob_tensors)
         except BaseException as exc:  # noqa: BLE001 - these requests fail; the running ones go on
             self.batch.keep(list(range(running)))
             self._fail([row.handle for row in rows], exc)
