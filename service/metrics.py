@@ -21,6 +21,7 @@ LABELS = ("model_name", "engine")
 ENGINE = "0"  # one engine per process, as vLLM labels its first
 # The engine's finish reasons -> vLLM's finished_reason label values (FinishReason).
 FINISHED_REASONS = {"stop": "stop", "length": "length", "cancelled": "abort", "error": "error"}
+VLLM_FINISHED_REASONS = ("stop", "length", "abort", "error", "repetition")  # vLLM's FINISH_REASON_STRINGS
 
 
 class _FinishedRequests:
@@ -72,7 +73,7 @@ class ServiceMetrics:
         self.batch_size = Histogram("vlkit_batch_size", "Rows per decode step", buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32),
                                     registry=r)
         self.ready = Gauge("vlkit_ready", "1 once the model is loaded and warmed up", registry=r)
-        for reason in ("stop", "length", "abort"):  # present from the start, as vLLM's are
+        for reason in VLLM_FINISHED_REASONS:  # present from the start, as vLLM's are (it makes one of each)
             self.requests.labels(reason)
         r.register(_GpuMemoryCollector())
 

@@ -209,6 +209,9 @@ def test_metrics_count_only_clients_requests_not_the_warm_up(tiny_model_dir):
                   "vllm:time_to_first_token_seconds_count", "vllm:e2e_request_latency_seconds_count",
                   "vllm:prefix_cache_queries_total", "vlkit_batch_size_count")
         assert {name: metric(fresh, name) for name in series} == dict.fromkeys(series, 0)
+        # vLLM's series of every finished_reason from the start (its FinishReason: repetition too)
+        for reason in ("stop", "length", "abort", "error", "repetition"):
+            assert f'finished_reason="{reason}"' in httpx.get(fresh.base_url + "/metrics").text, reason
         reply = ask(fresh.client(api_key="unused"), "count me", max_tokens=3)
         assert metric(fresh, "vllm:request_success_total") == 1
         assert metric(fresh, "vllm:generation_tokens_total") == reply.usage.completion_tokens == 3
