@@ -484,6 +484,37 @@ def test_out_of_memory_is_503_then_next_request_works(server):
     assert_still_serves(server)
 
 
+def test_out_of_memory_stacking_the_first_tokens_logits_fails_only_those_prompts(server, monkeypatch):
+    """The logits after the prompts a prefill pass finished were stacked inside Batch.prefill, once
+    those prompts had left its started jobs, outside every request's own error path: a CUDA OOM
+    there reached the scheduler's catch-all, which failed every running request and left the
+    finished prompts unanswered. Now it fails those prompts alone (503) and a decoding one goes on."""
+    engine = server.engine
+    vocab = engine.scheduler.batch.prefiller.decoder.lm_head.weight.shape[0]
+    stack = torch.stack
+
+    def stack_failing_once(tensors, *args, **kwargs):
+        first_tokens = (threading.current_thread().name == "vlkit-engine" and isinstance(tensors, list)
+                        and all(t.dim() == 1 and t.shape[0] == vocab for t in tensors))
+        if first_tokens and torch.stack is stack_failing_once:
+            torch.stack = stack
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return stack(tensors, *args, **kwargs)
+
+    running = engine.submit(engine.prepare_text("A long answer, please.", max_tokens=300, temperature=0,
+                                                ignore_eos=True))
+    events = iter(running)
+    first = next(events)  # decoding now
+    monkeypatch.setattr(torch, "stack", stack_failing_once)
+    with pytest.raises(openai.InternalServerError) as info:
+        ask(server.client(), "this one's first token meets the OOM")
+    assert info.value.status_code == 503 and "out of memory" in info.value.body["message"]
+    rest = [first, *events]
+    assert all(event.error is None for event in rest) and rest[-1].finish_reason == "length"
+    assert len(running.token_ids) == 300
+    assert_still_serves(server)
+
+
 def test_out_of_memory_mid_stream_sends_error_then_done(server):
     client = server.client()
     stream = ask(client, "stream into an OOM", max_tokens=40, stream=True)

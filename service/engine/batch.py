@@ -104,9 +104,10 @@ class Batch:
         job, copied in one step, never iterated while a finishing prefill pops them."""
         return sum(1 + len(forks) for forks in list(self._forks.values()))
 
-    def prefill(self) -> tuple[list[Any], torch.Tensor | None, int, list[PrefillJob | None]]:
+    def prefill(self) -> tuple[list[Any], list[torch.Tensor], int, list[PrefillJob | None]]:
         """One prefill pass. Returns the owners of the prompts it finished (now the last rows, in
-        order), the logits after each of them ``[n, vocab]`` (None if none finished), the prompt
+        order), the logits after each of them (``[vocab]`` each: the caller stacks them among its
+        owners' own work, so that an error there fails them alone), the prompt
         tokens they took from the prefix cache and, per owner, its finished job where its request
         asked for prompt logprobs (on its first choice; else None: the caller reads them as the
         owners' own work, which fails them alone). Raises PrefillFailed, its requests dropped."""
@@ -122,7 +123,7 @@ class Batch:
             self._trim_allocator()
         done = [job for job in self.jobs if job.finished]
         if not done:
-            return [], None, 0, []
+            return [], [], 0, []
         self.jobs = [job for job in self.jobs if not job.finished]
         cached = sum(self.cache.cached_tokens[job.slot] for job in done)
         owners, logits, prompt_logprobs = [], [], []
@@ -132,7 +133,7 @@ class Batch:
             owners += [job.owner] + forks
             logits += [job.logits] * (1 + len(forks))
             prompt_logprobs += [None if job.prompt_logprobs is None else job] + [None] * len(forks)
-        return owners, torch.stack(logits), cached, prompt_logprobs
+        return owners, logits, cached, prompt_logprobs
 
     def decode(self, tokens: list[int] | torch.Tensor) -> torch.Tensor:
         """Feed one token per row (host ints, or the previous step's tokens still on the device);

@@ -293,7 +293,8 @@ class Scheduler:
         if not rows:
             return
         try:
-            sampled, logprobs = sample_rows(logits, rows, [0] * len(rows), TokenMask.of([row.grammar for row in rows]))
+            sampled, logprobs = sample_rows(torch.stack(logits), rows, [0] * len(rows),
+                                            TokenMask.of([row.grammar for row in rows]))
             tokens = sampled.tolist()
             entries = logprobs.entries(tokens) if logprobs is not None else [None] * len(rows)
             for row, job in zip(rows, prompt_logprobs):  # on the handle before its first event
