@@ -14,7 +14,8 @@ import sys
 import types
 import typing
 
-# Only the standard library at the top: every other import happens inside main(), under its Ctrl-C guard.
+# Only the standard library at the top: every other import happens inside main(), under its Ctrl-C guard
+# (which the `vlkit-service` script, calling main() itself, has too).
 if typing.TYPE_CHECKING:
     from service.settings import ServiceSettings
 
@@ -109,6 +110,14 @@ def _is_loopback(host: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The service's entry point, `python -m service`'s and the `vlkit-service` script's alike."""
+    try:
+        return _serve(argv)
+    except KeyboardInterrupt:  # before the server ran (_serve answers it from there on): the imports take seconds
+        exit_interrupted("the service was starting")
+
+
+def _serve(argv: list[str] | None) -> int:
     from pydantic import ValidationError
     from pydantic_settings import SettingsError
 
@@ -192,8 +201,4 @@ def exit_interrupted(during: str) -> typing.NoReturn:
 
 
 if __name__ == "__main__":
-    try:
-        status = main()
-    except KeyboardInterrupt:  # before the server ran (main answers it from there on): the imports take seconds
-        exit_interrupted("the service was starting")
-    raise SystemExit(status)
+    raise SystemExit(main())

@@ -24,9 +24,11 @@ def as_from_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def run_service(args: list[str], env: dict | None = None, **kwargs) -> subprocess.Popen:
+def run_service(args: list[str], env: dict | None = None, entry: list[str] = ("-m", "service"),
+                **kwargs) -> subprocess.Popen:
+    """The service as a process: `python -m service ARGS` (`entry`: how Python is told to start it)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "service", *args], env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, *entry, *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, preexec_fn=as_from_a_terminal, **kwargs)
 
 

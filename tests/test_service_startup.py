@@ -36,13 +36,23 @@ def test_ctrl_c_while_the_model_loads_exits_130_in_one_line(tiny_model_dir):
     assert out.rstrip().endswith("\ninterrupted while the model was loading"), out
 
 
-@pytest.mark.parametrize("imported", ["typing", "service.settings"])  # then pydantic, then torch
-def test_ctrl_c_during_the_imports_exits_130_in_one_line(tiny_model_dir, imported):
+# What pip writes for pyproject.toml's `vlkit-service = "service.__main__:main"`: main() itself, not the module run as __main__.
+CONSOLE_SCRIPT = ["-c", "import sys; from service.__main__ import main; sys.exit(main())"]
+
+
+# The import whose end is main()'s start (the module's last top-level import; the script imports the
+# module first), then one main() makes; pydantic and torch follow.
+@pytest.mark.parametrize("entry, imported", [
+    (["-m", "service"], "typing"), (["-m", "service"], "service.settings"),
+    (CONSOLE_SCRIPT, "service.__main__"), (CONSOLE_SCRIPT, "service.settings"),
+], ids=["python -m service, typing", "python -m service, settings", "vlkit-service, module", "vlkit-service, settings"])
+def test_ctrl_c_during_the_imports_exits_130_in_one_line(tiny_model_dir, imported, entry):
     """Before the load thread exists the service spends seconds importing (pydantic, then torch):
-    Ctrl-C there printed a KeyboardInterrupt traceback. Python's import-time report (stderr, one line
-    as each import ends) says where the start is: `typing` is the module's last top-level import,
-    so the signal lands in the imports main() makes."""
-    proc = run_service(["--model", str(tiny_model_dir), "--port", str(free_port())], {"PYTHONPROFILEIMPORTTIME": "1"})
+    Ctrl-C there printed a KeyboardInterrupt traceback, and did under the `vlkit-service` script
+    after `python -m service` no longer did. Python's import-time report (stderr, one line as each
+    import ends) says where the start is."""
+    proc = run_service(["--model", str(tiny_model_dir), "--port", str(free_port())], {"PYTHONPROFILEIMPORTTIME": "1"},
+                       entry=entry)
     seen = []
     for line in proc.stdout:
         seen.append(line)
