@@ -80,6 +80,19 @@ def test_waits_for_health_and_serves_on_its_port(tmp_path):
     assert _port_free(port)                    # the next case may take it
 
 
+def test_health_is_asked_of_127_0_0_1_past_a_proxy_in_the_environment(tmp_path, monkeypatch):
+    """A shell with HTTP_PROXY set (a GPU box behind a corporate proxy): urllib sent the launcher's
+    /health polls to that proxy, here a port nothing listens on, and the start timed out."""
+    dead_proxy = f"http://127.0.0.1:{free_port()}"
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, dead_proxy)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with vllm_server(tmp_path, [], port=free_port(), log_path=tmp_path / "p.log", command=_command("serve"),
+                     timeout_s=15) as server:
+        assert server.healthy()
+
+
 def test_a_failed_start_is_an_error_with_vllms_reason_or_data(tmp_path):
     with pytest.raises(VllmStartError, match="exited before kv .*No available memory for the cache blocks"):
         with vllm_server(tmp_path, [], port=free_port(), log_path=tmp_path / "c.log", wait="kv",

@@ -20,13 +20,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+import httpx
 
 VLLM_COMMAND = (sys.executable, "-m", "vllm.entrypoints.cli.main", "serve")   # `vllm serve` without its script
 # vLLM's own log lines (0.24 and 0.27 wordings): figure -> pattern (its groups are the figure).
@@ -110,10 +110,10 @@ class VllmServer:
         return {**parse_log(self.log()), "seconds": round(time.monotonic() - self.started, 1)}
 
     def healthy(self) -> bool:
+        # trust_env=False: a proxy from the environment (HTTP_PROXY) must not carry a request for 127.0.0.1.
         try:
-            with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                return r.status == 200
-        except (urllib.error.URLError, OSError):
+            return httpx.get(self.url + "/health", timeout=2, trust_env=False).status_code == 200
+        except httpx.HTTPError:
             return False
 
     def wait(self, until: Wait, timeout_s: float, poll_s: float = 0.5) -> str:
