@@ -1,8 +1,10 @@
 """`python -m service`'s start-up as a process: interrupted while it loads, the port, the batch's memory."""
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
+import threading
 
 import httpx
 import pytest
@@ -14,18 +16,30 @@ from tests.test_service_cli import run_service
 LOADING = "service.engine.loading: loading"  # the log line the load thread writes as it starts
 
 
+@contextlib.contextmanager
+def killed_after(proc, seconds: float):
+    """Kill `proc` if it still runs after `seconds` (its output then ends and the test fails on it)."""
+    timer = threading.Timer(seconds, proc.kill)
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 def test_ctrl_c_while_the_model_loads_exits_130_in_one_line(tiny_model_dir):
     """The load runs in a daemon thread: Ctrl-C let the interpreter exit while that thread was inside
     torch, which aborted the process (SIGABRT, 'terminate called without an active exception') 2 times in 3."""
     for _ in range(3):  # the tiny model loads in half a second: the load may win the race; then try again
         proc = run_service(["--model", str(tiny_model_dir), "--port", str(free_port()), "--log-level", "info"])
         seen = []
-        for line in proc.stdout:
-            seen.append(line)
-            if LOADING in line:
-                proc.send_signal(signal.SIGINT)
-                break
-        out = "".join(seen) + proc.communicate(timeout=60)[0]
+        with killed_after(proc, 120):  # a line that never comes: the service would start and serve for ever
+            for line in proc.stdout:
+                seen.append(line)
+                if LOADING in line:
+                    proc.send_signal(signal.SIGINT)
+                    break
+            out = "".join(seen) + proc.communicate(timeout=60)[0]
         assert "Traceback" not in out and "terminate called" not in out, out
         if proc.returncode != 0:
             break
@@ -54,12 +68,13 @@ def test_ctrl_c_during_the_imports_exits_130_in_one_line(tiny_model_dir, importe
     proc = run_service(["--model", str(tiny_model_dir), "--port", str(free_port())], {"PYTHONPROFILEIMPORTTIME": "1"},
                        entry=entry)
     seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if line.rstrip().endswith(f"| {imported}"):
-            proc.send_signal(signal.SIGINT)
-            break
-    out = "".join(seen) + proc.communicate(timeout=60)[0]
+    with killed_after(proc, 120):  # a line that never comes: the service would start and serve for ever
+        for line in proc.stdout:
+            seen.append(line)
+            if line.rstrip().endswith(f"| {imported}"):
+                proc.send_signal(signal.SIGINT)
+                break
+        out = "".join(seen) + proc.communicate(timeout=60)[0]
     assert LOADING not in out, out
     said = [line for line in out.splitlines() if not line.startswith("import time:")]
     assert said == ["interrupted while the service was starting"], out
