@@ -53,7 +53,7 @@ def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 
 def _resembles(unknown: list[str], parser: argparse.ArgumentParser) -> str:
     """'; did you mean --dry-run?' for the first unknown flag close to one of the command's
-    (Python 3.14's argparse suggests them itself; the host may run 3.10)."""
+    (argparse suggests none: Python 3.14's suggest_on_error covers mistyped choices and subcommands only)."""
     from scripts.usage import MAKE_VARIABLES, setting, via_make
 
     flags = [f for a in parser._actions for f in a.option_strings if f.startswith("--")]
