@@ -20,10 +20,18 @@ if typing.TYPE_CHECKING:
     from service.settings import ServiceSettings
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """A refused flag is one line, as every other settings error (argparse's own printed its whole
+    usage, ~30 lines of flags, before it)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {message} (`{self.prog} --help` lists the flags)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from service.settings import ServiceSettings
 
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="python -m service",
         description="OpenAI-compatible Qwen3-VL service (vlkit's 8gb profile). "
                     "Flags override VLKIT_* environment variables.",

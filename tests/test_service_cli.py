@@ -96,6 +96,9 @@ def test_model_missing_from_cache_says_how_to_download(tmp_path):
     ([], {"VLKIT_MAX_MODEL_LEN": "abc"}, "error: --max-model-len / VLKIT_MAX_MODEL_LEN: Input should be a valid integer"),
     (["--max-pixels", "50000"], {}, "error: --min-pixels / VLKIT_MIN_PIXELS: 65536 is above --max-pixels 50000"),
     (["--model", ""], {}, "error: --model / VLKIT_MODEL: is empty"),  # was read as the current folder
+    # argparse's own refusals printed the whole usage (~30 lines of flags) before them
+    (["--max-modle-len", "8"], {}, "error: unrecognized arguments: --max-modle-len 8 (`python -m service --help`"),
+    (["--port", "abc"], {}, "error: argument --port: invalid int value: 'abc' (`python -m service --help`"),
 ])
 def test_a_bad_setting_is_one_line_naming_it_before_anything_loads(tiny_model_dir, args, env, said):
     """Range checks and VLKIT_* values went through pydantic to a 21-line traceback; min_pixels over
